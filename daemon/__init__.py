@@ -1,0 +1,3 @@
+"""trigd: an edge automation engine for Prefect-style events."""
+
+__version__ = "0.1.0"
