@@ -1,0 +1,130 @@
+-- trigd schema, version 1.
+--
+-- Applied by store/db.py inside one transaction when PRAGMA user_version is 0; later
+-- versions climb user_version one step at a time (store/migrations.py). All times are
+-- INTEGER microseconds since the Unix epoch, UTC (suffix _us), so comparisons are exact.
+-- UUIDs are lowercase hyphenated TEXT. JSON documents are TEXT.
+
+-- Small process-wide facts that must survive restarts (the events clock, ...).
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Every accepted event, for retention, status and re-evaluation of parked followers.
+CREATE TABLE events (
+    id          TEXT PRIMARY KEY,
+    event       TEXT NOT NULL,
+    resource_id TEXT NOT NULL,
+    occurred_us INTEGER NOT NULL,
+    received_us INTEGER NOT NULL,
+    follows     TEXT,
+    data        TEXT NOT NULL          -- ReceivedEvent JSON
+) WITHOUT ROWID;
+CREATE INDEX events_received ON events (received_us);
+
+-- Events trigd made itself (automation state changes, action results) wait here, durably,
+-- to be evaluated by the next batch like any received event.
+CREATE TABLE inbox (
+    seq   INTEGER PRIMARY KEY,
+    event TEXT NOT NULL                -- ReceivedEvent JSON
+);
+
+-- Causal ordering (SEMANTICS §8), one namespace per scope.
+CREATE TABLE ordering_seen (
+    scope   TEXT NOT NULL,
+    id      TEXT NOT NULL,
+    seen_us INTEGER NOT NULL,
+    PRIMARY KEY (scope, id)
+) WITHOUT ROWID;
+CREATE INDEX ordering_seen_expiry ON ordering_seen (seen_us);
+
+CREATE TABLE ordering_processing (
+    scope    TEXT NOT NULL,
+    id       TEXT NOT NULL,
+    since_us INTEGER NOT NULL,
+    PRIMARY KEY (scope, id)
+) WITHOUT ROWID;
+
+CREATE TABLE ordering_followers (
+    scope       TEXT NOT NULL,
+    follower_id TEXT NOT NULL,
+    leader_id   TEXT NOT NULL,
+    received_us INTEGER NOT NULL,
+    occurred_us INTEGER NOT NULL,
+    event       TEXT NOT NULL,         -- ReceivedEvent JSON of the parked follower
+    PRIMARY KEY (scope, follower_id)
+) WITHOUT ROWID;
+CREATE INDEX ordering_followers_leader ON ordering_followers (scope, leader_id, occurred_us);
+CREATE INDEX ordering_followers_received ON ordering_followers (scope, received_us);
+
+-- The automations last loaded, and a fingerprint per trigger so that a changed trigger
+-- starts fresh while an unchanged one keeps its buckets across reloads and restarts.
+CREATE TABLE automations (
+    id         TEXT PRIMARY KEY,
+    name       TEXT NOT NULL,
+    enabled    INTEGER NOT NULL,
+    definition TEXT NOT NULL,          -- Automation JSON
+    loaded_us  INTEGER NOT NULL
+) WITHOUT ROWID;
+
+CREATE TABLE triggers (
+    id            TEXT PRIMARY KEY,
+    automation_id TEXT NOT NULL,
+    fingerprint   TEXT NOT NULL
+) WITHOUT ROWID;
+
+-- Trigger state (SEMANTICS §1.9): one row per (trigger, bucketing key).
+CREATE TABLE buckets (
+    trigger_id     TEXT NOT NULL,
+    bucketing_key  TEXT NOT NULL,      -- JSON array of strings
+    automation_id  TEXT NOT NULL,
+    start_us       INTEGER NOT NULL,
+    end_us         INTEGER NOT NULL,
+    count          INTEGER NOT NULL,   -- may be -1
+    last_event     TEXT,               -- ReceivedEvent JSON or NULL
+    last_operation TEXT,
+    PRIMARY KEY (trigger_id, bucketing_key)
+) WITHOUT ROWID;
+CREATE INDEX buckets_start ON buckets (trigger_id, start_us);
+CREATE INDEX buckets_end ON buckets (end_us);
+
+-- Composite triggers (SEMANTICS §6): the latest firing of each direct child.
+CREATE TABLE composite_child_firings (
+    parent_trigger_id TEXT NOT NULL,
+    child_trigger_id  TEXT NOT NULL,
+    automation_id     TEXT NOT NULL,
+    child_firing_id   TEXT NOT NULL,
+    child_fired_us    INTEGER NOT NULL, -- event time of the child firing (SEMANTICS §0)
+    child_firing      TEXT NOT NULL,    -- Firing JSON
+    PRIMARY KEY (parent_trigger_id, child_trigger_id)
+) WITHOUT ROWID;
+
+-- The outbox: one row per triggered action, written in the firing's transaction.
+CREATE TABLE outbox (
+    id            TEXT PRIMARY KEY,    -- TriggeredAction.id, also the webhook-id
+    automation_id TEXT NOT NULL,
+    action_index  INTEGER NOT NULL,
+    action_type   TEXT NOT NULL,
+    endpoint      TEXT,                -- scheme://host:port of a webhook, for fairness
+    status        TEXT NOT NULL CHECK (status IN ('pending', 'in_flight', 'delivered', 'dead')),
+    document      TEXT NOT NULL,       -- TriggeredAction JSON
+    created_us    INTEGER NOT NULL,
+    next_attempt_us INTEGER NOT NULL,
+    lease_until_us  INTEGER,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    finished_us   INTEGER
+) WITHOUT ROWID;
+CREATE INDEX outbox_due ON outbox (status, next_attempt_us);
+CREATE INDEX outbox_finished ON outbox (finished_us);
+
+CREATE TABLE delivery_attempts (
+    id           INTEGER PRIMARY KEY,
+    outbox_id    TEXT NOT NULL,
+    attempted_us INTEGER NOT NULL,
+    latency_us   INTEGER,
+    status_code  INTEGER,
+    error        TEXT
+);
+CREATE INDEX delivery_attempts_outbox ON delivery_attempts (outbox_id, attempted_us);

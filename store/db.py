@@ -1,0 +1,170 @@
+"""Opening the one SQLite file trigd keeps all of its state in.
+
+Theory of operation: the daemon holds exactly one writer connection (WAL mode, explicit
+``BEGIN IMMEDIATE`` transactions via ``with store.conn:``) and an exclusive lock file beside
+the database so that a second ``trigd serve`` refuses to start. Readers such as
+``trigd status`` open their own read-only connection and never take the lock. The schema
+is ``schema.sql`` (version 1); later versions climb ``PRAGMA user_version`` one step at a
+time, each step in its own transaction. A database newer than this code is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.resources
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Final, Literal
+
+import apsw
+import apsw.bestpractice
+import attrs
+
+SCHEMA_VERSION: Final = 1
+BUSY_TIMEOUT_MS: Final = 5_000
+
+Synchronous = Literal["full", "normal"]
+
+
+class StoreError(Exception):
+    """A problem with the database that an operator has to fix; the message says how."""
+
+
+class DatabaseTooNew(StoreError):
+    pass
+
+
+class DatabaseInUse(StoreError):
+    pass
+
+
+def _schema_sql() -> str:
+    """schema.sql ships in the wheel as store/schema.sql; a checkout has it at the root."""
+    packaged = importlib.resources.files("store").joinpath("schema.sql")
+    if packaged.is_file():
+        return packaged.read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parent.parent / "schema.sql").read_text(encoding="utf-8")
+
+
+# Each step takes the database from version N-1 to N. Step 1 is the whole schema.sql.
+MIGRATIONS: Final[dict[int, Callable[[], str]]] = {1: _schema_sql}
+
+_best_practice_applied = False
+
+
+def _apply_best_practice() -> None:
+    global _best_practice_applied
+    if not _best_practice_applied:
+        apsw.bestpractice.apply(apsw.bestpractice.recommended)
+        _best_practice_applied = True
+
+
+def user_version(conn: apsw.Connection) -> int:
+    row = conn.execute("PRAGMA user_version").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def migrate(conn: apsw.Connection, path: str) -> None:
+    """Bring the schema up to SCHEMA_VERSION, refusing a database written by newer code."""
+    current = user_version(conn)
+    if current > SCHEMA_VERSION:
+        raise DatabaseTooNew(
+            f"{path}: database schema version {current} is newer than this trigd "
+            f"understands ({SCHEMA_VERSION}); upgrade trigd or use another database file"
+        )
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        with conn:
+            conn.execute(MIGRATIONS[version]())
+            conn.execute(f"PRAGMA user_version = {version:d}")
+
+
+@attrs.define
+class LockFile:
+    """An flock(2) on ``<db>.lock``; the kernel drops it if the process dies, even by SIGKILL."""
+
+    path: Path
+    fd: int
+
+    @classmethod
+    def acquire(cls, db_path: Path) -> LockFile:
+        lock_path = db_path.with_name(db_path.name + ".lock")
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise DatabaseInUse(
+                f"{db_path} is in use by another trigd (pid {holder}); "
+                "only one 'trigd serve' may run on a database"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return cls(lock_path, fd)
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@attrs.define
+class Store:
+    """The writer connection plus the lock that makes it the only writer."""
+
+    path: Path
+    conn: apsw.Connection
+    lock: LockFile | None
+
+    @classmethod
+    def open(cls, path: str | Path, *, synchronous: Synchronous = "full") -> Store:
+        _apply_best_practice()
+        db_path = Path(path)
+        if db_path.parent and not db_path.parent.exists():
+            raise StoreError(f"{db_path}: directory {db_path.parent} does not exist")
+        lock = LockFile.acquire(db_path)
+        try:
+            conn = apsw.Connection(str(db_path))
+            conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+            conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
+            if mode is None or str(mode[0]).lower() != "wal":
+                raise StoreError(f"{db_path}: could not switch the database to WAL mode")
+            migrate(conn, str(db_path))
+            conn.transaction_mode = "IMMEDIATE"
+        except BaseException:
+            lock.release()
+            raise
+        return cls(db_path, conn, lock)
+
+    @classmethod
+    def open_readonly(cls, path: str | Path) -> Store:
+        """For ``trigd status`` and friends: safe while the daemon runs, never writes."""
+        _apply_best_practice()
+        db_path = Path(path)
+        if not db_path.exists():
+            raise StoreError(f"{db_path}: no such database")
+        conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
+        conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+        version = user_version(conn)
+        if version > SCHEMA_VERSION:
+            raise DatabaseTooNew(
+                f"{db_path}: database schema version {version} is newer than this trigd "
+                f"understands ({SCHEMA_VERSION})"
+            )
+        return cls(db_path, conn, None)
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[apsw.Connection]:
+        """One IMMEDIATE transaction; nested use becomes a savepoint (apsw does this)."""
+        with self.conn:
+            yield self.conn
+
+    def close(self) -> None:
+        self.conn.close()
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
