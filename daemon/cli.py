@@ -1,0 +1,93 @@
+"""The ``trigd`` command line (SPEC §2).
+
+Exit codes: 0 success, 1 the work asked failed, 2 bad usage or bad configuration (the message
+names the key or flag and why). Subcommands import what they need lazily so that
+``trigd check`` on a small edge box does not pay for trio and httpx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from typing import Final
+
+from daemon import __version__
+
+EXIT_OK: Final = 0
+EXIT_FAILED: Final = 1
+EXIT_USAGE: Final = 2
+
+DEFAULT_URL: Final = "ws://127.0.0.1:4280/api/events/in"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trigd", description="Edge automation engine for Prefect-style events."
+    )
+    parser.add_argument("--version", action="version", version=f"trigd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address for the websocket server")
+    serve.add_argument("--db", metavar="PATH", help="SQLite database file")
+    serve.add_argument(
+        "--automations", metavar="PATH", nargs="+", help="automation files or globs (YAML/JSON)"
+    )
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    check = sub.add_parser("check", help="validate automation files and configuration files")
+    check.add_argument("paths", metavar="PATH", nargs="+")
+
+    emit = sub.add_parser("emit", help="send events to a running daemon and wait for acks")
+    emit.add_argument("--url", default=DEFAULT_URL, help=f"websocket URL (default {DEFAULT_URL})")
+    emit.add_argument("--token", default=None, help="auth token (default: $TRIGD_TOKEN when set)")
+    emit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for acks")
+    emit.add_argument(
+        "file", metavar="FILE", nargs="?", help="JSON lines or a JSON array; - or absent: stdin"
+    )
+
+    status = sub.add_parser("status", help="summarise the database (read-only)")
+    status.add_argument("--db", metavar="PATH", help="database file (default: as trigd serve)")
+    status.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    status.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    outbox = sub.add_parser("outbox", help="inspect and retry webhook deliveries")
+    outbox.add_argument("--db", metavar="PATH", help="database file (default: as trigd serve)")
+    outbox.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    olist = osub.add_parser("list", help="list deliveries")
+    olist.add_argument("--status", choices=["pending", "in_flight", "delivered", "dead"])
+    olist.add_argument("--limit", type=int, default=50)
+    oretry = osub.add_parser("retry", help="put dead deliveries back to pending")
+    target = oretry.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", nargs="?", metavar="ID")
+    target.add_argument("--dead", action="store_true", help="every dead delivery")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: str = args.command
+    if command == "serve":
+        from daemon.service import serve_command
+
+        return serve_command(args)
+    if command == "check":
+        from daemon.check import check_command
+
+        return check_command(args.paths, sys.stdout, sys.stderr)
+    if command == "emit":
+        from daemon.emit import emit_command
+
+        return emit_command(args, sys.stdin, sys.stdout, sys.stderr)
+    if command == "status":
+        from daemon.status import status_command
+
+        return status_command(args, sys.stdout, sys.stderr)
+    if command == "outbox":
+        from daemon.outbox_cli import outbox_command
+
+        return outbox_command(args, sys.stdout, sys.stderr)
+    raise AssertionError(f"unhandled command {command!r}")  # argparse rejects the rest

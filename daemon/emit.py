@@ -1,0 +1,145 @@
+"""``trigd emit``: push events to a running daemon and wait until each is acknowledged.
+
+It speaks the ``trigd.v1`` subprotocol (SPEC §4): after the auth handshake every event frame
+gets an ``ack`` once committed, or a ``nack`` naming the field at fault. Events without an
+``id`` get one here (uuid7, as Prefect's client does) so that every reply can be matched to
+its input line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from typing import Any, Final, TextIO
+
+import trio
+import uuid6
+from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+
+SUBPROTOCOL: Final = "trigd.v1"
+
+
+class InputError(Exception):
+    """The input file could not be read as events."""
+
+
+def read_events(text: str) -> Iterator[tuple[str, Any]]:
+    """Yield (where, value) for a JSON array or for JSON lines; `where` names the line."""
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"not a JSON array: {exc}") from None
+        for index, value in enumerate(values):
+            yield f"item {index}", value
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {number}", json.loads(line)
+        except json.JSONDecodeError as exc:
+            yield f"line {number}", InputError(f"not JSON: {exc.msg} at column {exc.colno}")
+
+
+def _event_id(value: dict[str, Any]) -> str | None:
+    raw = value.get("id")
+    if raw is None:
+        value["id"] = str(uuid6.uuid7())
+        return str(value["id"])
+    try:
+        return str(uuid.UUID(str(raw)))
+    except ValueError:
+        return None
+
+
+async def emit(url: str, token: str | None, items: list[tuple[str, Any]]) -> tuple[int, list[str]]:
+    """Send the events; return (acknowledged count, rejection messages)."""
+    rejected: list[str] = []
+    waiting: dict[str, str] = {}  # event id -> where
+    unmatched: list[str] = []  # sent events whose id the server cannot echo
+    frames: list[str] = []
+    for where, value in items:
+        if isinstance(value, InputError):
+            rejected.append(f"{where}: {value}")
+            continue
+        if not isinstance(value, dict):
+            rejected.append(f"{where}: an event must be a JSON object")
+            continue
+        event_id = _event_id(value)
+        if event_id is None:
+            unmatched.append(where)
+        else:
+            waiting[event_id] = where
+        frames.append(json.dumps(value, separators=(",", ":")))
+    acked = 0
+    if not frames:
+        return acked, rejected
+    async with open_websocket_url(url, subprotocols=[SUBPROTOCOL]) as ws:
+        await ws.send_message(json.dumps({"type": "auth", "token": token}))
+        reply = json.loads(await ws.get_message())
+        if reply.get("type") != "auth_success":
+            raise InputError(f"authentication failed: {reply}")
+        async with trio.open_nursery() as nursery:
+
+            async def send_all() -> None:
+                for frame in frames:
+                    await ws.send_message(frame)
+
+            nursery.start_soon(send_all)
+            for _ in range(len(frames)):
+                message = json.loads(await ws.get_message())
+                event_id = message.get("id")
+                where = waiting.pop(event_id, None) if event_id else None
+                if where is None:
+                    where = unmatched.pop(0) if unmatched else f"event {event_id}"
+                if message.get("type") == "ack":
+                    acked += 1
+                else:
+                    rejected.append(f"{where}: {message.get('error', message)}")
+    return acked, rejected
+
+
+async def _emit_within(
+    url: str, token: str | None, items: list[tuple[str, Any]], seconds: float
+) -> tuple[int, list[str]]:
+    try:
+        with trio.fail_after(seconds):
+            return await emit(url, token, items)
+    except BaseExceptionGroup as group:  # the sender task and the reader fail together
+        raise _first_leaf(group) from group
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
+
+
+def emit_command(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:
+    try:
+        if args.file in (None, "-"):
+            text = stdin.read()
+        else:
+            with open(args.file, encoding="utf-8") as handle:
+                text = handle.read()
+        items = list(read_events(text))
+    except (OSError, InputError) as exc:
+        print(f"trigd emit: {exc}", file=err)
+        return 1
+    token = args.token if args.token is not None else os.environ.get("TRIGD_TOKEN")
+    try:
+        acked, rejected = trio.run(_emit_within, args.url, token, items, args.timeout)
+    except trio.TooSlowError:
+        print(f"trigd emit: no reply within {args.timeout:g}s from {args.url}", file=err)
+        return 1
+    except (OSError, HandshakeError, ConnectionClosed, InputError) as exc:
+        print(f"trigd emit: {args.url}: {exc}", file=err)
+        return 1
+    for message in rejected:
+        print(f"rejected {message}", file=err)
+    print(f"{acked} acknowledged, {len(rejected)} rejected", file=out)
+    return 1 if rejected else 0

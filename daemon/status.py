@@ -1,0 +1,99 @@
+"""``trigd status``: a read-only summary of the database, safe while the daemon runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+import apsw
+
+from store.db import Store, StoreError
+
+
+def _scalar(conn: apsw.Connection, sql: str) -> int:
+    row = conn.execute(sql).fetchone()
+    return 0 if row is None or row[0] is None else int(row[0])
+
+
+def _time(us: int | None) -> str | None:
+    if us is None:
+        return None
+    return datetime.fromtimestamp(us / 1_000_000, UTC).isoformat().replace("+00:00", "Z")
+
+
+def summarise(conn: apsw.Connection) -> dict[str, Any]:
+    outbox = {"pending": 0, "in_flight": 0, "delivered": 0, "dead": 0}
+    for status, count in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
+        outbox[str(status)] = int(count)
+    automations = [
+        {"id": str(row[0]), "name": str(row[1]), "enabled": bool(row[2])}
+        for row in conn.execute("SELECT id, name, enabled FROM automations ORDER BY name")
+    ]
+    last = conn.execute("SELECT max(received_us), max(occurred_us) FROM events").fetchone()
+    return {
+        "automations": automations,
+        "open_buckets": _scalar(conn, "SELECT count(*) FROM buckets"),
+        "parked_followers": _scalar(conn, "SELECT count(*) FROM ordering_followers"),
+        "inbox": _scalar(conn, "SELECT count(*) FROM inbox"),
+        "events_stored": _scalar(conn, "SELECT count(*) FROM events"),
+        "last_event_received": _time(last[0] if last else None),
+        "last_event_occurred": _time(last[1] if last else None),
+        "outbox": outbox,
+    }
+
+
+def render(summary: dict[str, Any]) -> str:
+    enabled = [a for a in summary["automations"] if a["enabled"]]
+    lines = [f"automations: {len(enabled)} loaded"]
+    lines += [f"  {a['name']} ({a['id']})" for a in enabled]
+    outbox = summary["outbox"]
+    lines += [
+        f"open buckets: {summary['open_buckets']}",
+        f"parked followers: {summary['parked_followers']}",
+        f"events stored: {summary['events_stored']} (inbox {summary['inbox']})",
+        f"last event: received {summary['last_event_received'] or '-'}, "
+        f"occurred {summary['last_event_occurred'] or '-'}",
+        f"outbox: {outbox['pending']} pending, {outbox['in_flight']} in flight, "
+        f"{outbox['delivered']} delivered, {outbox['dead']} dead",
+    ]
+    return "\n".join(lines)
+
+
+def database_path(args: argparse.Namespace) -> Path:
+    """--db, else the configured store path (config file and environment), else the default."""
+    from daemon.config import load_config  # the same resolution as `trigd serve`
+
+    config = load_config(
+        Path(args.config) if getattr(args, "config", None) else None,
+        os.environ,
+        {"db": args.db} if args.db else {},
+    )
+    return Path(config.store.path)
+
+
+def status_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from daemon.config import ConfigError
+
+    try:
+        path = database_path(args)
+        store = Store.open_readonly(path)
+    except ConfigError as exc:
+        print(f"trigd status: {exc}", file=err)
+        return 2
+    except (StoreError, apsw.Error) as exc:
+        print(f"trigd status: {exc}", file=err)
+        return 1
+    try:
+        summary = summarise(store.conn)
+    finally:
+        store.close()
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2), file=out)
+    else:
+        print(f"database: {path}", file=out)
+        print(render(summary), file=out)
+    return 0
