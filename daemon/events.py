@@ -1,0 +1,333 @@
+"""Events and resources, as Prefect's server models them (SEMANTICS §1.1-§1.3, §2.1).
+
+`Event` is the server's view of what a client sends: `occurred` and `id` are required.
+The wire is kinder (SPEC §5: both default as in Prefect's client), so untrusted input goes
+through `parse_incoming_event`, which fills those defaults, stamps `received`, and turns
+every failure into an `EventRejected` carrying a one-line "which field, why" message.
+
+Parsing is the hot path: validation is done by pydantic-core from bytes, and the only
+Python validators are tiny length checks and the UTC normalisation of datetimes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final, Self
+from uuid import UUID
+
+import uuid6
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    RootModel,
+    ValidationError,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+# Limits from Prefect's settings (SEMANTICS §11). Module attributes, read at validation
+# time, so tests can shrink them with monkeypatch.
+MAXIMUM_LABELS_PER_RESOURCE = 500
+MAXIMUM_RELATED_RESOURCES = 100
+MAXIMUM_EVENT_NAME_LENGTH = 1024
+
+RESOURCE_ID: Final = "prefect.resource.id"
+RESOURCE_NAME: Final = "prefect.resource.name"
+RESOURCE_ROLE: Final = "prefect.resource.role"
+
+_ZERO: Final = timedelta(0)
+
+
+def as_utc(value: datetime) -> datetime:
+    """Naive datetimes are UTC (SEMANTICS §1); aware ones are converted to UTC."""
+    if value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    if value.utcoffset() != _ZERO:
+        return value.astimezone(UTC)
+    return value
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
+"""A datetime that is always aware and in UTC, so it serializes with a `Z` suffix."""
+
+
+class LabelDiver:
+    """Labels as nested attributes for templates: `labels.prefect.resource.id`."""
+
+    def __init__(self, labels: Mapping[str, str], value: str = "") -> None:
+        self._labels = dict(labels)
+        self._value = value
+        nested: dict[str, dict[str, str]] = {}
+        leaves: dict[str, str] = {}
+        for key, label_value in labels.items():
+            head, _, tail = key.partition(".")
+            if tail:
+                nested.setdefault(head, {})[tail] = label_value
+            else:
+                leaves[head] = label_value
+        self._divers = {k: LabelDiver(v, leaves.pop(k, "")) for k, v in nested.items()}
+        self._divers.update({k: LabelDiver({}, v) for k, v in leaves.items()})
+
+    def __str__(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return f"LabelDiver({self._labels!r}, value={self._value!r})"
+
+    def __len__(self) -> int:
+        return len(self._labels)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(self._labels.items())
+
+    def __getitem__(self, key: str) -> str:
+        return self._labels[key]
+
+    def __getattr__(self, name: str) -> LabelDiver:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        try:
+            return self._divers[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class Resource(RootModel[dict[str, str]]):
+    """A flat `{label: value}` object naming something an event concerns."""
+
+    model_config = ConfigDict(frozen=True)
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> Self:
+        labels = self.root
+        if len(labels) > MAXIMUM_LABELS_PER_RESOURCE:
+            raise ValueError(
+                f"The maximum number of labels per resource is {MAXIMUM_LABELS_PER_RESOURCE}"
+            )
+        if RESOURCE_ID not in labels:
+            raise ValueError("Resources must include the prefect.resource.id label")
+        if not labels[RESOURCE_ID]:
+            raise ValueError("The prefect.resource.id label must be non-empty")
+        return self
+
+    @property
+    def id(self) -> str:
+        return self.root[RESOURCE_ID]
+
+    @property
+    def name(self) -> str | None:
+        return self.root.get(RESOURCE_NAME)
+
+    @property
+    def role(self) -> str | None:
+        return self.root.get(RESOURCE_ROLE)
+
+    @property
+    def labels(self) -> LabelDiver:
+        return LabelDiver(self.root)
+
+    def get(self, label: str, default: str | None = None) -> str | None:
+        return self.root.get(label, default)
+
+    def __getitem__(self, label: str) -> str:
+        return self.root[label]
+
+    def __contains__(self, label: object) -> bool:
+        return label in self.root
+
+    def __len__(self) -> int:
+        return len(self.root)
+
+    def keys(self) -> Iterable[str]:
+        return self.root.keys()
+
+    def items(self) -> Iterable[tuple[str, str]]:
+        return self.root.items()
+
+
+class RelatedResource(Resource):
+    """A resource playing a named role in an event; the role is mandatory."""
+
+    @model_validator(mode="after")
+    def _check_role(self) -> Self:
+        if RESOURCE_ROLE not in self.root:
+            raise ValueError("Related Resources must include the prefect.resource.role label")
+        if not self.root[RESOURCE_ROLE]:
+            raise ValueError("The prefect.resource.role label must be non-empty")
+        return self
+
+    @property
+    def role(self) -> str:
+        return self.root[RESOURCE_ROLE]
+
+
+def _check_event_name(value: str) -> str:
+    if len(value) > MAXIMUM_EVENT_NAME_LENGTH:
+        raise ValueError(f"Event name must be at most {MAXIMUM_EVENT_NAME_LENGTH} characters")
+    return value
+
+
+def _check_related(value: list[RelatedResource]) -> list[RelatedResource]:
+    if len(value) > MAXIMUM_RELATED_RESOURCES:
+        raise ValueError(f"The maximum number of related resources is {MAXIMUM_RELATED_RESOURCES}")
+    return value
+
+
+EventName = Annotated[str, AfterValidator(_check_event_name)]
+RelatedResources = Annotated[list[RelatedResource], AfterValidator(_check_related)]
+
+
+class Event(BaseModel):
+    """The server view of an event: no defaults for `occurred` and `id` (SEMANTICS §1.2)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    occurred: UTCDateTime
+    event: EventName
+    resource: Resource
+    related: RelatedResources = Field(default_factory=list)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    id: UUID
+    follows: UUID | None = None
+
+    @property
+    def involved_resources(self) -> Sequence[Resource]:
+        return [self.resource, *self.related]
+
+    @property
+    def resource_in_role(self) -> Mapping[str, RelatedResource]:
+        """The first related resource of each role."""
+        return {related.role: related for related in reversed(self.related)}
+
+    def find_resource_label(self, label: str) -> str | None:
+        """`related:<role>:<label>` looks in the first related resource of that role;
+        anything else (or an absent role) is a label of the primary resource."""
+        head, _, leaf = label.rpartition(":")
+        directive, _, role = head.partition(":")
+        if directive == "related":
+            for related in self.related:
+                if related.role == role:
+                    return related.get(leaf)
+        return self.resource.get(label)
+
+    def receive(self, received: datetime) -> ReceivedEvent:
+        """Stamp this event as received; fields are already valid, so no revalidation."""
+        return ReceivedEvent.model_construct(**self._fields(), received=as_utc(received))
+
+    def _fields(self) -> dict[str, Any]:
+        return {
+            "occurred": self.occurred,
+            "event": self.event,
+            "resource": self.resource,
+            "related": self.related,
+            "payload": self.payload,
+            "id": self.id,
+            "follows": self.follows,
+        }
+
+
+def new_event_id() -> UUID:
+    """A client-style UUIDv7 id, as a plain `uuid.UUID`."""
+    return UUID(int=uuid6.uuid7().int)
+
+
+def _now_utc() -> datetime:
+    return datetime.now(UTC)
+
+
+class ReceivedEvent(Event):
+    """An event after the server got it: `received` is the server's clock."""
+
+    received: UTCDateTime = Field(default_factory=_now_utc)
+
+
+class _IncomingEvent(BaseModel):
+    """What trigd accepts on the wire: `id` and `occurred` may be absent (SPEC §5)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    occurred: UTCDateTime | None = None
+    event: EventName
+    resource: Resource
+    related: RelatedResources = Field(default_factory=list)
+    payload: dict[str, Any] = Field(default_factory=dict)
+    id: UUID | None = None
+    follows: UUID | None = None
+
+
+class EventRejected(Exception):
+    """Untrusted input that is not an acceptable event; `str()` is the reason to reply."""
+
+    def __init__(self, message: str, errors: Sequence[tuple[str, str]] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.errors: tuple[tuple[str, str], ...] = tuple(errors)
+        """(field path, reason) pairs; the path is "" for the whole frame."""
+
+
+def format_loc(loc: Sequence[int | str]) -> str:
+    """`("related", 0, "prefect.resource.role")` -> `related[0]["prefect.resource.role"]`."""
+    out: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            out.append(f"[{part}]")
+        elif part.isidentifier():
+            out.append(f".{part}" if out else part)
+        else:
+            out.append(f"[{part!r}]".replace("'", '"'))
+    return "".join(out)
+
+
+def error_reason(error: ErrorDetails) -> str:
+    """Pydantic's message without the `Value error, ` prefix of our own validators."""
+    message = error["msg"]
+    if error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    return message
+
+
+MAX_REPORTED_ERRORS: Final = 3
+
+
+def _rejection(exc: ValidationError) -> EventRejected:
+    errors = [(format_loc(e["loc"]), error_reason(e)) for e in exc.errors()]
+    shown = [f"{path}: {reason}" if path else reason for path, reason in errors]
+    message = "; ".join(shown[:MAX_REPORTED_ERRORS])
+    if len(shown) > MAX_REPORTED_ERRORS:
+        message += f" (and {len(shown) - MAX_REPORTED_ERRORS} more)"
+    return EventRejected(message, errors)
+
+
+def parse_incoming_event(
+    data: bytes | bytearray | str | Mapping[str, Any], received: datetime
+) -> ReceivedEvent:
+    """Validate one event from a client and stamp it `received`.
+
+    A missing `id` becomes a fresh UUIDv7 and a missing `occurred` becomes `received`,
+    as Prefect's client would have set them; any `received` the client sent is ignored.
+    """
+    try:
+        if isinstance(data, Mapping):
+            incoming = _IncomingEvent.model_validate(data)
+        else:
+            incoming = _IncomingEvent.model_validate_json(data)
+    except ValidationError as exc:
+        raise _rejection(exc) from None
+    received = as_utc(received)
+    event_id = incoming.id if incoming.id is not None else new_event_id()
+    if incoming.follows == event_id:
+        reason = "an event cannot follow itself"
+        raise EventRejected(f"follows: {reason}", [("follows", reason)])
+    return ReceivedEvent.model_construct(
+        occurred=incoming.occurred if incoming.occurred is not None else received,
+        event=incoming.event,
+        resource=incoming.resource,
+        related=incoming.related,
+        payload=incoming.payload,
+        id=event_id,
+        follows=incoming.follows,
+        received=received,
+    )

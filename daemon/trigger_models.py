@@ -1,0 +1,289 @@
+"""Trigger models, as Prefect's server has them (SEMANTICS §1.5, §3.3, §3.5, §3.6).
+
+Pure data plus the matching helpers the engine calls per event (`covers`, `expects`,
+`starts_after`, `bucketing_key`, `meets_threshold`); everything per-event is precomputed
+in `model_post_init`. Ids default to uuid4 here; `Automation` replaces the defaulted ones
+with stable UUIDv5s (SEMANTICS §0), and `fingerprint()` tells a changed trigger from an
+unchanged one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Sequence
+from datetime import timedelta
+from enum import StrEnum
+from typing import Annotated, Any, Final, Literal
+from uuid import UUID, uuid4
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    PlainSerializer,
+    PrivateAttr,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+
+from daemon.events import Event
+from daemon.matching import ResourceSpecification, matches
+
+PROACTIVE_MINIMUM_WITHIN: Final = timedelta(seconds=10)
+_TIMEDELTA: Final = TypeAdapter(timedelta)
+
+
+def _seconds(value: timedelta) -> float:
+    return value.total_seconds()
+
+
+def _sorted(value: frozenset[str]) -> list[str]:
+    return sorted(value)
+
+
+Seconds = Annotated[timedelta, PlainSerializer(_seconds, return_type=float, when_used="json")]
+"""A timedelta that is float seconds in JSON (`"within": 10.0`)."""
+
+LabelSet = Annotated[
+    frozenset[str], PlainSerializer(_sorted, return_type=list[str], when_used="json")
+]
+"""A set that is a sorted JSON array, so equal sets always serialize alike."""
+
+
+class Posture(StrEnum):
+    Reactive = "Reactive"
+    Proactive = "Proactive"
+
+
+class BaseTrigger(BaseModel):
+    """What every trigger has: a type tag and an id."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    type: str
+    id: UUID = Field(default_factory=uuid4)
+
+    def all_triggers(self) -> Sequence[TriggerTypes]:
+        """This trigger and every trigger nested in it, depth first."""
+        raise NotImplementedError
+
+    def fingerprint(self) -> str:
+        """sha256 of the canonical JSON without this trigger's own id (children keep
+        theirs): equal fingerprints under one id mean the trigger did not change."""
+        document = self.model_dump(mode="json", exclude={"id"})
+        canonical = json.dumps(document, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _match_related(value: Any) -> Any:
+    return {} if value is None else value
+
+
+class EventTrigger(BaseTrigger):
+    """Fires on the presence (Reactive) or absence (Proactive) of matching events."""
+
+    type: Literal["event"] = "event"
+    match: ResourceSpecification = Field(default_factory=lambda: ResourceSpecification({}))
+    match_related: Annotated[
+        ResourceSpecification | list[ResourceSpecification], BeforeValidator(_match_related)
+    ] = Field(default_factory=lambda: ResourceSpecification({}))
+    after: LabelSet = frozenset()
+    expect: LabelSet = frozenset()
+    for_each: LabelSet = frozenset()
+    posture: Posture
+    threshold: int = 1
+    within: Seconds = Field(timedelta(0), ge=timedelta(0), validate_default=True)
+
+    _event_pattern: re.Pattern[str] = PrivateAttr(default=re.compile(".+"))
+    _for_each: tuple[str, ...] = PrivateAttr(default=())
+    _match_related: tuple[ResourceSpecification, ...] = PrivateAttr(default=())
+
+    @field_validator("within", mode="before")
+    @classmethod
+    def _enforce_within(cls, within: Any, info: ValidationInfo) -> Any:
+        """Prefect's rules: null is invalid, numbers are seconds, Proactive needs >= 10 s
+        and silently gets 10 s when `within` is missing (the default is validated) or 0."""
+        if within is None:
+            raise ValueError("`within` should be a valid timedelta")
+        if isinstance(within, int | float):
+            within = timedelta(seconds=within)
+        elif isinstance(within, str):
+            try:
+                within = _TIMEDELTA.validate_python(within)
+            except ValidationError:
+                return within  # the field's own validation reports it
+        if info.data.get("posture") == Posture.Proactive:
+            if not within:
+                return PROACTIVE_MINIMUM_WITHIN
+            if isinstance(within, timedelta) and within < PROACTIVE_MINIMUM_WITHIN:
+                raise ValueError(
+                    "`within` for Proactive triggers must be greater than or equal to 10 seconds"
+                )
+        return within
+
+    def model_post_init(self, context: Any, /) -> None:
+        # Precomputed once per trigger: covers() runs for every candidate of every event.
+        if self.expect:
+            alternatives = sorted(self.expect | self.after)
+            pattern = "|".join(re.escape(p).replace("\\*", ".+") for p in alternatives)
+            self._event_pattern = re.compile(pattern)
+        self._for_each = tuple(sorted(self.for_each))
+        related = self.match_related
+        self._match_related = tuple(related) if isinstance(related, list) else (related,)
+
+    @property
+    def immediate(self) -> bool:
+        """Reactive with no window: fires on each qualifying event, no bucket needed."""
+        return self.posture == Posture.Reactive and self.within == timedelta(0)
+
+    @property
+    def event_pattern(self) -> re.Pattern[str]:
+        """Start-anchored regex of expect and after, with `*` → `.+` (SEMANTICS §3.3)."""
+        return self._event_pattern
+
+    def covers(self, event: Event) -> bool:
+        if not self._event_pattern.match(event.event):
+            return False
+        if not self.match.includes([event.resource]):
+            return False
+        return all(spec.includes(event.related) for spec in self._match_related)
+
+    def expects(self, event_name: str) -> bool:
+        return not self.expect or any(matches(p, event_name) for p in self.expect)
+
+    def starts_after(self, event_name: str) -> bool:
+        return any(matches(p, event_name) for p in self.after)
+
+    def meets_threshold(self, count: int) -> bool:
+        if self.posture == Posture.Reactive:
+            return count >= self.threshold
+        return count < self.threshold
+
+    def bucketing_key(self, event: Event) -> tuple[str, ...]:
+        return tuple(event.find_resource_label(label) or "" for label in self._for_each)
+
+    def triggering_labels(self, bucketing_key: Sequence[str]) -> dict[str, str]:
+        return dict(zip(self._for_each, bucketing_key, strict=False))
+
+    def all_triggers(self) -> Sequence[TriggerTypes]:
+        return [self]
+
+
+class CompositeTrigger(BaseTrigger):
+    """Fires when its child triggers have fired (`within` null means no time limit)."""
+
+    triggers: list[AnyTrigger]
+    within: Seconds | None
+
+    @property
+    def num_expected_firings(self) -> int:
+        return len(self.triggers)
+
+    @property
+    def child_trigger_ids(self) -> list[UUID]:
+        return [trigger.id for trigger in self.triggers]
+
+    def descendants(self) -> list[TriggerTypes]:
+        """Every trigger nested in this one, depth first, without itself."""
+        return [t for child in self.triggers for t in child.all_triggers()]
+
+
+class CompoundTrigger(CompositeTrigger):
+    """Fires when `require` ("any", "all" or a count) of its children have fired."""
+
+    type: Literal["compound"] = "compound"
+    require: int | Literal["any", "all"]
+
+    @field_validator("require")
+    @classmethod
+    def _check_require(cls, require: int | str, info: ValidationInfo) -> int | str:
+        if isinstance(require, int):
+            if require < 1:
+                raise ValueError("require must be at least 1")
+            triggers = info.data.get("triggers")
+            if triggers is not None and require > len(triggers):
+                raise ValueError("require must be less than or equal to the number of triggers")
+        return require
+
+    def all_triggers(self) -> Sequence[TriggerTypes]:
+        return [self, *self.descendants()]
+
+    @property
+    def num_expected_firings(self) -> int:
+        if self.require == "any":
+            return 1
+        if self.require == "all":
+            return len(self.triggers)
+        return self.require
+
+
+class SequenceTrigger(CompositeTrigger):
+    """Fires when all of its children have fired, in declaration order."""
+
+    type: Literal["sequence"] = "sequence"
+
+    def all_triggers(self) -> Sequence[TriggerTypes]:
+        return [self, *self.descendants()]
+
+    @property
+    def expected_firing_order(self) -> list[UUID]:
+        return self.child_trigger_ids
+
+
+TriggerTypes = EventTrigger | CompoundTrigger | SequenceTrigger
+TRIGGER_TYPES: Final = ("event", "compound", "sequence")
+
+
+def _trigger_tag(value: Any) -> str | None:
+    """Prefect's client fallback: `type`, else triggers+require → compound,
+    triggers → sequence, else event."""
+    if isinstance(value, dict):
+        if "type" in value:
+            return str(value["type"])
+        if "triggers" in value:
+            return "compound" if "require" in value else "sequence"
+        return "event"
+    tag = getattr(value, "type", None)
+    return tag if isinstance(tag, str) else None
+
+
+def _check_trigger_type(value: Any) -> Any:
+    if isinstance(value, BaseTrigger):
+        return value
+    if not isinstance(value, dict):
+        raise ValueError("a trigger must be an object")
+    kind = _trigger_tag(value)
+    if kind not in TRIGGER_TYPES:
+        supported = ", ".join(repr(t) for t in TRIGGER_TYPES)
+        raise ValueError(f"unsupported trigger type {kind!r}; supported types: {supported}")
+    return value
+
+
+AnyTrigger = Annotated[
+    Annotated[EventTrigger, Tag("event")]
+    | Annotated[CompoundTrigger, Tag("compound")]
+    | Annotated[SequenceTrigger, Tag("sequence")],
+    Discriminator(_trigger_tag),
+    BeforeValidator(_check_trigger_type),
+]
+"""Field type for any trigger, parsed with the client-side discriminator fallback."""
+
+CompositeTrigger.model_rebuild()
+CompoundTrigger.model_rebuild()
+SequenceTrigger.model_rebuild()
+
+_TRIGGER_ADAPTER: TypeAdapter[TriggerTypes] = TypeAdapter(AnyTrigger)
+
+
+def parse_trigger(data: Any) -> TriggerTypes:
+    """Validate one trigger (a dict, or JSON text/bytes)."""
+    if isinstance(data, str | bytes):
+        return _TRIGGER_ADAPTER.validate_json(data)
+    return _TRIGGER_ADAPTER.validate_python(data)
