@@ -89,15 +89,16 @@ CREATE TABLE buckets (
 CREATE INDEX buckets_start ON buckets (trigger_id, start_us);
 CREATE INDEX buckets_end ON buckets (end_us);
 
--- Composite triggers (SEMANTICS §6): the latest firing of each direct child.
+-- Composite triggers (SEMANTICS §6): the latest firing of each direct child. Keyed like
+-- Prefect's unique index, automation first, so ids repeated across files cannot collide.
 CREATE TABLE composite_child_firings (
+    automation_id     TEXT NOT NULL,
     parent_trigger_id TEXT NOT NULL,
     child_trigger_id  TEXT NOT NULL,
-    automation_id     TEXT NOT NULL,
     child_firing_id   TEXT NOT NULL,
     child_fired_us    INTEGER NOT NULL, -- event time of the child firing (SEMANTICS §0)
     child_firing      TEXT NOT NULL,    -- Firing JSON
-    PRIMARY KEY (parent_trigger_id, child_trigger_id)
+    PRIMARY KEY (automation_id, parent_trigger_id, child_trigger_id)
 ) WITHOUT ROWID;
 
 -- The outbox: one row per triggered action, written in the firing's transaction.
