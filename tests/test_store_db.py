@@ -1,0 +1,126 @@
+"""The database file: schema ladder, WAL, refusal of newer schemas, the single-writer lock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import apsw
+import pytest
+
+from store.db import SCHEMA_VERSION, DatabaseInUse, DatabaseTooNew, Store, StoreError
+
+
+def test_fresh_database_gets_schema_wal_and_synchronous(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "t.db", synchronous="normal")
+    try:
+        conn = store.conn
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert conn.execute("PRAGMA synchronous").fetchone() == (1,)  # NORMAL
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_schema")}
+        assert {"events", "ordering_followers", "buckets", "outbox", "inbox"} <= tables
+    finally:
+        store.close()
+
+
+def test_full_synchronous_is_the_default(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "t.db")
+    try:
+        assert store.conn.execute("PRAGMA synchronous").fetchone() == (2,)  # FULL
+    finally:
+        store.close()
+
+
+def test_reopening_keeps_data_and_does_not_reapply_schema(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    store = Store.open(path)
+    with store.transaction() as conn:
+        conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+    store.close()
+    store = Store.open(path)
+    try:
+        assert store.conn.execute("SELECT value FROM meta WHERE key='k'").fetchone() == ("v",)
+    finally:
+        store.close()
+
+
+def test_transaction_rolls_back_on_error(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "t.db")
+    try:
+
+        def failing_batch() -> None:
+            with store.transaction() as conn:
+                conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+                raise RuntimeError("boom")
+
+        with pytest.raises(RuntimeError):
+            failing_batch()
+        assert store.conn.execute("SELECT count(*) FROM meta").fetchone() == (0,)
+    finally:
+        store.close()
+
+
+def test_newer_database_is_refused_with_a_clear_message(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    conn = apsw.Connection(str(path))
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(DatabaseTooNew, match="newer than this trigd understands"):
+        Store.open(path)
+    with pytest.raises(DatabaseTooNew):
+        Store.open_readonly(path)
+    # the refused open must not leave the lock held
+    conn = apsw.Connection(str(path))
+    conn.execute("PRAGMA user_version = 0")
+    conn.close()
+    Store.open(path).close()
+
+
+def test_second_writer_in_another_process_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    store = Store.open(path)
+    try:
+        probe = (
+            "import sys\n"
+            "from store.db import Store, DatabaseInUse\n"
+            "try:\n"
+            f"    Store.open({str(path)!r})\n"
+            "except DatabaseInUse as exc:\n"
+            "    print(exc); sys.exit(3)\n"
+        )
+        result = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+        )
+        assert result.returncode == 3, result.stderr
+        assert "in use by another trigd" in result.stdout
+        with pytest.raises(DatabaseInUse):
+            Store.open(path)
+    finally:
+        store.close()
+    Store.open(path).close()  # released on close
+
+
+def test_readonly_open_works_while_the_writer_holds_the_lock(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    store = Store.open(path)
+    try:
+        with store.transaction() as conn:
+            conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+        reader = Store.open_readonly(path)
+        try:
+            assert reader.conn.execute("SELECT value FROM meta").fetchone() == ("v",)
+            with pytest.raises(apsw.ReadOnlyError):
+                reader.conn.execute("INSERT INTO meta VALUES ('x', 'y')")
+        finally:
+            reader.close()
+    finally:
+        store.close()
+
+
+def test_missing_directory_and_missing_readonly_file_are_errors(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist"):
+        Store.open(tmp_path / "nope" / "t.db")
+    with pytest.raises(StoreError, match="no such database"):
+        Store.open_readonly(tmp_path / "absent.db")
