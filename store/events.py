@@ -73,3 +73,17 @@ def drop_inbox(conn: apsw.Connection, up_to_seq: int) -> None:
 def inbox_size(conn: apsw.Connection) -> int:
     row = conn.execute("SELECT count(*) FROM inbox").fetchone()
     return 0 if row is None else int(row[0])
+
+
+def read_meta(conn: apsw.Connection, key: str) -> str | None:
+    """One process-wide fact from the `meta` table (e.g. the events clock)."""
+    row = conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def write_meta(conn: apsw.Connection, key: str, value: str) -> None:
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES (?, ?) "
+        "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        (key, value),
+    )
