@@ -1,6 +1,6 @@
 """Which loaded EventTriggers might care about an event (SEMANTICS §3.4).
 
-Theory of operation: every trigger is indexed under each pattern of `expect ∪ after`, or
+Theory of operation: every trigger is indexed under each pattern of `expect | after`, or
 under `"*"` when `expect` is empty. A pattern without glob characters can only fnmatch the
 identical name, so those live in a dict; the others are tried with `fnmatchcase`. The
 candidates for a name are computed once and cached (event names repeat a lot; the cache

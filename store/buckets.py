@@ -28,7 +28,9 @@ def key_json(key: tuple[str, ...]) -> str:
 
 def _bucket(row: tuple[object, ...]) -> Bucket:
     key, start_us, end_us, count, last_event, last_operation = row
-    assert isinstance(key, str) and isinstance(start_us, int) and isinstance(end_us, int)
+    assert isinstance(key, str)
+    assert isinstance(start_us, int)
+    assert isinstance(end_us, int)
     assert isinstance(count, int)
     return Bucket(
         tuple(json.loads(key)),
@@ -53,7 +55,8 @@ def write_bucket(conn: apsw.Connection, trigger_id: str, automation_id: str, b: 
     conn.execute(
         "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, start_us, end_us, "
         "count, last_event, last_operation) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (trigger_id, bucketing_key) DO UPDATE SET automation_id = excluded.automation_id, "
+        "ON CONFLICT (trigger_id, bucketing_key) DO UPDATE SET "
+        "automation_id = excluded.automation_id, "
         "start_us = excluded.start_us, end_us = excluded.end_us, count = excluded.count, "
         "last_event = excluded.last_event, last_operation = excluded.last_operation",
         (
@@ -102,7 +105,8 @@ def iter_buckets(conn: apsw.Connection, trigger_id: str) -> Iterator[Bucket]:
         if not rows:
             return
         last = rows[-1]
-        assert isinstance(last[1], int) and isinstance(last[0], str)
+        assert isinstance(last[1], int)
+        assert isinstance(last[0], str)
         after = (last[1], last[0])
         for row in rows:
             key = row[0]
