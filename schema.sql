@@ -37,7 +37,7 @@ CREATE TABLE ordering_seen (
     seen_us INTEGER NOT NULL,
     PRIMARY KEY (scope, id)
 ) WITHOUT ROWID;
-CREATE INDEX ordering_seen_expiry ON ordering_seen (seen_us);
+CREATE INDEX ordering_seen_expiry ON ordering_seen (scope, seen_us);
 
 CREATE TABLE ordering_processing (
     scope    TEXT NOT NULL,

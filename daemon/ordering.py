@@ -1,0 +1,299 @@
+"""Causal ordering of events that declare `follows` (SEMANTICS §8, trigd's column of §0).
+
+Theory of operation. An event that follows another is only evaluated after its leader has
+been (the leader is "seen"). One that arrives first is *parked* (a row in
+`ordering_followers` holding its JSON) and `EventArrivedEarly` is raised; when the leader
+completes, it claims its parked followers in `occurred` order and hands each to the
+handler one level deeper, so chains resolve recursively up to `max_depth`. A follower
+whose leader never comes is handed out by `get_lost_followers` once it is older than the
+lookback, and then proceeds without waiting (it is too old to keep bookkeeping for).
+
+trigd has one writer and evaluates a whole batch in one thread inside one SQLite
+transaction, so this is Prefect's memory algorithm made synchronous and durable: there is
+no lock and no polling. A leader can only be "processing" higher up the same call stack;
+a follower that finds it so parks, and the leader's completion claims it. Every method
+whose outcome depends on time takes `now`; nothing here reads a clock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
+from uuid import UUID
+
+import apsw
+
+from daemon.events import Event, ReceivedEvent, as_utc
+from store import ordering as db
+
+logger = logging.getLogger(__name__)
+
+PRECEDING_EVENT_LOOKBACK: Final = timedelta(minutes=15)  # max wait for a leader
+SEEN_EXPIRATION: Final = timedelta(hours=1)  # trigd: by time only, never by count
+MAX_DEPTH_OF_PRECEDING_EVENT: Final = 20  # followers released per original arrival
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+
+
+def to_us(moment: datetime) -> int:
+    """Exact integer microseconds since the epoch; naive datetimes are UTC."""
+    return (as_utc(moment) - _EPOCH) // _MICROSECOND
+
+
+def _span_us(span: timedelta) -> int:
+    return span // _MICROSECOND
+
+
+class EventHandler(Protocol):
+    """What releases a follower: `handler(event, depth)`, re-entering the ordering."""
+
+    def __call__(self, event: ReceivedEvent, depth: int, /) -> None: ...
+
+
+class OrderingException(Exception):
+    """Base of the ordering's signals; `event` is the event they concern."""
+
+    def __init__(self, event: ReceivedEvent) -> None:
+        super().__init__(f"{event.event!r} ({event.id}) for {event.resource.id!r}")
+        self.event = event
+
+
+class EventArrivedEarly(OrderingException):
+    """The event is parked until its leader is processed (or it is lost): not an error."""
+
+
+class MaxDepthExceeded(OrderingException):
+    """Refused: a chain of followers this deep is either too long or a cycle."""
+
+
+class EventBeingProcessed(OrderingException):
+    """The event is already in flight (re-entered while its own processing runs)."""
+
+
+def _event_id(event: UUID | Event) -> str:
+    return str(event.id if isinstance(event, Event) else event)
+
+
+def _load(rows: Sequence[db.FollowerRow]) -> list[ReceivedEvent]:
+    return [ReceivedEvent.model_validate_json(row.event) for row in rows]
+
+
+class CausalOrdering:
+    """The seeds' `CausalOrdering` API, synchronous, with all state in the database.
+
+    Instances are cheap views: two instances of one scope on one connection share
+    everything. Calls run inside the caller's transaction when there is one; multi-step
+    methods that are called outside any transaction open their own.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        conn: apsw.Connection,
+        *,
+        preceding_event_lookback: timedelta = PRECEDING_EVENT_LOOKBACK,
+        seen_expiration: timedelta = SEEN_EXPIRATION,
+        max_depth: int = MAX_DEPTH_OF_PRECEDING_EVENT,
+    ) -> None:
+        if not isinstance(scope, str) or not scope:
+            raise ValueError("scope: must be a non-empty string")
+        if preceding_event_lookback < timedelta(0):
+            raise ValueError("preceding_event_lookback: must not be negative")
+        if seen_expiration <= timedelta(0):
+            raise ValueError("seen_expiration: must be positive")
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
+            raise ValueError("max_depth: must be a non-negative integer")
+        self.scope: Final = scope
+        self.conn: Final = conn
+        self.preceding_event_lookback: Final = preceding_event_lookback
+        self.seen_expiration: Final = seen_expiration
+        self.max_depth: Final = max_depth
+        self._lookback_us = _span_us(preceding_event_lookback)
+        self._expiration_us = _span_us(seen_expiration)
+
+    def __repr__(self) -> str:
+        return f"CausalOrdering(scope={self.scope!r})"
+
+    def _atomic(self) -> contextlib.AbstractContextManager[Any]:
+        """Inside the caller's transaction the single writer already makes us atomic."""
+        return contextlib.nullcontext() if self.conn.in_transaction else self.conn
+
+    # --- clearing ----------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Forget everything of this scope."""
+        with self._atomic():
+            db.clear_scope(self.conn, self.scope)
+
+    def clear_all_scopes(self) -> None:
+        """Forget everything of every scope on this database (tests, `trigd` resets)."""
+        with self._atomic():
+            db.clear_all_scopes(self.conn)
+
+    # --- processing --------------------------------------------------------------------
+
+    def record_event_as_processing(self, event: ReceivedEvent, *, now: datetime) -> bool:
+        """Mark in flight; False if it already was."""
+        return db.start_processing(self.conn, self.scope, str(event.id), to_us(now))
+
+    def event_has_started_processing(self, event: UUID | Event) -> bool:
+        return db.is_processing(self.conn, self.scope, _event_id(event))
+
+    def forget_event_is_processing(self, event: ReceivedEvent) -> None:
+        db.stop_processing(self.conn, self.scope, str(event.id))
+
+    @contextlib.contextmanager
+    def event_is_processing(self, event: ReceivedEvent, *, now: datetime) -> Iterator[None]:
+        """In flight for the body; seen after it succeeds; never left in flight."""
+        if not self.record_event_as_processing(event, now=now):
+            self._log(event, "is already being processed")
+            raise EventBeingProcessed(event)
+        try:
+            yield
+            self.record_event_as_seen(event, now=now)
+        finally:
+            self.forget_event_is_processing(event)
+
+    # --- seen --------------------------------------------------------------------------
+
+    def event_has_been_seen(self, event: UUID | Event, *, now: datetime) -> bool:
+        """Processed within `seen_expiration` before `now`."""
+        cutoff = to_us(now) - self._expiration_us
+        return db.is_seen(self.conn, self.scope, _event_id(event), cutoff)
+
+    def record_event_as_seen(self, event: ReceivedEvent, *, now: datetime) -> None:
+        db.mark_seen(self.conn, self.scope, str(event.id), to_us(now))
+
+    def expire_seen(self, now: datetime) -> int:
+        """For the sweeper: drop ids older than `seen_expiration`; returns how many."""
+        return db.expire_seen(self.conn, self.scope, to_us(now) - self._expiration_us)
+
+    # --- followers ---------------------------------------------------------------------
+
+    def record_follower(self, event: ReceivedEvent) -> None:
+        """Park `event` until its leader is processed or it is lost."""
+        if event.follows is None:
+            raise ValueError(f"follows: event {event.id} follows nothing, it cannot be parked")
+        row = db.FollowerRow(
+            follower_id=str(event.id),
+            leader_id=str(event.follows),
+            received_us=to_us(event.received),
+            occurred_us=to_us(event.occurred),
+            event=event.model_dump_json(),
+        )
+        db.park(self.conn, self.scope, row)
+
+    def forget_follower(self, follower: ReceivedEvent) -> None:
+        """It no longer waits (processed, or handed out as lost)."""
+        db.unpark(self.conn, self.scope, str(follower.id))
+
+    def get_followers(self, leader: UUID | Event) -> list[ReceivedEvent]:
+        """The events parked on this leader, in occurred order; they stay parked."""
+        return _load(db.followers_of(self.conn, self.scope, _event_id(leader)))
+
+    def followers_by_id(self, follower_ids: Sequence[UUID]) -> list[ReceivedEvent]:
+        """The parked events among these ids, in occurred order."""
+        ids = [str(follower_id) for follower_id in follower_ids]
+        return _load(db.followers_by_id(self.conn, self.scope, ids))
+
+    def get_lost_followers(self, *, now: datetime) -> list[ReceivedEvent]:
+        """Unpark and return followers received at least the lookback ago, occurred order.
+
+        Re-evaluated at depth 0 they proceed without waiting (rule b of §8.2).
+        """
+        cutoff = to_us(now) - self._lookback_us
+        return _load(db.take_lost(self.conn, self.scope, cutoff))
+
+    def parked_count(self) -> int:
+        return db.parked_count(self.conn, self.scope)
+
+    # --- the algorithm -----------------------------------------------------------------
+
+    def wait_for_leader(self, event: ReceivedEvent, *, now: datetime) -> None:
+        """Return if `event` may proceed now; else park it and raise `EventArrivedEarly`.
+
+        There is nothing to wait for in a single writer: a leader that is processing is
+        higher up this call stack, and its completion will claim the follower we park.
+        """
+        leader = event.follows
+        if leader is None or leader == event.id:
+            return
+        if to_us(now) - to_us(event.received) >= self._lookback_us:
+            return
+        if self.event_has_been_seen(leader, now=now):
+            return
+        if self.event_has_started_processing(leader):
+            self._log(event, "arrived while its leader %s is processing", leader)
+        else:
+            self._log(event, "arrived before the event it follows %s", leader)
+        self.record_follower(event)
+        raise EventArrivedEarly(event)
+
+    def complete_event_and_get_followers(
+        self, event: ReceivedEvent, *, now: datetime
+    ) -> list[ReceivedEvent]:
+        """Mark seen, claim the parked followers (occurred order), clear in flight.
+
+        One step, so no follower can park between the leader becoming seen and the
+        leader looking for its followers.
+        """
+        with self._atomic():
+            event_id = str(event.id)
+            db.mark_seen(self.conn, self.scope, event_id, to_us(now))
+            rows = db.followers_of(self.conn, self.scope, event_id)
+            db.stop_processing(self.conn, self.scope, event_id)
+        return _load(rows)
+
+    @contextlib.contextmanager
+    def preceding_event_confirmed(
+        self, handler: EventHandler, event: ReceivedEvent, depth: int = 0, *, now: datetime
+    ) -> Iterator[None]:
+        """Run the body for `event` only once its leader has been processed.
+
+        Raises `MaxDepthExceeded` (nothing recorded) past `max_depth`,
+        `EventBeingProcessed` if it is already in flight, and `EventArrivedEarly` after
+        parking it. After the body succeeds, the followers that waited for it are handed to
+        `handler` one level deeper; if the body fails the event is not seen.
+        """
+        if depth > self.max_depth:
+            self._log(event, "has exceeded the maximum recursion depth %s", self.max_depth)
+            raise MaxDepthExceeded(event)
+        if not self.record_event_as_processing(event, now=now):
+            self._log(event, "is already being processed")
+            raise EventBeingProcessed(event)
+        try:
+            self.wait_for_leader(event, now=now)
+            yield
+        except BaseException:
+            self.forget_event_is_processing(event)
+            raise
+        followers = self.complete_event_and_get_followers(event, now=now)
+
+        for follower in followers:
+            try:
+                handler(follower, depth + 1)
+            except MaxDepthExceeded:
+                # The rest stay parked until they are lost (Prefect's memory variant).
+                self._log(event, "reached its max depth of %s followers processed.", self.max_depth)
+                break
+
+        if event.follows is not None and event.follows != event.id:
+            self.forget_follower(event)
+
+    def _log(self, event: ReceivedEvent, message: str, *args: object) -> None:
+        logger.info(
+            "Event %r (%s) for %r " + message,
+            event.event,
+            event.id,
+            event.resource.id,
+            *args,
+            extra={
+                "event_id": str(event.id),
+                "follows": None if event.follows is None else str(event.follows),
+                "resource_id": event.resource.id,
+            },
+        )
