@@ -229,8 +229,8 @@ class Event(BaseModel):
         }
 
 
-def new_event_id() -> UUID:
-    """A client-style UUIDv7 id, as a plain `uuid.UUID`."""
+def uuid7() -> UUID:
+    """A time-ordered UUIDv7 (Prefect's default for event, firing and action ids)."""
     return UUID(int=uuid6.uuid7().int)
 
 
@@ -317,7 +317,7 @@ def parse_incoming_event(
     except ValidationError as exc:
         raise _rejection(exc) from None
     received = as_utc(received)
-    event_id = incoming.id if incoming.id is not None else new_event_id()
+    event_id = incoming.id if incoming.id is not None else uuid7()
     if incoming.follows == event_id:
         reason = "an event cannot follow itself"
         raise EventRejected(f"follows: {reason}", [("follows", reason)])
