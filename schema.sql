@@ -101,7 +101,10 @@ CREATE TABLE composite_child_firings (
     PRIMARY KEY (automation_id, parent_trigger_id, child_trigger_id)
 ) WITHOUT ROWID;
 
--- The outbox: one row per triggered action, written in the firing's transaction.
+-- The outbox: one row per triggered action, written in the firing's transaction
+-- (daemon/delivery.py has the state table). The max_age window and the backoff schedule
+-- start at coalesce(revived_us, created_us); `attempts` counts attempts in that window,
+-- delivery_attempts keeps them all.
 CREATE TABLE outbox (
     id            TEXT PRIMARY KEY,    -- TriggeredAction.id, also the webhook-id
     automation_id TEXT NOT NULL,
@@ -112,20 +115,23 @@ CREATE TABLE outbox (
     document      TEXT NOT NULL,       -- TriggeredAction JSON
     created_us    INTEGER NOT NULL,
     next_attempt_us INTEGER NOT NULL,
-    lease_until_us  INTEGER,
+    lease_until_us  INTEGER,           -- set while in_flight; past it the row is reclaimed
     attempts      INTEGER NOT NULL DEFAULT 0,
     last_error    TEXT,
-    finished_us   INTEGER
+    finished_us   INTEGER,             -- when it became delivered or dead
+    revived_us    INTEGER              -- last `trigd outbox retry`
 ) WITHOUT ROWID;
 CREATE INDEX outbox_due ON outbox (status, next_attempt_us);
+CREATE INDEX outbox_endpoint_due ON outbox (status, endpoint, next_attempt_us);
 CREATE INDEX outbox_finished ON outbox (finished_us);
 
+-- Every attempt to deliver an outbox row: when, how long, and what came of it.
 CREATE TABLE delivery_attempts (
     id           INTEGER PRIMARY KEY,
     outbox_id    TEXT NOT NULL,
     attempted_us INTEGER NOT NULL,
-    latency_us   INTEGER,
-    status_code  INTEGER,
+    latency_us   INTEGER,              -- NULL when the attempt never finished (lease expired)
+    status_code  INTEGER,              -- NULL on a network error or timeout
     error        TEXT
 );
 CREATE INDEX delivery_attempts_outbox ON delivery_attempts (outbox_id, attempted_us);

@@ -1,15 +1,23 @@
 """The outbox: one row per triggered action, committed with the firing that made it.
 
-Functions of a connection, called inside the caller's transaction. The delivery side
-(claiming, leases, attempts) is added by the sender.
+Functions of a connection, called inside the caller's transaction. `enqueue` is the
+trigger engine's side; the rest is the sender's and the operator's: claiming due rows
+under a lease (per endpoint, so one busy endpoint cannot take every slot), recording
+attempts, and moving rows through the state table of `daemon/delivery.py`. Rows become
+`OutboxRow`s through one converter, which validates the status.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import NamedTuple
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Final, NamedTuple
 
 import apsw
+import attrs
+
+from daemon.delivery import DeliveryState, IllegalMove, Move, advance, sources
+
+LEASE_EXPIRED_ERROR: Final = "lease expired before the attempt finished (sender stopped?)"
 
 
 class NewOutboxRow(NamedTuple):
@@ -41,3 +49,295 @@ def enqueue(conn: apsw.Connection, rows: Iterable[NewOutboxRow]) -> None:
             for r in rows
         ),
     )
+
+
+class UnknownDelivery(LookupError):
+    """No outbox row has this id."""
+
+
+@attrs.frozen
+class OutboxRow:
+    id: str
+    automation_id: str
+    action_index: int
+    action_type: str
+    endpoint: str | None
+    status: DeliveryState
+    document: str
+    created_us: int
+    next_attempt_us: int
+    lease_until_us: int | None
+    attempts: int
+    last_error: str | None
+    finished_us: int | None
+    revived_us: int | None
+
+    @property
+    def window_start_us(self) -> int:
+        """Where `max_age` and the backoff schedule count from."""
+        return self.revived_us if self.revived_us is not None else self.created_us
+
+
+_COLUMNS: Final = (
+    "id, automation_id, action_index, action_type, endpoint, status, document, created_us, "
+    "next_attempt_us, lease_until_us, attempts, last_error, finished_us, revived_us"
+)
+
+
+def _row(values: Sequence[Any]) -> OutboxRow:
+    """The one converter from a database row; a status outside the table is an error."""
+    try:
+        status = DeliveryState(values[5])
+    except ValueError:
+        raise ValueError(f"outbox row {values[0]!r} has an unknown status {values[5]!r}") from None
+    return OutboxRow(
+        id=str(values[0]),
+        automation_id=str(values[1]),
+        action_index=int(values[2]),
+        action_type=str(values[3]),
+        endpoint=None if values[4] is None else str(values[4]),
+        status=status,
+        document=str(values[6]),
+        created_us=int(values[7]),
+        next_attempt_us=int(values[8]),
+        lease_until_us=None if values[9] is None else int(values[9]),
+        attempts=int(values[10]),
+        last_error=None if values[11] is None else str(values[11]),
+        finished_us=None if values[12] is None else int(values[12]),
+        revived_us=None if values[13] is None else int(values[13]),
+    )
+
+
+def get(conn: apsw.Connection, row_id: str) -> OutboxRow:
+    found = conn.execute(f"SELECT {_COLUMNS} FROM outbox WHERE id = ?", (row_id,)).fetchone()
+    if found is None:
+        raise UnknownDelivery(f"no delivery with id {row_id!r}")
+    return _row(found)
+
+
+def _move(conn: apsw.Connection, row_id: str, move: Move, assignments: str, *args: Any) -> None:
+    """Apply `move` to one row: the UPDATE only matches rows in a legal source state, and a
+    miss says why (no such row, or IllegalMove naming the state it is in)."""
+    starts = sorted(s.value for s in sources(move))
+    targets = {advance(DeliveryState(s), move) for s in starts}
+    assert len(targets) == 1, f"{move} must lead to one state"
+    marks = ", ".join("?" * len(starts))
+    conn.execute(
+        f"UPDATE outbox SET status = ?, {assignments} WHERE id = ? AND status IN ({marks})",
+        (targets.pop().value, *args, row_id, *starts),
+    )
+    if conn.changes() == 0:
+        raise IllegalMove(get(conn, row_id).status, move)
+
+
+# --- the sender's side ---------------------------------------------------------------------
+
+
+def release_leases(conn: apsw.Connection, now_us: int, *, everything: bool = False) -> int:
+    """Put in-flight rows whose lease ran out back to pending, due at once, recording the
+    unfinished attempt. `everything` releases all (the sender starting: any row still in
+    flight belongs to a previous process). Returns how many."""
+    where = "status = 'in_flight'" + ("" if everything else " AND lease_until_us <= ?")
+    args: tuple[int, ...] = () if everything else (now_us,)
+    ids = [str(r[0]) for r in conn.execute(f"SELECT id FROM outbox WHERE {where}", args)]
+    for row_id in ids:
+        conn.execute(
+            "INSERT INTO delivery_attempts (outbox_id, attempted_us, error) VALUES (?, ?, ?)",
+            (row_id, now_us, LEASE_EXPIRED_ERROR),
+        )
+        _move(
+            conn,
+            row_id,
+            Move.LEASE_EXPIRED,
+            "lease_until_us = NULL, attempts = attempts + 1, last_error = ?, "
+            "next_attempt_us = min(next_attempt_us, ?)",
+            LEASE_EXPIRED_ERROR,
+            now_us,
+        )
+    return len(ids)
+
+
+def _due_endpoints(conn: apsw.Connection) -> list[str]:
+    """Distinct endpoints of pending rows, one index seek each (there are few endpoints,
+    while one dead endpoint may have a long queue)."""
+    return [
+        str(r[0])
+        for r in conn.execute(
+            "WITH RECURSIVE eps(ep) AS ("
+            " SELECT (SELECT min(endpoint) FROM outbox WHERE status = 'pending')"
+            " UNION ALL"
+            " SELECT (SELECT min(endpoint) FROM outbox WHERE status = 'pending' AND endpoint > ep)"
+            " FROM eps WHERE ep IS NOT NULL"
+            ") SELECT ep FROM eps WHERE ep IS NOT NULL"
+        )
+    ]
+
+
+def claim(
+    conn: apsw.Connection,
+    now_us: int,
+    lease_until_us: int,
+    *,
+    limit: int,
+    per_endpoint: int,
+    busy: Mapping[str | None, int] | None = None,
+) -> list[OutboxRow]:
+    """Claim up to `limit` due rows (oldest due first), at most `per_endpoint` in flight per
+    endpoint counting the `busy` ones already held; rows without an endpoint (do-nothing)
+    share one queue. Claimed rows are `in_flight` until `lease_until_us`."""
+    if limit <= 0:
+        return []
+    busy = busy or {}
+    candidates: list[tuple[int, str]] = []
+    endpoints: list[str | None] = [None, *_due_endpoints(conn)]
+    for endpoint in endpoints:
+        free = min(limit, per_endpoint - busy.get(endpoint, 0))
+        if free <= 0:
+            continue
+        where = "endpoint IS NULL" if endpoint is None else "endpoint = ?"
+        args: tuple[Any, ...] = () if endpoint is None else (endpoint,)
+        candidates.extend(
+            (int(due), str(row_id))
+            for row_id, due in conn.execute(
+                f"SELECT id, next_attempt_us FROM outbox WHERE status = 'pending' AND {where} "
+                "AND next_attempt_us <= ? ORDER BY next_attempt_us LIMIT ?",
+                (*args, now_us, free),
+            )
+        )
+    candidates.sort()
+    claimed: list[OutboxRow] = []
+    for _, row_id in candidates[:limit]:
+        _move(conn, row_id, Move.CLAIM, "lease_until_us = ?", lease_until_us)
+        claimed.append(get(conn, row_id))
+    return claimed
+
+
+def next_due_us(conn: apsw.Connection) -> int | None:
+    """When the sender next has something to do: the earliest pending row or lease end."""
+    row = conn.execute(
+        "SELECT min(t) FROM ("
+        " SELECT min(next_attempt_us) AS t FROM outbox WHERE status = 'pending'"
+        " UNION ALL"
+        " SELECT min(lease_until_us) FROM outbox WHERE status = 'in_flight')"
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
+
+
+def record_attempt(
+    conn: apsw.Connection,
+    row_id: str,
+    *,
+    attempted_us: int,
+    latency_us: int | None,
+    status_code: int | None,
+    error: str | None,
+) -> None:
+    """Keep one attempt's facts and count it against the row."""
+    conn.execute(
+        "INSERT INTO delivery_attempts (outbox_id, attempted_us, latency_us, status_code, error) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (row_id, attempted_us, latency_us, status_code, error),
+    )
+    conn.execute(
+        "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error, row_id)
+    )
+
+
+def mark_delivered(conn: apsw.Connection, row_id: str, now_us: int) -> None:
+    _move(conn, row_id, Move.SUCCEED, "lease_until_us = NULL, finished_us = ?", now_us)
+
+
+def mark_retry(conn: apsw.Connection, row_id: str, next_attempt_us: int, error: str) -> None:
+    _move(
+        conn,
+        row_id,
+        Move.RETRY,
+        "lease_until_us = NULL, next_attempt_us = ?, last_error = ?",
+        next_attempt_us,
+        error,
+    )
+
+
+def mark_dead(conn: apsw.Connection, row_id: str, now_us: int, reason: str) -> None:
+    _move(
+        conn,
+        row_id,
+        Move.DIE,
+        "lease_until_us = NULL, finished_us = ?, last_error = ?",
+        now_us,
+        reason,
+    )
+
+
+# --- the operator's side -------------------------------------------------------------------
+
+
+@attrs.frozen
+class AttemptRow:
+    attempted_us: int
+    latency_us: int | None
+    status_code: int | None
+    error: str | None
+
+
+def attempts(conn: apsw.Connection, row_id: str) -> list[AttemptRow]:
+    """Every attempt at one row, oldest first."""
+    return [
+        AttemptRow(
+            int(at), None if lat is None else int(lat), None if code is None else int(code), err
+        )
+        for at, lat, code, err in conn.execute(
+            "SELECT attempted_us, latency_us, status_code, error FROM delivery_attempts "
+            "WHERE outbox_id = ? ORDER BY attempted_us, id",
+            (row_id,),
+        )
+    ]
+
+
+def list_rows(
+    conn: apsw.Connection, *, status: DeliveryState | None = None, limit: int = 50
+) -> list[OutboxRow]:
+    """The newest rows first, optionally of one status."""
+    where, args = ("WHERE status = ?", (status.value,)) if status is not None else ("", ())
+    return [
+        _row(r)
+        for r in conn.execute(
+            f"SELECT {_COLUMNS} FROM outbox {where} ORDER BY created_us DESC, id LIMIT ?",
+            (*args, limit),
+        )
+    ]
+
+
+def revive(conn: apsw.Connection, row_id: str, now_us: int) -> None:
+    """A dead row goes back to pending, due now, with a fresh `max_age` window and backoff
+    schedule (its attempts stay in delivery_attempts). IllegalMove if it is not dead."""
+    _move(
+        conn,
+        row_id,
+        Move.REVIVE,
+        "next_attempt_us = ?, revived_us = ?, attempts = 0, finished_us = NULL",
+        now_us,
+        now_us,
+    )
+
+
+def revive_all_dead(conn: apsw.Connection, now_us: int) -> int:
+    ids = [str(r[0]) for r in conn.execute("SELECT id FROM outbox WHERE status = 'dead'")]
+    for row_id in ids:
+        revive(conn, row_id, now_us)
+    return len(ids)
+
+
+def prune_finished(conn: apsw.Connection, finished_before_us: int) -> int:
+    """Outbox retention: forget delivered and dead rows (and their attempts) finished before
+    the cutoff; returns how many rows."""
+    conn.execute(
+        "DELETE FROM delivery_attempts WHERE outbox_id IN (SELECT id FROM outbox "
+        "WHERE status IN ('delivered', 'dead') AND finished_us < ?)",
+        (finished_before_us,),
+    )
+    conn.execute(
+        "DELETE FROM outbox WHERE status IN ('delivered', 'dead') AND finished_us < ?",
+        (finished_before_us,),
+    )
+    return conn.changes()

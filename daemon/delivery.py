@@ -1,0 +1,209 @@
+"""The life of one outbox row, and when to try it again (SPEC §7, SEMANTICS §7.2).
+
+Theory of operation
+-------------------
+Every triggered action is one outbox row, written `pending` in the transaction of the
+firing that made it. The sender *claims* a due row (`pending` → `in_flight`) with a lease,
+makes one attempt, and in one transaction records the attempt and moves the row on:
+
+    pending ──claim──▶ in_flight ──succeed──▶ delivered
+       ▲                 │  │
+       │◀────retry───────┘  └────die────▶ dead
+       │◀──lease expired──┘                 │
+       └───────────────revive───────────────┘   (operator: `trigd outbox retry`)
+
+A lease that runs out means the sender stopped mid-attempt (crash, SIGKILL): the row goes
+back to `pending` and is sent again with the same `webhook-id` — at least once, never
+"at most once". `delivered` is final; `dead` is final until an operator revives it.
+
+The retry policy is pure: it takes the attempt's outcome, the row's age, `now` and a
+random source, and answers "delivered", "retry at T" or "dead because R". 2xx succeeds;
+network errors, timeouts, 408, 429 and 5xx retry with exponential backoff and jitter
+(about 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, then every 10 h), honouring `Retry-After`,
+until `max_age` from the row's creation; any other status is dead at once. The last retry
+is pulled in to the deadline, so an endpoint gets attempts across its whole `max_age`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Final
+
+import attrs
+
+
+class DeliveryState(StrEnum):
+    PENDING = "pending"
+    IN_FLIGHT = "in_flight"
+    DELIVERED = "delivered"
+    DEAD = "dead"
+
+
+class Move(StrEnum):
+    CLAIM = "claim"
+    SUCCEED = "succeed"
+    RETRY = "retry"
+    DIE = "die"
+    LEASE_EXPIRED = "lease expired"
+    REVIVE = "revive"
+
+
+TRANSITIONS: Final[Mapping[tuple[DeliveryState, Move], DeliveryState]] = {
+    (DeliveryState.PENDING, Move.CLAIM): DeliveryState.IN_FLIGHT,
+    (DeliveryState.IN_FLIGHT, Move.SUCCEED): DeliveryState.DELIVERED,
+    (DeliveryState.IN_FLIGHT, Move.RETRY): DeliveryState.PENDING,
+    (DeliveryState.IN_FLIGHT, Move.DIE): DeliveryState.DEAD,
+    (DeliveryState.IN_FLIGHT, Move.LEASE_EXPIRED): DeliveryState.PENDING,
+    (DeliveryState.DEAD, Move.REVIVE): DeliveryState.PENDING,
+}
+"""Every legal move; anything else is a bug (or, for REVIVE, an operator mistake)."""
+
+
+class IllegalMove(Exception):
+    """A move the state table does not allow from the row's current state."""
+
+    def __init__(self, state: DeliveryState, move: Move) -> None:
+        allowed = sorted(m.value for (s, m) in TRANSITIONS if s == state)
+        super().__init__(
+            f"cannot {move.value} a delivery that is {state.value}"
+            + (f" (allowed: {', '.join(allowed)})" if allowed else " (it is final)")
+        )
+        self.state = state
+        self.move = move
+
+
+def advance(state: DeliveryState, move: Move) -> DeliveryState:
+    """The state after `move`, or IllegalMove."""
+    try:
+        return TRANSITIONS[(state, move)]
+    except KeyError:
+        raise IllegalMove(state, move) from None
+
+
+def sources(move: Move) -> frozenset[DeliveryState]:
+    """The states a move may start from (the store's `WHERE status IN (...)`)."""
+    return frozenset(s for (s, m) in TRANSITIONS if m == move)
+
+
+# --- the retry policy ----------------------------------------------------------------------
+
+BACKOFF: Final[tuple[timedelta, ...]] = (
+    timedelta(seconds=5),
+    timedelta(minutes=5),
+    timedelta(minutes=30),
+    timedelta(hours=2),
+    timedelta(hours=5),
+    timedelta(hours=10),
+)
+"""Wait after the 1st, 2nd, ... failed attempt; the last one repeats."""
+
+JITTER: Final = 0.2
+"""A wait is scaled by a uniform factor in [1 - JITTER, 1 + JITTER)."""
+
+MAX_RETRY_AFTER: Final = timedelta(hours=24)
+"""A `Retry-After` longer than this is clamped (the deadline clamps further)."""
+
+RETRYABLE_STATUS: Final = frozenset({408, 429})
+
+Random = Callable[[], float]
+"""A source of uniform floats in [0, 1), e.g. `random.Random(seed).random`."""
+
+
+@attrs.frozen
+class AttemptOutcome:
+    """What one attempt produced: a status (and Retry-After), or a transport error."""
+
+    status_code: int | None = None
+    retry_after: str | None = None  # the raw header value
+    error: str | None = None  # network error or timeout, when there was no response
+
+    def __attrs_post_init__(self) -> None:
+        if (self.status_code is None) == (self.error is None):
+            raise ValueError("an attempt has either a status code or an error")
+
+
+@attrs.frozen
+class Delivered:
+    pass
+
+
+@attrs.frozen
+class RetryAt:
+    at: datetime
+    reason: str
+
+
+@attrs.frozen
+class Dead:
+    reason: str
+
+
+Decision = Delivered | RetryAt | Dead
+
+
+def describe(outcome: AttemptOutcome) -> str:
+    """One line for `last_error` and the failed event's reason."""
+    if outcome.error is not None:
+        return outcome.error
+    return f"HTTP {outcome.status_code}"
+
+
+def is_success(status_code: int) -> bool:
+    return 200 <= status_code < 300
+
+
+def is_retryable(status_code: int) -> bool:
+    return status_code in RETRYABLE_STATUS or 500 <= status_code < 600
+
+
+def backoff(failures: int, random: Random) -> timedelta:
+    """The jittered wait after the `failures`-th failed attempt (1-based)."""
+    if failures < 1:
+        raise ValueError(f"failures must be at least 1, not {failures}")
+    base = BACKOFF[min(failures, len(BACKOFF)) - 1]
+    return base * (1 - JITTER + 2 * JITTER * random())
+
+
+def parse_retry_after(value: str | None, now: datetime) -> timedelta | None:
+    """`Retry-After` as a wait: delay-seconds or an HTTP date; None when absent or invalid."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.isdigit():
+        return min(timedelta(seconds=int(text)), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return min(max(when - now, timedelta(0)), MAX_RETRY_AFTER)
+
+
+def decide(
+    outcome: AttemptOutcome,
+    *,
+    failures: int,
+    created: datetime,
+    now: datetime,
+    max_age: timedelta,
+    random: Random,
+) -> Decision:
+    """Where a row goes after an attempt. `failures` counts this attempt if it failed."""
+    if outcome.status_code is not None:
+        if is_success(outcome.status_code):
+            return Delivered()
+        if not is_retryable(outcome.status_code):
+            note = " (redirects are not followed)" if 300 <= outcome.status_code < 400 else ""
+            return Dead(f"{describe(outcome)}{note}: not retried")
+    reason = describe(outcome)
+    deadline = created + max_age
+    if now >= deadline:
+        return Dead(f"{reason}; gave up after {failures} attempts over {max_age}")
+    wait = parse_retry_after(outcome.retry_after, now) if outcome.status_code else None
+    if wait is None:
+        wait = backoff(failures, random)
+    return RetryAt(min(now + wait, deadline), reason)
