@@ -26,9 +26,6 @@ import attrs
 from daemon.automations import EventTrigger, Posture
 from daemon.events import ReceivedEvent
 
-PRECEDING_EVENT_LOOKBACK: Final = timedelta(minutes=15)
-"""How far before the first expected event a fresh reactive window starts (§4.2)."""
-
 _ZERO: Final = timedelta(0)
 
 

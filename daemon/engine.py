@@ -1,0 +1,476 @@
+"""The trigger engine (SEMANTICS §4, §9): reactive, proactive and periodic evaluation.
+
+Theory of operation. The daemon calls the engine from the store thread, inside one
+transaction, with the wall clock as an argument (the engine never reads a clock):
+
+* `process_batch` stores each new event, updates the events clock, passes the event
+  through causal ordering (scope "triggers") and evaluates every interested trigger in
+  its own SAVEPOINT, so a failure rolls back that trigger's bucket change, events and
+  outbox rows together and propagates (the daemon retries the batch). Then it drains
+  the inbox (events trigd made itself) through the same path, a bounded number per batch
+  so automations reacting to each other cannot hang one batch.
+* `proactive` runs SEMANTICS §4.4 for each due Proactive EventTrigger.
+* `periodic` re-evaluates lost followers and sweeps closed buckets.
+* `load_automations` swaps the loaded set; triggers whose fingerprint changed, that
+  vanished, or whose automation is disabled lose their buckets and child firings.
+
+Firings of a top trigger go to `acting.act`; firings of a composite's child go to
+`composite.evaluate_composite_trigger` with their event time, recursively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Final
+from uuid import UUID
+
+import apsw
+import attrs
+
+from daemon import acting
+from daemon.automations import (
+    Automation,
+    CompoundTrigger,
+    EventTrigger,
+    Posture,
+    SequenceTrigger,
+)
+from daemon.buckets import (
+    Bucket,
+    EventRef,
+    Fire,
+    ensure,
+    evaluate,
+)
+from daemon.clock import META_KEY, EventsClock, to_us
+from daemon.composite import evaluate_composite_trigger, forget_trigger_state
+from daemon.events import ReceivedEvent
+from daemon.firings import Firing, TriggerState
+from daemon.index import TriggerIndex
+from daemon.ordering import (
+    MAX_DEPTH_OF_PRECEDING_EVENT,
+    PRECEDING_EVENT_LOOKBACK,
+    SEEN_EXPIRATION,
+    CausalOrdering,
+    EventArrivedEarly,
+)
+from store import automations as automations_store
+from store import buckets as buckets_store
+from store import events as events_store
+
+logger = logging.getLogger(__name__)
+
+ORDERING_SCOPE: Final = "triggers"
+LOG_WRITE_EVENT: Final = "prefect.log.write"
+"""Stored but never evaluated (SEMANTICS §8.4)."""
+INBOX_DRAIN_LIMIT: Final = 1_000
+"""Events trigd made itself evaluated per batch at most (events)."""
+EXPIRED_BUCKET_BUFFER: Final = timedelta(seconds=60)
+PROACTIVE_IDLE: Final = timedelta(seconds=60)
+"""How long `proactive` says it can sleep when no proactive trigger is loaded."""
+
+_TRIGGERED: Final = frozenset({TriggerState.Triggered})
+
+
+class Outcome(StrEnum):
+    processed = "processed"
+    parked = "parked"
+    """Held by causal ordering until its leader arrives (or it is lost)."""
+    duplicate = "duplicate"
+    """Its id was stored already; nothing was done."""
+
+
+@attrs.frozen(slots=True)
+class _Loaded:
+    """One EventTrigger with what evaluating it needs, computed once per load."""
+
+    trigger: EventTrigger
+    automation: Automation
+    trigger_id: str
+    automation_id: str
+
+
+@attrs.frozen
+class LoadReport:
+    automations: int
+    """Enabled automations with at least one EventTrigger."""
+    event_triggers: int
+    reset_triggers: frozenset[UUID]
+    """Triggers whose buckets and child firings were dropped."""
+
+
+class Engine:
+    """The loaded automations plus the events clock; state lives in the database."""
+
+    def __init__(
+        self,
+        *,
+        expired_bucket_buffer: timedelta = EXPIRED_BUCKET_BUFFER,
+        inbox_drain_limit: int = INBOX_DRAIN_LIMIT,
+        preceding_event_lookback: timedelta = PRECEDING_EVENT_LOOKBACK,
+        seen_expiration: timedelta = SEEN_EXPIRATION,
+        max_depth: int = MAX_DEPTH_OF_PRECEDING_EVENT,
+    ) -> None:
+        if inbox_drain_limit < 1:
+            raise ValueError("inbox_drain_limit: must be at least 1")
+        if expired_bucket_buffer < timedelta(0):
+            raise ValueError("expired_bucket_buffer: must not be negative")
+        self.expired_bucket_buffer = expired_bucket_buffer
+        self.preceding_event_lookback = preceding_event_lookback
+        self.seen_expiration = seen_expiration
+        self.max_depth = max_depth
+        self.inbox_drain_limit = inbox_drain_limit
+        self.automations: dict[UUID, Automation] = {}
+        self._loaded: dict[UUID, _Loaded] = {}
+        self._proactive: list[_Loaded] = []
+        self.index = TriggerIndex(())
+        self.next_proactive_runs: dict[UUID, datetime] = {}
+        self.clock = EventsClock()
+        self._clock_conn: apsw.Connection | None = None
+        self._ordering: tuple[apsw.Connection, CausalOrdering] | None = None
+
+    # --- loading ---------------------------------------------------------------------
+
+    def load_automations(
+        self, conn: apsw.Connection, automations: Sequence[Automation], now: datetime
+    ) -> LoadReport:
+        """Swap in this set of automations (the whole set, as after SIGHUP)."""
+        self._ensure_clock(conn)
+        active = [a for a in automations if a.enabled and a.event_triggers()]
+        wanted: dict[str, automations_store.TriggerRow] = {}
+        rows: list[automations_store.TriggerRow] = []
+        for automation in automations:
+            for trigger in automation.all_triggers():
+                row = automations_store.TriggerRow(
+                    str(trigger.id), str(automation.id), trigger.fingerprint()
+                )
+                rows.append(row)
+                if automation.enabled:
+                    wanted[row.id] = row
+        previous = automations_store.stored_triggers(conn)
+        reset = {tid for tid, row in previous.items() if wanted.get(tid) != row}
+        with conn:
+            buckets_store.delete_trigger_buckets(conn, reset)
+            forget_trigger_state(conn, (UUID(t) for t in reset))
+            loaded_us = to_us(now)
+            automations_store.replace_loaded(
+                conn,
+                (
+                    automations_store.AutomationRow(
+                        str(a.id), a.name, a.enabled, a.model_dump_json(), loaded_us
+                    )
+                    for a in automations
+                ),
+                rows,
+            )
+        self.automations = {a.id: a for a in active}
+        self._loaded = {
+            t.id: _Loaded(t, a, str(t.id), str(a.id)) for a in active for t in a.event_triggers()
+        }
+        self._proactive = [
+            lt for lt in self._loaded.values() if lt.trigger.posture == Posture.Proactive
+        ]
+        self.index = TriggerIndex(lt.trigger for lt in self._loaded.values())
+        self.next_proactive_runs.clear()
+        report = LoadReport(len(active), len(self._loaded), frozenset(UUID(t) for t in reset))
+        logger.info(
+            "Loaded %d automations with %d event triggers; %d triggers start fresh",
+            report.automations,
+            report.event_triggers,
+            len(reset),
+        )
+        return report
+
+    # --- reactive --------------------------------------------------------------------
+
+    def process_batch(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> list[Outcome]:
+        """Store and evaluate a batch inside the caller's transaction; one outcome per
+        input event. Then drain (a bounded part of) the inbox."""
+        self._ensure_clock(conn)
+        before = self.clock.copy()
+        try:
+            outcomes = self._process(conn, events, now)
+            self._drain_inbox(conn, now)
+            self._save_clock(conn, before)
+        except BaseException:
+            self.clock = before  # the transaction will roll back: so does the clock
+            raise
+        return outcomes
+
+    def _process(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> list[Outcome]:
+        ids = [str(e.id) for e in events]
+        known = events_store.known_ids(conn, ids)
+        fresh: list[tuple[ReceivedEvent, EventRef]] = []
+        outcomes: list[Outcome] = []
+        rows: list[events_store.StoredEvent] = []
+        for event, event_id in zip(events, ids, strict=True):
+            if event_id in known:
+                outcomes.append(Outcome.duplicate)
+                continue
+            known.add(event_id)
+            ref = EventRef.of(event)
+            rows.append(
+                events_store.StoredEvent(
+                    event_id,
+                    event.event,
+                    event.resource.id,
+                    to_us(event.occurred),
+                    to_us(event.received),
+                    None if event.follows is None else str(event.follows),
+                    ref.json(),
+                )
+            )
+            fresh.append((event, ref))
+            outcomes.append(Outcome.processed)
+        events_store.insert_events(conn, rows)
+        results = [self._evaluate_new(conn, event, ref, now) for event, ref in fresh]
+        position = 0
+        for i, outcome in enumerate(outcomes):
+            if outcome is Outcome.processed:
+                outcomes[i] = results[position]
+                position += 1
+        return outcomes
+
+    def _evaluate_new(
+        self, conn: apsw.Connection, event: ReceivedEvent, ref: EventRef, now: datetime
+    ) -> Outcome:
+        if event.event == LOG_WRITE_EVENT:
+            return Outcome.processed
+        try:
+            self._reactive(conn, event, 0, now, ref)
+        except EventArrivedEarly:
+            return Outcome.parked
+        return Outcome.processed
+
+    def _drain_inbox(self, conn: apsw.Connection, now: datetime) -> None:
+        budget = self.inbox_drain_limit
+        while budget > 0:
+            queued = events_store.peek_inbox(conn, budget)
+            if not queued:
+                return
+            budget -= len(queued)
+            events_store.drop_inbox(conn, queued[-1][0])
+            self._process(
+                conn, [ReceivedEvent.model_validate_json(data) for _, data in queued], now
+            )
+
+    def reactive_evaluation(
+        self, conn: apsw.Connection, event: ReceivedEvent, depth: int, now: datetime
+    ) -> None:
+        """SEMANTICS §4.2 for one (already stored) event; raises EventArrivedEarly when
+        the event is parked."""
+        self._reactive(conn, event, depth, now, EventRef.of(event))
+
+    def _reactive(
+        self,
+        conn: apsw.Connection,
+        event: ReceivedEvent,
+        depth: int,
+        now: datetime,
+        ref: EventRef,
+    ) -> None:
+        self.clock.update(event.occurred, now)
+
+        def handler(follower: ReceivedEvent, follower_depth: int) -> None:
+            self._reactive(conn, follower, follower_depth, now, EventRef.of(follower))
+
+        ordering = self._ordering_for(conn)
+        with ordering.preceding_event_confirmed(handler, event, depth, now=now):
+            for trigger in self.index.interested(event):
+                loaded = self._loaded[trigger.id]
+                with conn:  # SAVEPOINT: this trigger's changes stand or fall together
+                    self._evaluate_event(conn, loaded, event, ref, now)
+
+    def _evaluate_event(
+        self,
+        conn: apsw.Connection,
+        loaded: _Loaded,
+        event: ReceivedEvent,
+        ref: EventRef,
+        now: datetime,
+    ) -> None:
+        trigger = loaded.trigger
+        key = trigger.bucketing_key(event)
+        existing = buckets_store.read_bucket(conn, loaded.trigger_id, key)
+        occurred = event.occurred
+        expects = trigger.expects(event.event)
+        bucket: Bucket | None = None
+        if trigger.after and trigger.starts_after(event.event):
+            initial = -1 if expects else 0
+            bucket = ensure(existing, key, occurred, occurred + trigger.within, ref, initial)
+        if bucket is None and not trigger.after and expects:
+            start = occurred - self.preceding_event_lookback
+            bucket = ensure(existing, key, start, occurred + trigger.within, ref)
+        if not expects:
+            if bucket is not None:
+                self._persist(conn, loaded, existing, bucket)
+            return
+        if bucket is None:
+            if existing is None:
+                return
+            bucket = existing
+        result = evaluate(trigger, bucket, occurred, event, ref)
+        self._persist(conn, loaded, existing, result.stored)
+        for fire in result.fires:
+            self._fire(conn, loaded, fire, now)
+
+    @staticmethod
+    def _persist(
+        conn: apsw.Connection, loaded: _Loaded, existing: Bucket | None, stored: Bucket | None
+    ) -> None:
+        """Write the bucket's new state; nothing when it did not change."""
+        if stored is None:
+            if existing is not None:
+                buckets_store.delete_bucket(conn, loaded.trigger_id, existing.key)
+        elif stored is not existing:
+            buckets_store.write_bucket(conn, loaded.trigger_id, loaded.automation_id, stored)
+
+    # --- firing ----------------------------------------------------------------------
+
+    def _fire(self, conn: apsw.Connection, loaded: _Loaded, fire: Fire, now: datetime) -> None:
+        firing = Firing(
+            trigger=loaded.trigger,
+            trigger_states=_TRIGGERED,
+            triggered=now,
+            triggering_labels=fire.triggering_labels,
+            triggering_event=fire.triggering_event,
+        )
+        self.dispatch(conn, loaded.automation, firing, fire.event_time, now)
+
+    def dispatch(
+        self,
+        conn: apsw.Connection,
+        automation: Automation,
+        firing: Firing,
+        event_time: datetime,
+        now: datetime,
+    ) -> None:
+        """SEMANTICS §4.7: act for a top trigger, else let the composite parent decide."""
+        parent = automation.parent_of(firing.trigger.id)
+        if isinstance(parent, Automation):
+            acting.act(conn, automation, firing, now)
+            return
+        assert isinstance(parent, CompoundTrigger | SequenceTrigger)
+        parent_firing = evaluate_composite_trigger(
+            conn, firing, parent, automation, event_time, now
+        )
+        if parent_firing is not None:
+            self.dispatch(conn, automation, parent_firing, event_time, now)
+
+    # --- proactive and periodic ------------------------------------------------------
+
+    def proactive(self, conn: apsw.Connection, now: datetime) -> datetime:
+        """Evaluate every due Proactive EventTrigger; return when to run again (wall
+        clock as Prefect compares it: the earliest `next_proactive_runs` entry)."""
+        self._ensure_clock(conn)
+        before = self.clock.copy()
+        for loaded in self._proactive:
+            trigger_id = loaded.trigger.id
+            if self.next_proactive_runs.get(trigger_id, now) > now:
+                continue
+            try:
+                with conn:
+                    run_again = self._proactive_evaluation(conn, loaded, now)
+            except Exception:
+                logger.exception(
+                    "Error evaluating automation %s trigger %s proactively",
+                    loaded.automation_id,
+                    loaded.trigger_id,
+                )
+                continue
+            self.next_proactive_runs[trigger_id] = run_again
+        self._save_clock(conn, before)
+        if not self._proactive:
+            return now + PROACTIVE_IDLE
+        return min(self.next_proactive_runs.get(lt.trigger.id, now) for lt in self._proactive)
+
+    def proactive_evaluation(
+        self, conn: apsw.Connection, trigger_id: UUID, now: datetime
+    ) -> datetime:
+        """SEMANTICS §4.4 for one loaded trigger at wall time `now` (the `P(t)` of the
+        scenarios); returns `run_again_at`, in event time."""
+        return self._proactive_evaluation(conn, self._loaded[trigger_id], now)
+
+    def _proactive_evaluation(
+        self, conn: apsw.Connection, loaded: _Loaded, now: datetime
+    ) -> datetime:
+        trigger = loaded.trigger
+        as_of = self.clock.as_of(now)
+        run_again_at = as_of + trigger.within
+        if not trigger.for_each:
+            existing = buckets_store.read_bucket(conn, loaded.trigger_id, ())
+            if existing is None:
+                fresh = ensure(None, (), as_of, as_of + trigger.within, None)
+                buckets_store.write_bucket(conn, loaded.trigger_id, loaded.automation_id, fresh)
+        buckets_store.remove_buckets_exceeding_threshold(conn, loaded.trigger_id, trigger.threshold)
+        for bucket in buckets_store.iter_buckets(conn, loaded.trigger_id):
+            result = evaluate(trigger, bucket, as_of, None)
+            self._persist(conn, loaded, bucket, result.stored)
+            for fire in result.fires:
+                self._fire(conn, loaded, fire, now)
+            following = result.returned
+            if following is not None and as_of < following.end < run_again_at:
+                run_again_at = following.end
+        return run_again_at
+
+    def periodic(self, conn: apsw.Connection, now: datetime) -> int:
+        """SEMANTICS §4.5 periodic_evaluation: re-evaluate lost followers (depth 0), then
+        sweep buckets closed before `as_of - expired_bucket_buffer`. Returns how many
+        buckets were swept."""
+        self._ensure_clock(conn)
+        before = self.clock.copy()
+        try:
+            as_of = self.clock.as_of(now)
+            for event in self._ordering_for(conn).get_lost_followers(now=now):
+                # a lost follower proceeds without waiting (its wait is over)
+                with contextlib.suppress(EventArrivedEarly):
+                    self._reactive(conn, event, 0, now, EventRef.of(event))
+            swept = buckets_store.sweep_closed_buckets(
+                conn, to_us(as_of - self.expired_bucket_buffer)
+            )
+            self._save_clock(conn, before)
+        except BaseException:
+            self.clock = before
+            raise
+        return swept
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _ordering_for(self, conn: apsw.Connection) -> CausalOrdering:
+        if self._ordering is None or self._ordering[0] is not conn:
+            ordering = CausalOrdering(
+                ORDERING_SCOPE,
+                conn,
+                preceding_event_lookback=self.preceding_event_lookback,
+                seen_expiration=self.seen_expiration,
+                max_depth=self.max_depth,
+            )
+            self._ordering = (conn, ordering)
+        return self._ordering[1]
+
+    def _ensure_clock(self, conn: apsw.Connection) -> None:
+        """Read the persisted events clock once per connection (i.e. at startup)."""
+        if self._clock_conn is not conn:
+            self.clock = EventsClock.from_json(events_store.read_meta(conn, META_KEY))
+            self._clock_conn = conn
+
+    def _save_clock(self, conn: apsw.Connection, before: EventsClock) -> None:
+        if self.clock != before:
+            events_store.write_meta(conn, META_KEY, self.clock.to_json())
+
+    def reset_events_clock(self, conn: apsw.Connection) -> None:
+        """Forget the events clock (tests, and operators replaying history)."""
+        self._ensure_clock(conn)
+        self.clock.reset()
+        events_store.write_meta(conn, META_KEY, self.clock.to_json())
+
+    def loaded_trigger(self, trigger_id: UUID) -> EventTrigger:
+        return self._loaded[trigger_id].trigger
