@@ -25,8 +25,10 @@ class ChildFiringRow(NamedTuple):
     child_firing: str  # Firing JSON
 
 
-def upsert_child_firing(conn: apsw.Connection, row: ChildFiringRow) -> None:
-    """Store a child's firing, replacing that child's previous one."""
+def upsert_child_firing(conn: apsw.Connection, row: ChildFiringRow) -> bool:
+    """Store a child's firing, replacing that child's previous one unless the stored one
+    is newer in event time (a late, older firing must not displace it). Returns whether
+    this firing is now the child's row."""
     conn.execute(
         "INSERT INTO composite_child_firings (automation_id, parent_trigger_id, "
         "child_trigger_id, child_firing_id, child_fired_us, child_firing) "
@@ -34,9 +36,11 @@ def upsert_child_firing(conn: apsw.Connection, row: ChildFiringRow) -> None:
         "ON CONFLICT (automation_id, parent_trigger_id, child_trigger_id) DO UPDATE SET "
         "child_firing_id = excluded.child_firing_id, "
         "child_fired_us = excluded.child_fired_us, "
-        "child_firing = excluded.child_firing",
+        "child_firing = excluded.child_firing "
+        "WHERE excluded.child_fired_us >= composite_child_firings.child_fired_us",
         row,
     )
+    return conn.changes() == 1
 
 
 def read_child_firings(
