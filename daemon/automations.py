@@ -130,7 +130,7 @@ class Automation(BaseModel):
     actions: list[AnyAction]
     actions_on_trigger: list[AnyAction] = Field(default_factory=list)
     actions_on_resolve: list[AnyAction] = Field(default_factory=list)
-    id: UUID
+    id: UUID = UUID(int=0)  # never used: _assign_ids always sets it (from the name)
     created: UTCDateTime = EPOCH
     updated: UTCDateTime = EPOCH
 

@@ -263,7 +263,7 @@ def test_receive_copies_and_stamps() -> None:
 
 # --- parse_incoming_event -------------------------------------------------------------------
 
-FRAME = {
+FRAME: dict[str, Any] = {
     "id": "2f0c2bde-3d0e-4c1f-9a61-6a2d2a8f3b10",
     "occurred": "2026-11-23T10:00:00.123456Z",
     "event": "pump.pressure.high",
@@ -370,7 +370,7 @@ json_values = st.recursive(
 times = st.datetimes(
     min_value=datetime(1970, 1, 2),
     max_value=datetime(2200, 1, 1),
-    timezones=st.none() | st.just(UTC),
+    timezones=st.sampled_from([None, UTC]),
 )
 
 

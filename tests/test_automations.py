@@ -1,0 +1,795 @@
+"""Triggers, actions, automations and their files: SCENARIOS §A 11-14, stable ids, loader."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4, uuid5
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from daemon.automations import (
+    AUTOMATION_NAMESPACE,
+    Automation,
+    AutomationFileError,
+    CallWebhook,
+    CompoundTrigger,
+    DoNothing,
+    EventTrigger,
+    Posture,
+    SequenceTrigger,
+    TriggerTypes,
+    automation_id_for,
+    load_automation_files,
+    parse_trigger,
+    trigger_id_for,
+)
+from daemon.events import ReceivedEvent
+
+S = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
+
+SPIDER = {
+    "prefect.resource.id": "daddy-long-legs",
+    "kingdom": "Animalia",
+    "phylum": "Arthropoda",
+    "class": "Arachnida",
+    "order": "Araneae",
+    "family": "Pholcidae",
+    "genus": "Pholcus",
+    "species": "phalangioides",
+}
+CHONK = {
+    "prefect.resource.id": "woodchonk",
+    "kingdom": "Animalia",
+    "phylum": "Chordata",
+    "class": "Mammalia",
+    "order": "Rodentia",
+    "family": "Sciuridae",
+    "genus": "Marmota",
+    "species": "monax",
+}
+
+
+def meal(rid: str, genus: str, species: str, kingdom: str = "Plantae") -> dict[str, str]:
+    return {
+        "prefect.resource.id": rid,
+        "prefect.resource.role": "meal",
+        "genus": genus,
+        "species": species,
+        "kingdom": kingdom,
+    }
+
+
+LILY = meal("my-lily", "Hemerocallis", "fulva")
+TULIP = meal("my-tulip", "Tulipa", "gesneriana")
+HEART = meal("my-bleeding-heart", "Dicentra", "cucullaria")
+DAFFODIL = meal("my-daffodil", "Narcissus", "poeticus")
+
+
+def event(
+    name: str, micros: int, resource: dict[str, str], related: list[dict[str, str]] | None = None
+) -> ReceivedEvent:
+    return ReceivedEvent.model_validate(
+        {
+            "occurred": S + timedelta(microseconds=micros),
+            "event": name,
+            "resource": resource,
+            "related": related or [],
+            "id": uuid4(),
+            "received": S,
+        }
+    )
+
+
+spider_walked = event("animal.walked", 1, SPIDER)
+chonk_walked = event("animal.walked", 2, CHONK)
+nibbled = event("animal.ingested", 2, CHONK, [LILY, TULIP])
+gobbled = event("animal.ingested", 3, CHONK, [HEART, DAFFODIL])
+
+
+def event_trigger(**fields: Any) -> EventTrigger:
+    trigger = parse_trigger({"type": "event", "posture": "Reactive", **fields})
+    assert isinstance(trigger, EventTrigger)
+    return trigger
+
+
+ARACHNOPHOBIA = event_trigger(
+    expect=["animal.walked"], match={"class": "Arachnida", "order": "Araneae"}, threshold=1
+)
+LILIES = event_trigger(
+    expect=["animal.ingested"],
+    match_related={"prefect.resource.role": "meal", "genus": "Hemerocallis", "species": "fulva"},
+    threshold=0,
+    within=30,
+)
+ANIMAL_LOVER = event_trigger(expect=[], match={"kingdom": "Animalia"}, threshold=0, within=30)
+
+
+# --- Covering (§A 11-13) --------------------------------------------------------------------
+
+
+def test_a11_trigger_covers_or_not() -> None:
+    assert ARACHNOPHOBIA.covers(spider_walked)
+    assert not ARACHNOPHOBIA.covers(chonk_walked)
+    assert LILIES.covers(nibbled)
+    assert not LILIES.covers(chonk_walked)
+    assert not LILIES.covers(gobbled)
+
+
+def test_a12_match_related_list_is_and_across_specs() -> None:
+    both = LILIES.model_copy(
+        update={
+            "match_related": [
+                LILIES.match_related,
+                parse_trigger(
+                    {"posture": "Reactive", "match_related": {"prefect.resource.role": "meal"}}
+                ).match_related,  # type: ignore[union-attr]
+            ]
+        }
+    )
+    assert both.covers(nibbled)
+
+    def with_related(*specs: dict[str, str]) -> EventTrigger:
+        return event_trigger(expect=["animal.ingested"], match_related=list(specs))
+
+    hemerocallis = {"prefect.resource.role": "meal", "genus": "Hemerocallis"}
+    assert with_related(hemerocallis, {"prefect.resource.role": "meal", "genus": "Tulipa"}).covers(
+        nibbled
+    )
+    assert not with_related(
+        hemerocallis, {"prefect.resource.role": "meal", "genus": "Narcissus"}
+    ).covers(nibbled)
+
+
+def test_a13_empty_expect_covers_all_events() -> None:
+    assert ANIMAL_LOVER.covers(spider_walked)
+    assert ANIMAL_LOVER.covers(nibbled)
+    assert ANIMAL_LOVER.expects("anything.at.all")
+    assert not ANIMAL_LOVER.covers(event("x", 1, {"prefect.resource.id": "rock"}))
+
+
+def test_covers_uses_start_anchored_regex_with_one_or_more_wildcard() -> None:
+    prefix = event_trigger(expect=["foo"])
+    assert prefix.covers(event("foobar", 1, SPIDER))  # anchored at the start only
+    flows = event_trigger(expect=["prefect.flow-run.*"])
+    assert flows.covers(event("prefect.flow-run.Failed", 1, SPIDER))
+    assert not flows.covers(event("prefect.flow-run.", 1, SPIDER))  # `*` needs a character
+    after = event_trigger(expect=["b.*"], after=["a.start"])
+    assert after.covers(event("a.start", 1, SPIDER))
+    assert after.event_pattern.pattern == r"a\.start|b\..+"
+
+
+def test_expects_and_starts_after() -> None:
+    trigger = event_trigger(expect=["animal.*", "!animal.walked"], after=["start.*"])
+    assert trigger.expects("animal.walked")  # "animal.*" accepts it: candidates are OR-ed
+    assert trigger.expects("plant.grew")  # "!animal.walked" accepts it
+    assert trigger.starts_after("start.now")
+    assert not trigger.starts_after("stop.now")
+    assert not event_trigger().starts_after("anything")
+
+
+def test_bucketing_key_and_triggering_labels() -> None:
+    trigger = event_trigger(for_each=["species", "related:meal:genus", "missing"])
+    key = trigger.bucketing_key(nibbled)
+    assert key == ("", "Hemerocallis", "monax")  # sorted labels; missing -> ""
+    assert trigger.triggering_labels(key) == {
+        "missing": "",
+        "related:meal:genus": "Hemerocallis",
+        "species": "monax",
+    }
+    assert event_trigger().bucketing_key(nibbled) == ()
+
+
+def test_thresholds_and_immediacy() -> None:
+    reactive = event_trigger(threshold=3)
+    assert reactive.immediate
+    assert reactive.meets_threshold(3)
+    assert not reactive.meets_threshold(2)
+    proactive = event_trigger(posture="Proactive", threshold=3, within=60)
+    assert not proactive.immediate
+    assert proactive.meets_threshold(2)
+    assert not proactive.meets_threshold(3)
+    assert not event_trigger(within=1).immediate
+    assert event_trigger(threshold=-5).threshold == -5  # no range check, as in Prefect
+
+
+# --- Validation (§A 14) ---------------------------------------------------------------------
+
+
+def trigger_error(data: dict[str, Any]) -> str:
+    with pytest.raises(ValidationError) as exc:
+        parse_trigger(data)
+    return str(exc.value)
+
+
+def compound(require: int | str, n: int) -> dict[str, Any]:
+    child = {"type": "event", "posture": "Reactive"}
+    return {"type": "compound", "triggers": [child] * n, "require": require, "within": None}
+
+
+def test_a14_compound_require_at_least_one() -> None:
+    assert "require must be at least 1" in trigger_error(compound(0, 2))
+
+
+def test_a14_compound_require_at_most_the_number_of_triggers() -> None:
+    message = "require must be less than or equal to the number of triggers"
+    assert message in trigger_error(compound(3, 2))
+    assert parse_trigger(compound(2, 2)).num_expected_firings == 2  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("require", "expected"), [("any", 1), ("all", 3), (2, 2)], ids=["any", "all", "int"]
+)
+def test_num_expected_firings(require: int | str, expected: int) -> None:
+    trigger = parse_trigger(compound(require, 3))
+    assert isinstance(trigger, CompoundTrigger)
+    assert trigger.num_expected_firings == expected
+
+
+@pytest.mark.parametrize("within", [-0.001, -1, -10, timedelta(seconds=-1)])
+def test_a14_within_negative_reactive(within: Any) -> None:
+    assert "greater than or equal to 0 seconds" in trigger_error(
+        {"posture": "Reactive", "within": within}
+    )
+
+
+@pytest.mark.parametrize("within", [-0.001, -1, -10, 1, 9, 9.999999, timedelta(seconds=9)])
+def test_a14_within_too_small_proactive(within: Any) -> None:
+    message = "`within` for Proactive triggers must be greater than or equal to 10 seconds"
+    assert message in trigger_error({"posture": "Proactive", "within": within})
+
+
+@pytest.mark.parametrize("posture", ["Reactive", "Proactive"])
+def test_a14_within_none(posture: str) -> None:
+    assert "`within` should be a valid timedelta" in trigger_error(
+        {"posture": posture, "within": None}
+    )
+
+
+def test_a14_within_defaults() -> None:
+    assert event_trigger().within == timedelta(0)
+    assert event_trigger(posture="Proactive").within == timedelta(seconds=10)
+    assert event_trigger(posture="Proactive", within=0).within == timedelta(seconds=10)
+    assert event_trigger(posture="Proactive", within=10).within == timedelta(seconds=10)
+    assert event_trigger(posture="Proactive", within="PT90S").within == timedelta(seconds=90)
+    assert event_trigger(within=2.5).within == timedelta(seconds=2.5)
+
+
+def test_a14_within_error_names_the_field() -> None:
+    with pytest.raises(ValidationError) as exc:
+        parse_trigger({"posture": "Proactive", "within": 5})
+    assert exc.value.errors()[0]["loc"][-1] == "within"
+
+
+def test_a14_metric_posture_rejected() -> None:
+    assert "Input should be 'Reactive' or 'Proactive'" in trigger_error({"posture": "Metric"})
+    assert "unsupported trigger type 'metric'" in trigger_error({"type": "metric"})
+
+
+def test_a14_posture_is_required_on_the_server() -> None:
+    assert "posture\n  Field required" in trigger_error({"type": "event"})
+
+
+def test_a14_compound_children_without_type_are_event_triggers() -> None:
+    document = {
+        "name": "compound",
+        "trigger": {
+            "type": "compound",
+            "require": "all",
+            "within": 60,
+            "triggers": [
+                {
+                    "posture": "Reactive",
+                    "expect": ["prefect.flow-run.Failed"],
+                    "match": {"prefect.resource.id": "prefect.flow-run.*"},
+                    "threshold": 1,
+                    "within": 0,
+                },
+                {"posture": "Reactive", "expect": ["x"], "threshold": 1, "within": 0},
+            ],
+        },
+        "actions": [{"type": "do-nothing"}],
+    }
+    automation = Automation.model_validate_json(json.dumps(document))
+    assert isinstance(automation.trigger, CompoundTrigger)
+    assert all(isinstance(t, EventTrigger) for t in automation.trigger.triggers)
+    assert automation.trigger.within == timedelta(seconds=60)
+
+
+def test_discriminator_fallback_without_type() -> None:
+    child = {"posture": "Reactive"}
+    assert isinstance(
+        parse_trigger({"triggers": [child], "require": 1, "within": None}), CompoundTrigger
+    )
+    assert isinstance(parse_trigger({"triggers": [child], "within": None}), SequenceTrigger)
+    assert isinstance(parse_trigger(child), EventTrigger)
+
+
+def test_composite_within_key_is_required_and_nullable() -> None:
+    assert "within\n  Field required" in trigger_error({"type": "sequence", "triggers": []})
+    sequence = parse_trigger({"type": "sequence", "triggers": [], "within": None})
+    assert isinstance(sequence, SequenceTrigger)
+    assert sequence.within is None
+
+
+# --- JSON shapes ----------------------------------------------------------------------------
+
+
+def test_trigger_json_shape() -> None:
+    trigger = event_trigger(
+        id="0b7e2f10-6a9d-4c1e-8f3a-1d2c3b4a5e6f",
+        expect=["b", "a"],
+        for_each=["z", "prefect.resource.id"],
+        posture="Proactive",
+        within=90,
+    )
+    assert json.loads(trigger.model_dump_json()) == {
+        "type": "event",
+        "id": "0b7e2f10-6a9d-4c1e-8f3a-1d2c3b4a5e6f",
+        "match": {},
+        "match_related": {},
+        "after": [],
+        "expect": ["a", "b"],
+        "for_each": ["prefect.resource.id", "z"],
+        "posture": "Proactive",
+        "threshold": 1,
+        "within": 90.0,
+    }
+    assert list(json.loads(trigger.model_dump_json())) == [
+        "type", "id", "match", "match_related", "after", "expect", "for_each", "posture",
+        "threshold", "within",
+    ]  # fmt: skip
+    composite = parse_trigger(compound("all", 1) | {"within": 300})
+    assert list(json.loads(composite.model_dump_json())) == [
+        "type", "id", "triggers", "within", "require",
+    ]  # fmt: skip
+    assert json.loads(composite.model_dump_json())["within"] == 300.0
+
+
+# --- Actions --------------------------------------------------------------------------------
+
+
+def automation_doc(**fields: Any) -> dict[str, Any]:
+    return {
+        "name": "pump pressure burst",
+        "trigger": {"type": "event", "posture": "Reactive", "expect": ["pump.pressure.high"]},
+        "actions": [{"type": "do-nothing"}],
+    } | fields
+
+
+def automation_error(**fields: Any) -> str:
+    with pytest.raises(ValidationError) as exc:
+        Automation.model_validate(automation_doc(**fields))
+    return str(exc.value)
+
+
+def test_unsupported_action_type_names_it_and_lists_supported() -> None:
+    message = automation_error(actions=[{"type": "run-deployment", "source": "inferred"}])
+    assert "unsupported action type 'run-deployment'" in message
+    assert "'call-webhook', 'do-nothing'" in message
+    assert "'call-webhook', 'do-nothing'" in automation_error(actions=[{"url": "http://x"}])
+    assert "unsupported action type 'pause-work-pool'" in automation_error(
+        actions_on_trigger=[{"type": "pause-work-pool"}]
+    )
+
+
+def test_call_webhook_fields_and_defaults() -> None:
+    automation = Automation.model_validate(
+        automation_doc(actions=[{"type": "call-webhook", "url": "https://example.com/hook"}])
+    )
+    action = automation.actions[0]
+    assert isinstance(action, CallWebhook)
+    assert json.loads(action.model_dump_json()) == {
+        "type": "call-webhook",
+        "url": "https://example.com/hook",
+        "method": "POST",
+        "headers": {},
+        "payload": "",
+        "secret": None,
+        "timeout": None,
+    }
+    full = CallWebhook.model_validate(
+        {
+            "url": "http://127.0.0.1:9000/hooks/pager",
+            "method": "put",
+            "headers": {"X-Team": "ops"},
+            "payload": '{"text": "{{ automation.name }}: {{ event.resource.id }}"}',
+            "secret": "whsec_abc",
+            "timeout": 2.5,
+        }
+    )
+    assert (full.method, full.headers, full.secret, full.timeout) == (
+        "PUT",
+        {"X-Team": "ops"},
+        "whsec_abc",
+        2.5,
+    )
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com/", "example.com/hook", "http://", ""])
+def test_call_webhook_needs_an_http_url(url: str) -> None:
+    assert "url must be an absolute http:// or https:// URL" in automation_error(
+        actions=[{"type": "call-webhook", "url": url}]
+    )
+    assert "url\n  Field required" in automation_error(actions=[{"type": "call-webhook"}])
+
+
+def test_object_payload_becomes_indented_json_string() -> None:
+    action = CallWebhook.model_validate(
+        {"url": "http://h/", "payload": {"message": "{{ event.event }}", "n": [1, "é"]}}
+    )
+    assert (
+        action.payload == '{\n  "message": "{{ event.event }}",\n  "n": [\n    1,\n    "é"\n  ]\n}'
+    )
+
+
+def test_template_syntax_is_checked_only_for_templates() -> None:
+    assert "'payload' is not a valid template" in automation_error(
+        actions=[{"type": "call-webhook", "url": "http://h/", "payload": "{{ unclosed"}]
+    )
+    plain = CallWebhook.model_validate({"url": "http://h/", "payload": "{# not a template }"})
+    assert plain.payload == "{# not a template }"
+
+
+def test_template_loop_limits() -> None:
+    ten = "{% for i in x %}{% endfor %}" * 10
+    CallWebhook.model_validate({"url": "http://h/", "payload": ten})
+    with pytest.raises(ValidationError, match="Contains 11 for loops"):
+        CallWebhook.model_validate(
+            {"url": "http://h/", "payload": ten + "{% for i in x %}{% endfor %}"}
+        )
+    two = "{% for a in x %}{% for b in a %}{{ b }}{% endfor %}{% endfor %}"
+    CallWebhook.model_validate({"url": "http://h/", "payload": two})
+    three = "{% for a in x %}" + two + "{% endfor %}"
+    with pytest.raises(ValidationError, match="nested for loops at a depth of 3"):
+        CallWebhook.model_validate({"url": "http://h/", "payload": three})
+
+
+# --- Automation, stable ids and fingerprints ------------------------------------------------
+
+NESTED = {
+    "name": "nested",
+    "trigger": {
+        "type": "compound",
+        "require": "any",
+        "within": None,
+        "triggers": [
+            {"posture": "Reactive", "expect": ["a"]},
+            {
+                "type": "sequence",
+                "within": 30,
+                "triggers": [
+                    {"posture": "Reactive", "expect": ["b"]},
+                    {"posture": "Proactive", "expect": ["c"]},
+                ],
+            },
+        ],
+    },
+    "actions": [{"type": "do-nothing"}],
+    "actions_on_trigger": [{"type": "call-webhook", "url": "http://h/"}],
+}
+
+
+def test_automation_defaults_and_json_shape() -> None:
+    automation = Automation.model_validate(automation_doc(owner_resource=None))
+    assert automation.id == uuid5(AUTOMATION_NAMESPACE, "pump pressure burst")
+    assert automation.id == automation_id_for("pump pressure burst")
+    assert (automation.description, automation.enabled, automation.tags) == ("", True, [])
+    dumped = json.loads(automation.model_dump_json())
+    assert list(dumped) == [
+        "name", "description", "enabled", "tags", "trigger", "actions", "actions_on_trigger",
+        "actions_on_resolve", "id", "created", "updated",
+    ]  # fmt: skip
+    assert dumped["created"] == dumped["updated"] == "1970-01-01T00:00:00Z"
+    assert dumped["trigger"]["id"] == str(trigger_id_for(automation.id, "trigger"))
+
+
+def test_automation_rejects_unknown_top_level_fields() -> None:
+    assert "Extra inputs are not permitted" in automation_error(action=[{"type": "do-nothing"}])
+
+
+def test_stable_trigger_ids_follow_position_paths() -> None:
+    automation = Automation.model_validate(NESTED)
+    paths = [automation.path_of(t.id) for t in automation.all_triggers()]
+    assert paths == [
+        "trigger",
+        "trigger.triggers[0]",
+        "trigger.triggers[1]",
+        "trigger.triggers[1].triggers[0]",
+        "trigger.triggers[1].triggers[1]",
+    ]
+    for trigger, path in zip(automation.all_triggers(), paths, strict=True):
+        assert trigger.id == uuid5(automation.id, path)
+    again = Automation.model_validate(NESTED)
+    assert [t.id for t in again.all_triggers()] == [t.id for t in automation.all_triggers()]
+
+
+def test_given_ids_are_kept() -> None:
+    given_id = "8f7e3d1c-2b4a-4c5d-9e8f-7a6b5c4d3e2f"
+    document = json.loads(json.dumps(NESTED))
+    document["id"] = "11111111-2222-4333-8444-555555555555"
+    document["trigger"]["triggers"][1]["triggers"][0]["id"] = given_id
+    automation = Automation.model_validate(document)
+    assert automation.id == UUID("11111111-2222-4333-8444-555555555555")
+    ids = [t.id for t in automation.all_triggers()]
+    assert ids[3] == UUID(given_id)
+    assert ids[4] == uuid5(automation.id, "trigger.triggers[1].triggers[1]")
+
+
+def test_built_triggers_get_stable_ids_too() -> None:
+    trigger = event_trigger(expect=["x"])
+    automation = Automation(name="built", trigger=trigger, actions=[DoNothing()])
+    assert automation.trigger.id == trigger_id_for(automation_id_for("built"), "trigger")
+    assert isinstance(automation.trigger, EventTrigger)
+    assert automation.trigger.expect == {"x"}
+    assert trigger.id != automation.trigger.id  # the defaulted uuid4 was replaced
+
+
+def test_duplicate_trigger_ids_are_rejected() -> None:
+    document = json.loads(json.dumps(NESTED))
+    same = "8f7e3d1c-2b4a-4c5d-9e8f-7a6b5c4d3e2f"
+    document["trigger"]["triggers"][0]["id"] = same
+    document["trigger"]["triggers"][1]["triggers"][1]["id"] = same
+    with pytest.raises(ValidationError, match="is used by more than one trigger"):
+        Automation.model_validate(document)
+
+
+def test_parents_and_trigger_kinds() -> None:
+    automation = Automation.model_validate(NESTED)
+    top, first, sequence, second, third = automation.all_triggers()
+    assert automation.parent_of(top.id) is automation
+    assert automation.parent_of(first.id) == top
+    assert automation.parent_of(second.id) == sequence
+    assert automation.parent_of(third.id) == sequence
+    assert automation.event_triggers() == [first, second, third]
+    assert automation.trigger_by_id(third.id) == third
+    assert automation.trigger_by_id(uuid4()) is None
+    assert isinstance(sequence, SequenceTrigger)
+    assert sequence.expected_firing_order == [second.id, third.id]
+    assert [a.type for a in automation.all_actions()] == ["do-nothing", "call-webhook"]
+    with pytest.raises(KeyError):
+        automation.parent_of(uuid4())
+
+
+def test_fingerprints_change_only_with_content() -> None:
+    before = Automation.model_validate(NESTED)
+    changed = json.loads(json.dumps(NESTED))
+    changed["trigger"]["triggers"][1]["triggers"][1]["threshold"] = 2
+    changed["description"] = "edited"
+    after = Automation.model_validate(changed)
+    old = {t.id: t.fingerprint() for t in before.all_triggers()}
+    new = {t.id: t.fingerprint() for t in after.all_triggers()}
+    assert old.keys() == new.keys()
+    # The edited leaf and its ancestors changed; its siblings did not.
+    unchanged = [old[t.id] == new[t.id] for t in before.all_triggers()]
+    assert unchanged == [False, True, False, True, False]
+
+
+def test_fingerprint_ignores_own_id_and_set_order() -> None:
+    a = event_trigger(expect=["x", "y"], for_each=["b", "a"])
+    b = event_trigger(expect=["y", "x"], for_each=["a", "b"], id=uuid4())
+    assert a.id != b.id
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != event_trigger(expect=["x"]).fingerprint()
+
+
+# --- Round trips ----------------------------------------------------------------------------
+
+patterns = st.text(alphabet="abc.*!-", min_size=1, max_size=8)
+specs = st.dictionaries(
+    st.text(min_size=1, max_size=6),
+    st.text(max_size=6) | st.lists(patterns, max_size=2),
+    max_size=2,
+)
+event_triggers = st.builds(
+    lambda **kw: parse_trigger({"type": "event", **kw}),
+    match=specs,
+    match_related=specs | st.lists(specs, max_size=2),
+    after=st.sets(patterns, max_size=2).map(sorted),
+    expect=st.sets(patterns, max_size=2).map(sorted),
+    for_each=st.sets(patterns, max_size=2).map(sorted),
+    posture=st.sampled_from(["Reactive", "Proactive"]),
+    threshold=st.integers(-2, 5),
+    within=st.sampled_from([0, 10, 10.5, 60, 3600.25]) | st.integers(10, 86400),
+)
+
+
+def composites(children: st.SearchStrategy[TriggerTypes]) -> st.SearchStrategy[TriggerTypes]:
+    def build(
+        kind: str, triggers: list[TriggerTypes], within: float | None, req: Any
+    ) -> TriggerTypes:
+        data: dict[str, Any] = {"type": kind, "triggers": triggers, "within": within}
+        if kind == "compound":
+            data["require"] = req if isinstance(req, str) else min(req, len(triggers))
+        return parse_trigger(data)
+
+    return st.builds(
+        build,
+        st.sampled_from(["compound", "sequence"]),
+        st.lists(children, min_size=1, max_size=3),
+        st.none() | st.floats(0, 1e6),
+        st.sampled_from(["any", "all"]) | st.integers(1, 3),
+    )
+
+
+triggers = st.recursive(event_triggers, composites, max_leaves=6)
+actions = st.sampled_from(
+    [
+        {"type": "do-nothing"},
+        {"type": "call-webhook", "url": "http://127.0.0.1:9000/h", "payload": "{{ event.id }}"},
+        {"type": "call-webhook", "url": "https://e.com", "headers": {"a": "b"}, "timeout": 3},
+    ]
+)
+automations = st.builds(
+    lambda **kw: Automation.model_validate(kw),
+    name=st.text(min_size=1, max_size=20),
+    description=st.text(max_size=10),
+    enabled=st.booleans(),
+    tags=st.lists(st.text(max_size=5), max_size=2),
+    trigger=triggers,
+    actions=st.lists(actions, max_size=2),
+    actions_on_trigger=st.lists(actions, max_size=1),
+    created=st.datetimes(timezones=st.just(UTC)),
+)
+
+
+@settings(max_examples=60)
+@given(automations)
+def test_automation_json_round_trip(automation: Automation) -> None:
+    again = Automation.model_validate_json(automation.model_dump_json())
+    assert again == automation
+    assert again.model_dump_json() == automation.model_dump_json()
+    assert [t.fingerprint() for t in again.all_triggers()] == [
+        t.fingerprint() for t in automation.all_triggers()
+    ]
+    assert [t.id for t in again.all_triggers()] == [t.id for t in automation.all_triggers()]
+
+
+@settings(max_examples=60)
+@given(triggers)
+def test_trigger_round_trip_keeps_fingerprint(trigger: TriggerTypes) -> None:
+    again = parse_trigger(trigger.model_dump_json())
+    assert again == trigger
+    assert again.fingerprint() == trigger.fingerprint()
+    assert again.id == trigger.id
+
+
+# --- Loading files --------------------------------------------------------------------------
+
+PUMP_YAML = """\
+- name: pump pressure burst
+  description: three high-pressure readings within a minute, per pump
+  enabled: true
+  trigger:
+    type: event
+    match: {"prefect.resource.id": "pump.*"}
+    expect: ["pump.pressure.high"]
+    for_each: ["prefect.resource.id"]
+    posture: Reactive
+    threshold: 3
+    within: 60
+  actions:
+    - type: call-webhook
+      url: http://127.0.0.1:9000/hooks/pager
+      headers: {"X-Team": "ops"}
+      payload: '{"text": "{{ automation.name }}: {{ event.resource.id }}"}'
+      secret: "whsec_abc"
+"""
+
+
+def test_loads_the_spec_example(tmp_path: Path) -> None:
+    (tmp_path / "automations.yaml").write_text(PUMP_YAML)
+    loaded_at = datetime(2026, 1, 1, tzinfo=UTC)
+    (automation,) = load_automation_files([tmp_path / "automations.yaml"], loaded_at=loaded_at)
+    assert automation.name == "pump pressure burst"
+    assert automation.id == automation_id_for("pump pressure burst")
+    assert automation.created == automation.updated == loaded_at
+    trigger = automation.trigger
+    assert isinstance(trigger, EventTrigger)
+    assert (trigger.posture, trigger.threshold, trigger.within) == (
+        Posture.Reactive,
+        3,
+        timedelta(seconds=60),
+    )
+    action = automation.actions[0]
+    assert isinstance(action, CallWebhook)
+    assert action.secret == "whsec_abc"
+
+
+def test_loads_json_single_objects_globs_and_directories(tmp_path: Path) -> None:
+    (tmp_path / "a.json").write_text(json.dumps(automation_doc(name="a")))
+    (tmp_path / "b.yml").write_text(PUMP_YAML)
+    (tmp_path / "ignored.txt").write_text("not an automation")
+    (tmp_path / "empty.yaml").write_text("")
+    by_glob = load_automation_files([str(tmp_path / "*.json"), str(tmp_path / "*.yml")])
+    assert [a.name for a in by_glob] == ["a", "pump pressure burst"]
+    by_dir = load_automation_files([tmp_path])
+    assert sorted(a.name for a in by_dir) == ["a", "pump pressure burst"]
+    mtime = datetime.fromtimestamp((tmp_path / "a.json").stat().st_mtime, UTC)
+    assert by_dir[0].updated == mtime
+
+
+def test_loader_errors_name_file_automation_and_field(tmp_path: Path) -> None:
+    bad = """\
+- name: pump burst
+  trigger: {type: event, posture: Proactive, within: 5}
+  actions: [{type: run-deployment}]
+- description: no name at all
+  trigger: {type: compound, require: 3, within: null, triggers: [{posture: Reactive}]}
+  actions: []
+- name: fine
+  trigger: {posture: Reactive}
+  actions: []
+"""
+    (tmp_path / "automations.yaml").write_text(bad)
+    with pytest.raises(AutomationFileError) as exc:
+        load_automation_files([tmp_path / "automations.yaml"])
+    f = tmp_path / "automations.yaml"
+    assert exc.value.problems == (
+        f"{f}: automation 'pump burst': trigger.within: "
+        "`within` for Proactive triggers must be greater than or equal to 10 seconds",
+        f"{f}: automation 'pump burst': actions[0]: unsupported action type 'run-deployment'; "
+        "supported types: 'call-webhook', 'do-nothing'",
+        f"{f}: automation #1: name: Field required",
+        f"{f}: automation #1: trigger.require: "
+        "require must be less than or equal to the number of triggers",
+    )
+    assert str(exc.value) == "\n".join(exc.value.problems)
+
+
+def test_loader_nested_field_paths(tmp_path: Path) -> None:
+    document = json.loads(json.dumps(NESTED))
+    document["trigger"]["triggers"][1]["triggers"][0]["within"] = -1
+    document["actions_on_trigger"][0]["url"] = "nope"
+    (tmp_path / "n.json").write_text(json.dumps([document]))
+    with pytest.raises(AutomationFileError) as exc:
+        load_automation_files([tmp_path / "n.json"])
+    assert [p.split(": ")[2] for p in exc.value.problems] == [
+        "trigger.triggers[1].triggers[0].within",
+        "actions_on_trigger[0].url",
+    ]
+
+
+def test_loader_rejects_duplicate_names_and_ids(tmp_path: Path) -> None:
+    (tmp_path / "one.yaml").write_text(PUMP_YAML)
+    (tmp_path / "two.json").write_text(
+        json.dumps(
+            [
+                automation_doc(),
+                automation_doc(name="other", id=str(automation_id_for("pump pressure burst"))),
+            ]
+        )
+    )
+    with pytest.raises(AutomationFileError) as exc:
+        load_automation_files([tmp_path / "one.yaml", tmp_path / "two.json"])
+    first, second = exc.value.problems
+    assert first.startswith(f"{tmp_path / 'two.json'}: automation 'pump pressure burst': name: ")
+    assert f"also used in {tmp_path / 'one.yaml'}" in first
+    assert second.startswith(f"{tmp_path / 'two.json'}: automation 'other': id: ")
+
+
+def test_loader_reports_unreadable_files(tmp_path: Path) -> None:
+    (tmp_path / "broken.yaml").write_text("- name: [unclosed\n")
+    (tmp_path / "scalar.json").write_text("42")
+    with pytest.raises(AutomationFileError) as exc:
+        load_automation_files(
+            [tmp_path / "broken.yaml", tmp_path / "scalar.json", tmp_path / "missing.yaml",
+             str(tmp_path / "none-*.yaml")]
+        )  # fmt: skip
+    problems = exc.value.problems
+    assert len(problems) == 4
+    assert any(
+        re.match(rf"{re.escape(str(tmp_path / 'missing.yaml'))}: no such file", p) for p in problems
+    )
+    assert any(p.endswith("none-*.yaml: no files match") for p in problems)
+    assert any(
+        p == f"{tmp_path / 'scalar.json'}: a file must hold an automation or a list of automations"
+        for p in problems
+    )
+    assert any(p.startswith(f"{tmp_path / 'broken.yaml'}: ") for p in problems)
