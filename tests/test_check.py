@@ -1,0 +1,221 @@
+"""`trigd check` (SPEC §2): one line per valid automation, or every problem named."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import pytest
+
+from daemon.automations import automation_id_for
+from daemon.check import check_command
+
+REPO = Path(__file__).resolve().parent.parent
+
+BURST_YAML = """\
+- name: pump pressure burst
+  description: three high-pressure readings within a minute, per pump
+  enabled: true
+  trigger:
+    type: event
+    match: {"prefect.resource.id": "pump.*"}
+    expect: ["pump.pressure.high"]
+    for_each: ["prefect.resource.id"]
+    posture: Reactive
+    threshold: 3
+    within: 60
+  actions:
+    - type: call-webhook
+      url: http://127.0.0.1:9000/hooks/pager
+      headers: {"X-Team": "ops"}
+"""
+
+COMPOSITE_ID = UUID("9b2e3c1a-0d4f-4c55-8e6a-2f1b7c9d0e11")
+COMPOSITE: dict[str, Any] = {
+    "id": str(COMPOSITE_ID),
+    "name": "door then silence",
+    "enabled": False,
+    "trigger": {
+        "type": "sequence",
+        "within": 300,
+        "triggers": [
+            {"posture": "Reactive", "expect": ["door.opened"]},
+            {
+                "type": "compound",
+                "require": "any",
+                "within": None,
+                "triggers": [{"posture": "Proactive", "expect": ["door.closed"], "within": 30}],
+            },
+        ],
+    },
+    "actions": [{"type": "do-nothing"}],
+    "actions_on_resolve": [{"type": "do-nothing"}],
+}
+
+
+def run(*paths: str | Path) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    code = check_command([str(p) for p in paths], out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_valid_yaml_prints_one_line_per_automation(tmp_path: Path) -> None:
+    file = tmp_path / "pumps.yaml"
+    file.write_text(BURST_YAML)
+    code, out, err = run(file)
+    assert (code, err) == (0, "")
+    burst_id = automation_id_for("pump pressure burst")
+    assert out == (
+        f"{file}: pump pressure burst ({burst_id}): event Reactive threshold 3 within 1m "
+        "for_each prefect.resource.id expect pump.pressure.high, 1 action\n"
+    )
+
+
+def test_valid_json_with_composite_triggers(tmp_path: Path) -> None:
+    file = tmp_path / "doors.json"
+    file.write_text(json.dumps(COMPOSITE))
+    code, out, err = run(file)
+    assert (code, err) == (0, "")
+    assert out == (
+        f"{file}: door then silence ({COMPOSITE_ID}): sequence of 2 within 5m "
+        "[event Reactive threshold 1 within 0s expect door.opened; compound require any of 1 "
+        "within unlimited [event Proactive threshold 1 within 30s expect door.closed]], "
+        "1 action, 1 on resolve (disabled)\n"
+    )
+
+
+def test_broken_yaml_names_file_automation_and_field(tmp_path: Path) -> None:
+    file = tmp_path / "pumps.yaml"
+    file.write_text(BURST_YAML.replace("threshold: 3", "threshold: many"))
+    code, out, err = run(file)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"{file}: automation 'pump pressure burst': trigger.threshold: ")
+
+
+def test_broken_json_reports_every_problem(tmp_path: Path) -> None:
+    broken = dict(COMPOSITE, actions=[{"type": "run-deployment"}])
+    broken["trigger"] = {"type": "event", "posture": "Proactive", "within": 5}
+    file = tmp_path / "doors.json"
+    file.write_text(json.dumps([broken]))
+    code, out, err = run(file)
+    assert (code, out) == (1, "")
+    lines = err.splitlines()
+    where = f"{file}: automation 'door then silence': "
+    assert any(
+        line.startswith(where + "trigger.within: ") and "10 seconds" in line for line in lines
+    ), lines
+    assert any(
+        line.startswith(where + "actions[0]: ")
+        and "'run-deployment'" in line
+        and "'call-webhook', 'do-nothing'" in line
+        for line in lines
+    ), lines
+
+
+def test_good_and_bad_files_together_fail_and_print_no_summaries(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(BURST_YAML)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: [unclosed\n")
+    code, out, err = run(good, bad)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"{bad}: ")
+    assert str(good) not in err
+
+
+def test_missing_file_and_empty_glob(tmp_path: Path) -> None:
+    code, out, err = run(tmp_path / "absent.yaml", tmp_path / "none-*.json")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"{tmp_path / 'absent.yaml'}: no such file",
+        f"{tmp_path / 'none-*.json'}: no files match",
+    ]
+
+
+def test_duplicate_names_across_files(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text(BURST_YAML)
+    (tmp_path / "b.yaml").write_text(BURST_YAML)
+    code, out, err = run(tmp_path / "*.yaml")
+    assert (code, out) == (1, "")
+    assert "automation 'pump pressure burst': name: also used in" in err
+
+
+def test_a_file_named_twice_is_checked_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("pumps.yaml").write_text(BURST_YAML)
+    code, out, err = run("pumps.yaml", tmp_path / "*.yaml", tmp_path)
+    assert (code, err) == (0, "")
+    assert out.count("pump pressure burst") == 1
+
+
+def test_good_config_file_and_its_automations(tmp_path: Path) -> None:
+    (tmp_path / "auto").mkdir()
+    (tmp_path / "auto" / "pumps.yaml").write_text(BURST_YAML)
+    config = tmp_path / "trigd.toml"
+    config.write_text('[server]\nlisten = "0.0.0.0:4280"\n[triggers]\nautomations = ["auto/*"]\n')
+    code, out, err = run(config)
+    assert (code, err) == (0, "")
+    lines = out.splitlines()
+    assert lines[0] == f"{config}: ok (listen 0.0.0.0:4280, 1 automation path)"
+    assert lines[1].startswith(f"{tmp_path / 'auto' / 'pumps.yaml'}: pump pressure burst (")
+    assert len(lines) == 2
+
+
+def test_config_naming_a_broken_automation_file_fails(tmp_path: Path) -> None:
+    (tmp_path / "pumps.yaml").write_text(BURST_YAML.replace("posture: Reactive", "posture: Metric"))
+    config = tmp_path / "trigd.toml"
+    config.write_text('[triggers]\nautomations = ["pumps.yaml", "missing.json"]\n')
+    code, out, err = run(config)
+    assert (code, out) == (1, "")
+    assert f"{tmp_path / 'missing.json'}: no such file" in err.splitlines()
+    assert f"{tmp_path / 'pumps.yaml'}: automation 'pump pressure burst': trigger.posture" in err
+
+
+def test_bad_config_file_is_named(tmp_path: Path) -> None:
+    config = tmp_path / "trigd.toml"
+    config.write_text('[server]\nlissen = "0.0.0.0:1"\n[delivery]\nconcurrency = 0\n')
+    code, out, err = run(config, tmp_path / "absent.toml")
+    assert (code, out) == (1, "")
+    assert err.splitlines() == [
+        f"{config}: [server] unknown key 'lissen' (did you mean 'listen'?)",
+        f"{config}: [delivery] concurrency: must be at least 1, got 0",
+        f"{tmp_path / 'absent.toml'}: no such file",
+    ]
+
+
+def test_check_ignores_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TRIGD_SERVER_LISTEN", "not an address")
+    config = tmp_path / "trigd.toml"
+    config.write_text("")
+    code, out, _ = run(config)
+    assert (code, out) == (0, f"{config}: ok (listen 127.0.0.1:4280, 0 automation paths)\n")
+
+
+def test_python_m_daemon_check_subprocess(tmp_path: Path) -> None:
+    good = tmp_path / "pumps.yaml"
+    good.write_text(BURST_YAML)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "x", "trigger": {"posture": "Sideways"}, "actions": []}))
+    command = [sys.executable, "-m", "daemon", "check"]
+    ok = subprocess.run(
+        [*command, str(good)], cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert (ok.returncode, ok.stderr) == (0, "")
+    assert ok.stdout.startswith(f"{good}: pump pressure burst (")
+    failed = subprocess.run(
+        [*command, str(good), str(bad)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (failed.returncode, failed.stdout) == (1, "")
+    assert failed.stderr.startswith(f"{bad}: automation 'x': trigger.posture: ")
