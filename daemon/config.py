@@ -207,7 +207,7 @@ class DeliveryConfig(Section):
     timeout: PositiveDuration = timedelta(seconds=15)  # one HTTP attempt
     max_age: PositiveDuration = timedelta(hours=72)  # then a failing delivery is dead
     concurrency: Count = 8  # deliveries in flight, all endpoints
-    per_endpoint_concurrency: Count = 2  # deliveries in flight to one host
+    per_endpoint_concurrency: Count = 2  # in flight to one scheme://host:port
     lease: PositiveDuration = timedelta(seconds=60)  # a claimed row is owned this long
 
     @model_validator(mode="after")
