@@ -11,7 +11,6 @@ from daemon.index import TriggerIndex
 from tests.test_engine_harness import (
     ANIMAL_LOVER,
     ARACHNOPHOBIA,
-    CHONK,
     CHONK_LONELY,
     CHONK_PARTY,
     EFFECTIVE,
