@@ -121,12 +121,10 @@ def ready_rows(
     if within_us is None:
         return ordered if len(ordered) >= needed else None
     # The earliest window [start, start + within] holding the current firing and enough
-    # rows; with in-order arrivals that is every stored row, as in Prefect.
+    # rows; with in-order arrivals that is every stored row, as in Prefect. Rows before
+    # event_us - within are expired already, so every start <= event_us reaches it.
     for start in sorted({r.child_fired_us for r in ordered if r.child_fired_us <= event_us}):
-        end = start + within_us
-        if end < event_us:
-            continue
-        window = [r for r in ordered if start <= r.child_fired_us <= end]
+        window = [r for r in ordered if start <= r.child_fired_us <= start + within_us]
         if len(window) >= needed:
             return window
     return None
