@@ -1,0 +1,231 @@
+"""``trigd serve``: the daemon's nursery and lifecycle (SPEC §1, §2, §8).
+
+Theory of operation. Start-up opens the store (taking its lock), loads the automation
+files, and starts the tasks in dependency order with ``nursery.start``: sender, sweeper,
+inbox pump, evaluator, and last the ingest server, whose start logs
+``trigd listening on ws://HOST:PORT``. Only then is ``READY=1`` sent to systemd.
+
+Signals: SIGHUP reloads the automation files (all valid: swapped in; any invalid: the old
+set stays and the error is logged). SIGTERM/SIGINT stop gracefully: the ingest server is
+cancelled first (no new connections or frames; its end of the channel closes), the
+evaluator drains and commits what was queued and returns, then everything else is
+cancelled. ``server.shutdown_timeout`` bounds the drain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import apsw
+import trio
+
+from daemon.automations import Automation, AutomationFileError, load_automation_files
+from daemon.config import Config, ConfigError, load_config
+from daemon.engine import Engine
+from daemon.evaluator import Submission, run_evaluator
+from daemon.gateway import StoreGateway
+from daemon.ingest import run_ingest
+from daemon.sender import Sender, run_sender
+from daemon.sweeper import SweepSettings, run_sweeper
+from daemon.systemd import Notifier
+from store.db import Store, StoreError
+from store.events import inbox_size
+
+log = logging.getLogger("trigd")
+
+
+def wall_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def engine_for(config: Config) -> Engine:
+    return Engine(
+        expired_bucket_buffer=config.triggers.expired_bucket_buffer,
+        preceding_event_lookback=config.ordering.preceding_event_lookback,
+        seen_expiration=config.ordering.seen_expiration,
+        max_depth=config.ordering.max_depth,
+    )
+
+
+class InboxPump:
+    """Evaluates events trigd made itself (action results, state changes) when no client
+    event arrives to carry them: each wake-up drains the inbox in bounded transactions."""
+
+    def __init__(
+        self, gateway: StoreGateway, engine: Engine, clock: Callable[[], datetime]
+    ) -> None:
+        self._gateway = gateway
+        self._engine = engine
+        self._clock = clock
+        self._wake = trio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _drain(self, conn: apsw.Connection) -> int:
+        with conn:
+            self._engine.process_batch(conn, [], self._clock())
+        return inbox_size(conn)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            try:
+                while await self._gateway.run(self._drain) > 0:
+                    await trio.lowlevel.checkpoint()
+            except Exception:
+                log.exception("evaluating trigd's own events failed; will retry")
+                await trio.sleep(1)
+                self._wake.set()
+
+
+async def reload_automations(
+    gateway: StoreGateway, engine: Engine, paths: Sequence[str], clock: Callable[[], datetime]
+) -> bool:
+    """SIGHUP: swap in the new set only when every file is valid."""
+    try:
+        automations = await trio.to_thread.run_sync(load_automation_files, list(paths))
+    except AutomationFileError as exc:
+        log.error("reload refused, keeping the automations loaded before: %s", exc)
+        return False
+    report = await gateway.run(engine.load_automations, automations, clock())
+    log.info("reloaded %d automations", report.automations)
+    return True
+
+
+async def serve(
+    config: Config,
+    automations: Sequence[Automation],
+    *,
+    clock: Callable[[], datetime] = wall_clock,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    store = Store.open(config.store.path, synchronous=config.store.synchronous)
+    try:
+        gateway = StoreGateway(store)
+        engine = engine_for(config)
+        await gateway.run(engine.load_automations, automations, clock())
+        notifier = Notifier(env)
+        await _run(config, gateway, engine, notifier, clock)
+    finally:
+        store.close()
+
+
+async def _run(
+    config: Config,
+    gateway: StoreGateway,
+    engine: Engine,
+    notifier: Notifier,
+    clock: Callable[[], datetime],
+) -> None:
+    send, receive = trio.open_memory_channel[Submission](config.server.queue_depth)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            pump = InboxPump(gateway, engine, clock)
+            sender: Sender = await nursery.start(
+                lambda *, task_status: run_sender(
+                    gateway,
+                    config.delivery,
+                    clock=clock,
+                    emit=lambda events: pump.wake(),
+                    task_status=task_status,
+                )
+            )
+
+            def committed() -> None:
+                sender.notify()
+                pump.wake()
+
+            settings = SweepSettings(
+                config.triggers.proactive_granularity,
+                config.store.event_retention,
+                config.store.outbox_retention,
+            )
+            await nursery.start(
+                lambda *, task_status: run_sweeper(
+                    gateway,
+                    engine,
+                    settings,
+                    clock=clock,
+                    on_commit=committed,
+                    task_status=task_status,
+                )
+            )
+            await nursery.start(pump.run)
+            evaluator_done = trio.Event()
+
+            async def evaluate(*, task_status: trio.TaskStatus[None]) -> None:
+                try:
+                    await run_evaluator(
+                        gateway,
+                        engine,
+                        receive,
+                        clock=clock,
+                        batch_max=config.server.batch_max_events,
+                        on_commit=committed,
+                        task_status=task_status,
+                    )
+                finally:
+                    evaluator_done.set()
+
+            await nursery.start(evaluate)
+            ingest_scope = trio.CancelScope()
+
+            async def ingest(*, task_status: trio.TaskStatus[int]) -> None:
+                with ingest_scope:
+                    await run_ingest(config.server, send, clock=clock, task_status=task_status)
+
+            await nursery.start(ingest)
+            await notifier.notify("READY=1")
+            nursery.start_soon(notifier.run_watchdog)
+
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await reload_automations(gateway, engine, config.triggers.automations, clock)
+                    continue
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                break
+            await notifier.notify("STOPPING=1")
+            ingest_scope.cancel()
+            with trio.move_on_after(config.server.shutdown_timeout.total_seconds()):
+                await evaluator_done.wait()
+            nursery.cancel_scope.cancel()
+    log.info("trigd stopped")
+
+
+def configure_logging(level: str) -> None:
+    under_journald = "JOURNAL_STREAM" in os.environ
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if under_journald
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    overrides = {"listen": args.listen, "db": args.db, "automations": args.automations}
+    try:
+        config = load_config(Path(args.config) if args.config else None, os.environ, overrides)
+        automations = load_automation_files(list(config.triggers.automations))
+    except (ConfigError, AutomationFileError) as exc:
+        print(f"trigd serve: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(serve, config, automations)
+    except StoreError as exc:
+        print(f"trigd serve: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return 130
+    return 0
