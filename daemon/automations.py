@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import glob
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Self
 from uuid import UUID, uuid5
 
 import yaml
@@ -26,7 +26,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     field_validator,
     model_validator,
@@ -134,9 +133,6 @@ class Automation(BaseModel):
     created: UTCDateTime = EPOCH
     updated: UTCDateTime = EPOCH
 
-    _parents: dict[UUID, UUID | None] = PrivateAttr(default_factory=dict)
-    _paths: dict[UUID, str] = PrivateAttr(default_factory=dict)
-
     @model_validator(mode="before")
     @classmethod
     def _assign_ids(cls, data: Any) -> Any:
@@ -167,14 +163,28 @@ class Automation(BaseModel):
         return trigger
 
     def model_post_init(self, context: Any, /) -> None:
+        # Derived maps live in __dict__ beside the fields (not compared, not serialized).
+        parents: dict[UUID, UUID | None] = {}
+        paths: dict[UUID, str] = {}
+
         def walk(trigger: TriggerTypes, parent: UUID | None, path: str) -> None:
-            self._parents[trigger.id] = parent
-            self._paths[trigger.id] = path
+            parents[trigger.id] = parent
+            paths[trigger.id] = path
             if isinstance(trigger, CompositeTrigger):
                 for i, child in enumerate(trigger.triggers):
                     walk(child, trigger.id, f"{path}.triggers[{i}]")
 
         walk(self.trigger, None, "trigger")
+        self.__dict__["_parents"] = parents
+        self.__dict__["_paths"] = paths
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.model_post_init(None)  # the copy's derived state must follow its fields
+        return copied
+
+    def __hash__(self) -> int:
+        return hash(self.id)
 
     def all_triggers(self) -> Sequence[TriggerTypes]:
         """Every trigger, depth first, the top trigger first."""
@@ -193,7 +203,8 @@ class Automation(BaseModel):
     def parent_of(self, trigger_id: UUID) -> Automation | CompositeTrigger:
         """The enclosing composite trigger, or the automation for the top trigger.
         Raises KeyError for a trigger that is not part of this automation."""
-        parent_id = self._parents[trigger_id]
+        parents: dict[UUID, UUID | None] = self.__dict__["_parents"]
+        parent_id = parents[trigger_id]
         if parent_id is None:
             return self
         parent = self.trigger_by_id(parent_id)
@@ -202,7 +213,8 @@ class Automation(BaseModel):
 
     def path_of(self, trigger_id: UUID) -> str:
         """Position path of a trigger (`trigger.triggers[0]`); KeyError if unknown."""
-        return self._paths[trigger_id]
+        paths: dict[UUID, str] = self.__dict__["_paths"]
+        return paths[trigger_id]
 
     def all_actions(self) -> list[ActionTypes]:
         """actions + actions_on_trigger + actions_on_resolve: `action_index` indexes this."""

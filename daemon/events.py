@@ -193,6 +193,10 @@ class Event(BaseModel):
     id: UUID
     follows: UUID | None = None
 
+    def __hash__(self) -> int:
+        # By id: the dict fields are unhashable, and the id is the dedupe key anyway.
+        return hash(self.id)
+
     @property
     def involved_resources(self) -> Sequence[Resource]:
         return [self.resource, *self.related]

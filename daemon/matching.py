@@ -7,10 +7,11 @@ not even a negated pattern.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from fnmatch import fnmatchcase
+from typing import Any, Self
 
-from pydantic import ConfigDict, PrivateAttr, RootModel
+from pydantic import ConfigDict, RootModel
 
 from daemon.events import RESOURCE_ID, Resource
 
@@ -32,14 +33,23 @@ class ResourceSpecification(RootModel[dict[str, str | list[str]]]):
 
     model_config = ConfigDict(frozen=True)
 
-    _items: tuple[tuple[str, tuple[str, ...]], ...] = PrivateAttr(default=())
-
     def model_post_init(self, context: object, /) -> None:
-        # Normalise once: matching runs for every candidate trigger of every event.
-        self._items = tuple(
+        # Normalised once, kept in __dict__ beside the fields: matching runs for every
+        # candidate trigger of every event, and pydantic private attributes are slow to read.
+        self.__dict__["_items"] = tuple(
             (label, (value,) if isinstance(value, str) else tuple(value))
             for label, value in self.root.items()
         )
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.model_post_init(None)  # the copy's derived state must follow its fields
+        return copied
+
+    @property
+    def _items(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        items: tuple[tuple[str, tuple[str, ...]], ...] = self.__dict__["_items"]
+        return items
 
     def matches(self, resource: Resource) -> bool:
         labels = resource.root

@@ -12,10 +12,10 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, Self
 from uuid import UUID, uuid4
 
 from pydantic import (
@@ -25,7 +25,6 @@ from pydantic import (
     Discriminator,
     Field,
     PlainSerializer,
-    PrivateAttr,
     Tag,
     TypeAdapter,
     ValidationError,
@@ -38,6 +37,7 @@ from daemon.matching import ResourceSpecification, matches
 
 PROACTIVE_MINIMUM_WITHIN: Final = timedelta(seconds=10)
 _TIMEDELTA: Final = TypeAdapter(timedelta)
+_ANY_EVENT: Final = re.compile(".+")  # an empty `expect` covers every event
 
 
 def _seconds(value: timedelta) -> float:
@@ -70,6 +70,15 @@ class BaseTrigger(BaseModel):
     type: str
     id: UUID = Field(default_factory=uuid4)
 
+    def __hash__(self) -> int:
+        # By id, so triggers can sit in sets and dict keys (their dict fields are unhashable).
+        return hash((type(self).__name__, self.id))
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
+        copied = super().model_copy(update=update, deep=deep)
+        copied.model_post_init(None)  # the copy's derived state must follow its fields
+        return copied
+
     def all_triggers(self) -> Sequence[TriggerTypes]:
         """This trigger and every trigger nested in it, depth first."""
         raise NotImplementedError
@@ -101,10 +110,6 @@ class EventTrigger(BaseTrigger):
     threshold: int = 1
     within: Seconds = Field(timedelta(0), ge=timedelta(0), validate_default=True)
 
-    _event_pattern: re.Pattern[str] = PrivateAttr(default=re.compile(".+"))
-    _for_each: tuple[str, ...] = PrivateAttr(default=())
-    _match_related: tuple[ResourceSpecification, ...] = PrivateAttr(default=())
-
     @field_validator("within", mode="before")
     @classmethod
     def _enforce_within(cls, within: Any, info: ValidationInfo) -> Any:
@@ -129,14 +134,18 @@ class EventTrigger(BaseTrigger):
         return within
 
     def model_post_init(self, context: Any, /) -> None:
-        # Precomputed once per trigger: covers() runs for every candidate of every event.
+        # Precomputed once per trigger, kept in __dict__ beside the fields: covers() runs
+        # for every candidate of every event, and pydantic private attributes are slow.
+        derived = self.__dict__
         if self.expect:
             alternatives = sorted(self.expect | self.after)
             pattern = "|".join(re.escape(p).replace("\\*", ".+") for p in alternatives)
-            self._event_pattern = re.compile(pattern)
-        self._for_each = tuple(sorted(self.for_each))
+            derived["_event_pattern"] = re.compile(pattern)
+        else:
+            derived["_event_pattern"] = _ANY_EVENT
+        derived["_for_each"] = tuple(sorted(self.for_each))
         related = self.match_related
-        self._match_related = tuple(related) if isinstance(related, list) else (related,)
+        derived["_match_related"] = tuple(related) if isinstance(related, list) else (related,)
 
     @property
     def immediate(self) -> bool:
@@ -146,14 +155,17 @@ class EventTrigger(BaseTrigger):
     @property
     def event_pattern(self) -> re.Pattern[str]:
         """Start-anchored regex of expect and after, with `*` → `.+` (SEMANTICS §3.3)."""
-        return self._event_pattern
+        pattern: re.Pattern[str] = self.__dict__["_event_pattern"]
+        return pattern
 
     def covers(self, event: Event) -> bool:
-        if not self._event_pattern.match(event.event):
+        derived = self.__dict__
+        if not derived["_event_pattern"].match(event.event):
             return False
         if not self.match.includes([event.resource]):
             return False
-        return all(spec.includes(event.related) for spec in self._match_related)
+        specs: tuple[ResourceSpecification, ...] = derived["_match_related"]
+        return all(spec.includes(event.related) for spec in specs)
 
     def expects(self, event_name: str) -> bool:
         return not self.expect or any(matches(p, event_name) for p in self.expect)
@@ -166,11 +178,16 @@ class EventTrigger(BaseTrigger):
             return count >= self.threshold
         return count < self.threshold
 
+    @property
+    def sorted_for_each(self) -> tuple[str, ...]:
+        labels: tuple[str, ...] = self.__dict__["_for_each"]
+        return labels
+
     def bucketing_key(self, event: Event) -> tuple[str, ...]:
-        return tuple(event.find_resource_label(label) or "" for label in self._for_each)
+        return tuple(event.find_resource_label(label) or "" for label in self.sorted_for_each)
 
     def triggering_labels(self, bucketing_key: Sequence[str]) -> dict[str, str]:
-        return dict(zip(self._for_each, bucketing_key, strict=False))
+        return dict(zip(self.sorted_for_each, bucketing_key, strict=False))
 
     def all_triggers(self) -> Sequence[TriggerTypes]:
         return [self]

@@ -31,6 +31,7 @@ from daemon.automations import (
     trigger_id_for,
 )
 from daemon.events import ReceivedEvent
+from daemon.matching import ResourceSpecification
 
 S = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
 
@@ -134,6 +135,10 @@ def test_a12_match_related_list_is_and_across_specs() -> None:
         }
     )
     assert both.covers(nibbled)
+    # Copies re-derive their precomputed matching state from the updated fields.
+    narcissus = ResourceSpecification({"genus": "Narcissus"})
+    assert not LILIES.model_copy(update={"match_related": [narcissus]}).covers(nibbled)
+    assert LILIES.model_copy(update={"expect": frozenset({"x"})}).event_pattern.pattern == "x"
 
     def with_related(*specs: dict[str, str]) -> EventTrigger:
         return event_trigger(expect=["animal.ingested"], match_related=list(specs))

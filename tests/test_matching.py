@@ -215,6 +215,14 @@ def test_a9_dict_like_access() -> None:
     assert ("empty", [""]) in weird.items()
 
 
+def test_spec_copies_rederive_their_candidates() -> None:
+    original = spec({"a": "b"})
+    copied = original.model_copy(update={"root": {"a": "c"}})
+    assert copied.matches(resource(a="c"))
+    assert not copied.matches(resource(a="b"))
+    assert copied.items() == [("a", ["c"])]
+
+
 def test_spec_round_trips_through_json() -> None:
     original = spec({"a": "b", "c": ["d", "!e"]})
     assert original.model_dump_json() == '{"a":"b","c":["d","!e"]}'
