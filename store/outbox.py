@@ -212,13 +212,12 @@ def claim(
     return claimed
 
 
-def next_due_us(conn: apsw.Connection) -> int | None:
-    """When the sender next has something to do: the earliest pending row or lease end."""
+def next_due_us(conn: apsw.Connection, *, after_us: int) -> int | None:
+    """When the next pending row falls due, strictly after `after_us`. Rows due already but
+    left unclaimed are waiting for a slot, which wakes the sender by itself."""
     row = conn.execute(
-        "SELECT min(t) FROM ("
-        " SELECT min(next_attempt_us) AS t FROM outbox WHERE status = 'pending'"
-        " UNION ALL"
-        " SELECT min(lease_until_us) FROM outbox WHERE status = 'in_flight')"
+        "SELECT min(next_attempt_us) FROM outbox WHERE status = 'pending' AND next_attempt_us > ?",
+        (after_us,),
     ).fetchone()
     return None if row is None or row[0] is None else int(row[0])
 

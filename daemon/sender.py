@@ -1,0 +1,498 @@
+"""The sender task: delivers outbox rows as webhooks (SPEC §7, SEMANTICS §7.2).
+
+Theory of operation. One loop claims due rows through the store gateway (a claim is one
+transaction that also releases expired leases), and starts one task per claimed row. A row
+holds a slot until its attempt is recorded: at most `concurrency` in flight overall and
+`per_endpoint_concurrency` per endpoint (scheme://host:port), so a slow or dead endpoint
+can only ever hold its own slots. The loop sleeps until the next row is due, a slot frees
+up, or `notify()` says the evaluator committed new rows.
+
+Each attempt ends in one transaction: the attempt row, the move in the state table
+(`daemon/delivery.py`), and — when the delivery is finished — its
+`prefect.automation.action.executed` or `.failed` event pushed to the inbox, so the event
+exists if and only if the status change does. `emit` is then told about those events.
+
+Rows left `in_flight` by a previous process (crash, SIGKILL) are released when the sender
+starts — the lock file guarantees no other sender owns them — and are sent again with the
+same `webhook-id`: delivery is at least once.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
+from random import Random as _StdRandom
+from typing import Any, Final, Protocol, runtime_checkable
+from uuid import UUID, uuid5
+
+import apsw
+import attrs
+import httpx
+import trio
+from pydantic import ValidationError
+
+from daemon import __version__
+from daemon.acting import automation_resource
+from daemon.action_models import CallWebhook
+from daemon.automations import EventTrigger
+from daemon.clock import from_us, to_us
+from daemon.config import DeliveryConfig
+from daemon.delivery import (
+    AttemptOutcome,
+    Dead,
+    Decision,
+    Delivered,
+    IllegalMove,
+    Random,
+    RetryAt,
+    decide,
+    describe,
+    is_success,
+)
+from daemon.events import ReceivedEvent, uuid7
+from daemon.firings import TriggeredAction
+from daemon.gateway import StoreGateway
+from daemon.templates import RenderFailed, webhook_body
+from store import outbox
+from store.events import push_inbox
+
+log = logging.getLogger(__name__)
+
+USER_AGENT: Final = f"trigd/{__version__}"
+RESPONSE_BODY_CHARS: Final = 1000  # of the response kept in the executed/failed event
+RESPONSE_READ_BYTES: Final = 16_384  # read at most this much of a response body
+MAX_IDLE: Final = timedelta(seconds=60)  # re-check the outbox at least this often
+SECRET_PREFIX: Final = "whsec_"
+
+REDACTED_HEADERS: Final = frozenset({"authorization", "traceparent", "via"})
+REDACTED_PREFIXES: Final = ("x-forwarded", "x-b3", "x-cloud-trace", "x-envoy", "x-prefect")
+
+ACTION_EVENT_NAMESPACE: Final = UUID("0d1f5a8e-2b7c-5e43-9c61-4a8f3e2d1b70")
+"""Never change it: `action_triggered_event_id` must give the id acting.py recorded."""
+
+
+def action_triggered_event_id(invocation: UUID) -> UUID:
+    """The id of the `prefect.automation.action.triggered` event of one TriggeredAction,
+    derived from its id so the executed/failed event can `follow` it without a lookup."""
+    return uuid5(ACTION_EVENT_NAMESPACE, str(invocation))
+
+
+def should_redact_header(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in REDACTED_HEADERS or lowered.startswith(REDACTED_PREFIXES)
+
+
+def signing_key(secret: str) -> bytes:
+    """Standard Webhooks keys: `whsec_<base64>` decodes to the key; anything else is used
+    as its UTF-8 bytes. ValueError for a `whsec_` secret that is not base64."""
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            key = base64.b64decode(secret[len(SECRET_PREFIX) :] + "==", validate=False)
+        except binascii.Error:
+            raise ValueError("secret: the part after whsec_ is not valid base64") from None
+        if not key:
+            raise ValueError("secret: the key after whsec_ is empty")
+        return key
+    return secret.encode()
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: str) -> str:
+    """`v1,<base64 HMAC-SHA256 of id.timestamp.body>`."""
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+@runtime_checkable
+class SleepingClock(Protocol):
+    """A wall clock that also knows how to wait for itself (tests jump it)."""
+
+    def __call__(self) -> datetime: ...
+
+    async def sleep_until(self, when: datetime) -> None: ...
+
+
+def system_clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _no_emit(events: Sequence[ReceivedEvent]) -> None:
+    pass
+
+
+@attrs.frozen
+class _Result:
+    """What one attempt produced, ready to be committed."""
+
+    attempted: datetime
+    outcome: AttemptOutcome
+    decision: Decision
+    latency_us: int | None
+    details: dict[str, Any] = attrs.field(factory=dict)
+
+
+def _finished_event(
+    triggered: TriggeredAction, decision: Delivered | Dead, details: dict[str, Any], now: datetime
+) -> ReceivedEvent:
+    """`prefect.automation.action.executed` / `.failed`, shaped as SEMANTICS §7.2."""
+    automation = triggered.automation
+    resource = automation_resource(automation)
+    resource["prefect.trigger-type"] = automation.trigger.type
+    if isinstance(automation.trigger, EventTrigger):
+        resource["prefect.posture"] = automation.trigger.posture.value
+    related: list[dict[str, str]] = []
+    if triggered.automation_triggered_event_id is not None:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.event.{triggered.automation_triggered_event_id}",
+                "prefect.resource.role": "automation-triggered-event",
+            }
+        )
+    if triggered.triggering_event is not None:
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.event.{triggered.triggering_event.id}",
+                "prefect.resource.role": "triggering-event",
+            }
+        )
+    payload: dict[str, Any] = {
+        "action_index": triggered.action_index,
+        "action_type": triggered.action.type,
+        "invocation": str(triggered.id),
+    }
+    if isinstance(decision, Dead):
+        payload["reason"] = decision.reason
+    payload.update(details)
+    name = "executed" if isinstance(decision, Delivered) else "failed"
+    return ReceivedEvent.model_validate(
+        {
+            "occurred": now,
+            "event": f"prefect.automation.action.{name}",
+            "resource": resource,
+            "related": related,
+            "payload": payload,
+            "id": uuid7(),
+            "follows": action_triggered_event_id(triggered.id),
+            "received": now,
+        }
+    )
+
+
+def _commit(
+    conn: apsw.Connection,
+    row: outbox.OutboxRow,
+    result: _Result,
+    event: ReceivedEvent | None,
+    now_us: int,
+) -> bool:
+    """Record the attempt and move the row, in one transaction. False when the row is no
+    longer ours (its lease expired and it was released meanwhile)."""
+    try:
+        with conn:
+            outbox.record_attempt(
+                conn,
+                row.id,
+                attempted_us=to_us(result.attempted),
+                latency_us=result.latency_us,
+                status_code=result.outcome.status_code,
+                error=None if isinstance(result.decision, Delivered) else _error(result),
+            )
+            decision = result.decision
+            if isinstance(decision, Delivered):
+                outbox.mark_delivered(conn, row.id, now_us)
+            elif isinstance(decision, RetryAt):
+                outbox.mark_retry(conn, row.id, to_us(decision.at), decision.reason)
+            else:
+                outbox.mark_dead(conn, row.id, now_us, decision.reason)
+            if event is not None:
+                push_inbox(conn, [event.model_dump_json()])
+    except IllegalMove:
+        return False
+    return True
+
+
+def _error(result: _Result) -> str:
+    if isinstance(result.decision, Dead):
+        return result.decision.reason
+    return describe(result.outcome)
+
+
+def _claim(
+    conn: apsw.Connection,
+    now_us: int,
+    lease_until_us: int,
+    limit: int,
+    per_endpoint: int,
+    busy: dict[str | None, int],
+) -> tuple[list[outbox.OutboxRow], int | None]:
+    with conn:
+        outbox.release_leases(conn, now_us)
+        rows = outbox.claim(
+            conn, now_us, lease_until_us, limit=limit, per_endpoint=per_endpoint, busy=busy
+        )
+        next_due = outbox.next_due_us(conn, after_us=now_us)
+    return rows, next_due
+
+
+def _release_all(conn: apsw.Connection, now_us: int) -> int:
+    with conn:
+        released = outbox.release_leases(conn, now_us, everything=True)
+    return released
+
+
+class Sender:
+    """The running sender; `notify()` after committing new outbox rows."""
+
+    def __init__(
+        self,
+        gateway: StoreGateway,
+        settings: DeliveryConfig,
+        client: httpx.AsyncClient,
+        *,
+        clock: Callable[[], datetime],
+        emit: Callable[[Sequence[ReceivedEvent]], None],
+        random: Random,
+    ) -> None:
+        self._gateway = gateway
+        self._settings = settings
+        self._client = client
+        self._clock = clock
+        self._emit = emit
+        self._random = random
+        self._wake = trio.Event()
+        self._busy: Counter[str | None] = Counter()
+        self._in_flight = 0
+
+    def notify(self) -> None:
+        """New rows may be due (call from trio, after commit)."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    async def _sleep_until(self, when: datetime) -> None:
+        if isinstance(self._clock, SleepingClock):
+            await self._clock.sleep_until(when)
+        else:
+            delay = (when - self._clock()).total_seconds()
+            await trio.sleep(min(max(0.0, delay), MAX_IDLE.total_seconds()))
+
+    async def _wait(self, until: datetime | None) -> None:
+        """Until the next row is due, a slot frees up, or notify(), whichever is first.
+        With nothing scheduled, still look again after MAX_IDLE (of trio's clock)."""
+        async with trio.open_nursery() as nursery:
+
+            async def sleeper() -> None:
+                if until is None:
+                    await trio.sleep(MAX_IDLE.total_seconds())
+                else:
+                    await self._sleep_until(until)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(sleeper)
+            await self._wake.wait()
+            nursery.cancel_scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED) -> None:
+        released = await self._gateway.run(_release_all, to_us(self._clock()))
+        if released:
+            log.warning("%d deliveries were in flight when trigd stopped; sending again", released)
+        settings = self._settings
+        async with trio.open_nursery() as nursery:
+            task_status.started(self)
+            while True:
+                self._wake = trio.Event()
+                now = self._clock()
+                free = settings.concurrency - self._in_flight
+                next_due_us: int | None = None
+                if free > 0:
+                    rows, next_due_us = await self._gateway.run(
+                        _claim,
+                        to_us(now),
+                        to_us(now + settings.lease),
+                        free,
+                        settings.per_endpoint_concurrency,
+                        dict(self._busy),
+                    )
+                    for row in rows:
+                        self._busy[row.endpoint] += 1
+                        self._in_flight += 1
+                        nursery.start_soon(self._deliver, row)
+                await self._wait(None if next_due_us is None else from_us(next_due_us))
+
+    async def _deliver(self, row: outbox.OutboxRow) -> None:
+        try:
+            await self._deliver_row(row)
+        finally:
+            self._busy[row.endpoint] -= 1
+            if self._busy[row.endpoint] <= 0:
+                del self._busy[row.endpoint]
+            self._in_flight -= 1
+            self._wake.set()
+
+    async def _deliver_row(self, row: outbox.OutboxRow) -> None:
+        try:
+            triggered = TriggeredAction.model_validate_json(row.document)
+        except ValidationError as exc:
+            reason = f"invalid outbox document: {exc.errors()[0]['msg']}"
+            outcome = AttemptOutcome(error=reason)
+            await self._finish(row, None, _Result(self._clock(), outcome, Dead(reason), None))
+            return
+        action = triggered.action
+        if isinstance(action, CallWebhook):
+            result = await self._call(row, triggered, action)
+        else:
+            result = _Result(self._clock(), AttemptOutcome(status_code=200), Delivered(), 0)
+        await self._finish(row, triggered, result)
+
+    async def _finish(
+        self, row: outbox.OutboxRow, triggered: TriggeredAction | None, result: _Result
+    ) -> None:
+        now = self._clock()
+        decision = result.decision
+        event = None
+        if triggered is not None and isinstance(decision, Delivered | Dead):
+            event = _finished_event(triggered, decision, result.details, now)
+        ours = await self._gateway.run(_commit, row, result, event, to_us(now))
+        if not ours:
+            log.warning("delivery %s: lease expired during the attempt; it will be retried", row.id)
+            return
+        if isinstance(decision, Dead):
+            log.warning("delivery %s to %s is dead: %s", row.id, row.endpoint, decision.reason)
+        elif isinstance(decision, RetryAt):
+            log.info("delivery %s: %s; retry at %s", row.id, decision.reason, decision.at)
+        if event is not None:
+            self._emit([event])
+
+    def _decide(self, row: outbox.OutboxRow, outcome: AttemptOutcome) -> Decision:
+        return decide(
+            outcome,
+            failures=row.attempts + 1,
+            created=from_us(row.window_start_us),
+            now=self._clock(),
+            max_age=self._settings.max_age,
+            random=self._random,
+        )
+
+    async def _call(
+        self, row: outbox.OutboxRow, triggered: TriggeredAction, action: CallWebhook
+    ) -> _Result:
+        attempted = self._clock()
+        try:
+            body = await trio.to_thread.run_sync(webhook_body, triggered)
+        except RenderFailed as exc:
+            failure = {"template_error": exc.template_error, "template_source": exc.template_source}
+            return _Result(
+                attempted, AttemptOutcome(error=exc.reason), Dead(exc.reason), None, failure
+            )
+        msg_id = str(triggered.id)
+        timestamp = math.floor(self._clock().timestamp())
+        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
+        headers.update(action.headers)
+        headers["webhook-id"] = msg_id
+        headers["webhook-timestamp"] = str(timestamp)
+        if action.secret:
+            try:
+                key = signing_key(action.secret)
+            except ValueError as exc:
+                reason = f"Webhook call failed: {exc}"
+                return _Result(attempted, AttemptOutcome(error=reason), Dead(reason), None)
+            headers["webhook-signature"] = sign(key, msg_id, timestamp, body)
+        timeout = (
+            action.timeout if action.timeout is not None else self._settings.timeout.total_seconds()
+        )
+        started = trio.current_time()
+        try:
+            with trio.fail_after(timeout):
+                status, response_headers, text, retry_after = await self._request(
+                    action, headers, body, timeout
+                )
+        except (trio.TooSlowError, httpx.TimeoutException) as exc:
+            error = f"Webhook call failed: timed out after {timeout:g}s ({type(exc).__name__})"
+            outcome = AttemptOutcome(error=error)
+            return _Result(attempted, outcome, self._decide(row, outcome), _elapsed_us(started))
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, ValueError) as exc:
+            reason = f"Webhook call failed: {exc!r}"
+            return _Result(
+                attempted, AttemptOutcome(error=reason), Dead(reason), _elapsed_us(started)
+            )
+        except httpx.HTTPError as exc:
+            outcome = AttemptOutcome(error=f"Webhook call failed: {exc!r}")
+            return _Result(attempted, outcome, self._decide(row, outcome), _elapsed_us(started))
+        latency = _elapsed_us(started)
+        outcome = AttemptOutcome(status_code=status, retry_after=retry_after)
+        details: dict[str, Any] = {
+            "status_code": status,
+            "response_body": text,
+            "response_headers": {
+                k: v for k, v in response_headers.items() if not should_redact_header(k)
+            },
+        }
+        decision = Delivered() if is_success(status) else self._decide(row, outcome)
+        return _Result(attempted, outcome, decision, latency, details)
+
+    async def _request(
+        self, action: CallWebhook, headers: dict[str, str], body: str, http_timeout: float
+    ) -> tuple[int, dict[str, str], str, str | None]:
+        """One HTTP exchange; reads at most RESPONSE_READ_BYTES of the answer."""
+        request = self._client.build_request(
+            action.method, action.url, content=body.encode(), headers=headers, timeout=http_timeout
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            data = bytearray()
+            async for chunk in response.aiter_raw():
+                data += chunk
+                if len(data) >= RESPONSE_READ_BYTES:
+                    break
+        finally:
+            await response.aclose()
+        text = bytes(data).decode(response.encoding or "utf-8", errors="replace")
+        return (
+            response.status_code,
+            dict(response.headers.items()),
+            text[:RESPONSE_BODY_CHARS],
+            response.headers.get("retry-after"),
+        )
+
+
+def _elapsed_us(started: float) -> int:
+    return round((trio.current_time() - started) * 1_000_000)
+
+
+async def run_sender(
+    gateway: StoreGateway,
+    settings: DeliveryConfig,
+    *,
+    clock: Callable[[], datetime] = system_clock,
+    emit: Callable[[Sequence[ReceivedEvent]], None] = _no_emit,
+    random: Random | None = None,
+    task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Deliver outbox rows until cancelled. `nursery.start` returns the `Sender`, whose
+    `notify()` the evaluator calls after committing new rows. `emit` receives each
+    executed/failed event after its transaction commits (to wake the evaluator).
+    `clock` is the wall clock; one that is a `SleepingClock` also decides how to wait."""
+    limits = httpx.Limits(
+        max_connections=settings.concurrency,
+        max_keepalive_connections=settings.concurrency,
+    )
+    async with httpx.AsyncClient(
+        limits=limits, follow_redirects=False, trust_env=False, timeout=None
+    ) as client:
+        sender = Sender(
+            gateway,
+            settings,
+            client,
+            clock=clock,
+            emit=emit,
+            random=random if random is not None else _StdRandom().random,
+        )
+        await sender.run(task_status=task_status)

@@ -1,0 +1,451 @@
+"""The sender against real HTTP receivers on 127.0.0.1 (SPEC §7, SEMANTICS §7.2)."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+from collections.abc import AsyncIterator, Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import attrs
+import pytest
+import trio
+from standardwebhooks.webhooks import Webhook
+
+from daemon import __version__
+from daemon.clock import from_us, to_us
+from daemon.config import DeliveryConfig
+from daemon.delivery import DeliveryState
+from daemon.events import ReceivedEvent
+from daemon.firings import TriggeredAction
+from daemon.gateway import StoreGateway
+from daemon.sender import Sender, action_triggered_event_id, run_sender, system_clock
+from store import outbox
+from store.db import Store
+from store.events import peek_inbox
+from tests.test_sender_support import (
+    T0,
+    JumpingClock,
+    Receiver,
+    Reply,
+    Request,
+    answer,
+    make_triggered,
+    outbox_row,
+    run_receiver,
+)
+
+TEST_TIMEOUT = 10  # seconds of real time per test
+
+
+@attrs.define
+class Harness:
+    store: Store
+    gateway: StoreGateway
+    sender: Sender
+    clock: Any
+    events: trio.MemoryReceiveChannel[ReceivedEvent]
+
+    async def enqueue(self, *triggered: TriggeredAction) -> None:
+        def write(conn: Any) -> None:
+            with conn:
+                outbox.enqueue(conn, [outbox_row(t, created=self.clock()) for t in triggered])
+
+        await self.gateway.run(write)
+        self.sender.notify()
+
+    async def next_event(self) -> ReceivedEvent:
+        return await self.events.receive()
+
+    def row(self, triggered: TriggeredAction) -> outbox.OutboxRow:
+        return outbox.get(self.store.conn, str(triggered.id))
+
+    def attempts(self, triggered: TriggeredAction) -> list[outbox.AttemptRow]:
+        return outbox.attempts(self.store.conn, str(triggered.id))
+
+
+@pytest.fixture
+async def nursery() -> AsyncIterator[trio.Nursery]:
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            yield nursery
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store.open(tmp_path / "trigd.db", synchronous="normal")
+
+
+def settings(**overrides: Any) -> DeliveryConfig:
+    values: dict[str, Any] = {
+        "timeout": timedelta(seconds=5),
+        "max_age": timedelta(hours=72),
+        "concurrency": 4,
+        "per_endpoint_concurrency": 2,
+        "lease": timedelta(seconds=60),
+    }
+    values.update(overrides)
+    return DeliveryConfig(**values)
+
+
+async def start(
+    nursery: trio.Nursery, store: Store, clock: Any = None, **overrides: Any
+) -> Harness:
+    clock = clock if clock is not None else JumpingClock()
+    send, receive = trio.open_memory_channel[ReceivedEvent](1000)
+
+    def emit(events: Sequence[ReceivedEvent]) -> None:
+        for event in events:
+            send.send_nowait(event)
+
+    gateway = StoreGateway(store)
+    sender = await nursery.start(
+        lambda task_status: run_sender(
+            gateway,
+            settings(**overrides),
+            clock=clock,
+            emit=emit,
+            random=lambda: 0.5,  # no jitter: waits are exactly the schedule
+            task_status=task_status,
+        )
+    )
+    return Harness(store, gateway, sender, clock, receive)
+
+
+def webhook(receiver: Receiver, **fields: Any) -> TriggeredAction:
+    return make_triggered({"type": "call-webhook", "url": receiver.url(), **fields})
+
+
+def scripted(*replies: Reply) -> Any:
+    """A handler answering with these replies in turn (the last one repeats)."""
+    queue = list(replies)
+
+    async def handler(request: Request) -> Reply:
+        return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    return handler
+
+
+# --- success --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("secret", "verifier_key"),
+    [
+        ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ("plain-shared-secret", b"plain-shared-secret"),
+    ],
+)
+async def test_delivers_on_2xx_with_verifiable_signature(
+    nursery: trio.Nursery, store: Store, secret: str, verifier_key: str | bytes
+) -> None:
+    reply = Reply(
+        200,
+        {
+            "X-Request-Id": "r-1",
+            "Authorization": "Bearer hidden",
+            "Via": "1.1 proxy",
+            "X-Forwarded-For": "10.0.0.1",
+            "X-Prefect-Thing": "hidden",
+        },
+        b'{"ok": true}',
+    )
+    receiver = await nursery.start(run_receiver, scripted(reply))
+    harness = await start(nursery, store, clock=system_clock)
+    triggered = webhook(receiver, headers={"X-Team": "ops"}, secret=secret)
+    await harness.enqueue(triggered)
+
+    request = await receiver.next_request()
+    event = await harness.next_event()
+
+    assert request.method == "POST"
+    assert request.target == "/hook"
+    assert request.headers["content-type"] == "application/json"
+    assert request.headers["user-agent"] == f"trigd/{__version__}"
+    assert request.headers["x-team"] == "ops"
+    assert request.headers["webhook-id"] == str(triggered.id)
+    assert json.loads(request.body) == json.loads(triggered.model_dump_json())
+    Webhook(verifier_key).verify(request.body.decode(), request.headers)
+
+    assert event.event == "prefect.automation.action.executed"
+    assert event.follows == action_triggered_event_id(triggered.id)
+    assert event.resource.root == {
+        "prefect.resource.id": f"prefect.automation.{triggered.automation.id}",
+        "prefect.resource.name": "pump pressure burst",
+        "prefect.trigger-type": "event",
+        "prefect.posture": "Reactive",
+    }
+    assert [r.root for r in event.related] == [
+        {
+            "prefect.resource.id": f"prefect.event.{triggered.automation_triggered_event_id}",
+            "prefect.resource.role": "automation-triggered-event",
+        },
+        {
+            "prefect.resource.id": f"prefect.event.{triggered.triggering_event.id}",  # type: ignore[union-attr]
+            "prefect.resource.role": "triggering-event",
+        },
+    ]
+    assert event.payload["action_index"] == 0
+    assert event.payload["action_type"] == "call-webhook"
+    assert event.payload["invocation"] == str(triggered.id)
+    assert event.payload["status_code"] == 200
+    assert event.payload["response_body"] == '{"ok": true}'
+    headers = event.payload["response_headers"]
+    assert headers["x-request-id"] == "r-1"
+    assert not {"authorization", "via", "x-forwarded-for", "x-prefect-thing"} & set(headers)
+
+    row = harness.row(triggered)
+    assert row.status is DeliveryState.DELIVERED
+    assert row.attempts == 1
+    assert row.finished_us is not None
+    [attempt] = harness.attempts(triggered)
+    assert attempt.status_code == 200
+    assert attempt.error is None
+    assert attempt.latency_us is not None
+    # the event is in the inbox, committed with the status change
+    inbox = [ReceivedEvent.model_validate_json(e) for _, e in peek_inbox(store.conn, 10)]
+    assert [e.id for e in inbox] == [event.id]
+
+
+async def test_no_signature_without_secret(nursery: trio.Nursery, store: Store) -> None:
+    receiver = await nursery.start(run_receiver, answer(204))
+    harness = await start(nursery, store)
+    triggered = webhook(receiver)
+    await harness.enqueue(triggered)
+    request = await receiver.next_request()
+    await harness.next_event()
+    assert request.headers["webhook-id"] == str(triggered.id)
+    assert "webhook-timestamp" in request.headers
+    assert "webhook-signature" not in request.headers
+
+
+async def test_rendered_payload_is_the_body(nursery: trio.Nursery, store: Store) -> None:
+    receiver = await nursery.start(run_receiver, answer(200))
+    harness = await start(nursery, store)
+    payload = (
+        '{"text": "{{ automation.name }}: {{ event.resource.id }} '
+        '{{ labels.prefect.resource.id }}"}'
+    )
+    triggered = webhook(receiver, payload=payload, method="PUT")
+    await harness.enqueue(triggered)
+    request = await receiver.next_request()
+    assert request.method == "PUT"
+    assert json.loads(request.body) == {"text": "pump pressure burst: pump.7 pump.7"}
+    assert (await harness.next_event()).event == "prefect.automation.action.executed"
+
+
+async def test_do_nothing_is_delivered_without_http(nursery: trio.Nursery, store: Store) -> None:
+    harness = await start(nursery, store)
+    triggered = make_triggered({"type": "do-nothing"})
+    await harness.enqueue(triggered)
+    event = await harness.next_event()
+    assert event.event == "prefect.automation.action.executed"
+    assert event.payload == {
+        "action_index": 0,
+        "action_type": "do-nothing",
+        "invocation": str(triggered.id),
+    }
+    assert harness.row(triggered).status is DeliveryState.DELIVERED
+
+
+# --- retries -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [500, 503, 408])
+async def test_retries_server_errors_then_succeeds(
+    nursery: trio.Nursery, store: Store, status: int
+) -> None:
+    receiver = await nursery.start(run_receiver, scripted(Reply(status), Reply(status), Reply(200)))
+    harness = await start(nursery, store)
+    triggered = webhook(receiver)
+    await harness.enqueue(triggered)
+    event = await harness.next_event()
+    assert event.event == "prefect.automation.action.executed"
+    assert len(receiver.requests) == 3
+    assert {r.headers["webhook-id"] for r in receiver.requests} == {str(triggered.id)}
+    attempts = harness.attempts(triggered)
+    assert [a.status_code for a in attempts] == [status, status, 200]
+    assert [a.error for a in attempts] == [f"HTTP {status}", f"HTTP {status}", None]
+    # backoff without jitter: 5 s, then 5 min
+    assert [from_us(a.attempted_us) - T0 for a in attempts] == [
+        timedelta(0),
+        timedelta(seconds=5),
+        timedelta(seconds=5, minutes=5),
+    ]
+    assert harness.row(triggered).status is DeliveryState.DELIVERED
+
+
+@pytest.mark.parametrize(
+    ("retry_after", "wait"),
+    [
+        ("7", timedelta(seconds=7)),
+        (email.utils.format_datetime(T0 + timedelta(minutes=2), usegmt=True), timedelta(minutes=2)),
+    ],
+)
+async def test_429_honours_retry_after(
+    nursery: trio.Nursery, store: Store, retry_after: str, wait: timedelta
+) -> None:
+    replies = scripted(Reply(429, {"Retry-After": retry_after}), Reply(200))
+    receiver = await nursery.start(run_receiver, replies)
+    harness = await start(nursery, store)
+    triggered = webhook(receiver)
+    await harness.enqueue(triggered)
+    await harness.next_event()
+    attempts = harness.attempts(triggered)
+    assert [a.status_code for a in attempts] == [429, 200]
+    assert from_us(attempts[1].attempted_us) - from_us(attempts[0].attempted_us) == wait
+
+
+async def test_timeout_is_retried(nursery: trio.Nursery, store: Store) -> None:
+    calls = 0
+
+    async def handler(request: Request) -> Reply:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            await trio.sleep_forever()
+        return Reply(200)
+
+    receiver = await nursery.start(run_receiver, handler)
+    harness = await start(nursery, store)
+    triggered = webhook(receiver, timeout=0.3)
+    await harness.enqueue(triggered)
+    event = await harness.next_event()
+    assert event.event == "prefect.automation.action.executed"
+    first, second = harness.attempts(triggered)
+    assert first.status_code is None
+    assert first.error is not None
+    assert first.error.startswith("Webhook call failed: timed out after 0.3s")
+    assert second.status_code == 200
+    assert [r.headers["webhook-id"] for r in receiver.requests] == [str(triggered.id)] * 2
+
+
+async def test_refused_connection_is_retried(nursery: trio.Nursery, store: Store) -> None:
+    receiver = await nursery.start(
+        lambda task_status: run_receiver(answer(200), listen=False, task_status=task_status)
+    )
+    clock = JumpingClock(auto=False)
+    harness = await start(nursery, store, clock=clock)
+    triggered = webhook(receiver)
+    await harness.enqueue(triggered)
+
+    due = await clock.next_sleep()
+    assert due == T0 + timedelta(seconds=5)
+    [refused] = harness.attempts(triggered)
+    assert refused.status_code is None
+    assert refused.error is not None
+    assert "ConnectError" in refused.error
+    row = harness.row(triggered)
+    assert row.status is DeliveryState.PENDING
+    assert row.next_attempt_us == to_us(due)
+    assert row.last_error == refused.error
+
+    receiver.start_listening()
+    clock.advance_to(due)
+    event = await harness.next_event()
+    assert event.event == "prefect.automation.action.executed"
+    assert [a.status_code for a in harness.attempts(triggered)] == [None, 200]
+
+
+# --- dead ---------------------------------------------------------------------------------
+
+
+async def test_4xx_is_dead_at_once(nursery: trio.Nursery, store: Store) -> None:
+    receiver = await nursery.start(run_receiver, scripted(Reply(400, body=b"bad field")))
+    harness = await start(nursery, store)
+    triggered = webhook(receiver)
+    await harness.enqueue(triggered)
+    event = await harness.next_event()
+    assert event.event == "prefect.automation.action.failed"
+    assert event.follows == action_triggered_event_id(triggered.id)
+    assert event.payload["reason"] == "HTTP 400: not retried"
+    assert event.payload["status_code"] == 400
+    assert event.payload["response_body"] == "bad field"
+    row = harness.row(triggered)
+    assert row.status is DeliveryState.DEAD
+    assert row.last_error == "HTTP 400: not retried"
+    assert len(receiver.requests) == 1
+
+
+async def test_dead_after_max_age(nursery: trio.Nursery, store: Store) -> None:
+    receiver = await nursery.start(run_receiver, answer(503))
+    harness = await start(nursery, store, max_age=timedelta(seconds=60))
+    triggered = webhook(receiver)
+    await harness.enqueue(triggered)
+    event = await harness.next_event()
+    assert event.event == "prefect.automation.action.failed"
+    assert event.payload["reason"] == "HTTP 503; gave up after 3 attempts over 0:01:00"
+    attempts = harness.attempts(triggered)
+    # 5 s backoff, then the 5 min wait is pulled in to the deadline
+    assert [from_us(a.attempted_us) - T0 for a in attempts] == [
+        timedelta(0),
+        timedelta(seconds=5),
+        timedelta(seconds=60),
+    ]
+    assert harness.row(triggered).status is DeliveryState.DEAD
+
+
+async def test_template_error_is_dead(nursery: trio.Nursery, store: Store) -> None:
+    receiver = await nursery.start(run_receiver, answer(200))
+    harness = await start(nursery, store)
+    triggered = webhook(receiver, payload="{{ range(1000) | list }}")
+    await harness.enqueue(triggered)
+    event = await harness.next_event()
+    assert event.event == "prefect.automation.action.failed"
+    assert event.payload["reason"].startswith("Template rendering failed: OverflowError(")
+    assert event.payload["template_source"] == "{{ range(1000) | list }}"
+    assert receiver.requests == []
+    assert harness.row(triggered).status is DeliveryState.DEAD
+
+
+# --- fairness and crashes -------------------------------------------------------------------
+
+
+async def test_slow_endpoint_does_not_hold_back_others(nursery: trio.Nursery, store: Store) -> None:
+    release = trio.Event()
+
+    async def slow_handler(request: Request) -> Reply:
+        await release.wait()
+        return Reply(200)
+
+    slow = await nursery.start(run_receiver, slow_handler)
+    fast = await nursery.start(run_receiver, answer(200))
+    harness = await start(nursery, store, concurrency=4, per_endpoint_concurrency=2)
+    slow_rows = [webhook(slow) for _ in range(4)]
+    fast_rows = [webhook(fast) for _ in range(5)]
+    await harness.enqueue(*slow_rows)
+    await harness.enqueue(*fast_rows)
+
+    done = {(await harness.next_event()).payload["invocation"] for _ in fast_rows}
+    assert done == {str(t.id) for t in fast_rows}
+    assert len(slow.requests) == 2  # the per-endpoint bound, while the fast ones went by
+    assert harness.sender.in_flight == 2
+
+    release.set()
+    done = {(await harness.next_event()).payload["invocation"] for _ in slow_rows}
+    assert done == {str(t.id) for t in slow_rows}
+
+
+async def test_row_left_in_flight_by_a_crash_is_sent_again(
+    nursery: trio.Nursery, store: Store
+) -> None:
+    receiver = await nursery.start(run_receiver, answer(200))
+    triggered = webhook(receiver)
+    with store.conn:
+        outbox.enqueue(store.conn, [outbox_row(triggered)])
+        [claimed] = outbox.claim(
+            store.conn, to_us(T0), to_us(T0 + timedelta(seconds=60)), limit=1, per_endpoint=1
+        )
+    assert claimed.status is DeliveryState.IN_FLIGHT  # ... and then the process died
+
+    harness = await start(nursery, store)
+    event = await harness.next_event()
+    assert event.event == "prefect.automation.action.executed"
+    [request] = receiver.requests
+    assert request.headers["webhook-id"] == str(triggered.id)
+    attempts = harness.attempts(triggered)
+    assert [a.error for a in attempts] == [outbox.LEASE_EXPIRED_ERROR, None]
+    assert harness.row(triggered).attempts == 2
