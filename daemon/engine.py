@@ -30,6 +30,7 @@ from uuid import UUID
 
 import apsw
 import attrs
+from pydantic import ValidationError
 
 from daemon import acting
 from daemon.automations import (
@@ -70,10 +71,42 @@ LOG_WRITE_EVENT: Final = "prefect.log.write"
 INBOX_DRAIN_LIMIT: Final = 1_000
 """Events trigd made itself evaluated per batch at most (events)."""
 EXPIRED_BUCKET_BUFFER: Final = timedelta(seconds=60)
+MAXIMUM_EVENT_BYTES: Final = 1_500_000
+"""Events trigd made that are larger than this are dropped, as Prefect's publisher does."""
+MAX_AUTOMATION_CHAIN: Final = 8
+"""State-change events nested deeper than this are stored but not evaluated (levels)."""
+_NESTED_EVENT: Final = '"triggering_event":{'
 PROACTIVE_IDLE: Final = timedelta(seconds=60)
 """How long `proactive` says it can sleep when no proactive trigger is loaded."""
 
 _TRIGGERED: Final = frozenset({TriggerState.Triggered})
+
+
+def _inbox_event(data: str) -> tuple[ReceivedEvent, bool] | None:
+    """An event trigd made and whether to evaluate it; None if it cannot be an event.
+
+    An automation that reacts to automation events nests each state-change event in the
+    next one; past `MAX_AUTOMATION_CHAIN` levels the event is stored but not evaluated,
+    so such a loop ends instead of growing until the JSON is too deep to read back.
+    """
+    if len(data) > MAXIMUM_EVENT_BYTES:
+        logger.error("Dropping an event trigd made: %d bytes is over the limit", len(data))
+        return None
+    try:
+        event = ReceivedEvent.model_validate_json(data)
+    except ValidationError as exc:
+        logger.error("Dropping an event trigd made that does not parse: %s", exc)
+        return None
+    chain = data.count(_NESTED_EVENT)
+    if chain > MAX_AUTOMATION_CHAIN:
+        logger.warning(
+            "Not evaluating %s (%s): automations reacting to automations %d levels deep",
+            event.event,
+            event.id,
+            chain,
+        )
+        return event, False
+    return event, True
 
 
 class Outcome(StrEnum):
@@ -132,6 +165,7 @@ class Engine:
         self.clock = EventsClock()
         self._clock_conn: apsw.Connection | None = None
         self._ordering: tuple[apsw.Connection, CausalOrdering] | None = None
+        self._store_only: set[UUID] = set()
 
     # --- loading ---------------------------------------------------------------------
 
@@ -242,7 +276,7 @@ class Engine:
     def _evaluate_new(
         self, conn: apsw.Connection, event: ReceivedEvent, ref: EventRef, now: datetime
     ) -> Outcome:
-        if event.event == LOG_WRITE_EVENT:
+        if event.event == LOG_WRITE_EVENT or event.id in self._store_only:
             return Outcome.processed
         try:
             self._reactive(conn, event, 0, now, ref)
@@ -258,9 +292,12 @@ class Engine:
                 return
             budget -= len(queued)
             events_store.drop_inbox(conn, queued[-1][0])
-            self._process(
-                conn, [ReceivedEvent.model_validate_json(data) for _, data in queued], now
-            )
+            parsed = [p for _, data in queued if (p := _inbox_event(data)) is not None]
+            self._store_only = {e.id for e, evaluate in parsed if not evaluate}
+            try:
+                self._process(conn, [e for e, _ in parsed], now)
+            finally:
+                self._store_only = set()
 
     def reactive_evaluation(
         self, conn: apsw.Connection, event: ReceivedEvent, depth: int, now: datetime

@@ -1,0 +1,267 @@
+"""The engine as the daemon uses it: SCENARIOS.md §I (85, 87, 88, 97, 98 in trigd's
+form), the inbox, loading and reloading with stable ids, restarts, and all-or-nothing
+transactions."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import apsw
+import pytest
+
+from daemon.automations import Automation
+from daemon.engine import MAX_AUTOMATION_CHAIN, Engine, Outcome
+from store.db import Store
+from tests.test_engine_harness import (
+    ARACHNOPHOBIA,
+    CHONK,
+    CHONK_PARTY,
+    EFFECTIVE,
+    SPIDER,
+    T,
+    automation,
+    chonk_walked,
+    event,
+    fired,
+    harness,
+    moved,
+    spider_walked,
+    trigger,
+)
+
+__all__ = ["harness"]
+
+S = timedelta(seconds=1)
+
+
+def _count(h: Any, table: str) -> int:
+    row = h.conn.execute(f"SELECT count(*) FROM {table}").fetchone()
+    return int(row[0])
+
+
+# --- §I message handling, trigd's form ---------------------------------------------------
+
+
+def test_i85_log_writes_are_stored_but_not_evaluated(harness: Any) -> None:
+    everything = automation(
+        "everything", trigger(match={"prefect.resource.id": "prefect.flow-run.*"}, threshold=1)
+    )
+    h = harness([everything])
+    log = event("prefect.log.write", T, "prefect.flow-run.x")
+    assert h.batch([log]) == [Outcome.processed]
+    assert fired(h) == []
+    assert _count(h, "events") == 1
+    assert h.batch([event("anything.else", T, "prefect.flow-run.x")]) == [Outcome.processed]
+    assert len(fired(h, everything)) == 1
+
+
+def test_i87_parked_event_is_an_outcome_not_an_error(harness: Any) -> None:
+    h = harness(EFFECTIVE)
+    follower = event("animal.walked", T, SPIDER, follows=uuid4())
+    assert h.batch([follower]) == [Outcome.parked]
+    assert fired(h) == []
+    assert _count(h, "events") == 1  # stored all the same: acked means committed
+
+
+def test_i88_duplicate_id_is_processed_once(harness: Any) -> None:
+    h = harness(EFFECTIVE)
+    walked = spider_walked()
+    assert h.batch([walked, walked]) == [Outcome.processed, Outcome.duplicate]
+    assert h.batch([walked]) == [Outcome.duplicate]
+    assert h.batch([moved(walked, 20 * S)]) == [Outcome.duplicate]
+    assert [a.automation.id for a in fired(h)] == [ARACHNOPHOBIA.id]
+
+
+def test_batch_outcomes_keep_input_order(harness: Any) -> None:
+    h = harness(EFFECTIVE)
+    first = spider_walked()
+    early = event("animal.walked", T, SPIDER, follows=uuid4())
+    assert h.batch([first, early, first, spider_walked()]) == [
+        Outcome.processed,
+        Outcome.parked,
+        Outcome.duplicate,
+        Outcome.processed,
+    ]
+
+
+# --- the inbox -----------------------------------------------------------------------------
+
+WATCHER = automation(
+    "watcher", trigger(expect=["prefect.automation.triggered"], match={}, threshold=1)
+)
+
+
+def test_state_change_events_are_evaluated_by_the_next_drain(harness: Any) -> None:
+    h = harness([ARACHNOPHOBIA, WATCHER])
+    h.batch([spider_walked()])
+    actions = fired(h)
+    # arachnophobia fired; its state-change event was drained and made watcher fire,
+    # whose own state-change event made watcher fire again ... bounded by the drain
+    assert actions[0].automation.id == ARACHNOPHOBIA.id
+    assert any(a.automation.id == WATCHER.id for a in actions)
+    first_watch = next(a for a in actions if a.automation.id == WATCHER.id)
+    assert first_watch.triggering_event is not None
+    assert first_watch.triggering_event.event == "prefect.automation.triggered"
+    assert first_watch.triggering_event.resource.id == f"prefect.automation.{ARACHNOPHOBIA.id}"
+
+
+def test_inbox_drain_is_bounded_per_batch(harness: Any) -> None:
+    h = harness([ARACHNOPHOBIA, WATCHER], inbox_drain_limit=10)
+    h.batch([spider_walked()])
+    # every firing queues 2 events (triggered + action.triggered); watcher reacts to one
+    first = len(fired(h))
+    assert 1 < first <= 11
+    assert h.inbox(), "a self-feeding automation leaves work for the next batch"
+    h.batch([])
+    assert 0 < len(fired(h)) <= 10
+
+
+# --- loading, reloading, restarts (97, 98) -------------------------------------------------
+
+
+def _reload(h: Any, automations: list[Automation]) -> Any:
+    with h.conn:
+        return h.engine.load_automations(h.conn, automations, T)
+
+
+def _party_bucket(h: Any) -> list[Any]:
+    return h.buckets(CHONK_PARTY.trigger.id)
+
+
+def test_i97_unchanged_automation_keeps_its_buckets_across_reloads(harness: Any) -> None:
+    h = harness(EFFECTIVE)
+    h.R(chonk_walked())
+    h.R(moved(chonk_walked(), 1 * S, id=uuid4()))
+    before = _party_bucket(h)
+    assert before[0][3] == 2
+    renamed = CHONK_PARTY.model_copy(update={"name": "chonk party!"})
+    report = _reload(h, [renamed if a.id == renamed.id else a for a in EFFECTIVE])
+    assert report.reset_triggers == frozenset()
+    assert _party_bucket(h) == before
+    h.R(moved(chonk_walked(), 2 * S, id=uuid4()))
+    [action] = fired(h)
+    assert action.automation.name == "chonk party!"
+
+
+def test_i98_changed_trigger_starts_fresh(harness: Any) -> None:
+    h = harness(EFFECTIVE)
+    h.R(chonk_walked())
+    assert _party_bucket(h)
+    changed = Automation.model_validate(
+        {
+            **CHONK_PARTY.model_dump(mode="json"),
+            "trigger": {**CHONK_PARTY.trigger.model_dump(mode="json"), "threshold": 4},
+        }
+    )
+    assert changed.trigger.id == CHONK_PARTY.trigger.id  # stable id, new fingerprint
+    report = _reload(h, [changed if a.id == changed.id else a for a in EFFECTIVE])
+    assert report.reset_triggers == {CHONK_PARTY.trigger.id}
+    assert _party_bucket(h) == []
+
+
+def test_i98_disabled_and_removed_automations_lose_their_state(harness: Any) -> None:
+    h = harness(EFFECTIVE)
+    h.R(chonk_walked())
+    disabled = CHONK_PARTY.model_copy(update={"enabled": False})
+    report = _reload(h, [ARACHNOPHOBIA, disabled])
+    assert CHONK_PARTY.trigger.id in report.reset_triggers
+    assert _party_bucket(h) == []
+    assert CHONK_PARTY.id not in h.engine.automations
+    h.R(moved(chonk_walked(), 1 * S, id=uuid4()))
+    assert _party_bucket(h) == []  # not evaluated while disabled
+    _reload(h, EFFECTIVE)
+    h.R(moved(chonk_walked(), 2 * S, id=uuid4()))
+    assert _party_bucket(h)[0][3] == 1
+    report = _reload(h, [ARACHNOPHOBIA])
+    assert CHONK_PARTY.trigger.id in report.reset_triggers
+    assert _party_bucket(h) == []
+
+
+def test_state_survives_a_restart(tmp_path: Path) -> None:
+    path = tmp_path / "trigd.db"
+    store = Store.open(path)
+    engine = Engine()
+    with store.conn:
+        engine.load_automations(store.conn, EFFECTIVE, T)
+        engine.process_batch(store.conn, [chonk_walked()], T)
+        engine.process_batch(store.conn, [moved(chonk_walked(), 1 * S, id=uuid4())], T)
+    clock = engine.clock.copy()
+    store.close()
+
+    store = Store.open(path)
+    engine = Engine()
+    try:
+        with store.conn:
+            engine.load_automations(store.conn, EFFECTIVE, T + 5 * S)
+            assert engine.clock == clock  # the events clock is persisted in `meta`
+            engine.process_batch(store.conn, [moved(chonk_walked(), 2 * S, id=uuid4())], T)
+        rows = store.conn.execute("SELECT automation_id FROM outbox").fetchall()
+        assert rows == [(str(CHONK_PARTY.id),)]
+    finally:
+        store.close()
+
+
+def test_automations_table_describes_the_loaded_set(harness: Any) -> None:
+    h = harness(EFFECTIVE)
+    names = {r[0] for r in h.conn.execute("SELECT name FROM automations")}
+    assert names == {a.name for a in EFFECTIVE}
+    trigger_ids = {r[0] for r in h.conn.execute("SELECT id FROM triggers")}
+    assert trigger_ids == {str(a.trigger.id) for a in EFFECTIVE}
+
+
+# --- all or nothing ------------------------------------------------------------------------
+
+
+def test_failure_mid_firing_rolls_back_everything_and_a_retry_works(harness: Any) -> None:
+    h = harness([CHONK_PARTY])
+    h.batch([chonk_walked(), moved(chonk_walked(), 1 * S, id=uuid4())])
+    bucket_before = _party_bucket(h)
+    assert bucket_before[0][3] == 2
+    clock_before = h.engine.clock.copy()
+    h.conn.execute(
+        "CREATE TEMP TRIGGER outbox_on_fire BEFORE INSERT ON outbox "
+        "BEGIN SELECT RAISE(ABORT, 'outbox unavailable'); END"
+    )
+    third = event("animal.walked", T + 2 * S, CHONK)
+    with pytest.raises(apsw.ConstraintError, match="outbox unavailable"):
+        h.batch([third])
+    assert _party_bucket(h) == bucket_before
+    assert _count(h, "outbox") == 0
+    assert _count(h, "inbox") == 0
+    assert h.conn.execute("SELECT 1 FROM events WHERE id = ?", (str(third.id),)).fetchall() == []
+    assert h.engine.clock == clock_before
+
+    h.conn.execute("DROP TRIGGER outbox_on_fire")
+    assert h.batch([third]) == [Outcome.processed]
+    [action] = fired(h)
+    assert action.triggering_event == third
+    assert _party_bucket(h)[0][3] == 0  # the next window, empty
+
+
+def test_failing_trigger_rolls_back_only_inside_its_savepoint(harness: Any) -> None:
+    """Each trigger is evaluated in its own SAVEPOINT; the error still propagates so the
+    daemon retries the whole batch (nothing half-done is committed)."""
+    h = harness(EFFECTIVE)
+    h.conn.execute(
+        "CREATE TEMP TRIGGER outbox_on_fire BEFORE INSERT ON outbox "
+        "BEGIN SELECT RAISE(ABORT, 'outbox unavailable'); END"
+    )
+    with pytest.raises(apsw.ConstraintError):
+        h.batch([chonk_walked(), spider_walked()])
+    assert h.buckets() == []
+    assert _count(h, "events") == 0
+
+
+def test_an_automation_feeding_on_itself_stops_at_the_chain_limit(harness: Any) -> None:
+    h = harness([ARACHNOPHOBIA, WATCHER])
+    h.batch([spider_walked()])
+    for _ in range(20):
+        if not h.inbox():
+            break
+        h.batch([])
+    assert h.inbox() == []
+    watcher_firings = len(fired(h, WATCHER))
+    assert 0 < watcher_firings <= 2 * (MAX_AUTOMATION_CHAIN + 1)
