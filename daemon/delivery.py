@@ -34,6 +34,8 @@ from typing import Final
 
 import attrs
 
+from daemon.durations import format_duration
+
 
 class DeliveryState(StrEnum):
     PENDING = "pending"
@@ -202,7 +204,7 @@ def decide(
     reason = describe(outcome)
     deadline = created + max_age
     if now >= deadline:
-        return Dead(f"{reason}; gave up after {failures} attempts over {max_age}")
+        return Dead(f"{reason}; gave up after {failures} attempts in {format_duration(max_age)}")
     wait = parse_retry_after(outcome.retry_after, now) if outcome.status_code else None
     if wait is None:
         wait = backoff(failures, random)
