@@ -1,0 +1,233 @@
+"""The outbox store (claims, leases, fairness, attempts, revival, retention) and the
+`trigd outbox` commands, on real SQLite files."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import pytest
+
+from daemon.clock import to_us
+from daemon.delivery import DeliveryState, IllegalMove
+from daemon.outbox_cli import outbox_command
+from store import outbox
+from store.db import Store
+from tests.test_sender_support import T0
+
+NOW = to_us(T0)
+SECOND = 1_000_000
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store.open(tmp_path / "trigd.db", synchronous="normal")
+
+
+def add(store: Store, row_id: str, endpoint: str | None, created_us: int = NOW) -> None:
+    with store.conn:
+        outbox.enqueue(
+            store.conn,
+            [outbox.NewOutboxRow(row_id, "auto-1", 0, "call-webhook", endpoint, "{}", created_us)],
+        )
+
+
+def claim(store: Store, now_us: int = NOW, **kwargs: object) -> list[outbox.OutboxRow]:
+    options: dict[str, object] = {"limit": 10, "per_endpoint": 10}
+    options.update(kwargs)
+    with store.conn:
+        rows = outbox.claim(store.conn, now_us, now_us + 60 * SECOND, **options)  # type: ignore[arg-type]
+    return rows
+
+
+def test_claim_is_oldest_first_and_only_due_rows(store: Store) -> None:
+    add(store, "b", "http://a:80", NOW + 2)
+    add(store, "a", "http://a:80", NOW + 1)
+    add(store, "later", "http://a:80", NOW + 10 * SECOND)
+    rows = claim(store, NOW + 5)
+    assert [r.id for r in rows] == ["a", "b"]
+    assert all(r.status is DeliveryState.IN_FLIGHT for r in rows)
+    assert all(r.lease_until_us == NOW + 5 + 60 * SECOND for r in rows)
+    assert claim(store, NOW + 5) == []  # claimed rows are not claimed twice
+
+
+def test_claim_bounds_each_endpoint_counting_busy_slots(store: Store) -> None:
+    for i in range(5):
+        add(store, f"slow-{i}", "http://slow:80", NOW + i)
+    for i in range(2):
+        add(store, f"fast-{i}", "http://fast:80", NOW + 10 + i)
+    add(store, "nothing", None, NOW + 20)
+    rows = claim(store, NOW + SECOND, limit=5, per_endpoint=2, busy={"http://slow:80": 1})
+    ids = [r.id for r in rows]
+    assert ids == ["slow-0", "fast-0", "fast-1", "nothing"]
+
+
+def test_limit_bounds_the_whole_claim(store: Store) -> None:
+    for i in range(6):
+        add(store, f"r{i}", f"http://h{i}:80", NOW + i)
+    assert [r.id for r in claim(store, NOW + SECOND, limit=3, per_endpoint=1)] == ["r0", "r1", "r2"]
+
+
+def test_expired_lease_is_released_and_reclaimed(store: Store) -> None:
+    add(store, "r", "http://a:80")
+    [row] = claim(store, NOW)
+    lease = row.lease_until_us
+    assert lease is not None
+    with store.conn:
+        assert outbox.release_leases(store.conn, lease - 1) == 0
+        assert outbox.release_leases(store.conn, lease) == 1
+    row = outbox.get(store.conn, "r")
+    assert row.status is DeliveryState.PENDING
+    assert row.attempts == 1
+    assert row.last_error == outbox.LEASE_EXPIRED_ERROR
+    assert [r.id for r in claim(store, lease)] == ["r"]
+    [attempt] = outbox.attempts(store.conn, "r")
+    assert attempt.error == outbox.LEASE_EXPIRED_ERROR
+    assert attempt.status_code is None
+
+
+def test_finishing_moves_follow_the_state_table(store: Store) -> None:
+    add(store, "r", "http://a:80")
+    with pytest.raises(IllegalMove, match="cannot succeed a delivery that is pending"):
+        outbox.mark_delivered(store.conn, "r", NOW)
+    claim(store)
+    with store.conn:
+        outbox.record_attempt(
+            store.conn, "r", attempted_us=NOW, latency_us=900, status_code=503, error="HTTP 503"
+        )
+        outbox.mark_retry(store.conn, "r", NOW + 5 * SECOND, "HTTP 503")
+    row = outbox.get(store.conn, "r")
+    assert (row.status, row.next_attempt_us, row.attempts, row.lease_until_us) == (
+        DeliveryState.PENDING,
+        NOW + 5 * SECOND,
+        1,
+        None,
+    )
+    assert outbox.next_due_us(store.conn, after_us=NOW) == NOW + 5 * SECOND
+    claim(store, NOW + 5 * SECOND)
+    with store.conn:
+        outbox.mark_delivered(store.conn, "r", NOW + 6 * SECOND)
+    with pytest.raises(IllegalMove, match="it is final"):
+        outbox.revive(store.conn, "r", NOW)
+    with pytest.raises(outbox.UnknownDelivery):
+        outbox.mark_dead(store.conn, "nope", NOW, "x")
+
+
+def test_revive_gives_a_fresh_window(store: Store) -> None:
+    add(store, "r", "http://a:80")
+    claim(store)
+    with store.conn:
+        outbox.record_attempt(
+            store.conn, "r", attempted_us=NOW, latency_us=1, status_code=400, error="HTTP 400"
+        )
+        outbox.mark_dead(store.conn, "r", NOW, "HTTP 400: not retried")
+    later = NOW + 100 * SECOND
+    with store.conn:
+        outbox.revive(store.conn, "r", later)
+    row = outbox.get(store.conn, "r")
+    assert (row.status, row.attempts, row.window_start_us, row.next_attempt_us) == (
+        DeliveryState.PENDING,
+        0,
+        later,
+        later,
+    )
+    assert len(outbox.attempts(store.conn, "r")) == 1  # history is kept
+
+
+def test_unknown_status_is_refused_by_the_converter(store: Store) -> None:
+    add(store, "r", None)
+    store.conn.execute("PRAGMA ignore_check_constraints = 1")
+    store.conn.execute("UPDATE outbox SET status = 'lost' WHERE id = 'r'")
+    with pytest.raises(ValueError, match="unknown status 'lost'"):
+        outbox.get(store.conn, "r")
+
+
+def test_prune_forgets_finished_rows_only(store: Store) -> None:
+    for row_id in ("done", "dead", "waiting"):
+        add(store, row_id, "http://a:80")
+    claim(store)
+    with store.conn:
+        outbox.record_attempt(
+            store.conn, "done", attempted_us=NOW, latency_us=1, status_code=200, error=None
+        )
+        outbox.mark_delivered(store.conn, "done", NOW)
+        outbox.mark_dead(store.conn, "dead", NOW, "HTTP 400")
+        outbox.mark_retry(store.conn, "waiting", NOW, "HTTP 500")
+        assert outbox.prune_finished(store.conn, NOW + 1) == 2
+    assert [r.id for r in outbox.list_rows(store.conn)] == ["waiting"]
+    assert outbox.attempts(store.conn, "done") == []
+
+
+# --- the commands --------------------------------------------------------------------------
+
+
+def run(db: Path, *argv: str, **fields: object) -> tuple[int, str, str]:
+    namespace = argparse.Namespace(
+        db=str(db), config=None, status=None, limit=50, id=None, dead=False
+    )
+    namespace.outbox_command = argv[0]
+    for key, value in fields.items():
+        setattr(namespace, key, value)
+    out, err = io.StringIO(), io.StringIO()
+    code = outbox_command(namespace, out, err)
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_list_and_retry_commands(store: Store, tmp_path: Path) -> None:
+    db = tmp_path / "trigd.db"
+    add(store, "ok", "http://a:80", NOW)
+    add(store, "broken", "http://b:80", NOW + 1)
+    add(store, "broken2", "http://b:80", NOW + 2)
+    claim(store, NOW + 5)
+    with store.conn:
+        outbox.mark_delivered(store.conn, "ok", NOW)
+        outbox.mark_dead(store.conn, "broken", NOW, "HTTP 410: not retried")
+        outbox.mark_dead(store.conn, "broken2", NOW, "HTTP 404: not retried")
+
+    code, out, _ = run(db, "list", status="dead")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0].startswith("id\tstatus")
+    assert [line.split("\t")[:2] for line in lines[1:]] == [["broken2", "dead"], ["broken", "dead"]]
+    assert lines[2].endswith("HTTP 410: not retried")
+    assert "http://b:80" in lines[2]
+
+    code, out, _ = run(db, "list", limit=1)
+    assert len(out.splitlines()) == 2
+
+    code, _, err = run(db, "retry", id="ok")
+    assert code == 1
+    assert "cannot revive a delivery that is delivered" in err
+    code, _, err = run(db, "retry", id="missing")
+    assert (code, err.strip()) == (1, "trigd outbox retry: no delivery with id 'missing'")
+
+    code, out, _ = run(db, "retry", id="broken")
+    assert code == 0
+    assert outbox.get(store.conn, "broken").status is DeliveryState.PENDING
+    code, out, _ = run(db, "retry", dead=True)
+    assert (code, out.strip()) == (0, "1 dead deliveries put back to pending")
+    assert outbox.get(store.conn, "broken2").status is DeliveryState.PENDING
+
+
+def test_commands_report_a_missing_database(tmp_path: Path) -> None:
+    code, _, err = run(tmp_path / "absent.db", "list")
+    assert code == 1
+    assert "no such database" in err
+    code, _, err = run(tmp_path / "absent.db", "retry", dead=True)
+    assert code == 1
+    assert "no such database" in err
+    assert not (tmp_path / "absent.db").exists()
+
+
+def test_list_needs_a_positive_limit(tmp_path: Path) -> None:
+    code, _, err = run(tmp_path / "x.db", "list", limit=0)
+    assert code == 2
+    assert "--limit" in err
+
+
+def test_list_is_read_only(store: Store, tmp_path: Path) -> None:
+    add(store, "r", None)
+    code, out, _ = run(tmp_path / "trigd.db", "list", status="pending")
+    assert code == 0
+    assert "r\tpending\t0" in out
