@@ -1,0 +1,90 @@
+"""Payload templates (SEMANTICS §7.3): sandbox, context, tojson, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from daemon.templates import RenderFailed, render_template, template_context, tojson, webhook_body
+from tests.test_sender_support import make_triggered
+
+URL = "http://127.0.0.1:9/hook"
+
+
+def body(payload: str) -> str:
+    return webhook_body(make_triggered({"type": "call-webhook", "url": URL, "payload": payload}))
+
+
+def test_plain_strings_are_sent_verbatim() -> None:
+    assert body("just { text } with {braces}") == "just { text } with {braces}"
+    assert render_template("{ no template }", {}) == "{ no template }"
+
+
+def test_empty_payload_sends_the_triggered_action_json() -> None:
+    triggered = make_triggered({"type": "call-webhook", "url": URL})
+    assert json.loads(webhook_body(triggered)) == json.loads(triggered.model_dump_json())
+
+
+def test_object_payload_becomes_indented_json() -> None:
+    triggered = make_triggered(
+        {"type": "call-webhook", "url": URL, "payload": {"automation": "{{ automation.name }}"}}
+    )
+    assert webhook_body(triggered) == '{\n  "automation": "pump pressure burst"\n}'
+
+
+def test_context_variables() -> None:
+    rendered = body(
+        "{{ automation.name }}|{{ event.event }}|{{ event.resource.id }}|"
+        "{{ labels.prefect.resource.id }}|{{ labels['prefect.resource.id'] }}|"
+        "{{ firing.trigger.type }}|{{ firings | length }}|{{ events[0].payload.bar }}|"
+        "{{ event.resource.labels.site }}"
+    )
+    assert (
+        rendered == "pump pressure burst|pump.pressure.high|pump.7|pump.7|pump.7|event|1|9.2|north"
+    )
+
+
+def test_missing_attributes_render_empty() -> None:
+    assert body("[{{ event.nope.deeper }}][{{ nothing }}][{{ labels.absent.label }}]") == "[][][]"
+
+
+def test_tojson_handles_models_and_labels() -> None:
+    data = json.loads(body('{"event": {{ event | tojson }}, "labels": {{ labels | tojson }}}'))
+    assert data["event"]["id"] == "2f0c2bde-3d0e-4c1f-9a61-6a2d2a8f3b10"
+    assert data["event"]["resource"] == {"prefect.resource.id": "pump.7", "site": "north"}
+    assert data["event"]["occurred"].endswith("Z")
+    assert data["labels"] == {"prefect.resource.id": "pump.7"}
+    assert tojson("<&>") == '"<&>"'  # not HTML-escaped: bodies are JSON, not HTML
+    assert json.loads(tojson({"a": [1, 2]}, indent=2)) == {"a": [1, 2]}
+
+
+def test_range_is_capped() -> None:
+    assert body("{% for i in range(3) %}{{ i }}{% endfor %}") == "012"
+    with pytest.raises(RenderFailed) as failure:
+        body("{% for i in range(101) %}{{ i }}{% endfor %}")
+    assert failure.value.reason.startswith("Template rendering failed: OverflowError(")
+    assert failure.value.template_source == "{% for i in range(101) %}{{ i }}{% endfor %}"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ automation.tags.append(1) }}",  # immutable sandbox: no mutation
+        "{{ 1 / 0 }}",
+    ],
+)
+def test_unsafe_or_broken_templates_fail_cleanly(source: str) -> None:
+    triggered = make_triggered({"type": "call-webhook", "url": URL})
+    with pytest.raises(RenderFailed, match=r"^Template rendering failed: "):
+        render_template(source, template_context(triggered))
+
+
+def test_sandbox_hides_internals() -> None:
+    assert body("[{{ event.__class__.__mro__ }}][{{ automation._parents }}]") == "[][]"
+
+
+def test_loop_limits_are_checked_when_loading() -> None:
+    nested = "{% for a in x %}{% for b in a %}{% for c in b %}{% endfor %}{% endfor %}{% endfor %}"
+    with pytest.raises(ValueError, match="nested for loops"):
+        make_triggered({"type": "call-webhook", "url": URL, "payload": nested})
