@@ -64,6 +64,7 @@ class Receiver:
     send: trio.MemorySendChannel[Request] | None = None
     receive: trio.MemoryReceiveChannel[Request] | None = None
     listening: trio.Event = attrs.field(factory=trio.Event)
+    record: bool = True  # keep requests (tests); off for benchmarks
 
     def start_listening(self) -> None:
         """Until this is called (with `listen=False`) connections are refused."""
@@ -83,9 +84,10 @@ class Receiver:
                 request = await self._read(conn, stream)
                 if request is None:
                     return
-                self.requests.append(request)
-                assert self.send is not None
-                self.send.send_nowait(request)
+                if self.record:
+                    self.requests.append(request)
+                    assert self.send is not None
+                    self.send.send_nowait(request)
                 try:
                     reply = await self.handler(request)
                 except trio.BrokenResourceError:
@@ -137,12 +139,13 @@ async def run_receiver(
     handler: Handler,
     *,
     listen: bool = True,
+    record: bool = True,
     task_status: trio.TaskStatus[Receiver] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve on 127.0.0.1:<free port>. With `listen=False` the port is bound but refuses
     connections until `receiver.start_listening()`."""
     send, receive = trio.open_memory_channel[Request](1000)
-    receiver = Receiver(handler, send=send, receive=receive)
+    receiver = Receiver(handler, send=send, receive=receive, record=record)
     sock = trio.socket.socket()
     await sock.bind(("127.0.0.1", 0))
     receiver.port = sock.getsockname()[1]
