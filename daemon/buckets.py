@@ -102,7 +102,8 @@ def ensure(
         return Bucket(key, start, end, initial_count, last_event, "ensure_bucket[insert]")
     if last_event is None:
         return existing
-    return attrs.evolve(existing, last_event=last_event)
+    e = existing
+    return Bucket(e.key, e.start, e.end, e.count, last_event, e.last_operation)
 
 
 def evaluate(
@@ -138,8 +139,8 @@ def _evaluate(
         return bucket, bucket  # late or redundant: ignored entirely
 
     if count and (trigger.immediate or bucket.start <= now < bucket.end):
-        bucket = attrs.evolve(
-            bucket, count=bucket.count + 1, last_event=ref, last_operation="increment_bucket"
+        bucket = Bucket(
+            bucket.key, bucket.start, bucket.end, bucket.count + 1, ref, "increment_bucket"
         )
         count = 0
 

@@ -22,8 +22,19 @@ PAGE_SIZE: Final = 500
 _COLUMNS: Final = "bucketing_key, start_us, end_us, count, last_event, last_operation"
 
 
+KEY_CACHE_SIZE: Final = 65_536
+"""Bucketing keys whose JSON is remembered (entries); keys repeat event after event."""
+_key_cache: dict[tuple[str, ...], str] = {}
+
+
 def key_json(key: tuple[str, ...]) -> str:
-    return json.dumps(key, ensure_ascii=False, separators=(",", ":"))
+    text = _key_cache.get(key)
+    if text is None:
+        text = json.dumps(key, ensure_ascii=False, separators=(",", ":"))
+        if len(_key_cache) >= KEY_CACHE_SIZE:
+            _key_cache.clear()
+        _key_cache[key] = text
+    return text
 
 
 def _bucket(row: tuple[object, ...]) -> Bucket:

@@ -127,7 +127,7 @@ def _reload(h: Any, automations: list[Automation]) -> Any:
         return h.engine.load_automations(h.conn, automations, T)
 
 
-def _party_bucket(h: Any) -> list[Any]:
+def _party_bucket(h: Any) -> Any:
     return h.buckets(CHONK_PARTY.trigger.id)
 
 

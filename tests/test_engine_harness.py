@@ -206,15 +206,18 @@ class Harness:
 
     def batch(self, events: Sequence[ReceivedEvent], now: datetime | None = None) -> list[Outcome]:
         with self.conn:
-            return self.engine.process_batch(self.conn, events, now or self.now)
+            outcomes = self.engine.process_batch(self.conn, events, now or self.now)
+        return outcomes
 
     def P(self, a: Automation, at: datetime, trigger_id: UUID | None = None) -> datetime:
         with self.conn:
-            return self.engine.proactive_evaluation(self.conn, trigger_id or a.trigger.id, at)
+            run_again = self.engine.proactive_evaluation(self.conn, trigger_id or a.trigger.id, at)
+        return run_again
 
     def PER(self, at: datetime) -> int:
         with self.conn:
-            return self.engine.periodic(self.conn, at)
+            swept = self.engine.periodic(self.conn, at)
+        return swept
 
     def actions(self) -> list[TriggeredAction]:
         """Every outbox row ever written, oldest first."""
@@ -233,7 +236,7 @@ class Harness:
             for r in self.conn.execute("SELECT event FROM inbox ORDER BY seq").fetchall()
         ]
 
-    def buckets(self, trigger_id: UUID | None = None) -> list[tuple[Any, ...]]:
+    def buckets(self, trigger_id: UUID | None = None) -> Any:
         sql = "SELECT bucketing_key, start_us, end_us, count FROM buckets"
         if trigger_id is None:
             return self.conn.execute(sql).fetchall()
