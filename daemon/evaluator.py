@@ -1,0 +1,204 @@
+"""The evaluator task: received events go into the store in batches, one transaction each.
+
+Theory of operation. Ingest sends one ``Submission`` per parsed event into a bounded
+channel. This task waits for the first one, then takes whatever else is already queued, up
+to ``batch_max`` (group commit: a lone event is committed at once, a flood is committed a
+few hundred at a time, and the fsync cost is shared). The engine runs over the batch in the
+store thread inside one ``BEGIN IMMEDIATE`` transaction; only after ``COMMIT`` returns is
+each submission resolved, so an ack (or a pong) always means "on disk".
+
+Failures:
+
+* a store that cannot write (disk full, I/O error, busy): nothing is resolved, the cause is
+  logged, and the same batch is retried with exponential backoff until it goes through;
+  meanwhile the channel fills and ingest stops reading sockets (SPEC §8);
+* any other exception is a bug in some event's processing. The transaction rolled back, so
+  the batch is retried one event per transaction: the others go through and only the
+  poisonous one is refused, with ``internal error: ...``.
+
+Shutdown: each commit attempt is shielded from cancellation, so a batch taken from the
+channel is committed (or fails) as a whole; the worker thread cannot be abandoned anyway
+(``daemon.gateway``), and SQLite's busy timeout bounds how long it can take. Cancellation
+is delivered while waiting for events or between retries, where nothing is half-done.
+When every sender clone of the channel is closed, the task drains what is queued and
+returns, which is how the service stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Final, Protocol
+
+import apsw
+import attrs
+import trio
+
+from daemon.engine import Outcome
+from daemon.events import ReceivedEvent
+from daemon.gateway import StoreGateway
+from store.db import StoreError
+
+log = logging.getLogger(__name__)
+
+RETRY_FIRST_DELAY: Final = 0.25  # seconds before the first retry of a batch the store refused
+RETRY_MAX_DELAY: Final = 10.0  # seconds between retries at most, while the store stays down
+
+STORE_TROUBLE: Final = (
+    StoreError,
+    apsw.FullError,
+    apsw.IOError,
+    apsw.BusyError,
+    apsw.LockedError,
+    apsw.ReadOnlyError,
+    apsw.CantOpenError,
+    apsw.CorruptError,
+    apsw.NotADBError,
+)
+"""Exceptions that say the store cannot take writes now, as opposed to a bug."""
+
+
+class ReplySink(Protocol):
+    """Where a submission's outcome goes once its batch is settled (its connection)."""
+
+    def resolved(self, submission: Submission, error: str | None) -> None:
+        """Must not block: called by the evaluator for every event of every batch."""
+
+
+@attrs.define(slots=True, eq=False)
+class Submission:
+    """One parsed event on its way to the store, and the connection waiting to hear of it.
+
+    Accepted, duplicate and parked events are all simply "committed" to the client; only
+    an internal error refuses one here (bad input never reaches the evaluator). ``done``
+    and ``error`` are written by ``ReplySink.resolved`` implementations.
+    """
+
+    event: ReceivedEvent
+    sink: ReplySink
+    done: bool = False
+    error: str | None = None
+
+
+class BatchEngine(Protocol):
+    """What the evaluator needs of ``daemon.engine.Engine``."""
+
+    def process_batch(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> Sequence[Outcome]: ...
+
+
+def _process_in_transaction(
+    conn: apsw.Connection,
+    engine: BatchEngine,
+    events: Sequence[ReceivedEvent],
+    now: datetime,
+) -> Sequence[Outcome]:
+    with conn:
+        outcome = engine.process_batch(conn, events, now)
+    return outcome
+
+
+@attrs.define
+class EvaluatorStats:
+    """Counters for ``trigd status`` and the tests."""
+
+    batches: int = 0
+    events: int = 0
+    duplicates: int = 0
+    parked: int = 0
+    internal_errors: int = 0
+    store_retries: int = 0
+    largest_batch: int = 0
+
+
+@attrs.define
+class _Evaluator:
+    gateway: StoreGateway
+    engine: BatchEngine
+    clock: Callable[[], datetime]
+    stats: EvaluatorStats
+
+    async def _attempt(self, events: Sequence[ReceivedEvent]) -> Exception | None:
+        """Commit ``events`` in one transaction, waiting out store trouble; the bug if any."""
+        delay = RETRY_FIRST_DELAY
+        while True:
+            now = self.clock()
+            try:
+                with trio.CancelScope(shield=True):
+                    outcomes = await self.gateway.run(
+                        _process_in_transaction, self.engine, events, now
+                    )
+            except STORE_TROUBLE as exc:
+                self.stats.store_retries += 1
+                log.error(
+                    "store refused a batch of %d events, not acknowledging; retrying in %.2gs: %s",
+                    len(events),
+                    delay,
+                    exc,
+                )
+                await trio.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_DELAY)
+                continue
+            except Exception as exc:
+                return exc
+            for outcome in outcomes:
+                if outcome is Outcome.duplicate:
+                    self.stats.duplicates += 1
+                elif outcome is Outcome.parked:
+                    self.stats.parked += 1
+            return None
+
+    async def settle(self, batch: Sequence[Submission]) -> None:
+        failure = await self._attempt([submission.event for submission in batch])
+        if failure is None:
+            for submission in batch:
+                submission.sink.resolved(submission, None)
+        else:
+            log.warning(
+                "a batch of %d events failed (%r); retrying them one by one",
+                len(batch),
+                failure,
+            )
+            for submission in batch:
+                error = await self._attempt([submission.event])
+                if error is not None:
+                    self.stats.internal_errors += 1
+                    log.error(
+                        "event %s could not be processed and is refused",
+                        submission.event.id,
+                        exc_info=error,
+                    )
+                    submission.sink.resolved(submission, f"internal error: {error!r}")
+                else:
+                    submission.sink.resolved(submission, None)
+        self.stats.batches += 1
+        self.stats.events += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+
+
+async def run_evaluator(
+    gateway: StoreGateway,
+    engine: BatchEngine,
+    receive: trio.MemoryReceiveChannel[Submission],
+    *,
+    clock: Callable[[], datetime],
+    batch_max: int,
+    stats: EvaluatorStats | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Commit submissions in batches until every sender has closed the channel."""
+    if batch_max < 1:
+        raise ValueError(f"batch_max must be at least 1, got {batch_max}")
+    evaluator = _Evaluator(gateway, engine, clock, stats if stats is not None else EvaluatorStats())
+    async with receive:
+        task_status.started()
+        async for first in receive:
+            batch = [first]
+            while len(batch) < batch_max:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await evaluator.settle(batch)

@@ -1,0 +1,323 @@
+"""The evaluator task: group commit through the gateway, resolution after commit, the
+retry of a poisonous batch event by event, waiting out store trouble, and shutdown.
+
+Real SQLite files, the real Engine; wrappers around it only add what a test needs to
+provoke (a gate that holds the store thread, a failure for one event id, a full disk).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from uuid import UUID, uuid4
+
+import apsw
+import attrs
+import pytest
+import trio
+import trio.testing
+
+from daemon.engine import Engine, Outcome
+from daemon.evaluator import EvaluatorStats, Submission, run_evaluator
+from daemon.events import ReceivedEvent, parse_incoming_event
+from daemon.gateway import StoreGateway
+from store.db import Store
+
+NOW = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
+
+
+def fixed_clock() -> datetime:
+    return NOW
+
+
+def make_event(event_id: UUID | None = None, name: str = "pump.pressure.high") -> ReceivedEvent:
+    return parse_incoming_event(
+        {
+            "id": str(event_id or uuid4()),
+            "occurred": "2026-11-23T09:59:00Z",
+            "event": name,
+            "resource": {"prefect.resource.id": "pump.7"},
+        },
+        NOW,
+    )
+
+
+def stored_ids(path: Path) -> set[str]:
+    reader = Store.open_readonly(path)
+    try:
+        return {str(row[0]) for row in reader.conn.execute("SELECT id FROM events")}
+    finally:
+        reader.conn.close()
+
+
+@attrs.define(eq=False)
+class Recorder:
+    """A ReplySink that remembers outcomes in the order they were resolved."""
+
+    outcomes: list[tuple[UUID, str | None]] = attrs.Factory(list)
+    db_path: Path | None = None
+    committed_when_resolved: list[bool] = attrs.Factory(list)
+    changed: trio.Event = attrs.Factory(trio.Event)
+
+    def resolved(self, submission: Submission, error: str | None) -> None:
+        self.changed.set()
+        submission.done = True
+        submission.error = error
+        self.outcomes.append((submission.event.id, error))
+        if self.db_path is not None:
+            self.committed_when_resolved.append(
+                str(submission.event.id) in stored_ids(self.db_path)
+            )
+
+
+@attrs.define
+class GatedEngine:
+    """The real engine, but each batch waits in the store thread until the gate opens."""
+
+    inner: Engine
+    gate: threading.Event = attrs.Factory(threading.Event)
+    entered: threading.Event = attrs.Factory(threading.Event)
+    batches: list[int] = attrs.Factory(list)
+
+    def process_batch(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> list[Outcome]:
+        self.batches.append(len(events))
+        self.entered.set()
+        self.gate.wait()
+        return self.inner.process_batch(conn, events, now)
+
+
+@attrs.define
+class PoisonEngine:
+    """The real engine, except that one event id makes processing blow up."""
+
+    inner: Engine
+    poison: UUID
+
+    def process_batch(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> list[Outcome]:
+        outcomes = self.inner.process_batch(conn, events, now)  # writes, then fails: rollback
+        if any(event.id == self.poison for event in events):
+            raise RuntimeError("boom")
+        return outcomes
+
+
+@attrs.define
+class FullDiskEngine:
+    """Raises SQLite's "database or disk is full" for the first ``failures`` batches."""
+
+    inner: Engine
+    failures: int
+    calls: int = 0
+
+    def process_batch(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> list[Outcome]:
+        self.calls += 1
+        outcomes = self.inner.process_batch(conn, events, now)
+        if self.calls <= self.failures:
+            raise apsw.FullError("database or disk is full")
+        return outcomes
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "trigd.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    opened = Store.open(db_path)
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def gateway(store: Store) -> StoreGateway:
+    return StoreGateway(store)
+
+
+async def test_queued_submissions_commit_as_one_batch_then_resolve(
+    gateway: StoreGateway, db_path: Path
+) -> None:
+    sink = Recorder(db_path=db_path)
+    stats = EvaluatorStats()
+    send, receive = trio.open_memory_channel[Submission](10)
+    events = [make_event() for _ in range(5)]
+    with trio.fail_after(10):
+        for event in events:
+            send.send_nowait(Submission(event, sink))
+        send.close()
+        await run_evaluator(
+            gateway, Engine(), receive, clock=fixed_clock, batch_max=100, stats=stats
+        )
+    assert [outcome for outcome in sink.outcomes] == [(e.id, None) for e in events]
+    assert sink.committed_when_resolved == [True] * 5
+    assert (stats.batches, stats.largest_batch, stats.events) == (1, 5, 5)
+
+
+async def test_batch_max_splits_a_backlog(gateway: StoreGateway, db_path: Path) -> None:
+    sink = Recorder()
+    stats = EvaluatorStats()
+    send, receive = trio.open_memory_channel[Submission](10)
+    with trio.fail_after(10):
+        for _ in range(7):
+            send.send_nowait(Submission(make_event(), sink))
+        send.close()
+        await run_evaluator(gateway, Engine(), receive, clock=fixed_clock, batch_max=3, stats=stats)
+    assert (stats.batches, stats.largest_batch, stats.events) == (3, 3, 7)
+    assert len(stored_ids(db_path)) == 7
+
+
+async def test_group_commit_does_not_wait_for_a_full_batch(
+    gateway: StoreGateway, db_path: Path
+) -> None:
+    sink = Recorder()
+    send, receive = trio.open_memory_channel[Submission](10)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: run_evaluator(
+                    gateway,
+                    Engine(),
+                    receive,
+                    clock=fixed_clock,
+                    batch_max=100,
+                    task_status=task_status,
+                )
+            )
+            lone = Submission(make_event(), sink)
+            await send.send(lone)
+            await sink.changed.wait()
+            assert lone.done
+            assert str(lone.event.id) in stored_ids(db_path)
+            await send.aclose()
+
+
+async def test_duplicates_are_resolved_as_committed_and_stored_once(
+    gateway: StoreGateway, db_path: Path
+) -> None:
+    sink = Recorder()
+    stats = EvaluatorStats()
+    twin = uuid4()
+    send, receive = trio.open_memory_channel[Submission](10)
+    with trio.fail_after(10):
+        for event in (make_event(twin), make_event(twin), make_event()):
+            send.send_nowait(Submission(event, sink))
+        send.close()
+        await run_evaluator(
+            gateway, Engine(), receive, clock=fixed_clock, batch_max=100, stats=stats
+        )
+    assert [error for _, error in sink.outcomes] == [None, None, None]
+    assert stats.duplicates == 1
+    assert len(stored_ids(db_path)) == 2
+
+
+async def test_a_poisonous_event_is_refused_alone(gateway: StoreGateway, db_path: Path) -> None:
+    sink = Recorder()
+    stats = EvaluatorStats()
+    events = [make_event() for _ in range(4)]
+    poison = events[2].id
+    send, receive = trio.open_memory_channel[Submission](10)
+    with trio.fail_after(10):
+        for event in events:
+            send.send_nowait(Submission(event, sink))
+        send.close()
+        await run_evaluator(
+            gateway,
+            PoisonEngine(Engine(), poison),
+            receive,
+            clock=fixed_clock,
+            batch_max=100,
+            stats=stats,
+        )
+    errors = dict(sink.outcomes)
+    assert errors[poison] == "internal error: RuntimeError('boom')"
+    assert [errors[e.id] for e in events if e.id != poison] == [None, None, None]
+    assert [event_id for event_id, _ in sink.outcomes] == [e.id for e in events]
+    assert stored_ids(db_path) == {str(e.id) for e in events if e.id != poison}
+    assert stats.internal_errors == 1
+
+
+async def test_store_trouble_holds_the_batch_until_the_store_recovers(
+    gateway: StoreGateway, db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sink = Recorder()
+    stats = EvaluatorStats()
+    events = [make_event() for _ in range(3)]
+    engine = FullDiskEngine(Engine(), failures=4)
+    send, receive = trio.open_memory_channel[Submission](10)
+    for event in events:
+        send.send_nowait(Submission(event, sink))
+    send.close()
+    start = trio.current_time()
+    await run_evaluator(gateway, engine, receive, clock=fixed_clock, batch_max=100, stats=stats)
+    # Retried after 0.25 + 0.5 + 1 + 2 virtual seconds, as one batch every time.
+    assert trio.current_time() - start == pytest.approx(3.75)
+    assert engine.calls == 5
+    assert stats.store_retries == 4
+    assert [error for _, error in sink.outcomes] == [None, None, None]
+    assert stored_ids(db_path) == {str(e.id) for e in events}
+
+
+async def test_nothing_is_resolved_while_the_store_is_down(
+    gateway: StoreGateway, db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sink = Recorder()
+    engine = FullDiskEngine(Engine(), failures=10**9)
+    send, receive = trio.open_memory_channel[Submission](10)
+    send.send_nowait(Submission(make_event(), sink))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_evaluator(gateway, engine, receive, clock=fixed_clock, batch_max=100)
+        )
+        # Virtual time: the calls happen in a thread, and autojump would leap to any
+        # single far deadline while the thread runs; so step a second at a time.
+        while engine.calls < 8:  # noqa: ASYNC110
+            await trio.sleep(1)
+        nursery.cancel_scope.cancel()
+    assert sink.outcomes == []
+    # the backoff grows to RETRY_MAX_DELAY and stays there
+    assert trio.current_time() >= 0.25 + 0.5 + 1 + 2 + 4 + 8 + 10
+    assert stored_ids(db_path) == set()
+
+
+async def test_cancellation_finishes_the_commit_in_flight(
+    gateway: StoreGateway, db_path: Path
+) -> None:
+    sink = Recorder()
+    engine = GatedEngine(Engine())
+    events = [make_event() for _ in range(3)]
+    send, receive = trio.open_memory_channel[Submission](10)
+    finished = trio.Event()
+
+    async def evaluate(scope: trio.CancelScope) -> None:
+        with scope:
+            await run_evaluator(gateway, engine, receive, clock=fixed_clock, batch_max=100)
+        finished.set()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            evaluator_scope = trio.CancelScope()
+            nursery.start_soon(evaluate, evaluator_scope)
+            for event in events:
+                send.send_nowait(Submission(event, sink))
+            await trio.to_thread.run_sync(engine.entered.wait)
+            evaluator_scope.cancel()  # shutdown while the batch is in the store thread
+            await trio.testing.wait_all_tasks_blocked()
+            assert not finished.is_set()
+            assert stored_ids(db_path) == set()
+            engine.gate.set()
+            await finished.wait()
+    assert stored_ids(db_path) == {str(e.id) for e in events}
+    assert [error for _, error in sink.outcomes] == [None, None, None]
+
+
+async def test_bad_batch_max_is_refused(gateway: StoreGateway) -> None:
+    _, receive = trio.open_memory_channel[Submission](1)
+    with pytest.raises(ValueError, match="batch_max"):
+        await run_evaluator(gateway, Engine(), receive, clock=fixed_clock, batch_max=0)
