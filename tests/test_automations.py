@@ -644,7 +644,7 @@ automations = st.builds(
 )
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 @given(automations)
 def test_automation_json_round_trip(automation: Automation) -> None:
     again = Automation.model_validate_json(automation.model_dump_json())
@@ -656,7 +656,7 @@ def test_automation_json_round_trip(automation: Automation) -> None:
     assert [t.id for t in again.all_triggers()] == [t.id for t in automation.all_triggers()]
 
 
-@settings(max_examples=60)
+@settings(max_examples=60, deadline=None)
 @given(triggers)
 def test_trigger_round_trip_keeps_fingerprint(trigger: TriggerTypes) -> None:
     again = parse_trigger(trigger.model_dump_json())

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.events import Resource
@@ -234,6 +234,7 @@ def test_spec_round_trips_through_json() -> None:
 labels = st.text(alphabet="abc.-*!?", min_size=0, max_size=6)
 
 
+@settings(deadline=None)  # timing varies under a loaded CI machine
 @given(pattern=labels, value=labels)
 def test_negation_inverts_a_present_value(pattern: str, value: str) -> None:
     if pattern.startswith("!"):
