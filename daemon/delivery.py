@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Final
+from uuid import UUID, uuid5
 
 import attrs
 
@@ -209,3 +210,14 @@ def decide(
     if wait is None:
         wait = backoff(failures, random)
     return RetryAt(min(now + wait, deadline), reason)
+
+
+ACTION_EVENT_NAMESPACE: Final = UUID("0d1f5a8e-2b7c-5e43-9c61-4a8f3e2d1b70")
+"""Never change it: ids derived from it are referenced by stored events."""
+
+
+def action_triggered_event_id(invocation: UUID) -> UUID:
+    """The id of the `prefect.automation.action.triggered` event of one TriggeredAction,
+    derived from its id, so its executed/failed event can `follow` it without a lookup.
+    acting.py must give the action.triggered event this id."""
+    return uuid5(ACTION_EVENT_NAMESPACE, str(invocation))

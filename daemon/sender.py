@@ -30,7 +30,6 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from random import Random as _StdRandom
 from typing import Any, Final, Protocol, runtime_checkable
-from uuid import UUID, uuid5
 
 import apsw
 import attrs
@@ -52,6 +51,7 @@ from daemon.delivery import (
     IllegalMove,
     Random,
     RetryAt,
+    action_triggered_event_id,
     decide,
     describe,
     is_success,
@@ -73,15 +73,6 @@ SECRET_PREFIX: Final = "whsec_"
 
 REDACTED_HEADERS: Final = frozenset({"authorization", "traceparent", "via"})
 REDACTED_PREFIXES: Final = ("x-forwarded", "x-b3", "x-cloud-trace", "x-envoy", "x-prefect")
-
-ACTION_EVENT_NAMESPACE: Final = UUID("0d1f5a8e-2b7c-5e43-9c61-4a8f3e2d1b70")
-"""Never change it: `action_triggered_event_id` must give the id acting.py recorded."""
-
-
-def action_triggered_event_id(invocation: UUID) -> UUID:
-    """The id of the `prefect.automation.action.triggered` event of one TriggeredAction,
-    derived from its id so the executed/failed event can `follow` it without a lookup."""
-    return uuid5(ACTION_EVENT_NAMESPACE, str(invocation))
 
 
 def should_redact_header(name: str) -> bool:

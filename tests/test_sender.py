@@ -17,11 +17,11 @@ from standardwebhooks.webhooks import Webhook
 from daemon import __version__
 from daemon.clock import from_us, to_us
 from daemon.config import DeliveryConfig
-from daemon.delivery import DeliveryState
+from daemon.delivery import DeliveryState, action_triggered_event_id
 from daemon.events import ReceivedEvent
 from daemon.firings import TriggeredAction
 from daemon.gateway import StoreGateway
-from daemon.sender import Sender, action_triggered_event_id, run_sender, system_clock
+from daemon.sender import Sender, run_sender, system_clock
 from store import outbox
 from store.db import Store
 from store.events import peek_inbox
