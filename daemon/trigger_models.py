@@ -91,18 +91,14 @@ class BaseTrigger(BaseModel):
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 
-def _match_related(value: Any) -> Any:
-    return {} if value is None else value
-
-
 class EventTrigger(BaseTrigger):
     """Fires on the presence (Reactive) or absence (Proactive) of matching events."""
 
     type: Literal["event"] = "event"
     match: ResourceSpecification = Field(default_factory=lambda: ResourceSpecification({}))
-    match_related: Annotated[
-        ResourceSpecification | list[ResourceSpecification], BeforeValidator(_match_related)
-    ] = Field(default_factory=lambda: ResourceSpecification({}))
+    match_related: ResourceSpecification | list[ResourceSpecification] = Field(
+        default_factory=lambda: ResourceSpecification({})
+    )
     after: LabelSet = frozenset()
     expect: LabelSet = frozenset()
     for_each: LabelSet = frozenset()
