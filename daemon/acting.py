@@ -14,16 +14,18 @@ automations can react to automations without recursing inside this transaction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit
+from uuid import UUID
 
 import apsw
 import attrs
 
 from daemon.automations import ActionTypes, Automation, CallWebhook, EventTrigger
 from daemon.clock import to_us
+from daemon.delivery import action_triggered_event_id
 from daemon.events import ReceivedEvent, uuid7
 from daemon.firings import Firing, TriggeredAction, TriggerState, ordered_states
 from store.events import push_inbox
@@ -84,10 +86,19 @@ def state_change_event(
     )
 
 
-def action_triggered_event(
-    automation: Automation, action: TriggeredAction, now: datetime
+def action_event(
+    action: TriggeredAction,
+    name: str,
+    *,
+    occurred: datetime,
+    event_id: UUID,
+    follows: UUID | None,
+    details: Mapping[str, Any],
+    now: datetime,
 ) -> ReceivedEvent:
-    """`prefect.automation.action.triggered` for one outbox row (SEMANTICS §7.2)."""
+    """`prefect.automation.action.<name>` about one outbox row (SEMANTICS §7.2): the
+    `triggered` event written with the firing, and the sender's `executed`/`failed`."""
+    automation = action.automation
     resource = automation_resource(automation)
     resource["prefect.trigger-type"] = automation.trigger.type
     if isinstance(automation.trigger, EventTrigger):
@@ -100,28 +111,45 @@ def action_triggered_event(
                 "prefect.resource.role": "automation-triggered-event",
             }
         )
-    triggering = action.triggering_event
-    follows = None
-    if triggering is not None:
-        related.append(_event_reference(triggering, "triggering-event"))
-        if abs(action.triggered - triggering.occurred) < ACTION_FOLLOWS_WINDOW:
-            follows = triggering.id
+    if action.triggering_event is not None:
+        related.append(_event_reference(action.triggering_event, "triggering-event"))
     payload: dict[str, Any] = {
         "action_index": action.action_index,
         "action_type": action.action.type,
         "invocation": str(action.id),
+        **details,
     }
     return ReceivedEvent.model_validate(
         {
-            "occurred": action.triggered,
-            "event": "prefect.automation.action.triggered",
+            "occurred": occurred,
+            "event": f"prefect.automation.action.{name}",
             "resource": resource,
             "related": related,
             "payload": payload,
-            "id": uuid7(),
+            "id": event_id,
             "follows": follows,
             "received": now,
         }
+    )
+
+
+def action_triggered_event(action: TriggeredAction, now: datetime) -> ReceivedEvent:
+    """Its id is derived from the invocation id so the sender's executed/failed event can
+    `follow` it without a lookup; it follows the triggering event only when close in time."""
+    triggering = action.triggering_event
+    follows = None
+    if triggering is not None and abs(action.triggered - triggering.occurred) < (
+        ACTION_FOLLOWS_WINDOW
+    ):
+        follows = triggering.id
+    return action_event(
+        action,
+        "triggered",
+        occurred=action.triggered,
+        event_id=action_triggered_event_id(action.id),
+        follows=follows,
+        details={},
+        now=now,
     )
 
 
@@ -168,7 +196,7 @@ def act(conn: apsw.Connection, automation: Automation, firing: Firing, now: date
         )
         for index, (triggering_event, action, state_event) in enumerate(sources)
     ]
-    action_events = [action_triggered_event(automation, a, now) for a in actions]
+    action_events = [action_triggered_event(a, now) for a in actions]
 
     created_us = to_us(now)
     enqueue(

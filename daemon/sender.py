@@ -38,9 +38,8 @@ import trio
 from pydantic import ValidationError
 
 from daemon import __version__
-from daemon.acting import automation_resource
+from daemon.acting import action_event
 from daemon.action_models import CallWebhook
-from daemon.automations import EventTrigger
 from daemon.clock import from_us, to_us
 from daemon.config import DeliveryConfig
 from daemon.delivery import (
@@ -131,47 +130,18 @@ class _Result:
 def _finished_event(
     triggered: TriggeredAction, decision: Delivered | Dead, details: dict[str, Any], now: datetime
 ) -> ReceivedEvent:
-    """`prefect.automation.action.executed` / `.failed`, shaped as SEMANTICS §7.2."""
-    automation = triggered.automation
-    resource = automation_resource(automation)
-    resource["prefect.trigger-type"] = automation.trigger.type
-    if isinstance(automation.trigger, EventTrigger):
-        resource["prefect.posture"] = automation.trigger.posture.value
-    related: list[dict[str, str]] = []
-    if triggered.automation_triggered_event_id is not None:
-        related.append(
-            {
-                "prefect.resource.id": f"prefect.event.{triggered.automation_triggered_event_id}",
-                "prefect.resource.role": "automation-triggered-event",
-            }
-        )
-    if triggered.triggering_event is not None:
-        related.append(
-            {
-                "prefect.resource.id": f"prefect.event.{triggered.triggering_event.id}",
-                "prefect.resource.role": "triggering-event",
-            }
-        )
-    payload: dict[str, Any] = {
-        "action_index": triggered.action_index,
-        "action_type": triggered.action.type,
-        "invocation": str(triggered.id),
-    }
+    """`prefect.automation.action.executed` / `.failed`, following the action's
+    `triggered` event (SEMANTICS §7.2)."""
     if isinstance(decision, Dead):
-        payload["reason"] = decision.reason
-    payload.update(details)
-    name = "executed" if isinstance(decision, Delivered) else "failed"
-    return ReceivedEvent.model_validate(
-        {
-            "occurred": now,
-            "event": f"prefect.automation.action.{name}",
-            "resource": resource,
-            "related": related,
-            "payload": payload,
-            "id": uuid7(),
-            "follows": action_triggered_event_id(triggered.id),
-            "received": now,
-        }
+        details = {"reason": decision.reason, **details}
+    return action_event(
+        triggered,
+        "executed" if isinstance(decision, Delivered) else "failed",
+        occurred=now,
+        event_id=uuid7(),
+        follows=action_triggered_event_id(triggered.id),
+        details=details,
+        now=now,
     )
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from daemon.acting import act, endpoint_of
 from daemon.automations import Automation, CallWebhook, DoNothing
+from daemon.delivery import action_triggered_event_id
 from daemon.firings import Firing, TriggeredAction, TriggerState
 from store.db import Store
 from tests.test_engine_harness import ARACHNOPHOBIA, CHONK_SADNESS, T, spider_walked
@@ -90,6 +91,8 @@ def test_i96_act_writes_one_triggered_action_for_a_reactive_firing(tmp_path: Pat
         "triggering-event",
     ]
     assert action_event["follows"] == str(walked.id)  # within 5 minutes of the firing
+    # the sender's executed/failed events follow this id without looking it up
+    assert action_event["id"] == str(action_triggered_event_id(action.id))
 
 
 def test_i96_proactive_firing_without_an_event(tmp_path: Path) -> None:
