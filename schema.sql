@@ -30,7 +30,9 @@ CREATE TABLE inbox (
     event TEXT NOT NULL                -- ReceivedEvent JSON
 );
 
--- Causal ordering (SEMANTICS §8), one namespace per scope.
+-- Causal ordering (SEMANTICS §8), one namespace per scope. Seen ids expire by time only.
+-- "Processing" marks are not stored: they live only as long as the call frame that
+-- processes the event (daemon/ordering.py), so none can be left stale by a crash.
 CREATE TABLE ordering_seen (
     scope   TEXT NOT NULL,
     id      TEXT NOT NULL,
@@ -39,23 +41,19 @@ CREATE TABLE ordering_seen (
 ) WITHOUT ROWID;
 CREATE INDEX ordering_seen_expiry ON ordering_seen (scope, seen_us);
 
-CREATE TABLE ordering_processing (
-    scope    TEXT NOT NULL,
-    id       TEXT NOT NULL,
-    since_us INTEGER NOT NULL,
-    PRIMARY KEY (scope, id)
-) WITHOUT ROWID;
-
+-- Keyed by leader first: every processed event asks for its followers, and a key prefix
+-- is a plan SQLite cannot get wrong without statistics (a secondary index lost to a scan
+-- of the whole scope). A follower is parked at most once per scope.
 CREATE TABLE ordering_followers (
     scope       TEXT NOT NULL,
-    follower_id TEXT NOT NULL,
     leader_id   TEXT NOT NULL,
+    follower_id TEXT NOT NULL,
     received_us INTEGER NOT NULL,
     occurred_us INTEGER NOT NULL,
     event       TEXT NOT NULL,         -- ReceivedEvent JSON of the parked follower
-    PRIMARY KEY (scope, follower_id)
+    PRIMARY KEY (scope, leader_id, follower_id),
+    UNIQUE (scope, follower_id)
 ) WITHOUT ROWID;
-CREATE INDEX ordering_followers_leader ON ordering_followers (scope, leader_id, occurred_us);
 CREATE INDEX ordering_followers_received ON ordering_followers (scope, received_us);
 
 -- The automations last loaded, and a fingerprint per trigger so that a changed trigger

@@ -13,12 +13,20 @@ transaction, so this is Prefect's memory algorithm made synchronous and durable:
 no lock and no polling. A leader can only be "processing" higher up the same call stack;
 a follower that finds it so parks, and the leader's completion claims it. Every method
 whose outcome depends on time takes `now`; nothing here reads a clock.
+
+Seen ids and parked followers are durable state and live in the database. "Processing"
+is not: it says "a frame on this stack is running the event", it is only observable from
+inside that frame, and a mark that outlived its frame (a crash after a commit) could only
+ever be stale, refusing that event forever. So in-flight marks are kept in memory, per
+connection and scope (shared by every instance, like Prefect's per-scope singleton), and
+cost no SQL: an event without `follows` costs two statements, one write and one read.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final, Protocol
@@ -82,6 +90,12 @@ def _load(rows: Sequence[db.FollowerRow]) -> list[ReceivedEvent]:
     return [ReceivedEvent.model_validate_json(row.event) for row in rows]
 
 
+# connection -> scope -> ids in flight; forgotten with the connection.
+_IN_FLIGHT: Final[weakref.WeakKeyDictionary[apsw.Connection, dict[str, set[UUID]]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class CausalOrdering:
     """The seeds' `CausalOrdering` API, synchronous, with all state in the database.
 
@@ -114,6 +128,7 @@ class CausalOrdering:
         self.max_depth: Final = max_depth
         self._lookback_us = _span_us(preceding_event_lookback)
         self._expiration_us = _span_us(seen_expiration)
+        self._in_flight = _IN_FLIGHT.setdefault(conn, {}).setdefault(scope, set())
 
     def __repr__(self) -> str:
         return f"CausalOrdering(scope={self.scope!r})"
@@ -128,28 +143,34 @@ class CausalOrdering:
         """Forget everything of this scope."""
         with self._atomic():
             db.clear_scope(self.conn, self.scope)
+        self._in_flight.clear()
 
     def clear_all_scopes(self) -> None:
         """Forget everything of every scope on this database (tests, `trigd` resets)."""
         with self._atomic():
             db.clear_all_scopes(self.conn)
+        for in_flight in _IN_FLIGHT.get(self.conn, {}).values():
+            in_flight.clear()
 
     # --- processing --------------------------------------------------------------------
 
-    def record_event_as_processing(self, event: ReceivedEvent, *, now: datetime) -> bool:
+    def record_event_as_processing(self, event: ReceivedEvent) -> bool:
         """Mark in flight; False if it already was."""
-        return db.start_processing(self.conn, self.scope, str(event.id), to_us(now))
+        if event.id in self._in_flight:
+            return False
+        self._in_flight.add(event.id)
+        return True
 
     def event_has_started_processing(self, event: UUID | Event) -> bool:
-        return db.is_processing(self.conn, self.scope, _event_id(event))
+        return (event.id if isinstance(event, Event) else event) in self._in_flight
 
     def forget_event_is_processing(self, event: ReceivedEvent) -> None:
-        db.stop_processing(self.conn, self.scope, str(event.id))
+        self._in_flight.discard(event.id)
 
     @contextlib.contextmanager
     def event_is_processing(self, event: ReceivedEvent, *, now: datetime) -> Iterator[None]:
         """In flight for the body; seen after it succeeds; never left in flight."""
-        if not self.record_event_as_processing(event, now=now):
+        if not self.record_event_as_processing(event):
             self._log(event, "is already being processed")
             raise EventBeingProcessed(event)
         try:
@@ -219,14 +240,17 @@ class CausalOrdering:
         There is nothing to wait for in a single writer: a leader that is processing is
         higher up this call stack, and its completion will claim the follower we park.
         """
+        self._wait(event, to_us(now))
+
+    def _wait(self, event: ReceivedEvent, now_us: int) -> None:
         leader = event.follows
         if leader is None or leader == event.id:
             return
-        if to_us(now) - to_us(event.received) >= self._lookback_us:
+        if now_us - to_us(event.received) >= self._lookback_us:
             return
-        if self.event_has_been_seen(leader, now=now):
+        if db.is_seen(self.conn, self.scope, str(leader), now_us - self._expiration_us):
             return
-        if self.event_has_started_processing(leader):
+        if leader in self._in_flight:
             self._log(event, "arrived while its leader %s is processing", leader)
         else:
             self._log(event, "arrived before the event it follows %s", leader)
@@ -241,12 +265,15 @@ class CausalOrdering:
         One step, so no follower can park between the leader becoming seen and the
         leader looking for its followers.
         """
+        return self._complete(event, to_us(now))
+
+    def _complete(self, event: ReceivedEvent, now_us: int) -> list[ReceivedEvent]:
+        event_id = str(event.id)
         with self._atomic():
-            event_id = str(event.id)
-            db.mark_seen(self.conn, self.scope, event_id, to_us(now))
+            db.mark_seen(self.conn, self.scope, event_id, now_us)
             rows = db.followers_of(self.conn, self.scope, event_id)
-            db.stop_processing(self.conn, self.scope, event_id)
-        return _load(rows)
+        self._in_flight.discard(event.id)
+        return _load(rows) if rows else []
 
     @contextlib.contextmanager
     def preceding_event_confirmed(
@@ -262,16 +289,18 @@ class CausalOrdering:
         if depth > self.max_depth:
             self._log(event, "has exceeded the maximum recursion depth %s", self.max_depth)
             raise MaxDepthExceeded(event)
-        if not self.record_event_as_processing(event, now=now):
+        if event.id in self._in_flight:
             self._log(event, "is already being processed")
             raise EventBeingProcessed(event)
+        now_us = to_us(now)
+        self._in_flight.add(event.id)
         try:
-            self.wait_for_leader(event, now=now)
+            self._wait(event, now_us)
             yield
         except BaseException:
-            self.forget_event_is_processing(event)
+            self._in_flight.discard(event.id)
             raise
-        followers = self.complete_event_and_get_followers(event, now=now)
+        followers = self._complete(event, now_us)
 
         for follower in followers:
             try:
@@ -285,6 +314,8 @@ class CausalOrdering:
             self.forget_follower(event)
 
     def _log(self, event: ReceivedEvent, message: str, *args: object) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
         logger.info(
             "Event %r (%s) for %r " + message,
             event.event,

@@ -1,4 +1,4 @@
-"""The causal-ordering tables: seen ids, in-flight marks and parked followers, per scope.
+"""The causal-ordering tables: seen ids and parked followers, per scope.
 
 Functions of a connection, called inside the caller's transaction (the engine in
 `daemon/ordering.py` decides what they mean). Ids are lowercase hyphenated UUID text, times
@@ -41,11 +41,11 @@ def mark_seen(conn: apsw.Connection, scope: str, event_id: str, seen_us: int) ->
 
 def is_seen(conn: apsw.Connection, scope: str, event_id: str, seen_after_us: int) -> bool:
     """Seen strictly after the cutoff; older rows count as expired even before the sweep."""
+    # The cutoff is compared here rather than bound, for the same re-planning reason.
     row = conn.execute(
-        "SELECT 1 FROM ordering_seen WHERE scope = ? AND id = ? AND seen_us > ?",
-        (scope, event_id, seen_after_us),
+        "SELECT seen_us FROM ordering_seen WHERE scope = ? AND id = ?", (scope, event_id)
     ).fetchone()
-    return row is not None
+    return row is not None and int(row[0]) > seen_after_us
 
 
 def expire_seen(conn: apsw.Connection, scope: str, seen_up_to_us: int) -> int:
@@ -54,30 +54,6 @@ def expire_seen(conn: apsw.Connection, scope: str, seen_up_to_us: int) -> int:
         "DELETE FROM ordering_seen WHERE scope = ? AND seen_us <= ?", (scope, seen_up_to_us)
     )
     return conn.changes()
-
-
-# --- processing ------------------------------------------------------------------------
-
-
-def start_processing(conn: apsw.Connection, scope: str, event_id: str, since_us: int) -> bool:
-    """Mark in flight; False (and nothing changed) if it already was."""
-    conn.execute(
-        "INSERT INTO ordering_processing (scope, id, since_us) VALUES (?, ?, ?) "
-        "ON CONFLICT (scope, id) DO NOTHING",
-        (scope, event_id, since_us),
-    )
-    return conn.changes() == 1
-
-
-def stop_processing(conn: apsw.Connection, scope: str, event_id: str) -> None:
-    conn.execute("DELETE FROM ordering_processing WHERE scope = ? AND id = ?", (scope, event_id))
-
-
-def is_processing(conn: apsw.Connection, scope: str, event_id: str) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM ordering_processing WHERE scope = ? AND id = ?", (scope, event_id)
-    ).fetchone()
-    return row is not None
 
 
 # --- followers -------------------------------------------------------------------------
@@ -104,15 +80,19 @@ _COLUMNS = "follower_id, leader_id, received_us, occurred_us, event"
 
 
 def followers_of(conn: apsw.Connection, scope: str, leader_id: str) -> list[FollowerRow]:
-    """The followers parked on one leader, in occurred order (the index gives that order)."""
-    return [
+    """The followers parked on one leader, in occurred order.
+
+    Every event asks this once, and almost always gets nothing. The few rows are sorted
+    here: with an ORDER BY and bound parameters this SQLite (STAT4 build) re-plans the
+    statement on every call (measured 8 µs instead of 1.8 µs).
+    """
+    return _sorted(
         FollowerRow(*row)
         for row in conn.execute(
-            f"SELECT {_COLUMNS} FROM ordering_followers WHERE scope = ? AND leader_id = ? "
-            "ORDER BY occurred_us, follower_id",
+            f"SELECT {_COLUMNS} FROM ordering_followers WHERE scope = ? AND leader_id = ?",
             (scope, leader_id),
         )
-    ]
+    )
 
 
 def followers_by_id(
@@ -159,7 +139,7 @@ def parked_count(conn: apsw.Connection, scope: str | None = None) -> int:
 
 # --- whole scopes ----------------------------------------------------------------------
 
-_TABLES = ("ordering_seen", "ordering_processing", "ordering_followers")
+_TABLES = ("ordering_seen", "ordering_followers")
 
 
 def clear_scope(conn: apsw.Connection, scope: str) -> None:

@@ -195,13 +195,13 @@ def test_100_unknown_leader_raises_early_carrying_the_follower(
 
 def test_101_record_and_forget_processing(ordering: CausalOrdering, e1: ReceivedEvent) -> None:
     assert not ordering.event_has_started_processing(e1)
-    assert ordering.record_event_as_processing(e1, now=NOW)
+    assert ordering.record_event_as_processing(e1)
     assert ordering.event_has_started_processing(e1)
     assert ordering.event_has_started_processing(e1.id)
-    assert not ordering.record_event_as_processing(e1, now=NOW)
+    assert not ordering.record_event_as_processing(e1)
     ordering.forget_event_is_processing(e1)
     assert not ordering.event_has_started_processing(e1)
-    assert ordering.record_event_as_processing(e1, now=NOW)
+    assert ordering.record_event_as_processing(e1)
 
 
 def test_101_processing_context_marks_seen_and_clears(
@@ -218,7 +218,7 @@ def test_101_processing_context_marks_seen_and_clears(
 def test_101_entering_an_event_already_processing_raises(
     ordering: CausalOrdering, e1: ReceivedEvent
 ) -> None:
-    ordering.record_event_as_processing(e1, now=NOW)
+    ordering.record_event_as_processing(e1)
     with pytest.raises(EventBeingProcessed) as raised, ordering.event_is_processing(e1, now=NOW):
         pass
     assert raised.value.event == e1
@@ -276,6 +276,48 @@ def test_101_follower_error_propagates_and_follower_stays_parked(
     assert not ordering.event_has_been_seen(e2, now=NOW)
     assert not ordering.event_has_started_processing(e2)
     assert ordering.get_followers(e1) == [e2]
+
+
+def test_101_in_flight_marks_are_shared_per_connection_and_never_stored(
+    tmp_path: Path, e1: ReceivedEvent
+) -> None:
+    # trigd keeps "processing" in memory (see daemon/ordering.py): instances of one scope on
+    # one connection share it, like Prefect's per-scope singleton, and a restart forgets it,
+    # so a crash can never leave an event refused as "being processed" forever.
+    path = tmp_path / "in-flight.db"
+    store = Store.open(path)
+    first = CausalOrdering("triggers", store.conn)
+    with store.conn:
+        assert first.record_event_as_processing(e1)
+    assert CausalOrdering("triggers", store.conn).event_has_started_processing(e1)
+    store.close()
+    store = Store.open(path)
+    try:
+        assert not CausalOrdering("triggers", store.conn).event_has_started_processing(e1)
+        tables = {row[0] for row in store.conn.execute("SELECT name FROM sqlite_schema")}
+        assert "ordering_processing" not in tables
+    finally:
+        store.close()
+
+
+def test_101_event_without_follows_costs_two_statements(
+    store: Store, ordering: CausalOrdering, e1: ReceivedEvent
+) -> None:
+    statements: list[str] = []
+
+    def trace(cursor: object, sql: str, bindings: object) -> bool:
+        statements.append(" ".join(sql.split()[:3]).upper())
+        return True
+
+    recorder = Recorder(ordering)
+    with store.conn:
+        store.conn.exec_trace = trace
+        try:
+            recorder(e1)
+        finally:
+            store.conn.exec_trace = None
+    assert statements == ["INSERT INTO ORDERING_SEEN", "SELECT FOLLOWER_ID, LEADER_ID,"]
+    assert recorder.processed == [e1]
 
 
 # --- 102: seen expiry, by time only ------------------------------------------------------
@@ -563,9 +605,9 @@ def test_108_scopes_do_not_interfere(store: Store, e1: ReceivedEvent, e2: Receiv
     one.forget_follower(e2)
     assert one.get_followers(e1) == []
     assert two.get_followers(e1) == [e2]
-    assert one.record_event_as_processing(e1, now=NOW)
+    assert one.record_event_as_processing(e1)
     assert not two.event_has_started_processing(e1)
-    assert two.record_event_as_processing(e1, now=NOW)
+    assert two.record_event_as_processing(e1)
     one.forget_event_is_processing(e1)
     assert two.event_has_started_processing(e1)
     assert one.get_lost_followers(now=NOW + timedelta(days=1)) == []
@@ -584,7 +626,7 @@ def test_clear_and_clear_all_scopes(store: Store, e1: ReceivedEvent, e2: Receive
     for ordering in (one, two):
         ordering.record_event_as_seen(e1, now=NOW)
         ordering.record_follower(e2)
-        ordering.record_event_as_processing(e1, now=NOW)
+        ordering.record_event_as_processing(e1)
     one.clear()
     assert not one.event_has_been_seen(e1, now=NOW)
     assert one.parked_count() == 0
@@ -604,7 +646,7 @@ def test_109_completion_marks_seen_claims_followers_and_clears_processing(
     ordering: CausalOrdering, e1: ReceivedEvent, e2: ReceivedEvent, e3a: ReceivedEvent
 ) -> None:
     ordering.record_follower(e2)
-    assert ordering.record_event_as_processing(e1, now=NOW)
+    assert ordering.record_event_as_processing(e1)
     assert ordering.complete_event_and_get_followers(e1, now=NOW) == [e2]
     assert ordering.event_has_been_seen(e1, now=NOW)
     assert not ordering.event_has_started_processing(e1)
@@ -625,7 +667,7 @@ def test_109_completion_is_one_transaction_outside_a_batch(
     store: Store, ordering: CausalOrdering, e1: ReceivedEvent, e2: ReceivedEvent
 ) -> None:
     ordering.record_follower(e2)
-    ordering.record_event_as_processing(e1, now=NOW)
+    ordering.record_event_as_processing(e1)
     statements: list[str] = []
 
     def trace(cursor: object, sql: str, bindings: object) -> bool:
@@ -706,3 +748,37 @@ def test_times_are_exact_microseconds() -> None:
     assert to_us(datetime(2026, 3, 1, 12, 0, 0, 123456)) == to_us(
         datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
     )
+
+
+# --- plans: no statistics are ever gathered, so the hot statements must be unambiguous -----
+
+
+def test_query_plans_use_keys_not_scans(store: Store, ordering: CausalOrdering) -> None:
+    def plan(sql: str, *args: object) -> str:
+        rows = store.conn.execute("EXPLAIN QUERY PLAN " + sql, args).fetchall()
+        return " | ".join(str(row[3]) for row in rows)
+
+    followers = plan(
+        "SELECT event FROM ordering_followers WHERE scope = ? AND leader_id = ?", "s", "l"
+    )
+    assert "PRIMARY KEY (scope=? AND leader_id=?)" in followers
+    unpark = plan("DELETE FROM ordering_followers WHERE scope = ? AND follower_id = ?", "s", "f")
+    assert "(scope=? AND follower_id=?)" in unpark
+    lost = plan("DELETE FROM ordering_followers WHERE scope = ? AND received_us <= ?", "s", 1)
+    assert "ordering_followers_received" in lost
+    expire = plan("DELETE FROM ordering_seen WHERE scope = ? AND seen_us <= ?", "s", 1)
+    assert "ordering_seen_expiry" in expire
+
+
+def test_a_leader_among_many_parked_followers_finds_only_its_own(
+    store: Store, ordering: CausalOrdering
+) -> None:
+    leaders = [uuid4() for _ in range(50)]
+    with store.conn:
+        for i in range(2_000):
+            at = S + timedelta(milliseconds=i)
+            ordering.record_follower(received_event(f"f.{i}", at, at, follows=leaders[i % 50]))
+    followers = ordering.get_followers(leaders[7])
+    assert len(followers) == 40
+    assert all(f.follows == leaders[7] for f in followers)
+    assert [f.occurred for f in followers] == sorted(f.occurred for f in followers)
