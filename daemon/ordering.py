@@ -269,10 +269,12 @@ class CausalOrdering:
 
     def _complete(self, event: ReceivedEvent, now_us: int) -> list[ReceivedEvent]:
         event_id = str(event.id)
-        with self._atomic():
-            db.mark_seen(self.conn, self.scope, event_id, now_us)
-            rows = db.followers_of(self.conn, self.scope, event_id)
-        self._in_flight.discard(event.id)
+        try:
+            with self._atomic():
+                db.mark_seen(self.conn, self.scope, event_id, now_us)
+                rows = db.followers_of(self.conn, self.scope, event_id)
+        finally:
+            self._in_flight.discard(event.id)  # even if the store failed: retry must work
         return _load(rows) if rows else []
 
     @contextlib.contextmanager

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID, uuid4
 
+import apsw
 import pytest
 
 from daemon.events import ReceivedEvent, RelatedResource, Resource
@@ -782,3 +783,21 @@ def test_a_leader_among_many_parked_followers_finds_only_its_own(
     assert len(followers) == 40
     assert all(f.follows == leaders[7] for f in followers)
     assert [f.occurred for f in followers] == sorted(f.occurred for f in followers)
+
+
+def test_a_store_failure_at_completion_leaves_nothing_in_flight(
+    tmp_path: Path, e1: ReceivedEvent
+) -> None:
+    store = Store.open(tmp_path / "ro.db")
+    try:
+        ordering = CausalOrdering("triggers", store.conn)
+        store.conn.execute("PRAGMA query_only = ON")  # every write now fails
+        recorder = Recorder(ordering)
+        with pytest.raises(apsw.ReadOnlyError):
+            recorder(e1)
+        assert not ordering.event_has_started_processing(e1)
+        store.conn.execute("PRAGMA query_only = OFF")
+        recorder(e1)  # the retry is not refused as "being processed"
+        assert recorder.processed == [e1, e1]
+    finally:
+        store.close()

@@ -141,7 +141,7 @@ def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @settings(
     max_examples=60,
     deadline=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    suppress_health_check=[HealthCheck.too_slow],
 )
 @given(forest=forests())
 def test_any_forest_any_order_any_batching(workdir: Path, forest: Forest) -> None:
