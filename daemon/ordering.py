@@ -97,7 +97,8 @@ _IN_FLIGHT: Final[weakref.WeakKeyDictionary[apsw.Connection, dict[str, set[UUID]
 
 
 class CausalOrdering:
-    """The seeds' `CausalOrdering` API, synchronous, with all state in the database.
+    """The seeds' `CausalOrdering` API, synchronous; seen ids and parked followers in the
+    database, in-flight marks in memory (see the module docstring).
 
     Instances are cheap views: two instances of one scope on one connection share
     everything. Calls run inside the caller's transaction when there is one; multi-step
