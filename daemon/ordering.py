@@ -28,13 +28,14 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Iterator, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 from uuid import UUID
 
 import apsw
 
-from daemon.events import Event, ReceivedEvent, as_utc
+from daemon.clock import to_us
+from daemon.events import Event, ReceivedEvent
 from store import ordering as db
 
 logger = logging.getLogger(__name__)
@@ -43,17 +44,9 @@ PRECEDING_EVENT_LOOKBACK: Final = timedelta(minutes=15)  # max wait for a leader
 SEEN_EXPIRATION: Final = timedelta(hours=1)  # trigd: by time only, never by count
 MAX_DEPTH_OF_PRECEDING_EVENT: Final = 20  # followers released per original arrival
 
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND: Final = timedelta(microseconds=1)
-
-
-def to_us(moment: datetime) -> int:
-    """Exact integer microseconds since the epoch; naive datetimes are UTC."""
-    return (as_utc(moment) - _EPOCH) // _MICROSECOND
-
 
 def _span_us(span: timedelta) -> int:
-    return span // _MICROSECOND
+    return span // timedelta(microseconds=1)
 
 
 class EventHandler(Protocol):
