@@ -119,6 +119,7 @@ class _Evaluator:
     engine: BatchEngine
     clock: Callable[[], datetime]
     stats: EvaluatorStats
+    on_commit: Callable[[], None]
 
     async def _attempt(self, events: Sequence[ReceivedEvent]) -> Exception | None:
         """Commit ``events`` in one transaction, waiting out store trouble; the bug if any."""
@@ -143,6 +144,7 @@ class _Evaluator:
                 continue
             except Exception as exc:
                 return exc
+            self.on_commit()
             for outcome in outcomes:
                 if outcome is Outcome.duplicate:
                     self.stats.duplicates += 1
@@ -186,12 +188,16 @@ async def run_evaluator(
     clock: Callable[[], datetime],
     batch_max: int,
     stats: EvaluatorStats | None = None,
+    on_commit: Callable[[], None] = lambda: None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Commit submissions in batches until every sender has closed the channel."""
+    """Commit submissions in batches until every sender has closed the channel;
+    ``on_commit`` runs after each commit (it wakes the sender and the inbox pump)."""
     if batch_max < 1:
         raise ValueError(f"batch_max must be at least 1, got {batch_max}")
-    evaluator = _Evaluator(gateway, engine, clock, stats if stats is not None else EvaluatorStats())
+    evaluator = _Evaluator(
+        gateway, engine, clock, stats if stats is not None else EvaluatorStats(), on_commit
+    )
     async with receive:
         task_status.started()
         async for first in receive:
