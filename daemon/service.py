@@ -210,6 +210,8 @@ def configure_logging(level: str) -> None:
         else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    # one line per webhook request is noise at INFO; the sender logs what matters
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
 def serve_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,125 @@
+"""Running the real daemon as a subprocess, for end-to-end tests.
+
+The daemon listens on 127.0.0.1 port 0 and logs ``trigd listening on ws://HOST:PORT``;
+the port is read from its stderr. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+LISTENING = re.compile(rb"trigd listening on (wss?)://([^\s:]+|\[[^\]]+\]):(\d+)")
+
+
+def write_config(directory: Path, automations: Sequence[Path] = (), **sections: Any) -> Path:
+    """A TOML config for a test daemon: port 0, a database in `directory`, fast sweeps."""
+    values: dict[str, dict[str, Any]] = {
+        "server": {"listen": "127.0.0.1:0"},
+        "store": {"path": str(directory / "trigd.db"), "synchronous": "normal"},
+        "triggers": {
+            "automations": [str(p) for p in automations],
+            "proactive_granularity": "1s",
+        },
+        "delivery": {"timeout": "5s"},
+    }
+    for section, overrides in sections.items():
+        values.setdefault(section, {}).update(overrides)
+    lines: list[str] = []
+    for section, keys in values.items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in keys.items()]
+    path = directory / "trigd.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def write_automations(directory: Path, automations: list[dict[str, Any]]) -> Path:
+    path = directory / "automations.json"
+    path.write_text(json.dumps(automations, indent=2))
+    return path
+
+
+class Daemon:
+    def __init__(self, process: trio.Process) -> None:
+        self.process = process
+        self.stderr = bytearray()
+        self.port = 0
+        self.ready = trio.Event()
+        self._output = trio.Event()  # set (and replaced) whenever stderr grows
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/api/events/in"
+
+    @property
+    def log(self) -> str:
+        return self.stderr.decode(errors="replace")
+
+    async def _read_stderr(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.stderr += chunk
+            self._output.set()
+            self._output = trio.Event()
+            if not self.ready.is_set():
+                match = LISTENING.search(self.stderr)
+                if match:
+                    self.port = int(match.group(3))
+                    self.ready.set()
+
+    def send(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    async def wait_for_log(self, text: str) -> None:
+        """Until `text` appears in the daemon's log (bound it with the test's fail_after)."""
+        while text not in self.log:
+            await self._output.wait()
+
+    async def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Signal the daemon and wait (at most 15 s) for it to exit; returns its code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        with trio.fail_after(15):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def running_daemon(
+    config: Path, *args: str, env: dict[str, str] | None = None, start_timeout: float = 30
+) -> AsyncIterator[Daemon]:
+    """Start `trigd serve --config config`; on exit SIGKILL it if it still runs."""
+    process = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "daemon", "serve", "--config", str(config), *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, **(env or {})},
+    )
+    daemon = Daemon(process)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(daemon._read_stderr)
+        try:
+            with trio.fail_after(start_timeout):
+                while not daemon.ready.is_set():
+                    if process.poll() is not None:
+                        raise RuntimeError(f"trigd exited early:\n{daemon.log}")
+                    with trio.move_on_after(0.05):
+                        await daemon.ready.wait()
+            yield daemon
+        finally:
+            if process.poll() is None:
+                process.kill()
+            with trio.move_on_after(10):
+                await process.wait()
+            nursery.cancel_scope.cancel()

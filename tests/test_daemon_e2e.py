@@ -1,0 +1,161 @@
+"""`trigd serve` as a real process: lifecycle, signals, the CLI around it, a webhook fired
+end to end. Network on 127.0.0.1 only; every wait bounded."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from standardwebhooks import Webhook
+
+from tests.daemon_process import running_daemon, write_automations, write_config
+from tests.test_sender_support import Receiver, answer, run_receiver
+
+pytestmark = pytest.mark.slow
+
+SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def burst_automation(
+    url: str, name: str = "pump pressure burst", threshold: int = 3
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "trigger": {
+            "type": "event",
+            "match": {"prefect.resource.id": "pump.*"},
+            "expect": ["pump.pressure.high"],
+            "for_each": ["prefect.resource.id"],
+            "posture": "Reactive",
+            "threshold": threshold,
+            "within": 60,
+        },
+        "actions": [
+            {
+                "type": "call-webhook",
+                "url": url,
+                "payload": '{"text": "{{ automation.name }}: {{ event.resource.id }}"}',
+                "secret": SECRET,
+            }
+        ],
+    }
+
+
+def pressure(pump: str = "pump.7") -> str:
+    return json.dumps({"event": "pump.pressure.high", "resource": {"prefect.resource.id": pump}})
+
+
+async def trigd(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:
+    return await trio.run_process(
+        [sys.executable, "-m", "daemon", *args],
+        stdin=stdin.encode(),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_serve_logs_listening_and_stops_cleanly(tmp_path: Path, signum: int) -> None:
+    config = write_config(tmp_path)
+    with trio.fail_after(60):
+        async with running_daemon(config) as daemon:
+            assert daemon.port > 0
+            assert f"trigd listening on ws://127.0.0.1:{daemon.port}" in daemon.log
+            assert await daemon.stop(signum) == 0
+            assert "trigd stopped" in daemon.log
+
+
+async def test_second_daemon_on_the_same_database_is_refused(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    with trio.fail_after(60):
+        async with running_daemon(config) as daemon:
+            result = await trigd("serve", "--config", str(config))
+            assert result.returncode == 1
+            assert b"in use by another trigd" in result.stderr
+            assert await daemon.stop() == 0
+
+
+async def test_bad_configuration_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "trigd.toml"
+    config.write_text('[server]\nlissen = "127.0.0.1:0"\n')
+    with trio.fail_after(30):
+        result = await trigd("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert b"lissen" in result.stderr
+
+
+async def test_invalid_automation_file_exits_2_naming_the_field(tmp_path: Path) -> None:
+    automations = write_automations(tmp_path, [burst_automation("http://127.0.0.1:9/x")])
+    broken = json.loads(automations.read_text())
+    broken[0]["trigger"]["within"] = -5
+    automations.write_text(json.dumps(broken))
+    with trio.fail_after(30):
+        result = await trigd("serve", "--config", str(write_config(tmp_path, [automations])))
+    assert result.returncode == 2
+    assert b"pump pressure burst" in result.stderr
+    assert b"trigger.within" in result.stderr
+
+
+async def test_emitted_events_fire_a_signed_webhook(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            receiver: Receiver = await nursery.start(run_receiver, answer(200))
+            automations = write_automations(tmp_path, [burst_automation(receiver.url())])
+            async with running_daemon(write_config(tmp_path, [automations])) as daemon:
+                emitted = await trigd(
+                    "emit", "--url", daemon.url, stdin="\n".join([pressure()] * 3) + "\n"
+                )
+                assert emitted.returncode == 0, emitted.stderr
+                assert b"3 acknowledged, 0 rejected" in emitted.stdout
+                request = await receiver.next_request()
+                assert json.loads(request.body) == {"text": "pump pressure burst: pump.7"}
+                assert request.headers["user-agent"].startswith("trigd/")
+                Webhook(SECRET).verify(request.body, request.headers)
+                status = await trigd("status", "--db", str(tmp_path / "trigd.db"))
+                assert status.returncode == 0
+                assert b"pump pressure burst" in status.stdout
+                assert await daemon.stop() == 0
+            nursery.cancel_scope.cancel()
+
+
+async def test_emit_reports_rejected_events_and_exits_1(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with running_daemon(write_config(tmp_path)) as daemon:
+            lines = [pressure(), '{"event": "x", "resource": {}}', "not json"]
+            emitted = await trigd("emit", "--url", daemon.url, stdin="\n".join(lines) + "\n")
+            assert emitted.returncode == 1
+            assert b"1 acknowledged, 2 rejected" in emitted.stdout
+            assert b"line 2: resource" in emitted.stderr
+            assert b"line 3: not JSON" in emitted.stderr
+            assert await daemon.stop() == 0
+
+
+async def test_sighup_swaps_valid_automations_and_keeps_them_when_invalid(tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            receiver: Receiver = await nursery.start(run_receiver, answer(200))
+            automations = write_automations(
+                tmp_path, [burst_automation(receiver.url("/first"), threshold=1)]
+            )
+            async with running_daemon(write_config(tmp_path, [automations])) as daemon:
+                good = [burst_automation(receiver.url("/second"), name="second", threshold=1)]
+                automations.write_text(json.dumps(good))
+                daemon.send(signal.SIGHUP)
+                await daemon.wait_for_log("reloaded 1 automations")
+                automations.write_text("[{")
+                daemon.send(signal.SIGHUP)
+                await daemon.wait_for_log("reload refused")
+                emitted = await trigd("emit", "--url", daemon.url, stdin=pressure() + "\n")
+                assert emitted.returncode == 0, emitted.stderr
+                request = await receiver.next_request()
+                assert request.target == "/second"
+                assert await daemon.stop() == 0
+            assert [r.target for r in receiver.requests] == ["/second"]
+            nursery.cancel_scope.cancel()
