@@ -94,8 +94,10 @@ async def emit(url: str, token: str | None, items: list[tuple[str, Any]]) -> tup
             for _ in range(len(frames)):
                 message = json.loads(await ws.get_message())
                 event_id = message.get("id")
-                where = waiting.pop(event_id, None) if event_id else None
-                if where is None:
+                known = waiting.pop(event_id, None) if event_id else None
+                if known is not None:
+                    where = known
+                else:
                     where = unmatched.pop(0) if unmatched else f"event {event_id}"
                 if message.get("type") == "ack":
                     acked += 1

@@ -16,6 +16,7 @@ from uuid import UUID, uuid4
 import apsw
 import pytest
 
+from daemon.clock import to_us
 from daemon.events import ReceivedEvent, RelatedResource, Resource
 from daemon.ordering import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
@@ -25,7 +26,6 @@ from daemon.ordering import (
     EventArrivedEarly,
     EventBeingProcessed,
     MaxDepthExceeded,
-    to_us,
 )
 from store.db import Store
 
