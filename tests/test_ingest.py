@@ -1,0 +1,651 @@
+"""The ingest task over real websockets on 127.0.0.1, committing into a real SQLite file.
+
+Every test starts ingest and the evaluator (real Engine) with ``nursery.start`` on port 0
+and runs under a hard ``trio.fail_after``. Commits are observed through a separate
+read-only connection, the way ``trigd status`` sees the database.
+
+Scenarios 110-115 (SCENARIOS §K) are the handshake matrix; the rest is SPEC §4.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import uuid4
+
+import attrs
+import pytest
+import trio
+import trio.testing
+from trio_websocket import (
+    ConnectionClosed,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from daemon.config import ServerConfig
+from daemon.engine import Engine
+from daemon.evaluator import BatchEngine, EvaluatorStats, Submission, run_evaluator
+from daemon.gateway import StoreGateway
+from daemon.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
+from daemon.ingest import IngestStats, run_ingest
+from store.db import Store
+from tests.test_evaluator import NOW, GatedEngine, fixed_clock, stored_ids
+
+TOKEN = "valid-token"
+LIMIT = 10  # seconds: the hard bound on every test here
+
+
+def event_dict(**overrides: Any) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "id": str(uuid4()),
+        "occurred": "2026-11-23T09:59:00Z",
+        "event": "pump.pressure.high",
+        "resource": {"prefect.resource.id": "pump.7", "site": "north"},
+        "related": [{"prefect.resource.id": "site.north", "prefect.resource.role": "site"}],
+        "payload": {"bar": 9.2},
+    }
+    event.update(overrides)
+    return event
+
+
+def received_us(path: Path, event_id: str) -> int | None:
+    reader = Store.open_readonly(path)
+    try:
+        row = reader.conn.execute(
+            "SELECT received_us FROM events WHERE id = ?", (event_id,)
+        ).fetchone()
+    finally:
+        reader.conn.close()
+    return None if row is None else int(row[0])
+
+
+@attrs.define
+class Daemon:
+    port: int
+    db_path: Path
+    ingest: IngestStats
+    evaluator: EvaluatorStats
+    submit: trio.MemorySendChannel[Submission]
+
+    def url(self, path: str = "/api/events/in") -> str:
+        return f"ws://127.0.0.1:{self.port}{path}"
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "trigd.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    opened = Store.open(db_path)
+    yield opened
+    opened.close()
+
+
+@attrs.define
+class Starter:
+    nursery: trio.Nursery
+    store: Store
+    db_path: Path
+
+    async def __call__(
+        self,
+        *,
+        engine: BatchEngine | None = None,
+        queue: int = 100,
+        batch_max: int = 50,
+        **settings: Any,
+    ) -> Daemon:
+        config = ServerConfig(listen="127.0.0.1:0", **settings)
+        send, receive = trio.open_memory_channel[Submission](queue)
+        ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
+        await self.nursery.start(
+            lambda task_status: run_evaluator(
+                StoreGateway(self.store),
+                engine if engine is not None else Engine(),
+                receive,
+                clock=fixed_clock,
+                batch_max=batch_max,
+                stats=evaluator_stats,
+                task_status=task_status,
+            )
+        )
+        port = await self.nursery.start(
+            lambda task_status: run_ingest(
+                config,
+                send,
+                clock=fixed_clock,
+                stats=ingest_stats,
+                task_status=task_status,
+            )
+        )
+        return Daemon(port, self.db_path, ingest_stats, evaluator_stats, send)
+
+
+@pytest.fixture
+def start(nursery: trio.Nursery, store: Store, db_path: Path) -> Starter:
+    return Starter(nursery, store, db_path)
+
+
+@asynccontextmanager
+async def connect(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
+    """``open_websocket_url`` that also closes the socket when the server closed first
+    (trio-websocket's client leaves it to the garbage collector then)."""
+    async with open_websocket_url(url, **kwargs) as ws:
+        try:
+            yield ws
+        finally:
+            stream = ws._stream
+    await trio.aclose_forcefully(stream)
+
+
+async def authenticate(ws: WebSocketConnection, token: str | None) -> None:
+    await ws.send_message(json.dumps({"type": "auth", "token": token}, separators=(",", ":")))
+    assert json.loads(await ws.get_message()) == {"type": "auth_success"}
+
+
+async def close_reason(ws: WebSocketConnection) -> tuple[int, str | None]:
+    with pytest.raises(ConnectionClosed) as caught:
+        await ws.get_message()
+    reason = caught.value.reason
+    assert reason is not None
+    return reason.code, reason.reason
+
+
+async def replies(ws: WebSocketConnection, count: int) -> list[dict[str, Any]]:
+    return [json.loads(await ws.get_message()) for _ in range(count)]
+
+
+# --- the handshake matrix (scenarios 110-115) ---------------------------------------------
+
+
+async def test_110_invalid_token_closes_1008(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN)
+        async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+            assert ws.subprotocol == PREFECT_SUBPROTOCOL
+            await ws.send_message('{"type":"auth","token":"invalid-token"}')
+            assert await close_reason(ws) == (1008, "Invalid token")
+
+
+@pytest.mark.parametrize("auth", ['{"type":"auth"}', '{"type":"auth","token":""}'])
+async def test_111_missing_token_closes_1008(start: Starter, auth: str) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN)
+        async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+            await ws.send_message(auth)
+            assert await close_reason(ws) == (1008, "Auth required but no token provided")
+
+
+async def test_112_no_subprotocol_with_auth_is_refused_before_accepting(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN)
+        assert await handshake_status(daemon.port) == 403
+        assert daemon.ingest.handshakes_refused == 1
+        assert await handshake_status(daemon.port, subprotocols=["prefect"]) == 101
+
+
+async def test_113_legacy_client_sends_events_straight_away(start: Starter, db_path: Path) -> None:
+    event = event_dict()
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        async with connect(daemon.url("/events/in")) as ws:
+            assert ws.subprotocol is None
+            await ws.send_message(json.dumps(event))
+            await ws.ping(b"checkpoint")  # pong means committed
+            assert received_us(db_path, event["id"]) == int(NOW.timestamp() * 1_000_000)
+
+
+@pytest.mark.parametrize("token", ["", TOKEN])
+@pytest.mark.parametrize("first", ['{"type":"event"}', "[]", "not json", '{"token":"x"}'])
+async def test_114_first_frame_not_auth_closes_1008(start: Starter, token: str, first: str) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=token)
+        async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+            await ws.send_message(first)
+            assert await close_reason(ws) == (1008, "Expected 'auth' message")
+
+
+@pytest.mark.parametrize(("configured", "offered"), [("", None), ("", "anything"), (TOKEN, TOKEN)])
+async def test_115_auth_success_then_events_are_received(
+    start: Starter, db_path: Path, configured: str, offered: str | None
+) -> None:
+    events = [event_dict(), event_dict()]
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=configured)
+        async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+            await ws.ping(b"connected?")  # Prefect's client pings before authenticating
+            await authenticate(ws, offered)
+            for event in events:
+                await ws.send_message(json.dumps(event))
+            await ws.ping(b"checkpoint")
+        assert stored_ids(db_path) == {e["id"] for e in events}
+        assert daemon.ingest.events == 2
+
+
+async def test_unknown_path_is_refused(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        assert await handshake_status(daemon.port, "/api/events/out") == 404
+        assert await handshake_status(daemon.port, "/api/events/in?x=1") == 101
+
+
+@pytest.mark.parametrize(
+    "header",
+    [f"Bearer {TOKEN}", f"bearer {TOKEN}", "Basic " + base64.b64encode(TOKEN.encode()).decode()],
+)
+async def test_authorization_header_admits_a_legacy_client(
+    start: Starter, db_path: Path, header: str
+) -> None:
+    event = event_dict()
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN)
+        headers = [(b"Authorization", header.encode())]
+        async with connect(daemon.url(), extra_headers=headers) as ws:
+            await ws.send_message(json.dumps(event))
+            await ws.ping(b"checkpoint")
+        assert stored_ids(db_path) == {event["id"]}
+
+
+async def test_authorization_header_with_a_wrong_token_is_refused(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN)
+        headers = [(b"Authorization", b"Bearer nope")]
+        assert await handshake_status(daemon.port, headers=headers) == 403
+        headers = [(b"Authorization", b"Basic !!not base64!!")]
+        assert await handshake_status(daemon.port, headers=headers) == 403
+
+
+async def test_bearer_header_makes_the_auth_message_token_unnecessary(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN)
+        headers = [(b"Authorization", f"Bearer {TOKEN}".encode())]
+        async with open_websocket_url(
+            daemon.url(), subprotocols=[ACKS_SUBPROTOCOL], extra_headers=headers
+        ) as ws:
+            await authenticate(ws, None)
+
+
+async def test_auth_must_arrive_within_the_handshake_timeout(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN, handshake_timeout=timedelta(seconds=0.2))
+        async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+            assert await close_reason(ws) == (1008, "Expected 'auth' message")
+
+
+# --- trigd.v1: acks after commit, nacks for bad input -------------------------------------
+
+
+async def test_acks_arrive_after_the_event_is_committed(start: Starter, db_path: Path) -> None:
+    events = [event_dict() for _ in range(20)]
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN)
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            assert ws.subprotocol == ACKS_SUBPROTOCOL
+            await authenticate(ws, TOKEN)
+            for event in events:
+                await ws.send_message(json.dumps(event))
+            for event in events:
+                reply = json.loads(await ws.get_message())
+                assert reply == {"type": "ack", "id": event["id"]}
+                assert received_us(db_path, event["id"]) is not None
+
+
+async def test_v1_is_preferred_when_both_subprotocols_are_offered(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        async with open_websocket_url(
+            daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL, ACKS_SUBPROTOCOL]
+        ) as ws:
+            assert ws.subprotocol == ACKS_SUBPROTOCOL
+
+
+def _no_resource_id() -> str:
+    return json.dumps(event_dict(resource={"site": "north"}))
+
+
+BAD_FRAMES: list[tuple[str, str | bytes, str]] = [
+    ("not json", "{nope", "Invalid JSON"),
+    ("json, not an event", "42", "Input should be an object"),
+    ("object, not an event", '{"hello": "world"}', "event: Field required"),
+    ("missing resource id", _no_resource_id(), "resource: Resources must include"),
+    ("related without role", json.dumps(event_dict(related=[{"prefect.resource.id": "x"}])), ""),
+    ("follows itself", "", "follows"),
+    ("binary frame", b'{"event": "x"}', "binary frames are not accepted"),
+    ("oversize", json.dumps(event_dict(payload={"blob": "x" * 3000})), "max_event_bytes (2000)"),
+]
+
+
+@pytest.mark.parametrize(("kind", "frame", "says"), BAD_FRAMES, ids=[b[0] for b in BAD_FRAMES])
+async def test_bad_input_gets_a_nack_and_the_connection_stays_open(
+    start: Starter, db_path: Path, kind: str, frame: str | bytes, says: str
+) -> None:
+    if kind == "follows itself":
+        same = str(uuid4())
+        frame = json.dumps(event_dict(id=same, follows=same))
+    if kind == "related without role":
+        says = "related[0]: Related Resources must include the prefect.resource.role label"
+    before, after = event_dict(), event_dict()
+    with trio.fail_after(LIMIT):
+        daemon = await start(max_event_bytes=2000)
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            await ws.send_message(json.dumps(before))
+            await ws.send_message(frame)
+            await ws.send_message(json.dumps(after))
+            first, nack, last = await replies(ws, 3)
+        assert first == {"type": "ack", "id": before["id"]}
+        assert nack["type"] == "nack"
+        assert says in nack["error"], nack
+        assert last == {"type": "ack", "id": after["id"]}
+        assert stored_ids(db_path) == {before["id"], after["id"]}
+        assert daemon.ingest.rejected == 1
+
+
+async def test_a_nack_names_the_event_id_when_it_is_readable(start: Starter) -> None:
+    event = event_dict(resource={"site": "north"})
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            await ws.send_message(json.dumps(event))
+            await ws.send_message("{nope")
+            with_id, without = await replies(ws, 2)
+        assert with_id["id"] == event["id"]
+        assert without["id"] is None
+
+
+async def test_invalid_utf8_closes_1007(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        code = await send_raw_text_frame(daemon.port, b'{"event": "\xc3\x28"}')
+        assert code == 1007
+        async with connect(daemon.url()) as ws:  # the server is still up
+            await ws.ping(b"alive")
+
+
+async def test_a_frame_too_large_to_buffer_closes_1009(start: Starter, db_path: Path) -> None:
+    event = event_dict()
+    with trio.fail_after(LIMIT):
+        daemon = await start(max_event_bytes=2000)
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            await ws.send_message(json.dumps(event))
+            assert json.loads(await ws.get_message()) == {"type": "ack", "id": event["id"]}
+            await ws.send_message("x" * 4001)
+            code, _ = await close_reason(ws)
+        assert code == 1009
+        assert stored_ids(db_path) == {event["id"]}
+
+
+async def test_duplicates_are_acked_and_stored_once(start: Starter, db_path: Path) -> None:
+    event = event_dict()
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            await ws.send_message(json.dumps(event))
+            assert json.loads(await ws.get_message()) == {"type": "ack", "id": event["id"]}
+            await ws.send_message(json.dumps(event))
+            assert json.loads(await ws.get_message()) == {"type": "ack", "id": event["id"]}
+        assert stored_ids(db_path) == {event["id"]}
+        assert daemon.evaluator.duplicates == 1
+
+
+async def test_array_frames_carry_several_events(start: Starter, db_path: Path) -> None:
+    good = [event_dict(), event_dict()]
+    bad = event_dict(resource={})
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            await ws.send_message(json.dumps([good[0], bad, 7, good[1]]))
+            first, nack, not_object, last = await replies(ws, 4)
+        assert first == {"type": "ack", "id": good[0]["id"]}
+        assert nack["id"] == bad["id"]
+        assert nack["error"].startswith("event [1]: resource: ")
+        assert not_object == {
+            "type": "nack",
+            "id": None,
+            "error": "event [2]: an event must be a JSON object",
+        }
+        assert last == {"type": "ack", "id": good[1]["id"]}
+        assert stored_ids(db_path) == {e["id"] for e in good}
+
+
+async def test_oversize_events_inside_an_array_are_refused_alone(
+    start: Starter, db_path: Path
+) -> None:
+    small = event_dict()
+    big = event_dict(payload={"blob": "y" * 2500})
+    with trio.fail_after(LIMIT):
+        daemon = await start(max_event_bytes=2000)
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            await ws.send_message(json.dumps([small, big]))
+            ack, nack = await replies(ws, 2)
+        assert ack == {"type": "ack", "id": small["id"]}
+        assert nack["id"] == big["id"]
+        assert "more than max_event_bytes (2000)" in nack["error"]
+
+
+# --- checkpoints: pong after commit -------------------------------------------------------
+
+
+async def test_pong_waits_until_earlier_events_are_committed(
+    start: Starter, db_path: Path, store: Store
+) -> None:
+    engine = GatedEngine(Engine())
+    events = [event_dict() for _ in range(3)]
+    ponged = trio.Event()
+    committed_at_pong: list[set[str]] = []
+    with trio.fail_after(LIMIT):
+        daemon = await start(engine=engine)
+        async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            for event in events:
+                await ws.send_message(json.dumps(event))
+            await trio.to_thread.run_sync(engine.entered.wait)  # a batch is in the store
+
+            async def checkpoint() -> None:
+                await ws.ping(b"checkpoint")
+                committed_at_pong.append(stored_ids(db_path))
+                ponged.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(checkpoint)
+                await trio.testing.wait_all_tasks_blocked()
+                assert daemon.ingest.pings == 1  # the server has the ping ...
+                assert not ponged.is_set()  # ... and holds the pong
+                assert stored_ids(db_path) == set()
+                engine.gate.set()
+        assert committed_at_pong == [{e["id"] for e in events}]
+
+
+async def test_pong_is_immediate_when_nothing_is_pending(start: Starter) -> None:
+    engine = GatedEngine(Engine())  # never opened: nothing may need the store
+    with trio.fail_after(LIMIT):
+        daemon = await start(engine=engine)
+        async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+            await ws.ping(b"before auth")
+            await authenticate(ws, None)
+            await ws.ping(b"after auth")
+            await ws.send_message("{nope")  # refused: nothing to commit
+            await ws.ping(b"after a bad frame")
+        assert engine.batches == []
+
+
+# --- robustness and bounds ----------------------------------------------------------------
+
+
+def _bad_frame(index: int) -> str:
+    return ["{nope", "[1, 2", "42", _no_resource_id(), '{"event": null}'][index % 5]
+
+
+async def test_a_flood_of_bad_frames_does_not_disturb_good_ones(
+    start: Starter, db_path: Path
+) -> None:
+    frames_per_client = 120
+    good: list[str] = []
+
+    async def acks_client() -> None:
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, TOKEN)
+            expected: list[str | None] = []
+            for index in range(frames_per_client):
+                if index % 2:
+                    await ws.send_message(_bad_frame(index))
+                    expected.append(None)
+                else:
+                    event = event_dict()
+                    good.append(event["id"])
+                    await ws.send_message(json.dumps(event))
+                    expected.append(event["id"])
+            got = await replies(ws, frames_per_client)
+            assert [r["id"] if r["type"] == "ack" else None for r in got] == expected
+
+    async def prefect_client() -> None:
+        async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+            await authenticate(ws, TOKEN)
+            for index in range(frames_per_client):
+                if index % 3:
+                    await ws.send_message(_bad_frame(index))
+                else:
+                    event = event_dict()
+                    good.append(event["id"])
+                    await ws.send_message(json.dumps(event))
+            await ws.ping(b"checkpoint")
+
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN, batch_max=16)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(acks_client)
+            nursery.start_soon(prefect_client)
+        assert stored_ids(db_path) == set(good)
+        assert daemon.ingest.rejected == 3 * 60 + 80
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, TOKEN)  # still serving
+
+
+async def test_a_stalled_evaluator_stops_the_reading_of_sockets(
+    start: Starter, db_path: Path
+) -> None:
+    engine = GatedEngine(Engine())
+    queue, batch_max, total = 8, 4, 3000
+    filler = "z" * 4000  # 12 MB in all: far more than the socket buffers hold
+    events = [event_dict(payload={"filler": filler}) for _ in range(total)]
+    sent = 0
+    with trio.fail_after(3 * LIMIT):
+        daemon = await start(engine=engine, queue=queue, batch_max=batch_max)
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+
+            async def send_all() -> None:
+                nonlocal sent
+                for event in events:
+                    await ws.send_message(json.dumps(event))
+                    sent += 1
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send_all)
+                await trio.to_thread.run_sync(engine.entered.wait)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                buffered = daemon.submit.statistics().current_buffer_used
+                taken = daemon.ingest.events
+                assert buffered <= queue
+                # the queue, the batch in the store thread, one reader blocked in send()
+                assert taken <= queue + batch_max + 1
+                assert sent < total  # the client is blocked: nobody reads its socket
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert daemon.ingest.events == taken  # still stopped
+                engine.gate.set()
+            acks = await replies(ws, total)
+        assert [a["id"] for a in acks] == [e["id"] for e in events]
+        assert len(stored_ids(db_path)) == total
+
+
+async def test_connections_beyond_the_limit_wait_for_a_slot(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start(max_connections=2)
+        connected: list[int] = []
+
+        async def third() -> None:
+            async with connect(daemon.url()) as ws:
+                connected.append(3)
+                await ws.ping(b"hello")
+
+        async with connect(daemon.url()) as one, connect(daemon.url()) as two:
+            await two.ping(b"hi")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(third)
+                await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+                assert connected == []
+                assert daemon.ingest.connections == 2
+                await one.aclose()
+        assert connected == [3]
+
+
+# --- a raw client, for what trio-websocket will not send ----------------------------------
+
+
+async def handshake_status(
+    port: int,
+    path: str = "/api/events/in",
+    *,
+    subprotocols: list[str] | None = None,
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> int:
+    """The HTTP status the server answers an upgrade request with (101 = accepted)."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, RejectConnection, Request
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        client = WSConnection(ConnectionType.CLIENT)
+        request = Request(
+            host="127.0.0.1",
+            target=path,
+            subprotocols=subprotocols or [],
+            extra_headers=headers or [],
+        )
+        await stream.send_all(client.send(request))
+        answer = await _until(stream, client, (AcceptConnection, RejectConnection))
+        return 101 if isinstance(answer, AcceptConnection) else answer.status_code
+
+
+async def send_raw_text_frame(port: int, payload: bytes) -> int:
+    """Open a websocket by hand, send one (masked) text frame of raw bytes, and return
+    the close code the server answers with."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, CloseConnection, Request
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        client = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(client.send(Request(host="127.0.0.1", target="/api/events/in")))
+        await _until(stream, client, AcceptConnection)
+        assert len(payload) < 126
+        mask = b"\x00\x00\x00\x00"  # masked with zeros: the payload goes as is
+        await stream.send_all(bytes([0x81, 0x80 | len(payload)]) + mask + payload)
+        close = await _until(stream, client, CloseConnection)
+        assert isinstance(close, CloseConnection)
+        return close.code
+
+
+async def _until(stream: trio.SocketStream, client: Any, kind: Any) -> Any:
+    while True:
+        for event in client.events():
+            if isinstance(event, kind):
+                return event
+        data = await stream.receive_some(65536)
+        if not data:
+            raise AssertionError(f"connection closed before {kind}")
+        client.receive_data(data)
