@@ -33,5 +33,28 @@ lint: $(VENV)/.installed-test
 bench: $(VENV)/.installed-test
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
+# One self-contained executable, dist/trigd (PyInstaller onefile; a build-only tool, never a
+# runtime dependency). The CLI imports its subcommands lazily, so they are named here.
+PYINSTALLER := pyinstaller>=6,<7
+BUNDLE_IMPORTS := daemon.service daemon.check daemon.emit daemon.status daemon.outbox_cli \
+	apsw apsw.bestpractice trio trio_websocket httpx jinja2 yaml pendulum uuid6 pydantic
+# Development tools in the venv that hooks would otherwise drag in (pydantic.mypy, trio.testing).
+BUNDLE_EXCLUDES := mypy pydantic.mypy pytest _pytest hypothesis tkinter setuptools pkg_resources
+
+binary: $(VENV)/.installed-run
+	$(BIN)/python -m pip install --quiet '$(PYINSTALLER)'
+	$(BIN)/pyinstaller --noconfirm --clean --log-level WARN --onefile --name trigd \
+		--distpath dist --workpath build/pyinstaller --specpath build/pyinstaller \
+		--paths $(CURDIR) --collect-submodules daemon --collect-submodules store \
+		$(addprefix --hidden-import ,$(BUNDLE_IMPORTS)) \
+		$(addprefix --exclude-module ,$(BUNDLE_EXCLUDES)) --strip \
+		--add-data $(CURDIR)/schema.sql:store \
+		packaging/trigd_entry.py
+	dist/trigd --version
+
+# dist/trigd_<version>_<arch>.deb: the executable, the systemd unit (not enabled), the config.
+deb: binary
+	packaging/build-deb.sh dist/trigd dist
+
 clean:
 	rm -rf $(VENV) dist build .mypy_cache .ruff_cache .pytest_cache .hypothesis
