@@ -111,6 +111,7 @@ class ResendingClient:
     emitted: int = 0  # distinct events handed to emit()
     resent: int = 0  # events sent again after a reconnect
     connections: int = 0  # successful handshakes
+    generation: int = 0  # of the daemon last authenticated to
     unexpected: list[str | bytes] = attrs.Factory(list)  # messages trigd should not send
     _link: _Link | None = None
     _failed_generation: int = 0
@@ -121,8 +122,7 @@ class ResendingClient:
         connection reconnect, resend everything unconfirmed, and send this one again."""
         self.unconfirmed.append((event_id, event_json))
         self.emitted += 1
-        self._progress.set()
-        self._progress = trio.Event()
+        self._notify()
         while True:
             try:
                 if self._link is None:
@@ -146,6 +146,15 @@ class ResendingClient:
     async def wait_emitted(self, count: int) -> None:
         while self.emitted < count:
             await self._progress.wait()
+
+    async def wait_connected(self, generation: int) -> None:
+        """Until the client has authenticated to the daemon of this generation."""
+        while self.generation < generation:
+            await self._progress.wait()
+
+    def _notify(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
 
     async def checkpoint(self, *, force: bool) -> None:
         """A pong confirms the events sent before its ping, and only those."""
@@ -209,6 +218,8 @@ class ResendingClient:
         if json.loads(link.auth_reply).get("type") != "auth_success":
             raise AuthRefused(repr(link.auth_reply))
         self.connections += 1
+        self.generation = generation
+        self._notify()
         for _, event_json in list(self.unconfirmed):
             await self._send(event_json)
             self.resent += 1
