@@ -7,7 +7,8 @@
    triggering event the semantics predict), every chain event and every lost follower was
    evaluated once, and nothing is left parked.
 2. Deliveries survive a crash: firings made while the receiver refuses connections are
-   delivered after a SIGKILL and restart, each with the `webhook-id` it had before, once.
+   delivered after a SIGKILL and restart, each with the `webhook-id` it had before, once;
+   a delivery in flight at the kill is sent again with the same `webhook-id`.
 
 The kill moments are random; the seed is in every failure message
 (`CRASH_TEST_SEED=<seed>` replays it).
@@ -37,7 +38,7 @@ from standardwebhooks import Webhook
 
 from tests.daemon_process import Daemon, running_daemon, write_automations, write_config
 from tests.resending_client import DaemonSlot, open_resending_client
-from tests.test_sender_support import Receiver, answer, run_receiver
+from tests.test_sender_support import Receiver, Reply, Request, answer, run_receiver
 
 pytestmark = pytest.mark.slow
 
@@ -427,10 +428,63 @@ async def test_deliveries_refused_before_a_sigkill_are_sent_after_it_with_the_sa
     delivered = Counter(request.headers["webhook-id"] for request in receiver.requests)
     assert delivered == Counter(before.keys())  # the same ids, each exactly once
     assert set(after) == set(before)
-    assert all(attempts == 2 for _, attempts, _ in after.values()), after
+    assert all(attempts >= 2 for _, attempts, _ in after.values()), after
     for request in requests:
         Webhook(SECRET).verify(request.body, request.headers)
         triggered = json.loads(request.body)
         assert triggered["id"] == request.headers["webhook-id"]
     fired_by = sorted(json.loads(r.body)["triggering_event"]["id"] for r in requests)
     assert fired_by == sorted(json.loads(alarm)["id"] for alarm in alarms)
+
+
+async def test_a_delivery_in_flight_at_a_sigkill_is_sent_again_with_the_same_webhook_id(
+    tmp_path: Path,
+) -> None:
+    """The receiver got the request but never answered: after the restart the row is
+    released (its unfinished attempt recorded) and sent again — at least once, same id."""
+    db = tmp_path / "trigd.db"
+    first_seen = trio.Event()
+
+    async def hang_once(request: Request) -> Reply:
+        if not first_seen.is_set():
+            first_seen.set()
+            await trio.sleep_forever()
+        return Reply(200)
+
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            receiver: Receiver = await nursery.start(run_receiver, hang_once)
+            automations_file = write_automations(tmp_path, [webhook_automation(receiver.url())])
+            config = write_config(tmp_path, [automations_file], server={"auth_token": TOKEN})
+            async with running_daemon(config) as daemon:
+                await emit(daemon.url, [_event("pump.alarm", "pump.1", datetime.now(UTC))])
+                first = await receiver.next_request()
+                await wait_until(
+                    "the delivery in flight",
+                    lambda: [row[0] for row in outbox_rows(db).values()] == ["in_flight"],
+                )
+                await kill(daemon)
+            async with running_daemon(config) as daemon:
+                second = await receiver.next_request()
+                await wait_until(
+                    "the delivery recorded",
+                    lambda: [row[0] for row in outbox_rows(db).values()] == ["delivered"],
+                )
+                assert await daemon.stop() == 0, daemon.log
+            nursery.cancel_scope.cancel()
+
+    (row_id,) = outbox_rows(db)
+    assert first.headers["webhook-id"] == second.headers["webhook-id"] == row_id
+    assert first.body == second.body
+    assert len(receiver.requests) == 2
+    with read_only(db) as conn:
+        attempts = list(
+            conn.execute(
+                "SELECT status_code, error FROM delivery_attempts WHERE outbox_id = ? ORDER BY id",
+                (row_id,),
+            )
+        )
+    assert len(attempts) == 2, attempts
+    assert attempts[0][0] is None
+    assert "lease expired" in str(attempts[0][1])
+    assert attempts[1] == (200, None)
