@@ -325,6 +325,12 @@ def burst_automation(url: str) -> dict[str, Any]:
     }
 
 
+def daemon_env(**extra: str) -> dict[str, str]:
+    """The environment without TRIGD_TEST_*: trigd refuses unknown TRIGD_* variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIGD_TEST_")}
+    return {**env, **extra}
+
+
 async def run_binary(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:
     return await trio.run_process(
         [str(BINARY), *args],
@@ -332,6 +338,7 @@ async def run_binary(*args: str, stdin: str = "") -> subprocess.CompletedProcess
         capture_stdout=True,
         capture_stderr=True,
         check=False,
+        env=daemon_env(),
     )
 
 
@@ -371,12 +378,15 @@ async def test_executable_serves_fires_a_webhook_and_stops_cleanly(
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
-                env={**os.environ, "NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"},
+                env=daemon_env(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000"),
             )
             daemon = Daemon(process)
             nursery.start_soon(daemon._read_stderr)
             try:
-                await daemon.ready.wait()
+                while not daemon.ready.is_set():
+                    assert process.poll() is None, f"trigd exited early:\n{daemon.log}"
+                    with trio.move_on_after(0.05):
+                        await daemon.ready.wait()
                 # READY=1 after the last task started, then watchdog pings from the child.
                 started = await notifications_until(sock, "READY=1")
                 assert started == ["READY=1"]
