@@ -40,6 +40,8 @@ BUNDLE_IMPORTS := daemon.service daemon.check daemon.emit daemon.status daemon.o
 	apsw apsw.bestpractice trio trio_websocket httpx jinja2 yaml pendulum uuid6 pydantic
 # Development tools in the venv that hooks would otherwise drag in (pydantic.mypy, trio.testing).
 BUNDLE_EXCLUDES := mypy pydantic.mypy pytest _pytest hypothesis tkinter setuptools pkg_resources
+# Stripping the bundled libraries halves the executable (binutils' strip; skipped without it).
+STRIP_FLAG := $(if $(shell command -v strip),--strip)
 
 binary: $(VENV)/.installed-run
 	$(BIN)/python -m pip install --quiet '$(PYINSTALLER)'
@@ -47,7 +49,7 @@ binary: $(VENV)/.installed-run
 		--distpath dist --workpath build/pyinstaller --specpath build/pyinstaller \
 		--paths $(CURDIR) --collect-submodules daemon --collect-submodules store \
 		$(addprefix --hidden-import ,$(BUNDLE_IMPORTS)) \
-		$(addprefix --exclude-module ,$(BUNDLE_EXCLUDES)) --strip \
+		$(addprefix --exclude-module ,$(BUNDLE_EXCLUDES)) $(STRIP_FLAG) \
 		--add-data $(CURDIR)/schema.sql:store \
 		packaging/trigd_entry.py
 	dist/trigd --version
