@@ -2,7 +2,7 @@
 
 The fast tests read packaging/ as it is (the unit, the example, what build-deb.sh makes of a
 stand-in executable). The slow ones build the real thing with ``make binary deb`` (about a
-minute of PyInstaller) and run it end to end; they only run with TRIGD_TEST_PACKAGING=1.
+minute of PyInstaller) and run it end to end; they only run with TEST_PACKAGING=1.
 Network on 127.0.0.1 only; every wait bounded.
 """
 
@@ -45,9 +45,9 @@ needs_systemd_analyze = pytest.mark.skipif(
 )
 needs_dpkg_deb = pytest.mark.skipif(DPKG_DEB is None, reason="dpkg-deb is not installed")
 packaging_build = pytest.mark.skipif(
-    os.environ.get("TRIGD_TEST_PACKAGING") != "1",
+    os.environ.get("TEST_PACKAGING") != "1",
     reason="builds the PyInstaller executable and the .deb (about a minute); "
-    "set TRIGD_TEST_PACKAGING=1 to run",
+    "set TEST_PACKAGING=1 to run",
 )
 
 
@@ -326,9 +326,7 @@ def burst_automation(url: str) -> dict[str, Any]:
 
 
 def daemon_env(**extra: str) -> dict[str, str]:
-    """The environment without TRIGD_TEST_*: trigd refuses unknown TRIGD_* variables."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRIGD_TEST_")}
-    return {**env, **extra}
+    return {**os.environ, **extra}
 
 
 async def run_binary(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:
