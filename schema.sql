@@ -12,15 +12,17 @@ CREATE TABLE meta (
 ) WITHOUT ROWID;
 
 -- Every accepted event, for retention, status and re-evaluation of parked followers.
+-- A rowid table: rows are large (the JSON), so they are appended in arrival order and only
+-- the small id index takes a random insert (an id-keyed table split a page every few rows).
 CREATE TABLE events (
-    id          TEXT PRIMARY KEY,
+    id          TEXT NOT NULL UNIQUE,
     event       TEXT NOT NULL,
     resource_id TEXT NOT NULL,
     occurred_us INTEGER NOT NULL,
     received_us INTEGER NOT NULL,
     follows     TEXT,
     data        TEXT NOT NULL          -- ReceivedEvent JSON
-) WITHOUT ROWID;
+);
 CREATE INDEX events_received ON events (received_us);
 
 -- Events trigd made itself (automation state changes, action results) wait here, durably,
@@ -73,6 +75,8 @@ CREATE TABLE triggers (
 ) WITHOUT ROWID;
 
 -- Trigger state (SEMANTICS §1.9): one row per (trigger, bucketing key).
+-- A rowid table for the same reason as events: last_event makes rows large, and keys
+-- arrive in random order; new rows are appended and only the key index is random.
 CREATE TABLE buckets (
     trigger_id     TEXT NOT NULL,
     bucketing_key  TEXT NOT NULL,      -- JSON array of strings
@@ -82,8 +86,8 @@ CREATE TABLE buckets (
     count          INTEGER NOT NULL,   -- may be -1
     last_event     TEXT,               -- ReceivedEvent JSON or NULL
     last_operation TEXT,
-    PRIMARY KEY (trigger_id, bucketing_key)
-) WITHOUT ROWID;
+    UNIQUE (trigger_id, bucketing_key)
+);
 CREATE INDEX buckets_start ON buckets (trigger_id, start_us);
 CREATE INDEX buckets_end ON buckets (end_us);
 

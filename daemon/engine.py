@@ -367,7 +367,11 @@ class Engine:
         if stored is None:
             if existing is not None:
                 buckets_store.delete_bucket(conn, loaded.trigger_id, existing.key)
-        elif stored is not existing:
+        elif stored is existing:
+            return
+        elif existing is not None and (stored.start, stored.end) == (existing.start, existing.end):
+            buckets_store.update_count(conn, loaded.trigger_id, stored)
+        else:
             buckets_store.write_bucket(conn, loaded.trigger_id, loaded.automation_id, stored)
 
     # --- firing ----------------------------------------------------------------------

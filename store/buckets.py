@@ -83,6 +83,24 @@ def write_bucket(conn: apsw.Connection, trigger_id: str, automation_id: str, b: 
     )
 
 
+def update_count(conn: apsw.Connection, trigger_id: str, b: Bucket) -> None:
+    """Overwrite count, last event and operation of an existing row whose window is
+    unchanged: the common case of counting one more event. Leaving `start_us` and
+    `end_us` out of the SET spares their two indexes a delete and an insert each, which
+    for a random key are two more random pages to write at commit."""
+    conn.execute(
+        "UPDATE buckets SET count = ?, last_event = ?, last_operation = ? "
+        "WHERE trigger_id = ? AND bucketing_key = ?",
+        (
+            b.count,
+            None if b.last_event is None else b.last_event.json(),
+            b.last_operation,
+            trigger_id,
+            key_json(b.key),
+        ),
+    )
+
+
 def delete_bucket(conn: apsw.Connection, trigger_id: str, key: tuple[str, ...]) -> None:
     conn.execute(
         "DELETE FROM buckets WHERE trigger_id = ? AND bucketing_key = ?",

@@ -1,0 +1,455 @@
+"""The whole daemon under load (issue 5): prints numbers and compares them with the targets.
+
+    .venv/bin/python bench/bench_daemon.py            # full: 100,000 events, 20 s paced
+    .venv/bin/python bench/bench_daemon.py --quick    # 10,000 events, 5 s paced
+
+Set-up: the real daemon as a subprocess (``python -m daemon serve --config``) on a temp
+dir with ``synchronous = "full"``; 100 reactive automations (``for_each:
+[prefect.resource.id]``, threshold 10 within 60 s, each expecting its own event name) and
+5 proactive ones (a heartbeat that never comes, threshold 1 within 10 s), all with a
+``call-webhook`` action to a local receiver (``bench/peers.py receiver``, its own process)
+that answers 200 at once. One websocket client (trio-websocket, subprotocol ``trigd.v1``:
+one ack per event after its commit) sends one event per frame in Prefect's JSON over 1,000
+resources. Resources 0-99 always send the same name, so each of them fires every 10th
+event (1 % of all events fire a webhook); the others change name every round, so they
+only open buckets.
+
+Phases on one connection:
+
+1. sustained: every event as fast as the daemon takes them (TCP backpressure), events/s
+   from the first frame sent to the last ack received;
+2. paced: 1,000 events/s for a while, ack latency from send to ack (p50, p99).
+
+Then the daemon's peak RSS (VmHWM) and CPU, and the client alone against a trivial server
+(``bench/peers.py trivial``) to show what the client itself costs on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Final, TextIO
+
+import attrs
+import trio
+import uuid6
+from trio_websocket import WebSocketConnection, open_websocket_url
+
+ROOT: Final = Path(__file__).resolve().parent.parent
+PEERS: Final = Path(__file__).resolve().parent / "peers.py"
+
+RESOURCES: Final = 1_000
+REACTIVE: Final = 100  # automations, one event name each
+PROACTIVE: Final = 5  # automations
+FIRING_RESOURCES: Final = 100  # resources that keep one event name (and so fire)
+THRESHOLD: Final = 10  # events per firing
+WITHIN: Final = 60  # seconds
+START_TIMEOUT: Final = 30.0  # seconds for a process to start listening
+STOP_TIMEOUT: Final = 15.0  # seconds for the daemon to exit after SIGTERM
+
+TARGET_EVENTS_PER_S: Final = 10_000
+TARGET_P99_MS: Final = 25.0
+TARGET_RSS_MB: Final = 150.0
+
+LISTENING: Final = re.compile(r"trigd listening on ws://127\.0\.0\.1:(\d+)")
+_ACK: Final = '{"type":"ack","id":"'
+_TICKS: Final = os.sysconf("SC_CLK_TCK")
+
+
+# --- the workload ----------------------------------------------------------------------
+
+
+def automations(receiver_url: str) -> list[dict[str, object]]:
+    action = {"type": "call-webhook", "url": receiver_url}
+    out: list[dict[str, object]] = [
+        {
+            "name": f"bench reactive {k}",
+            "trigger": {
+                "type": "event",
+                "posture": "Reactive",
+                "match": {"prefect.resource.id": "bench.res.*"},
+                "expect": [f"bench.e{k}"],
+                "for_each": ["prefect.resource.id"],
+                "threshold": THRESHOLD,
+                "within": WITHIN,
+            },
+            "actions": [action],
+        }
+        for k in range(REACTIVE)
+    ]
+    out += [
+        {
+            "name": f"bench proactive {j}",
+            "trigger": {
+                "type": "event",
+                "posture": "Proactive",
+                "expect": [f"bench.heartbeat.{j}"],
+                "threshold": 1,
+                "within": 10,
+            },
+            "actions": [action],
+        }
+        for j in range(PROACTIVE)
+    ]
+    return out
+
+
+def event_name(seq: int) -> str:
+    r, round_ = seq % RESOURCES, seq // RESOURCES
+    k = r % REACTIVE if r < FIRING_RESOURCES else (r + round_) % REACTIVE
+    return f"bench.e{k}"
+
+
+def frames(first: int, count: int, rate: float) -> list[tuple[str, str]]:
+    """(id, frame) pairs; the id comes first in each frame (the trivial server slices it).
+
+    `occurred` starts now and grows by 1/rate per event, as if stamped when sent.
+    """
+    start = datetime.now(UTC)
+    step = timedelta(seconds=1 / rate)
+    out = []
+    for n, seq in enumerate(range(first, first + count)):
+        event_id = str(uuid6.uuid7())  # Prefect's client default
+        occurred = (start + n * step).isoformat().replace("+00:00", "Z")
+        r = seq % RESOURCES
+        out.append(
+            (
+                event_id,
+                f'{{"id": "{event_id}", "occurred": "{occurred}", "event": "{event_name(seq)}", '
+                f'"resource": {{"prefect.resource.id": "bench.res.{r}", '
+                f'"prefect.resource.name": "resource {r}"}}, '
+                f'"related": [{{"prefect.resource.id": "bench.site.{r % 10}", '
+                f'"prefect.resource.role": "site"}}], '
+                f'"payload": {{"seq": {seq}, "value": {seq % 97 / 7:.3f}}}, "follows": null}}',
+            )
+        )
+    return out
+
+
+# --- processes -------------------------------------------------------------------------
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _vm_hwm_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc status")
+
+
+def _self_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def start_peer(role: str) -> tuple[subprocess.Popen[str], int]:
+    process = subprocess.Popen(
+        [sys.executable, str(PEERS), role], stdout=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    if not line.startswith("port "):
+        process.kill()
+        raise RuntimeError(f"peers.py {role} did not start: {line!r}")
+    return process, int(line.split()[1])
+
+
+def start_daemon(workdir: Path, receiver_port: int) -> tuple[subprocess.Popen[bytes], int, Path]:
+    rules = workdir / "automations.json"
+    rules.write_text(json.dumps(automations(f"http://127.0.0.1:{receiver_port}/hook")))
+    config = workdir / "trigd.toml"
+    config.write_text(
+        "[server]\nlisten = '127.0.0.1:0'\n"
+        f"[store]\npath = '{workdir / 'trigd.db'}'\nsynchronous = 'full'\n"
+        f"[triggers]\nautomations = ['{rules}']\n"
+    )
+    log_path = workdir / "trigd.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "daemon", "serve", "--config", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+            cwd=ROOT,
+        )
+    deadline = time.monotonic() + START_TIMEOUT
+    while time.monotonic() < deadline:
+        match = LISTENING.search(log_path.read_text(errors="replace"))
+        if match:
+            return process, int(match.group(1)), log_path
+        if process.poll() is not None:
+            break
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"trigd did not start:\n{log_path.read_text(errors='replace')}")
+
+
+def stop(process: subprocess.Popen[bytes] | subprocess.Popen[str]) -> int | None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+        return None
+
+
+# --- the client ------------------------------------------------------------------------
+
+
+@attrs.define
+class Phase:
+    events: int
+    seconds: float
+    latencies_ms: list[float]
+    nacks: int
+    client_cpu: float
+    peer_cpu: float
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+
+
+class Client:
+    """One trigd.v1 connection; a reader task times every ack against its send."""
+
+    def __init__(self, ws: WebSocketConnection) -> None:
+        self.ws = ws
+        self.sent_at: dict[str, float] = {}
+        self.latencies: list[float] = []
+        self.nacks = 0
+        self.last_ack = 0.0
+        self._expected = 0
+        self._all_acked = trio.Event()
+
+    @classmethod
+    async def connect(cls, port: int, nursery: trio.Nursery) -> Client:
+        ws = await nursery.start(_open, f"ws://127.0.0.1:{port}/api/events/in")
+        await ws.send_message('{"type":"auth","token":""}')
+        reply = await ws.get_message()
+        if "auth_success" not in reply:
+            raise RuntimeError(f"auth refused: {reply!r}")
+        client = cls(ws)
+        nursery.start_soon(client._read)
+        return client
+
+    async def _read(self) -> None:
+        sent_at, latencies = self.sent_at, self.latencies
+        clock = time.perf_counter
+        while True:
+            reply = await self.ws.get_message()
+            now = clock()
+            assert isinstance(reply, str)
+            if reply.startswith(_ACK):
+                started = sent_at.pop(reply[len(_ACK) : len(_ACK) + 36])
+            else:
+                self.nacks += 1
+                started = sent_at.pop(json.loads(reply)["id"])
+            latencies.append((now - started) * 1000)
+            self.last_ack = now
+            if not sent_at and len(latencies) >= self._expected:
+                self._all_acked.set()
+
+    async def run(self, batch: Sequence[tuple[str, str]], rate: float | None, peer: int) -> Phase:
+        """Send every frame (paced at `rate` per second, or flat out); wait for every ack."""
+        self.latencies.clear()
+        self.nacks = 0
+        self._expected = len(batch)
+        self._all_acked = trio.Event()
+        send, sent_at, clock = self.ws.send_message, self.sent_at, time.perf_counter
+        cpu0, peer0 = _self_cpu(), _cpu_seconds(peer)
+        start = clock()
+        for n, (event_id, frame) in enumerate(batch):
+            if rate is not None:
+                wait = start + n / rate - clock()
+                if wait > 0:
+                    await trio.sleep(wait)
+            sent_at[event_id] = clock()
+            await send(frame)
+        await self._all_acked.wait()
+        return Phase(
+            len(batch),
+            self.last_ack - start,
+            list(self.latencies),
+            self.nacks,
+            _self_cpu() - cpu0,
+            _cpu_seconds(peer) - peer0,
+        )
+
+
+async def _open(url: str, *, task_status: trio.TaskStatus[WebSocketConnection]) -> None:
+    async with open_websocket_url(url, subprotocols=["trigd.v1"]) as ws:
+        task_status.started(ws)
+        await trio.sleep_forever()
+
+
+async def drive(
+    port: int, peer: int, sustained: Sequence[tuple[str, str]], paced: Sequence[tuple[str, str]]
+) -> tuple[Phase, Phase | None]:
+    async with trio.open_nursery() as nursery:
+        client = await Client.connect(port, nursery)
+        flat_out = await client.run(sustained, None, peer)
+        steady = await client.run(paced, PACED_RATE, peer) if paced else None
+        nursery.cancel_scope.cancel()
+    return flat_out, steady
+
+
+PACED_RATE: Final = 1_000.0  # events per second in the latency phase
+
+
+# --- the report ------------------------------------------------------------------------
+
+
+def _verdict(ok: bool) -> str:
+    return "ok" if ok else "MISSED"
+
+
+def report(out: TextIO, lines: Iterator[str]) -> None:
+    for line in lines:
+        print(line, file=out, flush=True)
+
+
+def describe(label: str, phase: Phase, peer_name: str) -> Iterator[str]:
+    per_event = 1e6 / phase.events
+    yield (
+        f"{label}: {phase.events:,} events in {phase.seconds:.2f} s = {phase.rate:,.0f} events/s; "
+        f"ack latency p50 {phase.percentile(50):.1f} ms, p99 {phase.percentile(99):.1f} ms, "
+        f"max {max(phase.latencies_ms):.1f} ms; nacks {phase.nacks}"
+    )
+    yield (
+        f"  CPU: client {phase.client_cpu:.2f} s ({phase.client_cpu * per_event:.0f} µs/event), "
+        f"{peer_name} {phase.peer_cpu:.2f} s ({phase.peer_cpu * per_event:.0f} µs/event)"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="10,000 events, 5 s paced")
+    parser.add_argument("--events", type=int, help="events in the sustained phase")
+    parser.add_argument("--paced-seconds", type=float, help="length of the 1,000/s phase")
+    parser.add_argument("--no-client-baseline", action="store_true")
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (db, log)")
+    parser.add_argument(
+        "--profile", metavar="OUT", help="record the daemon with py-spy (collapsed stacks) to OUT"
+    )
+    args = parser.parse_args()
+    count = args.events or (10_000 if args.quick else 100_000)
+    paced_seconds = (
+        args.paced_seconds if args.paced_seconds is not None else (5.0 if args.quick else 20.0)
+    )
+    paced_count = int(paced_seconds * PACED_RATE)
+    sustained = frames(0, count, TARGET_EVENTS_PER_S)
+    paced = frames(count, paced_count, PACED_RATE)
+    out = sys.stdout
+
+    workdir = Path(tempfile.mkdtemp(prefix="trigd-bench-"))
+    receiver, receiver_port = start_peer("receiver")
+    try:
+        daemon, port, log_path = start_daemon(workdir, receiver_port)
+        try:
+            spy = None
+            if args.profile:
+                spy = subprocess.Popen(
+                    [
+                        str(Path(sys.executable).parent / "py-spy"),
+                        "record",
+                        "--pid",
+                        str(daemon.pid),
+                        "--rate",
+                        "200",
+                        "--format",
+                        "raw",
+                        "--threads",
+                        "--nonblocking",
+                        "-o",
+                        args.profile,
+                    ],
+                    stdout=subprocess.DEVNULL,
+                )
+                time.sleep(1.0)
+            cpu0 = _cpu_seconds(daemon.pid)
+            flat_out, steady = trio.run(drive, port, daemon.pid, sustained, paced)
+            hwm = _vm_hwm_mb(daemon.pid)
+            daemon_cpu = _cpu_seconds(daemon.pid) - cpu0
+        finally:
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(STOP_TIMEOUT)
+            code = stop(daemon)
+        errors = [
+            line
+            for line in log_path.read_text(errors="replace").splitlines()
+            if " ERROR " in line or "Traceback" in line
+        ]
+    finally:
+        stop(receiver)
+
+    report(out, describe("sustained", flat_out, "daemon"))
+    if steady is not None:
+        report(out, describe(f"paced {PACED_RATE:,.0f}/s", steady, "daemon"))
+    report(
+        out,
+        iter(
+            [
+                f"daemon: peak RSS (VmHWM) {hwm:.1f} MB, CPU {daemon_cpu:.1f} s in total, "
+                f"exit code {code}, {len(errors)} error lines in its log",
+            ]
+        ),
+    )
+
+    if not args.no_client_baseline:
+        trivial, trivial_port = start_peer("trivial")
+        try:
+            alone, _ = trio.run(
+                drive, trivial_port, trivial.pid, frames(0, count, TARGET_EVENTS_PER_S), []
+            )
+        finally:
+            stop(trivial)
+        report(out, describe("client alone vs trivial server", alone, "server"))
+
+    summary = [
+        f"target sustained ≥ {TARGET_EVENTS_PER_S:,}/s: {flat_out.rate:,.0f} "
+        f"{_verdict(flat_out.rate >= TARGET_EVENTS_PER_S)}",
+        f"target RSS ≤ {TARGET_RSS_MB:.0f} MB: {hwm:.1f} {_verdict(hwm <= TARGET_RSS_MB)}",
+    ]
+    if steady is not None:
+        p99 = steady.percentile(99)
+        summary.insert(
+            1,
+            f"target p99 ≤ {TARGET_P99_MS:.0f} ms at {PACED_RATE:,.0f}/s: {p99:.1f} "
+            f"{_verdict(p99 <= TARGET_P99_MS)}",
+        )
+    report(out, iter(summary))
+    if args.keep:
+        print(f"kept {workdir}", file=out)
+    else:
+        for path in sorted(workdir.iterdir()):
+            path.unlink()
+        workdir.rmdir()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
