@@ -1,0 +1,169 @@
+"""The sweeper task: runs at once on start, then every granularity, and survives its own
+failures (scenarios 89 and 90); housekeeping prunes what retention says. Virtual time."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import apsw
+import pytest
+import trio
+import trio.testing
+
+from daemon.clock import to_us
+from daemon.engine import Engine
+from daemon.gateway import StoreGateway
+from daemon.sweeper import SweepSettings, run_sweeper, sweep
+from store.db import Store
+
+NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
+SETTINGS = SweepSettings(
+    granularity=timedelta(seconds=5),
+    event_retention=timedelta(days=7),
+    outbox_retention=timedelta(days=7),
+)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    store = Store.open(tmp_path / "t.db")
+    yield store
+    store.close()
+
+
+def add_closed_bucket(conn: apsw.Connection, ended: datetime) -> None:
+    conn.execute(
+        "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, start_us, end_us, count)"
+        " VALUES ('t', '[]', 'a', ?, ?, 0)",
+        (to_us(ended - timedelta(seconds=10)), to_us(ended)),
+    )
+
+
+def bucket_count(conn: apsw.Connection) -> int:
+    row = conn.execute("SELECT count(*) FROM buckets").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+class PassLog(logging.Handler):
+    """Counts the sweeper's passes (successful ones via on_commit, failed ones via the
+    log) and lets the test wait for the next one; time itself is frozen (MockClock)."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.passes: list[str] = []
+        self._changed = trio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "periodic pass failed" in record.getMessage():
+            self.note("failed")
+
+    def note(self, what: str) -> None:
+        self.passes.append(what)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_for(self, count: int) -> None:
+        while len(self.passes) < count:
+            await self._changed.wait()
+
+
+@pytest.fixture
+def pass_log() -> Iterator[PassLog]:
+    handler = PassLog()
+    logger = logging.getLogger("daemon.sweeper")
+    logger.addHandler(handler)
+    yield handler
+    logger.removeHandler(handler)
+
+
+async def test_i90_the_first_pass_runs_at_start(
+    store: Store, mock_clock: trio.testing.MockClock, pass_log: PassLog
+) -> None:
+    add_closed_bucket(store.conn, NOW - timedelta(hours=1))
+    with trio.fail_after(30):  # real seconds: the mock clock does not move by itself
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run_sweeper(
+                    StoreGateway(store),
+                    Engine(),
+                    SETTINGS,
+                    clock=lambda: NOW,
+                    on_commit=lambda: pass_log.note("ok"),
+                )
+            )
+            await pass_log.wait_for(1)
+            assert trio.current_time() == 0  # no period had to elapse
+            assert bucket_count(store.conn) == 0
+            mock_clock.jump(4.9)
+            await trio.testing.wait_all_tasks_blocked()
+            assert pass_log.passes == ["ok"]
+            mock_clock.jump(0.1)
+            await pass_log.wait_for(2)
+            assert pass_log.passes == ["ok", "ok"]
+            nursery.cancel_scope.cancel()
+
+
+async def test_i89_a_failing_pass_is_logged_and_the_loop_goes_on(
+    store: Store, mock_clock: trio.testing.MockClock, pass_log: PassLog
+) -> None:
+    add_closed_bucket(store.conn, NOW - timedelta(hours=1))
+    store.conn.execute(
+        "CREATE TEMP TRIGGER refuse BEFORE DELETE ON buckets "
+        "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+    )
+    gateway = StoreGateway(store)
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run_sweeper(
+                    gateway,
+                    Engine(),
+                    SETTINGS,
+                    clock=lambda: NOW,
+                    on_commit=lambda: pass_log.note("ok"),
+                )
+            )
+            for passes in (1, 2, 3):
+                await pass_log.wait_for(passes)
+                if passes < 3:
+                    mock_clock.jump(5)
+            assert pass_log.passes == ["failed"] * 3
+            assert bucket_count(store.conn) == 1  # every failed pass rolled back
+            await gateway.run(lambda conn: conn.execute("DROP TRIGGER refuse"))
+            mock_clock.jump(5)
+            await pass_log.wait_for(4)
+            assert pass_log.passes[3] == "ok"
+            assert bucket_count(store.conn) == 0
+            nursery.cancel_scope.cancel()
+
+
+def test_housekeeping_prunes_by_retention(store: Store) -> None:
+    conn = store.conn
+    old, recent = NOW - timedelta(days=8), NOW - timedelta(days=1)
+    for event_id, received in (("old", old), ("recent", recent)):
+        conn.execute(
+            "INSERT INTO events (id, event, resource_id, occurred_us, received_us, data)"
+            " VALUES (?, 'e', 'r', ?, ?, '{}')",
+            (event_id, to_us(received), to_us(received)),
+        )
+    for row_id, finished, status in (
+        ("done-old", old, "delivered"),
+        ("dead-old", old, "dead"),
+        ("done-new", recent, "delivered"),
+        ("waiting", None, "pending"),
+    ):
+        conn.execute(
+            "INSERT INTO outbox (id, automation_id, action_index, action_type, status, document,"
+            " created_us, next_attempt_us, finished_us)"
+            " VALUES (?, 'a', 0, 'do-nothing', ?, '{}', ?, ?, ?)",
+            (row_id, status, to_us(old), to_us(old), None if finished is None else to_us(finished)),
+        )
+    report = sweep(conn, Engine(), SETTINGS, NOW)
+    assert report.pruned_events == 1
+    assert report.pruned_outbox == 2
+    assert [r[0] for r in conn.execute("SELECT id FROM events")] == ["recent"]
+    assert sorted(r[0] for r in conn.execute("SELECT id FROM outbox")) == ["done-new", "waiting"]
