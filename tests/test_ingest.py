@@ -649,3 +649,33 @@ async def _until(stream: trio.SocketStream, client: Any, kind: Any) -> Any:
         if not data:
             raise AssertionError(f"connection closed before {kind}")
         client.receive_data(data)
+
+
+async def test_shutdown_closes_connections_with_going_away(store: Store) -> None:
+    send, receive = trio.open_memory_channel[Submission](10)
+    config = ServerConfig(listen="127.0.0.1:0")
+    with trio.fail_after(LIMIT):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(
+                lambda task_status: run_evaluator(
+                    StoreGateway(store),
+                    Engine(),
+                    receive,
+                    clock=fixed_clock,
+                    batch_max=10,
+                    task_status=task_status,
+                )
+            )
+            ingest_scope = trio.CancelScope()
+
+            async def ingest(task_status: trio.TaskStatus[int]) -> None:
+                with ingest_scope:
+                    await run_ingest(config, send, task_status=task_status)
+
+            port = await nursery.start(ingest)
+            async with connect(f"ws://127.0.0.1:{port}/api/events/in") as ws:
+                await ws.send_message(json.dumps(event_dict()))
+                await ws.ping(b"committed")
+                ingest_scope.cancel()
+                assert await close_reason(ws) == (1001, "trigd is shutting down")
+        # ingest closed its sender: the evaluator drained the channel and returned
