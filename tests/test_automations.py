@@ -32,45 +32,9 @@ from daemon.automations import (
 )
 from daemon.events import ReceivedEvent
 from daemon.matching import ResourceSpecification
+from tests.test_engine_harness import CHONK, DAFFODIL, HEART, LILY, SPIDER, TULIP
 
 S = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
-
-SPIDER = {
-    "prefect.resource.id": "daddy-long-legs",
-    "kingdom": "Animalia",
-    "phylum": "Arthropoda",
-    "class": "Arachnida",
-    "order": "Araneae",
-    "family": "Pholcidae",
-    "genus": "Pholcus",
-    "species": "phalangioides",
-}
-CHONK = {
-    "prefect.resource.id": "woodchonk",
-    "kingdom": "Animalia",
-    "phylum": "Chordata",
-    "class": "Mammalia",
-    "order": "Rodentia",
-    "family": "Sciuridae",
-    "genus": "Marmota",
-    "species": "monax",
-}
-
-
-def meal(rid: str, genus: str, species: str, kingdom: str = "Plantae") -> dict[str, str]:
-    return {
-        "prefect.resource.id": rid,
-        "prefect.resource.role": "meal",
-        "genus": genus,
-        "species": species,
-        "kingdom": kingdom,
-    }
-
-
-LILY = meal("my-lily", "Hemerocallis", "fulva")
-TULIP = meal("my-tulip", "Tulipa", "gesneriana")
-HEART = meal("my-bleeding-heart", "Dicentra", "cucullaria")
-DAFFODIL = meal("my-daffodil", "Narcissus", "poeticus")
 
 
 def event(
