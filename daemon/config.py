@@ -162,7 +162,7 @@ class ServerConfig(Section):
     tls_cert: OptionalFile = None  # PEM; with tls_key, serve wss://
     tls_key: OptionalFile = None
     max_event_bytes: Count = 1_500_000  # bytes per event frame
-    max_connections: Count = 256  # concurrent websockets; more wait in the accept backlog
+    max_connections: Count = 64  # concurrent websockets; more wait in the accept backlog
     queue_depth: Count = 1_000  # events in flight between ingest and evaluation
     batch_max_events: Count = 500  # events committed in one transaction at most
     handshake_timeout: PositiveDuration = timedelta(seconds=10)  # to finish websocket + auth
