@@ -21,6 +21,7 @@ import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import apsw
@@ -186,7 +187,7 @@ async def _run(
 
             await nursery.start(ingest)
             await notifier.notify("READY=1")
-            nursery.start_soon(notifier.run_watchdog)
+            nursery.start_soon(notifier.run_watchdog, partial(gateway.run, _store_alive))
 
             async for signum in signals:
                 if signum == signal.SIGHUP:
@@ -200,6 +201,10 @@ async def _run(
                 await evaluator_done.wait()
             nursery.cancel_scope.cancel()
     log.info("trigd stopped")
+
+
+def _store_alive(conn: apsw.Connection) -> None:
+    conn.execute("SELECT 1").fetchall()
 
 
 def configure_logging(level: str) -> None:

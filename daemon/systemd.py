@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 
 import trio
@@ -46,12 +46,23 @@ class Notifier:
             log.warning("sd_notify %r failed: %s", message, exc)
 
     async def run_watchdog(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        probe: Callable[[], Awaitable[object]],
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Ping at half the interval systemd asked for, for as long as the nursery lives."""
+        """Ping at half the interval systemd asked for, but only while `probe` (a round trip
+        through the store thread) completes within that half: a wedged writer gets the
+        daemon restarted, an idle one does not."""
         task_status.started()
         if self.watchdog_interval is None or not self._address:
             return
+        period = self.watchdog_interval.total_seconds()
         while True:
-            await self.notify("WATCHDOG=1")
-            await trio.sleep(self.watchdog_interval.total_seconds())
+            with trio.move_on_after(period) as waited:
+                await probe()
+            if waited.cancelled_caught:
+                log.warning("the store did not answer in %.3gs; withholding WATCHDOG=1", period)
+            else:
+                await self.notify("WATCHDOG=1")
+                await trio.sleep(period)
