@@ -166,6 +166,9 @@ class Engine:
         self._clock_conn: apsw.Connection | None = None
         self._ordering: tuple[apsw.Connection, CausalOrdering] | None = None
         self._store_only: set[UUID] = set()
+        self.handed_off = False
+        """Whether the last `process_batch` left work for the sender or the inbox pump
+        (outbox rows, or events still in the inbox): the evaluator wakes them only then."""
 
     # --- loading ---------------------------------------------------------------------
 
@@ -228,9 +231,11 @@ class Engine:
         input event. Then drain (a bounded part of) the inbox."""
         self._ensure_clock(conn)
         before = self.clock.copy()
+        self.handed_off = False
         try:
-            outcomes = self._process(conn, events, now)
-            self._drain_inbox(conn, now)
+            with self._ordering_for(conn).batch():
+                outcomes = self._process(conn, events, now)
+                self._drain_inbox(conn, now)
             self._save_clock(conn, before)
         except BaseException:
             self.clock = before  # the transaction will roll back: so does the clock
@@ -286,9 +291,12 @@ class Engine:
 
     def _drain_inbox(self, conn: apsw.Connection, now: datetime) -> None:
         budget = self.inbox_drain_limit
-        while budget > 0:
-            queued = events_store.peek_inbox(conn, budget)
+        while True:
+            queued = events_store.peek_inbox(conn, max(budget, 1))
             if not queued:
+                return
+            if budget == 0:
+                self.handed_off = True  # more than one batch's worth: the pump goes on
                 return
             budget -= len(queued)
             events_store.drop_inbox(conn, queued[-1][0])
@@ -398,6 +406,7 @@ class Engine:
         parent = automation.parent_of(firing.trigger.id)
         if isinstance(parent, Automation):
             acting.act(conn, automation, firing, now)
+            self.handed_off = True
             return
         assert isinstance(parent, CompoundTrigger | SequenceTrigger)
         parent_firing = evaluate_composite_trigger(

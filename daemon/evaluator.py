@@ -144,7 +144,10 @@ class _Evaluator:
                 continue
             except Exception as exc:
                 return exc
-            self.on_commit()
+            # Waking the sender and the inbox pump costs each a trip to the store thread:
+            # only when the batch left them work (an engine that cannot tell always wakes).
+            if getattr(self.engine, "handed_off", True):
+                self.on_commit()
             for outcome in outcomes:
                 if outcome is Outcome.duplicate:
                     self.stats.duplicates += 1

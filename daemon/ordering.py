@@ -20,6 +20,15 @@ inside that frame, and a mark that outlived its frame (a crash after a commit) c
 ever be stale, refusing that event forever. So in-flight marks are kept in memory, per
 connection and scope (shared by every instance, like Prefect's per-scope singleton), and
 cost no SQL: an event without `follows` costs two statements, one write and one read.
+
+Inside `batch()` (the engine wraps each transaction's events in one) an event without
+`follows` costs no statement at all: seen marks wait in memory and are written together
+when the batch ends (a later event of the same batch sees them), and the leaders that have
+parked followers are known in memory, so completing any other event asks nothing. That
+set only ever grows between reloads (parking adds, releasing does not remove), so a
+rolled-back transaction can only leave it too large, never missing a leader; it is
+reloaded at the start of the next batch after a release or a failure, when the
+transaction has not changed anything yet.
 """
 
 from __future__ import annotations
@@ -83,8 +92,22 @@ def _load(rows: Sequence[db.FollowerRow]) -> list[ReceivedEvent]:
     return [ReceivedEvent.model_validate_json(row.event) for row in rows]
 
 
-# connection -> scope -> ids in flight; forgotten with the connection.
-_IN_FLIGHT: Final[weakref.WeakKeyDictionary[apsw.Connection, dict[str, set[UUID]]]] = (
+class _ScopeState:
+    """What every instance of one scope on one connection shares, in memory."""
+
+    __slots__ = ("in_flight", "leaders", "pending_seen", "stale")
+
+    def __init__(self) -> None:
+        self.in_flight: set[UUID] = set()
+        self.leaders: set[str] = set()
+        """Leaders that may have parked followers (a superset); valid unless `stale`."""
+        self.stale = True
+        self.pending_seen: dict[str, int] | None = None
+        """Inside `batch()`: seen marks (id -> seen_us) not yet written; else None."""
+
+
+# connection -> scope -> shared state; forgotten with the connection.
+_STATE: Final[weakref.WeakKeyDictionary[apsw.Connection, dict[str, _ScopeState]]] = (
     weakref.WeakKeyDictionary()
 )
 
@@ -122,7 +145,8 @@ class CausalOrdering:
         self.max_depth: Final = max_depth
         self._lookback_us = _span_us(preceding_event_lookback)
         self._expiration_us = _span_us(seen_expiration)
-        self._in_flight = _IN_FLIGHT.setdefault(conn, {}).setdefault(scope, set())
+        self._state = _STATE.setdefault(conn, {}).setdefault(scope, _ScopeState())
+        self._in_flight = self._state.in_flight
 
     def __repr__(self) -> str:
         return f"CausalOrdering(scope={self.scope!r})"
@@ -137,14 +161,49 @@ class CausalOrdering:
         """Forget everything of this scope."""
         with self._atomic():
             db.clear_scope(self.conn, self.scope)
-        self._in_flight.clear()
+        self._forget(self._state)
 
     def clear_all_scopes(self) -> None:
         """Forget everything of every scope on this database (tests, `trigd` resets)."""
         with self._atomic():
             db.clear_all_scopes(self.conn)
-        for in_flight in _IN_FLIGHT.get(self.conn, {}).values():
-            in_flight.clear()
+        for state in _STATE.get(self.conn, {}).values():
+            self._forget(state)
+
+    @staticmethod
+    def _forget(state: _ScopeState) -> None:
+        state.in_flight.clear()
+        state.leaders.clear()
+        if state.pending_seen is not None:
+            state.pending_seen.clear()
+
+    # --- batches -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Process one transaction's events with the seen marks kept in memory until the
+        end and the parked leaders known in memory (see the module docstring).
+
+        Enter it at the start of a transaction and leave it before the commit: on the way
+        out the marks are written; if the body raises they are dropped with the
+        transaction. Not reentrant.
+        """
+        state = self._state
+        if state.pending_seen is not None:
+            raise RuntimeError(f"{self!r}: batch() is already active")
+        if state.stale:
+            state.leaders = db.leaders(self.conn, self.scope)
+            state.stale = False
+        state.pending_seen = {}
+        try:
+            yield
+            if state.pending_seen:
+                db.mark_seen_many(self.conn, self.scope, state.pending_seen.items())
+        except BaseException:
+            state.stale = True  # the transaction will roll back: trust only the database
+            raise
+        finally:
+            state.pending_seen = None
 
     # --- processing --------------------------------------------------------------------
 
@@ -177,11 +236,25 @@ class CausalOrdering:
 
     def event_has_been_seen(self, event: UUID | Event, *, now: datetime) -> bool:
         """Processed within `seen_expiration` before `now`."""
-        cutoff = to_us(now) - self._expiration_us
-        return db.is_seen(self.conn, self.scope, _event_id(event), cutoff)
+        return self._is_seen(_event_id(event), to_us(now) - self._expiration_us)
+
+    def _is_seen(self, event_id: str, cutoff_us: int) -> bool:
+        pending = self._state.pending_seen
+        if pending is not None:
+            seen_us = pending.get(event_id)
+            if seen_us is not None:
+                return seen_us > cutoff_us
+        return db.is_seen(self.conn, self.scope, event_id, cutoff_us)
 
     def record_event_as_seen(self, event: ReceivedEvent, *, now: datetime) -> None:
-        db.mark_seen(self.conn, self.scope, str(event.id), to_us(now))
+        self._mark_seen(str(event.id), to_us(now))
+
+    def _mark_seen(self, event_id: str, now_us: int) -> None:
+        pending = self._state.pending_seen
+        if pending is not None:
+            pending[event_id] = now_us
+        else:
+            db.mark_seen(self.conn, self.scope, event_id, now_us)
 
     def expire_seen(self, now: datetime) -> int:
         """For the sweeper: drop ids older than `seen_expiration`; returns how many."""
@@ -201,6 +274,7 @@ class CausalOrdering:
             event=event.model_dump_json(),
         )
         db.park(self.conn, self.scope, row)
+        self._state.leaders.add(row.leader_id)
 
     def forget_follower(self, follower: ReceivedEvent) -> None:
         """It no longer waits (processed, or handed out as lost)."""
@@ -221,7 +295,10 @@ class CausalOrdering:
         Re-evaluated at depth 0 they proceed without waiting (rule b of §8.2).
         """
         cutoff = to_us(now) - self._lookback_us
-        return _load(db.take_lost(self.conn, self.scope, cutoff))
+        lost = db.take_lost(self.conn, self.scope, cutoff)
+        if lost:
+            self._state.stale = True  # their leaders may have none left: shrink the set
+        return _load(lost)
 
     def parked_count(self) -> int:
         return db.parked_count(self.conn, self.scope)
@@ -242,7 +319,7 @@ class CausalOrdering:
             return
         if now_us - to_us(event.received) >= self._lookback_us:
             return
-        if db.is_seen(self.conn, self.scope, str(leader), now_us - self._expiration_us):
+        if self._is_seen(str(leader), now_us - self._expiration_us):
             return
         if leader in self._in_flight:
             self._log(event, "arrived while its leader %s is processing", leader)
@@ -263,10 +340,18 @@ class CausalOrdering:
 
     def _complete(self, event: ReceivedEvent, now_us: int) -> list[ReceivedEvent]:
         event_id = str(event.id)
+        state = self._state
         try:
-            with self._atomic():
-                db.mark_seen(self.conn, self.scope, event_id, now_us)
+            if state.pending_seen is not None:  # in a batch: no statement unless followed
+                state.pending_seen[event_id] = now_us
+                if event_id not in state.leaders:
+                    return []
                 rows = db.followers_of(self.conn, self.scope, event_id)
+                state.stale = True  # released (or none left): shrink the set next batch
+            else:
+                with self._atomic():
+                    db.mark_seen(self.conn, self.scope, event_id, now_us)
+                    rows = db.followers_of(self.conn, self.scope, event_id)
         finally:
             self._in_flight.discard(event.id)  # even if the store failed: retry must work
         return _load(rows) if rows else []

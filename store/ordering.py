@@ -39,6 +39,15 @@ def mark_seen(conn: apsw.Connection, scope: str, event_id: str, seen_us: int) ->
     )
 
 
+def mark_seen_many(conn: apsw.Connection, scope: str, marks: Iterable[tuple[str, int]]) -> None:
+    """`mark_seen` for many (id, seen_us) pairs in one statement (a batch's worth)."""
+    conn.executemany(
+        "INSERT INTO ordering_seen (scope, id, seen_us) VALUES (?, ?, ?) "
+        "ON CONFLICT (scope, id) DO UPDATE SET seen_us = excluded.seen_us",
+        ((scope, event_id, seen_us) for event_id, seen_us in marks),
+    )
+
+
 def is_seen(conn: apsw.Connection, scope: str, event_id: str, seen_after_us: int) -> bool:
     """Seen strictly after the cutoff; older rows count as expired even before the sweep."""
     # The cutoff is compared here rather than bound, for the same re-planning reason.
@@ -93,6 +102,16 @@ def followers_of(conn: apsw.Connection, scope: str, leader_id: str) -> list[Foll
             (scope, leader_id),
         )
     )
+
+
+def leaders(conn: apsw.Connection, scope: str) -> set[str]:
+    """Every leader that has at least one follower parked on it (a key-prefix scan)."""
+    return {
+        str(row[0])
+        for row in conn.execute(
+            "SELECT DISTINCT leader_id FROM ordering_followers WHERE scope = ?", (scope,)
+        )
+    }
 
 
 def followers_by_id(

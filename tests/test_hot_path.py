@@ -1,0 +1,391 @@
+"""State the performance work added to the hot path, and what keeps it honest.
+
+* `CausalOrdering.batch()`: seen marks held in memory until the batch ends, and the set
+  of leaders with parked followers, which must never miss a leader: not across batches,
+  not after a rolled-back transaction, not after a commit that failed once the batch had
+  ended;
+* `Engine.handed_off` and the evaluator waking the sender and the inbox pump only then;
+* `store.buckets.update_count`, the count-only write of an unchanged window.
+
+Real SQLite files, fixed clocks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+import apsw
+import pytest
+import trio
+
+from daemon.automations import Automation
+from daemon.buckets import Bucket, EventRef
+from daemon.engine import Engine, Outcome
+from daemon.evaluator import Submission, run_evaluator
+from daemon.events import ReceivedEvent, Resource, parse_incoming_event
+from daemon.gateway import StoreGateway
+from daemon.ordering import CausalOrdering, EventArrivedEarly
+from store import buckets as buckets_store
+from store.db import Store
+
+S = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
+NOW = S + timedelta(seconds=10)
+RESOURCE = Resource({"prefect.resource.id": "any.thing"})
+
+
+def event(name: str, seconds: float, follows: UUID | None = None) -> ReceivedEvent:
+    at = S + timedelta(seconds=seconds)
+    return ReceivedEvent(
+        event=name, resource=RESOURCE, occurred=at, received=at, id=uuid4(), follows=follows
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store.open(tmp_path / "hot.db")
+    yield opened
+    opened.close()
+
+
+@pytest.fixture
+def ordering(store: Store) -> CausalOrdering:
+    return CausalOrdering("hot", store.conn)
+
+
+class Recorder:
+    """Enters the ordering for each event, as the reactive evaluation does."""
+
+    def __init__(self, ordering: CausalOrdering) -> None:
+        self.ordering = ordering
+        self.processed: list[str] = []
+
+    def __call__(self, e: ReceivedEvent, depth: int = 0) -> None:
+        with self.ordering.preceding_event_confirmed(self, e, depth, now=NOW):
+            self.processed.append(e.event)
+
+    def deliver(self, *events: ReceivedEvent) -> None:
+        for e in events:
+            with contextlib.suppress(EventArrivedEarly):
+                self(e)
+
+    def batch(self, conn: apsw.Connection, *events: ReceivedEvent) -> None:
+        """One transaction, one batch, as `Engine.process_batch` runs them."""
+        with conn, self.ordering.batch():
+            self.deliver(*events)
+
+
+def seen_rows(store: Store) -> int:
+    row = store.conn.execute("SELECT count(*) FROM ordering_seen").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+# --- ordering batches ----------------------------------------------------------------------
+
+
+def test_seen_marks_are_written_when_the_batch_ends_and_read_inside_it(
+    store: Store, ordering: CausalOrdering
+) -> None:
+    leader = event("leader", 1)
+    follower = event("follower", 2, follows=leader.id)
+    recorder = Recorder(ordering)
+    with store.conn, ordering.batch():
+        recorder.deliver(leader)
+        assert seen_rows(store) == 0  # held in memory...
+        assert ordering.event_has_been_seen(leader, now=NOW)  # ...and visible
+        recorder.deliver(follower)  # later in the same batch: proceeds, not parked
+    assert recorder.processed == ["leader", "follower"]
+    assert seen_rows(store) == 2
+    assert ordering.parked_count() == 0
+
+
+def test_a_follower_parked_in_the_same_batch_is_released_by_its_leader(
+    store: Store, ordering: CausalOrdering
+) -> None:
+    leader = event("leader", 1)
+    follower = event("follower", 2, follows=leader.id)
+    recorder = Recorder(ordering)
+    recorder.batch(store.conn, follower, leader)
+    assert recorder.processed == ["leader", "follower"]
+    assert ordering.parked_count() == 0
+
+
+def test_a_follower_parked_by_an_earlier_batch_or_another_process_is_found(
+    tmp_path: Path,
+) -> None:
+    leader = event("leader", 1)
+    follower = event("follower", 2, follows=leader.id)
+    first = Store.open(tmp_path / "restart.db")
+    try:
+        Recorder(CausalOrdering("hot", first.conn)).batch(first.conn, follower)
+    finally:
+        first.close()
+    second = Store.open(tmp_path / "restart.db")  # a restart: the set is read from disk
+    try:
+        recorder = Recorder(CausalOrdering("hot", second.conn))
+        recorder.batch(second.conn, event("unrelated", 0))
+        recorder.batch(second.conn, leader)
+        assert recorder.processed == ["unrelated", "leader", "follower"]
+    finally:
+        second.close()
+
+
+def test_a_rolled_back_release_is_released_again_by_the_retry(
+    store: Store, ordering: CausalOrdering
+) -> None:
+    leader = event("leader", 1)
+    follower = event("follower", 2, follows=leader.id)
+    recorder = Recorder(ordering)
+    recorder.batch(store.conn, follower)
+
+    def failing() -> None:
+        with store.conn, ordering.batch():
+            recorder.deliver(leader)
+            raise KeyError("the batch failed after the release")
+
+    with pytest.raises(KeyError):
+        failing()
+    assert ordering.parked_count() == 1
+    assert not ordering.event_has_been_seen(leader, now=NOW)
+    recorder.batch(store.conn, leader)
+    assert recorder.processed == ["leader", "follower"] * 2
+    assert ordering.parked_count() == 0
+
+
+def test_a_commit_that_fails_after_the_batch_ended_does_not_lose_the_leader(
+    store: Store, ordering: CausalOrdering
+) -> None:
+    leader = event("leader", 1)
+    follower = event("follower", 2, follows=leader.id)
+    recorder = Recorder(ordering)
+    recorder.batch(store.conn, follower)
+
+    def failing_commit() -> None:
+        with store.conn:
+            with ordering.batch():
+                recorder.deliver(leader)
+            raise apsw.FullError("the commit failed")  # as a full disk would at COMMIT
+
+    with pytest.raises(apsw.FullError):
+        failing_commit()
+    assert ordering.parked_count() == 1
+    recorder.batch(store.conn, leader)
+    assert recorder.processed[-2:] == ["leader", "follower"]
+    assert ordering.parked_count() == 0
+
+
+def test_a_rolled_back_park_only_costs_a_lookup(store: Store, ordering: CausalOrdering) -> None:
+    leader = event("leader", 1)
+    follower = event("follower", 2, follows=leader.id)
+    recorder = Recorder(ordering)
+
+    def failing() -> None:
+        with store.conn, ordering.batch():
+            recorder.deliver(follower)
+            raise KeyError("rolled back")
+
+    with pytest.raises(KeyError):
+        failing()
+    recorder.batch(store.conn, leader)
+    assert recorder.processed == ["leader"]
+    assert ordering.parked_count() == 0
+
+
+def test_lost_followers_and_clear_keep_the_set_truthful(
+    store: Store, ordering: CausalOrdering
+) -> None:
+    leader = event("leader", 1)
+    follower = event("follower", 2, follows=leader.id)
+    recorder = Recorder(ordering)
+    recorder.batch(store.conn, follower)
+    with store.conn:
+        lost = ordering.get_lost_followers(now=follower.received + timedelta(hours=1))
+    assert [e.id for e in lost] == [follower.id]
+    again = event("again", 3, follows=leader.id)
+    recorder.batch(store.conn, again)
+    ordering.clear()
+    recorder.batch(store.conn, leader)
+    assert recorder.processed == ["leader"]
+
+
+def test_batches_do_not_nest(store: Store, ordering: CausalOrdering) -> None:
+    inner = CausalOrdering("hot", store.conn).batch()
+    with store.conn, ordering.batch(), pytest.raises(RuntimeError, match="batch"):
+        inner.__enter__()
+
+
+def test_batch_and_statement_paths_release_the_same_forests(tmp_path: Path) -> None:
+    """Chains, siblings and orphans in mixed arrival order, in batches of every size,
+    end in the same processed order with and without `batch()`."""
+    root = event("root", 0)
+    a = event("a", 1, follows=root.id)
+    b = event("b", 2, follows=root.id)
+    c = event("c", 3, follows=a.id)
+    d = event("d", 4, follows=c.id)
+    orphan = event("orphan", 5, follows=uuid4())
+    arrivals = [d, b, c, orphan, root, a]
+    results: list[list[str]] = []
+    for size in (1, 2, 3, 6, 0):
+        opened = Store.open(tmp_path / f"forest{size}.db")
+        try:
+            ordering = CausalOrdering("hot", opened.conn)
+            recorder = Recorder(ordering)
+            if size == 0:
+                with opened.conn:
+                    recorder.deliver(*arrivals)
+            else:
+                for start in range(0, len(arrivals), size):
+                    recorder.batch(opened.conn, *arrivals[start : start + size])
+            results.append(recorder.processed)
+            assert ordering.parked_count() == 1  # the orphan
+        finally:
+            opened.close()
+    assert all(r == results[-1] for r in results)
+    assert results[-1] == ["root", "b", "a", "c", "d"]  # a arrives after root released b
+
+
+# --- the engine tells the evaluator when others have work ---------------------------------
+
+
+def counting(name: str, threshold: int) -> Automation:
+    return Automation.model_validate(
+        {
+            "name": name,
+            "trigger": {
+                "type": "event",
+                "posture": "Reactive",
+                "expect": [name],
+                "threshold": threshold,
+                "within": 60,
+            },
+            "actions": [{"type": "do-nothing"}],
+        }
+    )
+
+
+def wire_event(name: str) -> ReceivedEvent:
+    return parse_incoming_event(
+        {
+            "occurred": "2026-03-01T12:00:01Z",
+            "event": name,
+            "resource": {"prefect.resource.id": "r"},
+        },
+        NOW,
+    )
+
+
+def test_handed_off_says_whether_the_batch_wrote_work_for_others(store: Store) -> None:
+    engine = Engine(inbox_drain_limit=1)
+    conn = store.conn
+    engine.load_automations(conn, [counting("two", 2)], NOW)
+
+    def batch(*events: ReceivedEvent) -> bool:
+        with conn:
+            engine.process_batch(conn, list(events), NOW)
+        return engine.handed_off
+
+    assert not batch(wire_event("two"))  # counted, nothing fired
+    assert batch(wire_event("two"))  # fired: an outbox row and events in the inbox
+
+    def inbox() -> int:
+        row = conn.execute("SELECT count(*) FROM inbox").fetchone()
+        assert row is not None
+        return int(row[0])
+
+    assert inbox() == 1  # two events made, one drained: the pump has work
+    assert not batch()  # the pump's drain takes the last one and says so
+    assert inbox() == 0
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.resolved_ids: list[UUID] = []
+
+    def resolved(self, submission: Submission, error: str | None) -> None:
+        submission.done = True
+        self.resolved_ids.append(submission.event.id)
+
+
+class NoReport:
+    """An engine that cannot say whether it handed work off."""
+
+    def __init__(self) -> None:
+        self.inner = Engine()
+
+    def process_batch(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> Sequence[Outcome]:
+        return self.inner.process_batch(conn, events, now)
+
+
+@pytest.mark.parametrize(
+    ("names", "expected_wakes"), [(["one"], 1), (["none"], 0), (["none", "one"], 1)]
+)
+async def test_the_evaluator_wakes_the_others_only_for_work(
+    store: Store, names: list[str], expected_wakes: int
+) -> None:
+    engine = Engine()
+    engine.load_automations(store.conn, [counting("one", 1)], NOW)
+    wakes: list[int] = []
+    sink = Sink()
+    send, receive = trio.open_memory_channel[Submission](10)
+    with trio.fail_after(10):
+        async with send:
+            for name in names:
+                send.send_nowait(Submission(wire_event(name), sink))
+        await run_evaluator(
+            StoreGateway(store),
+            engine,
+            receive,
+            clock=lambda: NOW,
+            batch_max=1,
+            on_commit=lambda: wakes.append(1),
+        )
+    assert len(sink.resolved_ids) == len(names)
+    assert len(wakes) == expected_wakes
+
+
+async def test_an_engine_that_cannot_tell_always_wakes_the_others(store: Store) -> None:
+    wakes: list[int] = []
+    send, receive = trio.open_memory_channel[Submission](10)
+    with trio.fail_after(10):
+        async with send:
+            send.send_nowait(Submission(wire_event("none"), Sink()))
+        await run_evaluator(
+            StoreGateway(store),
+            NoReport(),
+            receive,
+            clock=lambda: NOW,
+            batch_max=1,
+            on_commit=lambda: wakes.append(1),
+        )
+    assert wakes == [1]
+
+
+# --- buckets -------------------------------------------------------------------------------
+
+
+def test_update_count_changes_only_count_event_and_operation(store: Store) -> None:
+    e = wire_event("x")
+    bucket = Bucket(("k",), S, S + timedelta(minutes=1), 1, None, "ensure_bucket[insert]")
+    conn = store.conn
+    with conn:
+        buckets_store.write_bucket(conn, "t", "a", bucket)
+        counted = Bucket(bucket.key, S, bucket.end, 2, EventRef.of(e), "increment_bucket")
+        buckets_store.update_count(conn, "t", counted)
+    stored = buckets_store.read_bucket(conn, "t", ("k",))
+    assert stored is not None
+    got: dict[str, Any] = {
+        "start": stored.start,
+        "end": stored.end,
+        "count": stored.count,
+        "op": stored.last_operation,
+    }
+    assert got == {"start": S, "end": bucket.end, "count": 2, "op": "increment_bucket"}
+    assert stored.last_event is not None
+    assert stored.last_event.model() == e
