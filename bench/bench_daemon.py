@@ -140,10 +140,14 @@ def frames(first: int, count: int, rate: float) -> list[tuple[str, str]]:
 # --- processes -------------------------------------------------------------------------
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process, all its threads."""
+def _cpu_split(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of a process, all its threads."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICKS
+    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
+
+
+def _cpu_seconds(pid: int) -> float:
+    return sum(_cpu_split(pid))
 
 
 def _vm_hwm_mb(pid: int) -> float:
@@ -306,12 +310,16 @@ async def _open(url: str, *, task_status: trio.TaskStatus[WebSocketConnection]) 
 
 
 async def drive(
-    port: int, peer: int, sustained: Sequence[tuple[str, str]], paced: Sequence[tuple[str, str]]
+    port: int,
+    peer: int,
+    sustained: Sequence[tuple[str, str]],
+    paced: Sequence[tuple[str, str]],
+    rate: float,
 ) -> tuple[Phase, Phase | None]:
     async with trio.open_nursery() as nursery:
         client = await Client.connect(port, nursery)
         flat_out = await client.run(sustained, None, peer)
-        steady = await client.run(paced, PACED_RATE, peer) if paced else None
+        steady = await client.run(paced, rate, peer) if paced else None
         nursery.cancel_scope.cancel()
     return flat_out, steady
 
@@ -349,6 +357,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="10,000 events, 5 s paced")
     parser.add_argument("--events", type=int, help="events in the sustained phase")
     parser.add_argument("--paced-seconds", type=float, help="length of the 1,000/s phase")
+    parser.add_argument(
+        "--rate", type=float, default=PACED_RATE, help="events/s of the paced phase"
+    )
     parser.add_argument("--no-client-baseline", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (db, log)")
     parser.add_argument(
@@ -359,9 +370,9 @@ def main() -> int:
     paced_seconds = (
         args.paced_seconds if args.paced_seconds is not None else (5.0 if args.quick else 20.0)
     )
-    paced_count = int(paced_seconds * PACED_RATE)
+    paced_count = int(paced_seconds * args.rate)
     sustained = frames(0, count, TARGET_EVENTS_PER_S)
-    paced = frames(count, paced_count, PACED_RATE)
+    paced = frames(count, paced_count, args.rate)
     out = sys.stdout
 
     workdir = Path(tempfile.mkdtemp(prefix="trigd-bench-"))
@@ -389,10 +400,11 @@ def main() -> int:
                     stdout=subprocess.DEVNULL,
                 )
                 time.sleep(1.0)
-            cpu0 = _cpu_seconds(daemon.pid)
-            flat_out, steady = trio.run(drive, port, daemon.pid, sustained, paced)
+            user0, system0 = _cpu_split(daemon.pid)
+            flat_out, steady = trio.run(drive, port, daemon.pid, sustained, paced, args.rate)
             hwm = _vm_hwm_mb(daemon.pid)
-            daemon_cpu = _cpu_seconds(daemon.pid) - cpu0
+            user1, system1 = _cpu_split(daemon.pid)
+            daemon_user, daemon_system = user1 - user0, system1 - system0
         finally:
             if spy is not None:
                 spy.send_signal(signal.SIGINT)
@@ -408,12 +420,13 @@ def main() -> int:
 
     report(out, describe("sustained", flat_out, "daemon"))
     if steady is not None:
-        report(out, describe(f"paced {PACED_RATE:,.0f}/s", steady, "daemon"))
+        report(out, describe(f"paced {args.rate:,.0f}/s", steady, "daemon"))
     report(
         out,
         iter(
             [
-                f"daemon: peak RSS (VmHWM) {hwm:.1f} MB, CPU {daemon_cpu:.1f} s in total, "
+                f"daemon: peak RSS (VmHWM) {hwm:.1f} MB, CPU {daemon_user + daemon_system:.1f} s "
+                f"in total ({daemon_user:.1f} s user, {daemon_system:.1f} s system), "
                 f"exit code {code}, {len(errors)} error lines in its log",
             ]
         ),
@@ -423,7 +436,7 @@ def main() -> int:
         trivial, trivial_port = start_peer("trivial")
         try:
             alone, _ = trio.run(
-                drive, trivial_port, trivial.pid, frames(0, count, TARGET_EVENTS_PER_S), []
+                drive, trivial_port, trivial.pid, frames(0, count, TARGET_EVENTS_PER_S), [], 0.0
             )
         finally:
             stop(trivial)
@@ -438,7 +451,7 @@ def main() -> int:
         p99 = steady.percentile(99)
         summary.insert(
             1,
-            f"target p99 ≤ {TARGET_P99_MS:.0f} ms at {PACED_RATE:,.0f}/s: {p99:.1f} "
+            f"target p99 ≤ {TARGET_P99_MS:.0f} ms at {args.rate:,.0f}/s: {p99:.1f} "
             f"{_verdict(p99 <= TARGET_P99_MS)}",
         )
     report(out, iter(summary))
