@@ -31,7 +31,7 @@ from daemon.events import ReceivedEvent, Resource, parse_incoming_event
 from daemon.gateway import StoreGateway
 from daemon.ordering import CausalOrdering, EventArrivedEarly
 from store import buckets as buckets_store
-from store.db import Store
+from store.db import WRITER_CACHE_KIB, Store
 
 S = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW = S + timedelta(seconds=10)
@@ -389,3 +389,9 @@ def test_update_count_changes_only_count_event_and_operation(store: Store) -> No
     assert got == {"start": S, "end": bucket.end, "count": 2, "op": "increment_bucket"}
     assert stored.last_event is not None
     assert stored.last_event.model() == e
+
+
+def test_the_writer_connection_gets_its_page_cache(store: Store) -> None:
+    row = store.conn.execute("PRAGMA cache_size").fetchone()
+    assert row is not None
+    assert row[0] == -WRITER_CACHE_KIB
