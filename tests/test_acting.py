@@ -148,3 +148,46 @@ def test_endpoint_of() -> None:
     assert endpoint_of(DoNothing()) is None
     assert endpoint_of(CallWebhook(url="HTTP://Example.COM/a?b")) == "http://example.com:80"
     assert endpoint_of(CallWebhook(url="http://[::1]:81/")) == "http://[::1]:81"
+
+
+def test_composite_state_change_event_has_no_posture(tmp_path: Path) -> None:
+    """SEMANTICS §2.3: a compound/sequence firing's resource has no `prefect.posture`,
+    its labels are `{}` and its triggering event is the child's."""
+    automation = Automation.model_validate(
+        {
+            "name": "any spider",
+            "trigger": {
+                "type": "compound",
+                "require": "any",
+                "within": None,
+                "triggers": [ARACHNOPHOBIA.trigger.model_dump(mode="json", exclude={"id"})],
+            },
+            "actions": [{"type": "do-nothing"}],
+        }
+    )
+    walked = spider_walked()
+    child = Firing(
+        trigger=automation.event_triggers()[0],
+        trigger_states=frozenset({TriggerState.Triggered}),
+        triggered=T,
+        triggering_event=walked,
+    )
+    firing = Firing(
+        trigger=automation.trigger,
+        trigger_states=frozenset({TriggerState.Triggered}),
+        triggered=T,
+        triggering_firings=[child],
+        triggering_event=walked,
+    )
+    outbox, inbox = _act(tmp_path, automation, firing)
+    state_change, action_event = inbox
+    assert state_change["resource"] == {
+        "prefect.resource.id": f"prefect.automation.{automation.id}",
+        "prefect.resource.name": "any spider",
+    }
+    assert state_change["payload"]["triggering_labels"] == {}
+    assert state_change["related"][0]["prefect.resource.id"] == f"prefect.event.{walked.id}"
+    assert action_event["resource"]["prefect.trigger-type"] == "compound"
+    assert "prefect.posture" not in action_event["resource"]
+    [row] = outbox
+    assert TriggeredAction.model_validate_json(row[6]).firing == firing
