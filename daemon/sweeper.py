@@ -51,9 +51,15 @@ def sweep(
     conn: apsw.Connection, engine: Engine, settings: SweepSettings, now: datetime
 ) -> SweepReport:
     """One pass of everything periodic, as two transactions; `now` is the wall clock."""
-    with conn:
-        next_proactive = engine.proactive(conn, now)
-        swept = engine.periodic(conn, now)
+    try:
+        with conn:
+            next_proactive = engine.proactive(conn, now)
+            swept = engine.periodic(conn, now)
+    except BaseException:
+        # the firings of this pass rolled back: so must the schedule that counted on them,
+        # or an alarm would wait a whole `within` more (an early proactive run is harmless)
+        engine.next_proactive_runs.clear()
+        raise
     report = SweepReport(next_proactive, swept_buckets=swept)
     with conn:
         ordering = CausalOrdering(ORDERING_SCOPE, conn, seen_expiration=engine.seen_expiration)

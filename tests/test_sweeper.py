@@ -7,15 +7,19 @@ import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from uuid import uuid4
 
 import apsw
 import pytest
 import trio
 import trio.testing
 
+from daemon.automations import Automation
 from daemon.clock import to_us
-from daemon.engine import Engine
+from daemon.engine import ORDERING_SCOPE, Engine
+from daemon.events import ReceivedEvent
 from daemon.gateway import StoreGateway
+from daemon.ordering import CausalOrdering
 from daemon.sweeper import SweepSettings, run_sweeper, sweep
 from store.db import Store
 
@@ -167,3 +171,52 @@ def test_housekeeping_prunes_by_retention(store: Store) -> None:
     assert report.pruned_outbox == 2
     assert [r[0] for r in conn.execute("SELECT id FROM events")] == ["recent"]
     assert sorted(r[0] for r in conn.execute("SELECT id FROM outbox")) == ["done-new", "waiting"]
+
+
+def test_a_rolled_back_pass_does_not_postpone_proactive_alarms(store: Store) -> None:
+    conn = store.conn
+    lonely = Automation.model_validate(
+        {
+            "name": "no walks",
+            "trigger": {
+                "type": "event",
+                "expect": ["animal.walked"],
+                "posture": "Proactive",
+                "threshold": 1,
+                "within": 30,
+            },
+            "actions": [{"type": "do-nothing"}],
+        }
+    )
+    engine = Engine()
+    engine.load_automations(conn, [lonely], NOW)
+    sweep(conn, engine, SETTINGS, NOW)  # opens the window [NOW, NOW + 30 s)
+    # the periodic half of the next pass fails after the proactive half fired
+    lost = ReceivedEvent.model_validate(
+        {
+            "occurred": NOW - timedelta(hours=1),
+            "received": NOW - timedelta(hours=1),
+            "event": "animal.walked",
+            "resource": {"prefect.resource.id": "spider"},
+            "id": uuid4(),
+            "follows": uuid4(),
+        }
+    )
+    with conn:
+        CausalOrdering(ORDERING_SCOPE, conn).record_follower(lost)
+    conn.execute(
+        "CREATE TEMP TRIGGER refuse BEFORE DELETE ON ordering_followers "
+        "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
+    )
+    with pytest.raises(apsw.ConstraintError):
+        sweep(conn, engine, SETTINGS, NOW + timedelta(seconds=30))
+    assert outbox_rows(conn) == 0  # the firing rolled back with the pass
+    conn.execute("DROP TRIGGER refuse")
+    sweep(conn, engine, SETTINGS, NOW + timedelta(seconds=31))
+    assert outbox_rows(conn) == 1  # fired at the next pass, not a whole window later
+
+
+def outbox_rows(conn: apsw.Connection) -> int:
+    row = conn.execute("SELECT count(*) FROM outbox").fetchone()
+    assert row is not None
+    return int(row[0])
