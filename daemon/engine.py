@@ -506,6 +506,13 @@ class Engine:
             self._ordering = (conn, ordering)
         return self._ordering[1]
 
+    def rolled_back(self) -> None:
+        """The caller's transaction did not commit (its COMMIT may have failed after this
+        engine returned): forget what was cached from it, so the next batch rereads the
+        events clock and reruns every proactive trigger."""
+        self._clock_conn = None
+        self.next_proactive_runs.clear()
+
     def _ensure_clock(self, conn: apsw.Connection) -> None:
         """Read the persisted events clock once per connection (i.e. at startup)."""
         if self._clock_conn is not conn:

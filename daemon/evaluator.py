@@ -88,6 +88,8 @@ class BatchEngine(Protocol):
         self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
     ) -> Sequence[Outcome]: ...
 
+    def rolled_back(self) -> None: ...
+
 
 def _process_in_transaction(
     conn: apsw.Connection,
@@ -95,8 +97,12 @@ def _process_in_transaction(
     events: Sequence[ReceivedEvent],
     now: datetime,
 ) -> Sequence[Outcome]:
-    with conn:
-        outcome = engine.process_batch(conn, events, now)
+    try:
+        with conn:
+            outcome = engine.process_batch(conn, events, now)
+    except BaseException:
+        engine.rolled_back()  # the COMMIT itself may be what failed
+        raise
     return outcome
 
 

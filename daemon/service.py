@@ -71,8 +71,12 @@ class InboxPump:
         self._wake.set()
 
     def _drain(self, conn: apsw.Connection) -> int:
-        with conn:
-            self._engine.process_batch(conn, [], self._clock())
+        try:
+            with conn:
+                self._engine.process_batch(conn, [], self._clock())
+        except BaseException:
+            self._engine.rolled_back()
+            raise
         return inbox_size(conn)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -58,7 +58,7 @@ def sweep(
     except BaseException:
         # the firings of this pass rolled back: so must the schedule that counted on them,
         # or an alarm would wait a whole `within` more (an early proactive run is harmless)
-        engine.next_proactive_runs.clear()
+        engine.rolled_back()
         raise
     report = SweepReport(next_proactive, swept_buckets=swept)
     with conn:

@@ -89,6 +89,9 @@ class GatedEngine:
         self.gate.wait()
         return self.inner.process_batch(conn, events, now)
 
+    def rolled_back(self) -> None:
+        self.inner.rolled_back()
+
 
 @attrs.define
 class PoisonEngine:
@@ -104,6 +107,9 @@ class PoisonEngine:
         if any(event.id == self.poison for event in events):
             raise RuntimeError("boom")
         return outcomes
+
+    def rolled_back(self) -> None:
+        self.inner.rolled_back()
 
 
 @attrs.define
@@ -122,6 +128,9 @@ class FullDiskEngine:
         if self.calls <= self.failures:
             raise apsw.FullError("database or disk is full")
         return outcomes
+
+    def rolled_back(self) -> None:
+        self.inner.rolled_back()
 
 
 @pytest.fixture

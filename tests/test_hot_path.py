@@ -26,7 +26,7 @@ import trio
 from daemon.automations import Automation
 from daemon.buckets import Bucket, EventRef
 from daemon.engine import Engine, Outcome
-from daemon.evaluator import Submission, run_evaluator
+from daemon.evaluator import Submission, _process_in_transaction, run_evaluator
 from daemon.events import ReceivedEvent, Resource, parse_incoming_event
 from daemon.gateway import StoreGateway
 from daemon.ordering import CausalOrdering, EventArrivedEarly
@@ -322,6 +322,9 @@ class NoReport:
     ) -> Sequence[Outcome]:
         return self.inner.process_batch(conn, events, now)
 
+    def rolled_back(self) -> None:
+        self.inner.rolled_back()
+
 
 @pytest.mark.parametrize(
     ("names", "expected_wakes"), [(["one"], 1), (["none"], 0), (["none", "one"], 1)]
@@ -395,3 +398,28 @@ def test_the_writer_connection_gets_its_page_cache(store: Store) -> None:
     row = store.conn.execute("PRAGMA cache_size").fetchone()
     assert row is not None
     assert row[0] == -WRITER_CACHE_KIB
+
+
+def test_a_failed_commit_makes_the_engine_reread_its_events_clock(store: Store) -> None:
+    """A COMMIT can fail after the engine returned (a full disk, a deferred constraint): the
+    events clock it advanced in memory must go back to what the database holds."""
+    conn = store.conn
+    engine = Engine()
+    first = event("a", 1)
+    _process_in_transaction(conn, engine, [first], NOW)
+    committed = engine.clock.copy()
+    conn.execute(
+        "CREATE TABLE parent (id TEXT PRIMARY KEY);"
+        "CREATE TABLE child (parent_id TEXT REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);"
+        "CREATE TEMP TRIGGER dangle AFTER INSERT ON events "
+        "BEGIN INSERT INTO child VALUES ('nobody'); END"
+    )
+    later = event("b", 5)
+    with pytest.raises(apsw.ConstraintError):  # at COMMIT: the foreign key is deferred
+        _process_in_transaction(conn, engine, [later], NOW + timedelta(seconds=5))
+    assert engine.clock != committed  # what the engine did before the COMMIT failed
+    conn.execute("DROP TRIGGER dangle")
+    assert [row[0] for row in conn.execute("SELECT id FROM events")] == [str(first.id)]
+    with conn:
+        engine.process_batch(conn, [], NOW)  # the next batch starts from the stored clock
+    assert engine.clock == committed
