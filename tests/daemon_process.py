@@ -15,7 +15,7 @@ import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -42,6 +42,34 @@ def write_config(directory: Path, automations: Sequence[Path] = (), **sections: 
     path = directory / "trigd.toml"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+SECRET: Final = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+
+
+def burst_automation(
+    url: str, name: str = "pump pressure burst", threshold: int = 3
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "trigger": {
+            "type": "event",
+            "match": {"prefect.resource.id": "pump.*"},
+            "expect": ["pump.pressure.high"],
+            "for_each": ["prefect.resource.id"],
+            "posture": "Reactive",
+            "threshold": threshold,
+            "within": 60,
+        },
+        "actions": [
+            {
+                "type": "call-webhook",
+                "url": url,
+                "payload": '{"text": "{{ automation.name }}: {{ event.resource.id }}"}',
+                "secret": SECRET,
+            }
+        ],
+    }
 
 
 def write_automations(directory: Path, automations: list[dict[str, Any]]) -> Path:

@@ -8,43 +8,21 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 import trio
 from standardwebhooks import Webhook
 
-from tests.daemon_process import running_daemon, write_automations, write_config
+from tests.daemon_process import (
+    SECRET,
+    burst_automation,
+    running_daemon,
+    write_automations,
+    write_config,
+)
 from tests.test_sender_support import Receiver, answer, run_receiver
 
 pytestmark = pytest.mark.slow
-
-SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
-
-
-def burst_automation(
-    url: str, name: str = "pump pressure burst", threshold: int = 3
-) -> dict[str, Any]:
-    return {
-        "name": name,
-        "trigger": {
-            "type": "event",
-            "match": {"prefect.resource.id": "pump.*"},
-            "expect": ["pump.pressure.high"],
-            "for_each": ["prefect.resource.id"],
-            "posture": "Reactive",
-            "threshold": threshold,
-            "within": 60,
-        },
-        "actions": [
-            {
-                "type": "call-webhook",
-                "url": url,
-                "payload": '{"text": "{{ automation.name }}: {{ event.resource.id }}"}',
-                "secret": SECRET,
-            }
-        ],
-    }
 
 
 def pressure(pump: str = "pump.7") -> str:

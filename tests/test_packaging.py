@@ -18,7 +18,7 @@ import signal
 import subprocess
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Final
+from typing import Final
 
 import pytest
 import trio
@@ -26,7 +26,7 @@ from standardwebhooks import Webhook
 
 from daemon import __version__
 from daemon.check import check_command
-from tests.daemon_process import Daemon, write_automations, write_config
+from tests.daemon_process import SECRET, Daemon, burst_automation, write_automations, write_config
 from tests.test_sender_support import Receiver, answer, run_receiver
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -34,7 +34,6 @@ PACKAGING: Final = ROOT / "packaging"
 UNIT: Final = PACKAGING / "trigd.service"
 EXAMPLE: Final = PACKAGING / "examples" / "example.yaml"
 BINARY: Final = ROOT / "dist" / "trigd"
-SECRET: Final = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 MAX_EXPOSURE: Final = 2.5  # systemd-analyze security's scale, 0 (best) to 10
 BUILD_TIMEOUT: Final = 900  # seconds for `make binary deb` on a 2-core machine
 
@@ -300,29 +299,6 @@ def built() -> Path:
     debs = sorted((ROOT / "dist").glob(f"trigd_{__version__}_*.deb"))
     assert len(debs) == 1, debs
     return debs[0]
-
-
-def burst_automation(url: str) -> dict[str, Any]:
-    return {
-        "name": "pump pressure burst",
-        "trigger": {
-            "type": "event",
-            "match": {"prefect.resource.id": "pump.*"},
-            "expect": ["pump.pressure.high"],
-            "for_each": ["prefect.resource.id"],
-            "posture": "Reactive",
-            "threshold": 3,
-            "within": 60,
-        },
-        "actions": [
-            {
-                "type": "call-webhook",
-                "url": url,
-                "payload": '{"text": "{{ automation.name }}: {{ event.resource.id }}"}',
-                "secret": SECRET,
-            }
-        ],
-    }
 
 
 def daemon_env(**extra: str) -> dict[str, str]:
