@@ -311,10 +311,14 @@ def _no_resource_id() -> str:
     return json.dumps(event_dict(resource={"site": "north"}))
 
 
+# Scenarios 83, 84 and 86 (Prefect's message-bus guards) become: a frame without usable
+# data, an object without the event's fields, and an unreadable id are each refused.
 BAD_FRAMES: list[tuple[str, str | bytes, str]] = [
     ("not json", "{nope", "Invalid JSON"),
+    ("i83 empty frame", "", "Invalid JSON"),
     ("json, not an event", "42", "Input should be an object"),
-    ("object, not an event", '{"hello": "world"}', "event: Field required"),
+    ("i84 object, not an event", '{"hello": "world"}', "event: Field required"),
+    ("i86 id not a uuid", json.dumps(event_dict(id="do you even UUID, bro?")), "id: "),
     ("missing resource id", _no_resource_id(), "resource: Resources must include"),
     ("related without role", json.dumps(event_dict(related=[{"prefect.resource.id": "x"}])), ""),
     ("follows itself", "", "follows"),
