@@ -142,6 +142,8 @@ def scripted(*replies: Reply) -> Any:
 async def test_delivers_on_2xx_with_verifiable_signature(
     nursery: trio.Nursery, store: Store, secret: str, verifier_key: str | bytes
 ) -> None:
+    """Scenario 119 with trigd's inline webhook: the body, status and response headers
+    (minus Prefect's redacted ones) are recorded in `prefect.automation.action.executed`."""
     reply = Reply(
         200,
         {
