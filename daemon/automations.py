@@ -49,6 +49,7 @@ from daemon.trigger_models import (
 __all__ = [
     "ACTION_TYPES",
     "AUTOMATION_NAMESPACE",
+    "AUTOMATION_SUFFIXES",
     "TRIGGER_TYPES",
     "ActionTypes",
     "AnyAction",
@@ -65,6 +66,7 @@ __all__ = [
     "SequenceTrigger",
     "TriggerTypes",
     "automation_id_for",
+    "expand_automation_paths",
     "load_automation_files",
     "parse_trigger",
     "trigger_id_for",
@@ -248,20 +250,30 @@ def field_path(loc: Sequence[int | str]) -> str:
     return format_loc(parts)
 
 
-def _expand(path: str | Path) -> tuple[list[Path], str | None]:
-    text = str(path)
-    if any(c in text for c in "*?["):
-        found = sorted(Path(p) for p in glob.glob(text, recursive=True))
-        return found, None if found else f"{text}: no files match"
-    candidate = Path(path)
-    if candidate.is_dir():
-        return sorted(p for p in candidate.iterdir() if p.suffix in _SUFFIXES), None
-    if not candidate.exists():
-        return [], f"{text}: no such file"
-    return [candidate], None
+AUTOMATION_SUFFIXES: Final = frozenset({".yaml", ".yml", ".json"})
+"""What a directory named as an automation path contributes."""
 
 
-_SUFFIXES: Final = frozenset({".yaml", ".yml", ".json"})
+def expand_automation_paths(paths: Sequence[str | Path]) -> tuple[list[Path], list[str]]:
+    """The files that files, globs and directories name, in order (duplicates kept), and
+    one problem per path that names nothing."""
+    files: list[Path] = []
+    problems: list[str] = []
+    for path in paths:
+        text = str(path)
+        candidate = Path(path)
+        if any(c in text for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True))
+            files.extend(found)
+            if not found:
+                problems.append(f"{text}: no files match")
+        elif candidate.is_dir():
+            files.extend(sorted(p for p in candidate.iterdir() if p.suffix in AUTOMATION_SUFFIXES))
+        elif candidate.exists():
+            files.append(candidate)
+        else:
+            problems.append(f"{text}: no such file")
+    return files, problems
 
 
 def _read_documents(path: Path) -> list[Any]:
@@ -286,16 +298,10 @@ def load_automation_files(
     `updated` gets `loaded_at`, or else its file's modification time. Every problem of
     every file is reported together in one AutomationFileError.
     """
-    problems: list[str] = []
+    files, problems = expand_automation_paths(paths)
     automations: list[Automation] = []
     by_name: dict[str, str] = {}
     by_id: dict[UUID, str] = {}
-    files: list[Path] = []
-    for path in paths:
-        found, problem = _expand(path)
-        files.extend(found)
-        if problem:
-            problems.append(problem)
     for file in dict.fromkeys(files):
         try:
             documents = _read_documents(file)

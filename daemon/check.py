@@ -9,7 +9,6 @@ line per config file and per automation goes to `out`; otherwise every problem g
 
 from __future__ import annotations
 
-import glob
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, TextIO
@@ -21,6 +20,7 @@ from daemon.automations import (
     EventTrigger,
     SequenceTrigger,
     TriggerTypes,
+    expand_automation_paths,
     load_automation_files,
 )
 from daemon.config import Config, ConfigError, load_config
@@ -29,8 +29,6 @@ from daemon.durations import format_duration
 EXIT_OK: Final = 0
 EXIT_INVALID: Final = 1
 CONFIG_SUFFIX: Final = ".toml"
-AUTOMATION_SUFFIXES: Final = frozenset({".yaml", ".yml", ".json"})
-GLOB_CHARACTERS: Final = frozenset("*?[")
 
 
 def check_command(paths: Sequence[str], out: TextIO, err: TextIO) -> int:
@@ -69,22 +67,7 @@ def _config_summary(config: Config) -> str:
 
 def _expand(paths: Sequence[str]) -> tuple[list[Path], list[str]]:
     """Files to check, one by one so each automation is reported with its own file."""
-    files: list[Path] = []
-    problems: list[str] = []
-    for text in paths:
-        if GLOB_CHARACTERS & set(text):
-            found = sorted(Path(p) for p in glob.glob(text, recursive=True))
-            files.extend(found)
-            if not found:
-                problems.append(f"{text}: no files match")
-            continue
-        path = Path(text)
-        if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.suffix in AUTOMATION_SUFFIXES))
-        elif path.exists():
-            files.append(path)
-        else:
-            problems.append(f"{text}: no such file")
+    files, problems = expand_automation_paths(paths)
     unique: dict[Path, Path] = {}
     for file in files:  # one file named twice (a path and a glob) is checked once
         unique.setdefault(file.resolve(), file)
