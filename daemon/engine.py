@@ -528,6 +528,3 @@ class Engine:
         self._ensure_clock(conn)
         self.clock.reset()
         events_store.write_meta(conn, META_KEY, self.clock.to_json())
-
-    def loaded_trigger(self, trigger_id: UUID) -> EventTrigger:
-        return self._loaded[trigger_id].trigger

@@ -165,13 +165,3 @@ def delete_trigger_buckets(conn: apsw.Connection, trigger_ids: Collection[str]) 
         conn.execute("DELETE FROM buckets WHERE trigger_id = ?", (trigger_id,))
         total += conn.changes()
     return total
-
-
-def count_buckets(conn: apsw.Connection, trigger_id: str | None = None) -> int:
-    if trigger_id is None:
-        row = conn.execute("SELECT count(*) FROM buckets").fetchone()
-    else:
-        row = conn.execute(
-            "SELECT count(*) FROM buckets WHERE trigger_id = ?", (trigger_id,)
-        ).fetchone()
-    return 0 if row is None else int(row[0])

@@ -48,11 +48,6 @@ def prune_events(conn: apsw.Connection, received_before_us: int) -> int:
     return conn.changes()
 
 
-def last_event_received_us(conn: apsw.Connection) -> int | None:
-    row = conn.execute("SELECT max(received_us) FROM events").fetchone()
-    return None if row is None or row[0] is None else int(row[0])
-
-
 def push_inbox(conn: apsw.Connection, event_json: Iterable[str]) -> None:
     """Queue events trigd produced, to be evaluated by a later batch."""
     conn.executemany("INSERT INTO inbox (event) VALUES (?)", ((e,) for e in event_json))
