@@ -33,6 +33,11 @@ def to_us(value: datetime) -> int:
     return (value - _EPOCH) // _US
 
 
+def span_us(span: timedelta) -> int:
+    """A duration in whole microseconds (floored, as `to_us` floors)."""
+    return span // _US
+
+
 def from_us(value: int) -> datetime:
     return _EPOCH + timedelta(microseconds=value)
 

@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
-from typing import Final
+from datetime import datetime
 from uuid import UUID
 
 import apsw
 
 from daemon.automations import Automation, CompoundTrigger, SequenceTrigger
-from daemon.clock import to_us
+from daemon.clock import span_us, to_us
 from daemon.firings import Firing, TriggerState
 from store import composite as composite_store
 from store.composite import ChildFiringRow
@@ -43,8 +42,6 @@ from store.composite import ChildFiringRow
 logger = logging.getLogger(__name__)
 
 CompositeParent = CompoundTrigger | SequenceTrigger
-
-_MICROSECOND: Final = timedelta(microseconds=1)
 
 
 def evaluate_composite_trigger(
@@ -70,7 +67,7 @@ def evaluate_composite_trigger(
 
     automation_id, parent_id = str(automation.id), str(parent.id)
     event_us = to_us(event_time)
-    within_us = None if parent.within is None else parent.within // _MICROSECOND
+    within_us = None if parent.within is None else span_us(parent.within)
     if within_us is not None:
         composite_store.expire_child_firings(conn, automation_id, parent_id, event_us - within_us)
     composite_store.upsert_child_firing(

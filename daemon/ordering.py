@@ -43,7 +43,7 @@ from uuid import UUID
 
 import apsw
 
-from daemon.clock import to_us
+from daemon.clock import span_us, to_us
 from daemon.events import Event, ReceivedEvent
 from store import ordering as db
 
@@ -52,10 +52,6 @@ logger = logging.getLogger(__name__)
 PRECEDING_EVENT_LOOKBACK: Final = timedelta(minutes=15)  # max wait for a leader
 SEEN_EXPIRATION: Final = timedelta(hours=1)  # trigd: by time only, never by count
 MAX_DEPTH_OF_PRECEDING_EVENT: Final = 20  # followers released per original arrival
-
-
-def _span_us(span: timedelta) -> int:
-    return span // timedelta(microseconds=1)
 
 
 class EventHandler(Protocol):
@@ -143,8 +139,8 @@ class CausalOrdering:
         self.preceding_event_lookback: Final = preceding_event_lookback
         self.seen_expiration: Final = seen_expiration
         self.max_depth: Final = max_depth
-        self._lookback_us = _span_us(preceding_event_lookback)
-        self._expiration_us = _span_us(seen_expiration)
+        self._lookback_us = span_us(preceding_event_lookback)
+        self._expiration_us = span_us(seen_expiration)
         self._state = _STATE.setdefault(conn, {}).setdefault(scope, _ScopeState())
         self._in_flight = self._state.in_flight
 
