@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
 
 import apsw
 
+from daemon.clock import from_us
 from store.db import Store, StoreError
 
 
@@ -22,7 +22,7 @@ def _scalar(conn: apsw.Connection, sql: str) -> int:
 def _time(us: int | None) -> str | None:
     if us is None:
         return None
-    return datetime.fromtimestamp(us / 1_000_000, UTC).isoformat().replace("+00:00", "Z")
+    return from_us(us).isoformat().replace("+00:00", "Z")
 
 
 def summarise(conn: apsw.Connection) -> dict[str, Any]:
