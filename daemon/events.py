@@ -28,6 +28,8 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails
 
+from daemon.clock import wall_clock
+
 # Limits from Prefect's settings (SEMANTICS §11). Module attributes, read at validation
 # time, so tests can shrink them with monkeypatch.
 MAXIMUM_LABELS_PER_RESOURCE = 500
@@ -238,14 +240,10 @@ def uuid7() -> UUID:
     return UUID(int=uuid6.uuid7().int)
 
 
-def _now_utc() -> datetime:
-    return datetime.now(UTC)
-
-
 class ReceivedEvent(Event):
     """An event after the server got it: `received` is the server's clock."""
 
-    received: UTCDateTime = Field(default_factory=_now_utc)
+    received: UTCDateTime = Field(default_factory=wall_clock)
 
 
 class _IncomingEvent(BaseModel):

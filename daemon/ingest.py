@@ -32,7 +32,7 @@ import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Final, cast
 
 import attrs
@@ -42,6 +42,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import CloseConnection, Ping, TextMessage
 
+from daemon.clock import wall_clock
 from daemon.config import ServerConfig
 from daemon.evaluator import Submission
 from daemon.handshake import (
@@ -207,10 +208,6 @@ class _RateLimitedLog:
             self.suppressed += 1
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 @attrs.define
 class _Ingest:
     settings: ServerConfig
@@ -366,7 +363,7 @@ async def run_ingest(
     settings: ServerConfig,
     submit: trio.MemorySendChannel[Submission],
     *,
-    clock: Callable[[], datetime] = _utc_now,
+    clock: Callable[[], datetime] = wall_clock,
     stats: IngestStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:

@@ -27,7 +27,7 @@ import logging
 import math
 from collections import Counter
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from random import Random as _StdRandom
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -40,7 +40,7 @@ from pydantic import ValidationError
 from daemon import __version__
 from daemon.acting import action_event
 from daemon.action_models import CallWebhook
-from daemon.clock import from_us, to_us
+from daemon.clock import from_us, to_us, wall_clock
 from daemon.config import DeliveryConfig
 from daemon.delivery import (
     AttemptOutcome,
@@ -106,10 +106,6 @@ class SleepingClock(Protocol):
     def __call__(self) -> datetime: ...
 
     async def sleep_until(self, when: datetime) -> None: ...
-
-
-def system_clock() -> datetime:
-    return datetime.now(UTC)
 
 
 def _no_emit(events: Sequence[ReceivedEvent]) -> None:
@@ -432,7 +428,7 @@ async def run_sender(
     gateway: StoreGateway,
     settings: DeliveryConfig,
     *,
-    clock: Callable[[], datetime] = system_clock,
+    clock: Callable[[], datetime] = wall_clock,
     emit: Callable[[Sequence[ReceivedEvent]], None] = _no_emit,
     random: Random | None = None,
     task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED,

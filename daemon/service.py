@@ -20,7 +20,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +28,7 @@ import apsw
 import trio
 
 from daemon.automations import Automation, AutomationFileError, load_automation_files
+from daemon.clock import wall_clock
 from daemon.config import Config, ConfigError, load_config
 from daemon.engine import Engine
 from daemon.evaluator import Submission, run_evaluator
@@ -40,10 +41,6 @@ from store.db import Store, StoreError
 from store.events import inbox_size
 
 log = logging.getLogger("trigd")
-
-
-def wall_clock() -> datetime:
-    return datetime.now(UTC)
 
 
 def engine_for(config: Config) -> Engine:

@@ -15,13 +15,13 @@ import trio
 from standardwebhooks.webhooks import Webhook
 
 from daemon import __version__
-from daemon.clock import from_us, to_us
+from daemon.clock import from_us, to_us, wall_clock
 from daemon.config import DeliveryConfig
 from daemon.delivery import DeliveryState, action_triggered_event_id
 from daemon.events import ReceivedEvent
 from daemon.firings import TriggeredAction
 from daemon.gateway import StoreGateway
-from daemon.sender import Sender, run_sender, system_clock
+from daemon.sender import Sender, run_sender
 from store import outbox
 from store.db import Store
 from store.events import peek_inbox
@@ -156,7 +156,7 @@ async def test_delivers_on_2xx_with_verifiable_signature(
         b'{"ok": true}',
     )
     receiver = await nursery.start(run_receiver, scripted(reply))
-    harness = await start(nursery, store, clock=system_clock)
+    harness = await start(nursery, store, clock=wall_clock)
     triggered = webhook(receiver, headers={"X-Team": "ops"}, secret=secret)
     await harness.enqueue(triggered)
 
