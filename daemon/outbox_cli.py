@@ -9,12 +9,11 @@ notices revived rows on its next look at the outbox, within a minute at most.
 from __future__ import annotations
 
 import argparse
-from datetime import UTC, datetime
 from typing import Final, TextIO
 
 import apsw
 
-from daemon.clock import from_us, to_us
+from daemon.clock import from_us, to_us, wall_clock
 from daemon.delivery import DeliveryState, IllegalMove
 from store import outbox
 from store.db import SCHEMA_VERSION, DatabaseTooNew, Store, StoreError, user_version
@@ -67,7 +66,7 @@ def _retry(path: str, row_id: str | None, dead: bool, out: TextIO, err: TextIO) 
         if user_version(conn) > SCHEMA_VERSION:
             raise DatabaseTooNew(f"{path}: database schema is newer than this trigd understands")
         conn.transaction_mode = "IMMEDIATE"
-        now_us = to_us(datetime.now(UTC))
+        now_us = to_us(wall_clock())
         with conn:
             if dead:
                 count = outbox.revive_all_dead(conn, now_us)
