@@ -9,11 +9,11 @@ order judge a replayed backlog as it happened, not as it was processed.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final, NamedTuple
+from typing import NamedTuple
 
 import apsw
 
-_CHUNK: Final = 500  # ids per IN (...) clause, well under SQLite's bound-parameter limit
+from store.db import in_chunks
 
 
 class ChildFiringRow(NamedTuple):
@@ -88,9 +88,7 @@ def take_child_firings(
     caller can tell whether it consumed the whole set it read."""
     ids = list(child_firing_ids)
     taken: set[str] = set()
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in in_chunks(ids):
         taken.update(
             str(row[0])
             for row in conn.execute(
@@ -109,9 +107,7 @@ def forget_triggers(conn: apsw.Connection, trigger_ids: Iterable[str]) -> int:
     many rows went."""
     ids = list(trigger_ids)
     removed = 0
-    for start in range(0, len(ids), _CHUNK):
-        chunk = ids[start : start + _CHUNK]
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in in_chunks(ids):
         conn.execute(
             "DELETE FROM composite_child_firings "
             f"WHERE parent_trigger_id IN ({marks}) OR child_trigger_id IN ({marks})",

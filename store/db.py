@@ -14,7 +14,7 @@ import contextlib
 import fcntl
 import importlib.resources
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Final, Literal
 
@@ -27,6 +27,7 @@ BUSY_TIMEOUT_MS: Final = 5_000
 WRITER_CACHE_KIB: Final = 32_768  # KiB of page cache for the writer connection (default 2 MiB)
 """Big enough for the hot pages (index tails, open buckets) of a busy database: at 100,000
 events and as many open buckets the default cache missed about once per event."""
+IN_CHUNK: Final = 500  # ids per IN (...) clause, well under SQLite's bound-parameter limit
 
 Synchronous = Literal["full", "normal"]
 
@@ -62,6 +63,13 @@ def _apply_best_practice() -> None:
     if not _best_practice_applied:
         apsw.bestpractice.apply(apsw.bestpractice.recommended)
         _best_practice_applied = True
+
+
+def in_chunks(ids: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
+    """Slices of `ids` small enough for one `IN (...)`, each with its `?,?,...` marks."""
+    for start in range(0, len(ids), IN_CHUNK):
+        chunk = ids[start : start + IN_CHUNK]
+        yield chunk, ",".join("?" * len(chunk))
 
 
 def user_version(conn: apsw.Connection) -> int:

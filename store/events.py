@@ -10,6 +10,8 @@ from typing import NamedTuple
 
 import apsw
 
+from store.db import in_chunks
+
 
 class StoredEvent(NamedTuple):
     id: str
@@ -33,9 +35,7 @@ def insert_events(conn: apsw.Connection, rows: Iterable[StoredEvent]) -> None:
 def known_ids(conn: apsw.Connection, ids: Sequence[str]) -> set[str]:
     """Which of these event ids are stored already (the duplicate check)."""
     found: set[str] = set()
-    for start in range(0, len(ids), 500):
-        chunk = ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in in_chunks(ids):
         found.update(
             row[0] for row in conn.execute(f"SELECT id FROM events WHERE id IN ({marks})", chunk)
         )
