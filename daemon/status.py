@@ -12,6 +12,8 @@ import apsw
 
 from daemon.clock import from_us
 from store.db import Store, StoreError
+from store.events import inbox_size
+from store.ordering import parked_count
 
 
 def _scalar(conn: apsw.Connection, sql: str) -> int:
@@ -37,8 +39,8 @@ def summarise(conn: apsw.Connection) -> dict[str, Any]:
     return {
         "automations": automations,
         "open_buckets": _scalar(conn, "SELECT count(*) FROM buckets"),
-        "parked_followers": _scalar(conn, "SELECT count(*) FROM ordering_followers"),
-        "inbox": _scalar(conn, "SELECT count(*) FROM inbox"),
+        "parked_followers": parked_count(conn),
+        "inbox": inbox_size(conn),
         "events_stored": _scalar(conn, "SELECT count(*) FROM events"),
         "last_event_received": _time(last[0] if last else None),
         "last_event_occurred": _time(last[1] if last else None),
