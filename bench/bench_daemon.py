@@ -37,15 +37,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Final, TextIO, TypeVar
 
 import attrs
 import trio
 import uuid6
-from trio_websocket import WebSocketConnection, open_websocket_url
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Event,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 PEERS: Final = Path(__file__).resolve().parent / "peers.py"
@@ -65,6 +74,10 @@ TARGET_RSS_MB: Final = 150.0
 
 LISTENING: Final = re.compile(r"trigd listening on ws://127\.0\.0\.1:(\d+)")
 _ACK: Final = '{"type":"ack","id":"'
+_ACK_BYTES: Final = _ACK.encode()
+RECEIVE_BYTES: Final = 65_536  # bytes per socket read
+CHUNK_FRAMES: Final = 64  # frames per write when sending flat out
+E = TypeVar("E", bound=Event)
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
@@ -238,61 +251,103 @@ class Phase:
 
 
 class Client:
-    """One trigd.v1 connection; a reader task times every ack against its send."""
+    """One trigd.v1 connection on a plain socket, so the client costs little next to trigd.
 
-    def __init__(self, ws: WebSocketConnection) -> None:
-        self.ws = ws
-        self.sent_at: dict[str, float] = {}
+    wsproto does the opening handshake and masks every frame before the clock starts; the
+    frames are then written in runs of up to ``CHUNK_FRAMES`` per ``send_all`` when sending
+    flat out (one per write when paced), and the server's unmasked ack frames are sliced
+    by hand. trigd acks in frame order, so each ack is checked against the next id sent.
+    """
+
+    def __init__(self, stream: trio.SocketStream, ws: WSConnection) -> None:
+        self.stream = stream
+        self._ws = ws
+        self.pending: deque[tuple[str, float]] = deque()
         self.latencies: list[float] = []
         self.nacks = 0
         self.last_ack = 0.0
+        self._buffer = bytearray()
         self._expected = 0
         self._all_acked = trio.Event()
 
     @classmethod
     async def connect(cls, port: int, nursery: trio.Nursery) -> Client:
-        ws = await nursery.start(_open, f"ws://127.0.0.1:{port}/api/events/in")
-        await ws.send_message('{"type":"auth","token":""}')
-        reply = await ws.get_message()
-        if "auth_success" not in reply:
-            raise RuntimeError(f"auth refused: {reply!r}")
-        client = cls(ws)
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        ws = WSConnection(ConnectionType.CLIENT)
+        await stream.send_all(
+            ws.send(Request(host="127.0.0.1", target="/api/events/in", subprotocols=["trigd.v1"]))
+        )
+        await _next_ws_event(stream, ws, AcceptConnection)
+        await stream.send_all(ws.send(TextMessage(data='{"type":"auth","token":""}')))
+        reply = await _next_ws_event(stream, ws, TextMessage)
+        if "auth_success" not in reply.data:
+            raise RuntimeError(f"auth refused: {reply.data!r}")
+        client = cls(stream, ws)
         nursery.start_soon(client._read)
         return client
 
+    def encode(self, batch: Sequence[tuple[str, str]]) -> list[tuple[str, bytes]]:
+        """Each frame masked and framed ahead of time (wsproto picks a fresh mask each)."""
+        send = self._ws.send
+        return [(event_id, send(TextMessage(data=frame))) for event_id, frame in batch]
+
     async def _read(self) -> None:
-        sent_at, latencies = self.sent_at, self.latencies
+        buffer, pending, latencies = self._buffer, self.pending, self.latencies
         clock = time.perf_counter
+        ack_len = len(_ACK)
         while True:
-            reply = await self.ws.get_message()
+            data = await self.stream.receive_some(RECEIVE_BYTES)
+            if not data:
+                raise RuntimeError("trigd closed the connection")
             now = clock()
-            assert isinstance(reply, str)
-            if reply.startswith(_ACK):
-                started = sent_at.pop(reply[len(_ACK) : len(_ACK) + 36])
-            else:
-                self.nacks += 1
-                started = sent_at.pop(json.loads(reply)["id"])
-            latencies.append((now - started) * 1000)
+            buffer += data
+            at = 0
+            while len(buffer) - at >= 2:
+                opcode, size = buffer[at] & 0x0F, buffer[at + 1] & 0x7F
+                head = 2
+                if size == 126:
+                    head, size = 4, int.from_bytes(buffer[at + 2 : at + 4], "big")
+                elif size == 127:
+                    head, size = 10, int.from_bytes(buffer[at + 2 : at + 10], "big")
+                if len(buffer) - at < head + size:
+                    break
+                body = bytes(buffer[at + head : at + head + size])
+                at += head + size
+                if opcode != 0x1:
+                    raise RuntimeError(f"unexpected frame opcode {opcode}: {body!r}")
+                event_id, started = pending.popleft()
+                if body.startswith(_ACK_BYTES):
+                    acked = body[ack_len : ack_len + 36].decode()
+                else:
+                    self.nacks += 1
+                    acked = json.loads(body)["id"]
+                if acked != event_id:
+                    raise RuntimeError(f"reply for {acked} while {event_id} was next")
+                latencies.append((now - started) * 1000)
+            del buffer[:at]
             self.last_ack = now
-            if not sent_at and len(latencies) >= self._expected:
+            if not pending and len(latencies) >= self._expected:
                 self._all_acked.set()
 
-    async def run(self, batch: Sequence[tuple[str, str]], rate: float | None, peer: int) -> Phase:
+    async def run(self, batch: Sequence[tuple[str, bytes]], rate: float | None, peer: int) -> Phase:
         """Send every frame (paced at `rate` per second, or flat out); wait for every ack."""
         self.latencies.clear()
         self.nacks = 0
         self._expected = len(batch)
         self._all_acked = trio.Event()
-        send, sent_at, clock = self.ws.send_message, self.sent_at, time.perf_counter
+        send, pending, clock = self.stream.send_all, self.pending, time.perf_counter
+        step = 1 if rate is not None else CHUNK_FRAMES
         cpu0, peer0 = _self_cpu(), _cpu_seconds(peer)
         start = clock()
-        for n, (event_id, frame) in enumerate(batch):
+        for n in range(0, len(batch), step):
             if rate is not None:
                 wait = start + n / rate - clock()
                 if wait > 0:
                     await trio.sleep(wait)
-            sent_at[event_id] = clock()
-            await send(frame)
+            run = batch[n : n + step]
+            sent = clock()
+            pending.extend((event_id, sent) for event_id, _ in run)
+            await send(b"".join(frame for _, frame in run))
         await self._all_acked.wait()
         return Phase(
             len(batch),
@@ -304,10 +359,18 @@ class Client:
         )
 
 
-async def _open(url: str, *, task_status: trio.TaskStatus[WebSocketConnection]) -> None:
-    async with open_websocket_url(url, subprotocols=["trigd.v1"]) as ws:
-        task_status.started(ws)
-        await trio.sleep_forever()
+async def _next_ws_event(stream: trio.SocketStream, ws: WSConnection, kind: type[E]) -> E:
+    """Read until wsproto yields an event of `kind` (the handshake's only reads)."""
+    while True:
+        for event in ws.events():
+            if isinstance(event, kind):
+                return event
+            if isinstance(event, RejectConnection | CloseConnection):
+                raise RuntimeError(f"trigd refused the connection: {event!r}")
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            raise RuntimeError("trigd closed the connection during the handshake")
+        ws.receive_data(data)
 
 
 async def drive(
@@ -319,8 +382,9 @@ async def drive(
 ) -> tuple[Phase, Phase | None]:
     async with trio.open_nursery() as nursery:
         client = await Client.connect(port, nursery)
-        flat_out = await client.run(sustained, None, peer)
-        steady = await client.run(paced, rate, peer) if paced else None
+        flat_frames, paced_frames = client.encode(sustained), client.encode(paced)
+        flat_out = await client.run(flat_frames, None, peer)
+        steady = await client.run(paced_frames, rate, peer) if paced else None
         nursery.cancel_scope.cancel()
     return flat_out, steady
 

@@ -4,21 +4,25 @@
     python bench/peers.py trivial    # a trigd.v1 websocket server that acks each frame at once
 
 Each prints ``port N`` on stdout once listening on 127.0.0.1 and serves until killed.
-The trivial server exists to measure what the benchmark client costs by itself: it does
-nothing per frame but slice the id out and send the ack.
+The trivial server exists to measure what the benchmark client costs by itself: after a
+wsproto handshake it does nothing per frame but unmask the id and write the ack (a run of
+acks per socket read).
 """
 
 from __future__ import annotations
 
 import sys
-from typing import Final
+from typing import Final, TypeVar
 
 import h11
 import trio
-from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+from wsproto import ConnectionType, WSConnection
+from wsproto.events import AcceptConnection, Event, Request, TextMessage
 
 RECEIVE_BYTES: Final = 65_536  # bytes per socket read
 _ID_AT: Final = len('{"id": "')  # frames from bench_daemon start with the id
+_ACK: Final = b'{"type":"ack","id":"'
+E = TypeVar("E", bound=Event)
 
 
 async def _http_client(stream: trio.SocketStream) -> None:
@@ -49,24 +53,59 @@ async def receiver() -> None:
     await trio.serve_listeners(_http_client, listeners)
 
 
-async def _trivial_client(request: WebSocketRequest) -> None:
-    ws = await request.accept(subprotocol="trigd.v1")
+async def _next_ws_event(stream: trio.SocketStream, ws: WSConnection, kind: type[E]) -> E:
+    while True:
+        for event in ws.events():
+            if isinstance(event, kind):
+                return event
+        data = await stream.receive_some(RECEIVE_BYTES)
+        if not data:
+            raise EOFError
+        ws.receive_data(data)
+
+
+def _acks(buffer: bytearray) -> tuple[bytes, int]:
+    """Ack frames for every complete (masked, single-frame) text frame; bytes consumed."""
+    out, at = bytearray(), 0
+    while len(buffer) - at >= 2:
+        size, head = buffer[at + 1] & 0x7F, 2
+        if size == 126:
+            head, size = 4, int.from_bytes(buffer[at + 2 : at + 4], "big")
+        elif size == 127:
+            head, size = 10, int.from_bytes(buffer[at + 2 : at + 10], "big")
+        if len(buffer) - at < head + 4 + size:
+            break
+        mask = buffer[at + head : at + head + 4]
+        body = at + head + 4
+        event_id = bytes(buffer[body + i] ^ mask[i % 4] for i in range(_ID_AT, _ID_AT + 36))
+        reply = _ACK + event_id + b'"}'
+        out += bytes((0x81, len(reply))) + reply
+        at = body + size
+    return bytes(out), at
+
+
+async def _trivial_client(stream: trio.SocketStream) -> None:
+    ws = WSConnection(ConnectionType.SERVER)
     try:
-        await ws.get_message()  # the auth message
-        await ws.send_message('{"type":"auth_success"}')
-        while True:
-            frame = await ws.get_message()
-            assert isinstance(frame, str)
-            event_id = frame[_ID_AT : _ID_AT + 36]
-            await ws.send_message('{"type":"ack","id":"' + event_id + '"}')
-    except ConnectionClosed:
+        await _next_ws_event(stream, ws, Request)
+        await stream.send_all(ws.send(AcceptConnection(subprotocol="trigd.v1")))
+        await _next_ws_event(stream, ws, TextMessage)  # the auth message
+        await stream.send_all(ws.send(TextMessage(data='{"type":"auth_success"}')))
+        buffer = bytearray()
+        while data := await stream.receive_some(RECEIVE_BYTES):
+            buffer += data
+            acks, used = _acks(buffer)
+            del buffer[:used]
+            if acks:
+                await stream.send_all(acks)
+    except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
         return
 
 
 async def trivial() -> None:
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(serve_websocket, _trivial_client, "127.0.0.1", 0, None)
-        print(f"port {server.port}", flush=True)
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    print(f"port {listeners[0].socket.getsockname()[1]}", flush=True)
+    await trio.serve_listeners(_trivial_client, listeners)
 
 
 if __name__ == "__main__":
