@@ -1,27 +1,35 @@
 """The ingest task: Prefect's ``/events/in`` websocket, feeding the evaluator (SPEC §4).
 
-Theory of operation. Each connection runs two tasks over one ``ReplyQueue``:
+Theory of operation. trio-websocket does the HTTP upgrade and the close handshake; what
+comes in between is handled chunk by chunk. Each connection runs two tasks over one
+``ReplyQueue``:
 
-* the reader takes frames in order, turns each into events (``decode_frame``), appends a
-  ``Submission`` per event to the reply queue and sends it to the evaluator's channel; a
-  bad frame becomes a ``Nack`` in the queue instead; a websocket ping becomes a
-  ``PingMarker`` in the queue;
+* the reader (``CheckpointConnection``'s reader task) reads the socket up to
+  ``RECEIVE_BYTES`` at a time, lets wsproto turn the chunk into messages and pings, and
+  hands all of them to the connection's ``_Session`` in one call, in order. The session
+  checks the auth message a subprotocol client owes (answering pings at once until then),
+  then turns each message into events (``decode_frame``, with one clock read per chunk),
+  appends a ``Submission`` per event to the reply queue and sends it to the evaluator's
+  channel; a bad frame becomes a ``Nack`` in the queue instead, and a ping a
+  ``PingMarker``. It only waits when a bound is full, so a chunk costs one pass through
+  trio's scheduler, not several per frame;
 * the writer pops the queue from the head as items become final: a submission once the
   evaluator resolved it (its batch committed), a nack at once, a ping marker once all
-  before it are popped. So replies (``trigd.v1`` acks and nacks) go out in frame order,
-  and a pong is sent only after every event received before its ping is committed: the
-  checkpoint Prefect's client relies on.
+  before it are popped. So replies (``trigd.v1`` acks and nacks) go out in frame order, a
+  run of them in one ``send_all``, and a pong is sent only after every event received
+  before its ping is committed: the checkpoint Prefect's client relies on.
 
-trio-websocket answers pings inside its own reader task. ``CheckpointConnection`` overrides
-that one handler to put a ``PingMarker`` into the message queue instead, in order with the
-messages; it also sends the close frame that trio-websocket omits when wsproto reports
-invalid UTF-8 (1007), and writes a run of replies in one ``send_all``.
+``CheckpointConnection`` is trio-websocket's connection with that reader: complete
+messages and pings are collected instead of each going through a channel (and pings are
+not answered by the library), whatever else wsproto reports is handled by trio-websocket
+as usual, after the frames that came before it. It also sends the close frame that
+trio-websocket omits when wsproto reports invalid UTF-8 (1007).
 
 Bounds: at most ``max_connections`` sockets (more wait in the accept backlog), one frame
 of at most ``2 * max_event_bytes`` characters buffered per connection (larger: close 1009),
 ``MAX_PENDING_REPLIES`` unresolved items per connection, and the evaluator's bounded
-channel. When any of them is full the reader stops, so trio-websocket stops reading the
-socket and TCP pushes back on the client.
+channel. When any of them is full the reader stops, so the socket is not read and TCP
+pushes back on the client.
 """
 
 from __future__ import annotations
@@ -33,14 +41,23 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
-from typing import Final, cast
+from typing import Final, Protocol, cast
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
+from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Ping, TextMessage
+from wsproto.events import (
+    BytesMessage,
+    CloseConnection,
+    Event,
+    Ping,
+    Pong,
+    Request,
+    TextMessage,
+)
+from wsproto.utilities import RemoteProtocolError
 
 from daemon.clock import wall_clock
 from daemon.config import ServerConfig
@@ -50,12 +67,14 @@ from daemon.handshake import (
     EXPECTED_AUTH,
     POLICY_VIOLATION,
     Accept,
+    Close,
     Nack,
     check_auth,
     decode_frame,
     encode_reply,
 )
 from daemon.handshake import decide as decide_handshake
+from daemon.wsframes import FrameSplitter, text_frame
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +82,6 @@ __all__ = ["IngestStats", "Submission", "run_ingest"]
 
 MAX_PENDING_REPLIES: Final = 1_024  # items per connection between the socket and its replies
 FRAME_BUFFER_FACTOR: Final = 2  # frames up to this many times max_event_bytes get a nack
-MESSAGE_QUEUE_SIZE: Final = 1  # frames trio-websocket buffers per connection
 RECEIVE_BYTES: Final = 65_536  # bytes per socket read
 CLOSE_TIMEOUT: Final = 1.0  # seconds to finish a close handshake
 ACCEPT_RETRY_DELAY: Final = 0.1  # seconds to wait when out of file descriptors
@@ -71,6 +89,7 @@ ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENO
 LOG_BURST: Final = 10  # bad-frame log lines per window
 LOG_WINDOW: Final = 60.0  # seconds
 GOING_AWAY: Final = 1001  # close code when the daemon stops
+MESSAGE_TOO_BIG: Final = 1009  # close code
 
 
 @attrs.frozen(slots=True)
@@ -80,13 +99,69 @@ class PingMarker:
     payload: bytes
 
 
+Frame = str | bytes | PingMarker
+
+
+class FrameConsumer(Protocol):
+    """Where a connection's messages and pings go (the connection's ``_Session``)."""
+
+    async def take(self, conn: CheckpointConnection, frames: list[Frame]) -> None:
+        """Handle one chunk's complete messages and pings, in order; may wait on bounds."""
+
+
 class CheckpointConnection(WebSocketConnection):
-    """A server connection whose pongs wait for the events received before the ping."""
+    """A server connection whose frames go to a consumer a chunk at a time, pings too."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        consumer: FrameConsumer,
+        *,
+        max_message_size: int,
+        receive_buffer_size: int,
+    ) -> None:
+        super().__init__(
+            stream,
+            WSConnection(ConnectionType.SERVER),
+            message_queue_size=0,  # unused: messages go to the consumer
+            max_message_size=max_message_size,
+            receive_buffer_size=receive_buffer_size,
+        )
+        self._consumer = consumer
+        self._frames: list[Frame] = []
+        self._splitter = FrameSplitter(min(max_message_size, receive_buffer_size))
+
+    async def _flush(self) -> None:
+        """Hand the frames collected so far to the consumer (none once closing)."""
+        frames, self._frames = self._frames, []
+        if frames and self._close_reason is None:
+            await self._consumer.take(self, frames)
+
+    async def _handle_message_event(self, event: TextMessage | BytesMessage) -> None:
+        # trio-websocket's, except that a complete message joins the chunk's frames.
+        data = event.data
+        self._message_size += len(data)
+        self._message_parts.append(data if isinstance(data, str) else bytes(data))
+        if self._message_size > self._max_message_size:
+            await self._flush()  # what came before this frame is handled as before
+            err = f"Exceeded maximum message size: {self._max_message_size} bytes"
+            self._message_size = 0
+            self._message_parts = []
+            self._close_reason = CloseReason(MESSAGE_TOO_BIG, err)
+            await self._send(CloseConnection(code=MESSAGE_TOO_BIG, reason=err))
+            await self._recv_channel.aclose()
+            self._reader_running = False
+        elif event.message_finished:
+            parts = self._message_parts  # all str or all bytes, as the message is
+            if isinstance(event, BytesMessage):
+                self._frames.append(b"".join(cast("list[bytes]", parts)))
+            else:
+                self._frames.append("".join(cast("list[str]", parts)))
+            self._message_size = 0
+            self._message_parts = []
 
     async def _handle_ping_event(self, event: Ping) -> None:
-        channel = cast("trio.MemorySendChannel[object]", self._send_channel)
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await channel.send(PingMarker(bytes(event.payload)))
+        self._frames.append(PingMarker(bytes(event.payload)))
 
     async def _handle_close_connection_event(self, event: CloseConnection) -> None:
         # A close event while still OPEN was made up by wsproto for a frame it could not
@@ -96,19 +171,79 @@ class CheckpointConnection(WebSocketConnection):
                 await self._send(CloseConnection(code=event.code, reason=event.reason))
         await super()._handle_close_connection_event(event)
 
-    async def next_frame(self) -> str | bytes | PingMarker:
-        """Like ``get_message``, but pings arrive too, in order."""
-        channel = cast("trio.MemoryReceiveChannel[str | bytes | PingMarker]", self._recv_channel)
-        try:
-            return await channel.receive()
-        except (trio.ClosedResourceError, trio.EndOfChannel):
-            raise ConnectionClosed(self._close_reason) from None
+    async def _dispatch(self, event: Event) -> None:
+        if isinstance(event, TextMessage | BytesMessage):
+            await self._handle_message_event(event)
+        elif isinstance(event, Ping):
+            await self._handle_ping_event(event)
+        else:
+            await self._flush()  # frames before a close (or anything else) come first
+            if isinstance(event, CloseConnection):
+                await self._handle_close_connection_event(event)
+            elif isinstance(event, Pong):
+                await self._handle_pong_event(event)
+            elif isinstance(event, Request):
+                await self._handle_request_event(event)
+            else:
+                log.warning("%s received unexpected event %r", self, event)
 
-    async def send_texts(self, texts: list[str]) -> None:
-        """Several text messages in one write (acks come in runs, one per batch)."""
-        if self._close_reason:
+    async def _reader_task(self) -> None:
+        """trio-websocket's reader task, except that once the connection is open the bytes
+        go through a ``FrameSplitter`` first, and the frames collected from each chunk are
+        handed to the consumer in one call."""
+        async with self._send_channel:
+            while self._reader_running:
+                try:
+                    await self._handle_events()
+                    await self._flush()
+                except ConnectionClosed:
+                    self._reader_running = False
+                try:
+                    data = await self._stream.receive_some(self._receive_buffer_size)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    await self._abort_web_socket()
+                    break
+                if len(data) == 0:
+                    # TCP closed before the websocket did: an abnormal closure.
+                    if self._wsproto.state != ConnectionState.CLOSED:
+                        await self._abort_web_socket()
+                    break
+                if not isinstance(data, bytes):
+                    data = bytes(data)  # trio's sockets give bytes; other streams might not
+                if self._wsproto.state == ConnectionState.OPEN:
+                    pieces = self._splitter.feed(data)
+                else:  # upgrading or closing: all of it is wsproto's
+                    pieces = [self._splitter.rest() + data]
+                try:
+                    await self._receive(pieces)
+                except ConnectionClosed:
+                    self._reader_running = False
+
+    async def _receive(self, pieces: list[str | bytes]) -> None:
+        last = len(pieces) - 1
+        for index, piece in enumerate(pieces):
+            if isinstance(piece, str):
+                self._frames.append(piece)
+            elif self._wsproto.state != ConnectionState.CLOSED:
+                try:
+                    self._wsproto.receive_data(piece)
+                except RemoteProtocolError as err:
+                    if err.event_hint:
+                        await self._send(err.event_hint)
+                    await self._close_stream()
+                    return
+                if index < last:  # what wsproto makes of it comes before the next messages
+                    await self._handle_events()
+
+    async def _handle_events(self) -> None:
+        for event in self._wsproto.events():
+            await self._dispatch(event)
+
+    async def send_frames(self, frames: list[bytes]) -> None:
+        """Several encoded frames (``daemon.wsframes``) in one write; acks come in runs."""
+        if self._close_reason or self._wsproto.state != ConnectionState.OPEN:
             raise ConnectionClosed(self._close_reason)
-        data = b"".join(self._wsproto.send(TextMessage(data=text)) for text in texts)
+        data = b"".join(frames)
         async with self._stream_lock:
             try:
                 await self._stream.send_all(data)
@@ -134,6 +269,7 @@ class ReplyQueue:
         return len(self._items)
 
     async def put(self, item: Reply) -> None:
+        """Append ``item``, first waiting while the queue is full."""
         while len(self._items) >= self._limit:
             if self._room.is_set():
                 self._room = trio.Event()
@@ -161,18 +297,18 @@ class ReplyQueue:
                 if self._head_ready.is_set():
                     self._head_ready = trio.Event()
                 await self._head_ready.wait()
-            texts: list[str] = []
+            frames: list[bytes] = []
             while self._ready():
                 item = self._items.popleft()
                 if isinstance(item, PingMarker):
-                    if texts:
-                        await conn.send_texts(texts)
-                        texts = []
+                    if frames:
+                        await conn.send_frames(frames)
+                        frames = []
                     await conn.pong(item.payload)
                 elif self.acks:
-                    texts.append(encode_reply(item))
-            if texts:
-                await conn.send_texts(texts)
+                    frames.append(text_frame(encode_reply(item)))
+            if frames:
+                await conn.send_frames(frames)
             self._room.set()
 
 
@@ -239,22 +375,17 @@ class _Ingest:
         self.stats.connections += 1
         self.stats.connections_total += 1
         try:
+            session = _Session(self)
             conn = CheckpointConnection(
                 stream,
-                WSConnection(ConnectionType.SERVER),
-                message_queue_size=MESSAGE_QUEUE_SIZE,
+                session,
                 max_message_size=FRAME_BUFFER_FACTOR * self.settings.max_event_bytes,
                 receive_buffer_size=RECEIVE_BYTES,
             )
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn._reader_task)
-                accepted: Accept | None = None
-                deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
-                with trio.move_on_at(deadline):
-                    request = await conn._get_request()
-                    accepted = await self.handshake(request, conn)
-                if accepted is not None:
-                    await self.serve(conn, ReplyQueue(accepted.acks))
+                nursery.start_soon(session.read, conn)
+                if await self.handshake(conn, session):
+                    await self.serve(conn, session)
                 with trio.CancelScope(shield=True) as closing:
                     closing.deadline = trio.current_time() + CLOSE_TIMEOUT
                     await conn.aclose()
@@ -265,45 +396,42 @@ class _Ingest:
             self.stats.connections -= 1
             self.slots.release()
 
-    async def handshake(
-        self, request: WebSocketRequest, conn: CheckpointConnection
-    ) -> Accept | None:
-        """Upgrade and authenticate; None when the client was refused (and told why)."""
+    async def handshake(self, conn: CheckpointConnection, session: _Session) -> bool:
+        """Upgrade and authenticate; False when the client was refused (and told why) or
+        went away."""
         token = self.settings.auth_token
-        decision = decide_handshake(
-            request.path, request.proposed_subprotocols, request.headers, token
-        )
-        if not isinstance(decision, Accept):
-            self.stats.handshakes_refused += 1
-            log.info("refused websocket from %s: %s", request.remote, decision.why)
-            await request.reject(decision.status, body=decision.why.encode())
-            return None
-        await request.accept(subprotocol=decision.subprotocol)
-        if not decision.expects_auth_message:
-            return decision
-        try:
-            while True:
-                frame = await conn.next_frame()
-                if not isinstance(frame, PingMarker):
-                    break
-                await conn.pong(frame.payload)  # nothing can be pending before auth
-            refusal = check_auth(frame, token, decision.authenticated)
-            if refusal is not None:
+        accepted = False
+        deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
+        with trio.move_on_at(deadline):
+            request = await conn._get_request()
+            decision = decide_handshake(
+                request.path, request.proposed_subprotocols, request.headers, token
+            )
+            if not isinstance(decision, Accept):
                 self.stats.handshakes_refused += 1
-                await conn.aclose(refusal.code, refusal.reason)
-                return None
-            await conn.send_message(AUTH_SUCCESS)
-        except trio.Cancelled:
+                log.info("refused websocket from %s: %s", request.remote, decision.why)
+                await request.reject(decision.status, body=decision.why.encode())
+                return False
+            session.open(decision)  # before the upgrade: no frame can come earlier
+            await request.accept(subprotocol=decision.subprotocol)
+            accepted = True
+            await session.settled.wait()  # the auth message judged, or the client gone
+        if not accepted:
+            return False
+        refusal = session.refusal
+        if session.awaiting_auth:  # out of time
+            refusal = session.refusal = Close(POLICY_VIOLATION, EXPECTED_AUTH)
+        if refusal is not None:
             self.stats.handshakes_refused += 1
             with trio.CancelScope(shield=True) as closing:
                 closing.deadline = trio.current_time() + CLOSE_TIMEOUT
-                await conn.aclose(POLICY_VIOLATION, EXPECTED_AUTH)
-            raise
-        except ConnectionClosed:
-            return None
-        return decision
+                await conn.aclose(refusal.code, refusal.reason)
+            return False
+        return not session.reader_done.is_set()
 
-    async def serve(self, conn: CheckpointConnection, replies: ReplyQueue) -> None:
+    async def serve(self, conn: CheckpointConnection, session: _Session) -> None:
+        replies = session.replies
+        assert replies is not None
         async with trio.open_nursery() as nursery:
 
             async def write() -> None:
@@ -313,9 +441,7 @@ class _Ingest:
 
             nursery.start_soon(write)
             try:
-                await self.read(conn, replies)
-            except ConnectionClosed:
-                pass
+                await session.reader_done.wait()
             except trio.Cancelled:
                 with trio.CancelScope(shield=True) as closing:
                     closing.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -323,32 +449,87 @@ class _Ingest:
                 raise
             nursery.cancel_scope.cancel()
 
-    async def read(self, conn: CheckpointConnection, replies: ReplyQueue) -> None:
-        max_bytes = self.settings.max_event_bytes
-        submit = self.submit
-        while True:
-            frame = await conn.next_frame()
+
+@attrs.define(eq=False)
+class _Session:
+    """One connection's frames: the auth message if one is owed, then events.
+
+    Runs in the connection's reader task (``FrameConsumer``); ``_Ingest`` watches it from
+    the connection's own task through ``settled`` and ``reader_done``.
+    """
+
+    ingest: _Ingest
+    replies: ReplyQueue | None = None  # set when the upgrade is accepted
+    awaiting_auth: bool = False
+    authenticated: bool = False  # by the upgrade request already (or no token configured)
+    refusal: Close | None = None  # set when the client is refused: later frames are dropped
+    settled: trio.Event = attrs.Factory(trio.Event)  # auth judged, or the reader done
+    reader_done: trio.Event = attrs.Factory(trio.Event)
+
+    def open(self, decision: Accept) -> None:
+        self.replies = ReplyQueue(decision.acks)
+        self.awaiting_auth = decision.expects_auth_message
+        self.authenticated = decision.authenticated
+        if not self.awaiting_auth:
+            self.settled.set()
+
+    async def read(self, conn: CheckpointConnection) -> None:
+        """The connection's reader task; says when it is over."""
+        try:
+            await conn._reader_task()
+        finally:
+            self.reader_done.set()
+            self.settled.set()
+
+    async def take(self, conn: CheckpointConnection, frames: list[Frame]) -> None:
+        replies = self.replies
+        if replies is None or self.refusal is not None:
+            return
+        start = await self._authenticate(conn, frames) if self.awaiting_auth else 0
+        if self.awaiting_auth or self.refusal is not None:
+            return
+        ingest = self.ingest
+        stats, submit = ingest.stats, ingest.submit
+        max_bytes = ingest.settings.max_event_bytes
+        received = ingest.clock()
+        for index in range(start, len(frames)):
+            frame = frames[index]
             if isinstance(frame, PingMarker):
-                self.stats.pings += 1
+                stats.pings += 1
                 await replies.put(frame)
                 continue
-            for item in decode_frame(frame, self.clock(), max_bytes):
+            for item in decode_frame(frame, received, max_bytes):
                 if isinstance(item, Nack):
-                    self.stats.rejected += 1
+                    stats.rejected += 1
                     if replies.acks:
                         await replies.put(item)
                     else:
-                        self.bad_frames.warning(
+                        ingest.bad_frames.warning(
                             trio.current_time(), "bad frame from %s: %s", conn.remote, item.error
                         )
                     continue
                 submission = Submission(item, replies)
                 await replies.put(submission)
-                self.stats.events += 1
+                stats.events += 1
                 try:
                     submit.send_nowait(submission)
                 except trio.WouldBlock:
                     await submit.send(submission)
+
+    async def _authenticate(self, conn: CheckpointConnection, frames: list[Frame]) -> int:
+        """Answer pings until the auth message and judge it; the index after it."""
+        for index, frame in enumerate(frames):
+            if isinstance(frame, PingMarker):
+                await conn.pong(frame.payload)  # nothing can be pending before auth
+                continue
+            token = self.ingest.settings.auth_token
+            self.refusal = check_auth(frame, token, self.authenticated)
+            self.awaiting_auth = False
+            self.settled.set()
+            if self.refusal is None:
+                await conn.send_message(AUTH_SUCCESS)
+            return index + 1
+        return len(frames)
 
 
 def _ssl_context(settings: ServerConfig) -> ssl.SSLContext | None:
