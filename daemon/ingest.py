@@ -5,14 +5,16 @@ comes in between is handled chunk by chunk. Each connection runs two tasks over 
 ``ReplyQueue``:
 
 * the reader (``CheckpointConnection``'s reader task) reads the socket up to
-  ``RECEIVE_BYTES`` at a time, lets wsproto turn the chunk into messages and pings, and
-  hands all of them to the connection's ``_Session`` in one call, in order. The session
-  checks the auth message a subprotocol client owes (answering pings at once until then),
-  then turns each message into events (``decode_frame``, with one clock read per chunk),
-  appends a ``Submission`` per event to the reply queue and sends it to the evaluator's
-  channel; a bad frame becomes a ``Nack`` in the queue instead, and a ping a
-  ``PingMarker``. It only waits when a bound is full, so a chunk costs one pass through
-  trio's scheduler, not several per frame;
+  ``RECEIVE_BYTES`` at a time. Once the connection is open, a ``FrameSplitter``
+  (``daemon.wsframes``) decodes the whole text frames of the chunk and hands every other
+  frame to wsproto, whose messages and pings join them in stream order. All of a chunk's
+  frames go to the connection's ``_Session`` in one call. The session checks the auth
+  message a subprotocol client owes (answering pings at once until then), then turns each
+  message into events (``decode_frame``, with one clock read per chunk), appends a
+  ``Submission`` per event to the reply queue and sends it to the evaluator's channel; a
+  bad frame becomes a ``Nack`` in the queue instead, and a ping a ``PingMarker``. It only
+  waits when a bound is full, so a chunk costs one pass through trio's scheduler, not
+  several per frame;
 * the writer pops the queue from the head as items become final: a submission once the
   evaluator resolved it (its batch committed), a nack at once, a ping marker once all
   before it are popped. So replies (``trigd.v1`` acks and nacks) go out in frame order, a
@@ -21,9 +23,9 @@ comes in between is handled chunk by chunk. Each connection runs two tasks over 
 
 ``CheckpointConnection`` is trio-websocket's connection with that reader: complete
 messages and pings are collected instead of each going through a channel (and pings are
-not answered by the library), whatever else wsproto reports is handled by trio-websocket
-as usual, after the frames that came before it. It also sends the close frame that
-trio-websocket omits when wsproto reports invalid UTF-8 (1007).
+not answered by the library); whatever else wsproto reports (a close, a protocol error)
+is handled by trio-websocket as usual, after the frames that came before it. It also
+sends the close frame that trio-websocket omits when wsproto reports invalid UTF-8 (1007).
 
 Bounds: at most ``max_connections`` sockets (more wait in the accept backlog), one frame
 of at most ``2 * max_event_bytes`` characters buffered per connection (larger: close 1009),
@@ -416,18 +418,19 @@ class _Ingest:
             await request.accept(subprotocol=decision.subprotocol)
             accepted = True
             await session.settled.wait()  # the auth message judged, or the client gone
-        if not accepted:
+        gone = session.reader_done.is_set()
+        if not accepted or (gone and session.refusal is None):
             return False
-        refusal = session.refusal
         if session.awaiting_auth:  # out of time
-            refusal = session.refusal = Close(POLICY_VIOLATION, EXPECTED_AUTH)
+            session.refusal = Close(POLICY_VIOLATION, EXPECTED_AUTH)
+        refusal = session.refusal
         if refusal is not None:
             self.stats.handshakes_refused += 1
             with trio.CancelScope(shield=True) as closing:
                 closing.deadline = trio.current_time() + CLOSE_TIMEOUT
                 await conn.aclose(refusal.code, refusal.reason)
             return False
-        return not session.reader_done.is_set()
+        return True
 
     async def serve(self, conn: CheckpointConnection, session: _Session) -> None:
         replies = session.replies
