@@ -270,15 +270,25 @@ class ReplyQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    async def put(self, item: Reply) -> None:
-        """Append ``item``, first waiting while the queue is full."""
+    def full(self) -> bool:
+        return len(self._items) >= self._limit
+
+    async def wait_for_room(self) -> None:
         while len(self._items) >= self._limit:
             if self._room.is_set():
                 self._room = trio.Event()
             await self._room.wait()
+
+    def append(self, item: Reply) -> None:
+        """Add ``item`` at the tail; the caller has seen that the queue is not full."""
         self._items.append(item)
         if len(self._items) == 1 and not isinstance(item, Submission):
             self._head_ready.set()
+
+    async def put(self, item: Reply) -> None:
+        """Append ``item``, first waiting while the queue is full."""
+        await self.wait_for_room()
+        self.append(item)
 
     def resolved(self, submission: Submission, error: str | None) -> None:
         submission.error = error
@@ -512,7 +522,9 @@ class _Session:
                         )
                     continue
                 submission = Submission(item, replies)
-                await replies.put(submission)
+                if replies.full():
+                    await replies.wait_for_room()
+                replies.append(submission)
                 stats.events += 1
                 try:
                     submit.send_nowait(submission)
