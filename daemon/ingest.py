@@ -4,8 +4,8 @@ Theory of operation. trio-websocket does the HTTP upgrade and the close handshak
 comes in between is handled chunk by chunk. Each connection runs two tasks over one
 ``ReplyQueue``:
 
-* the reader (``CheckpointConnection``'s reader task) reads the socket up to
-  ``RECEIVE_BYTES`` at a time. Once the connection is open, a ``FrameSplitter``
+* the reader (``daemon.connection.CheckpointConnection``'s reader task) reads the socket
+  up to ``RECEIVE_BYTES`` at a time. Once the connection is open, a ``FrameSplitter``
   (``daemon.wsframes``) decodes the whole text frames of the chunk and hands every other
   frame to wsproto, whose messages and pings join them in stream order. All of a chunk's
   frames go to the connection's ``_Session`` in one call. The session checks the auth
@@ -20,12 +20,6 @@ comes in between is handled chunk by chunk. Each connection runs two tasks over 
   before it are popped. So replies (``trigd.v1`` acks and nacks) go out in frame order, a
   run of them in one ``send_all``, and a pong is sent only after every event received
   before its ping is committed: the checkpoint Prefect's client relies on.
-
-``CheckpointConnection`` is trio-websocket's connection with that reader: complete
-messages and pings are collected instead of each going through a channel (and pings are
-not answered by the library); whatever else wsproto reports (a close, a protocol error)
-is handled by trio-websocket as usual, after the frames that came before it. It also
-sends the close frame that trio-websocket omits when wsproto reports invalid UTF-8 (1007).
 
 Bounds: at most ``max_connections`` sockets (more wait in the accept backlog), one frame
 of at most ``2 * max_event_bytes`` characters buffered per connection (larger: close 1009),
@@ -43,26 +37,15 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
-from typing import Final, Protocol, cast
+from typing import Final
 
 import attrs
 import trio
-from trio_websocket import CloseReason, ConnectionClosed, WebSocketConnection
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import (
-    BytesMessage,
-    CloseConnection,
-    Event,
-    Ping,
-    Pong,
-    Request,
-    TextMessage,
-)
-from wsproto.utilities import RemoteProtocolError
+from trio_websocket import ConnectionClosed
 
 from daemon.clock import wall_clock
 from daemon.config import ServerConfig
+from daemon.connection import CheckpointConnection, Frame, PingMarker
 from daemon.evaluator import Submission
 from daemon.handshake import (
     AUTH_SUCCESS,
@@ -76,7 +59,7 @@ from daemon.handshake import (
     encode_reply,
 )
 from daemon.handshake import decide as decide_handshake
-from daemon.wsframes import FrameSplitter, text_frame
+from daemon.wsframes import text_frame
 
 log = logging.getLogger(__name__)
 
@@ -91,167 +74,6 @@ ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENO
 LOG_BURST: Final = 10  # bad-frame log lines per window
 LOG_WINDOW: Final = 60.0  # seconds
 GOING_AWAY: Final = 1001  # close code when the daemon stops
-MESSAGE_TOO_BIG: Final = 1009  # close code
-
-
-@attrs.frozen(slots=True)
-class PingMarker:
-    """A ping from the client, in its place among the frames."""
-
-    payload: bytes
-
-
-Frame = str | bytes | PingMarker
-
-
-class FrameConsumer(Protocol):
-    """Where a connection's messages and pings go (the connection's ``_Session``)."""
-
-    async def take(self, conn: CheckpointConnection, frames: list[Frame]) -> None:
-        """Handle one chunk's complete messages and pings, in order; may wait on bounds."""
-
-
-class CheckpointConnection(WebSocketConnection):
-    """A server connection whose frames go to a consumer a chunk at a time, pings too."""
-
-    def __init__(
-        self,
-        stream: trio.abc.Stream,
-        consumer: FrameConsumer,
-        *,
-        max_message_size: int,
-        receive_buffer_size: int,
-    ) -> None:
-        super().__init__(
-            stream,
-            WSConnection(ConnectionType.SERVER),
-            message_queue_size=0,  # unused: messages go to the consumer
-            max_message_size=max_message_size,
-            receive_buffer_size=receive_buffer_size,
-        )
-        self._consumer = consumer
-        self._frames: list[Frame] = []
-        self._splitter = FrameSplitter(min(max_message_size, receive_buffer_size))
-
-    async def _flush(self) -> None:
-        """Hand the frames collected so far to the consumer (none once closing)."""
-        frames, self._frames = self._frames, []
-        if frames and self._close_reason is None:
-            await self._consumer.take(self, frames)
-
-    async def _handle_message_event(self, event: TextMessage | BytesMessage) -> None:
-        # trio-websocket's, except that a complete message joins the chunk's frames.
-        data = event.data
-        self._message_size += len(data)
-        self._message_parts.append(data if isinstance(data, str) else bytes(data))
-        if self._message_size > self._max_message_size:
-            await self._flush()  # what came before this frame is handled as before
-            err = f"Exceeded maximum message size: {self._max_message_size} bytes"
-            self._message_size = 0
-            self._message_parts = []
-            self._close_reason = CloseReason(MESSAGE_TOO_BIG, err)
-            await self._send(CloseConnection(code=MESSAGE_TOO_BIG, reason=err))
-            await self._recv_channel.aclose()
-            self._reader_running = False
-        elif event.message_finished:
-            parts = self._message_parts  # all str or all bytes, as the message is
-            if isinstance(event, BytesMessage):
-                self._frames.append(b"".join(cast("list[bytes]", parts)))
-            else:
-                self._frames.append("".join(cast("list[str]", parts)))
-            self._message_size = 0
-            self._message_parts = []
-
-    async def _handle_ping_event(self, event: Ping) -> None:
-        self._frames.append(PingMarker(bytes(event.payload)))
-
-    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
-        # A close event while still OPEN was made up by wsproto for a frame it could not
-        # parse (1007 invalid UTF-8, 1002): tell the peer before dropping the stream.
-        if self._wsproto.state == ConnectionState.OPEN:
-            with contextlib.suppress(ConnectionClosed):
-                await self._send(CloseConnection(code=event.code, reason=event.reason))
-        await super()._handle_close_connection_event(event)
-
-    async def _dispatch(self, event: Event) -> None:
-        if isinstance(event, TextMessage | BytesMessage):
-            await self._handle_message_event(event)
-        elif isinstance(event, Ping):
-            await self._handle_ping_event(event)
-        else:
-            await self._flush()  # frames before a close (or anything else) come first
-            if isinstance(event, CloseConnection):
-                await self._handle_close_connection_event(event)
-            elif isinstance(event, Pong):
-                await self._handle_pong_event(event)
-            elif isinstance(event, Request):
-                await self._handle_request_event(event)
-            else:
-                log.warning("%s received unexpected event %r", self, event)
-
-    async def _reader_task(self) -> None:
-        """trio-websocket's reader task, except that once the connection is open the bytes
-        go through a ``FrameSplitter`` first, and the frames collected from each chunk are
-        handed to the consumer in one call."""
-        async with self._send_channel:
-            while self._reader_running:
-                try:
-                    await self._handle_events()
-                    await self._flush()
-                except ConnectionClosed:
-                    self._reader_running = False
-                try:
-                    data = await self._stream.receive_some(self._receive_buffer_size)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._abort_web_socket()
-                    break
-                if len(data) == 0:
-                    # TCP closed before the websocket did: an abnormal closure.
-                    if self._wsproto.state != ConnectionState.CLOSED:
-                        await self._abort_web_socket()
-                    break
-                if not isinstance(data, bytes):
-                    data = bytes(data)  # trio's sockets give bytes; other streams might not
-                if self._wsproto.state == ConnectionState.OPEN:
-                    pieces = self._splitter.feed(data)
-                else:  # upgrading or closing: all of it is wsproto's
-                    pieces = [self._splitter.rest() + data]
-                try:
-                    await self._receive(pieces)
-                except ConnectionClosed:
-                    self._reader_running = False
-
-    async def _receive(self, pieces: list[str | bytes]) -> None:
-        last = len(pieces) - 1
-        for index, piece in enumerate(pieces):
-            if isinstance(piece, str):
-                self._frames.append(piece)
-            elif self._wsproto.state != ConnectionState.CLOSED:
-                try:
-                    self._wsproto.receive_data(piece)
-                except RemoteProtocolError as err:
-                    if err.event_hint:
-                        await self._send(err.event_hint)
-                    await self._close_stream()
-                    return
-                if index < last:  # what wsproto makes of it comes before the next messages
-                    await self._handle_events()
-
-    async def _handle_events(self) -> None:
-        for event in self._wsproto.events():
-            await self._dispatch(event)
-
-    async def send_frames(self, frames: list[bytes]) -> None:
-        """Several encoded frames (``daemon.wsframes``) in one write; acks come in runs."""
-        if self._close_reason or self._wsproto.state != ConnectionState.OPEN:
-            raise ConnectionClosed(self._close_reason)
-        data = b"".join(frames)
-        async with self._stream_lock:
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._abort_web_socket()
-                raise ConnectionClosed(self._close_reason) from None
 
 
 Reply = Submission | Nack | PingMarker
