@@ -244,10 +244,16 @@ def decode_frame(
         return [Nack(_id_in_text(frame), exc.message)]
 
 
-def encode_reply(item: Submission | Nack) -> str:
-    """The ``trigd.v1`` reply: ack for a committed event, nack with the reason otherwise."""
+def encode_reply(item: Submission | Nack) -> bytes:
+    """The ``trigd.v1`` reply (UTF-8): ack for a committed event, nack with the reason
+    otherwise."""
     if isinstance(item, Nack):
-        return json.dumps({"type": "nack", "id": item.id, "error": item.error})
+        return json.dumps({"type": "nack", "id": item.id, "error": item.error}).encode()
     if item.error is None:
-        return '{"type":"ack","id":"' + str(item.event.id) + '"}'
-    return json.dumps({"type": "nack", "id": str(item.event.id), "error": item.error})
+        return _ACK_HEAD + str(item.event.id).encode() + _ACK_TAIL
+    nack = {"type": "nack", "id": str(item.event.id), "error": item.error}
+    return json.dumps(nack).encode()
+
+
+_ACK_HEAD: Final = b'{"type":"ack","id":"'
+_ACK_TAIL: Final = b'"}'

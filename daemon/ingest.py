@@ -1,27 +1,31 @@
 """The ingest task: Prefect's ``/events/in`` websocket, feeding the evaluator (SPEC §4).
 
-Theory of operation. Each connection runs two tasks over one ``ReplyQueue``:
+Theory of operation. trio-websocket does the HTTP upgrade and the close handshake; what
+comes in between is handled chunk by chunk. Each connection runs two tasks over one
+``ReplyQueue``:
 
-* the reader takes frames in order, turns each into events (``decode_frame``), appends a
+* the reader (``daemon.connection.CheckpointConnection``'s reader task) reads the socket
+  up to ``RECEIVE_BYTES`` at a time. Once the connection is open, a ``FrameSplitter``
+  (``daemon.wsframes``) decodes the whole text frames of the chunk and hands every other
+  frame to wsproto, whose messages and pings join them in stream order. All of a chunk's
+  frames go to the connection's ``_Session`` in one call. The session checks the auth
+  message a subprotocol client owes (answering pings at once until then), then turns each
+  message into events (``decode_frame``, with one clock read per chunk), appends a
   ``Submission`` per event to the reply queue and sends it to the evaluator's channel; a
-  bad frame becomes a ``Nack`` in the queue instead; a websocket ping becomes a
-  ``PingMarker`` in the queue;
+  bad frame becomes a ``Nack`` in the queue instead, and a ping a ``PingMarker``. It only
+  waits when a bound is full, so a chunk costs one pass through trio's scheduler, not
+  several per frame;
 * the writer pops the queue from the head as items become final: a submission once the
   evaluator resolved it (its batch committed), a nack at once, a ping marker once all
-  before it are popped. So replies (``trigd.v1`` acks and nacks) go out in frame order,
-  and a pong is sent only after every event received before its ping is committed: the
-  checkpoint Prefect's client relies on.
-
-trio-websocket answers pings inside its own reader task. ``CheckpointConnection`` overrides
-that one handler to put a ``PingMarker`` into the message queue instead, in order with the
-messages; it also sends the close frame that trio-websocket omits when wsproto reports
-invalid UTF-8 (1007), and writes a run of replies in one ``send_all``.
+  before it are popped. So replies (``trigd.v1`` acks and nacks) go out in frame order, a
+  run of them in one ``send_all``, and a pong is sent only after every event received
+  before its ping is committed: the checkpoint Prefect's client relies on.
 
 Bounds: at most ``max_connections`` sockets (more wait in the accept backlog), one frame
 of at most ``2 * max_event_bytes`` characters buffered per connection (larger: close 1009),
 ``MAX_PENDING_REPLIES`` unresolved items per connection, and the evaluator's bounded
-channel. When any of them is full the reader stops, so trio-websocket stops reading the
-socket and TCP pushes back on the client.
+channel. When any of them is full the reader stops, so the socket is not read and TCP
+pushes back on the client.
 """
 
 from __future__ import annotations
@@ -33,29 +37,29 @@ import ssl
 from collections import deque
 from collections.abc import Callable
 from datetime import datetime
-from typing import Final, cast
+from typing import Final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest
-from wsproto import ConnectionType, WSConnection
-from wsproto.connection import ConnectionState
-from wsproto.events import CloseConnection, Ping, TextMessage
+from trio_websocket import ConnectionClosed
 
 from daemon.clock import wall_clock
 from daemon.config import ServerConfig
+from daemon.connection import CheckpointConnection, Frame, PingMarker
 from daemon.evaluator import Submission
 from daemon.handshake import (
     AUTH_SUCCESS,
     EXPECTED_AUTH,
     POLICY_VIOLATION,
     Accept,
+    Close,
     Nack,
     check_auth,
     decode_frame,
     encode_reply,
 )
 from daemon.handshake import decide as decide_handshake
+from daemon.wsframes import text_frame
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,6 @@ __all__ = ["IngestStats", "Submission", "run_ingest"]
 
 MAX_PENDING_REPLIES: Final = 1_024  # items per connection between the socket and its replies
 FRAME_BUFFER_FACTOR: Final = 2  # frames up to this many times max_event_bytes get a nack
-MESSAGE_QUEUE_SIZE: Final = 1  # frames trio-websocket buffers per connection
 RECEIVE_BYTES: Final = 65_536  # bytes per socket read
 CLOSE_TIMEOUT: Final = 1.0  # seconds to finish a close handshake
 ACCEPT_RETRY_DELAY: Final = 0.1  # seconds to wait when out of file descriptors
@@ -71,50 +74,6 @@ ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENO
 LOG_BURST: Final = 10  # bad-frame log lines per window
 LOG_WINDOW: Final = 60.0  # seconds
 GOING_AWAY: Final = 1001  # close code when the daemon stops
-
-
-@attrs.frozen(slots=True)
-class PingMarker:
-    """A ping from the client, in its place among the frames."""
-
-    payload: bytes
-
-
-class CheckpointConnection(WebSocketConnection):
-    """A server connection whose pongs wait for the events received before the ping."""
-
-    async def _handle_ping_event(self, event: Ping) -> None:
-        channel = cast("trio.MemorySendChannel[object]", self._send_channel)
-        with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-            await channel.send(PingMarker(bytes(event.payload)))
-
-    async def _handle_close_connection_event(self, event: CloseConnection) -> None:
-        # A close event while still OPEN was made up by wsproto for a frame it could not
-        # parse (1007 invalid UTF-8, 1002): tell the peer before dropping the stream.
-        if self._wsproto.state == ConnectionState.OPEN:
-            with contextlib.suppress(ConnectionClosed):
-                await self._send(CloseConnection(code=event.code, reason=event.reason))
-        await super()._handle_close_connection_event(event)
-
-    async def next_frame(self) -> str | bytes | PingMarker:
-        """Like ``get_message``, but pings arrive too, in order."""
-        channel = cast("trio.MemoryReceiveChannel[str | bytes | PingMarker]", self._recv_channel)
-        try:
-            return await channel.receive()
-        except (trio.ClosedResourceError, trio.EndOfChannel):
-            raise ConnectionClosed(self._close_reason) from None
-
-    async def send_texts(self, texts: list[str]) -> None:
-        """Several text messages in one write (acks come in runs, one per batch)."""
-        if self._close_reason:
-            raise ConnectionClosed(self._close_reason)
-        data = b"".join(self._wsproto.send(TextMessage(data=text)) for text in texts)
-        async with self._stream_lock:
-            try:
-                await self._stream.send_all(data)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                await self._abort_web_socket()
-                raise ConnectionClosed(self._close_reason) from None
 
 
 Reply = Submission | Nack | PingMarker
@@ -133,14 +92,25 @@ class ReplyQueue:
     def __len__(self) -> int:
         return len(self._items)
 
-    async def put(self, item: Reply) -> None:
+    def full(self) -> bool:
+        return len(self._items) >= self._limit
+
+    async def wait_for_room(self) -> None:
         while len(self._items) >= self._limit:
             if self._room.is_set():
                 self._room = trio.Event()
             await self._room.wait()
+
+    def append(self, item: Reply) -> None:
+        """Add ``item`` at the tail; the caller has seen that the queue is not full."""
         self._items.append(item)
         if len(self._items) == 1 and not isinstance(item, Submission):
             self._head_ready.set()
+
+    async def put(self, item: Reply) -> None:
+        """Append ``item``, first waiting while the queue is full."""
+        await self.wait_for_room()
+        self.append(item)
 
     def resolved(self, submission: Submission, error: str | None) -> None:
         submission.error = error
@@ -161,18 +131,18 @@ class ReplyQueue:
                 if self._head_ready.is_set():
                     self._head_ready = trio.Event()
                 await self._head_ready.wait()
-            texts: list[str] = []
+            frames: list[bytes] = []
             while self._ready():
                 item = self._items.popleft()
                 if isinstance(item, PingMarker):
-                    if texts:
-                        await conn.send_texts(texts)
-                        texts = []
+                    if frames:
+                        await conn.send_frames(frames)
+                        frames = []
                     await conn.pong(item.payload)
                 elif self.acks:
-                    texts.append(encode_reply(item))
-            if texts:
-                await conn.send_texts(texts)
+                    frames.append(text_frame(encode_reply(item)))
+            if frames:
+                await conn.send_frames(frames)
             self._room.set()
 
 
@@ -239,22 +209,17 @@ class _Ingest:
         self.stats.connections += 1
         self.stats.connections_total += 1
         try:
+            session = _Session(self)
             conn = CheckpointConnection(
                 stream,
-                WSConnection(ConnectionType.SERVER),
-                message_queue_size=MESSAGE_QUEUE_SIZE,
+                session,
                 max_message_size=FRAME_BUFFER_FACTOR * self.settings.max_event_bytes,
                 receive_buffer_size=RECEIVE_BYTES,
             )
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(conn._reader_task)
-                accepted: Accept | None = None
-                deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
-                with trio.move_on_at(deadline):
-                    request = await conn._get_request()
-                    accepted = await self.handshake(request, conn)
-                if accepted is not None:
-                    await self.serve(conn, ReplyQueue(accepted.acks))
+                nursery.start_soon(session.read, conn)
+                if await self.handshake(conn, session):
+                    await self.serve(conn, session)
                 with trio.CancelScope(shield=True) as closing:
                     closing.deadline = trio.current_time() + CLOSE_TIMEOUT
                     await conn.aclose()
@@ -265,45 +230,43 @@ class _Ingest:
             self.stats.connections -= 1
             self.slots.release()
 
-    async def handshake(
-        self, request: WebSocketRequest, conn: CheckpointConnection
-    ) -> Accept | None:
-        """Upgrade and authenticate; None when the client was refused (and told why)."""
+    async def handshake(self, conn: CheckpointConnection, session: _Session) -> bool:
+        """Upgrade and authenticate; False when the client was refused (and told why) or
+        went away."""
         token = self.settings.auth_token
-        decision = decide_handshake(
-            request.path, request.proposed_subprotocols, request.headers, token
-        )
-        if not isinstance(decision, Accept):
-            self.stats.handshakes_refused += 1
-            log.info("refused websocket from %s: %s", request.remote, decision.why)
-            await request.reject(decision.status, body=decision.why.encode())
-            return None
-        await request.accept(subprotocol=decision.subprotocol)
-        if not decision.expects_auth_message:
-            return decision
-        try:
-            while True:
-                frame = await conn.next_frame()
-                if not isinstance(frame, PingMarker):
-                    break
-                await conn.pong(frame.payload)  # nothing can be pending before auth
-            refusal = check_auth(frame, token, decision.authenticated)
-            if refusal is not None:
+        accepted = False
+        deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
+        with trio.move_on_at(deadline):
+            request = await conn._get_request()
+            decision = decide_handshake(
+                request.path, request.proposed_subprotocols, request.headers, token
+            )
+            if not isinstance(decision, Accept):
                 self.stats.handshakes_refused += 1
-                await conn.aclose(refusal.code, refusal.reason)
-                return None
-            await conn.send_message(AUTH_SUCCESS)
-        except trio.Cancelled:
+                log.info("refused websocket from %s: %s", request.remote, decision.why)
+                await request.reject(decision.status, body=decision.why.encode())
+                return False
+            session.open(decision)  # before the upgrade: no frame can come earlier
+            await request.accept(subprotocol=decision.subprotocol)
+            accepted = True
+            await session.settled.wait()  # the auth message judged, or the client gone
+        gone = session.reader_done.is_set()
+        if not accepted or (gone and session.refusal is None):
+            return False
+        if session.awaiting_auth:  # out of time
+            session.refusal = Close(POLICY_VIOLATION, EXPECTED_AUTH)
+        refusal = session.refusal
+        if refusal is not None:
             self.stats.handshakes_refused += 1
             with trio.CancelScope(shield=True) as closing:
                 closing.deadline = trio.current_time() + CLOSE_TIMEOUT
-                await conn.aclose(POLICY_VIOLATION, EXPECTED_AUTH)
-            raise
-        except ConnectionClosed:
-            return None
-        return decision
+                await conn.aclose(refusal.code, refusal.reason)
+            return False
+        return True
 
-    async def serve(self, conn: CheckpointConnection, replies: ReplyQueue) -> None:
+    async def serve(self, conn: CheckpointConnection, session: _Session) -> None:
+        replies = session.replies
+        assert replies is not None
         async with trio.open_nursery() as nursery:
 
             async def write() -> None:
@@ -313,9 +276,7 @@ class _Ingest:
 
             nursery.start_soon(write)
             try:
-                await self.read(conn, replies)
-            except ConnectionClosed:
-                pass
+                await session.reader_done.wait()
             except trio.Cancelled:
                 with trio.CancelScope(shield=True) as closing:
                     closing.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -323,32 +284,89 @@ class _Ingest:
                 raise
             nursery.cancel_scope.cancel()
 
-    async def read(self, conn: CheckpointConnection, replies: ReplyQueue) -> None:
-        max_bytes = self.settings.max_event_bytes
-        submit = self.submit
-        while True:
-            frame = await conn.next_frame()
+
+@attrs.define(eq=False)
+class _Session:
+    """One connection's frames: the auth message if one is owed, then events.
+
+    Runs in the connection's reader task (``FrameConsumer``); ``_Ingest`` watches it from
+    the connection's own task through ``settled`` and ``reader_done``.
+    """
+
+    ingest: _Ingest
+    replies: ReplyQueue | None = None  # set when the upgrade is accepted
+    awaiting_auth: bool = False
+    authenticated: bool = False  # by the upgrade request already (or no token configured)
+    refusal: Close | None = None  # set when the client is refused: later frames are dropped
+    settled: trio.Event = attrs.Factory(trio.Event)  # auth judged, or the reader done
+    reader_done: trio.Event = attrs.Factory(trio.Event)
+
+    def open(self, decision: Accept) -> None:
+        self.replies = ReplyQueue(decision.acks)
+        self.awaiting_auth = decision.expects_auth_message
+        self.authenticated = decision.authenticated
+        if not self.awaiting_auth:
+            self.settled.set()
+
+    async def read(self, conn: CheckpointConnection) -> None:
+        """The connection's reader task; says when it is over."""
+        try:
+            await conn._reader_task()
+        finally:
+            self.reader_done.set()
+            self.settled.set()
+
+    async def take(self, conn: CheckpointConnection, frames: list[Frame]) -> None:
+        replies = self.replies
+        if replies is None or self.refusal is not None:
+            return
+        start = await self._authenticate(conn, frames) if self.awaiting_auth else 0
+        if self.awaiting_auth or self.refusal is not None:
+            return
+        ingest = self.ingest
+        stats, submit = ingest.stats, ingest.submit
+        max_bytes = ingest.settings.max_event_bytes
+        received = ingest.clock()
+        for index in range(start, len(frames)):
+            frame = frames[index]
             if isinstance(frame, PingMarker):
-                self.stats.pings += 1
+                stats.pings += 1
                 await replies.put(frame)
                 continue
-            for item in decode_frame(frame, self.clock(), max_bytes):
+            for item in decode_frame(frame, received, max_bytes):
                 if isinstance(item, Nack):
-                    self.stats.rejected += 1
+                    stats.rejected += 1
                     if replies.acks:
                         await replies.put(item)
                     else:
-                        self.bad_frames.warning(
+                        ingest.bad_frames.warning(
                             trio.current_time(), "bad frame from %s: %s", conn.remote, item.error
                         )
                     continue
                 submission = Submission(item, replies)
-                await replies.put(submission)
-                self.stats.events += 1
+                if replies.full():
+                    await replies.wait_for_room()
+                replies.append(submission)
+                stats.events += 1
                 try:
                     submit.send_nowait(submission)
                 except trio.WouldBlock:
                     await submit.send(submission)
+
+    async def _authenticate(self, conn: CheckpointConnection, frames: list[Frame]) -> int:
+        """Answer pings until the auth message and judge it; the index after it."""
+        for index, frame in enumerate(frames):
+            if isinstance(frame, PingMarker):
+                await conn.pong(frame.payload)  # nothing can be pending before auth
+                continue
+            token = self.ingest.settings.auth_token
+            self.refusal = check_auth(frame, token, self.authenticated)
+            self.awaiting_auth = False
+            self.settled.set()
+            if self.refusal is None:
+                await conn.send_message(AUTH_SUCCESS)
+            return index + 1
+        return len(frames)
 
 
 def _ssl_context(settings: ServerConfig) -> ssl.SSLContext | None:

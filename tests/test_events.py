@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -283,6 +284,28 @@ def test_parse_incoming_accepts_str_bytes_and_dicts(encode: Any) -> None:
     assert event.resource["site"] == "north"
     assert event.related[0].role == "site"
     assert event.payload == {"bar": 9.2}
+
+
+def test_parsed_events_are_what_model_construct_would_make() -> None:
+    """parse_incoming_event builds the model without model_construct: same model."""
+    event = parse_incoming_event(json.dumps(FRAME), NOW)
+    fields = {name: getattr(event, name) for name in ReceivedEvent.model_fields}
+    constructed = ReceivedEvent.model_construct(**fields)
+    assert type(event) is ReceivedEvent
+    assert event == constructed
+    assert repr(event) == repr(constructed)
+    assert list(event.__dict__) == list(constructed.__dict__)
+    assert event.model_fields_set == constructed.model_fields_set
+    assert event.model_extra is None
+    assert event.__pydantic_private__ is None
+    assert event.model_dump_json() == constructed.model_dump_json()
+    assert pickle.loads(pickle.dumps(event)) == event
+    assert hash(event) == hash(constructed)
+    changed = event.model_copy(update={"event": "other"})
+    assert changed.event == "other"
+    assert event.event == FRAME["event"]
+    other = parse_incoming_event(json.dumps(FRAME), NOW)
+    assert other.model_fields_set is not event.model_fields_set
 
 
 def test_parse_incoming_defaults_id_and_occurred() -> None:

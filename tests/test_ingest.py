@@ -655,6 +655,117 @@ async def _until(stream: trio.SocketStream, client: Any, kind: Any) -> Any:
         client.receive_data(data)
 
 
+# --- several frames in one chunk --------------------------------------------------------
+
+
+async def raw_upgrade(port: int, subprotocols: list[str]) -> tuple[trio.SocketStream, Any]:
+    """A websocket opened by hand: the stream and the wsproto client, after the upgrade."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request
+
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    client = WSConnection(ConnectionType.CLIENT)
+    request = Request(host="127.0.0.1", target="/api/events/in", subprotocols=subprotocols)
+    await stream.send_all(client.send(request))
+    await _until(stream, client, AcceptConnection)
+    return stream, client
+
+
+async def raw_replies(stream: trio.SocketStream, client: Any, count: int) -> list[object]:
+    """The next ``count`` text messages (parsed) and pongs (as ``("pong", payload)``)."""
+    from wsproto.events import Pong, TextMessage
+
+    out: list[object] = []
+    while len(out) < count:
+        event = await _until(stream, client, (TextMessage, Pong))
+        if isinstance(event, Pong):
+            out.append(("pong", bytes(event.payload)))
+        else:
+            out.append(json.loads(event.data))
+    return out
+
+
+async def test_auth_events_and_a_ping_in_one_write(start: Starter, db_path: Path) -> None:
+    from wsproto.events import Ping, TextMessage
+
+    events = [event_dict() for _ in range(3)]
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN)
+        stream, client = await raw_upgrade(daemon.port, [ACKS_SUBPROTOCOL])
+        async with stream:
+            wire = client.send(TextMessage(data=json.dumps({"type": "auth", "token": TOKEN})))
+            for event in events:
+                wire += client.send(TextMessage(data=json.dumps(event)))
+            wire += client.send(Ping(payload=b"checkpoint"))
+            await stream.send_all(wire)
+            got = await raw_replies(stream, client, 5)
+        assert got == [
+            {"type": "auth_success"},
+            *({"type": "ack", "id": e["id"]} for e in events),
+            ("pong", b"checkpoint"),
+        ]
+        assert stored_ids(db_path) == {e["id"] for e in events}
+
+
+async def test_a_fragmented_event_with_a_ping_inside_is_one_event(
+    start: Starter, db_path: Path
+) -> None:
+    from wsproto.events import Ping, TextMessage
+
+    event = event_dict()
+    text = json.dumps(event)
+    third = len(text) // 3
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        stream, client = await raw_upgrade(daemon.port, [ACKS_SUBPROTOCOL])
+        async with stream:
+            await stream.send_all(client.send(TextMessage(data='{"type":"auth"}')))
+            assert await raw_replies(stream, client, 1) == [{"type": "auth_success"}]
+            wire = client.send(TextMessage(data=text[:third], message_finished=False))
+            wire += client.send(Ping(payload=b"inside"))
+            wire += client.send(TextMessage(data=text[third : 2 * third], message_finished=False))
+            wire += client.send(TextMessage(data=text[2 * third :]))
+            await stream.send_all(wire)
+            # the pong waits for nothing (the event was not complete at the ping)
+            got = await raw_replies(stream, client, 2)
+        assert got == [("pong", b"inside"), {"type": "ack", "id": event["id"]}]
+        assert stored_ids(db_path) == {event["id"]}
+
+
+async def test_events_before_a_close_in_the_same_write_are_taken(
+    start: Starter, db_path: Path
+) -> None:
+    from wsproto.events import CloseConnection, TextMessage
+
+    events = [event_dict() for _ in range(3)]
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        stream, client = await raw_upgrade(daemon.port, [])
+        async with stream:
+            wire = b"".join(client.send(TextMessage(data=json.dumps(e))) for e in events)
+            await stream.send_all(wire + client.send(CloseConnection(code=1000)))
+            await _until(stream, client, CloseConnection)
+        last = event_dict()  # batches commit in channel order: once this one is acked ...
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            await ws.send_message(json.dumps(last))
+            assert await replies(ws, 1) == [{"type": "ack", "id": last["id"]}]
+        assert stored_ids(db_path) == {e["id"] for e in [*events, last]}
+        assert daemon.ingest.events == len(events) + 1
+
+
+async def test_a_client_gone_before_its_auth_message_is_not_counted_as_refused(
+    start: Starter,
+) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN)
+        stream, _ = await raw_upgrade(daemon.port, [PREFECT_SUBPROTOCOL])
+        await stream.aclose()
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        assert daemon.ingest.connections == 0
+        assert daemon.ingest.handshakes_refused == 0
+
+
 async def test_shutdown_closes_connections_with_going_away(store: Store) -> None:
     send, receive = trio.open_memory_channel[Submission](10)
     config = ServerConfig(listen="127.0.0.1:0")
