@@ -15,6 +15,7 @@ cancelled. ``server.shutdown_timeout`` bounds the drain.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -229,6 +230,9 @@ def serve_command(args: argparse.Namespace) -> int:
     except (ConfigError, AutomationFileError) as exc:
         print(f"trigd serve: {exc}", file=sys.stderr)
         return 2
+    # Start-up built (modules, pydantic schemas, automations) lives as long as the process:
+    # frozen, no later collection walks it again (a quarter of ingest's CPU otherwise).
+    gc.freeze()
     try:
         trio.run(serve, config, automations)
     except StoreError as exc:
