@@ -56,8 +56,11 @@ class EventsClock:
 
     def update(self, occurred: datetime, now: datetime) -> None:
         """Account for one event about to be evaluated, at wall time `now`."""
-        now_us = to_us(now)
-        ts = min(to_us(occurred), now_us)  # never in the future
+        self.update_us(to_us(occurred), to_us(now))
+
+    def update_us(self, occurred_us: int, now_us: int) -> None:
+        """`update` with both times already in microseconds (the engine's per-event path)."""
+        ts = min(occurred_us, now_us)  # never in the future
         # Prefect also treats a clock of exactly 0 (the epoch) as unset
         if not self.clock_us or ts >= self.clock_us:
             self.clock_us = ts

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Final
@@ -58,6 +58,7 @@ from daemon.ordering import (
     SEEN_EXPIRATION,
     CausalOrdering,
     EventArrivedEarly,
+    EventHandler,
 )
 from store import automations as automations_store
 from store import buckets as buckets_store
@@ -127,6 +128,26 @@ class _Loaded:
     automation_id: str
 
 
+class _Call:
+    """What every event of one engine call shares: the connection, the wall clock (also
+    in µs), the ordering and the handler that re-enters the engine for followers."""
+
+    __slots__ = ("conn", "handler", "now", "now_us", "ordering")
+
+    def __init__(
+        self, conn: apsw.Connection, now: datetime, now_us: int, ordering: CausalOrdering
+    ) -> None:
+        self.conn = conn
+        self.now = now
+        self.now_us = now_us
+        self.ordering = ordering
+        self.handler: EventHandler = _no_handler
+
+
+def _no_handler(event: ReceivedEvent, depth: int, /) -> None:
+    raise AssertionError("set by Engine._call")
+
+
 @attrs.frozen
 class LoadReport:
     automations: int
@@ -166,6 +187,7 @@ class Engine:
         self._clock_conn: apsw.Connection | None = None
         self._ordering: tuple[apsw.Connection, CausalOrdering] | None = None
         self._store_only: set[UUID] = set()
+        self._pending = buckets_store.PendingBuckets()
         self.handed_off = False
         """Whether the last `process_batch` left work for the sender or the inbox pump
         (outbox rows, or events still in the inbox): the evaluator wakes them only then."""
@@ -232,45 +254,50 @@ class Engine:
         self._ensure_clock(conn)
         before = self.clock.copy()
         self.handed_off = False
+        call = self._call(conn, now)
         try:
-            with self._ordering_for(conn).batch():
-                outcomes = self._process(conn, events, now)
-                self._drain_inbox(conn, now)
+            with call.ordering.batch(), self._bucket_unit(conn):
+                outcomes = self._process(call, events)
+                self._drain_inbox(call)
             self._save_clock(conn, before)
         except BaseException:
             self.clock = before  # the transaction will roll back: so does the clock
             raise
         return outcomes
 
-    def _process(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> list[Outcome]:
+    def _process(self, call: _Call, events: Sequence[ReceivedEvent]) -> list[Outcome]:
         ids = [str(e.id) for e in events]
-        known = events_store.known_ids(conn, ids)
-        fresh: list[tuple[ReceivedEvent, EventRef]] = []
+        known = events_store.known_ids(call.conn, ids)
+        fresh: list[tuple[ReceivedEvent, EventRef, str, int]] = []
         outcomes: list[Outcome] = []
         rows: list[events_store.StoredEvent] = []
+        received: datetime | None = None
+        received_us = 0
         for event, event_id in zip(events, ids, strict=True):
             if event_id in known:
                 outcomes.append(Outcome.duplicate)
                 continue
             known.add(event_id)
             ref = EventRef.of(event)
+            occurred_us = to_us(event.occurred)
+            if event.received is not received:  # a batch often shares one stamp
+                received = event.received
+                received_us = to_us(received)
             rows.append(
                 events_store.StoredEvent(
                     event_id,
                     event.event,
                     event.resource.id,
-                    to_us(event.occurred),
-                    to_us(event.received),
+                    occurred_us,
+                    received_us,
                     None if event.follows is None else str(event.follows),
                     ref.json(),
                 )
             )
-            fresh.append((event, ref))
+            fresh.append((event, ref, event_id, occurred_us))
             outcomes.append(Outcome.processed)
-        events_store.insert_events(conn, rows)
-        results = [self._evaluate_new(conn, event, ref, now) for event, ref in fresh]
+        events_store.insert_events(call.conn, rows)
+        results = [self._evaluate_new(call, *item) for item in fresh]
         position = 0
         for i, outcome in enumerate(outcomes):
             if outcome is Outcome.processed:
@@ -279,31 +306,31 @@ class Engine:
         return outcomes
 
     def _evaluate_new(
-        self, conn: apsw.Connection, event: ReceivedEvent, ref: EventRef, now: datetime
+        self, call: _Call, event: ReceivedEvent, ref: EventRef, event_id: str, occurred_us: int
     ) -> Outcome:
         if event.event == LOG_WRITE_EVENT or event.id in self._store_only:
             return Outcome.processed
         try:
-            self._reactive(conn, event, 0, now, ref)
+            self._reactive(call, event, 0, ref, event_id, occurred_us)
         except EventArrivedEarly:
             return Outcome.parked
         return Outcome.processed
 
-    def _drain_inbox(self, conn: apsw.Connection, now: datetime) -> None:
+    def _drain_inbox(self, call: _Call) -> None:
         budget = self.inbox_drain_limit
         while True:
-            queued = events_store.peek_inbox(conn, max(budget, 1))
+            queued = events_store.peek_inbox(call.conn, max(budget, 1))
             if not queued:
                 return
             if budget == 0:
                 self.handed_off = True  # more than one batch's worth: the pump goes on
                 return
             budget -= len(queued)
-            events_store.drop_inbox(conn, queued[-1][0])
+            events_store.drop_inbox(call.conn, queued[-1][0])
             parsed = [p for _, data in queued if (p := _inbox_event(data)) is not None]
             self._store_only = {e.id for e, evaluate in parsed if not evaluate}
             try:
-                self._process(conn, [e for e, _ in parsed], now)
+                self._process(call, [e for e, _ in parsed])
             finally:
                 self._store_only = set()
 
@@ -312,39 +339,38 @@ class Engine:
     ) -> None:
         """SEMANTICS §4.2 for one (already stored) event; raises EventArrivedEarly when
         the event is parked."""
-        self._reactive(conn, event, depth, now, EventRef.of(event))
+        with self._bucket_unit(conn):
+            self._react(self._call(conn, now), event, depth)
+
+    def _react(self, call: _Call, event: ReceivedEvent, depth: int) -> None:
+        """`_reactive` for an event that comes without its precomputed forms."""
+        self._reactive(call, event, depth, EventRef.of(event), str(event.id), to_us(event.occurred))
 
     def _reactive(
         self,
-        conn: apsw.Connection,
+        call: _Call,
         event: ReceivedEvent,
         depth: int,
-        now: datetime,
         ref: EventRef,
+        event_id: str,
+        occurred_us: int,
     ) -> None:
-        self.clock.update(event.occurred, now)
+        self.clock.update_us(occurred_us, call.now_us)
 
-        def handler(follower: ReceivedEvent, follower_depth: int) -> None:
-            self._reactive(conn, follower, follower_depth, now, EventRef.of(follower))
-
-        ordering = self._ordering_for(conn)
-        with ordering.preceding_event_confirmed(handler, event, depth, now=now):
+        def evaluate_triggers() -> None:
             for trigger in self.index.interested(event):
-                loaded = self._loaded[trigger.id]
-                with conn:  # SAVEPOINT: this trigger's changes stand or fall together
-                    self._evaluate_event(conn, loaded, event, ref, now)
+                self._evaluate_event(call, self._loaded[trigger.id], event, ref)
+
+        call.ordering.run_confirmed(
+            call.handler, event, depth, evaluate_triggers, now_us=call.now_us, event_id=event_id
+        )
 
     def _evaluate_event(
-        self,
-        conn: apsw.Connection,
-        loaded: _Loaded,
-        event: ReceivedEvent,
-        ref: EventRef,
-        now: datetime,
+        self, call: _Call, loaded: _Loaded, event: ReceivedEvent, ref: EventRef
     ) -> None:
         trigger = loaded.trigger
         key = trigger.bucketing_key(event)
-        existing = buckets_store.read_bucket(conn, loaded.trigger_id, key)
+        existing = self._pending.read(call.conn, loaded.trigger_id, key)
         occurred = event.occurred
         expects = trigger.expects(event.event)
         bucket: Bucket | None = None
@@ -356,22 +382,45 @@ class Engine:
             bucket = ensure(existing, key, start, occurred + trigger.within, ref)
         if not expects:
             if bucket is not None:
-                self._persist(conn, loaded, existing, bucket)
+                self._pending_write(loaded, key, existing, bucket)
             return
         if bucket is None:
             if existing is None:
                 return
             bucket = existing
         result = evaluate(trigger, bucket, occurred, event, ref)
-        self._persist(conn, loaded, existing, result.stored)
+        self._pending_write(loaded, key, existing, result.stored)
         for fire in result.fires:
-            self._fire(conn, loaded, fire, now)
+            self._fire(call.conn, loaded, fire, call.now)
+
+    def _pending_write(
+        self, loaded: _Loaded, key: tuple[str, ...], existing: Bucket | None, stored: Bucket | None
+    ) -> None:
+        """Note the bucket's new state for the end of the unit; nothing if unchanged."""
+        if stored is not existing:
+            self._pending.write(loaded.trigger_id, loaded.automation_id, key, existing, stored)
+
+    @contextlib.contextmanager
+    def _bucket_unit(self, conn: apsw.Connection) -> Iterator[None]:
+        """Reactive bucket changes are written back when the unit ends (and before
+        anything reads the table directly); a failed unit's changes are dropped with its
+        transaction. A parked event is not a failure."""
+        try:
+            yield
+        except EventArrivedEarly:
+            self._pending.flush(conn)
+            raise
+        except BaseException:
+            self._pending.discard()
+            raise
+        self._pending.flush(conn)
 
     @staticmethod
     def _persist(
         conn: apsw.Connection, loaded: _Loaded, existing: Bucket | None, stored: Bucket | None
     ) -> None:
-        """Write the bucket's new state; nothing when it did not change."""
+        """Write the bucket's new state at once (the proactive path, which reads the table
+        page by page); nothing when it did not change."""
         if stored is None:
             if existing is not None:
                 buckets_store.delete_bucket(conn, loaded.trigger_id, existing.key)
@@ -479,10 +528,12 @@ class Engine:
         before = self.clock.copy()
         try:
             as_of = self.clock.as_of(now)
-            for event in self._ordering_for(conn).get_lost_followers(now=now):
-                # a lost follower proceeds without waiting (its wait is over)
-                with contextlib.suppress(EventArrivedEarly):
-                    self._reactive(conn, event, 0, now, EventRef.of(event))
+            call = self._call(conn, now)
+            with self._bucket_unit(conn):
+                for event in call.ordering.get_lost_followers(now=now):
+                    # a lost follower proceeds without waiting (its wait is over)
+                    with contextlib.suppress(EventArrivedEarly):
+                        self._react(call, event, 0)
             swept = buckets_store.sweep_closed_buckets(
                 conn, to_us(as_of - self.expired_bucket_buffer)
             )
@@ -493,6 +544,12 @@ class Engine:
         return swept
 
     # --- plumbing --------------------------------------------------------------------
+
+    def _call(self, conn: apsw.Connection, now: datetime) -> _Call:
+        ordering = self._ordering_for(conn)
+        call = _Call(conn, now, to_us(now), ordering)
+        call.handler = lambda follower, depth: self._react(call, follower, depth)
+        return call
 
     def _ordering_for(self, conn: apsw.Connection) -> CausalOrdering:
         if self._ordering is None or self._ordering[0] is not conn:
