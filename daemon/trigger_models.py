@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from daemon.events import Event
-from daemon.matching import ResourceSpecification, matches
+from daemon.matching import ResourceSpecification, compile_pattern, compiled_matches
 
 PROACTIVE_MINIMUM_WITHIN: Final = timedelta(seconds=10)
 _TIMEDELTA: Final = TypeAdapter(timedelta)
@@ -140,13 +140,17 @@ class EventTrigger(BaseTrigger):
         else:
             derived["_event_pattern"] = _ANY_EVENT
         derived["_for_each"] = tuple(sorted(self.for_each))
+        derived["_expect"] = tuple(compile_pattern(p) for p in sorted(self.expect))
+        derived["_after"] = tuple(compile_pattern(p) for p in sorted(self.after))
+        derived["_immediate"] = self.posture == Posture.Reactive and self.within == timedelta(0)
         related = self.match_related
         derived["_match_related"] = tuple(related) if isinstance(related, list) else (related,)
 
     @property
     def immediate(self) -> bool:
         """Reactive with no window: fires on each qualifying event, no bucket needed."""
-        return self.posture == Posture.Reactive and self.within == timedelta(0)
+        immediate: bool = self.__dict__["_immediate"]
+        return immediate
 
     @property
     def event_pattern(self) -> re.Pattern[str]:
@@ -164,10 +168,10 @@ class EventTrigger(BaseTrigger):
         return all(spec.includes(event.related) for spec in specs)
 
     def expects(self, event_name: str) -> bool:
-        return not self.expect or any(matches(p, event_name) for p in self.expect)
+        return not self.expect or compiled_matches(self.__dict__["_expect"], event_name)
 
     def starts_after(self, event_name: str) -> bool:
-        return any(matches(p, event_name) for p in self.after)
+        return compiled_matches(self.__dict__["_after"], event_name)
 
     def meets_threshold(self, count: int) -> bool:
         if self.posture == Posture.Reactive:
