@@ -51,7 +51,7 @@ from daemon.clock import META_KEY, EventsClock, to_us
 from daemon.composite import evaluate_composite_trigger, forget_trigger_state
 from daemon.events import ReceivedEvent
 from daemon.firings import Firing, TriggerState
-from daemon.index import TriggerIndex
+from daemon.index import Candidate, TriggerIndex
 from daemon.ordering import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
@@ -181,6 +181,8 @@ class Engine:
         self.automations: dict[UUID, Automation] = {}
         self._loaded: dict[UUID, _Loaded] = {}
         self._proactive: list[_Loaded] = []
+        self._by_position: tuple[_Loaded, ...] = ()
+        """`_loaded` in the order `index` was built from (its `Candidate.position`)."""
         self.index = TriggerIndex(())
         self.next_proactive_runs: dict[UUID, datetime] = {}
         self.clock = EventsClock()
@@ -233,7 +235,8 @@ class Engine:
         self._proactive = [
             lt for lt in self._loaded.values() if lt.trigger.posture == Posture.Proactive
         ]
-        self.index = TriggerIndex(lt.trigger for lt in self._loaded.values())
+        self._by_position = tuple(self._loaded.values())
+        self.index = TriggerIndex(lt.trigger for lt in self._by_position)
         self.next_proactive_runs.clear()
         report = LoadReport(len(active), len(self._loaded), frozenset(UUID(t) for t in reset))
         logger.info(
@@ -358,23 +361,25 @@ class Engine:
         self.clock.update_us(occurred_us, call.now_us)
 
         def evaluate_triggers() -> None:
-            for trigger in self.index.interested(event):
-                self._evaluate_event(call, self._loaded[trigger.id], event, ref)
+            for candidate in self.index.for_name(event.event):
+                if candidate.trigger.covers_resources(event):
+                    self._evaluate_event(call, candidate, event, ref)
 
         call.ordering.run_confirmed(
             call.handler, event, depth, evaluate_triggers, now_us=call.now_us, event_id=event_id
         )
 
     def _evaluate_event(
-        self, call: _Call, loaded: _Loaded, event: ReceivedEvent, ref: EventRef
+        self, call: _Call, candidate: Candidate, event: ReceivedEvent, ref: EventRef
     ) -> None:
+        loaded = self._by_position[candidate.position]
         trigger = loaded.trigger
         key = trigger.bucketing_key(event)
         existing = self._pending.read(call.conn, loaded.trigger_id, key)
         occurred = event.occurred
-        expects = trigger.expects(event.event)
+        expects = candidate.expects
         bucket: Bucket | None = None
-        if trigger.after and trigger.starts_after(event.event):
+        if trigger.after and candidate.starts_after:
             initial = -1 if expects else 0
             bucket = ensure(existing, key, occurred, occurred + trigger.within, ref, initial)
         if bucket is None and not trigger.after and expects:

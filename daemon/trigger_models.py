@@ -57,6 +57,13 @@ LabelSet = Annotated[
 """A set that is a sorted JSON array, so equal sets always serialize alike."""
 
 
+def _is_related_label(label: str) -> bool:
+    """Would `Event.find_resource_label` look at related resources for this label?"""
+    head, _, _ = label.rpartition(":")
+    directive, _, _ = head.partition(":")
+    return directive == "related"
+
+
 class Posture(StrEnum):
     Reactive = "Reactive"
     Proactive = "Proactive"
@@ -144,7 +151,13 @@ class EventTrigger(BaseTrigger):
         derived["_after"] = tuple(compile_pattern(p) for p in sorted(self.after))
         derived["_immediate"] = self.posture == Posture.Reactive and self.within == timedelta(0)
         related = self.match_related
-        derived["_match_related"] = tuple(related) if isinstance(related, list) else (related,)
+        specs = tuple(related) if isinstance(related, list) else (related,)
+        derived["_match_related"] = tuple(spec for spec in specs if len(spec))  # {} is a no-op
+        for_each = derived["_for_each"]
+        # Labels of the primary resource (no `related:` directive) are read directly.
+        derived["_plain_for_each"] = (
+            None if any(_is_related_label(label) for label in for_each) else for_each
+        )
 
     @property
     def immediate(self) -> bool:
@@ -159,13 +172,16 @@ class EventTrigger(BaseTrigger):
         return pattern
 
     def covers(self, event: Event) -> bool:
-        derived = self.__dict__
-        if not derived["_event_pattern"].match(event.event):
+        if not self.__dict__["_event_pattern"].match(event.event):
             return False
-        if not self.match.includes([event.resource]):
+        return self.covers_resources(event)
+
+    def covers_resources(self, event: Event) -> bool:
+        """`covers` without the name check (the index decides that once per name)."""
+        if not self.match.matches(event.resource):
             return False
-        specs: tuple[ResourceSpecification, ...] = derived["_match_related"]
-        return all(spec.includes(event.related) for spec in specs)
+        specs: tuple[ResourceSpecification, ...] = self.__dict__["_match_related"]
+        return not specs or all(spec.includes(event.related) for spec in specs)
 
     def expects(self, event_name: str) -> bool:
         return not self.expect or compiled_matches(self.__dict__["_expect"], event_name)
@@ -184,6 +200,10 @@ class EventTrigger(BaseTrigger):
         return labels
 
     def bucketing_key(self, event: Event) -> tuple[str, ...]:
+        plain: tuple[str, ...] | None = self.__dict__["_plain_for_each"]
+        if plain is not None:  # what find_resource_label does for these, minus the parsing
+            labels = event.resource.root
+            return tuple([labels.get(label) or "" for label in plain])
         return tuple(event.find_resource_label(label) or "" for label in self.sorted_for_each)
 
     def triggering_labels(self, bucketing_key: Sequence[str]) -> dict[str, str]:
