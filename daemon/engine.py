@@ -128,6 +128,10 @@ class _Loaded:
     automation_id: str
 
 
+_Interest = tuple[Candidate, tuple[str, ...]]
+"""A trigger that covers an event, and the event's bucketing key for it."""
+
+
 class _Call:
     """What every event of one engine call shares: the connection, the wall clock (also
     in µs), the ordering and the handler that re-enters the engine for followers."""
@@ -300,7 +304,22 @@ class Engine:
             fresh.append((event, ref, event_id, occurred_us))
             outcomes.append(Outcome.processed)
         events_store.insert_events(call.conn, rows)
-        results = [self._evaluate_new(call, *item) for item in fresh]
+        plans = [
+            None if self._store_only_event(event) else self._interests(event)
+            for event, _, _, _ in fresh
+        ]
+        self._pending.prefetch(
+            call.conn,
+            [
+                (self._by_position[candidate.position].trigger_id, key)
+                for plan in plans
+                if plan
+                for candidate, key in plan
+            ],
+        )
+        results = [
+            self._evaluate_new(call, *item, plan) for item, plan in zip(fresh, plans, strict=True)
+        ]
         position = 0
         for i, outcome in enumerate(outcomes):
             if outcome is Outcome.processed:
@@ -308,16 +327,35 @@ class Engine:
                 position += 1
         return outcomes
 
+    def _store_only_event(self, event: ReceivedEvent) -> bool:
+        return event.event == LOG_WRITE_EVENT or event.id in self._store_only
+
     def _evaluate_new(
-        self, call: _Call, event: ReceivedEvent, ref: EventRef, event_id: str, occurred_us: int
+        self,
+        call: _Call,
+        event: ReceivedEvent,
+        ref: EventRef,
+        event_id: str,
+        occurred_us: int,
+        plan: list[_Interest] | None,
     ) -> Outcome:
-        if event.event == LOG_WRITE_EVENT or event.id in self._store_only:
+        if plan is None:
             return Outcome.processed
         try:
-            self._reactive(call, event, 0, ref, event_id, occurred_us)
+            self._reactive(call, event, 0, ref, event_id, occurred_us, plan)
         except EventArrivedEarly:
             return Outcome.parked
         return Outcome.processed
+
+    def _interests(self, event: ReceivedEvent) -> list[_Interest]:
+        """The triggers that cover the event, each with the event's bucketing key: what
+        evaluating it will read, known before anything is evaluated (it depends on the
+        event and the loaded triggers only), so a batch reads its buckets in one go."""
+        return [
+            (candidate, candidate.trigger.bucketing_key(event))
+            for candidate in self.index.for_name(event.event)
+            if candidate.trigger.covers_resources(event)
+        ]
 
     def _drain_inbox(self, call: _Call) -> None:
         budget = self.inbox_drain_limit
@@ -347,7 +385,8 @@ class Engine:
 
     def _react(self, call: _Call, event: ReceivedEvent, depth: int) -> None:
         """`_reactive` for an event that comes without its precomputed forms."""
-        self._reactive(call, event, depth, EventRef.of(event), str(event.id), to_us(event.occurred))
+        ref = EventRef.of(event)
+        self._reactive(call, event, depth, ref, str(event.id), to_us(event.occurred), None)
 
     def _reactive(
         self,
@@ -357,24 +396,28 @@ class Engine:
         ref: EventRef,
         event_id: str,
         occurred_us: int,
+        plan: list[_Interest] | None,
     ) -> None:
         self.clock.update_us(occurred_us, call.now_us)
 
         def evaluate_triggers() -> None:
-            for candidate in self.index.for_name(event.event):
-                if candidate.trigger.covers_resources(event):
-                    self._evaluate_event(call, candidate, event, ref)
+            for candidate, key in self._interests(event) if plan is None else plan:
+                self._evaluate_event(call, candidate, key, event, ref)
 
         call.ordering.run_confirmed(
             call.handler, event, depth, evaluate_triggers, now_us=call.now_us, event_id=event_id
         )
 
     def _evaluate_event(
-        self, call: _Call, candidate: Candidate, event: ReceivedEvent, ref: EventRef
+        self,
+        call: _Call,
+        candidate: Candidate,
+        key: tuple[str, ...],
+        event: ReceivedEvent,
+        ref: EventRef,
     ) -> None:
         loaded = self._by_position[candidate.position]
         trigger = loaded.trigger
-        key = trigger.bucketing_key(event)
         existing = self._pending.read(call.conn, loaded.trigger_id, key)
         occurred = event.occurred
         expects = candidate.expects

@@ -223,6 +223,29 @@ class PendingBuckets:
             entry = self._rows[trigger_id, key] = _Pending(read_bucket(conn, trigger_id, key))
         return entry.current
 
+    def prefetch(
+        self, conn: apsw.Connection, wanted: Sequence[tuple[str, tuple[str, ...]]]
+    ) -> None:
+        """Read these (trigger id, key) buckets now, in one statement: what a batch of
+        events is about to `read` one by one. Skipped when it would pass the limit."""
+        by_json: dict[tuple[str, str], tuple[str, ...]] = {}
+        for trigger_id, key in wanted:
+            if (trigger_id, key) not in self._rows:
+                by_json[trigger_id, key_json(key)] = key
+        if not by_json or len(self._rows) + len(by_json) > self._limit:
+            return
+        found: dict[tuple[str, str], tuple[object, ...]] = {
+            (row[0], row[1]): row[1:]
+            for row in conn.executemany(
+                f"SELECT trigger_id, {_COLUMNS} FROM buckets "
+                "WHERE trigger_id = ? AND bucketing_key = ?",
+                list(by_json),
+            )
+        }
+        for (trigger_id, text), key in by_json.items():
+            row = found.get((trigger_id, text))
+            self._rows[trigger_id, key] = _Pending(None if row is None else _bucket(row, key))
+
     def write(
         self,
         trigger_id: str,
