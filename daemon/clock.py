@@ -30,7 +30,8 @@ def to_us(value: datetime) -> int:
     """Microseconds since the epoch; naive datetimes are UTC."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return (value - _EPOCH) // _US
+    delta = value - _EPOCH  # exact, and cheaper than `// _US` (several per event)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def span_us(span: timedelta) -> int:

@@ -43,7 +43,12 @@ def compiled_matches(patterns: Iterable[CompiledPattern], value: str | None) -> 
     """Does `value` satisfy any of the patterns (`matches` of each, or'ed)?"""
     if value is None:
         return False
-    return any((regex.match(value) is None) is negated for negated, regex in patterns)
+    for negated, regex in patterns:  # a loop, not any(): this runs for every event
+        if (regex.match(value) is None) is negated:
+            break
+    else:
+        return False
+    return True
 
 
 class ResourceSpecification(RootModel[dict[str, str | list[str]]]):

@@ -149,7 +149,8 @@ class EventTrigger(BaseTrigger):
         derived["_for_each"] = tuple(sorted(self.for_each))
         derived["_expect"] = tuple(compile_pattern(p) for p in sorted(self.expect))
         derived["_after"] = tuple(compile_pattern(p) for p in sorted(self.after))
-        derived["_immediate"] = self.posture == Posture.Reactive and self.within == timedelta(0)
+        derived["_reactive"] = reactive = self.posture == Posture.Reactive
+        derived["_immediate"] = reactive and self.within == timedelta(0)
         related = self.match_related
         specs = tuple(related) if isinstance(related, list) else (related,)
         derived["_match_related"] = tuple(spec for spec in specs if len(spec))  # {} is a no-op
@@ -189,8 +190,14 @@ class EventTrigger(BaseTrigger):
     def starts_after(self, event_name: str) -> bool:
         return compiled_matches(self.__dict__["_after"], event_name)
 
+    @property
+    def reactive(self) -> bool:
+        """`posture == Posture.Reactive`, precomputed (the bucket arithmetic asks a lot)."""
+        reactive: bool = self.__dict__["_reactive"]
+        return reactive
+
     def meets_threshold(self, count: int) -> bool:
-        if self.posture == Posture.Reactive:
+        if self.__dict__["_reactive"]:
             return count >= self.threshold
         return count < self.threshold
 
