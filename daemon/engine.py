@@ -4,11 +4,19 @@ Theory of operation. The daemon calls the engine from the store thread, inside o
 transaction, with the wall clock as an argument (the engine never reads a clock):
 
 * `process_batch` stores each new event, updates the events clock, passes the event
-  through causal ordering (scope "triggers") and evaluates every interested trigger in
-  its own SAVEPOINT, so a failure rolls back that trigger's bucket change, events and
-  outbox rows together and propagates (the daemon retries the batch). Then it drains
-  the inbox (events trigd made itself) through the same path, a bounded number per batch
-  so automations reacting to each other cannot hang one batch.
+  through causal ordering (scope "triggers") and evaluates every interested trigger.
+  Then it drains the inbox (events trigd made itself) through the same path, a bounded
+  number per batch so automations reacting to each other cannot hang one batch. A
+  failure propagates and the caller's transaction rolls back the whole batch (the daemon
+  retries it, then its events one by one), so no per-trigger SAVEPOINT is needed.
+* Which triggers an event interests, and under which bucketing key, depends only on the
+  event and the loaded set: a batch works it out for all of its events first and reads
+  their buckets in one statement. Bucket changes wait in `PendingBuckets` (each bucket read
+  and written at most once) and are written back with one `executemany` per kind of
+  statement when the unit of work ends (`_bucket_unit`: a batch, one `reactive_evaluation`,
+  the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
+  kept: the database stays the only state. `proactive` pages through the table and so
+  writes each change at once.
 * `proactive` runs SEMANTICS §4.4 for each due Proactive EventTrigger.
 * `periodic` re-evaluates lost followers and sweeps closed buckets.
 * `load_automations` swaps the loaded set; triggers whose fingerprint changed, that
@@ -172,6 +180,7 @@ class Engine:
         preceding_event_lookback: timedelta = PRECEDING_EVENT_LOOKBACK,
         seen_expiration: timedelta = SEEN_EXPIRATION,
         max_depth: int = MAX_DEPTH_OF_PRECEDING_EVENT,
+        pending_bucket_limit: int = buckets_store.PENDING_LIMIT,
     ) -> None:
         if inbox_drain_limit < 1:
             raise ValueError("inbox_drain_limit: must be at least 1")
@@ -193,7 +202,8 @@ class Engine:
         self._clock_conn: apsw.Connection | None = None
         self._ordering: tuple[apsw.Connection, CausalOrdering] | None = None
         self._store_only: set[UUID] = set()
-        self._pending = buckets_store.PendingBuckets()
+        self._pending = buckets_store.PendingBuckets(pending_bucket_limit)
+        """Bucket changes of the running unit (`_bucket_unit`), empty between calls."""
         self.handed_off = False
         """Whether the last `process_batch` left work for the sender or the inbox pump
         (outbox rows, or events still in the inbox): the evaluator wakes them only then."""
@@ -617,6 +627,7 @@ class Engine:
         events clock and reruns every proactive trigger."""
         self._clock_conn = None
         self.next_proactive_runs.clear()
+        self._pending.discard()  # empty already, unless a unit was left half-way
 
     def _ensure_clock(self, conn: apsw.Connection) -> None:
         """Read the persisted events clock once per connection (i.e. at startup)."""

@@ -211,6 +211,8 @@ class PendingBuckets:
     """
 
     def __init__(self, limit: int = PENDING_LIMIT) -> None:
+        if limit < 1:
+            raise ValueError("limit: must be at least 1")
         self._rows: dict[tuple[str, tuple[str, ...]], _Pending] = {}
         self._dirty = 0
         self._limit = limit
