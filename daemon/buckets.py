@@ -23,7 +23,7 @@ from typing import Final
 
 import attrs
 
-from daemon.automations import EventTrigger, Posture
+from daemon.automations import EventTrigger
 from daemon.events import ReceivedEvent
 
 _ZERO: Final = timedelta(0)
@@ -144,7 +144,7 @@ def _evaluate(
         )
         count = 0
 
-    reactive = trigger.posture == Posture.Reactive
+    reactive = trigger.reactive
     ready = reactive or bucket.end <= now
     meets = trigger.meets_threshold(bucket.count)
 

@@ -30,7 +30,8 @@ def to_us(value: datetime) -> int:
     """Microseconds since the epoch; naive datetimes are UTC."""
     if value.tzinfo is None:
         value = value.replace(tzinfo=UTC)
-    return (value - _EPOCH) // _US
+    delta = value - _EPOCH  # exact, and cheaper than `// _US` (several per event)
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def span_us(span: timedelta) -> int:
@@ -56,8 +57,11 @@ class EventsClock:
 
     def update(self, occurred: datetime, now: datetime) -> None:
         """Account for one event about to be evaluated, at wall time `now`."""
-        now_us = to_us(now)
-        ts = min(to_us(occurred), now_us)  # never in the future
+        self.update_us(to_us(occurred), to_us(now))
+
+    def update_us(self, occurred_us: int, now_us: int) -> None:
+        """`update` with both times already in microseconds (the engine's per-event path)."""
+        ts = min(occurred_us, now_us)  # never in the future
         # Prefect also treats a clock of exactly 0 (the epoch) as unset
         if not self.clock_us or ts >= self.clock_us:
             self.clock_us = ts

@@ -4,11 +4,19 @@ Theory of operation. The daemon calls the engine from the store thread, inside o
 transaction, with the wall clock as an argument (the engine never reads a clock):
 
 * `process_batch` stores each new event, updates the events clock, passes the event
-  through causal ordering (scope "triggers") and evaluates every interested trigger in
-  its own SAVEPOINT, so a failure rolls back that trigger's bucket change, events and
-  outbox rows together and propagates (the daemon retries the batch). Then it drains
-  the inbox (events trigd made itself) through the same path, a bounded number per batch
-  so automations reacting to each other cannot hang one batch.
+  through causal ordering (scope "triggers") and evaluates every interested trigger.
+  Then it drains the inbox (events trigd made itself) through the same path, a bounded
+  number per batch so automations reacting to each other cannot hang one batch. A
+  failure propagates and the caller's transaction rolls back the whole batch (the daemon
+  retries it, then its events one by one), so no per-trigger SAVEPOINT is needed.
+* Which triggers an event interests, and under which bucketing key, depends only on the
+  event and the loaded set: a batch works it out for all of its events first and reads
+  their buckets in one statement. Bucket changes wait in `PendingBuckets` (each bucket read
+  and written at most once) and are written back with one `executemany` per kind of
+  statement when the unit of work ends (`_bucket_unit`: a batch, one `reactive_evaluation`,
+  the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
+  kept: the database stays the only state. `proactive` pages through the table and so
+  writes each change at once.
 * `proactive` runs SEMANTICS §4.4 for each due Proactive EventTrigger.
 * `periodic` re-evaluates lost followers and sweeps closed buckets.
 * `load_automations` swaps the loaded set; triggers whose fingerprint changed, that
@@ -22,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Final
@@ -51,13 +59,14 @@ from daemon.clock import META_KEY, EventsClock, to_us
 from daemon.composite import evaluate_composite_trigger, forget_trigger_state
 from daemon.events import ReceivedEvent
 from daemon.firings import Firing, TriggerState
-from daemon.index import TriggerIndex
+from daemon.index import Candidate, TriggerIndex
 from daemon.ordering import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
     CausalOrdering,
     EventArrivedEarly,
+    EventHandler,
 )
 from store import automations as automations_store
 from store import buckets as buckets_store
@@ -127,6 +136,30 @@ class _Loaded:
     automation_id: str
 
 
+_Interest = tuple[Candidate, tuple[str, ...]]
+"""A trigger that covers an event, and the event's bucketing key for it."""
+
+
+class _Call:
+    """What every event of one engine call shares: the connection, the wall clock (also
+    in µs), the ordering and the handler that re-enters the engine for followers."""
+
+    __slots__ = ("conn", "handler", "now", "now_us", "ordering")
+
+    def __init__(
+        self, conn: apsw.Connection, now: datetime, now_us: int, ordering: CausalOrdering
+    ) -> None:
+        self.conn = conn
+        self.now = now
+        self.now_us = now_us
+        self.ordering = ordering
+        self.handler: EventHandler = _no_handler
+
+
+def _no_handler(event: ReceivedEvent, depth: int, /) -> None:
+    raise AssertionError("set by Engine._call")
+
+
 @attrs.frozen
 class LoadReport:
     automations: int
@@ -147,6 +180,7 @@ class Engine:
         preceding_event_lookback: timedelta = PRECEDING_EVENT_LOOKBACK,
         seen_expiration: timedelta = SEEN_EXPIRATION,
         max_depth: int = MAX_DEPTH_OF_PRECEDING_EVENT,
+        pending_bucket_limit: int = buckets_store.PENDING_LIMIT,
     ) -> None:
         if inbox_drain_limit < 1:
             raise ValueError("inbox_drain_limit: must be at least 1")
@@ -160,12 +194,16 @@ class Engine:
         self.automations: dict[UUID, Automation] = {}
         self._loaded: dict[UUID, _Loaded] = {}
         self._proactive: list[_Loaded] = []
+        self._by_position: tuple[_Loaded, ...] = ()
+        """`_loaded` in the order `index` was built from (its `Candidate.position`)."""
         self.index = TriggerIndex(())
         self.next_proactive_runs: dict[UUID, datetime] = {}
         self.clock = EventsClock()
         self._clock_conn: apsw.Connection | None = None
         self._ordering: tuple[apsw.Connection, CausalOrdering] | None = None
         self._store_only: set[UUID] = set()
+        self._pending = buckets_store.PendingBuckets(pending_bucket_limit)
+        """Bucket changes of the running unit (`_bucket_unit`), empty between calls."""
         self.handed_off = False
         """Whether the last `process_batch` left work for the sender or the inbox pump
         (outbox rows, or events still in the inbox): the evaluator wakes them only then."""
@@ -211,7 +249,8 @@ class Engine:
         self._proactive = [
             lt for lt in self._loaded.values() if lt.trigger.posture == Posture.Proactive
         ]
-        self.index = TriggerIndex(lt.trigger for lt in self._loaded.values())
+        self._by_position = tuple(self._loaded.values())
+        self.index = TriggerIndex(lt.trigger for lt in self._by_position)
         self.next_proactive_runs.clear()
         report = LoadReport(len(active), len(self._loaded), frozenset(UUID(t) for t in reset))
         logger.info(
@@ -232,45 +271,65 @@ class Engine:
         self._ensure_clock(conn)
         before = self.clock.copy()
         self.handed_off = False
+        call = self._call(conn, now)
         try:
-            with self._ordering_for(conn).batch():
-                outcomes = self._process(conn, events, now)
-                self._drain_inbox(conn, now)
+            with call.ordering.batch(), self._bucket_unit(conn):
+                outcomes = self._process(call, events)
+                self._drain_inbox(call)
             self._save_clock(conn, before)
         except BaseException:
             self.clock = before  # the transaction will roll back: so does the clock
             raise
         return outcomes
 
-    def _process(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> list[Outcome]:
+    def _process(self, call: _Call, events: Sequence[ReceivedEvent]) -> list[Outcome]:
         ids = [str(e.id) for e in events]
-        known = events_store.known_ids(conn, ids)
-        fresh: list[tuple[ReceivedEvent, EventRef]] = []
+        known = events_store.known_ids(call.conn, ids)
+        fresh: list[tuple[ReceivedEvent, EventRef, str, int]] = []
         outcomes: list[Outcome] = []
         rows: list[events_store.StoredEvent] = []
+        received: datetime | None = None
+        received_us = 0
         for event, event_id in zip(events, ids, strict=True):
             if event_id in known:
                 outcomes.append(Outcome.duplicate)
                 continue
             known.add(event_id)
             ref = EventRef.of(event)
+            occurred_us = to_us(event.occurred)
+            if event.received is not received:  # a batch often shares one stamp
+                received = event.received
+                received_us = to_us(received)
             rows.append(
                 events_store.StoredEvent(
                     event_id,
                     event.event,
                     event.resource.id,
-                    to_us(event.occurred),
-                    to_us(event.received),
+                    occurred_us,
+                    received_us,
                     None if event.follows is None else str(event.follows),
                     ref.json(),
                 )
             )
-            fresh.append((event, ref))
+            fresh.append((event, ref, event_id, occurred_us))
             outcomes.append(Outcome.processed)
-        events_store.insert_events(conn, rows)
-        results = [self._evaluate_new(conn, event, ref, now) for event, ref in fresh]
+        events_store.insert_events(call.conn, rows)
+        plans = [
+            None if self._store_only_event(event) else self._interests(event)
+            for event, _, _, _ in fresh
+        ]
+        self._pending.prefetch(
+            call.conn,
+            [
+                (self._by_position[candidate.position].trigger_id, key)
+                for plan in plans
+                if plan
+                for candidate, key in plan
+            ],
+        )
+        results = [
+            self._evaluate_new(call, *item, plan) for item, plan in zip(fresh, plans, strict=True)
+        ]
         position = 0
         for i, outcome in enumerate(outcomes):
             if outcome is Outcome.processed:
@@ -278,32 +337,51 @@ class Engine:
                 position += 1
         return outcomes
 
+    def _store_only_event(self, event: ReceivedEvent) -> bool:
+        return event.event == LOG_WRITE_EVENT or event.id in self._store_only
+
     def _evaluate_new(
-        self, conn: apsw.Connection, event: ReceivedEvent, ref: EventRef, now: datetime
+        self,
+        call: _Call,
+        event: ReceivedEvent,
+        ref: EventRef,
+        event_id: str,
+        occurred_us: int,
+        plan: list[_Interest] | None,
     ) -> Outcome:
-        if event.event == LOG_WRITE_EVENT or event.id in self._store_only:
+        if plan is None:
             return Outcome.processed
         try:
-            self._reactive(conn, event, 0, now, ref)
+            self._reactive(call, event, 0, ref, event_id, occurred_us, plan)
         except EventArrivedEarly:
             return Outcome.parked
         return Outcome.processed
 
-    def _drain_inbox(self, conn: apsw.Connection, now: datetime) -> None:
+    def _interests(self, event: ReceivedEvent) -> list[_Interest]:
+        """The triggers that cover the event, each with the event's bucketing key: what
+        evaluating it will read, known before anything is evaluated (it depends on the
+        event and the loaded triggers only), so a batch reads its buckets in one go."""
+        return [
+            (candidate, candidate.trigger.bucketing_key(event))
+            for candidate in self.index.for_name(event.event)
+            if candidate.trigger.covers_resources(event)
+        ]
+
+    def _drain_inbox(self, call: _Call) -> None:
         budget = self.inbox_drain_limit
         while True:
-            queued = events_store.peek_inbox(conn, max(budget, 1))
+            queued = events_store.peek_inbox(call.conn, max(budget, 1))
             if not queued:
                 return
             if budget == 0:
                 self.handed_off = True  # more than one batch's worth: the pump goes on
                 return
             budget -= len(queued)
-            events_store.drop_inbox(conn, queued[-1][0])
+            events_store.drop_inbox(call.conn, queued[-1][0])
             parsed = [p for _, data in queued if (p := _inbox_event(data)) is not None]
             self._store_only = {e.id for e, evaluate in parsed if not evaluate}
             try:
-                self._process(conn, [e for e, _ in parsed], now)
+                self._process(call, [e for e, _ in parsed])
             finally:
                 self._store_only = set()
 
@@ -312,43 +390,49 @@ class Engine:
     ) -> None:
         """SEMANTICS §4.2 for one (already stored) event; raises EventArrivedEarly when
         the event is parked."""
-        self._reactive(conn, event, depth, now, EventRef.of(event))
+        with self._bucket_unit(conn):
+            self._react(self._call(conn, now), event, depth)
+
+    def _react(self, call: _Call, event: ReceivedEvent, depth: int) -> None:
+        """`_reactive` for an event that comes without its precomputed forms."""
+        ref = EventRef.of(event)
+        self._reactive(call, event, depth, ref, str(event.id), to_us(event.occurred), None)
 
     def _reactive(
         self,
-        conn: apsw.Connection,
+        call: _Call,
         event: ReceivedEvent,
         depth: int,
-        now: datetime,
         ref: EventRef,
+        event_id: str,
+        occurred_us: int,
+        plan: list[_Interest] | None,
     ) -> None:
-        self.clock.update(event.occurred, now)
+        self.clock.update_us(occurred_us, call.now_us)
 
-        def handler(follower: ReceivedEvent, follower_depth: int) -> None:
-            self._reactive(conn, follower, follower_depth, now, EventRef.of(follower))
+        def evaluate_triggers() -> None:
+            for candidate, key in self._interests(event) if plan is None else plan:
+                self._evaluate_event(call, candidate, key, event, ref)
 
-        ordering = self._ordering_for(conn)
-        with ordering.preceding_event_confirmed(handler, event, depth, now=now):
-            for trigger in self.index.interested(event):
-                loaded = self._loaded[trigger.id]
-                with conn:  # SAVEPOINT: this trigger's changes stand or fall together
-                    self._evaluate_event(conn, loaded, event, ref, now)
+        call.ordering.run_confirmed(
+            call.handler, event, depth, evaluate_triggers, now_us=call.now_us, event_id=event_id
+        )
 
     def _evaluate_event(
         self,
-        conn: apsw.Connection,
-        loaded: _Loaded,
+        call: _Call,
+        candidate: Candidate,
+        key: tuple[str, ...],
         event: ReceivedEvent,
         ref: EventRef,
-        now: datetime,
     ) -> None:
+        loaded = self._by_position[candidate.position]
         trigger = loaded.trigger
-        key = trigger.bucketing_key(event)
-        existing = buckets_store.read_bucket(conn, loaded.trigger_id, key)
+        existing = self._pending.read(call.conn, loaded.trigger_id, key)
         occurred = event.occurred
-        expects = trigger.expects(event.event)
+        expects = candidate.expects
         bucket: Bucket | None = None
-        if trigger.after and trigger.starts_after(event.event):
+        if trigger.after and candidate.starts_after:
             initial = -1 if expects else 0
             bucket = ensure(existing, key, occurred, occurred + trigger.within, ref, initial)
         if bucket is None and not trigger.after and expects:
@@ -356,22 +440,45 @@ class Engine:
             bucket = ensure(existing, key, start, occurred + trigger.within, ref)
         if not expects:
             if bucket is not None:
-                self._persist(conn, loaded, existing, bucket)
+                self._pending_write(loaded, key, existing, bucket)
             return
         if bucket is None:
             if existing is None:
                 return
             bucket = existing
         result = evaluate(trigger, bucket, occurred, event, ref)
-        self._persist(conn, loaded, existing, result.stored)
+        self._pending_write(loaded, key, existing, result.stored)
         for fire in result.fires:
-            self._fire(conn, loaded, fire, now)
+            self._fire(call.conn, loaded, fire, call.now)
+
+    def _pending_write(
+        self, loaded: _Loaded, key: tuple[str, ...], existing: Bucket | None, stored: Bucket | None
+    ) -> None:
+        """Note the bucket's new state for the end of the unit; nothing if unchanged."""
+        if stored is not existing:
+            self._pending.write(loaded.trigger_id, loaded.automation_id, key, existing, stored)
+
+    @contextlib.contextmanager
+    def _bucket_unit(self, conn: apsw.Connection) -> Iterator[None]:
+        """Reactive bucket changes are written back when the unit ends (and before
+        anything reads the table directly); a failed unit's changes are dropped with its
+        transaction. A parked event is not a failure."""
+        try:
+            yield
+        except EventArrivedEarly:
+            self._pending.flush(conn)
+            raise
+        except BaseException:
+            self._pending.discard()
+            raise
+        self._pending.flush(conn)
 
     @staticmethod
     def _persist(
         conn: apsw.Connection, loaded: _Loaded, existing: Bucket | None, stored: Bucket | None
     ) -> None:
-        """Write the bucket's new state; nothing when it did not change."""
+        """Write the bucket's new state at once (the proactive path, which reads the table
+        page by page); nothing when it did not change."""
         if stored is None:
             if existing is not None:
                 buckets_store.delete_bucket(conn, loaded.trigger_id, existing.key)
@@ -479,10 +586,12 @@ class Engine:
         before = self.clock.copy()
         try:
             as_of = self.clock.as_of(now)
-            for event in self._ordering_for(conn).get_lost_followers(now=now):
-                # a lost follower proceeds without waiting (its wait is over)
-                with contextlib.suppress(EventArrivedEarly):
-                    self._reactive(conn, event, 0, now, EventRef.of(event))
+            call = self._call(conn, now)
+            with self._bucket_unit(conn):
+                for event in call.ordering.get_lost_followers(now=now):
+                    # a lost follower proceeds without waiting (its wait is over)
+                    with contextlib.suppress(EventArrivedEarly):
+                        self._react(call, event, 0)
             swept = buckets_store.sweep_closed_buckets(
                 conn, to_us(as_of - self.expired_bucket_buffer)
             )
@@ -493,6 +602,12 @@ class Engine:
         return swept
 
     # --- plumbing --------------------------------------------------------------------
+
+    def _call(self, conn: apsw.Connection, now: datetime) -> _Call:
+        ordering = self._ordering_for(conn)
+        call = _Call(conn, now, to_us(now), ordering)
+        call.handler = lambda follower, depth: self._react(call, follower, depth)
+        return call
 
     def _ordering_for(self, conn: apsw.Connection) -> CausalOrdering:
         if self._ordering is None or self._ordering[0] is not conn:
@@ -512,6 +627,7 @@ class Engine:
         events clock and reruns every proactive trigger."""
         self._clock_conn = None
         self.next_proactive_runs.clear()
+        self._pending.discard()  # empty already, unless a unit was left half-way
 
     def _ensure_clock(self, conn: apsw.Connection) -> None:
         """Read the persisted events clock once per connection (i.e. at startup)."""

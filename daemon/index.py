@@ -7,13 +7,17 @@ candidates for a name are computed once and cached (event names repeat a lot; th
 is bounded and rebuilt on every load), and `covers` then applies the start-anchored name
 regex and the resource specifications. The cost per event therefore does not grow with
 triggers whose patterns cannot match its name.
+
+Everything that depends on the name alone is decided once per name: `for_name` keeps the
+candidates that pass the name regex, each with what `expects` and `starts_after` say of
+that name, so per event only the resource specifications are left (`covers_resources`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
-from typing import Final
+from typing import Final, NamedTuple
 
 from daemon.automations import EventTrigger
 from daemon.events import Event
@@ -32,6 +36,16 @@ def index_patterns(trigger: EventTrigger) -> frozenset[str]:
     return trigger.expect | trigger.after
 
 
+class Candidate(NamedTuple):
+    """A trigger whose name pattern covers one event name, and what it says of the name."""
+
+    trigger: EventTrigger
+    position: int
+    """Where the trigger came in the sequence the index was built from."""
+    expects: bool
+    starts_after: bool
+
+
 class TriggerIndex:
     """An immutable pattern index over a set of EventTriggers."""
 
@@ -46,6 +60,7 @@ class TriggerIndex:
         self._exact = exact
         self._globbed = tuple((pattern, tuple(p)) for pattern, p in globbed.items())
         self._cache: dict[str, tuple[EventTrigger, ...]] = {}
+        self._by_name: dict[str, tuple[Candidate, ...]] = {}
 
     def __len__(self) -> int:
         return len(self._triggers)
@@ -59,16 +74,34 @@ class TriggerIndex:
         cached = self._cache.get(event_name)
         if cached is not None:
             return cached
-        positions: set[int] = set(self._exact.get(event_name, ()))
-        for pattern, members in self._globbed:
-            if fnmatchcase(event_name, pattern):
-                positions.update(members)
-        found = tuple(self._triggers[p] for p in sorted(positions))
+        found = tuple(self._triggers[p] for p in self._positions(event_name))
         if len(self._cache) >= NAME_CACHE_SIZE:
             self._cache.clear()
         self._cache[event_name] = found
         return found
 
+    def _positions(self, event_name: str) -> list[int]:
+        positions: set[int] = set(self._exact.get(event_name, ()))
+        for pattern, members in self._globbed:
+            if fnmatchcase(event_name, pattern):
+                positions.update(members)
+        return sorted(positions)
+
+    def for_name(self, event_name: str) -> tuple[Candidate, ...]:
+        """The candidates whose start-anchored name regex matches too, in load order."""
+        cached = self._by_name.get(event_name)
+        if cached is not None:
+            return cached
+        found = tuple(
+            Candidate(t, p, t.expects(event_name), t.starts_after(event_name))
+            for p in self._positions(event_name)
+            if (t := self._triggers[p]).event_pattern.match(event_name)
+        )
+        if len(self._by_name) >= NAME_CACHE_SIZE:
+            self._by_name.clear()
+        self._by_name[event_name] = found
+        return found
+
     def interested(self, event: Event) -> list[EventTrigger]:
         """`find_interested_triggers`: candidates that cover the event."""
-        return [t for t in self.candidates(event.event) if t.covers(event)]
+        return [c.trigger for c in self.for_name(event.event) if c.trigger.covers_resources(event)]

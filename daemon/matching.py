@@ -3,17 +3,25 @@
 The server's rules, not the client's: full-string, case-sensitive shell globs
 (`fnmatch.fnmatchcase`), one leading `!` negates, and an absent label never matches,
 not even a negated pattern.
+
+Matching runs for every candidate trigger of every event, so the models compile their
+patterns once (`compile_pattern`: the very regex `fnmatchcase` would build) and test them
+with `compiled_matches`, which is `matches` without the per-call pattern lookup.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
-from fnmatch import fnmatchcase
+from fnmatch import fnmatchcase, translate
 from typing import Any, Self
 
 from pydantic import ConfigDict, RootModel
 
 from daemon.events import RESOURCE_ID, Resource
+
+CompiledPattern = tuple[bool, re.Pattern[str]]
+"""(negated, regex of the glob): a pattern of `matches`, ready to test."""
 
 
 def matches(expected: str, value: str | None) -> bool:
@@ -23,6 +31,24 @@ def matches(expected: str, value: str | None) -> bool:
     if expected.startswith("!"):
         return not fnmatchcase(value, expected[1:])
     return fnmatchcase(value, expected)
+
+
+def compile_pattern(expected: str) -> CompiledPattern:
+    """`expected` as `compiled_matches` takes it; `fnmatchcase` matches with this regex."""
+    negated = expected.startswith("!")
+    return negated, re.compile(translate(expected[1:] if negated else expected))
+
+
+def compiled_matches(patterns: Iterable[CompiledPattern], value: str | None) -> bool:
+    """Does `value` satisfy any of the patterns (`matches` of each, or'ed)?"""
+    if value is None:
+        return False
+    for negated, regex in patterns:  # a loop, not any(): this runs for every event
+        if (regex.match(value) is None) is negated:
+            break
+    else:
+        return False
+    return True
 
 
 class ResourceSpecification(RootModel[dict[str, str | list[str]]]):
@@ -36,9 +62,13 @@ class ResourceSpecification(RootModel[dict[str, str | list[str]]]):
     def model_post_init(self, context: object, /) -> None:
         # Normalised once, kept in __dict__ beside the fields: matching runs for every
         # candidate trigger of every event, and pydantic private attributes are slow to read.
-        self.__dict__["_items"] = tuple(
+        items = tuple(
             (label, (value,) if isinstance(value, str) else tuple(value))
             for label, value in self.root.items()
+        )
+        self.__dict__["_items"] = items
+        self.__dict__["_compiled"] = tuple(
+            (label, tuple(compile_pattern(c) for c in candidates)) for label, candidates in items
         )
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
@@ -53,15 +83,15 @@ class ResourceSpecification(RootModel[dict[str, str | list[str]]]):
 
     def matches(self, resource: Resource) -> bool:
         labels = resource.root
-        for label, candidates in self._items:
-            value = labels.get(label)
-            if not any(matches(candidate, value) for candidate in candidates):
+        compiled: tuple[tuple[str, tuple[CompiledPattern, ...]], ...] = self.__dict__["_compiled"]
+        for label, candidates in compiled:
+            if not compiled_matches(candidates, labels.get(label)):
                 return False
         return True
 
     def includes(self, candidates: Iterable[Resource]) -> bool:
         """True if the spec is empty, else if any candidate matches it."""
-        if not self._items:
+        if not self.__dict__["_compiled"]:
             return True
         return any(self.matches(candidate) for candidate in candidates)
 

@@ -33,7 +33,7 @@ from pydantic import (
 )
 
 from daemon.events import Event
-from daemon.matching import ResourceSpecification, matches
+from daemon.matching import ResourceSpecification, compile_pattern, compiled_matches
 
 PROACTIVE_MINIMUM_WITHIN: Final = timedelta(seconds=10)
 _TIMEDELTA: Final = TypeAdapter(timedelta)
@@ -55,6 +55,13 @@ LabelSet = Annotated[
     frozenset[str], PlainSerializer(_sorted, return_type=list[str], when_used="json")
 ]
 """A set that is a sorted JSON array, so equal sets always serialize alike."""
+
+
+def _is_related_label(label: str) -> bool:
+    """Would `Event.find_resource_label` look at related resources for this label?"""
+    head, _, _ = label.rpartition(":")
+    directive, _, _ = head.partition(":")
+    return directive == "related"
 
 
 class Posture(StrEnum):
@@ -140,13 +147,24 @@ class EventTrigger(BaseTrigger):
         else:
             derived["_event_pattern"] = _ANY_EVENT
         derived["_for_each"] = tuple(sorted(self.for_each))
+        derived["_expect"] = tuple(compile_pattern(p) for p in sorted(self.expect))
+        derived["_after"] = tuple(compile_pattern(p) for p in sorted(self.after))
+        derived["_reactive"] = reactive = self.posture == Posture.Reactive
+        derived["_immediate"] = reactive and self.within == timedelta(0)
         related = self.match_related
-        derived["_match_related"] = tuple(related) if isinstance(related, list) else (related,)
+        specs = tuple(related) if isinstance(related, list) else (related,)
+        derived["_match_related"] = tuple(spec for spec in specs if len(spec))  # {} is a no-op
+        for_each = derived["_for_each"]
+        # Labels of the primary resource (no `related:` directive) are read directly.
+        derived["_plain_for_each"] = (
+            None if any(_is_related_label(label) for label in for_each) else for_each
+        )
 
     @property
     def immediate(self) -> bool:
         """Reactive with no window: fires on each qualifying event, no bucket needed."""
-        return self.posture == Posture.Reactive and self.within == timedelta(0)
+        immediate: bool = self.__dict__["_immediate"]
+        return immediate
 
     @property
     def event_pattern(self) -> re.Pattern[str]:
@@ -155,22 +173,31 @@ class EventTrigger(BaseTrigger):
         return pattern
 
     def covers(self, event: Event) -> bool:
-        derived = self.__dict__
-        if not derived["_event_pattern"].match(event.event):
+        if not self.__dict__["_event_pattern"].match(event.event):
             return False
-        if not self.match.includes([event.resource]):
+        return self.covers_resources(event)
+
+    def covers_resources(self, event: Event) -> bool:
+        """`covers` without the name check (the index decides that once per name)."""
+        if not self.match.matches(event.resource):
             return False
-        specs: tuple[ResourceSpecification, ...] = derived["_match_related"]
-        return all(spec.includes(event.related) for spec in specs)
+        specs: tuple[ResourceSpecification, ...] = self.__dict__["_match_related"]
+        return not specs or all(spec.includes(event.related) for spec in specs)
 
     def expects(self, event_name: str) -> bool:
-        return not self.expect or any(matches(p, event_name) for p in self.expect)
+        return not self.expect or compiled_matches(self.__dict__["_expect"], event_name)
 
     def starts_after(self, event_name: str) -> bool:
-        return any(matches(p, event_name) for p in self.after)
+        return compiled_matches(self.__dict__["_after"], event_name)
+
+    @property
+    def reactive(self) -> bool:
+        """`posture == Posture.Reactive`, precomputed (the bucket arithmetic asks a lot)."""
+        reactive: bool = self.__dict__["_reactive"]
+        return reactive
 
     def meets_threshold(self, count: int) -> bool:
-        if self.posture == Posture.Reactive:
+        if self.__dict__["_reactive"]:
             return count >= self.threshold
         return count < self.threshold
 
@@ -180,6 +207,10 @@ class EventTrigger(BaseTrigger):
         return labels
 
     def bucketing_key(self, event: Event) -> tuple[str, ...]:
+        plain: tuple[str, ...] | None = self.__dict__["_plain_for_each"]
+        if plain is not None:  # what find_resource_label does for these, minus the parsing
+            labels = event.resource.root
+            return tuple([labels.get(label) or "" for label in plain])
         return tuple(event.find_resource_label(label) or "" for label in self.sorted_for_each)
 
     def triggering_labels(self, bucketing_key: Sequence[str]) -> dict[str, str]:

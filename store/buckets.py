@@ -3,12 +3,17 @@
 Functions of a connection, called inside the caller's transaction. Times are integer
 microseconds; the bucketing key is a compact JSON array of strings, compared by equality;
 `last_event` is the ReceivedEvent JSON and is parsed only when somebody asks for it.
+
+`PendingBuckets` is the reactive path's write-back: within one transaction each bucket is
+read at most once and written at most once, when the engine ends its unit of work, by one
+`executemany` per kind of statement. It lives no longer than the transaction, so the
+database stays the only state between transactions.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Sequence
 from typing import Final
 
 import apsw
@@ -37,14 +42,14 @@ def key_json(key: tuple[str, ...]) -> str:
     return text
 
 
-def _bucket(row: tuple[object, ...]) -> Bucket:
+def _bucket(row: tuple[object, ...], known_key: tuple[str, ...] | None = None) -> Bucket:
     key, start_us, end_us, count, last_event, last_operation = row
     assert isinstance(key, str)
     assert isinstance(start_us, int)
     assert isinstance(end_us, int)
     assert isinstance(count, int)
     return Bucket(
-        tuple(json.loads(key)),
+        tuple(json.loads(key)) if known_key is None else known_key,
         from_us(start_us),
         from_us(end_us),
         count,
@@ -58,28 +63,41 @@ def read_bucket(conn: apsw.Connection, trigger_id: str, key: tuple[str, ...]) ->
         f"SELECT {_COLUMNS} FROM buckets WHERE trigger_id = ? AND bucketing_key = ?",
         (trigger_id, key_json(key)),
     ).fetchone()
-    return None if row is None else _bucket(row)
+    return None if row is None else _bucket(row, key)
+
+
+_UPSERT: Final = (
+    "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, start_us, end_us, "
+    "count, last_event, last_operation) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (trigger_id, bucketing_key) DO UPDATE SET "
+    "automation_id = excluded.automation_id, "
+    "start_us = excluded.start_us, end_us = excluded.end_us, count = excluded.count, "
+    "last_event = excluded.last_event, last_operation = excluded.last_operation"
+)
+_UPDATE_COUNT: Final = (
+    "UPDATE buckets SET count = ?, last_event = ?, last_operation = ? "
+    "WHERE trigger_id = ? AND bucketing_key = ?"
+)
+_DELETE: Final = "DELETE FROM buckets WHERE trigger_id = ? AND bucketing_key = ?"
 
 
 def write_bucket(conn: apsw.Connection, trigger_id: str, automation_id: str, b: Bucket) -> None:
     """Insert or overwrite the row for this trigger and key."""
-    conn.execute(
-        "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, start_us, end_us, "
-        "count, last_event, last_operation) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
-        "ON CONFLICT (trigger_id, bucketing_key) DO UPDATE SET "
-        "automation_id = excluded.automation_id, "
-        "start_us = excluded.start_us, end_us = excluded.end_us, count = excluded.count, "
-        "last_event = excluded.last_event, last_operation = excluded.last_operation",
-        (
-            trigger_id,
-            key_json(b.key),
-            automation_id,
-            to_us(b.start),
-            to_us(b.end),
-            b.count,
-            None if b.last_event is None else b.last_event.json(),
-            b.last_operation,
-        ),
+    conn.execute(_UPSERT, _upsert_row(trigger_id, key_json(b.key), automation_id, b))
+
+
+def _upsert_row(
+    trigger_id: str, key: str, automation_id: str, b: Bucket
+) -> tuple[str, str, str, int, int, int, str | None, str]:
+    return (
+        trigger_id,
+        key,
+        automation_id,
+        to_us(b.start),
+        to_us(b.end),
+        b.count,
+        None if b.last_event is None else b.last_event.json(),
+        b.last_operation,
     )
 
 
@@ -88,24 +106,21 @@ def update_count(conn: apsw.Connection, trigger_id: str, b: Bucket) -> None:
     unchanged: the common case of counting one more event. Leaving `start_us` and
     `end_us` out of the SET spares their two indexes a delete and an insert each, which
     for a random key are two more random pages to write at commit."""
-    conn.execute(
-        "UPDATE buckets SET count = ?, last_event = ?, last_operation = ? "
-        "WHERE trigger_id = ? AND bucketing_key = ?",
-        (
-            b.count,
-            None if b.last_event is None else b.last_event.json(),
-            b.last_operation,
-            trigger_id,
-            key_json(b.key),
-        ),
+    conn.execute(_UPDATE_COUNT, _update_row(trigger_id, key_json(b.key), b))
+
+
+def _update_row(trigger_id: str, key: str, b: Bucket) -> tuple[int, str | None, str, str, str]:
+    return (
+        b.count,
+        None if b.last_event is None else b.last_event.json(),
+        b.last_operation,
+        trigger_id,
+        key,
     )
 
 
 def delete_bucket(conn: apsw.Connection, trigger_id: str, key: tuple[str, ...]) -> None:
-    conn.execute(
-        "DELETE FROM buckets WHERE trigger_id = ? AND bucketing_key = ?",
-        (trigger_id, key_json(key)),
-    )
+    conn.execute(_DELETE, (trigger_id, key_json(key)))
 
 
 def iter_buckets(conn: apsw.Connection, trigger_id: str) -> Iterator[Bucket]:
@@ -165,3 +180,125 @@ def delete_trigger_buckets(conn: apsw.Connection, trigger_ids: Collection[str]) 
         conn.execute("DELETE FROM buckets WHERE trigger_id = ?", (trigger_id,))
         total += conn.changes()
     return total
+
+
+PENDING_LIMIT: Final = 20_000
+"""Buckets `PendingBuckets` holds at most (entries); past it, it writes them out early."""
+
+
+class _Pending:
+    """One bucket as the transaction found it and as it must be left."""
+
+    __slots__ = ("automation_id", "current", "dirty", "original")
+
+    def __init__(self, original: Bucket | None) -> None:
+        self.original = original
+        self.current = original
+        self.dirty = False
+        self.automation_id = ""
+
+
+class PendingBuckets:
+    """The buckets one unit of work read and changed, written back by `flush`.
+
+    Every read and write of a bucket during the unit must go through this object (the
+    reactive path does; nothing else touches buckets inside it). `flush` must run before
+    the transaction commits and before anything reads the table directly; `discard`
+    when the unit fails (its transaction is rolled back). What `flush` leaves in the table
+    is what writing each change at once would have left: a row whose window did not move
+    gets the count-only `UPDATE` of `update_count`, any other the upsert of `write_bucket`,
+    a removed row a `DELETE`.
+    """
+
+    def __init__(self, limit: int = PENDING_LIMIT) -> None:
+        if limit < 1:
+            raise ValueError("limit: must be at least 1")
+        self._rows: dict[tuple[str, tuple[str, ...]], _Pending] = {}
+        self._dirty = 0
+        self._limit = limit
+
+    def read(self, conn: apsw.Connection, trigger_id: str, key: tuple[str, ...]) -> Bucket | None:
+        entry = self._rows.get((trigger_id, key))
+        if entry is None:
+            if len(self._rows) >= self._limit:
+                self.flush(conn)
+            entry = self._rows[trigger_id, key] = _Pending(read_bucket(conn, trigger_id, key))
+        return entry.current
+
+    def prefetch(
+        self, conn: apsw.Connection, wanted: Sequence[tuple[str, tuple[str, ...]]]
+    ) -> None:
+        """Read these (trigger id, key) buckets now, in one statement: what a batch of
+        events is about to `read` one by one. Skipped when it would pass the limit."""
+        by_json: dict[tuple[str, str], tuple[str, ...]] = {}
+        for trigger_id, key in wanted:
+            if (trigger_id, key) not in self._rows:
+                by_json[trigger_id, key_json(key)] = key
+        if not by_json or len(self._rows) + len(by_json) > self._limit:
+            return
+        found: dict[tuple[str, str], tuple[object, ...]] = {
+            (row[0], row[1]): row[1:]
+            for row in conn.executemany(
+                f"SELECT trigger_id, {_COLUMNS} FROM buckets "
+                "WHERE trigger_id = ? AND bucketing_key = ?",
+                list(by_json),
+            )
+        }
+        for (trigger_id, text), key in by_json.items():
+            row = found.get((trigger_id, text))
+            self._rows[trigger_id, key] = _Pending(None if row is None else _bucket(row, key))
+
+    def write(
+        self,
+        trigger_id: str,
+        automation_id: str,
+        key: tuple[str, ...],
+        existing: Bucket | None,
+        stored: Bucket | None,
+    ) -> None:
+        """The bucket's new state (None: removed); `existing` is what `read` returned."""
+        entry = self._rows.get((trigger_id, key))
+        if entry is None:  # written out early since it was read: `existing` is in the table
+            entry = self._rows[trigger_id, key] = _Pending(existing)
+        entry.current = stored
+        entry.automation_id = automation_id
+        if not entry.dirty:
+            entry.dirty = True
+            self._dirty += 1
+
+    def flush(self, conn: apsw.Connection) -> None:
+        """Write every change, one statement per kind, and forget what was read."""
+        if self._dirty:
+            deletes: list[tuple[str, str]] = []
+            updates: list[tuple[int, str | None, str, str, str]] = []
+            upserts: list[tuple[str, str, str, int, int, int, str | None, str]] = []
+            for (trigger_id, key), entry in self._rows.items():
+                if not entry.dirty:
+                    continue
+                original, current = entry.original, entry.current
+                if current is None:
+                    if original is not None:
+                        deletes.append((trigger_id, key_json(key)))
+                elif original is not None and (
+                    (current.start, current.end) == (original.start, original.end)
+                ):
+                    if current is not original:
+                        updates.append(_update_row(trigger_id, key_json(key), current))
+                else:
+                    upserts.append(
+                        _upsert_row(trigger_id, key_json(key), entry.automation_id, current)
+                    )
+            _executemany(conn, _DELETE, deletes)
+            _executemany(conn, _UPDATE_COUNT, updates)
+            _executemany(conn, _UPSERT, upserts)
+        self.discard()
+
+    def discard(self) -> None:
+        """Forget everything, written or not (the transaction is being rolled back)."""
+        self._rows.clear()
+        self._dirty = 0
+
+
+def _executemany(conn: apsw.Connection, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
+    if rows:
+        conn.executemany(sql, rows)

@@ -155,6 +155,23 @@ def test_bucketing_key_and_triggering_labels() -> None:
     assert event_trigger().bucketing_key(nibbled) == ()
 
 
+@pytest.mark.parametrize(
+    "labels",
+    [
+        ["species"],
+        ["species", "genus", "missing"],
+        ["related:meal:genus"],
+        ["related:genus", "related:meal:missing", "meal:genus"],
+        ["a:related:genus", "related:nope:species"],
+    ],
+)
+def test_bucketing_key_reads_labels_as_find_resource_label_does(labels: list[str]) -> None:
+    """The key of a trigger without `related:` labels is read from the primary resource
+    directly; either way it must be what `Event.find_resource_label` says."""
+    key = event_trigger(for_each=labels).bucketing_key(nibbled)
+    assert key == tuple(nibbled.find_resource_label(label) or "" for label in sorted(labels))
+
+
 def test_thresholds_and_immediacy() -> None:
     reactive = event_trigger(threshold=3)
     assert reactive.immediate

@@ -5,7 +5,9 @@
   not after a rolled-back transaction, not after a commit that failed once the batch had
   ended;
 * `Engine.handed_off` and the evaluator waking the sender and the inbox pump only then;
-* `store.buckets.update_count`, the count-only write of an unchanged window.
+* `store.buckets.update_count`, the count-only write of an unchanged window;
+* `store.buckets.PendingBuckets`, the engine's bucket write-back within one unit of work:
+  dropped with a failed batch, and leaving the table as writing at once would.
 
 Real SQLite files, fixed clocks.
 """
@@ -423,3 +425,94 @@ def test_a_failed_commit_makes_the_engine_reread_its_events_clock(store: Store) 
     with conn:
         engine.process_batch(conn, [], NOW)  # the next batch starts from the stored clock
     assert engine.clock == committed
+
+
+# --- bucket write-back ---------------------------------------------------------------------
+
+COUNTER = Automation.model_validate(
+    {
+        "name": "counter",
+        "trigger": {
+            "type": "event",
+            "posture": "Reactive",
+            "expect": ["tick"],
+            "for_each": ["prefect.resource.id"],
+            "threshold": 2,
+            "within": 60,
+        },
+        "actions": [{"type": "do-nothing"}],
+    }
+)
+
+
+def ticks(n: int, resources: int) -> list[ReceivedEvent]:
+    return [
+        ReceivedEvent(
+            event="tick",
+            resource=Resource({"prefect.resource.id": f"r{i % resources}"}),
+            occurred=S + timedelta(seconds=i),
+            received=S + timedelta(seconds=i),
+            id=uuid4(),
+        )
+        for i in range(n)
+    ]
+
+
+def table(store: Store) -> list[tuple[Any, ...]]:
+    return store.conn.execute(
+        "SELECT trigger_id, bucketing_key, automation_id, start_us, end_us, count, "
+        "last_event, last_operation FROM buckets ORDER BY trigger_id, bucketing_key"
+    ).fetchall()
+
+
+def outbox_rows(store: Store) -> int:
+    row = store.conn.execute("SELECT count(*) FROM outbox").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_failed_batch_leaves_no_bucket_change_behind_for_the_retry(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The batch's bucket changes wait in memory until it ends; when it fails they must
+    go with its transaction, or the retry would count the same events twice."""
+    engine = Engine()
+    with store.conn:
+        engine.load_automations(store.conn, [COUNTER], S)
+    batch = ticks(2, 1)  # the second one fires
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("the action could not be written")
+
+    monkeypatch.setattr("daemon.engine.acting.act", broken)
+    with pytest.raises(RuntimeError):
+        _process_in_transaction(store.conn, engine, batch, NOW)
+    assert table(store) == []
+    monkeypatch.undo()
+    _process_in_transaction(store.conn, engine, batch, NOW)
+    assert outbox_rows(store) == 1  # fired once, from a count of 2, not from a stale count
+    assert [row[5] for row in table(store)] == [0]  # the next window, empty
+
+
+@pytest.mark.parametrize("limit", [1, 3])
+def test_bucket_write_back_leaves_what_writing_at_once_leaves(tmp_path: Path, limit: int) -> None:
+    """Written back early (a tiny limit) or at the end, the table ends up the same, and
+    the same as the engine writing each change as it happens (a unit of one event)."""
+    events = ticks(40, 7)
+    results = []
+    for name, engine, batches in [
+        ("at-once", Engine(), [[e] for e in events]),
+        ("limited", Engine(pending_bucket_limit=limit), [events[:25], events[25:]]),
+        ("batched", Engine(), [events[:25], events[25:]]),
+    ]:
+        opened = Store.open(tmp_path / f"{name}.db")
+        try:
+            with opened.conn:
+                engine.load_automations(opened.conn, [COUNTER], S)
+            for batch in batches:
+                _process_in_transaction(opened.conn, engine, batch, NOW)
+            results.append((table(opened), outbox_rows(opened)))
+        finally:
+            opened.close()
+    assert results[0] == results[1] == results[2]
+    assert results[0][1] > 0

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.events import Resource
-from daemon.matching import ResourceSpecification, matches
+from daemon.matching import ResourceSpecification, compile_pattern, compiled_matches, matches
 
 
 def resource(**labels: str) -> Resource:
@@ -240,3 +240,15 @@ def test_negation_inverts_a_present_value(pattern: str, value: str) -> None:
     if pattern.startswith("!"):
         return
     assert matches("!" + pattern, value) is not matches(pattern, value)
+
+
+globs = st.text(alphabet="ab.-*!?[]^\\", min_size=0, max_size=7)
+
+
+@settings(deadline=None)
+@given(patterns=st.lists(globs, min_size=1, max_size=3), value=st.none() | globs)
+def test_compiled_patterns_agree_with_matches(patterns: list[str], value: str | None) -> None:
+    """The models test compiled patterns; they must say what `matches` says, bracket
+    expressions, escapes and negation included."""
+    compiled = [compile_pattern(p) for p in patterns]
+    assert compiled_matches(compiled, value) is any(matches(p, value) for p in patterns)
