@@ -71,7 +71,7 @@ def _parse(batch: list[tuple[str, str]]) -> list[ReceivedEvent]:
 
 
 def run(
-    directory: Path, warm_up: int, events: int, profile: str | None
+    directory: Path, warm_up: int, events: int, batch_size: int, profile: str | None
 ) -> tuple[float, float, int]:
     """CPU µs per measured event of one fresh engine on one fresh store, the part of it
     spent in `Engine.process_batch`, and how many webhooks the whole run queued (a check
@@ -86,8 +86,8 @@ def run(
         profiler = cProfile.Profile(time.thread_time) if profile else None
         cpu = engine_cpu = 0.0
         measured = 0
-        for start in range(0, len(all_frames), BATCH):
-            batch = _parse(all_frames[start : start + BATCH])
+        for start in range(0, len(all_frames), batch_size):
+            batch = _parse(all_frames[start : start + batch_size])
             timed = start >= warm_up
             if timed and profiler is not None:
                 profiler.enable()
@@ -114,6 +114,9 @@ def main() -> None:
     parser.add_argument("--warm-up", type=int, default=WARM_UP, help="events not measured")
     parser.add_argument("--events", type=int, default=EVENTS, help="events measured")
     parser.add_argument("--repeat", type=int, default=1, help="fresh runs, median reported")
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help="events per transaction (1: a trickle)"
+    )
     parser.add_argument("--profile", metavar="OUT", help="cProfile the measured part to OUT")
     args = parser.parse_args()
     gc.collect()
@@ -121,12 +124,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="trigd-bench-engine-") as tmp:
         for _ in range(args.repeat):
             started = time.perf_counter()
-            per_event, in_engine, webhooks = run(Path(tmp), args.warm_up, args.events, args.profile)
+            per_event, in_engine, webhooks = run(
+                Path(tmp), args.warm_up, args.events, args.batch, args.profile
+            )
             results.append(per_event)
             print(
                 f"store thread: {per_event:.1f} CPU µs/event, {in_engine:.1f} of them in "
                 f"process_batch, the rest COMMIT "
-                f"({args.events:,} events after {args.warm_up:,}, batches of {BATCH}; "
+                f"({args.events:,} events after {args.warm_up:,}, batches of {args.batch}; "
                 f"{webhooks:,} webhooks queued; run took {time.perf_counter() - started:.1f} s)",
                 flush=True,
             )
