@@ -76,11 +76,19 @@ CREATE TABLE triggers (
 
 -- Trigger state (SEMANTICS §1.9): one row per (trigger, bucketing key).
 -- A rowid table for the same reason as events: last_event makes rows large, and keys
--- arrive in random order; new rows are appended and only the key index is random.
+-- arrive in random order; new rows are appended and only the key index is random (keyed
+-- by (trigger_id, bucketing_key) WITHOUT ROWID, the rows themselves split pages: measured
+-- 3.1 instead of 1.3 pages written per event).
+-- Only a proactive pass reads buckets in start order, so only a Proactive trigger's rows
+-- are in buckets_start: the reactive rows (nearly all) spare a second random index write
+-- per insert or moved window (about a third of the pages a flood writes at commit).
+-- `proactive` is the trigger's posture; a posture change is a new fingerprint, so a
+-- trigger's rows never disagree about it.
 CREATE TABLE buckets (
     trigger_id     TEXT NOT NULL,
     bucketing_key  TEXT NOT NULL,      -- JSON array of strings
     automation_id  TEXT NOT NULL,
+    proactive      INTEGER NOT NULL,   -- 1 for a Proactive trigger's bucket, else 0
     start_us       INTEGER NOT NULL,
     end_us         INTEGER NOT NULL,
     count          INTEGER NOT NULL,   -- may be -1
@@ -88,7 +96,7 @@ CREATE TABLE buckets (
     last_operation TEXT,
     UNIQUE (trigger_id, bucketing_key)
 );
-CREATE INDEX buckets_start ON buckets (trigger_id, start_us);
+CREATE INDEX buckets_start ON buckets (trigger_id, start_us, bucketing_key) WHERE proactive;
 CREATE INDEX buckets_end ON buckets (end_us);
 
 -- Composite triggers (SEMANTICS §6): the latest firing of each direct child. Keyed like

@@ -134,7 +134,7 @@ def bench_proactive(directory: Path) -> tuple[float, int]:
         for i in range(BUCKETS):
             start = T + timedelta(milliseconds=i)
             bucket = Bucket((f"pump.{i}",), start, start + timedelta(hours=1), 0)
-            write_bucket(store.conn, trigger_id, automation_id, bucket)
+            write_bucket(store.conn, trigger_id, automation_id, bucket, proactive=True)
     started = time.perf_counter()
     with store.conn:
         engine.proactive(store.conn, T + timedelta(minutes=5))

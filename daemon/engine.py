@@ -134,6 +134,8 @@ class _Loaded:
     automation: Automation
     trigger_id: str
     automation_id: str
+    proactive: bool
+    """Whether the trigger is Proactive: its buckets are then in the start-ordered index."""
 
 
 _Interest = tuple[Candidate, tuple[str, ...]]
@@ -244,11 +246,11 @@ class Engine:
             )
         self.automations = {a.id: a for a in active}
         self._loaded = {
-            t.id: _Loaded(t, a, str(t.id), str(a.id)) for a in active for t in a.event_triggers()
+            t.id: _Loaded(t, a, str(t.id), str(a.id), t.posture == Posture.Proactive)
+            for a in active
+            for t in a.event_triggers()
         }
-        self._proactive = [
-            lt for lt in self._loaded.values() if lt.trigger.posture == Posture.Proactive
-        ]
+        self._proactive = [lt for lt in self._loaded.values() if lt.proactive]
         self._by_position = tuple(self._loaded.values())
         self.index = TriggerIndex(lt.trigger for lt in self._by_position)
         self.next_proactive_runs.clear()
@@ -456,7 +458,9 @@ class Engine:
     ) -> None:
         """Note the bucket's new state for the end of the unit; nothing if unchanged."""
         if stored is not existing:
-            self._pending.write(loaded.trigger_id, loaded.automation_id, key, existing, stored)
+            self._pending.write(
+                loaded.trigger_id, loaded.automation_id, loaded.proactive, key, existing, stored
+            )
 
     @contextlib.contextmanager
     def _bucket_unit(self, conn: apsw.Connection) -> Iterator[None]:
@@ -487,7 +491,9 @@ class Engine:
         elif existing is not None and (stored.start, stored.end) == (existing.start, existing.end):
             buckets_store.update_count(conn, loaded.trigger_id, stored)
         else:
-            buckets_store.write_bucket(conn, loaded.trigger_id, loaded.automation_id, stored)
+            buckets_store.write_bucket(
+                conn, loaded.trigger_id, loaded.automation_id, stored, proactive=loaded.proactive
+            )
 
     # --- firing ----------------------------------------------------------------------
 
@@ -566,9 +572,13 @@ class Engine:
             existing = buckets_store.read_bucket(conn, loaded.trigger_id, ())
             if existing is None:
                 fresh = ensure(None, (), as_of, as_of + trigger.within, None)
-                buckets_store.write_bucket(conn, loaded.trigger_id, loaded.automation_id, fresh)
+                buckets_store.write_bucket(
+                    conn, loaded.trigger_id, loaded.automation_id, fresh, proactive=loaded.proactive
+                )
         buckets_store.remove_buckets_exceeding_threshold(conn, loaded.trigger_id, trigger.threshold)
-        for bucket in buckets_store.iter_buckets(conn, loaded.trigger_id):
+        for bucket in buckets_store.iter_buckets(
+            conn, loaded.trigger_id, proactive=loaded.proactive
+        ):
             result = evaluate(trigger, bucket, as_of, None)
             self._persist(conn, loaded, bucket, result.stored)
             for fire in result.fires:

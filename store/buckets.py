@@ -4,6 +4,9 @@ Functions of a connection, called inside the caller's transaction. Times are int
 microseconds; the bucketing key is a compact JSON array of strings, compared by equality;
 `last_event` is the ReceivedEvent JSON and is parsed only when somebody asks for it.
 
+Every row says whether its trigger is Proactive: only those rows are in the start-ordered
+index a proactive pass pages through (`iter_buckets`), so reactive rows never pay for it.
+
 `PendingBuckets` is the reactive path's write-back: within one transaction each bucket is
 read at most once and written at most once, when the engine ends its unit of work, by one
 `executemany` per kind of statement. It lives no longer than the transaction, so the
@@ -67,10 +70,10 @@ def read_bucket(conn: apsw.Connection, trigger_id: str, key: tuple[str, ...]) ->
 
 
 _UPSERT: Final = (
-    "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, start_us, end_us, "
-    "count, last_event, last_operation) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+    "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, proactive, start_us, "
+    "end_us, count, last_event, last_operation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
     "ON CONFLICT (trigger_id, bucketing_key) DO UPDATE SET "
-    "automation_id = excluded.automation_id, "
+    "automation_id = excluded.automation_id, proactive = excluded.proactive, "
     "start_us = excluded.start_us, end_us = excluded.end_us, count = excluded.count, "
     "last_event = excluded.last_event, last_operation = excluded.last_operation"
 )
@@ -81,18 +84,25 @@ _UPDATE_COUNT: Final = (
 _DELETE: Final = "DELETE FROM buckets WHERE trigger_id = ? AND bucketing_key = ?"
 
 
-def write_bucket(conn: apsw.Connection, trigger_id: str, automation_id: str, b: Bucket) -> None:
-    """Insert or overwrite the row for this trigger and key."""
-    conn.execute(_UPSERT, _upsert_row(trigger_id, key_json(b.key), automation_id, b))
+_UpsertRow = tuple[str, str, str, bool, int, int, int, str | None, str]
+
+
+def write_bucket(
+    conn: apsw.Connection, trigger_id: str, automation_id: str, b: Bucket, *, proactive: bool
+) -> None:
+    """Insert or overwrite the row for this trigger and key; `proactive` is the trigger's
+    posture (its rows are the ones a proactive pass pages through)."""
+    conn.execute(_UPSERT, _upsert_row(trigger_id, key_json(b.key), automation_id, proactive, b))
 
 
 def _upsert_row(
-    trigger_id: str, key: str, automation_id: str, b: Bucket
-) -> tuple[str, str, str, int, int, int, str | None, str]:
+    trigger_id: str, key: str, automation_id: str, proactive: bool, b: Bucket
+) -> _UpsertRow:
     return (
         trigger_id,
         key,
         automation_id,
+        proactive,
         to_us(b.start),
         to_us(b.end),
         b.count,
@@ -123,29 +133,31 @@ def delete_bucket(conn: apsw.Connection, trigger_id: str, key: tuple[str, ...]) 
     conn.execute(_DELETE, (trigger_id, key_json(key)))
 
 
-def iter_buckets(conn: apsw.Connection, trigger_id: str) -> Iterator[Bucket]:
+def iter_buckets(conn: apsw.Connection, trigger_id: str, *, proactive: bool) -> Iterator[Bucket]:
     """Every bucket of a trigger ordered by start, read in pages.
 
     Keyset paging, so rows changed while the caller iterates are neither skipped nor (the
     caller is told by key) visited twice: a bucket moved to a later start by the caller is
-    not yielded again.
+    not yielded again. A Proactive trigger's rows come from the start-ordered partial index
+    (the statement must say `proactive` for SQLite to use it); any other trigger's are
+    sorted per page, which only tests and one-off evaluations ask for.
     """
+    trigger = "trigger_id = ? AND proactive" if proactive else "trigger_id = ?"
+    first = (
+        f"SELECT {_COLUMNS} FROM buckets WHERE {trigger} ORDER BY start_us, bucketing_key LIMIT ?"
+    )
+    following = (
+        f"SELECT {_COLUMNS} FROM buckets WHERE {trigger} "
+        "AND (start_us, bucketing_key) > (?, ?) "
+        "ORDER BY start_us, bucketing_key LIMIT ?"
+    )
     seen: set[str] = set()
     after: tuple[int, str] | None = None
     while True:
         if after is None:
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM buckets WHERE trigger_id = ? "
-                "ORDER BY start_us, bucketing_key LIMIT ?",
-                (trigger_id, PAGE_SIZE),
-            ).fetchall()
+            rows = conn.execute(first, (trigger_id, PAGE_SIZE)).fetchall()
         else:
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM buckets WHERE trigger_id = ? "
-                "AND (start_us, bucketing_key) > (?, ?) "
-                "ORDER BY start_us, bucketing_key LIMIT ?",
-                (trigger_id, after[0], after[1], PAGE_SIZE),
-            ).fetchall()
+            rows = conn.execute(following, (trigger_id, after[0], after[1], PAGE_SIZE)).fetchall()
         if not rows:
             return
         last = rows[-1]
@@ -189,13 +201,14 @@ PENDING_LIMIT: Final = 20_000
 class _Pending:
     """One bucket as the transaction found it and as it must be left."""
 
-    __slots__ = ("automation_id", "current", "dirty", "original")
+    __slots__ = ("automation_id", "current", "dirty", "original", "proactive")
 
     def __init__(self, original: Bucket | None) -> None:
         self.original = original
         self.current = original
         self.dirty = False
         self.automation_id = ""
+        self.proactive = False
 
 
 class PendingBuckets:
@@ -252,16 +265,19 @@ class PendingBuckets:
         self,
         trigger_id: str,
         automation_id: str,
+        proactive: bool,
         key: tuple[str, ...],
         existing: Bucket | None,
         stored: Bucket | None,
     ) -> None:
-        """The bucket's new state (None: removed); `existing` is what `read` returned."""
+        """The bucket's new state (None: removed); `existing` is what `read` returned;
+        `automation_id` and `proactive` as `write_bucket` takes them."""
         entry = self._rows.get((trigger_id, key))
         if entry is None:  # written out early since it was read: `existing` is in the table
             entry = self._rows[trigger_id, key] = _Pending(existing)
         entry.current = stored
         entry.automation_id = automation_id
+        entry.proactive = proactive
         if not entry.dirty:
             entry.dirty = True
             self._dirty += 1
@@ -271,7 +287,7 @@ class PendingBuckets:
         if self._dirty:
             deletes: list[tuple[str, str]] = []
             updates: list[tuple[int, str | None, str, str, str]] = []
-            upserts: list[tuple[str, str, str, int, int, int, str | None, str]] = []
+            upserts: list[_UpsertRow] = []
             for (trigger_id, key), entry in self._rows.items():
                 if not entry.dirty:
                     continue
@@ -286,7 +302,9 @@ class PendingBuckets:
                         updates.append(_update_row(trigger_id, key_json(key), current))
                 else:
                     upserts.append(
-                        _upsert_row(trigger_id, key_json(key), entry.automation_id, current)
+                        _upsert_row(
+                            trigger_id, key_json(key), entry.automation_id, entry.proactive, current
+                        )
                     )
             _executemany(conn, _DELETE, deletes)
             _executemany(conn, _UPDATE_COUNT, updates)

@@ -380,7 +380,7 @@ def test_update_count_changes_only_count_event_and_operation(store: Store) -> No
     bucket = Bucket(("k",), S, S + timedelta(minutes=1), 1, None, "ensure_bucket[insert]")
     conn = store.conn
     with conn:
-        buckets_store.write_bucket(conn, "t", "a", bucket)
+        buckets_store.write_bucket(conn, "t", "a", bucket, proactive=False)
         counted = Bucket(bucket.key, S, bucket.end, 2, EventRef.of(e), "increment_bucket")
         buckets_store.update_count(conn, "t", counted)
     stored = buckets_store.read_bucket(conn, "t", ("k",))
@@ -516,3 +516,56 @@ def test_bucket_write_back_leaves_what_writing_at_once_leaves(tmp_path: Path, li
             opened.close()
     assert results[0] == results[1] == results[2]
     assert results[0][1] > 0
+
+
+# --- the start-ordered index holds Proactive triggers' buckets only --------------------------
+
+WATCHDOG = Automation.model_validate(
+    {
+        "name": "watchdog",
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "expect": ["tick"],
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": 60,
+        },
+        "actions": [{"type": "do-nothing"}],
+    }
+)
+
+
+def test_only_proactive_buckets_are_in_the_start_index_and_the_pass_reads_it(
+    store: Store,
+) -> None:
+    conn = store.conn
+    engine = Engine()
+    with conn:
+        engine.load_automations(conn, [COUNTER, WATCHDOG], NOW)
+    _process_in_transaction(conn, engine, ticks(6, 3), NOW)
+    by_trigger = {
+        (str(trigger_id), int(proactive))
+        for trigger_id, proactive in conn.execute("SELECT trigger_id, proactive FROM buckets")
+    }
+    assert by_trigger == {(str(COUNTER.trigger.id), 0), (str(WATCHDOG.trigger.id), 1)}
+    indexed = conn.execute(
+        "SELECT count(*) FROM buckets INDEXED BY buckets_start WHERE proactive"
+    ).fetchone()
+    assert indexed == (3,)  # one per resource, the watchdog's only
+    for proactive in (True, False):
+        pages = list(
+            buckets_store.iter_buckets(conn, str(WATCHDOG.trigger.id), proactive=proactive)
+        )
+        assert [b.key for b in pages] == [("r0",), ("r1",), ("r2",)], proactive
+    plan = " | ".join(
+        str(row[3])
+        for row in conn.execute(
+            "EXPLAIN QUERY PLAN SELECT bucketing_key FROM buckets "
+            "WHERE trigger_id = ? AND proactive AND (start_us, bucketing_key) > (?, ?) "
+            "ORDER BY start_us, bucketing_key LIMIT ?",
+            ("t", 0, "", 500),
+        )
+    )
+    assert "buckets_start" in plan
+    assert "TEMP B-TREE" not in plan

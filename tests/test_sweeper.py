@@ -40,8 +40,8 @@ def store(tmp_path: Path) -> Iterator[Store]:
 
 def add_closed_bucket(conn: apsw.Connection, ended: datetime) -> None:
     conn.execute(
-        "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, start_us, end_us, count)"
-        " VALUES ('t', '[]', 'a', ?, ?, 0)",
+        "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, proactive, start_us,"
+        " end_us, count) VALUES ('t', '[]', 'a', 0, ?, ?, 0)",
         (to_us(ended - timedelta(seconds=10)), to_us(ended)),
     )
 
