@@ -285,37 +285,41 @@ class Engine:
         return outcomes
 
     def _process(self, call: _Call, events: Sequence[ReceivedEvent]) -> list[Outcome]:
-        ids = [str(e.id) for e in events]
-        known = events_store.known_ids(call.conn, ids)
-        fresh: list[tuple[ReceivedEvent, EventRef, str, int]] = []
-        outcomes: list[Outcome] = []
-        rows: list[events_store.StoredEvent] = []
+        rows: list[events_store.EventRow] = []
+        refs: list[tuple[EventRef, int]] = []
         received: datetime | None = None
         received_us = 0
-        for event, event_id in zip(events, ids, strict=True):
-            if event_id in known:
-                outcomes.append(Outcome.duplicate)
-                continue
-            known.add(event_id)
+        for event in events:
             ref = EventRef.of(event)
             occurred_us = to_us(event.occurred)
             if event.received is not received:  # a batch often shares one stamp
                 received = event.received
                 received_us = to_us(received)
+            follows = event.follows
             rows.append(
-                events_store.StoredEvent(
-                    event_id,
+                (
+                    str(event.id),
                     event.event,
                     event.resource.id,
                     occurred_us,
                     received_us,
-                    None if event.follows is None else str(event.follows),
+                    None if follows is None else str(follows),
                     ref.json(),
                 )
             )
-            fresh.append((event, ref, event_id, occurred_us))
-            outcomes.append(Outcome.processed)
-        events_store.insert_events(call.conn, rows)
+            refs.append((ref, occurred_us))
+        # the duplicate check is the insert: a stored id (or one met earlier) is skipped
+        inserted = events_store.insert_new_events(call.conn, rows)
+        fresh: list[tuple[ReceivedEvent, EventRef, str, int]] = []
+        outcomes: list[Outcome] = []
+        for event, row, (ref, occurred_us) in zip(events, rows, refs, strict=True):
+            event_id = row[0]
+            if event_id in inserted:
+                inserted.discard(event_id)  # a second copy later in the batch is a duplicate
+                fresh.append((event, ref, event_id, occurred_us))
+                outcomes.append(Outcome.processed)
+            else:
+                outcomes.append(Outcome.duplicate)
         plans = [
             None if self._store_only_event(event) else self._interests(event)
             for event, _, _, _ in fresh
@@ -340,7 +344,8 @@ class Engine:
         return outcomes
 
     def _store_only_event(self, event: ReceivedEvent) -> bool:
-        return event.event == LOG_WRITE_EVENT or event.id in self._store_only
+        store_only = self._store_only  # empty but for a drain of the inbox
+        return event.event == LOG_WRITE_EVENT or (bool(store_only) and event.id in store_only)
 
     def _evaluate_new(
         self,

@@ -94,7 +94,8 @@ class _ScopeState:
     __slots__ = ("in_flight", "leaders", "pending_seen", "stale")
 
     def __init__(self) -> None:
-        self.in_flight: set[UUID] = set()
+        self.in_flight: set[str] = set()
+        """Ids (text, as the engine has them already) of the events being processed."""
         self.leaders: set[str] = set()
         """Leaders that may have parked followers (a superset); valid unless `stale`."""
         self.stale = True
@@ -205,16 +206,17 @@ class CausalOrdering:
 
     def record_event_as_processing(self, event: ReceivedEvent) -> bool:
         """Mark in flight; False if it already was."""
-        if event.id in self._in_flight:
+        event_id = str(event.id)
+        if event_id in self._in_flight:
             return False
-        self._in_flight.add(event.id)
+        self._in_flight.add(event_id)
         return True
 
     def event_has_started_processing(self, event: UUID | Event) -> bool:
-        return (event.id if isinstance(event, Event) else event) in self._in_flight
+        return _event_id(event) in self._in_flight
 
     def forget_event_is_processing(self, event: ReceivedEvent) -> None:
-        self._in_flight.discard(event.id)
+        self._in_flight.discard(str(event.id))
 
     @contextlib.contextmanager
     def event_is_processing(self, event: ReceivedEvent, *, now: datetime) -> Iterator[None]:
@@ -315,9 +317,10 @@ class CausalOrdering:
             return
         if now_us - to_us(event.received) >= self._lookback_us:
             return
-        if self._is_seen(str(leader), now_us - self._expiration_us):
+        leader_id = str(leader)
+        if self._is_seen(leader_id, now_us - self._expiration_us):
             return
-        if leader in self._in_flight:
+        if leader_id in self._in_flight:
             self._log(event, "arrived while its leader %s is processing", leader)
         else:
             self._log(event, "arrived before the event it follows %s", leader)
@@ -348,7 +351,7 @@ class CausalOrdering:
                     db.mark_seen(self.conn, self.scope, event_id, now_us)
                     rows = db.followers_of(self.conn, self.scope, event_id)
         finally:
-            self._in_flight.discard(event.id)  # even if the store failed: retry must work
+            self._in_flight.discard(event_id)  # even if the store failed: retry must work
         return _load(rows) if rows else []
 
     @contextlib.contextmanager
@@ -363,13 +366,14 @@ class CausalOrdering:
         `handler` one level deeper; if the body fails the event is not seen.
         """
         now_us = to_us(now)
-        self._start(event, depth, now_us)
+        event_id = str(event.id)
+        self._start(event, depth, now_us, event_id)
         try:
             yield
         except BaseException:
-            self._in_flight.discard(event.id)
+            self._in_flight.discard(event_id)
             raise
-        self._finish(handler, event, depth, now_us, str(event.id))
+        self._finish(handler, event, depth, now_us, event_id)
 
     def run_confirmed(
         self,
@@ -383,26 +387,27 @@ class CausalOrdering:
     ) -> None:
         """`preceding_event_confirmed` around `body()` as one plain call, for the engine's
         per-event path: no generator, the wall clock already in µs, the id already text."""
-        self._start(event, depth, now_us)
+        self._start(event, depth, now_us, event_id)
         try:
             body()
         except BaseException:
-            self._in_flight.discard(event.id)
+            self._in_flight.discard(event_id)
             raise
         self._finish(handler, event, depth, now_us, event_id)
 
-    def _start(self, event: ReceivedEvent, depth: int, now_us: int) -> None:
+    def _start(self, event: ReceivedEvent, depth: int, now_us: int, event_id: str) -> None:
         if depth > self.max_depth:
             self._log(event, "has exceeded the maximum recursion depth %s", self.max_depth)
             raise MaxDepthExceeded(event)
-        if event.id in self._in_flight:
+        in_flight = self._in_flight
+        if event_id in in_flight:
             self._log(event, "is already being processed")
             raise EventBeingProcessed(event)
-        self._in_flight.add(event.id)
+        in_flight.add(event_id)
         try:
             self._wait(event, now_us)
         except BaseException:
-            self._in_flight.discard(event.id)
+            in_flight.discard(event_id)
             raise
 
     def _finish(

@@ -6,40 +6,26 @@ Functions of a connection, called inside the caller's transaction.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple
+from typing import Final
 
 import apsw
 
-from store.db import in_chunks
+EventRow = tuple[str, str, str, int, int, str | None, str]
+"""id, event, resource_id, occurred_us, received_us, follows, data (ReceivedEvent JSON)."""
+
+_INSERT_NEW: Final = (
+    "INSERT OR IGNORE INTO events (id, event, resource_id, occurred_us, received_us, "
+    "follows, data) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"
+)
 
 
-class StoredEvent(NamedTuple):
-    id: str
-    event: str
-    resource_id: str
-    occurred_us: int
-    received_us: int
-    follows: str | None
-    data: str  # ReceivedEvent JSON
+def insert_new_events(conn: apsw.Connection, rows: Sequence[EventRow]) -> set[str]:
+    """Insert the events whose id is not stored yet; return the ids inserted.
 
-
-def insert_events(conn: apsw.Connection, rows: Iterable[StoredEvent]) -> None:
-    """Insert events; an id already stored is left as it is (duplicates are dropped earlier)."""
-    conn.executemany(
-        "INSERT OR IGNORE INTO events (id, event, resource_id, occurred_us, received_us, "
-        "follows, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        rows,
-    )
-
-
-def known_ids(conn: apsw.Connection, ids: Sequence[str]) -> set[str]:
-    """Which of these event ids are stored already (the duplicate check)."""
-    found: set[str] = set()
-    for chunk, marks in in_chunks(ids):
-        found.update(
-            row[0] for row in conn.execute(f"SELECT id FROM events WHERE id IN ({marks})", chunk)
-        )
-    return found
+    The duplicate check and the insert are one statement: an id stored already, or met
+    earlier in `rows`, is skipped (the unique index finds it) and is not returned.
+    """
+    return {row[0] for row in conn.executemany(_INSERT_NEW, rows)} if rows else set()
 
 
 def prune_events(conn: apsw.Connection, received_before_us: int) -> int:
