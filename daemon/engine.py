@@ -6,7 +6,9 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
 * `process_batch` stores each new event, updates the events clock, passes the event
   through causal ordering (scope "triggers") and evaluates every interested trigger.
   Then it drains the inbox (events trigd made itself) through the same path, a bounded
-  number per batch so automations reacting to each other cannot hang one batch. A
+  number per batch so automations reacting to each other cannot hang one batch; a batch
+  skips the inbox when an earlier one found it empty and nothing was queued since
+  (`store.events.inbox_pushes`), which is every batch of a quiet daemon. A
   failure propagates and the caller's transaction rolls back the whole batch (the daemon
   retries it, then its events one by one), so no per-trigger SAVEPOINT is needed.
 * Which triggers an event interests, and under which bucketing key, depends only on the
@@ -206,6 +208,9 @@ class Engine:
         self._store_only: set[UUID] = set()
         self._pending = buckets_store.PendingBuckets(pending_bucket_limit)
         """Bucket changes of the running unit (`_bucket_unit`), empty between calls."""
+        self._inbox_empty: tuple[apsw.Connection, int] | None = None
+        """The connection and its `inbox_pushes` count when a batch last found the inbox
+        empty: while both hold (and that batch committed) nothing can be in it."""
         self.handed_off = False
         """Whether the last `process_batch` left work for the sender or the inbox pump
         (outbox rows, or events still in the inbox): the evaluator wakes them only then."""
@@ -281,6 +286,7 @@ class Engine:
             self._save_clock(conn, before)
         except BaseException:
             self.clock = before  # the transaction will roll back: so does the clock
+            self._inbox_empty = None  # and so does the draining of the inbox
             raise
         return outcomes
 
@@ -375,16 +381,24 @@ class Engine:
         ]
 
     def _drain_inbox(self, call: _Call) -> None:
+        """Evaluate (a bounded part of) the inbox; skipped when it is known to be empty:
+        nothing was queued since a batch that committed found it so."""
+        conn = call.conn
+        empty = self._inbox_empty
+        if empty is not None and empty[0] is conn and empty[1] == events_store.inbox_pushes(conn):
+            return
+        self._inbox_empty = None
         budget = self.inbox_drain_limit
         while True:
-            queued = events_store.peek_inbox(call.conn, max(budget, 1))
+            queued = events_store.peek_inbox(conn, max(budget, 1))
             if not queued:
+                self._inbox_empty = (conn, events_store.inbox_pushes(conn))
                 return
             if budget == 0:
                 self.handed_off = True  # more than one batch's worth: the pump goes on
                 return
             budget -= len(queued)
-            events_store.drop_inbox(call.conn, queued[-1][0])
+            events_store.drop_inbox(conn, queued[-1][0])
             parsed = [p for _, data in queued if (p := _inbox_event(data)) is not None]
             self._store_only = {e.id for e, evaluate in parsed if not evaluate}
             try:
@@ -639,8 +653,9 @@ class Engine:
     def rolled_back(self) -> None:
         """The caller's transaction did not commit (its COMMIT may have failed after this
         engine returned): forget what was cached from it, so the next batch rereads the
-        events clock and reruns every proactive trigger."""
+        events clock, looks into the inbox and reruns every proactive trigger."""
         self._clock_conn = None
+        self._inbox_empty = None
         self.next_proactive_runs.clear()
         self._pending.discard()  # empty already, unless a unit was left half-way
 

@@ -33,6 +33,7 @@ from daemon.events import ReceivedEvent, Resource, parse_incoming_event
 from daemon.gateway import StoreGateway
 from daemon.ordering import CausalOrdering, EventArrivedEarly
 from store import buckets as buckets_store
+from store import events as events_store
 from store.db import WRITER_CACHE_KIB, Store
 
 S = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -569,3 +570,64 @@ def test_only_proactive_buckets_are_in_the_start_index_and_the_pass_reads_it(
     )
     assert "buckets_start" in plan
     assert "TEMP B-TREE" not in plan
+
+
+# --- the inbox is only looked into when something can be in it -----------------------------
+
+
+def inbox_statements(conn: apsw.Connection, engine: Engine, events: list[ReceivedEvent]) -> int:
+    """Run one batch the evaluator's way; how many of its statements read the inbox."""
+    seen: list[str] = []
+
+    def trace(_cursor: apsw.Cursor, sql: str, _bindings: Any) -> bool:
+        seen.append(sql)
+        return True
+
+    conn.exec_trace = trace
+    try:
+        _process_in_transaction(conn, engine, events, NOW)
+    finally:
+        conn.exec_trace = None
+    return sum("FROM inbox" in sql for sql in seen)
+
+
+def inbox_rows(conn: apsw.Connection) -> int:
+    row = conn.execute("SELECT count(*) FROM inbox").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_an_inbox_found_empty_is_not_read_again_until_something_is_queued(store: Store) -> None:
+    conn = store.conn
+    engine = Engine()
+    assert inbox_statements(conn, engine, [event("a", 1)]) == 1  # never looked: look
+    assert inbox_statements(conn, engine, [event("b", 2)]) == 0  # found empty, nothing queued
+    made = wire_event("made.by.the.sender")
+    with conn:  # as the sender queues an action event, in its own transaction
+        events_store.push_inbox(conn, [made.model_dump_json()])
+    assert inbox_statements(conn, engine, []) > 0
+    assert inbox_rows(conn) == 0
+    assert conn.execute("SELECT count(*) FROM events WHERE id = ?", (str(made.id),)).fetchone() == (
+        1,
+    )
+    assert inbox_statements(conn, engine, []) == 0
+
+
+def test_an_inbox_drained_by_a_rolled_back_batch_is_drained_again(store: Store) -> None:
+    conn = store.conn
+    engine = Engine()
+    made = wire_event("made.by.the.sender")
+    with conn:
+        events_store.push_inbox(conn, [made.model_dump_json()])
+    conn.execute(
+        "CREATE TABLE parent (id TEXT PRIMARY KEY);"
+        "CREATE TABLE child (parent_id TEXT REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);"
+        "CREATE TEMP TRIGGER dangle AFTER INSERT ON events "
+        "BEGIN INSERT INTO child VALUES ('nobody'); END"
+    )
+    with pytest.raises(apsw.ConstraintError):  # drained, found empty, then COMMIT failed
+        _process_in_transaction(conn, engine, [], NOW)
+    conn.execute("DROP TRIGGER dangle")
+    assert inbox_rows(conn) == 1
+    assert inbox_statements(conn, engine, []) > 0
+    assert inbox_rows(conn) == 0
