@@ -89,7 +89,12 @@ class EventsClock:
         return EventsClock(self.clock_us, self.updated_us)
 
     def to_json(self) -> str:
-        return json.dumps({"clock_us": self.clock_us, "updated_us": self.updated_us})
+        """`json.dumps` of the two fields, formatted directly (written by every batch)."""
+        clock_us, updated_us = self.clock_us, self.updated_us
+        return (
+            f'{{"clock_us": {"null" if clock_us is None else int(clock_us)}, '
+            f'"updated_us": {"null" if updated_us is None else int(updated_us)}}}'
+        )
 
     @classmethod
     def from_json(cls, text: str | None) -> EventsClock:

@@ -185,6 +185,17 @@ class CausalOrdering:
         out the marks are written; if the body raises they are dropped with the
         transaction. Not reentrant.
         """
+        self.begin_batch()
+        try:
+            yield
+        except BaseException:
+            self.abort_batch()
+            raise
+        self.end_batch()
+
+    def begin_batch(self) -> None:
+        """`batch()` as three plain calls, for the engine's per-transaction path: this one
+        at the start, then `end_batch()` before the commit or `abort_batch()` on failure."""
         state = self._state
         if state.pending_seen is not None:
             raise RuntimeError(f"{self!r}: batch() is already active")
@@ -192,15 +203,25 @@ class CausalOrdering:
             state.leaders = db.leaders(self.conn, self.scope)
             state.stale = False
         state.pending_seen = {}
+
+    def end_batch(self) -> None:
+        """Write the batch's seen marks and leave it (see `begin_batch`)."""
+        state = self._state
+        pending = state.pending_seen
         try:
-            yield
-            if state.pending_seen:
-                db.mark_seen_many(self.conn, self.scope, state.pending_seen.items())
+            if pending:
+                db.mark_seen_many(self.conn, self.scope, pending.items())
         except BaseException:
-            state.stale = True  # the transaction will roll back: trust only the database
+            state.stale = True
             raise
         finally:
             state.pending_seen = None
+
+    def abort_batch(self) -> None:
+        """Leave the batch without writing: its transaction will roll back."""
+        state = self._state
+        state.stale = True  # trust only the database
+        state.pending_seen = None
 
     # --- processing --------------------------------------------------------------------
 

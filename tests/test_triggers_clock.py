@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 
 from daemon.clock import EventsClock
@@ -65,3 +66,10 @@ def test_stored_form_round_trips_and_tolerates_garbage() -> None:
     assert EventsClock.from_json(EventsClock().to_json()) == EventsClock()
     for bad in (None, "", "{", "[]", '{"clock_us": "x", "updated_us": 1}'):
         assert EventsClock.from_json(bad) == EventsClock()
+
+
+def test_stored_form_is_what_json_dumps_writes() -> None:
+    for clock_us, updated_us in ((None, None), (0, 1), (-5, 10**17), (None, 7)):
+        clock = EventsClock(clock_us, updated_us)
+        expected = json.dumps({"clock_us": clock_us, "updated_us": updated_us})
+        assert clock.to_json() == expected
