@@ -2,20 +2,34 @@
 
 apsw connections may be used from any thread, but never from two at once, and a blocking
 ``COMMIT`` (an fsync under ``synchronous=full``) must not stall the trio loop. So every
-piece of store work is a plain function of the connection, run in a worker thread behind
-a ``CapacityLimiter(1)``: one thread at a time touches the writer connection.
+piece of store work is a plain function of the connection, run by one dedicated worker
+thread that takes calls from a queue, in order, one at a time: one thread at a time
+touches the writer connection.
 
-The worker call is not abandoned on cancellation: trio waits for the thread to return
-before delivering ``Cancelled``, so a transaction is never left half-done on a connection
-that the service is about to close.
+Theory of operation. ``run`` queues the call and parks the calling task; the worker runs
+it (in a copy of the caller's context, as ``trio.to_thread.run_sync`` does) and hands the
+outcome back through the trio token, which reschedules the task. The worker is started on
+the first call and stops after ``IDLE_SECONDS`` without work (the next call starts another),
+so an idle gateway holds no thread. A dedicated thread rather than ``trio.to_thread``:
+trio's thread cache names and renames its thread around every job, which costs the store
+thread several per cent of its CPU when the daemon commits one event at a time.
+
+The worker call is not abandoned on cancellation: the task waits for the call to return
+before ``Cancelled`` is delivered (at its next checkpoint), so a transaction is never left
+half-done on a connection that the service is about to close. An exception raised by the
+call propagates to the caller.
 """
 
 from __future__ import annotations
 
+import contextvars
+import queue
+import threading
 from collections.abc import Callable
-from typing import TypeVar, TypeVarTuple, Unpack
+from typing import Final, TypeVar, TypeVarTuple, Unpack, cast
 
 import apsw
+import outcome
 import trio
 
 from store.db import Store
@@ -23,13 +37,20 @@ from store.db import Store
 T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
+IDLE_SECONDS: Final = 10.0
+"""How long the worker thread waits for a call before it ends (seconds)."""
+
+_Job = Callable[[], None]
+
 
 class StoreGateway:
-    """Serialises store work onto one worker thread at a time."""
+    """Serialises store work onto one worker thread."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
-        self._limiter = trio.CapacityLimiter(1)
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._worker: threading.Thread | None = None
 
     @property
     def store(self) -> Store:
@@ -37,7 +58,43 @@ class StoreGateway:
 
     async def run(self, fn: Callable[[apsw.Connection, Unpack[Ts]], T], *args: *Ts) -> T:
         """Run ``fn(conn, *args)`` in the store thread; ``fn`` opens its own transaction."""
+        await trio.lowlevel.checkpoint_if_cancelled()
         conn = self._store.conn
-        return await trio.to_thread.run_sync(
-            lambda: fn(conn, *args), limiter=self._limiter, abandon_on_cancel=False
-        )
+        token = trio.lowlevel.current_trio_token()
+        task = trio.lowlevel.current_task()
+        context = contextvars.copy_context()
+
+        def call() -> T:
+            return fn(conn, *args)
+
+        def job() -> None:
+            result = outcome.capture(context.run, call)
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+        self._submit(job)
+
+        def abort(_raise_cancel: object) -> trio.lowlevel.Abort:
+            return trio.lowlevel.Abort.FAILED  # never abandon the call: wait for it
+
+        # resumed with the call's outcome: its value, or its exception raised here
+        return cast(T, await trio.lowlevel.wait_task_rescheduled(abort))
+
+    def _submit(self, job: _Job) -> None:
+        with self._lock:
+            self._jobs.put(job)
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="trigd-store", daemon=True)
+                self._worker.start()
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            try:
+                job = jobs.get(timeout=IDLE_SECONDS)
+            except queue.Empty:
+                with self._lock:  # `_submit` queues under the lock: nothing can slip by
+                    if jobs.empty():
+                        self._worker = None
+                        return
+                continue
+            job()

@@ -1,0 +1,104 @@
+"""daemon/gateway.py: one worker thread, calls in order, outcomes back, never abandoned."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import apsw
+import pytest
+import trio
+
+from daemon import gateway as gateway_module
+from daemon.gateway import StoreGateway
+from store.db import Store
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[Store]:
+    opened = Store.open(tmp_path / "g.db")
+    yield opened
+    opened.close()
+
+
+def whoami(conn: apsw.Connection, tag: int) -> tuple[int, int]:
+    return threading.get_ident(), tag
+
+
+async def test_calls_run_in_one_thread_that_is_not_trios(store: Store) -> None:
+    gateway = StoreGateway(store)
+    results = [await gateway.run(whoami, n) for n in range(5)]
+    assert [tag for _, tag in results] == list(range(5))
+    assert len({ident for ident, _ in results}) == 1
+    assert results[0][0] != threading.get_ident()
+
+
+async def test_concurrent_callers_never_overlap(store: Store) -> None:
+    gateway = StoreGateway(store)
+    busy = threading.Lock()
+    overlaps: list[int] = []
+    done: list[int] = []
+
+    def work(conn: apsw.Connection, n: int) -> None:
+        if not busy.acquire(blocking=False):
+            overlaps.append(n)
+            return
+        try:
+            time.sleep(0.002)
+            with conn:
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, 'x')", (f"k{n}",))
+            done.append(n)
+        finally:
+            busy.release()
+
+    async with trio.open_nursery() as nursery:
+        for n in range(20):
+            nursery.start_soon(gateway.run, work, n)
+    assert overlaps == []
+    assert sorted(done) == list(range(20))
+
+
+async def test_an_exception_propagates_to_the_caller(store: Store) -> None:
+    gateway = StoreGateway(store)
+
+    def fail(conn: apsw.Connection) -> None:
+        raise KeyError("boom")
+
+    with pytest.raises(KeyError, match="boom"):
+        await gateway.run(fail)
+    assert (await gateway.run(whoami, 1))[1] == 1  # the worker survives it
+
+
+async def test_a_cancelled_caller_waits_for_its_call_to_finish(store: Store) -> None:
+    gateway = StoreGateway(store)
+    started = threading.Event()
+    finished: list[bool] = []
+
+    def slow(conn: apsw.Connection) -> None:
+        started.set()
+        time.sleep(0.2)
+        finished.append(True)
+
+    returned_after: list[list[bool]] = []
+    with trio.move_on_after(0.05) as scope:
+        await gateway.run(slow)
+        returned_after.append(list(finished))
+        await trio.lowlevel.checkpoint()  # where the cancellation is delivered
+    assert scope.cancelled_caught
+    assert started.is_set()
+    assert returned_after == [[True]]  # not abandoned: it returned once the call was done
+
+
+async def test_an_idle_worker_ends_and_the_next_call_starts_another(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(gateway_module, "IDLE_SECONDS", 0.01)
+    gateway = StoreGateway(store)
+    first, _ = await gateway.run(whoami, 0)
+    deadline = time.monotonic() + 5
+    while any(t.ident == first for t in threading.enumerate()):
+        assert time.monotonic() < deadline, "the idle worker did not end"
+        await trio.sleep(0.01)
+    assert (await gateway.run(whoami, 1))[1] == 1
