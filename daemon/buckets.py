@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime, timedelta
-from typing import Final
+from typing import Final, NamedTuple
 
 import attrs
 
@@ -81,8 +81,9 @@ class Fire:
     the evaluation (the proactive `as_of`). Composite `within` uses it (SEMANTICS §0)."""
 
 
-@attrs.frozen(slots=True)
-class Evaluation:
+class Evaluation(NamedTuple):
+    """What `evaluate` decided (a tuple: one per evaluation, and cheaper to build)."""
+
     stored: Bucket | None
     returned: Bucket | None
     fires: Sequence[Fire]

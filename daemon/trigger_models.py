@@ -210,6 +210,8 @@ class EventTrigger(BaseTrigger):
         plain: tuple[str, ...] | None = self.__dict__["_plain_for_each"]
         if plain is not None:  # what find_resource_label does for these, minus the parsing
             labels = event.resource.root
+            if len(plain) == 1:  # the common `for_each` of one label, without a loop
+                return (labels.get(plain[0]) or "",)
             return tuple([labels.get(label) or "" for label in plain])
         return tuple(event.find_resource_label(label) or "" for label in self.sorted_for_each)
 
