@@ -15,7 +15,7 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   event and the loaded set: a batch works it out for all of its events first and reads
   their buckets in one statement. Bucket changes wait in `PendingBuckets` (each bucket read
   and written at most once) and are written back with one `executemany` per kind of
-  statement when the unit of work ends (`_bucket_unit`: a batch, one `reactive_evaluation`,
+  statement when the unit of work ends (a batch, one `reactive_evaluation`,
   the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
   kept: the database stays the only state. `proactive` pages through the table and so
   writes each change at once.

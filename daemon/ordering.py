@@ -21,7 +21,8 @@ ever be stale, refusing that event forever. So in-flight marks are kept in memor
 connection and scope (shared by every instance, like Prefect's per-scope singleton), and
 cost no SQL: an event without `follows` costs two statements, one write and one read.
 
-Inside `batch()` (the engine wraps each transaction's events in one) an event without
+Inside `batch()` (the engine wraps each transaction's events in one, spelt out as
+`begin_batch()` ... `end_batch()` or `abort_batch()`) an event without
 `follows` costs no statement at all: seen marks wait in memory and are written together
 when the batch ends (a later event of the same batch sees them), and the leaders that have
 parked followers are known in memory, so completing any other event asks nothing. That
