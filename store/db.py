@@ -27,6 +27,11 @@ BUSY_TIMEOUT_MS: Final = 5_000
 WRITER_CACHE_KIB: Final = 32_768  # KiB of page cache for the writer connection (default 2 MiB)
 """Big enough for the hot pages (index tails, open buckets) of a busy database: at 100,000
 events and as many open buckets the default cache missed about once per event."""
+WAL_AUTOCHECKPOINT_PAGES: Final = 4_000  # WAL frames before a COMMIT checkpoints (default 1,000)
+"""A flood rewrites the same random index pages commit after commit: checkpointing every
+4,000 frames (a WAL of about 16 MiB) copies each such page once instead of once per two
+commits. Measured with bench_engine's workload: COMMIT 11.7 -> 9.4 CPU µs/event in batches
+of 500, longest COMMIT 26 -> 34 ms; one event per commit unchanged (longest 9 -> 6 ms)."""
 IN_CHUNK: Final = 500  # ids per IN (...) clause, well under SQLite's bound-parameter limit
 
 Synchronous = Literal["full", "normal"]
@@ -142,6 +147,7 @@ class Store:
             conn.set_busy_timeout(BUSY_TIMEOUT_MS)
             conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB:d}")
+            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES:d}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreError(f"{db_path}: could not switch the database to WAL mode")

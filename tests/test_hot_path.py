@@ -34,7 +34,7 @@ from daemon.gateway import StoreGateway
 from daemon.ordering import CausalOrdering, EventArrivedEarly
 from store import buckets as buckets_store
 from store import events as events_store
-from store.db import WRITER_CACHE_KIB, Store
+from store.db import WAL_AUTOCHECKPOINT_PAGES, WRITER_CACHE_KIB, Store
 
 S = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
 NOW = S + timedelta(seconds=10)
@@ -401,6 +401,11 @@ def test_the_writer_connection_gets_its_page_cache(store: Store) -> None:
     row = store.conn.execute("PRAGMA cache_size").fetchone()
     assert row is not None
     assert row[0] == -WRITER_CACHE_KIB
+
+
+def test_the_writer_connection_checkpoints_its_wal_less_often(store: Store) -> None:
+    row = store.conn.execute("PRAGMA wal_autocheckpoint").fetchone()
+    assert row == (WAL_AUTOCHECKPOINT_PAGES,)
 
 
 def test_a_failed_commit_makes_the_engine_reread_its_events_clock(store: Store) -> None:
