@@ -1,7 +1,7 @@
--- trigd schema, version 1.
+-- trigd schema, version 2 (store/db.py SCHEMA_VERSION).
 --
--- Applied by store/db.py inside one transaction when PRAGMA user_version is 0; later
--- versions climb user_version one step at a time (store/migrations.py). All times are
+-- Applied whole by store/db.py inside one transaction when PRAGMA user_version is 0; an
+-- older database climbs user_version one step at a time (store/db.py MIGRATIONS). All times are
 -- INTEGER microseconds since the Unix epoch, UTC (suffix _us), so comparisons are exact.
 -- UUIDs are lowercase hyphenated TEXT. JSON documents are TEXT.
 

@@ -3,9 +3,10 @@
 Theory of operation: the daemon holds exactly one writer connection (WAL mode, explicit
 ``BEGIN IMMEDIATE`` transactions via ``with store.conn:``) and an exclusive lock file beside
 the database so that a second ``trigd serve`` refuses to start. Readers such as
-``trigd status`` open their own read-only connection and never take the lock. The schema
-is ``schema.sql`` (version 1); later versions climb ``PRAGMA user_version`` one step at a
-time, each step in its own transaction. A database newer than this code is refused.
+``trigd status`` open their own read-only connection and never take the lock. A new
+database gets ``schema.sql`` (the current version) whole; an older one climbs ``PRAGMA
+user_version`` one step at a time, each step in its own transaction. A database newer
+than this code is refused.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import contextlib
 import fcntl
 import importlib.resources
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final, Literal
 
@@ -22,7 +23,7 @@ import apsw
 import apsw.bestpractice
 import attrs
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_MS: Final = 5_000
 WRITER_CACHE_KIB: Final = 32_768  # KiB of page cache for the writer connection (default 2 MiB)
 """Big enough for the hot pages (index tails, open buckets) of a busy database: at 100,000
@@ -57,8 +58,20 @@ def _schema_sql() -> str:
     return (Path(__file__).resolve().parent.parent / "schema.sql").read_text(encoding="utf-8")
 
 
-# Each step takes the database from version N-1 to N. Step 1 is the whole schema.sql.
-MIGRATIONS: Final[dict[int, Callable[[], str]]] = {1: _schema_sql}
+_V2_PROACTIVE_BUCKETS: Final = """
+ALTER TABLE buckets ADD COLUMN proactive INTEGER NOT NULL DEFAULT 0;
+UPDATE buckets SET proactive = 1;
+DROP INDEX buckets_start;
+CREATE INDEX buckets_start ON buckets (trigger_id, start_us, bucketing_key) WHERE proactive;
+"""
+"""Version 1 indexed every bucket by start; version 2 only a Proactive trigger's. Which
+trigger is Proactive is not in the database, so every existing row is marked as if it
+were: a proactive pass still finds all of its buckets, and a reactive row leaves the
+index the next time it is written (each write sets the trigger's real posture)."""
+
+# A new database gets schema.sql (the current version) in one step; an older one climbs
+# one step per version: MIGRATIONS[N] takes it from N-1 to N.
+MIGRATIONS: Final[dict[int, str]] = {2: _V2_PROACTIVE_BUCKETS}
 
 _best_practice_applied = False
 
@@ -91,9 +104,14 @@ def migrate(conn: apsw.Connection, path: str) -> None:
             f"{path}: database schema version {current} is newer than this trigd "
             f"understands ({SCHEMA_VERSION}); upgrade trigd or use another database file"
         )
+    if current == 0:
+        with conn:
+            conn.execute(_schema_sql())
+            conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+        return
     for version in range(current + 1, SCHEMA_VERSION + 1):
         with conn:
-            conn.execute(MIGRATIONS[version]())
+            conn.execute(MIGRATIONS[version])
             conn.execute(f"PRAGMA user_version = {version:d}")
 
 

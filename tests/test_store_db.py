@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 import apsw
+import attrs
 import pytest
 
+from store.buckets import iter_buckets, read_bucket, write_bucket
 from store.db import SCHEMA_VERSION, DatabaseInUse, DatabaseTooNew, Store, StoreError
 
 
@@ -124,3 +126,63 @@ def test_missing_directory_and_missing_readonly_file_are_errors(tmp_path: Path) 
         Store.open(tmp_path / "nope" / "t.db")
     with pytest.raises(StoreError, match="no such database"):
         Store.open_readonly(tmp_path / "absent.db")
+
+
+def _version_1_database(path: Path) -> None:
+    """A database as the first release left it (tests/schema_v1.sql is its schema.sql)."""
+    conn = apsw.Connection(str(path))
+    with conn:
+        conn.execute((Path(__file__).parent / "schema_v1.sql").read_text(encoding="utf-8"))
+        conn.execute("PRAGMA user_version = 1")
+        conn.executemany(
+            "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, start_us, end_us, "
+            "count, last_event, last_operation) VALUES (?, ?, 'a', ?, ?, ?, NULL, '')",
+            [("proactive", '["x"]', 1_000, 2_000, 0), ("reactive", '["y"]', 1_500, 2_500, 3)],
+        )
+    conn.close()
+
+
+def test_version_1_database_is_migrated_and_keeps_its_buckets(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    _version_1_database(path)
+    store = Store.open(path)
+    try:
+        conn = store.conn
+        assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        # A proactive pass reads through the partial index: the old row must be in it.
+        [proactive] = iter_buckets(conn, "proactive", proactive=True)
+        assert (proactive.key, proactive.count) == (("x",), 0)
+        reactive = read_bucket(conn, "reactive", ("y",))
+        assert reactive is not None
+        assert reactive.count == 3
+        # The next write of a reactive bucket takes it out of the proactive index.
+        with conn:
+            write_bucket(conn, "reactive", "a", attrs.evolve(reactive, count=4), proactive=False)
+        assert list(iter_buckets(conn, "reactive", proactive=True)) == []
+        assert [b.count for b in iter_buckets(conn, "reactive", proactive=False)] == [4]
+    finally:
+        store.close()
+    # Migrated once: reopening changes nothing.
+    Store.open(path).close()
+
+
+def test_fresh_and_migrated_databases_have_the_same_schema(tmp_path: Path) -> None:
+    _version_1_database(tmp_path / "old.db")
+    Store.open(tmp_path / "old.db").close()
+    Store.open(tmp_path / "new.db").close()
+
+    def layout(path: Path) -> dict[str, list[tuple[object, ...]]]:
+        conn = apsw.Connection(str(path))
+        try:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_schema")]
+            columns = "SELECT name, type, pk FROM pragma_table_info(?)"
+            indexes = "SELECT name, partial FROM pragma_index_list(?)"
+            return {
+                name: sorted(conn.execute(columns, (name,)))
+                + sorted(conn.execute(indexes, (name,)))
+                for name in tables
+            }
+        finally:
+            conn.close()
+
+    assert layout(tmp_path / "old.db") == layout(tmp_path / "new.db")
