@@ -56,10 +56,9 @@ from daemon.handshake import (
     Nack,
     check_auth,
     decode_frame,
-    encode_reply,
+    reply_frame,
 )
 from daemon.handshake import decide as decide_handshake
-from daemon.wsframes import text_frame
 
 log = logging.getLogger(__name__)
 
@@ -126,21 +125,28 @@ class ReplyQueue:
 
     async def run_writer(self, conn: CheckpointConnection) -> None:
         """Send what is final, in order: replies (if ``acks``) and delayed pongs."""
+        items = self._items
         while True:
             while not self._ready():
                 if self._head_ready.is_set():
                     self._head_ready = trio.Event()
                 await self._head_ready.wait()
             frames: list[bytes] = []
-            while self._ready():
-                item = self._items.popleft()
-                if isinstance(item, PingMarker):
+            while items:
+                item = items[0]
+                if type(item) is Submission:
+                    if not item.done:
+                        break
+                elif isinstance(item, PingMarker):
+                    items.popleft()
                     if frames:
                         await conn.send_frames(frames)
                         frames = []
                     await conn.pong(item.payload)
-                elif self.acks:
-                    frames.append(text_frame(encode_reply(item)))
+                    continue
+                items.popleft()
+                if self.acks:
+                    frames.append(reply_frame(item))
             if frames:
                 await conn.send_frames(frames)
             self._room.set()

@@ -38,14 +38,18 @@ _XOR: Final = [bytes(a ^ b for a in range(256)) for b in range(256)]
 _SHORT_HEADERS: Final = [bytes((FIN_TEXT, size)) for size in range(SHORT_LENGTH + 1)]
 
 
+def text_header(size: int) -> bytes:
+    """The header of a final, unmasked text frame of ``size`` payload bytes."""
+    if size <= SHORT_LENGTH:
+        return _SHORT_HEADERS[size]
+    if size <= MEDIUM_LENGTH:
+        return bytes((FIN_TEXT, 126)) + size.to_bytes(2, "big")
+    return bytes((FIN_TEXT, 127)) + size.to_bytes(8, "big")
+
+
 def text_frame(payload: bytes) -> bytes:
     """One final, unmasked text frame carrying ``payload`` (UTF-8), as a server sends it."""
-    size = len(payload)
-    if size <= SHORT_LENGTH:
-        return _SHORT_HEADERS[size] + payload
-    if size <= MEDIUM_LENGTH:
-        return bytes((FIN_TEXT, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((FIN_TEXT, 127)) + size.to_bytes(8, "big") + payload
+    return text_header(len(payload)) + payload
 
 
 def unmask(key: bytes, payload: bytes) -> bytearray:
