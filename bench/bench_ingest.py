@@ -14,8 +14,9 @@ frame, JSON exactly as ``bench_daemon.frames`` makes it), opens a raw socket, do
 websocket handshake, writes the frames in large chunks from a thread and reads the acks
 with a few slices per frame, checking that each one acks the expected id, in order.
 
-Like ``trigd serve``, this process freezes what start-up built (``gc.freeze``) before
-measuring. The number that matters is this process's CPU time per event (``time.process_time``
+Like ``trigd serve``, this process tunes the garbage collector after start-up
+(``daemon.service.tune_garbage_collector``) before measuring, and reports the time spent
+in collections. The number that matters is this process's CPU time per event (``time.process_time``
 around the run, which covers handshake, every frame, every ack and the close).
 """
 
@@ -220,9 +221,9 @@ def main() -> int:
     if args.client is not None:
         return run_client(args.client, args.events)
     sys.path.insert(0, str(ROOT))  # this checkout's daemon package, see the docstring
-    import daemon.ingest  # noqa: F401  (imported before the freeze, as `trigd serve` does)
+    from daemon.service import tune_garbage_collector  # imports the daemon, as serve does
 
-    gc.freeze()  # as `trigd serve` does after start-up: collections skip modules and schemas
+    tune_garbage_collector()  # as `trigd serve` does after start-up
     gc_time = _time_collections()
     spy = None
     if args.profile:
