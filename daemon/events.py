@@ -317,7 +317,12 @@ dict (with the extras and the set of fields present), so no `_IncomingEvent` is 
 to be copied into a `ReceivedEvent`."""
 
 _RECEIVED_FIELDS: Final = frozenset(ReceivedEvent.model_fields)
-_set_attribute: Final = object.__setattr__
+# The setters of the slots pydantic-core fills in a model it makes: calling them directly
+# skips the attribute lookup of object.__setattr__ (and the frozen check of setattr).
+_set_dict: Final = BaseModel.__dict__["__dict__"].__set__
+_set_fields_set: Final = BaseModel.__dict__["__pydantic_fields_set__"].__set__
+_set_extra: Final = BaseModel.__dict__["__pydantic_extra__"].__set__
+_set_private: Final = BaseModel.__dict__["__pydantic_private__"].__set__
 
 
 def _received_event(fields: dict[str, Any]) -> ReceivedEvent:
@@ -326,10 +331,10 @@ def _received_event(fields: dict[str, Any]) -> ReceivedEvent:
     model_construct's loop over the fields (aliases, defaults), which costs as much as
     half a validation."""
     event = ReceivedEvent.__new__(ReceivedEvent)
-    _set_attribute(event, "__dict__", fields)
-    _set_attribute(event, "__pydantic_fields_set__", set(_RECEIVED_FIELDS))
-    _set_attribute(event, "__pydantic_extra__", None)
-    _set_attribute(event, "__pydantic_private__", None)
+    _set_dict(event, fields)
+    _set_fields_set(event, set(_RECEIVED_FIELDS))
+    _set_extra(event, None)
+    _set_private(event, None)
     return event
 
 
