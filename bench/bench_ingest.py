@@ -47,7 +47,7 @@ CHUNK: Final = 256 * 1024  # bytes per client write
 RECEIVE: Final = 256 * 1024  # bytes per client read
 AUTH: Final = '{"type":"auth","token":""}'
 ACK_PREFIX: Final = b'{"type":"ack","id":"'
-TARGET_US: Final = 35.0
+TARGET_US: Final = 22.0
 
 
 # --- the client (child process) ------------------------------------------------------------

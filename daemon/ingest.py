@@ -106,6 +106,11 @@ class ReplyQueue:
         if len(self._items) == 1 and not isinstance(item, Submission):
             self._head_ready.set()
 
+    def append_submission(self, submission: Submission) -> None:
+        """``append`` for the common case: an unresolved submission never makes the head
+        ready."""
+        self._items.append(submission)
+
     async def put(self, item: Reply) -> None:
         """Append ``item``, first waiting while the queue is full."""
         await self.wait_for_room()
@@ -340,7 +345,7 @@ class _Session:
                 await replies.put(frame)
                 continue
             for item in decode_frame(frame, received, max_bytes):
-                if isinstance(item, Nack):
+                if type(item) is Nack:
                     stats.rejected += 1
                     if replies.acks:
                         await replies.put(item)
@@ -352,7 +357,7 @@ class _Session:
                 submission = Submission(item, replies)
                 if replies.full():
                     await replies.wait_for_room()
-                replies.append(submission)
+                replies.append_submission(submission)
                 stats.events += 1
                 try:
                     submit.send_nowait(submission)

@@ -5,7 +5,8 @@ it for the upgrade and the close handshake. Two things happen once per event, th
 are cheap to do exactly here:
 
 * ``text_frame``: the server's replies are unmasked, unfragmented text frames with no
-  extension (trigd never negotiates one), so a header of two to ten bytes is all they need.
+  extension (trigd never negotiates one), so a header of two to ten bytes
+  (``text_header``) is all they need.
 * ``FrameSplitter``: what a client sends is nearly always one event per frame, each a
   complete, masked text frame. The splitter cuts the byte stream at frame boundaries and
   decodes those frames itself (unmask, strict UTF-8); every other frame (control frames,
