@@ -345,7 +345,7 @@ class _Session:
                 await replies.put(frame)
                 continue
             for item in decode_frame(frame, received, max_bytes):
-                if type(item) is Nack:
+                if isinstance(item, Nack):
                     stats.rejected += 1
                     if replies.acks:
                         await replies.put(item)
