@@ -56,10 +56,9 @@ from daemon.handshake import (
     Nack,
     check_auth,
     decode_frame,
-    encode_reply,
+    reply_frame,
 )
 from daemon.handshake import decide as decide_handshake
-from daemon.wsframes import text_frame
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +106,11 @@ class ReplyQueue:
         if len(self._items) == 1 and not isinstance(item, Submission):
             self._head_ready.set()
 
+    def append_submission(self, submission: Submission) -> None:
+        """``append`` for the common case: an unresolved submission never makes the head
+        ready."""
+        self._items.append(submission)
+
     async def put(self, item: Reply) -> None:
         """Append ``item``, first waiting while the queue is full."""
         await self.wait_for_room()
@@ -126,21 +130,28 @@ class ReplyQueue:
 
     async def run_writer(self, conn: CheckpointConnection) -> None:
         """Send what is final, in order: replies (if ``acks``) and delayed pongs."""
+        items = self._items
         while True:
             while not self._ready():
                 if self._head_ready.is_set():
                     self._head_ready = trio.Event()
                 await self._head_ready.wait()
             frames: list[bytes] = []
-            while self._ready():
-                item = self._items.popleft()
-                if isinstance(item, PingMarker):
+            while items:
+                item = items[0]
+                if type(item) is Submission:
+                    if not item.done:
+                        break
+                elif isinstance(item, PingMarker):
+                    items.popleft()
                     if frames:
                         await conn.send_frames(frames)
                         frames = []
                     await conn.pong(item.payload)
-                elif self.acks:
-                    frames.append(text_frame(encode_reply(item)))
+                    continue
+                items.popleft()
+                if self.acks:
+                    frames.append(reply_frame(item))
             if frames:
                 await conn.send_frames(frames)
             self._room.set()
@@ -346,7 +357,7 @@ class _Session:
                 submission = Submission(item, replies)
                 if replies.full():
                     await replies.wait_for_room()
-                replies.append(submission)
+                replies.append_submission(submission)
                 stats.events += 1
                 try:
                     submit.send_nowait(submission)

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import Final
 
 import apsw
 import trio
@@ -221,6 +222,23 @@ def configure_logging(level: str) -> None:
     logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
 
 
+YOUNG_COLLECTION_THRESHOLD: Final = 20_000
+"""Net new container objects between young collections (CPython's default is 700). At
+thousands of events a second the objects in flight (events, batches, replies) pass 700
+every few dozen events, and each collection walks them all again: about 7% of the daemon's
+CPU under load. Refcounting frees nearly everything here, so collecting less often costs
+little memory, and a collection of this size takes a few milliseconds."""
+
+
+def tune_garbage_collector() -> None:
+    """After start-up: what it built (modules, pydantic schemas, automations) lives as long
+    as the process, so it is frozen and no later collection walks it again (a quarter of
+    ingest's CPU otherwise); and young collections come less often."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
+
+
 def serve_command(args: argparse.Namespace) -> int:
     configure_logging(args.log_level)
     overrides = {"listen": args.listen, "db": args.db, "automations": args.automations}
@@ -230,9 +248,7 @@ def serve_command(args: argparse.Namespace) -> int:
     except (ConfigError, AutomationFileError) as exc:
         print(f"trigd serve: {exc}", file=sys.stderr)
         return 2
-    # Start-up built (modules, pydantic schemas, automations) lives as long as the process:
-    # frozen, no later collection walks it again (a quarter of ingest's CPU otherwise).
-    gc.freeze()
+    tune_garbage_collector()
     try:
         trio.run(serve, config, automations)
     except StoreError as exc:

@@ -5,7 +5,8 @@ it for the upgrade and the close handshake. Two things happen once per event, th
 are cheap to do exactly here:
 
 * ``text_frame``: the server's replies are unmasked, unfragmented text frames with no
-  extension (trigd never negotiates one), so a header of two to ten bytes is all they need.
+  extension (trigd never negotiates one), so a header of two to ten bytes
+  (``text_header``) is all they need.
 * ``FrameSplitter``: what a client sends is nearly always one event per frame, each a
   complete, masked text frame. The splitter cuts the byte stream at frame boundaries and
   decodes those frames itself (unmask, strict UTF-8); every other frame (control frames,
@@ -38,14 +39,18 @@ _XOR: Final = [bytes(a ^ b for a in range(256)) for b in range(256)]
 _SHORT_HEADERS: Final = [bytes((FIN_TEXT, size)) for size in range(SHORT_LENGTH + 1)]
 
 
+def text_header(size: int) -> bytes:
+    """The header of a final, unmasked text frame of ``size`` payload bytes."""
+    if size <= SHORT_LENGTH:
+        return _SHORT_HEADERS[size]
+    if size <= MEDIUM_LENGTH:
+        return bytes((FIN_TEXT, 126)) + size.to_bytes(2, "big")
+    return bytes((FIN_TEXT, 127)) + size.to_bytes(8, "big")
+
+
 def text_frame(payload: bytes) -> bytes:
     """One final, unmasked text frame carrying ``payload`` (UTF-8), as a server sends it."""
-    size = len(payload)
-    if size <= SHORT_LENGTH:
-        return _SHORT_HEADERS[size] + payload
-    if size <= MEDIUM_LENGTH:
-        return bytes((FIN_TEXT, 126)) + size.to_bytes(2, "big") + payload
-    return bytes((FIN_TEXT, 127)) + size.to_bytes(8, "big") + payload
+    return text_header(len(payload)) + payload
 
 
 def unmask(key: bytes, payload: bytes) -> bytearray:

@@ -137,3 +137,20 @@ async def test_sighup_swaps_valid_automations_and_keeps_them_when_invalid(tmp_pa
                 assert await daemon.stop() == 0
             assert [r.target for r in receiver.requests] == ["/second"]
             nursery.cancel_scope.cancel()
+
+
+def test_start_up_tunes_the_garbage_collector() -> None:
+    """What `serve` does after start-up (in a child: it changes the whole interpreter)."""
+    script = (
+        "import gc\n"
+        "from daemon.service import YOUNG_COLLECTION_THRESHOLD, tune_garbage_collector\n"
+        "_, middle, old = gc.get_threshold()\n"
+        "tune_garbage_collector()\n"
+        "assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, middle, old)\n"
+        "assert gc.get_freeze_count() > 0\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr

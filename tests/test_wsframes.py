@@ -1,11 +1,15 @@
-"""daemon.wsframes: reply frames as wsproto reads them, and the splitter checked against
-wsproto alone on any stream of client frames, cut into chunks anywhere."""
+"""daemon.wsframes: reply frames as wsproto reads them (``reply_frame``'s fast acks too),
+and the splitter checked against wsproto alone on any stream of client frames, cut into
+chunks anywhere."""
 
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from collections.abc import Iterable
+from datetime import UTC, datetime
+from uuid import UUID, uuid4
 
 import pytest
 from hypothesis import given, settings
@@ -22,6 +26,9 @@ from wsproto.events import (
     TextMessage,
 )
 
+from daemon.evaluator import Submission
+from daemon.events import parse_incoming_event
+from daemon.handshake import Nack, encode_reply, reply_frame
 from daemon.wsframes import FrameSplitter, text_frame, unmask
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
@@ -137,6 +144,34 @@ def test_text_frames_read_back_through_a_wsproto_client(size: int) -> None:
     assert isinstance(event, TextMessage)
     assert event.data == text
     assert event.message_finished
+
+
+@pytest.mark.parametrize(
+    "event_id",
+    [UUID(int=0), UUID(int=2**128 - 1), UUID("0192b1f0-8c7e-7b1a-9f00-123456789abc"), uuid4()],
+)
+@pytest.mark.parametrize("error", [None, "internal error: boom"])
+def test_reply_frames_are_the_encoded_replies_framed(event_id: UUID, error: str | None) -> None:
+    event = parse_incoming_event(
+        json.dumps({"id": str(event_id), "event": "e", "resource": {"prefect.resource.id": "r"}}),
+        datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    submission = Submission(event, sink=None, done=True, error=error)  # type: ignore[arg-type]
+    frame = reply_frame(submission)
+    assert frame == text_frame(encode_reply(submission))
+    client, _ = open_pair()
+    client.receive_data(frame)
+    (message,) = list(client.events())
+    assert isinstance(message, TextMessage)
+    expected = {"type": "ack", "id": str(event_id)}
+    if error is not None:
+        expected = {"type": "nack", "id": str(event_id), "error": error}
+    assert json.loads(message.data) == expected
+
+
+def test_nack_frames_are_the_encoded_nacks_framed() -> None:
+    nack = Nack(None, "frame: not valid JSON")
+    assert reply_frame(nack) == text_frame(encode_reply(nack))
 
 
 # --- the splitter against wsproto -------------------------------------------------------------
