@@ -164,6 +164,19 @@ def _cpu_seconds(pid: int) -> float:
     return sum(_cpu_split(pid))
 
 
+def _thread_cpu(pid: int) -> dict[str, float]:
+    """CPU seconds of the main thread (trio) and of each other thread, by thread id."""
+    out: dict[str, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        name = "main" if task.name == str(pid) else f"thread {task.name}"
+        out[name] = (int(fields[11]) + int(fields[12])) / _TICKS
+    return out
+
+
 def _vm_hwm_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -240,6 +253,7 @@ class Phase:
     nacks: int
     client_cpu: float
     peer_cpu: float
+    peer_threads: dict[str, float]
 
     @property
     def rate(self) -> float:
@@ -337,7 +351,7 @@ class Client:
         self._all_acked = trio.Event()
         send, pending, clock = self.stream.send_all, self.pending, time.perf_counter
         step = 1 if rate is not None else CHUNK_FRAMES
-        cpu0, peer0 = _self_cpu(), _cpu_seconds(peer)
+        cpu0, peer0, threads0 = _self_cpu(), _cpu_seconds(peer), _thread_cpu(peer)
         start = clock()
         for n in range(0, len(batch), step):
             if rate is not None:
@@ -356,6 +370,10 @@ class Client:
             self.nacks,
             _self_cpu() - cpu0,
             _cpu_seconds(peer) - peer0,
+            {
+                name: seconds - threads0.get(name, 0.0)
+                for name, seconds in _thread_cpu(peer).items()
+            },
         )
 
 
@@ -414,6 +432,15 @@ def describe(label: str, phase: Phase, peer_name: str) -> Iterator[str]:
     yield (
         f"  CPU: client {phase.client_cpu:.2f} s ({phase.client_cpu * per_event:.0f} µs/event), "
         f"{peer_name} {phase.peer_cpu:.2f} s ({phase.peer_cpu * per_event:.0f} µs/event)"
+    )
+    busy = sorted(phase.peer_threads.items(), key=lambda item: -item[1])
+    yield (
+        "  "
+        + peer_name
+        + " threads: "
+        + ", ".join(
+            f"{name} {seconds * per_event:.0f} µs/event" for name, seconds in busy if seconds > 0
+        )
     )
 
 
