@@ -8,11 +8,13 @@ dir with ``synchronous = "full"``; 100 reactive automations (``for_each:
 [prefect.resource.id]``, threshold 10 within 60 s, each expecting its own event name) and
 5 proactive ones (a heartbeat that never comes, threshold 1 within 10 s), all with a
 ``call-webhook`` action to a local receiver (``bench/peers.py receiver``, its own process)
-that answers 200 at once. One websocket client (trio-websocket, subprotocol ``trigd.v1``:
-one ack per event after its commit) sends one event per frame in Prefect's JSON over 1,000
-resources. Resources 0-99 always send the same name, so each of them fires every 10th
-event (1 % of all events fire a webhook); the others change name every round, so they
-only open buckets.
+that answers 200 at once. One websocket client (a raw socket speaking subprotocol
+``trigd.v1``: one ack per event after its commit) sends one event per frame in Prefect's
+JSON over 1,000 resources. Resources 0-99 always send the same name, so each of them
+crosses its threshold at its 10th event and fires; its next window only opens 60 s of
+event time later, past the end of a run (events are stamped 0.1 ms apart), so a run fires
+about 100 webhooks. The other resources change name every round, so they only open
+buckets.
 
 Phases on one connection:
 

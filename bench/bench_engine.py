@@ -4,7 +4,7 @@
     .venv/bin/python bench/bench_engine.py --events 20000 --repeat 3
 
 Exactly what the daemon's store thread does for `bench/bench_daemon.py`: its automations
-(100 reactive, 5 proactive), its frames (1,000 resources, 1 % of events fire a webhook),
+(100 reactive, 5 proactive), its frames (1,000 resources; about 100 webhooks a run),
 each parsed with `parse_incoming_event`, committed through the evaluator's
 `_process_in_transaction` on a real store file (`synchronous = "full"`) in batches of 500.
 Parsing happens outside the measurement; the measured figure is the calling thread's CPU
