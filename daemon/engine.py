@@ -276,29 +276,17 @@ class Engine:
         """Store and evaluate a batch inside the caller's transaction; one outcome per
         input event. Then drain (a bounded part of) the inbox."""
         self._ensure_clock(conn)
-        clock = self.clock
-        before = (clock.clock_us, clock.updated_us)
+        before = self.clock.copy()
         self.handed_off = False
         call = self._call(conn, now)
-        ordering = call.ordering
-        # `with ordering.batch(), self._bucket_unit(conn):` spelt out: one batch a
-        # transaction, and a lone event's transaction is mostly this fixed cost
-        ordering.begin_batch()
         try:
-            try:
+            with call.ordering.batch(), self._bucket_unit(conn):
                 outcomes = self._process(call, events)
                 self._drain_inbox(call)
-                self._pending.flush(conn)
-            except BaseException:
-                self._pending.discard()
-                ordering.abort_batch()
-                raise
-            ordering.end_batch()
-            if (clock.clock_us, clock.updated_us) != before:
-                events_store.write_meta(conn, META_KEY, clock.to_json())
+            self._save_clock(conn, before)
         except BaseException:
             # the transaction will roll back: so do the clock and the draining of the inbox
-            clock.clock_us, clock.updated_us = before
+            self.clock = before
             self._inbox_empty = None
             raise
         return outcomes

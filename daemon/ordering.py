@@ -21,8 +21,7 @@ ever be stale, refusing that event forever. So in-flight marks are kept in memor
 connection and scope (shared by every instance, like Prefect's per-scope singleton), and
 cost no SQL: an event without `follows` costs two statements, one write and one read.
 
-Inside `batch()` (the engine wraps each transaction's events in one, spelt out as
-`begin_batch()` ... `end_batch()` or `abort_batch()`) an event without
+Inside `batch()` (the engine wraps each transaction's events in one) an event without
 `follows` costs no statement at all: seen marks wait in memory and are written together
 when the batch ends (a later event of the same batch sees them), and the leaders that have
 parked followers are known in memory, so completing any other event asks nothing. That
@@ -186,17 +185,6 @@ class CausalOrdering:
         out the marks are written; if the body raises they are dropped with the
         transaction. Not reentrant.
         """
-        self.begin_batch()
-        try:
-            yield
-        except BaseException:
-            self.abort_batch()
-            raise
-        self.end_batch()
-
-    def begin_batch(self) -> None:
-        """`batch()` as three plain calls, for the engine's per-transaction path: this one
-        at the start, then `end_batch()` before the commit or `abort_batch()` on failure."""
         state = self._state
         if state.pending_seen is not None:
             raise RuntimeError(f"{self!r}: batch() is already active")
@@ -204,25 +192,15 @@ class CausalOrdering:
             state.leaders = db.leaders(self.conn, self.scope)
             state.stale = False
         state.pending_seen = {}
-
-    def end_batch(self) -> None:
-        """Write the batch's seen marks and leave it (see `begin_batch`)."""
-        state = self._state
-        pending = state.pending_seen
         try:
-            if pending:
-                db.mark_seen_many(self.conn, self.scope, pending.items())
+            yield
+            if state.pending_seen:
+                db.mark_seen_many(self.conn, self.scope, state.pending_seen.items())
         except BaseException:
-            state.stale = True
+            state.stale = True  # the transaction will roll back: trust only the database
             raise
         finally:
             state.pending_seen = None
-
-    def abort_batch(self) -> None:
-        """Leave the batch without writing: its transaction will roll back."""
-        state = self._state
-        state.stale = True  # trust only the database
-        state.pending_seen = None
 
     # --- processing --------------------------------------------------------------------
 
