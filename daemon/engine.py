@@ -499,21 +499,19 @@ class Engine:
 
     @staticmethod
     def _persist(
-        conn: apsw.Connection, loaded: _Loaded, existing: Bucket | None, stored: Bucket | None
+        conn: apsw.Connection, loaded: _Loaded, existing: Bucket, stored: Bucket | None
     ) -> None:
         """Write the bucket's new state at once (the proactive path, which reads the table
-        page by page); nothing when it did not change."""
-        if stored is None:
-            if existing is not None:
-                buckets_store.delete_bucket(conn, loaded.trigger_id, existing.key)
-        elif stored is existing:
-            return
-        elif existing is not None and (stored.start, stored.end) == (existing.start, existing.end):
-            buckets_store.update_count(conn, loaded.trigger_id, stored)
-        else:
-            buckets_store.write_bucket(
-                conn, loaded.trigger_id, loaded.automation_id, stored, proactive=loaded.proactive
-            )
+        page by page)."""
+        buckets_store.save_bucket(
+            conn,
+            loaded.trigger_id,
+            loaded.automation_id,
+            existing.key,
+            existing,
+            stored,
+            proactive=loaded.proactive,
+        )
 
     # --- firing ----------------------------------------------------------------------
 

@@ -111,14 +111,6 @@ def _upsert_row(
     )
 
 
-def update_count(conn: apsw.Connection, trigger_id: str, b: Bucket) -> None:
-    """Overwrite count, last event and operation of an existing row whose window is
-    unchanged: the common case of counting one more event. Leaving `start_us` and
-    `end_us` out of the SET spares their two indexes a delete and an insert each, which
-    for a random key are two more random pages to write at commit."""
-    conn.execute(_UPDATE_COUNT, _update_row(trigger_id, key_json(b.key), b))
-
-
 def _update_row(trigger_id: str, key: str, b: Bucket) -> tuple[int, str | None, str, str, str]:
     return (
         b.count,
@@ -129,8 +121,45 @@ def _update_row(trigger_id: str, key: str, b: Bucket) -> tuple[int, str | None, 
     )
 
 
-def delete_bucket(conn: apsw.Connection, trigger_id: str, key: tuple[str, ...]) -> None:
-    conn.execute(_DELETE, (trigger_id, key_json(key)))
+def _change(
+    trigger_id: str,
+    key: tuple[str, ...],
+    automation_id: str,
+    proactive: bool,
+    before: Bucket | None,
+    after: Bucket | None,
+) -> tuple[str, tuple[object, ...]] | None:
+    """The statement and its parameters that take a bucket's row from `before` to `after`
+    (None: no row); None when nothing changed.
+
+    A row whose window did not move gets a count-only UPDATE: the common case of counting
+    one more event. Leaving `start_us` and `end_us` out of the SET spares their indexes a
+    delete and an insert each, which for a random key are more random pages to write at
+    commit. Any other change is the upsert of `write_bucket`, or a DELETE."""
+    if after is before:
+        return None
+    if after is None:
+        return _DELETE, (trigger_id, key_json(key))
+    if before is not None and (after.start, after.end) == (before.start, before.end):
+        return _UPDATE_COUNT, _update_row(trigger_id, key_json(key), after)
+    return _UPSERT, _upsert_row(trigger_id, key_json(key), automation_id, proactive, after)
+
+
+def save_bucket(
+    conn: apsw.Connection,
+    trigger_id: str,
+    automation_id: str,
+    key: tuple[str, ...],
+    before: Bucket | None,
+    after: Bucket | None,
+    *,
+    proactive: bool,
+) -> None:
+    """Write a bucket's change at once (`before` as read, `after` its new state, None
+    for no row); nothing when it did not change."""
+    change = _change(trigger_id, key, automation_id, proactive, before, after)
+    if change is not None:
+        conn.execute(*change)
 
 
 def iter_buckets(conn: apsw.Connection, trigger_id: str, *, proactive: bool) -> Iterator[Bucket]:
@@ -218,9 +247,8 @@ class PendingBuckets:
     reactive path does; nothing else touches buckets inside it). `flush` must run before
     the transaction commits and before anything reads the table directly; `discard`
     when the unit fails (its transaction is rolled back). What `flush` leaves in the table
-    is what writing each change at once would have left: a row whose window did not move
-    gets the count-only `UPDATE` of `update_count`, any other the upsert of `write_bucket`,
-    a removed row a `DELETE`.
+    is what writing each change at once (`save_bucket`) would have left: both take their
+    statements from `_change`.
     """
 
     def __init__(self, limit: int = PENDING_LIMIT) -> None:
@@ -285,38 +313,29 @@ class PendingBuckets:
     def flush(self, conn: apsw.Connection) -> None:
         """Write every change, one statement per kind, and forget what was read."""
         if self._dirty:
-            deletes: list[tuple[str, str]] = []
-            updates: list[tuple[int, str | None, str, str, str]] = []
-            upserts: list[_UpsertRow] = []
+            batches: dict[str, list[tuple[object, ...]]] = {
+                _DELETE: [],
+                _UPDATE_COUNT: [],
+                _UPSERT: [],
+            }
             for (trigger_id, key), entry in self._rows.items():
-                if not entry.dirty:
-                    continue
-                original, current = entry.original, entry.current
-                if current is None:
-                    if original is not None:
-                        deletes.append((trigger_id, key_json(key)))
-                elif original is not None and (
-                    (current.start, current.end) == (original.start, original.end)
-                ):
-                    if current is not original:
-                        updates.append(_update_row(trigger_id, key_json(key), current))
-                else:
-                    upserts.append(
-                        _upsert_row(
-                            trigger_id, key_json(key), entry.automation_id, entry.proactive, current
-                        )
+                if entry.dirty:
+                    change = _change(
+                        trigger_id,
+                        key,
+                        entry.automation_id,
+                        entry.proactive,
+                        entry.original,
+                        entry.current,
                     )
-            _executemany(conn, _DELETE, deletes)
-            _executemany(conn, _UPDATE_COUNT, updates)
-            _executemany(conn, _UPSERT, upserts)
+                    if change is not None:
+                        batches[change[0]].append(change[1])
+            for sql, rows in batches.items():
+                if rows:
+                    conn.executemany(sql, rows)
         self.discard()
 
     def discard(self) -> None:
         """Forget everything, written or not (the transaction is being rolled back)."""
         self._rows.clear()
         self._dirty = 0
-
-
-def _executemany(conn: apsw.Connection, sql: str, rows: Sequence[tuple[object, ...]]) -> None:
-    if rows:
-        conn.executemany(sql, rows)

@@ -5,7 +5,7 @@
   not after a rolled-back transaction, not after a commit that failed once the batch had
   ended;
 * `Engine.handed_off` and the evaluator waking the sender and the inbox pump only then;
-* `store.buckets.update_count`, the count-only write of an unchanged window;
+* `store.buckets.save_bucket`, the count-only write of an unchanged window;
 * `store.buckets.PendingBuckets`, the engine's bucket write-back within one unit of work:
   dropped with a failed batch, and leaving the table as writing at once would.
 
@@ -376,14 +376,14 @@ async def test_an_engine_that_cannot_tell_always_wakes_the_others(store: Store) 
 # --- buckets -------------------------------------------------------------------------------
 
 
-def test_update_count_changes_only_count_event_and_operation(store: Store) -> None:
+def test_counting_one_more_changes_only_count_event_and_operation(store: Store) -> None:
     e = wire_event("x")
     bucket = Bucket(("k",), S, S + timedelta(minutes=1), 1, None, "ensure_bucket[insert]")
     conn = store.conn
     with conn:
         buckets_store.write_bucket(conn, "t", "a", bucket, proactive=False)
         counted = Bucket(bucket.key, S, bucket.end, 2, EventRef.of(e), "increment_bucket")
-        buckets_store.update_count(conn, "t", counted)
+        buckets_store.save_bucket(conn, "t", "a", bucket.key, bucket, counted, proactive=False)
     stored = buckets_store.read_bucket(conn, "t", ("k",))
     assert stored is not None
     got: dict[str, Any] = {
