@@ -2,15 +2,14 @@
 
 Theory of operation: every trigger is indexed under each pattern of `expect | after`, or
 under `"*"` when `expect` is empty. A pattern without glob characters can only fnmatch the
-identical name, so those live in a dict; the others are tried with `fnmatchcase`. The
-candidates for a name are computed once and cached (event names repeat a lot; the cache
-is bounded and rebuilt on every load), and `covers` then applies the start-anchored name
-regex and the resource specifications. The cost per event therefore does not grow with
-triggers whose patterns cannot match its name.
+identical name, so those live in a dict; the others are tried with `fnmatchcase`.
 
-Everything that depends on the name alone is decided once per name: `for_name` keeps the
-candidates that pass the name regex, each with what `expects` and `starts_after` say of
-that name, so per event only the resource specifications are left (`covers_resources`).
+Everything that depends on the name alone is decided once per name and cached (event
+names repeat a lot; the cache is bounded and rebuilt on every load): `for_name` keeps the
+indexed triggers that pass the start-anchored name regex, each with what `expects` and
+`starts_after` say of that name, so per event only the resource specifications are left
+(`covers_resources`). The cost per event therefore does not grow with triggers whose
+patterns cannot match its name.
 """
 
 from __future__ import annotations
@@ -59,7 +58,6 @@ class TriggerIndex:
                 table.setdefault(pattern, []).append(position)
         self._exact = exact
         self._globbed = tuple((pattern, tuple(p)) for pattern, p in globbed.items())
-        self._cache: dict[str, tuple[EventTrigger, ...]] = {}
         self._by_name: dict[str, tuple[Candidate, ...]] = {}
 
     def __len__(self) -> int:
@@ -69,18 +67,8 @@ class TriggerIndex:
     def triggers(self) -> Sequence[EventTrigger]:
         return self._triggers
 
-    def candidates(self, event_name: str) -> tuple[EventTrigger, ...]:
-        """Triggers indexed under a pattern that fnmatches the name, in load order."""
-        cached = self._cache.get(event_name)
-        if cached is not None:
-            return cached
-        found = tuple(self._triggers[p] for p in self._positions(event_name))
-        if len(self._cache) >= NAME_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[event_name] = found
-        return found
-
     def _positions(self, event_name: str) -> list[int]:
+        """Triggers indexed under a pattern that fnmatches the name, in load order."""
         positions: set[int] = set(self._exact.get(event_name, ()))
         for pattern, members in self._globbed:
             if fnmatchcase(event_name, pattern):
