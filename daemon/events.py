@@ -187,6 +187,14 @@ EventName = Annotated[str, AfterValidator(_check_event_name)]
 RelatedResources = Annotated[list[RelatedResource], AfterValidator(_check_related)]
 
 
+def split_related_label(label: str) -> tuple[str, str] | None:
+    """(role, label) of a `related:<role>:<label>` reference; None for any other label,
+    which names a label of the primary resource."""
+    head, _, leaf = label.rpartition(":")
+    directive, _, role = head.partition(":")
+    return (role, leaf) if directive == "related" else None
+
+
 class Event(BaseModel):
     """The server view of an event: no defaults for `occurred` and `id` (SEMANTICS §1.2)."""
 
@@ -216,9 +224,9 @@ class Event(BaseModel):
     def find_resource_label(self, label: str) -> str | None:
         """`related:<role>:<label>` looks in the first related resource of that role;
         anything else (or an absent role) is a label of the primary resource."""
-        head, _, leaf = label.rpartition(":")
-        directive, _, role = head.partition(":")
-        if directive == "related":
+        related_label = split_related_label(label)
+        if related_label is not None:
+            role, leaf = related_label
             for related in self.related:
                 if related.role == role:
                     return related.get(leaf)

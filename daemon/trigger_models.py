@@ -32,7 +32,7 @@ from pydantic import (
     field_validator,
 )
 
-from daemon.events import Event
+from daemon.events import Event, split_related_label
 from daemon.matching import ResourceSpecification, compile_pattern, compiled_matches
 
 PROACTIVE_MINIMUM_WITHIN: Final = timedelta(seconds=10)
@@ -55,13 +55,6 @@ LabelSet = Annotated[
     frozenset[str], PlainSerializer(_sorted, return_type=list[str], when_used="json")
 ]
 """A set that is a sorted JSON array, so equal sets always serialize alike."""
-
-
-def _is_related_label(label: str) -> bool:
-    """Would `Event.find_resource_label` look at related resources for this label?"""
-    head, _, _ = label.rpartition(":")
-    directive, _, _ = head.partition(":")
-    return directive == "related"
 
 
 class Posture(StrEnum):
@@ -157,7 +150,7 @@ class EventTrigger(BaseTrigger):
         for_each = derived["_for_each"]
         # Labels of the primary resource (no `related:` directive) are read directly.
         derived["_plain_for_each"] = (
-            None if any(_is_related_label(label) for label in for_each) else for_each
+            None if any(split_related_label(label) is not None for label in for_each) else for_each
         )
 
     @property
