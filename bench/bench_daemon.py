@@ -43,20 +43,14 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Final, TextIO, TypeVar
+from typing import Final, TextIO
 
 import attrs
 import trio
 import uuid6
+from peers import RECEIVE_BYTES, next_ws_event  # this directory, first on sys.path
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import (
-    AcceptConnection,
-    CloseConnection,
-    Event,
-    RejectConnection,
-    Request,
-    TextMessage,
-)
+from wsproto.events import AcceptConnection, Request, TextMessage
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 PEERS: Final = Path(__file__).resolve().parent / "peers.py"
@@ -77,9 +71,7 @@ TARGET_RSS_MB: Final = 150.0
 LISTENING: Final = re.compile(r"trigd listening on ws://127\.0\.0\.1:(\d+)")
 _ACK: Final = '{"type":"ack","id":"'
 _ACK_BYTES: Final = _ACK.encode()
-RECEIVE_BYTES: Final = 65_536  # bytes per socket read
 CHUNK_FRAMES: Final = 64  # frames per write when sending flat out
-E = TypeVar("E", bound=Event)
 _TICKS: Final = os.sysconf("SC_CLK_TCK")
 
 
@@ -293,9 +285,9 @@ class Client:
         await stream.send_all(
             ws.send(Request(host="127.0.0.1", target="/api/events/in", subprotocols=["trigd.v1"]))
         )
-        await _next_ws_event(stream, ws, AcceptConnection)
+        await next_ws_event(stream, ws, AcceptConnection)
         await stream.send_all(ws.send(TextMessage(data='{"type":"auth","token":""}')))
-        reply = await _next_ws_event(stream, ws, TextMessage)
+        reply = await next_ws_event(stream, ws, TextMessage)
         if "auth_success" not in reply.data:
             raise RuntimeError(f"auth refused: {reply.data!r}")
         client = cls(stream, ws)
@@ -377,20 +369,6 @@ class Client:
                 for name, seconds in _thread_cpu(peer).items()
             },
         )
-
-
-async def _next_ws_event(stream: trio.SocketStream, ws: WSConnection, kind: type[E]) -> E:
-    """Read until wsproto yields an event of `kind` (the handshake's only reads)."""
-    while True:
-        for event in ws.events():
-            if isinstance(event, kind):
-                return event
-            if isinstance(event, RejectConnection | CloseConnection):
-                raise RuntimeError(f"trigd refused the connection: {event!r}")
-        data = await stream.receive_some(RECEIVE_BYTES)
-        if not data:
-            raise RuntimeError("trigd closed the connection during the handshake")
-        ws.receive_data(data)
 
 
 async def drive(

@@ -5,19 +5,31 @@
 
 Each prints ``port N`` on stdout once listening on 127.0.0.1 and serves until killed.
 The trivial server exists to measure what the benchmark client costs by itself: after a
-wsproto handshake it does nothing per frame but unmask the id and write the ack (a run of
-acks per socket read).
+wsproto handshake it decodes frames as trigd does (``daemon.wsframes.FrameSplitter``) and
+does nothing per frame but slice the id out and frame the ack (a run of acks per read).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Final, TypeVar
 
 import h11
 import trio
 from wsproto import ConnectionType, WSConnection
-from wsproto.events import AcceptConnection, Event, Request, TextMessage
+from wsproto.events import (
+    AcceptConnection,
+    CloseConnection,
+    Event,
+    RejectConnection,
+    Request,
+    TextMessage,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemon.wsframes import FrameSplitter, text_frame
 
 RECEIVE_BYTES: Final = 65_536  # bytes per socket read
 _ID_AT: Final = len('{"id": "')  # frames from bench_daemon start with the id
@@ -53,52 +65,37 @@ async def receiver() -> None:
     await trio.serve_listeners(_http_client, listeners)
 
 
-async def _next_ws_event(stream: trio.SocketStream, ws: WSConnection, kind: type[E]) -> E:
+async def next_ws_event(stream: trio.SocketStream, ws: WSConnection, kind: type[E]) -> E:
+    """Read until wsproto yields an event of `kind`: the handshake's reads, either side."""
     while True:
         for event in ws.events():
             if isinstance(event, kind):
                 return event
+            if isinstance(event, RejectConnection | CloseConnection):
+                raise ConnectionError(f"the peer refused or closed the connection: {event!r}")
         data = await stream.receive_some(RECEIVE_BYTES)
         if not data:
-            raise EOFError
+            raise EOFError("the peer closed the connection during the handshake")
         ws.receive_data(data)
-
-
-def _acks(buffer: bytearray) -> tuple[bytes, int]:
-    """Ack frames for every complete (masked, single-frame) text frame; bytes consumed."""
-    out, at = bytearray(), 0
-    while len(buffer) - at >= 2:
-        size, head = buffer[at + 1] & 0x7F, 2
-        if size == 126:
-            head, size = 4, int.from_bytes(buffer[at + 2 : at + 4], "big")
-        elif size == 127:
-            head, size = 10, int.from_bytes(buffer[at + 2 : at + 10], "big")
-        if len(buffer) - at < head + 4 + size:
-            break
-        mask = buffer[at + head : at + head + 4]
-        body = at + head + 4
-        event_id = bytes(buffer[body + i] ^ mask[i % 4] for i in range(_ID_AT, _ID_AT + 36))
-        reply = _ACK + event_id + b'"}'
-        out += bytes((0x81, len(reply))) + reply
-        at = body + size
-    return bytes(out), at
 
 
 async def _trivial_client(stream: trio.SocketStream) -> None:
     ws = WSConnection(ConnectionType.SERVER)
     try:
-        await _next_ws_event(stream, ws, Request)
+        await next_ws_event(stream, ws, Request)
         await stream.send_all(ws.send(AcceptConnection(subprotocol="trigd.v1")))
-        await _next_ws_event(stream, ws, TextMessage)  # the auth message
+        await next_ws_event(stream, ws, TextMessage)  # the auth message
         await stream.send_all(ws.send(TextMessage(data='{"type":"auth_success"}')))
-        buffer = bytearray()
+        splitter = FrameSplitter(RECEIVE_BYTES)  # every bench frame is a plain text frame
         while data := await stream.receive_some(RECEIVE_BYTES):
-            buffer += data
-            acks, used = _acks(buffer)
-            del buffer[:used]
+            acks = [
+                text_frame(_ACK + message[_ID_AT : _ID_AT + 36].encode() + b'"}')
+                for message in splitter.feed(data)
+                if isinstance(message, str)
+            ]
             if acks:
-                await stream.send_all(acks)
-    except (EOFError, trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(b"".join(acks))
+    except (EOFError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
         return
 
 
