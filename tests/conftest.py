@@ -12,10 +12,22 @@ from store.db import Store
 
 
 @pytest.fixture
-def conn(tmp_path: Path) -> Iterator[apsw.Connection]:
-    """The writer connection of a fresh database file (modules may define their own)."""
-    store = Store.open(tmp_path / "trigd.db")
+def db_path(tmp_path: Path) -> Path:
+    """Where a test's database file lives."""
+    return tmp_path / "trigd.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[Store]:
+    """A fresh database file, opened (modules may define their own)."""
+    opened = Store.open(db_path)
     try:
-        yield store.conn
+        yield opened
     finally:
-        store.close()
+        opened.close()
+
+
+@pytest.fixture
+def conn(store: Store) -> apsw.Connection:
+    """The writer connection of a fresh database file (modules may define their own)."""
+    return store.conn

@@ -8,7 +8,7 @@ provoke (a gate that holds the store thread, a failure for one event id, a full 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID, uuid4
@@ -131,18 +131,6 @@ class FullDiskEngine:
 
     def rolled_back(self) -> None:
         self.inner.rolled_back()
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "trigd.db"
-
-
-@pytest.fixture
-def store(db_path: Path) -> Iterator[Store]:
-    opened = Store.open(db_path)
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

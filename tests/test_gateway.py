@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import apsw
 import pytest
@@ -14,13 +12,6 @@ import trio
 from daemon import gateway as gateway_module
 from daemon.gateway import StoreGateway
 from store.db import Store
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store.open(tmp_path / "g.db")
-    yield opened
-    opened.close()
 
 
 def whoami(conn: apsw.Connection, tag: int) -> tuple[int, int]:

@@ -15,7 +15,7 @@ Real SQLite files, fixed clocks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -46,13 +46,6 @@ def event(name: str, seconds: float, follows: UUID | None = None) -> ReceivedEve
     return ReceivedEvent(
         event=name, resource=RESOURCE, occurred=at, received=at, id=uuid4(), follows=follows
     )
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    opened = Store.open(tmp_path / "hot.db")
-    yield opened
-    opened.close()
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ file that survives reopening. Each test says which scenario it pins down and how
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID, uuid4
@@ -48,13 +47,6 @@ def received_event(
         id=event_id or uuid4(),
         follows=follows,
     )
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.open(tmp_path / "ordering.db")
-    yield store
-    store.close()
 
 
 @pytest.fixture

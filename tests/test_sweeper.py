@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from uuid import uuid4
 
 import apsw
@@ -29,13 +28,6 @@ SETTINGS = SweepSettings(
     event_retention=timedelta(days=7),
     outbox_retention=timedelta(days=7),
 )
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    store = Store.open(tmp_path / "t.db")
-    yield store
-    store.close()
 
 
 def add_closed_bucket(conn: apsw.Connection, ended: datetime) -> None:
