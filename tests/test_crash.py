@@ -36,7 +36,7 @@ import pytest
 import trio
 from standardwebhooks import Webhook
 
-from tests.daemon_process import Daemon, running_daemon, write_automations, write_config
+from tests.daemon_process import SECRET, Daemon, running_daemon, write_automations, write_config
 from tests.resending_client import DaemonSlot, open_resending_client
 from tests.test_sender_support import Receiver, Reply, Request, answer, run_receiver
 
@@ -347,7 +347,6 @@ async def kill(daemon: Daemon) -> None:
 # --- 2. deliveries survive a crash ---------------------------------------------------------
 
 FIRINGS: Final = 6  # pumps, one webhook each
-SECRET: Final = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
 def webhook_automation(url: str) -> dict[str, Any]:
