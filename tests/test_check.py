@@ -14,26 +14,9 @@ import pytest
 
 from daemon.automations import automation_id_for
 from daemon.check import check_command
+from tests.test_automations import PUMP_YAML
 
 REPO = Path(__file__).resolve().parent.parent
-
-BURST_YAML = """\
-- name: pump pressure burst
-  description: three high-pressure readings within a minute, per pump
-  enabled: true
-  trigger:
-    type: event
-    match: {"prefect.resource.id": "pump.*"}
-    expect: ["pump.pressure.high"]
-    for_each: ["prefect.resource.id"]
-    posture: Reactive
-    threshold: 3
-    within: 60
-  actions:
-    - type: call-webhook
-      url: http://127.0.0.1:9000/hooks/pager
-      headers: {"X-Team": "ops"}
-"""
 
 COMPOSITE_ID = UUID("9b2e3c1a-0d4f-4c55-8e6a-2f1b7c9d0e11")
 COMPOSITE: dict[str, Any] = {
@@ -66,7 +49,7 @@ def run(*paths: str | Path) -> tuple[int, str, str]:
 
 def test_valid_yaml_prints_one_line_per_automation(tmp_path: Path) -> None:
     file = tmp_path / "pumps.yaml"
-    file.write_text(BURST_YAML)
+    file.write_text(PUMP_YAML)
     code, out, err = run(file)
     assert (code, err) == (0, "")
     burst_id = automation_id_for("pump pressure burst")
@@ -91,7 +74,7 @@ def test_valid_json_with_composite_triggers(tmp_path: Path) -> None:
 
 def test_broken_yaml_names_file_automation_and_field(tmp_path: Path) -> None:
     file = tmp_path / "pumps.yaml"
-    file.write_text(BURST_YAML.replace("threshold: 3", "threshold: many"))
+    file.write_text(PUMP_YAML.replace("threshold: 3", "threshold: many"))
     code, out, err = run(file)
     assert (code, out) == (1, "")
     assert err.startswith(f"{file}: automation 'pump pressure burst': trigger.threshold: ")
@@ -119,7 +102,7 @@ def test_broken_json_reports_every_problem(tmp_path: Path) -> None:
 
 def test_good_and_bad_files_together_fail_and_print_no_summaries(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
-    good.write_text(BURST_YAML)
+    good.write_text(PUMP_YAML)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
     code, out, err = run(good, bad)
@@ -138,8 +121,8 @@ def test_missing_file_and_empty_glob(tmp_path: Path) -> None:
 
 
 def test_duplicate_names_across_files(tmp_path: Path) -> None:
-    (tmp_path / "a.yaml").write_text(BURST_YAML)
-    (tmp_path / "b.yaml").write_text(BURST_YAML)
+    (tmp_path / "a.yaml").write_text(PUMP_YAML)
+    (tmp_path / "b.yaml").write_text(PUMP_YAML)
     code, out, err = run(tmp_path / "*.yaml")
     assert (code, out) == (1, "")
     assert "automation 'pump pressure burst': name: also used in" in err
@@ -149,7 +132,7 @@ def test_a_file_named_twice_is_checked_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    Path("pumps.yaml").write_text(BURST_YAML)
+    Path("pumps.yaml").write_text(PUMP_YAML)
     code, out, err = run("pumps.yaml", tmp_path / "*.yaml", tmp_path)
     assert (code, err) == (0, "")
     assert out.count("pump pressure burst") == 1
@@ -157,7 +140,7 @@ def test_a_file_named_twice_is_checked_once(
 
 def test_good_config_file_and_its_automations(tmp_path: Path) -> None:
     (tmp_path / "auto").mkdir()
-    (tmp_path / "auto" / "pumps.yaml").write_text(BURST_YAML)
+    (tmp_path / "auto" / "pumps.yaml").write_text(PUMP_YAML)
     config = tmp_path / "trigd.toml"
     config.write_text('[server]\nlisten = "0.0.0.0:4280"\n[triggers]\nautomations = ["auto/*"]\n')
     code, out, err = run(config)
@@ -169,7 +152,7 @@ def test_good_config_file_and_its_automations(tmp_path: Path) -> None:
 
 
 def test_config_naming_a_broken_automation_file_fails(tmp_path: Path) -> None:
-    (tmp_path / "pumps.yaml").write_text(BURST_YAML.replace("posture: Reactive", "posture: Metric"))
+    (tmp_path / "pumps.yaml").write_text(PUMP_YAML.replace("posture: Reactive", "posture: Metric"))
     config = tmp_path / "trigd.toml"
     config.write_text('[triggers]\nautomations = ["pumps.yaml", "missing.json"]\n')
     code, out, err = run(config)
@@ -200,7 +183,7 @@ def test_check_ignores_the_environment(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_python_m_daemon_check_subprocess(tmp_path: Path) -> None:
     good = tmp_path / "pumps.yaml"
-    good.write_text(BURST_YAML)
+    good.write_text(PUMP_YAML)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "x", "trigger": {"posture": "Sideways"}, "actions": []}))
     command = [sys.executable, "-m", "daemon", "check"]
