@@ -126,6 +126,17 @@ def host() -> Automation:
     return automation(sequence(BUY, MIX, BAKE, compound("all", GREET, SERVE), within=5))
 
 
+def host_duties() -> list[ReceivedEvent]:
+    """A full round for host(): buy, mix, bake, then greet and serve, at S+4..8 s."""
+    return [
+        at(4, "ingredients.buy", "prefect.ingredients.12345"),
+        at(5, "ingredients.mix", "prefect.ingredients.12345"),
+        at(6, "cake.bake", "prefect.cake.23456"),
+        at(7, "guests.greet", "prefect.guests.12345"),
+        at(8, "cake.serve", "prefect.cake.23456"),
+    ]
+
+
 def baking_right(offset: float = 0) -> list[ReceivedEvent]:
     return [
         at(offset + 1, "ingredients.buy", "prefect.ingredients.12345"),
@@ -435,13 +446,7 @@ def test_78_duplicates_expired_in_event_time_does_not_fire(conn: apsw.Connection
 
 def test_79_host_sequence_with_nested_compound_in_order(conn: apsw.Connection) -> None:
     auto = host()
-    duties = [
-        at(4, "ingredients.buy", "prefect.ingredients.12345"),
-        at(5, "ingredients.mix", "prefect.ingredients.12345"),
-        at(6, "cake.bake", "prefect.cake.23456"),
-        at(7, "guests.greet", "prefect.guests.12345"),
-        at(8, "cake.serve", "prefect.cake.23456"),
-    ]
+    duties = host_duties()
     acted = Harness(conn, auto).run([*baking_right(), *duties])
     assert len(acted) == 1
     assert acted[0].trigger.id == auto.trigger.id
@@ -589,6 +594,17 @@ HEARTBEAT = leaf(
 ALARM = leaf("device.alarm", {"prefect.resource.id": "device.*"})
 
 
+def missed_heartbeat_then_alarm() -> Automation:
+    """sequence(any(no heartbeat for 30 s, never), alarm) within a minute."""
+    return automation(
+        sequence(
+            compound("any", HEARTBEAT, leaf("never", {"prefect.resource.id": "x"})),
+            ALARM,
+            within=60,
+        )
+    )
+
+
 def proactive_firing(auto: Automation, as_of: datetime, now: datetime) -> tuple[Firing, datetime]:
     (trigger,) = [t for t in auto.event_triggers() if t.posture == "Proactive"]
     return leaf_firing(trigger, None, now), as_of
@@ -598,13 +614,7 @@ def test_nested_composite_with_a_proactive_child_counts_at_as_of(conn: apsw.Conn
     """sequence(any(no heartbeat for 30 s, never), alarm): the proactive child fires with no
     event at `as_of`; the inner `any` passes it up at once; the alarm after it completes the
     sequence, and the parent's `triggering_event` is the alarm."""
-    auto = automation(
-        sequence(
-            compound("any", HEARTBEAT, leaf("never", {"prefect.resource.id": "x"})),
-            ALARM,
-            within=60,
-        )
-    )
+    auto = missed_heartbeat_then_alarm()
     harness = Harness(conn, auto)
     firing, as_of = proactive_firing(auto, S + timedelta(seconds=30), now=S + timedelta(hours=1))
     harness.fire(firing, as_of, S + timedelta(hours=1))
@@ -619,13 +629,7 @@ def test_nested_composite_with_a_proactive_child_counts_at_as_of(conn: apsw.Conn
 
 
 def test_proactive_child_after_the_alarm_is_out_of_order(conn: apsw.Connection) -> None:
-    auto = automation(
-        sequence(
-            compound("any", HEARTBEAT, leaf("never", {"prefect.resource.id": "x"})),
-            ALARM,
-            within=60,
-        )
-    )
+    auto = missed_heartbeat_then_alarm()
     harness = Harness(conn, auto)
     harness.run([at(20, "device.alarm", "device.7")])
     firing, as_of = proactive_firing(auto, S + timedelta(seconds=30), now=S + timedelta(seconds=35))

@@ -17,11 +17,9 @@ from daemon.engine import Engine
 from daemon.events import ReceivedEvent
 from daemon.firings import TriggeredAction, TriggerState
 from tests.test_composite import (  # the scenario builders
-    ALARM,
     BAKE,
     BUY,
     GREET,
-    HEARTBEAT,
     MIX,
     SERVE,
     S,
@@ -33,7 +31,10 @@ from tests.test_composite import (  # the scenario builders
     event,
     flow,
     flow_run_events,
+    host,
+    host_duties,
     leaf,
+    missed_heartbeat_then_alarm,
     sequence,
     stored,
 )
@@ -75,16 +76,6 @@ class EngineHarness:
                 self.seen.add(row_id)
                 fresh.append(TriggeredAction.model_validate_json(document))
         return fresh
-
-
-def host_duties() -> list[ReceivedEvent]:
-    return [
-        at(4, "ingredients.buy", "prefect.ingredients.12345"),
-        at(5, "ingredients.mix", "prefect.ingredients.12345"),
-        at(6, "cake.bake", "prefect.cake.23456"),
-        at(7, "guests.greet", "prefect.guests.12345"),
-        at(8, "cake.serve", "prefect.cake.23456"),
-    ]
 
 
 ANY = {"prefect.resource.id": "*"}
@@ -293,7 +284,7 @@ def test_engine_82_concurrent_children_fire_exactly_once(
 
 def test_engine_backlog_replay_matches_live_processing(conn: apsw.Connection) -> None:
     """The same in-order events give the same firings live or replayed days later."""
-    auto = automation(sequence(BUY, MIX, BAKE, compound("all", GREET, SERVE), within=5))
+    auto = host()
     harness = EngineHarness(conn, auto)
     actions = harness.send([*baking_right(), *host_duties()], now=S + timedelta(days=2))
     assert len(actions) == 1
@@ -303,13 +294,7 @@ def test_engine_nested_composite_with_proactive_child(conn: apsw.Connection) -> 
     """sequence(any(no heartbeat for 30 s, never), alarm) through the engine: the proactive
     child fires in event time (the events clock's `as_of`), the inner `any` passes it up,
     and an alarm after it completes the sequence."""
-    auto = automation(
-        sequence(
-            compound("any", HEARTBEAT, leaf("never", {"prefect.resource.id": "x"})),
-            ALARM,
-            within=60,
-        )
-    )
+    auto = missed_heartbeat_then_alarm()
     harness = EngineHarness(conn, auto)
     # an unrelated event starts the events clock at S (wall clock S + 1 s)
     assert harness.send([at(0, "device.boot", "device.7")], now=S + timedelta(seconds=1)) == []
