@@ -47,28 +47,38 @@ def write_config(directory: Path, automations: Sequence[Path] = (), **sections: 
 SECRET: Final = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 
 
+BURST_PAYLOAD: Final = '{"text": "{{ automation.name }}: {{ event.resource.id }}"}'
+
+
 def burst_automation(
-    url: str, name: str = "pump pressure burst", threshold: int = 3
+    url: str,
+    *,
+    name: str = "pump pressure burst",
+    expect: str = "pump.pressure.high",
+    threshold: int = 3,
+    within: int = 60,
+    payload: str | None = BURST_PAYLOAD,
+    secret: str | None = SECRET,
 ) -> dict[str, Any]:
+    """A reactive per-pump automation calling a webhook at `url` (payload or secret None:
+    the action has no such key)."""
+    action: dict[str, Any] = {"type": "call-webhook", "url": url}
+    if payload is not None:
+        action["payload"] = payload
+    if secret is not None:
+        action["secret"] = secret
     return {
         "name": name,
         "trigger": {
             "type": "event",
             "match": {"prefect.resource.id": "pump.*"},
-            "expect": ["pump.pressure.high"],
+            "expect": [expect],
             "for_each": ["prefect.resource.id"],
             "posture": "Reactive",
             "threshold": threshold,
-            "within": 60,
+            "within": within,
         },
-        "actions": [
-            {
-                "type": "call-webhook",
-                "url": url,
-                "payload": '{"text": "{{ automation.name }}: {{ event.resource.id }}"}',
-                "secret": SECRET,
-            }
-        ],
+        "actions": [action],
     }
 
 

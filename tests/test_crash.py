@@ -36,7 +36,14 @@ import pytest
 import trio
 from standardwebhooks import Webhook
 
-from tests.daemon_process import SECRET, Daemon, running_daemon, write_automations, write_config
+from tests.daemon_process import (
+    SECRET,
+    Daemon,
+    burst_automation,
+    running_daemon,
+    write_automations,
+    write_config,
+)
 from tests.resending_client import DaemonSlot, open_resending_client
 from tests.test_sender_support import Receiver, Reply, Request, answer, run_receiver
 
@@ -350,19 +357,9 @@ FIRINGS: Final = 6  # pumps, one webhook each
 
 
 def webhook_automation(url: str) -> dict[str, Any]:
-    return {
-        "name": "pump alarm",
-        "trigger": {
-            "type": "event",
-            "match": {"prefect.resource.id": "pump.*"},
-            "expect": ["pump.alarm"],
-            "for_each": ["prefect.resource.id"],
-            "posture": "Reactive",
-            "threshold": 1,
-            "within": 0,
-        },
-        "actions": [{"type": "call-webhook", "url": url, "secret": SECRET}],
-    }
+    return burst_automation(
+        url, name="pump alarm", expect="pump.alarm", threshold=1, within=0, payload=None
+    )
 
 
 def outbox_rows(db: Path) -> dict[str, tuple[str, int, str | None]]:

@@ -24,7 +24,7 @@ import apsw
 import pytest
 import trio
 
-from tests.daemon_process import running_daemon, write_automations, write_config
+from tests.daemon_process import burst_automation, running_daemon, write_automations, write_config
 from tests.test_sender_support import Receiver, answer, run_receiver
 
 pytestmark = pytest.mark.slow
@@ -96,25 +96,13 @@ def script_env(home: Path, api_url: str) -> dict[str, str]:
 
 
 def pressure_automation(url: str) -> dict[str, Any]:
-    return {
-        "name": "pressure from prefect clients",
-        "trigger": {
-            "type": "event",
-            "match": {"prefect.resource.id": "pump.*"},
-            "expect": ["pump.pressure.high"],
-            "for_each": ["prefect.resource.id"],
-            "posture": "Reactive",
-            "threshold": READINGS,
-            "within": 60,
-        },
-        "actions": [
-            {
-                "type": "call-webhook",
-                "url": url,
-                "payload": '{"pump": "{{ event.resource.id }}"}',
-            }
-        ],
-    }
+    return burst_automation(
+        url,
+        name="pressure from prefect clients",
+        threshold=READINGS,
+        payload='{"pump": "{{ event.resource.id }}"}',
+        secret=None,
+    )
 
 
 def stored(db: Path, ids: list[str]) -> dict[str, dict[str, Any]]:
