@@ -9,6 +9,7 @@ rather than a failed delivery at 3 a.m.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Any, Final, Literal
 from urllib.parse import urlsplit
@@ -44,6 +45,7 @@ def _loop_depth(node: nodes.Node, depth: int = 0) -> int:
     return max((_loop_depth(child, depth) for child in node.iter_child_nodes()), default=depth)
 
 
+@functools.lru_cache(maxsize=256)  # templates checked already: each delivery revalidates
 def validate_user_template(template: str) -> None:
     """Syntax plus Prefect's loop limits, checked when the automation is loaded so a bad
     template is a load error rather than a failed delivery. Raises ValueError."""

@@ -14,6 +14,7 @@ the lazily fetched `flow_run`, `deployment`, ... variables, which need a Prefect
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping
 from typing import Any, Final
@@ -76,6 +77,14 @@ def _environment() -> ImmutableSandboxedEnvironment:
 
 
 _ENVIRONMENT: Final = _environment()
+COMPILED_TEMPLATES: Final = 256  # distinct payload templates kept compiled
+
+
+@functools.lru_cache(maxsize=COMPILED_TEMPLATES)
+def _compiled(source: str) -> jinja2.Template:
+    """A template compiled once: every delivery of an action renders the same source, and
+    compiling costs far more than rendering. A source that fails to compile is not kept."""
+    return _ENVIRONMENT.from_string(source)
 
 
 def template_context(triggered: TriggeredAction) -> dict[str, Any]:
@@ -95,7 +104,7 @@ def render_template(source: str, context: Mapping[str, Any]) -> str:
     if not maybe_template(source):
         return source
     try:
-        return _ENVIRONMENT.from_string(source).render(context)
+        return _compiled(source).render(context)
     except Exception as exc:  # any error a user template can raise, sandbox ones included
         raise RenderFailed(exc, source) from exc
 
