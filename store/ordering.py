@@ -14,6 +14,8 @@ from typing import NamedTuple
 
 import apsw
 
+from store.db import in_chunks
+
 
 class FollowerRow(NamedTuple):
     follower_id: str
@@ -119,9 +121,7 @@ def followers_by_id(
 ) -> list[FollowerRow]:
     """The parked followers among these ids (unknown ids are skipped), in occurred order."""
     rows: list[FollowerRow] = []
-    for start in range(0, len(follower_ids), 500):
-        chunk = follower_ids[start : start + 500]
-        marks = ",".join("?" * len(chunk))
+    for chunk, marks in in_chunks(follower_ids):
         rows.extend(
             FollowerRow(*row)
             for row in conn.execute(
