@@ -14,14 +14,13 @@ automations can react to automations without recursing inside this transaction.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, Final
 from urllib.parse import urlsplit
 from uuid import UUID
 
 import apsw
-import attrs
 
 from daemon.automations import ActionTypes, Automation, CallWebhook, EventTrigger
 from daemon.clock import to_us
@@ -35,15 +34,6 @@ ACTION_FOLLOWS_WINDOW: Final = timedelta(minutes=5)
 """An action event `follows` its triggering event only when this close in time."""
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
-
-
-@attrs.frozen
-class Acted:
-    """What one act() wrote, for callers that want to look (tests, logs)."""
-
-    state_change_events: Sequence[ReceivedEvent]
-    triggered_actions: Sequence[TriggeredAction]
-    action_events: Sequence[ReceivedEvent]
 
 
 def automation_resource(automation: Automation) -> dict[str, str]:
@@ -166,7 +156,7 @@ def endpoint_of(action: ActionTypes) -> str | None:
     return f"{scheme}://{host}:{port}"
 
 
-def act(conn: apsw.Connection, automation: Automation, firing: Firing, now: datetime) -> Acted:
+def act(conn: apsw.Connection, automation: Automation, firing: Firing, now: datetime) -> None:
     """Record a firing of the automation's top trigger: events to the inbox, actions to
     the outbox, all in the caller's transaction."""
     events = {
@@ -215,4 +205,3 @@ def act(conn: apsw.Connection, automation: Automation, firing: Firing, now: date
         ],
     )
     push_inbox(conn, [e.model_dump_json() for e in (*events.values(), *action_events)])
-    return Acted(list(events.values()), actions, action_events)
