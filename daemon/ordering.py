@@ -335,9 +335,9 @@ class CausalOrdering:
         One step, so no follower can park between the leader becoming seen and the
         leader looking for its followers.
         """
-        return self._complete(event, to_us(now), str(event.id))
+        return self._complete(to_us(now), str(event.id))
 
-    def _complete(self, event: ReceivedEvent, now_us: int, event_id: str) -> list[ReceivedEvent]:
+    def _complete(self, now_us: int, event_id: str) -> list[ReceivedEvent]:
         state = self._state
         try:
             if state.pending_seen is not None:  # in a batch: no statement unless followed
@@ -413,7 +413,7 @@ class CausalOrdering:
     def _finish(
         self, handler: EventHandler, event: ReceivedEvent, depth: int, now_us: int, event_id: str
     ) -> None:
-        followers = self._complete(event, now_us, event_id)
+        followers = self._complete(now_us, event_id)
 
         for follower in followers:
             try:
