@@ -6,7 +6,7 @@
 Exactly what the daemon's store thread does for `bench/bench_daemon.py`: its automations
 (100 reactive, 5 proactive), its frames (1,000 resources; about 100 webhooks a run),
 each parsed with `parse_incoming_event`, committed through the evaluator's
-`_process_in_transaction` on a real store file (`synchronous = "full"`) in batches of 500.
+`process_in_transaction` on a real store file (`synchronous = "full"`) in batches of 500.
 Parsing happens outside the measurement; the measured figure is the calling thread's CPU
 time (`time.thread_time`: the fsync waits of COMMIT are not CPU), divided by the events.
 The sweeper and the sender do not run, so the outbox and the inbox only grow as firings
@@ -35,7 +35,7 @@ from bench_daemon import automations, frames  # this directory, first on sys.pat
 
 from daemon.automations import Automation
 from daemon.engine import Engine, Outcome
-from daemon.evaluator import _process_in_transaction
+from daemon.evaluator import process_in_transaction
 from daemon.events import ReceivedEvent, parse_incoming_event
 from store.db import Store
 
@@ -92,7 +92,7 @@ def run(
             if timed and profiler is not None:
                 profiler.enable()
             before, engine.cpu = time.thread_time(), 0.0
-            _process_in_transaction(store.conn, engine, batch, datetime.now(UTC))
+            process_in_transaction(store.conn, engine, batch, datetime.now(UTC))
             if timed:
                 cpu += time.thread_time() - before
                 engine_cpu += engine.cpu

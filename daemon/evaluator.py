@@ -91,12 +91,15 @@ class BatchEngine(Protocol):
     def rolled_back(self) -> None: ...
 
 
-def _process_in_transaction(
+def process_in_transaction(
     conn: apsw.Connection,
     engine: BatchEngine,
     events: Sequence[ReceivedEvent],
     now: datetime,
 ) -> Sequence[Outcome]:
+    """`engine.process_batch` in a transaction of its own; if it does not commit, the
+    engine forgets what it cached from it (the evaluator, and the inbox pump with no
+    events)."""
     try:
         with conn:
             outcome = engine.process_batch(conn, events, now)
@@ -135,7 +138,7 @@ class _Evaluator:
             try:
                 with trio.CancelScope(shield=True):
                     outcomes = await self.gateway.run(
-                        _process_in_transaction, self.engine, events, now
+                        process_in_transaction, self.engine, events, now
                     )
             except STORE_TROUBLE as exc:
                 self.stats.store_retries += 1

@@ -33,7 +33,7 @@ from daemon.automations import Automation, AutomationFileError, load_automation_
 from daemon.clock import wall_clock
 from daemon.config import Config, ConfigError, load_config
 from daemon.engine import Engine
-from daemon.evaluator import Submission, run_evaluator
+from daemon.evaluator import Submission, process_in_transaction, run_evaluator
 from daemon.gateway import StoreGateway
 from daemon.ingest import run_ingest
 from daemon.sender import Sender, run_sender
@@ -70,12 +70,7 @@ class InboxPump:
         self._wake.set()
 
     def _drain(self, conn: apsw.Connection) -> int:
-        try:
-            with conn:
-                self._engine.process_batch(conn, [], self._clock())
-        except BaseException:
-            self._engine.rolled_back()
-            raise
+        process_in_transaction(conn, self._engine, [], self._clock())
         return inbox_size(conn)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -28,7 +28,7 @@ import trio
 from daemon.automations import Automation
 from daemon.buckets import Bucket, EventRef
 from daemon.engine import Engine, Outcome
-from daemon.evaluator import Submission, _process_in_transaction, run_evaluator
+from daemon.evaluator import Submission, process_in_transaction, run_evaluator
 from daemon.events import ReceivedEvent, Resource, parse_incoming_event
 from daemon.gateway import StoreGateway
 from daemon.ordering import CausalOrdering, EventArrivedEarly
@@ -407,7 +407,7 @@ def test_a_failed_commit_makes_the_engine_reread_its_events_clock(store: Store) 
     conn = store.conn
     engine = Engine()
     first = event("a", 1)
-    _process_in_transaction(conn, engine, [first], NOW)
+    process_in_transaction(conn, engine, [first], NOW)
     committed = engine.clock.copy()
     conn.execute(
         "CREATE TABLE parent (id TEXT PRIMARY KEY);"
@@ -417,7 +417,7 @@ def test_a_failed_commit_makes_the_engine_reread_its_events_clock(store: Store) 
     )
     later = event("b", 5)
     with pytest.raises(apsw.ConstraintError):  # at COMMIT: the foreign key is deferred
-        _process_in_transaction(conn, engine, [later], NOW + timedelta(seconds=5))
+        process_in_transaction(conn, engine, [later], NOW + timedelta(seconds=5))
     assert engine.clock != committed  # what the engine did before the COMMIT failed
     conn.execute("DROP TRIGGER dangle")
     assert [row[0] for row in conn.execute("SELECT id FROM events")] == [str(first.id)]
@@ -485,10 +485,10 @@ def test_a_failed_batch_leaves_no_bucket_change_behind_for_the_retry(
 
     monkeypatch.setattr("daemon.engine.acting.act", broken)
     with pytest.raises(RuntimeError):
-        _process_in_transaction(store.conn, engine, batch, NOW)
+        process_in_transaction(store.conn, engine, batch, NOW)
     assert table(store) == []
     monkeypatch.undo()
-    _process_in_transaction(store.conn, engine, batch, NOW)
+    process_in_transaction(store.conn, engine, batch, NOW)
     assert outbox_rows(store) == 1  # fired once, from a count of 2, not from a stale count
     assert [row[5] for row in table(store)] == [0]  # the next window, empty
 
@@ -509,7 +509,7 @@ def test_bucket_write_back_leaves_what_writing_at_once_leaves(tmp_path: Path, li
             with opened.conn:
                 engine.load_automations(opened.conn, [COUNTER], S)
             for batch in batches:
-                _process_in_transaction(opened.conn, engine, batch, NOW)
+                process_in_transaction(opened.conn, engine, batch, NOW)
             results.append((table(opened), outbox_rows(opened)))
         finally:
             opened.close()
@@ -542,7 +542,7 @@ def test_only_proactive_buckets_are_in_the_start_index_and_the_pass_reads_it(
     engine = Engine()
     with conn:
         engine.load_automations(conn, [COUNTER, WATCHDOG], NOW)
-    _process_in_transaction(conn, engine, ticks(6, 3), NOW)
+    process_in_transaction(conn, engine, ticks(6, 3), NOW)
     by_trigger = {
         (str(trigger_id), int(proactive))
         for trigger_id, proactive in conn.execute("SELECT trigger_id, proactive FROM buckets")
@@ -583,7 +583,7 @@ def inbox_statements(conn: apsw.Connection, engine: Engine, events: list[Receive
 
     conn.exec_trace = trace
     try:
-        _process_in_transaction(conn, engine, events, NOW)
+        process_in_transaction(conn, engine, events, NOW)
     finally:
         conn.exec_trace = None
     return sum("FROM inbox" in sql for sql in seen)
@@ -624,7 +624,7 @@ def test_an_inbox_drained_by_a_rolled_back_batch_is_drained_again(store: Store) 
         "BEGIN INSERT INTO child VALUES ('nobody'); END"
     )
     with pytest.raises(apsw.ConstraintError):  # drained, found empty, then COMMIT failed
-        _process_in_transaction(conn, engine, [], NOW)
+        process_in_transaction(conn, engine, [], NOW)
     conn.execute("DROP TRIGGER dangle")
     assert inbox_rows(conn) == 1
     assert inbox_statements(conn, engine, []) > 0
