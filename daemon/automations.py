@@ -166,15 +166,17 @@ class Automation(BaseModel):
 
     def model_post_init(self, context: Any, /) -> None:
         # Derived maps live in __dict__ beside the fields (not compared, not serialized).
-        parents: dict[UUID, UUID | None] = {}
+        # `_parents` holds the enclosing composite (None for the top trigger), so
+        # `parent_of`, called for every firing, is one lookup.
+        parents: dict[UUID, CompositeTrigger | None] = {}
         paths: dict[UUID, str] = {}
 
-        def walk(trigger: TriggerTypes, parent: UUID | None, path: str) -> None:
+        def walk(trigger: TriggerTypes, parent: CompositeTrigger | None, path: str) -> None:
             parents[trigger.id] = parent
             paths[trigger.id] = path
             if isinstance(trigger, CompositeTrigger):
                 for i, child in enumerate(trigger.triggers):
-                    walk(child, trigger.id, f"{path}.triggers[{i}]")
+                    walk(child, trigger, f"{path}.triggers[{i}]")
 
         walk(self.trigger, None, "trigger")
         self.__dict__["_parents"] = parents
@@ -205,13 +207,9 @@ class Automation(BaseModel):
     def parent_of(self, trigger_id: UUID) -> Automation | CompositeTrigger:
         """The enclosing composite trigger, or the automation for the top trigger.
         Raises KeyError for a trigger that is not part of this automation."""
-        parents: dict[UUID, UUID | None] = self.__dict__["_parents"]
-        parent_id = parents[trigger_id]
-        if parent_id is None:
-            return self
-        parent = self.trigger_by_id(parent_id)
-        assert isinstance(parent, CompositeTrigger)
-        return parent
+        parents: dict[UUID, CompositeTrigger | None] = self.__dict__["_parents"]
+        parent = parents[trigger_id]
+        return self if parent is None else parent
 
     def path_of(self, trigger_id: UUID) -> str:
         """Position path of a trigger (`trigger.triggers[0]`); KeyError if unknown."""

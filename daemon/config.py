@@ -36,6 +36,11 @@ from pydantic_core import ErrorDetails, PydanticCustomError
 
 from daemon.durations import format_duration, parse_duration
 from daemon.events import error_reason
+from daemon.ordering import (
+    MAX_DEPTH_OF_PRECEDING_EVENT,
+    PRECEDING_EVENT_LOOKBACK,
+    SEEN_EXPIRATION,
+)
 from store.db import Synchronous
 
 ENV_PREFIX: Final = "TRIGD_"
@@ -192,9 +197,9 @@ class StoreConfig(Section):
 
 
 class OrderingConfig(Section):
-    preceding_event_lookback: Duration = timedelta(minutes=15)
-    seen_expiration: PositiveDuration = timedelta(hours=1)
-    max_depth: Count = 20
+    preceding_event_lookback: Duration = PRECEDING_EVENT_LOOKBACK
+    seen_expiration: PositiveDuration = SEEN_EXPIRATION
+    max_depth: Count = MAX_DEPTH_OF_PRECEDING_EVENT
 
 
 class TriggersConfig(Section):

@@ -26,8 +26,9 @@ returns, which is how the service stops it gracefully.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Final, Protocol
 
@@ -81,14 +82,30 @@ class Submission:
     error: str | None = None
 
 
-class BatchEngine(Protocol):
+class ForgetsOnRollback(Protocol):
+    """An engine that caches what it read in a transaction (``daemon.engine.Engine``)."""
+
+    def rolled_back(self) -> None: ...
+
+
+class BatchEngine(ForgetsOnRollback, Protocol):
     """What the evaluator needs of ``daemon.engine.Engine``."""
 
     def process_batch(
         self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
     ) -> Sequence[Outcome]: ...
 
-    def rolled_back(self) -> None: ...
+
+@contextlib.contextmanager
+def engine_transaction(conn: apsw.Connection, engine: ForgetsOnRollback) -> Iterator[None]:
+    """A transaction of ``conn``; if it does not commit, ``engine`` forgets what it cached
+    from it (the evaluator, the inbox pump and the sweeper)."""
+    try:
+        with conn:
+            yield
+    except BaseException:
+        engine.rolled_back()  # the COMMIT itself may be what failed
+        raise
 
 
 def process_in_transaction(
@@ -97,16 +114,10 @@ def process_in_transaction(
     events: Sequence[ReceivedEvent],
     now: datetime,
 ) -> Sequence[Outcome]:
-    """`engine.process_batch` in a transaction of its own; if it does not commit, the
-    engine forgets what it cached from it (the evaluator, and the inbox pump with no
-    events)."""
-    try:
-        with conn:
-            outcome = engine.process_batch(conn, events, now)
-    except BaseException:
-        engine.rolled_back()  # the COMMIT itself may be what failed
-        raise
-    return outcome
+    """`engine.process_batch` in an `engine_transaction` of its own (the evaluator, and
+    the inbox pump with no events)."""
+    with engine_transaction(conn, engine):
+        return engine.process_batch(conn, events, now)
 
 
 @attrs.define

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import apsw
 
 from daemon.clock import from_us
+from store.automations import loaded_automations
 from store.db import Store, StoreError
 from store.events import inbox_size
 from store.ordering import parked_count
@@ -32,8 +33,7 @@ def summarise(conn: apsw.Connection) -> dict[str, Any]:
     for status, count in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
         outbox[str(status)] = int(count)
     automations = [
-        {"id": str(row[0]), "name": str(row[1]), "enabled": bool(row[2])}
-        for row in conn.execute("SELECT id, name, enabled FROM automations ORDER BY name")
+        {"id": row.id, "name": row.name, "enabled": row.enabled} for row in loaded_automations(conn)
     ]
     last = conn.execute("SELECT max(received_us), max(occurred_us) FROM events").fetchone()
     return {

@@ -23,6 +23,7 @@ import trio
 
 from daemon.clock import to_us
 from daemon.engine import ORDERING_SCOPE, Engine
+from daemon.evaluator import engine_transaction
 from daemon.gateway import StoreGateway
 from daemon.ordering import CausalOrdering
 from store import events as events_store
@@ -51,15 +52,12 @@ def sweep(
     conn: apsw.Connection, engine: Engine, settings: SweepSettings, now: datetime
 ) -> SweepReport:
     """One pass of everything periodic, as two transactions; `now` is the wall clock."""
-    try:
-        with conn:
-            next_proactive = engine.proactive(conn, now)
-            swept = engine.periodic(conn, now)
-    except BaseException:
-        # the firings of this pass rolled back: so must the schedule that counted on them,
-        # or an alarm would wait a whole `within` more (an early proactive run is harmless)
-        engine.rolled_back()
-        raise
+    # if the firings of this pass roll back, so must the schedule that counted on them
+    # (engine_transaction), or an alarm would wait a whole `within` more (an early
+    # proactive run is harmless)
+    with engine_transaction(conn, engine):
+        next_proactive = engine.proactive(conn, now)
+        swept = engine.periodic(conn, now)
     report = SweepReport(next_proactive, swept_buckets=swept)
     with conn:
         ordering = CausalOrdering(ORDERING_SCOPE, conn, seen_expiration=engine.seen_expiration)

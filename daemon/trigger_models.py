@@ -15,7 +15,7 @@ import re
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from enum import StrEnum
-from typing import Annotated, Any, Final, Literal, Self
+from typing import Annotated, Any, Final, Literal, Self, cast
 from uuid import UUID, uuid4
 
 from pydantic import (
@@ -229,9 +229,10 @@ class CompositeTrigger(BaseTrigger):
     def child_trigger_ids(self) -> list[UUID]:
         return [trigger.id for trigger in self.triggers]
 
-    def descendants(self) -> list[TriggerTypes]:
-        """Every trigger nested in this one, depth first, without itself."""
-        return [t for child in self.triggers for t in child.all_triggers()]
+    def all_triggers(self) -> Sequence[TriggerTypes]:
+        # a CompositeTrigger is always one of the two below, members of TriggerTypes
+        this = cast("CompoundTrigger | SequenceTrigger", self)
+        return [this, *(t for child in self.triggers for t in child.all_triggers())]
 
 
 class CompoundTrigger(CompositeTrigger):
@@ -251,9 +252,6 @@ class CompoundTrigger(CompositeTrigger):
                 raise ValueError("require must be less than or equal to the number of triggers")
         return require
 
-    def all_triggers(self) -> Sequence[TriggerTypes]:
-        return [self, *self.descendants()]
-
     @property
     def num_expected_firings(self) -> int:
         if self.require == "any":
@@ -267,9 +265,6 @@ class SequenceTrigger(CompositeTrigger):
     """Fires when all of its children have fired, in declaration order."""
 
     type: Literal["sequence"] = "sequence"
-
-    def all_triggers(self) -> Sequence[TriggerTypes]:
-        return [self, *self.descendants()]
 
     @property
     def expected_firing_order(self) -> list[UUID]:

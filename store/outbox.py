@@ -141,16 +141,19 @@ def release_leases(conn: apsw.Connection, now_us: int, *, everything: bool = Fal
     args: tuple[int, ...] = () if everything else (now_us,)
     ids = [str(r[0]) for r in conn.execute(f"SELECT id FROM outbox WHERE {where}", args)]
     for row_id in ids:
-        conn.execute(
-            "INSERT INTO delivery_attempts (outbox_id, attempted_us, error) VALUES (?, ?, ?)",
-            (row_id, now_us, LEASE_EXPIRED_ERROR),
+        record_attempt(
+            conn,
+            row_id,
+            attempted_us=now_us,
+            latency_us=None,
+            status_code=None,
+            error=LEASE_EXPIRED_ERROR,
         )
         _move(
             conn,
             row_id,
             Move.LEASE_EXPIRED,
-            "lease_until_us = NULL, attempts = attempts + 1, last_error = ?, "
-            "next_attempt_us = min(next_attempt_us, ?)",
+            "lease_until_us = NULL, last_error = ?, next_attempt_us = min(next_attempt_us, ?)",
             LEASE_EXPIRED_ERROR,
             now_us,
         )
@@ -231,19 +234,24 @@ def record_attempt(
     status_code: int | None,
     error: str | None,
 ) -> None:
-    """Keep one attempt's facts and count it against the row."""
+    """Keep one attempt's facts and count it against the row. The row's `last_error` is
+    the move's to set (the mark_* functions, `release_leases`), so it is written once."""
     conn.execute(
         "INSERT INTO delivery_attempts (outbox_id, attempted_us, latency_us, status_code, error) "
         "VALUES (?, ?, ?, ?, ?)",
         (row_id, attempted_us, latency_us, status_code, error),
     )
-    conn.execute(
-        "UPDATE outbox SET attempts = attempts + 1, last_error = ? WHERE id = ?", (error, row_id)
-    )
+    conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (row_id,))
 
 
 def mark_delivered(conn: apsw.Connection, row_id: str, now_us: int) -> None:
-    _move(conn, row_id, Move.SUCCEED, "lease_until_us = NULL, finished_us = ?", now_us)
+    _move(
+        conn,
+        row_id,
+        Move.SUCCEED,
+        "lease_until_us = NULL, finished_us = ?, last_error = NULL",
+        now_us,
+    )
 
 
 def mark_retry(conn: apsw.Connection, row_id: str, next_attempt_us: int, error: str) -> None:

@@ -132,13 +132,22 @@ class Daemon:
             return await self.process.wait()
 
 
+TRIGD: Final = (sys.executable, "-m", "daemon")
+"""How `running_daemon` runs trigd by default: this checkout, with the test interpreter."""
+
+
 @asynccontextmanager
 async def running_daemon(
-    config: Path, *args: str, env: dict[str, str] | None = None, start_timeout: float = 30
+    config: Path,
+    *args: str,
+    env: dict[str, str] | None = None,
+    start_timeout: float = 30,
+    command: Sequence[str] = TRIGD,
 ) -> AsyncIterator[Daemon]:
-    """Start `trigd serve --config config`; on exit SIGKILL it if it still runs."""
+    """Start `trigd serve --config config`, trigd being `command` (the built executable,
+    say); on exit SIGKILL it if it still runs."""
     process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "daemon", "serve", "--config", str(config), *args],
+        [*command, "serve", "--config", str(config), *args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

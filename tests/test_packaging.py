@@ -26,7 +26,13 @@ from standardwebhooks import Webhook
 
 from daemon import __version__
 from daemon.check import check_command
-from tests.daemon_process import SECRET, Daemon, burst_automation, write_automations, write_config
+from tests.daemon_process import (
+    SECRET,
+    burst_automation,
+    running_daemon,
+    write_automations,
+    write_config,
+)
 from tests.test_sender_support import Receiver, answer, run_receiver
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -344,23 +350,13 @@ async def test_executable_serves_fires_a_webhook_and_stops_cleanly(
             automations = write_automations(tmp_path, [burst_automation(receiver.url())])
             config = write_config(tmp_path, [automations])
             # As under systemd: the bootloader is the "main PID" the watchdog is addressed to.
-            process = await trio.lowlevel.open_process(
-                [
-                    *("sh", "-c", 'export WATCHDOG_PID=$$; exec "$0" serve --config "$1"'),
-                    *(str(BINARY), str(config)),
-                ],
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                env=daemon_env(NOTIFY_SOCKET=str(notify_path), WATCHDOG_USEC="400000"),
-            )
-            daemon = Daemon(process)
-            nursery.start_soon(daemon._read_stderr)
-            try:
-                while not daemon.ready.is_set():
-                    assert process.poll() is None, f"trigd exited early:\n{daemon.log}"
-                    with trio.move_on_after(0.05):
-                        await daemon.ready.wait()
+            bootloader = ("sh", "-c", 'export WATCHDOG_PID=$$; exec "$0" "$@"', str(BINARY))
+            async with running_daemon(
+                config,
+                env={"NOTIFY_SOCKET": str(notify_path), "WATCHDOG_USEC": "400000"},
+                start_timeout=90,
+                command=bootloader,
+            ) as daemon:
                 # READY=1 after the last task started, then watchdog pings from the child.
                 started = await notifications_until(sock, "READY=1")
                 assert started == ["READY=1"]
@@ -383,11 +379,7 @@ async def test_executable_serves_fires_a_webhook_and_stops_cleanly(
                 await daemon.wait_for_log("reloaded 1 automations")
                 assert await daemon.stop(signal.SIGTERM) == 0
                 assert "STOPPING=1" in await notifications_until(sock, "STOPPING=1")
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    await process.wait()
-            assert "trigd stopped" in daemon.log
+                assert "trigd stopped" in daemon.log
             nursery.cancel_scope.cancel()
 
 
