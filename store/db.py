@@ -117,14 +117,19 @@ def migrate(conn: apsw.Connection, path: str) -> None:
 
 @attrs.define
 class LockFile:
-    """An flock(2) on ``<db>.lock``; the kernel drops it if the process dies, even by SIGKILL."""
+    """An flock(2) on ``<db>.lock``; the kernel drops it if the process dies, even by SIGKILL.
+
+    The lock sits beside the file the path resolves to, so a symlink or a `..` spelling of
+    the path finds the same lock. (Hard links and bind mounts would not; SQLite's own
+    documentation counts them among the ways to corrupt a database in WAL mode anyway.)"""
 
     path: Path
     fd: int
 
     @classmethod
     def acquire(cls, db_path: Path) -> LockFile:
-        lock_path = db_path.with_name(db_path.name + ".lock")
+        real = db_path.resolve()
+        lock_path = real.with_name(real.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -104,6 +104,25 @@ def test_second_writer_in_another_process_is_refused(tmp_path: Path) -> None:
     Store.open(path).close()  # released on close
 
 
+def test_a_symlink_or_dotdot_path_to_a_database_in_use_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "t.db"
+    store = Store.open(path)
+    try:
+        (tmp_path / "link.db").symlink_to("t.db")
+        (tmp_path / "linked-dir").symlink_to(tmp_path)
+        for alias in (
+            tmp_path / "link.db",
+            tmp_path / "sub" / ".." / "t.db",
+            tmp_path / "linked-dir" / "t.db",
+        ):
+            with pytest.raises(DatabaseInUse, match="in use by another trigd"):
+                Store.open(alias)
+    finally:
+        store.close()
+    Store.open(tmp_path / "link.db").close()  # free again once the first writer is gone
+
+
 def test_readonly_open_works_while_the_writer_holds_the_lock(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     store = Store.open(path)
