@@ -247,7 +247,9 @@ class _Ingest:
         token = self.settings.auth_token
         accepted = False
         deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
-        with trio.move_on_at(deadline):
+        with trio.move_on_at(deadline) as session.handshake_scope:
+            if session.reader_done.is_set():
+                return False
             request = await conn._get_request()
             decision = decide_handshake(
                 request.path, request.proposed_subprotocols, request.headers, token
@@ -311,6 +313,9 @@ class _Session:
     refusal: Close | None = None  # set when the client is refused: later frames are dropped
     settled: trio.Event = attrs.Factory(trio.Event)  # auth judged, or the reader done
     reader_done: trio.Event = attrs.Factory(trio.Event)
+    # the handshake's wait, cut short when the reader ends: a client that is gone (or
+    # spoke plain TCP to a TLS port) does not hold a connection slot until the timeout
+    handshake_scope: trio.CancelScope | None = None
 
     def open(self, decision: Accept) -> None:
         self.replies = ReplyQueue(decision.acks)
@@ -326,6 +331,8 @@ class _Session:
         finally:
             self.reader_done.set()
             self.settled.set()
+            if self.handshake_scope is not None:
+                self.handshake_scope.cancel()
 
     async def take(self, conn: CheckpointConnection, frames: list[Frame]) -> None:
         replies = self.replies
