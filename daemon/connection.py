@@ -11,7 +11,8 @@ stream order and handed to the connection's ``FrameConsumer`` in one call per ch
 before anything else wsproto reports (a close, a protocol error), which trio-websocket then
 handles as usual. Messages past ``max_message_size`` characters close the connection with
 1009, as trio-websocket does; the close frame it omits when wsproto reports invalid UTF-8
-(1007) is sent here.
+(1007) is sent here. Before either close, the consumer answers the frames it already took
+(their acks), so a client learns which of its events made it.
 """
 
 from __future__ import annotations
@@ -59,6 +60,10 @@ class FrameConsumer(Protocol):
     async def take(self, conn: CheckpointConnection, frames: list[Frame]) -> None:
         """Handle one chunk's complete messages and pings, in order; may wait on bounds."""
 
+    async def drain(self) -> None:
+        """Until the replies to every frame taken so far have been sent (bounded): the
+        connection is about to be closed for a protocol error."""
+
 
 class CheckpointConnection(WebSocketConnection):
     """A server connection whose frames go to a consumer a chunk at a time, pings too."""
@@ -95,6 +100,7 @@ class CheckpointConnection(WebSocketConnection):
         self._message_parts.append(data if isinstance(data, str) else bytes(data))
         if self._message_size > self._max_message_size:
             await self._flush()  # what came before this frame is handled as before
+            await self._consumer.drain()  # and answered, before the close
             err = f"Exceeded maximum message size: {self._max_message_size} bytes"
             self._message_size = 0
             self._message_parts = []
@@ -118,6 +124,7 @@ class CheckpointConnection(WebSocketConnection):
         # A close event while still OPEN was made up by wsproto for a frame it could not
         # parse (1007 invalid UTF-8, 1002): tell the peer before dropping the stream.
         if self._wsproto.state == ConnectionState.OPEN:
+            await self._consumer.drain()  # the frames before the bad one are answered first
             with contextlib.suppress(ConnectionClosed):
                 await self._send(CloseConnection(code=event.code, reason=event.reason))
         await super()._handle_close_connection_event(event)

@@ -68,6 +68,7 @@ MAX_PENDING_REPLIES: Final = 1_024  # items per connection between the socket an
 FRAME_BUFFER_FACTOR: Final = 2  # frames up to this many times max_event_bytes get a nack
 RECEIVE_BYTES: Final = 65_536  # bytes per socket read
 CLOSE_TIMEOUT: Final = 1.0  # seconds to finish a close handshake
+DRAIN_TIMEOUT: Final = 5.0  # seconds to answer earlier frames before closing for a bad one
 ACCEPT_RETRY_DELAY: Final = 0.1  # seconds to wait when out of file descriptors
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 LOG_BURST: Final = 10  # bad-frame log lines per window
@@ -110,6 +111,13 @@ class ReplyQueue:
         """``append`` for the common case: an unresolved submission never makes the head
         ready."""
         self._items.append(submission)
+
+    async def wait_empty(self) -> None:
+        """Until every item queued so far has been answered (the writer makes room)."""
+        while self._items:
+            if self._room.is_set():
+                self._room = trio.Event()
+            await self._room.wait()
 
     async def put(self, item: Reply) -> None:
         """Append ``item``, first waiting while the queue is full."""
@@ -333,6 +341,11 @@ class _Session:
             self.settled.set()
             if self.handshake_scope is not None:
                 self.handshake_scope.cancel()
+
+    async def drain(self) -> None:
+        if self.replies is not None:
+            with trio.move_on_after(DRAIN_TIMEOUT):
+                await self.replies.wait_empty()
 
     async def take(self, conn: CheckpointConnection, frames: list[Frame]) -> None:
         replies = self.replies

@@ -695,6 +695,33 @@ async def test_auth_events_and_a_ping_in_one_write(start: Starter, db_path: Path
         assert stored_ids(db_path) == {e["id"] for e in events}
 
 
+@pytest.mark.parametrize("bad", ["invalid utf-8", "too large to buffer"])
+async def test_events_before_a_frame_that_closes_the_connection_are_acked_first(
+    start: Starter, db_path: Path, bad: str
+) -> None:
+    from wsproto.events import CloseConnection, TextMessage
+
+    events = [event_dict() for _ in range(3)]
+    with trio.fail_after(LIMIT):
+        daemon = await start(max_event_bytes=2000)
+        stream, client = await raw_upgrade(daemon.port, [ACKS_SUBPROTOCOL])
+        async with stream:
+            wire = client.send(TextMessage(data=json.dumps({"type": "auth", "token": None})))
+            for event in events:
+                wire += client.send(TextMessage(data=json.dumps(event)))
+            if bad == "invalid utf-8":
+                payload = b'{"event": "\xc3\x28"}'  # masked with zeros: sent as is
+                wire += bytes([0x81, 0x80 | len(payload)]) + b"\x00" * 4 + payload
+            else:
+                wire += client.send(TextMessage(data="x" * 4001))
+            await stream.send_all(wire)  # one write: the bad frame is read with the rest
+            got = await raw_replies(stream, client, 4)
+            close = await _until(stream, client, CloseConnection)
+        assert got == [{"type": "auth_success"}, *({"type": "ack", "id": e["id"]} for e in events)]
+        assert close.code == (1007 if bad == "invalid utf-8" else 1009)
+        assert stored_ids(db_path) == {e["id"] for e in events}
+
+
 async def test_a_fragmented_event_with_a_ping_inside_is_one_event(
     start: Starter, db_path: Path
 ) -> None:
