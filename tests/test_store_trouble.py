@@ -1,6 +1,6 @@
 """Store trouble never ends the daemon (SPEC §8): another connection holds the write lock
-(``BEGIN IMMEDIATE``) past the busy timeout, and the sender logs the cause, keeps what it
-has, and carries on once the lock is let go.
+(``BEGIN IMMEDIATE``) past the busy timeout, and the sender, the inbox pump and a SIGHUP
+reload each log the cause, keep what they have, and carry on once the lock is let go.
 
 Real SQLite files, a real receiver on 127.0.0.1, the real daemon as a subprocess where
 the failure was process-level. In-process tests shorten the busy timeout of their own
@@ -10,7 +10,9 @@ writer connection (apsw's setter) so that a locked store fails fast; the daemon 
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
@@ -21,11 +23,24 @@ import apsw
 import pytest
 import trio
 
+from daemon.automations import load_automation_files
 from daemon.clock import to_us
+from daemon.emit import emit, read_events
+from daemon.engine import Engine
+from daemon.gateway import StoreGateway
+from daemon.service import InboxPump, reload_automations
 from store import outbox
+from store.automations import loaded_automations
 from store.db import BUSY_TIMEOUT_MS, Store
-from tests.daemon_process import burst_automation, running_daemon, write_automations, write_config
-from tests.test_daemon_e2e import pressure, trigd
+from store.events import inbox_size, push_inbox
+from tests.daemon_process import (
+    Daemon,
+    burst_automation,
+    running_daemon,
+    write_automations,
+    write_config,
+)
+from tests.test_daemon_e2e import pressure
 from tests.test_sender import start, webhook
 from tests.test_sender_support import (
     T0,
@@ -35,6 +50,7 @@ from tests.test_sender_support import (
     Request,
     outbox_row,
     run_receiver,
+    triggering_event,
 )
 
 LOCK_HELD = BUSY_TIMEOUT_MS / 1000 + 1.5  # seconds: past the daemon's busy timeout
@@ -75,6 +91,11 @@ async def until_statuses(path: Path, expected: list[str]) -> None:
         await trio.sleep(0.05)
 
 
+async def emit_one(daemon: Daemon, pump: str = "pump.7") -> None:
+    """One event, acknowledged (in process: no `trigd emit` start-up per event)."""
+    assert await emit(daemon.url, None, list(read_events(pressure(pump)))) == (1, [])
+
+
 def replies(*scripted: Reply) -> Any:
     """A handler answering with these replies in turn (the last one repeats)."""
     queue = list(scripted)
@@ -105,8 +126,7 @@ async def test_daemon_outlives_a_locked_store_when_a_retry_falls_due(tmp_path: P
             # an hourly sweeper: no pass queues up in the store thread while it is locked
             config = write_config(tmp_path, [automations], triggers={"proactive_granularity": "1h"})
             async with running_daemon(config) as daemon:
-                emitted = await trigd("emit", "--url", daemon.url, stdin=pressure() + "\n")
-                assert emitted.returncode == 0, emitted.stderr
+                await emit_one(daemon)
                 first = await receiver.next_request()
                 await until_statuses(db, ["pending"])  # the 429 is recorded; retry in 2 s
                 with write_lock(db):
@@ -122,7 +142,39 @@ async def test_daemon_outlives_a_locked_store_when_a_retry_falls_due(tmp_path: P
             nursery.cancel_scope.cancel()
 
 
-# --- the sender, in process ----------------------------------------------------------------
+@pytest.mark.slow
+async def test_sighup_while_the_store_is_locked_keeps_the_old_automations(
+    tmp_path: Path,
+) -> None:
+    """A reload the store refuses is logged and the old set stays; the next SIGHUP, once
+    the lock is gone, swaps the new set in."""
+    db = tmp_path / "trigd.db"
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            receiver: Receiver = await nursery.start(run_receiver, replies(Reply(200)))
+            automations = write_automations(
+                tmp_path, [burst_automation(receiver.url("/first"), threshold=1)]
+            )
+            config = write_config(tmp_path, [automations], triggers={"proactive_granularity": "1h"})
+            async with running_daemon(config) as daemon:
+                second = [burst_automation(receiver.url("/second"), name="second", threshold=1)]
+                automations.write_text(json.dumps(second))
+                with write_lock(db):
+                    daemon.send(signal.SIGHUP)
+                    await daemon.wait_for_log("reload failed, keeping the automations")
+                    assert "BusyError: database is locked" in daemon.log
+                assert daemon.process.poll() is None
+                await emit_one(daemon)
+                assert (await receiver.next_request()).target == "/first"
+                daemon.send(signal.SIGHUP)
+                await daemon.wait_for_log("reloaded 1 automations")
+                await emit_one(daemon, "pump.8")
+                assert (await receiver.next_request()).target == "/second"
+                assert await daemon.stop() == 0
+            nursery.cancel_scope.cancel()
+
+
+# --- the sender, the inbox pump and the reload, in process --------------------------------
 
 FAST_BUSY_MS = 100  # the in-process writer's busy timeout: a locked store refuses quickly
 EXECUTED = "prefect.automation.action.executed"
@@ -268,3 +320,65 @@ async def test_a_stale_result_never_overwrites_the_row_sent_again(
     assert len(receiver.requests) == 2
     assert [a.error for a in harness.attempts(triggered)] == [outbox.LEASE_EXPIRED_ERROR, None]
     assert statuses(store.path) == ["delivered"]
+
+
+async def test_inbox_pump_waits_out_a_locked_store(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    gateway = StoreGateway(store)
+    engine = Engine()
+    own_event = triggering_event()
+
+    def push(conn: apsw.Connection) -> None:
+        with conn:
+            push_inbox(conn, [own_event.model_dump_json()])
+
+    await gateway.run(push)
+    pump = InboxPump(gateway, engine, lambda: T0)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump.run)
+            with write_lock(store.path):
+                pump.wake()
+                await until_logged(caplog, "store trouble while evaluating trigd's own events")
+                await trio.sleep(0.5)
+            await until_logged(caplog, "evaluating trigd's own events went through")
+            nursery.cancel_scope.cancel()
+    reader = Store.open_readonly(store.path)
+    try:
+        assert inbox_size(reader.conn) == 0
+        stored = [str(r[0]) for r in reader.conn.execute("SELECT id FROM events")]
+    finally:
+        reader.close()
+    assert stored == [str(own_event.id)]
+    [error] = errors(caplog)  # no traceback of a "bug" per refused drain
+    assert "BusyError: database is locked" in error
+
+
+async def test_reload_the_store_refuses_keeps_the_old_set(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """In memory and in the database: the engine swaps only after its commit."""
+    path = write_automations(tmp_path, [burst_automation("http://127.0.0.1:9/first")])
+    gateway = StoreGateway(store)
+    engine = Engine()
+    await gateway.run(engine.load_automations, load_automation_files([path]), T0)
+    names = {a.name for a in engine.automations.values()}
+    path.write_text(json.dumps([burst_automation("http://127.0.0.1:9/second", name="second")]))
+    with trio.fail_after(10):
+        with write_lock(store.path):
+            assert await reload_automations(gateway, engine, [str(path)], lambda: T0) is False
+        assert {a.name for a in engine.automations.values()} == names
+        assert stored_names(store.path) == names
+        assert "reload failed, keeping the automations loaded before" in errors(caplog)[0]
+        assert await reload_automations(gateway, engine, [str(path)], lambda: T0) is True
+    assert {a.name for a in engine.automations.values()} == {"second"}
+    assert stored_names(store.path) == {"second"}
+
+
+def stored_names(path: Path) -> set[str]:
+    reader = Store.open_readonly(path)
+    try:
+        return {row.name for row in loaded_automations(reader.conn)}
+    finally:
+        reader.close()
