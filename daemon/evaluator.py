@@ -10,8 +10,9 @@ each submission resolved, so an ack (or a pong) always means "on disk".
 Failures:
 
 * a store that cannot write (disk full, I/O error, busy): nothing is resolved, the cause is
-  logged, and the same batch is retried with exponential backoff until it goes through;
-  meanwhile the channel fills and ingest stops reading sockets (SPEC §8);
+  logged, and the same batch is retried with exponential backoff until it goes through
+  (``daemon.store_trouble``); meanwhile the channel fills and ingest stops reading sockets
+  (SPEC §8);
 * any other exception is a bug in some event's processing. The transaction rolled back, so
   the batch is retried one event per transaction: the others go through and only the
   poisonous one is refused, with ``internal error: ...``.
@@ -30,7 +31,7 @@ import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Final, Protocol
+from typing import Protocol
 
 import apsw
 import attrs
@@ -39,25 +40,9 @@ import trio
 from daemon.engine import Outcome
 from daemon.events import ReceivedEvent
 from daemon.gateway import StoreGateway
-from store.db import StoreError
+from daemon.store_trouble import STORE_TROUBLE, Backoff
 
 log = logging.getLogger(__name__)
-
-RETRY_FIRST_DELAY: Final = 0.25  # seconds before the first retry of a batch the store refused
-RETRY_MAX_DELAY: Final = 10.0  # seconds between retries at most, while the store stays down
-
-STORE_TROUBLE: Final = (
-    StoreError,
-    apsw.FullError,
-    apsw.IOError,
-    apsw.BusyError,
-    apsw.LockedError,
-    apsw.ReadOnlyError,
-    apsw.CantOpenError,
-    apsw.CorruptError,
-    apsw.NotADBError,
-)
-"""Exceptions that say the store cannot take writes now, as opposed to a bug."""
 
 
 class ReplySink(Protocol):
@@ -143,7 +128,9 @@ class _Evaluator:
 
     async def _attempt(self, events: Sequence[ReceivedEvent]) -> Exception | None:
         """Commit ``events`` in one transaction, waiting out store trouble; the bug if any."""
-        delay = RETRY_FIRST_DELAY
+        backoff = Backoff(
+            log, f"committing a batch of {len(events)} events (not acknowledged meanwhile)"
+        )
         while True:
             now = self.clock()
             try:
@@ -153,17 +140,11 @@ class _Evaluator:
                     )
             except STORE_TROUBLE as exc:
                 self.stats.store_retries += 1
-                log.error(
-                    "store refused a batch of %d events, not acknowledging; retrying in %.2gs: %s",
-                    len(events),
-                    delay,
-                    exc,
-                )
-                await trio.sleep(delay)
-                delay = min(delay * 2, RETRY_MAX_DELAY)
+                await backoff.wait(exc)
                 continue
             except Exception as exc:
                 return exc
+            backoff.cleared()
             # Waking the sender and the inbox pump costs each a trip to the store thread:
             # only when the batch left them work (an engine that cannot tell always wakes).
             if getattr(self.engine, "handed_off", True):

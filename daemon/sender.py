@@ -15,6 +15,14 @@ exists if and only if the status change does. `emit` is then told about those ev
 Rows left `in_flight` by a previous process (crash, SIGKILL) are released when the sender
 starts — the lock file guarantees no other sender owns them — and are sent again with the
 same `webhook-id`: delivery is at least once.
+
+Store trouble (SPEC §8; disk full, I/O error, the write lock held elsewhere) never ends the
+sender: the release, each claim and each attempt's commit are retried with the backoff of
+`daemon.store_trouble`, the cause logged once. A delivery whose result cannot be committed
+keeps its slot and its lease while it retries, and commits only while the row is still in
+flight under that lease: if the lease ran out and the row was released (and perhaps
+claimed and sent again) meanwhile, the stale result is dropped, never written over the
+newer attempt's row. Any other exception is a bug and still ends the daemon.
 """
 
 from __future__ import annotations
@@ -47,7 +55,6 @@ from daemon.delivery import (
     Dead,
     Decision,
     Delivered,
-    IllegalMove,
     Random,
     RetryAt,
     action_triggered_event_id,
@@ -58,6 +65,7 @@ from daemon.delivery import (
 from daemon.events import ReceivedEvent, uuid7
 from daemon.firings import TriggeredAction
 from daemon.gateway import StoreGateway
+from daemon.store_trouble import STORE_TROUBLE, Backoff
 from daemon.templates import RenderFailed, webhook_body
 from store import outbox
 from store.events import push_inbox
@@ -149,28 +157,28 @@ def _commit(
     now_us: int,
 ) -> bool:
     """Record the attempt and move the row, in one transaction. False when the row is no
-    longer ours (its lease expired and it was released meanwhile)."""
-    try:
-        with conn:
-            outbox.record_attempt(
-                conn,
-                row.id,
-                attempted_us=to_us(result.attempted),
-                latency_us=result.latency_us,
-                status_code=result.outcome.status_code,
-                error=None if isinstance(result.decision, Delivered) else _error(result),
-            )
-            decision = result.decision
-            if isinstance(decision, Delivered):
-                outbox.mark_delivered(conn, row.id, now_us)
-            elif isinstance(decision, RetryAt):
-                outbox.mark_retry(conn, row.id, to_us(decision.at), decision.reason)
-            else:
-                outbox.mark_dead(conn, row.id, now_us, decision.reason)
-            if event is not None:
-                push_inbox(conn, [event.model_dump_json()])
-    except IllegalMove:
-        return False
+    longer ours: its lease expired and it was released (and perhaps claimed again)
+    meanwhile, which a commit retried through store trouble can find."""
+    with conn:
+        if not outbox.holds_lease(conn, row.id, row.lease_until_us):
+            return False
+        outbox.record_attempt(
+            conn,
+            row.id,
+            attempted_us=to_us(result.attempted),
+            latency_us=result.latency_us,
+            status_code=result.outcome.status_code,
+            error=None if isinstance(result.decision, Delivered) else _error(result),
+        )
+        decision = result.decision
+        if isinstance(decision, Delivered):
+            outbox.mark_delivered(conn, row.id, now_us)
+        elif isinstance(decision, RetryAt):
+            outbox.mark_retry(conn, row.id, to_us(decision.at), decision.reason)
+        else:
+            outbox.mark_dead(conn, row.id, now_us, decision.reason)
+        if event is not None:
+            push_inbox(conn, [event.model_dump_json()])
     return True
 
 
@@ -258,26 +266,36 @@ class Sender:
             nursery.cancel_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED) -> None:
-        released = await self._gateway.run(_release_all, to_us(self._clock()))
+        """Started at once (a store in trouble must not hold up the daemon's start); the
+        release of rows left in flight comes first, then claims."""
+        task_status.started(self)
+        released = await Backoff(log, "releasing the deliveries left in flight").call(
+            lambda: self._gateway.run(_release_all, to_us(self._clock()))
+        )
         if released:
             log.warning("%d deliveries were in flight when trigd stopped; sending again", released)
         settings = self._settings
+        claiming = Backoff(log, "claiming due deliveries")
         async with trio.open_nursery() as nursery:
-            task_status.started(self)
             while True:
                 self._wake = trio.Event()
                 now = self._clock()
                 free = settings.concurrency - self._in_flight
                 next_due_us: int | None = None
                 if free > 0:
-                    rows, next_due_us = await self._gateway.run(
-                        _claim,
-                        to_us(now),
-                        to_us(now + settings.lease),
-                        free,
-                        settings.per_endpoint_concurrency,
-                        dict(self._busy),
-                    )
+                    try:
+                        rows, next_due_us = await self._gateway.run(
+                            _claim,
+                            to_us(now),
+                            to_us(now + settings.lease),
+                            free,
+                            settings.per_endpoint_concurrency,
+                            dict(self._busy),
+                        )
+                    except STORE_TROUBLE as exc:
+                        await claiming.wait(exc)  # nothing was claimed: try again afresh
+                        continue
+                    claiming.cleared()
                     for row in rows:
                         self._busy[row.endpoint] += 1
                         self._in_flight += 1
@@ -317,7 +335,11 @@ class Sender:
         event = None
         if triggered is not None and isinstance(decision, Delivered | Dead):
             event = _finished_event(triggered, decision, result.details, now)
-        ours = await self._gateway.run(_commit, row, result, event, to_us(now))
+        # the request was made: its result is worth waiting for the store (holding the
+        # slot), rather than a send again after the lease runs out
+        ours = await Backoff(log, f"recording the result of delivery {row.id}").call(
+            lambda: self._gateway.run(_commit, row, result, event, to_us(now))
+        )
         if not ours:
             log.warning("delivery %s: lease expired during the attempt; it will be retried", row.id)
             return

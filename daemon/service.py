@@ -5,11 +5,15 @@ files, and starts the tasks in dependency order with ``nursery.start``: sender, 
 inbox pump, evaluator, and last the ingest server, whose start logs
 ``trigd listening on ws://HOST:PORT``. Only then is ``READY=1`` sent to systemd.
 
-Signals: SIGHUP reloads the automation files (all valid: swapped in; any invalid: the old
-set stays and the error is logged). SIGTERM/SIGINT stop gracefully: the ingest server is
-cancelled first (no new connections or frames; its end of the channel closes), the
-evaluator drains and commits what was queued and returns, then everything else is
-cancelled. ``server.shutdown_timeout`` bounds the drain.
+Signals: SIGHUP reloads the automation files (all valid: swapped in; any invalid, or a
+store that refuses the new set: the old set stays and the error is logged). SIGTERM and
+SIGINT stop gracefully: the ingest server is cancelled first (no new connections or
+frames; its end of the channel closes), the evaluator drains and commits what was queued
+and returns, then everything else is cancelled. ``server.shutdown_timeout`` bounds the
+drain.
+
+Store trouble (SPEC §8) ends no task: each one that writes waits it out
+(``daemon.store_trouble``), and a reload the store refused is simply not applied.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from daemon.evaluator import Submission, process_in_transaction, run_evaluator
 from daemon.gateway import StoreGateway
 from daemon.ingest import run_ingest
 from daemon.sender import Sender, run_sender
+from daemon.store_trouble import STORE_TROUBLE, Backoff
 from daemon.sweeper import SweepSettings, run_sweeper
 from daemon.systemd import Notifier
 from store.db import Store, StoreError
@@ -56,7 +61,8 @@ def engine_for(config: Config) -> Engine:
 
 class InboxPump:
     """Evaluates events trigd made itself (action results, state changes) when no client
-    event arrives to carry them: each wake-up drains the inbox in bounded transactions."""
+    event arrives to carry them: each wake-up drains the inbox in bounded transactions.
+    Store trouble is waited out with backoff; a bug is logged and retried a second later."""
 
     def __init__(
         self, gateway: StoreGateway, engine: Engine, clock: Callable[[], datetime]
@@ -65,6 +71,7 @@ class InboxPump:
         self._engine = engine
         self._clock = clock
         self._wake = trio.Event()
+        self._backoff = Backoff(log, "evaluating trigd's own events")
 
     def wake(self) -> None:
         self._wake.set()
@@ -79,7 +86,7 @@ class InboxPump:
             await self._wake.wait()
             self._wake = trio.Event()
             try:
-                while await self._gateway.run(self._drain) > 0:
+                while await self._backoff.call(lambda: self._gateway.run(self._drain)) > 0:
                     await trio.lowlevel.checkpoint()
             except Exception:
                 log.exception("evaluating trigd's own events failed; will retry")
@@ -90,13 +97,25 @@ class InboxPump:
 async def reload_automations(
     gateway: StoreGateway, engine: Engine, paths: Sequence[str], clock: Callable[[], datetime]
 ) -> bool:
-    """SIGHUP: swap in the new set only when every file is valid."""
+    """SIGHUP: swap in the new set only when every file is valid and the store takes it.
+    A refusing store is not waited out (the signal loop would stop answering SIGTERM);
+    the engine swaps in memory only after its transaction commits, so the old set stays
+    whole, and the next SIGHUP tries again."""
     try:
         automations = await trio.to_thread.run_sync(load_automation_files, list(paths))
     except AutomationFileError as exc:
         log.error("reload refused, keeping the automations loaded before: %s", exc)
         return False
-    report = await gateway.run(engine.load_automations, automations, clock())
+    try:
+        report = await gateway.run(engine.load_automations, automations, clock())
+    except STORE_TROUBLE as exc:
+        log.error(
+            "reload failed, keeping the automations loaded before: the store refused the "
+            "new set (%s: %s); send SIGHUP again once it clears",
+            type(exc).__name__,
+            exc,
+        )
+        return False
     log.info("reloaded %d automations", report.automations)
     return True
 

@@ -160,6 +160,16 @@ def release_leases(conn: apsw.Connection, now_us: int, *, everything: bool = Fal
     return len(ids)
 
 
+def holds_lease(conn: apsw.Connection, row_id: str, lease_until_us: int | None) -> bool:
+    """Whether the row is still in flight under this lease, the one a claim gave it: not
+    released since, nor claimed again (a new claim gives a later lease)."""
+    found = conn.execute(
+        "SELECT 1 FROM outbox WHERE id = ? AND status = 'in_flight' AND lease_until_us = ?",
+        (row_id, lease_until_us),
+    ).fetchone()
+    return found is not None
+
+
 def _due_endpoints(conn: apsw.Connection) -> list[str]:
     """Distinct endpoints of pending rows, one index seek each (there are few endpoints,
     while one dead endpoint may have a long queue)."""

@@ -95,6 +95,7 @@ class Daemon:
         self.port = 0
         self.ready = trio.Event()
         self._output = trio.Event()  # set (and replaced) whenever stderr grows
+        self._closed = False  # stderr reached its end: the daemon exited
 
     @property
     def url(self) -> str:
@@ -115,13 +116,18 @@ class Daemon:
                 if match:
                     self.port = int(match.group(3))
                     self.ready.set()
+        self._closed = True
+        self._output.set()
 
     def send(self, signum: int) -> None:
         self.process.send_signal(signum)
 
     async def wait_for_log(self, text: str) -> None:
-        """Until `text` appears in the daemon's log (bound it with the test's fail_after)."""
+        """Until `text` appears in the daemon's log (bound it with the test's fail_after);
+        AssertionError, with the log, if the daemon exits first."""
         while text not in self.log:
+            if self._closed:
+                raise AssertionError(f"trigd exited without logging {text!r}:\n{self.log}")
             await self._output.wait()
 
     async def stop(self, signum: int = signal.SIGTERM) -> int:

@@ -87,6 +87,23 @@ def test_expired_lease_is_released_and_reclaimed(store: Store) -> None:
     assert attempt.status_code is None
 
 
+def test_a_lease_is_held_until_released_and_not_by_a_later_claim(store: Store) -> None:
+    """What the sender checks before committing a result it had to wait to record."""
+    add(store, "r", "http://a:80")
+    [first] = claim(store)
+    assert first.lease_until_us is not None
+    assert outbox.holds_lease(store.conn, "r", first.lease_until_us)
+    with store.conn:
+        outbox.release_leases(store.conn, first.lease_until_us)
+    assert not outbox.holds_lease(store.conn, "r", first.lease_until_us)
+    [second] = claim(store, first.lease_until_us)
+    assert outbox.holds_lease(store.conn, "r", second.lease_until_us)
+    assert not outbox.holds_lease(store.conn, "r", first.lease_until_us)
+    with store.conn:
+        outbox.mark_delivered(store.conn, "r", first.lease_until_us)
+    assert not outbox.holds_lease(store.conn, "r", second.lease_until_us)
+
+
 def test_finishing_moves_follow_the_state_table(store: Store) -> None:
     add(store, "r", "http://a:80")
     with pytest.raises(IllegalMove, match="cannot succeed a delivery that is pending"):

@@ -1,0 +1,94 @@
+"""Store trouble: the store refusing work for now, as opposed to a bug (SPEC §8).
+
+Disk full, an I/O error, another process holding the write lock past the busy timeout:
+none of these is a reason for the daemon to exit. Every task that writes waits such
+trouble out with a ``Backoff``: the same work is tried again after an exponential delay
+(``RETRY_FIRST_DELAY`` doubling up to ``RETRY_MAX_DELAY``), the cause is logged at error
+level once when the trouble starts (again only if the cause changes, so an outage of hours
+is not a line every ten seconds), and once more when the work goes through. Any other
+exception is a bug and is the caller's to handle.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
+
+import apsw
+import attrs
+import trio
+
+from store.db import StoreError
+
+T = TypeVar("T")
+
+RETRY_FIRST_DELAY: Final = 0.25  # seconds before the first retry of work the store refused
+RETRY_MAX_DELAY: Final = 10.0  # seconds between retries at most, while the store stays down
+
+STORE_TROUBLE: Final = (
+    StoreError,
+    apsw.FullError,
+    apsw.IOError,
+    apsw.BusyError,
+    apsw.LockedError,
+    apsw.ReadOnlyError,
+    apsw.CantOpenError,
+    apsw.CorruptError,
+    apsw.NotADBError,
+)
+"""Exceptions that say the store cannot take writes now, as opposed to a bug."""
+
+
+@attrs.define
+class Backoff:
+    """One task waiting out store trouble while doing `what` ("claiming due deliveries");
+    reusable: `cleared` starts the next episode afresh."""
+
+    logger: logging.Logger
+    what: str
+    delay: float = RETRY_FIRST_DELAY
+    retries: int = 0  # in the current episode
+    _cause: str | None = None
+    _since: float = 0.0
+
+    async def wait(self, exc: BaseException) -> None:
+        """The store refused the work with `exc`: log the cause unless it was logged
+        already in this episode, then sleep before the next try."""
+        cause = f"{type(exc).__name__}: {exc}"
+        if self.retries == 0:
+            self._since = trio.current_time()
+        if cause != self._cause:
+            self.logger.error(
+                "store trouble while %s; retrying with backoff until it clears: %s",
+                self.what,
+                cause,
+            )
+            self._cause = cause
+        self.retries += 1
+        await trio.sleep(self.delay)
+        self.delay = min(self.delay * 2, RETRY_MAX_DELAY)
+
+    def cleared(self) -> None:
+        """The work went through: say so if there was trouble, and reset."""
+        if self.retries:
+            self.logger.warning(
+                "store trouble over: %s went through after %d retries (%.3gs)",
+                self.what,
+                self.retries,
+                trio.current_time() - self._since,
+            )
+        self.delay = RETRY_FIRST_DELAY
+        self.retries = 0
+        self._cause = None
+
+    async def call(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        """`attempt()` until the store takes it; any other exception propagates."""
+        while True:
+            try:
+                result = await attempt()
+            except STORE_TROUBLE as exc:
+                await self.wait(exc)
+                continue
+            self.cleared()
+            return result
