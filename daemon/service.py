@@ -36,10 +36,11 @@ import trio
 from daemon.automations import Automation, AutomationFileError, load_automation_files
 from daemon.clock import wall_clock
 from daemon.config import Config, ConfigError, load_config
+from daemon.counters import CounterSource
 from daemon.engine import Engine
-from daemon.evaluator import Submission, process_in_transaction, run_evaluator
+from daemon.evaluator import EvaluatorStats, Submission, process_in_transaction, run_evaluator
 from daemon.gateway import StoreGateway
-from daemon.ingest import run_ingest
+from daemon.ingest import IngestStats, run_ingest
 from daemon.sender import Sender, run_sender
 from daemon.store_trouble import STORE_TROUBLE, Backoff
 from daemon.sweeper import SweepSettings, run_sweeper
@@ -146,6 +147,10 @@ async def _run(
     clock: Callable[[], datetime],
 ) -> None:
     send, receive = trio.open_memory_channel[Submission](config.server.queue_depth)
+    ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
+    counters = CounterSource(
+        os.getpid(), clock(), {"ingest": ingest_stats, "evaluator": evaluator_stats}
+    )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             pump = InboxPump(gateway, engine, clock)
@@ -175,6 +180,7 @@ async def _run(
                     settings,
                     clock=clock,
                     on_commit=committed,
+                    counters=counters,
                     task_status=task_status,
                 )
             )
@@ -189,6 +195,7 @@ async def _run(
                         receive,
                         clock=clock,
                         batch_max=config.server.batch_max_events,
+                        stats=evaluator_stats,
                         on_commit=committed,
                         task_status=task_status,
                     )
@@ -200,7 +207,13 @@ async def _run(
 
             async def ingest(*, task_status: trio.TaskStatus[int]) -> None:
                 with ingest_scope:
-                    await run_ingest(config.server, send, clock=clock, task_status=task_status)
+                    await run_ingest(
+                        config.server,
+                        send,
+                        clock=clock,
+                        stats=ingest_stats,
+                        task_status=task_status,
+                    )
 
             await nursery.start(ingest)
             await notifier.notify("READY=1")

@@ -11,9 +11,11 @@ from typing import Any, TextIO
 import apsw
 
 from daemon.clock import from_us
+from daemon.counters import META_KEY as COUNTERS_KEY
+from daemon.counters import describe as describe_counters
 from store.automations import loaded_automations
 from store.db import Store, StoreError
-from store.events import inbox_size
+from store.events import inbox_size, read_meta
 from store.ordering import parked_count
 
 
@@ -36,6 +38,7 @@ def summarise(conn: apsw.Connection) -> dict[str, Any]:
         {"id": row.id, "name": row.name, "enabled": row.enabled} for row in loaded_automations(conn)
     ]
     last = conn.execute("SELECT max(received_us), max(occurred_us) FROM events").fetchone()
+    counters = read_meta(conn, COUNTERS_KEY)
     return {
         "automations": automations,
         "open_buckets": _scalar(conn, "SELECT count(*) FROM buckets"),
@@ -45,6 +48,7 @@ def summarise(conn: apsw.Connection) -> dict[str, Any]:
         "last_event_received": _time(last[0] if last else None),
         "last_event_occurred": _time(last[1] if last else None),
         "outbox": outbox,
+        "daemon": None if counters is None else json.loads(counters),
     }
 
 
@@ -62,6 +66,8 @@ def render(summary: dict[str, Any]) -> str:
         f"outbox: {outbox['pending']} pending, {outbox['in_flight']} in flight, "
         f"{outbox['delivered']} delivered, {outbox['dead']} dead",
     ]
+    daemon = summary["daemon"]
+    lines += describe_counters(daemon) if daemon else ["daemon: no counters stored yet"]
     return "\n".join(lines)
 
 

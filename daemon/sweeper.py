@@ -22,10 +22,13 @@ import attrs
 import trio
 
 from daemon.clock import to_us
+from daemon.counters import META_KEY as COUNTERS_KEY
+from daemon.counters import CounterSource
 from daemon.engine import ORDERING_SCOPE, Engine
 from daemon.evaluator import engine_transaction
 from daemon.gateway import StoreGateway
 from daemon.ordering import CausalOrdering
+from daemon.store_trouble import STORE_TROUBLE, Backoff
 from store import events as events_store
 from store import outbox as outbox_store
 
@@ -49,9 +52,14 @@ class SweepReport:
 
 
 def sweep(
-    conn: apsw.Connection, engine: Engine, settings: SweepSettings, now: datetime
+    conn: apsw.Connection,
+    engine: Engine,
+    settings: SweepSettings,
+    now: datetime,
+    counters: str | None = None,
 ) -> SweepReport:
-    """One pass of everything periodic, as two transactions; `now` is the wall clock."""
+    """One pass of everything periodic, as two transactions; `now` is the wall clock;
+    `counters` is a snapshot of the daemon's counters to store (``daemon.counters``)."""
     # if the firings of this pass roll back, so must the schedule that counted on them
     # (engine_transaction), or an alarm would wait a whole `within` more (an early
     # proactive run is harmless)
@@ -68,6 +76,8 @@ def sweep(
         report.pruned_outbox = outbox_store.prune_finished(
             conn, to_us(now - settings.outbox_retention)
         )
+        if counters is not None:
+            events_store.write_meta(conn, COUNTERS_KEY, counters)
     return report
 
 
@@ -78,17 +88,27 @@ async def run_sweeper(
     *,
     clock: Callable[[], datetime],
     on_commit: Callable[[], None] = lambda: None,
+    counters: CounterSource | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Run the passes forever; `on_commit` wakes the sender after firings were written."""
+    """Run the passes forever; `on_commit` wakes the sender after firings were written;
+    each pass stores a snapshot of `counters`. Store trouble is waited out with a
+    backoff (logged once); any other failure is logged and the next pass comes on time."""
     task_status.started()
     period = settings.granularity.total_seconds()
+    trouble = Backoff(log, "running the periodic pass")
     while True:
+        now = clock()
+        snapshot = None if counters is None else counters.snapshot(now)
         try:
-            report = await gateway.run(sweep, engine, settings, clock())
+            report = await gateway.run(sweep, engine, settings, now, snapshot)
+        except STORE_TROUBLE as exc:
+            await trouble.wait(exc)
+            continue
         except Exception:
             log.exception("periodic pass failed; trying again in %.3gs", period)
         else:
+            trouble.cleared()
             on_commit()
             if report.swept_buckets or report.pruned_events or report.pruned_outbox:
                 log.debug("periodic pass: %s", report)

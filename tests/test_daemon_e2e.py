@@ -115,6 +115,30 @@ async def test_emit_reports_rejected_events_and_exits_1(tmp_path: Path) -> None:
             assert await daemon.stop() == 0
 
 
+async def test_status_shows_the_running_daemons_counters(tmp_path: Path) -> None:
+    db = str(tmp_path / "trigd.db")
+    with trio.fail_after(60):
+        async with running_daemon(write_config(tmp_path)) as daemon:
+            lines = [pressure(), pressure("pump.8"), '{"event": "x", "resource": {}}']
+            emitted = await trigd("emit", "--url", daemon.url, stdin="\n".join(lines) + "\n")
+            assert b"2 acknowledged, 1 rejected" in emitted.stdout
+            while True:  # the sweeper stores a snapshot every pass (1 s here)
+                status = await trigd("status", "--db", db, "--json")
+                counters = json.loads(status.stdout)["daemon"]
+                ingest = counters["ingest"] if counters else {}
+                if ingest.get("connections_total") == 1 and ingest.get("connections") == 0:
+                    break  # a snapshot from after emit hung up: all of its events counted
+                await trio.sleep(0.2)
+            assert counters["pid"] == daemon.process.pid
+            assert counters["ingest"]["events"] == 2
+            assert counters["ingest"]["rejected"] == 1
+            assert counters["evaluator"]["events"] == 2
+            text = await trigd("status", "--db", db)
+            assert f"daemon: pid {daemon.process.pid}".encode() in text.stdout
+            assert b"2 events, 1 rejected frames" in text.stdout
+            assert await daemon.stop() == 0
+
+
 async def test_sighup_swaps_valid_automations_and_keeps_them_when_invalid(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with trio.open_nursery() as nursery:

@@ -16,6 +16,7 @@ import signal
 from collections.abc import AsyncIterator, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +383,44 @@ def stored_names(path: Path) -> set[str]:
         return {row.name for row in loaded_automations(reader.conn)}
     finally:
         reader.close()
+
+
+async def test_sweeper_waits_out_a_locked_store_and_stores_its_counters_after(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    from daemon.counters import META_KEY, CounterSource
+    from daemon.ingest import IngestStats
+    from daemon.sweeper import SweepSettings, run_sweeper
+    from store.events import read_meta
+
+    gateway = StoreGateway(store)
+    settings = SweepSettings(timedelta(seconds=0.05), timedelta(days=7), timedelta(days=7))
+    stats = IngestStats(rejected=3)
+    counters = CounterSource(4242, T0, {"ingest": stats})
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            with write_lock(store.path):
+                await nursery.start(
+                    partial(
+                        run_sweeper,
+                        gateway,
+                        Engine(),
+                        settings,
+                        clock=lambda: T0,
+                        counters=counters,
+                    ),
+                )
+                await until_logged(caplog, "store trouble while running the periodic pass")
+                await trio.sleep(0.5)  # several refused passes: one error logged
+            await until_logged(caplog, "running the periodic pass went through")
+            nursery.cancel_scope.cancel()
+    [error] = errors(caplog)  # no traceback of a "bug" per refused pass
+    assert "BusyError: database is locked" in error
+    reader = Store.open_readonly(store.path)
+    try:
+        stored = read_meta(reader.conn, META_KEY)
+    finally:
+        reader.close()
+    assert stored is not None
+    snapshot = json.loads(stored)
+    assert (snapshot["pid"], snapshot["ingest"]["rejected"]) == (4242, 3)
