@@ -30,6 +30,8 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -208,15 +210,50 @@ class TriggersConfig(Section):
     expired_bucket_buffer: Duration = timedelta(seconds=60)
 
 
+LEASE_FLOOR: Final = timedelta(seconds=60)
+LEASE_MARGIN: Final = timedelta(seconds=30)
+PER_ENDPOINT_CONCURRENCY: Final = 2
+
+
+def derived_lease(timeout: timedelta) -> timedelta:
+    """The lease when none is set: the attempt (`timeout`) plus time to commit its outcome,
+    and never under a minute, so that every valid timeout works on its own."""
+    return max(LEASE_FLOOR, timeout + LEASE_MARGIN)
+
+
 class DeliveryConfig(Section):
+    """`lease` and `per_endpoint_concurrency` are extensions beyond SPEC §3. Left unset they
+    follow `timeout` and `concurrency` (`derived_lease`; at most `concurrency`), so a SPEC
+    key alone never fails because of a key the user did not write; set explicitly, they
+    must agree with them."""
+
     timeout: PositiveDuration = timedelta(seconds=15)  # one HTTP attempt
     max_age: PositiveDuration = timedelta(hours=72)  # then a failing delivery is dead
     concurrency: Count = 8  # deliveries in flight, all endpoints
-    per_endpoint_concurrency: Count = 2  # in flight to one scheme://host:port
-    lease: PositiveDuration = timedelta(seconds=60)  # a claimed row is owned this long
+    # in flight to one scheme://host:port; unset: min(2, concurrency)
+    per_endpoint_concurrency: Count = Field(None, validate_default=True)
+    # a claimed row is owned this long; unset: derived_lease(timeout)
+    lease: PositiveDuration = Field(None, validate_default=True)
+
+    @field_validator("per_endpoint_concurrency", mode="before")
+    @classmethod
+    def _per_endpoint_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        # concurrency absent from info.data: it is invalid, and that is reported
+        return min(PER_ENDPOINT_CONCURRENCY, info.data.get("concurrency", PER_ENDPOINT_CONCURRENCY))
+
+    @field_validator("lease", mode="before")
+    @classmethod
+    def _lease_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        # timeout absent from info.data: it is invalid, and that is reported
+        return derived_lease(info.data.get("timeout", timedelta(0)))
 
     @model_validator(mode="after")
-    def _lease_outlives_attempt(self) -> Self:
+    def _explicit_extensions_agree(self) -> Self:
+        """Only values set explicitly can break these rules; derived ones satisfy them."""
         if self.lease <= self.timeout:
             raise _field_problem(
                 "lease",
