@@ -56,7 +56,11 @@ FLAG_KEYS: Final[dict[str, tuple[str, str]]] = {
 }
 """`overrides` keys (CLI flags) and the setting each one replaces."""
 
-_HOSTNAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*")
+_LABEL: Final = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME: Final = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+"""A DNS name: labels of 1-63 letters, digits and inner hyphens (a longer label fails in
+the resolver's IDNA codec, as a UnicodeError rather than an unknown host)."""
+MAX_HOSTNAME: Final = 253
 
 
 class ConfigError(Exception):
@@ -112,7 +116,7 @@ def _listen(value: Any) -> str:
     try:
         ip_address(host)
     except ValueError:
-        if not _HOSTNAME.fullmatch(host):
+        if len(host) > MAX_HOSTNAME or not _HOSTNAME.fullmatch(host):
             raise ValueError(
                 f"{host!r} is not a host name or address (IPv6 goes in brackets: '[::1]:4280')"
             ) from None

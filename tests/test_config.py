@@ -226,6 +226,10 @@ def test_client_and_foreign_variables_are_ignored(tmp_path: Path) -> None:
         ('[server]\nlisten = "::1:4280"', "[server] listen: IPv6 addresses go in brackets"),
         ('[server]\nlisten = "[nope]:1"', "[server] listen: '[nope]' is not an IPv6"),
         ('[server]\nlisten = "bad host:1"', "[server] listen: 'bad host' is not a host"),
+        # a label over 63 characters, a name over 253: not host names (the resolver's codec
+        # would raise UnicodeError on the first)
+        (f'[server]\nlisten = "a.{"b" * 64}:1"', "[server] listen: 'a.bbbb"),
+        (f'[server]\nlisten = "{".".join(["a" * 60] * 5)}:1"', "[server] listen: 'aaaa"),
         ("[server]\nlisten = 4280", "[server] listen: expected HOST:PORT"),
         ("[server]\nmax_event_bytes = 0", "[server] max_event_bytes: must be at least 1"),
         ("[server]\nmax_event_bytes = 1.5", "[server] max_event_bytes: expected a whole number"),
