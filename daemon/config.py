@@ -71,6 +71,27 @@ class ConfigError(Exception):
         self.problems: tuple[str, ...] = tuple(problems)
 
 
+class UnusableSetting(Exception):
+    """A valid setting that failed when start-up used it: the listen address, a TLS file,
+    the database path. The message names the key, its flag if it has one, and the value:
+    ``[server] listen (--listen) 127.0.0.1:4280: address already in use``.
+
+    ``lasting`` says whether the value itself cannot work (bad configuration, exit 2) or
+    something outside trigd is in its way for now, such as another process holding the
+    port, so that the same configuration may work on a retry (exit 1: systemd restarts).
+    """
+
+    def __init__(
+        self, section: str, key: str, value: object, why: str, *, lasting: bool = True
+    ) -> None:
+        flags = [f"--{flag}" for flag, setting in FLAG_KEYS.items() if setting == (section, key)]
+        named = f"[{section}] {key}" + "".join(f" ({flag})" for flag in flags)
+        super().__init__(f"{named} {value}: {why}")
+        self.section = section
+        self.key = key
+        self.lasting = lasting
+
+
 def _field_problem(key: str, why: str) -> PydanticCustomError:
     """An error of a cross-key rule, carrying the key it should be reported under."""
     return PydanticCustomError("config_field", "{why}", {"key": key, "why": why})
