@@ -8,9 +8,11 @@ names the key or flag and why). Subcommands import what they need lazily so that
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from typing import Final
+from urllib.parse import urlsplit
 
 from daemon import __version__
 
@@ -19,6 +21,34 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 
 DEFAULT_URL: Final = "ws://127.0.0.1:4280/api/events/in"
+
+
+def websocket_url(text: str) -> str:
+    """``--url``: a ws:// or wss:// URL with a host and a valid port."""
+    try:
+        url = urlsplit(text)
+        _ = url.port  # ValueError when it is not a number in 0..65535
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid URL: {exc}") from None
+    if url.scheme not in ("ws", "wss"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a websocket URL: the scheme must be ws:// or wss://, "
+            f"such as {DEFAULT_URL}"
+        )
+    if not url.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} has no host, such as {DEFAULT_URL}")
+    return text
+
+
+def positive_seconds(text: str) -> float:
+    """``--timeout``: a number of seconds above zero."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return seconds
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,9 +71,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("paths", metavar="PATH", nargs="+")
 
     emit = sub.add_parser("emit", help="send events to a running daemon and wait for acks")
-    emit.add_argument("--url", default=DEFAULT_URL, help=f"websocket URL (default {DEFAULT_URL})")
+    emit.add_argument(
+        "--url",
+        type=websocket_url,
+        default=DEFAULT_URL,
+        help=f"websocket URL (default {DEFAULT_URL})",
+    )
     emit.add_argument("--token", default=None, help="auth token (default: $TRIGD_TOKEN when set)")
-    emit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for acks")
+    emit.add_argument(
+        "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for acks"
+    )
     emit.add_argument(
         "file", metavar="FILE", nargs="?", help="JSON lines or a JSON array; - or absent: stdin"
     )

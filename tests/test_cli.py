@@ -4,6 +4,7 @@ Network on 127.0.0.1 only, and no DNS."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,6 +23,8 @@ from daemon.ingest import listen_problem
 from tests.daemon_process import running_daemon, write_config
 
 pytestmark = pytest.mark.slow
+
+EVENT: Final = json.dumps({"event": "pump.started", "resource": {"prefect.resource.id": "pump.7"}})
 
 # Test-only TLS material (self-signed EC P-256, CN trigd-test, valid until 2126).
 CERT: Final = """-----BEGIN CERTIFICATE-----
@@ -92,6 +95,13 @@ def port_in_use() -> Iterator[int]:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         yield taken.getsockname()[1]
+
+
+def closed_port() -> int:
+    """A port nobody listens on (bound and released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 # --- trigd serve: settings that fail as start-up uses them ---------------------------------
@@ -195,3 +205,59 @@ def test_database_path_that_cannot_hold_a_database_exits_2_naming_db(
         2,
         f"trigd serve: [store] path (--db) {db}: {why.format(parent=db.parent)}",
     )
+
+
+# --- trigd emit ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("http://127.0.0.1:4391/api", "is not a websocket URL: the scheme must be ws:// or wss://"),
+        ("127.0.0.1:4391", "is not a websocket URL"),
+        ("ws:///api/events/in", "has no host"),
+        ("ws://127.0.0.1:99999/api", "is not a valid URL: Port out of range"),
+    ],
+)
+def test_emit_url_that_is_not_a_websocket_url_exits_2_naming_the_flag(url: str, why: str) -> None:
+    code, line = failure("emit", "--url", url, stdin=EVENT)
+    assert code == 2
+    assert line.startswith(f"trigd emit: error: argument --url: {url!r} {why}"), line
+
+
+@pytest.mark.parametrize("timeout", ["-1", "0", "nan", "inf", "soon"])
+def test_emit_timeout_must_be_seconds_above_zero(timeout: str) -> None:
+    code, line = failure("emit", "--timeout", timeout, stdin=EVENT)
+    assert code == 2
+    assert line.startswith("trigd emit: error: argument --timeout: "), line
+    assert repr(timeout) in line
+
+
+def test_emit_to_a_closed_port_says_connection_refused() -> None:
+    url = f"ws://127.0.0.1:{closed_port()}/api/events/in"
+    assert failure("emit", "--url", url, stdin=EVENT) == (
+        1,
+        f"trigd emit: {url}: connection refused",
+    )
+
+
+async def test_emit_says_why_the_daemon_refused_it(tmp_path: Path) -> None:
+    config = write_config(tmp_path, server={"auth_token": "s3cret"})
+    with trio.fail_after(60):
+        async with running_daemon(config) as daemon:
+            wrong_token = await trio.to_thread.run_sync(
+                lambda: failure("emit", "--url", daemon.url, "--token", "nope", stdin=EVENT)
+            )
+            assert wrong_token == (
+                1,
+                f"trigd emit: {daemon.url}: the server closed the connection: 1008 Invalid token",
+            )
+            url = daemon.url.replace("/api/events/in", "/elsewhere")
+            wrong_path = await trio.to_thread.run_sync(
+                lambda: failure("emit", "--url", url, "--token", "s3cret", stdin=EVENT)
+            )
+            assert wrong_path[0] == 1
+            assert wrong_path[1].startswith(
+                f"trigd emit: {url}: the server refused the websocket: HTTP 404"
+            )
+            assert await daemon.stop() == 0
