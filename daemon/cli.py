@@ -51,6 +51,15 @@ def positive_seconds(text: str) -> float:
     return seconds
 
 
+def _outbox_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """--db and --config of `trigd outbox`, accepted before the action and after it. At the
+    action's level they default to SUPPRESS, so that one given before is not reset."""
+    parser.add_argument(
+        "--db", metavar="PATH", default=default, help="database file (default: as trigd serve)"
+    )
+    parser.add_argument("--config", metavar="FILE", default=default, help="TOML configuration file")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="trigd", description="Edge automation engine for Prefect-style events."
@@ -91,13 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     outbox = sub.add_parser("outbox", help="inspect and retry webhook deliveries")
-    outbox.add_argument("--db", metavar="PATH", help="database file (default: as trigd serve)")
-    outbox.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    _outbox_options(outbox)
     osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
     olist = osub.add_parser("list", help="list deliveries")
+    _outbox_options(olist, default=argparse.SUPPRESS)
     olist.add_argument("--status", choices=["pending", "in_flight", "delivered", "dead"])
     olist.add_argument("--limit", type=int, default=50)
     oretry = osub.add_parser("retry", help="put dead deliveries back to pending")
+    _outbox_options(oretry, default=argparse.SUPPRESS)
     target = oretry.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?", metavar="ID")
     target.add_argument("--dead", action="store_true", help="every dead delivery")

@@ -20,6 +20,7 @@ import trio
 
 from daemon.config import ServerConfig
 from daemon.ingest import listen_problem
+from store.db import Store
 from tests.daemon_process import running_daemon, write_config
 
 pytestmark = pytest.mark.slow
@@ -261,3 +262,34 @@ async def test_emit_says_why_the_daemon_refused_it(tmp_path: Path) -> None:
                 f"trigd emit: {url}: the server refused the websocket: HTTP 404"
             )
             assert await daemon.stop() == 0
+
+
+# --- trigd outbox --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["outbox", "--db", "{db}", "list"],
+        ["outbox", "list", "--db", "{db}"],
+        ["outbox", "list", "--status", "dead", "--db", "{db}", "--limit", "5"],
+        ["outbox", "--db", "{db}", "retry", "--dead"],
+        ["outbox", "retry", "--db", "{db}", "--dead"],
+        ["outbox", "--config", "{config}", "list"],
+        ["outbox", "list", "--config", "{config}"],
+        ["outbox", "--db", "elsewhere.db", "list", "--db", "{db}"],  # the later one wins
+    ],
+)
+def test_outbox_options_go_before_or_after_the_action(tmp_path: Path, argv: list[str]) -> None:
+    """The database is not in the working directory, so only the one named is found."""
+    db = tmp_path / "data" / "trigd.db"
+    db.parent.mkdir()
+    Store.open(db).close()
+    config = tmp_path / "trigd.toml"
+    config.write_text(f"[store]\npath = {json.dumps(str(db))}\n")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    args = [arg.format(db=db, config=config) for arg in argv]
+    code, out, err = trigd(*args, cwd=cwd)
+    assert (code, err) == (0, "")
+    assert out.startswith("id\tstatus") or out == "0 dead deliveries put back to pending\n"
