@@ -8,9 +8,11 @@ names the key or flag and why). Subcommands import what they need lazily so that
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Sequence
 from typing import Final
+from urllib.parse import urlsplit
 
 from daemon import __version__
 
@@ -19,6 +21,43 @@ EXIT_FAILED: Final = 1
 EXIT_USAGE: Final = 2
 
 DEFAULT_URL: Final = "ws://127.0.0.1:4280/api/events/in"
+
+
+def websocket_url(text: str) -> str:
+    """``--url``: a ws:// or wss:// URL with a host and a valid port."""
+    try:
+        url = urlsplit(text)
+        _ = url.port  # ValueError when it is not a number in 0..65535
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid URL: {exc}") from None
+    if url.scheme not in ("ws", "wss"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a websocket URL: the scheme must be ws:// or wss://, "
+            f"such as {DEFAULT_URL}"
+        )
+    if not url.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} has no host, such as {DEFAULT_URL}")
+    return text
+
+
+def positive_seconds(text: str) -> float:
+    """``--timeout``: a number of seconds above zero."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return seconds
+
+
+def _outbox_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """--db and --config of `trigd outbox`, accepted before the action and after it. At the
+    action's level they default to SUPPRESS, so that one given before is not reset."""
+    parser.add_argument(
+        "--db", metavar="PATH", default=default, help="database file (default: as trigd serve)"
+    )
+    parser.add_argument("--config", metavar="FILE", default=default, help="TOML configuration file")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,9 +80,16 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("paths", metavar="PATH", nargs="+")
 
     emit = sub.add_parser("emit", help="send events to a running daemon and wait for acks")
-    emit.add_argument("--url", default=DEFAULT_URL, help=f"websocket URL (default {DEFAULT_URL})")
+    emit.add_argument(
+        "--url",
+        type=websocket_url,
+        default=DEFAULT_URL,
+        help=f"websocket URL (default {DEFAULT_URL})",
+    )
     emit.add_argument("--token", default=None, help="auth token (default: $TRIGD_TOKEN when set)")
-    emit.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for acks")
+    emit.add_argument(
+        "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for acks"
+    )
     emit.add_argument(
         "file", metavar="FILE", nargs="?", help="JSON lines or a JSON array; - or absent: stdin"
     )
@@ -54,13 +100,14 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print the summary as JSON")
 
     outbox = sub.add_parser("outbox", help="inspect and retry webhook deliveries")
-    outbox.add_argument("--db", metavar="PATH", help="database file (default: as trigd serve)")
-    outbox.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    _outbox_options(outbox)
     osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
     olist = osub.add_parser("list", help="list deliveries")
+    _outbox_options(olist, default=argparse.SUPPRESS)
     olist.add_argument("--status", choices=["pending", "in_flight", "delivered", "dead"])
     olist.add_argument("--limit", type=int, default=50)
     oretry = osub.add_parser("retry", help="put dead deliveries back to pending")
+    _outbox_options(oretry, default=argparse.SUPPRESS)
     target = oretry.add_mutually_exclusive_group(required=True)
     target.add_argument("id", nargs="?", metavar="ID")
     target.add_argument("--dead", action="store_true", help="every dead delivery")

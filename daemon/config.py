@@ -30,6 +30,8 @@ from pydantic import (
     Field,
     PlainSerializer,
     ValidationError,
+    ValidationInfo,
+    field_validator,
     model_validator,
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
@@ -54,7 +56,11 @@ FLAG_KEYS: Final[dict[str, tuple[str, str]]] = {
 }
 """`overrides` keys (CLI flags) and the setting each one replaces."""
 
-_HOSTNAME: Final = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9-]+)*")
+_LABEL: Final = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_HOSTNAME: Final = re.compile(rf"{_LABEL}(\.{_LABEL})*")
+"""A DNS name: labels of 1-63 letters, digits and inner hyphens (a longer label fails in
+the resolver's IDNA codec, as a UnicodeError rather than an unknown host)."""
+MAX_HOSTNAME: Final = 253
 
 
 class ConfigError(Exception):
@@ -63,6 +69,27 @@ class ConfigError(Exception):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems: tuple[str, ...] = tuple(problems)
+
+
+class UnusableSetting(Exception):
+    """A valid setting that failed when start-up used it: the listen address, a TLS file,
+    the database path. The message names the key, its flag if it has one, and the value:
+    ``[server] listen (--listen) 127.0.0.1:4280: address already in use``.
+
+    ``lasting`` says whether the value itself cannot work (bad configuration, exit 2) or
+    something outside trigd is in its way for now, such as another process holding the
+    port, so that the same configuration may work on a retry (exit 1: systemd restarts).
+    """
+
+    def __init__(
+        self, section: str, key: str, value: object, why: str, *, lasting: bool = True
+    ) -> None:
+        flags = [f"--{flag}" for flag, setting in FLAG_KEYS.items() if setting == (section, key)]
+        named = f"[{section}] {key}" + "".join(f" ({flag})" for flag in flags)
+        super().__init__(f"{named} {value}: {why}")
+        self.section = section
+        self.key = key
+        self.lasting = lasting
 
 
 def _field_problem(key: str, why: str) -> PydanticCustomError:
@@ -110,7 +137,7 @@ def _listen(value: Any) -> str:
     try:
         ip_address(host)
     except ValueError:
-        if not _HOSTNAME.fullmatch(host):
+        if len(host) > MAX_HOSTNAME or not _HOSTNAME.fullmatch(host):
             raise ValueError(
                 f"{host!r} is not a host name or address (IPv6 goes in brackets: '[::1]:4280')"
             ) from None
@@ -208,15 +235,50 @@ class TriggersConfig(Section):
     expired_bucket_buffer: Duration = timedelta(seconds=60)
 
 
+LEASE_FLOOR: Final = timedelta(seconds=60)
+LEASE_MARGIN: Final = timedelta(seconds=30)
+PER_ENDPOINT_CONCURRENCY: Final = 2
+
+
+def derived_lease(timeout: timedelta) -> timedelta:
+    """The lease when none is set: the attempt (`timeout`) plus time to commit its outcome,
+    and never under a minute, so that every valid timeout works on its own."""
+    return max(LEASE_FLOOR, timeout + LEASE_MARGIN)
+
+
 class DeliveryConfig(Section):
+    """`lease` and `per_endpoint_concurrency` are extensions beyond SPEC §3. Left unset they
+    follow `timeout` and `concurrency` (`derived_lease`; at most `concurrency`), so a SPEC
+    key alone never fails because of a key the user did not write; set explicitly, they
+    must agree with them."""
+
     timeout: PositiveDuration = timedelta(seconds=15)  # one HTTP attempt
     max_age: PositiveDuration = timedelta(hours=72)  # then a failing delivery is dead
     concurrency: Count = 8  # deliveries in flight, all endpoints
-    per_endpoint_concurrency: Count = 2  # in flight to one scheme://host:port
-    lease: PositiveDuration = timedelta(seconds=60)  # a claimed row is owned this long
+    # in flight to one scheme://host:port; unset: min(2, concurrency)
+    per_endpoint_concurrency: Count = Field(None, validate_default=True)
+    # a claimed row is owned this long; unset: derived_lease(timeout)
+    lease: PositiveDuration = Field(None, validate_default=True)
+
+    @field_validator("per_endpoint_concurrency", mode="before")
+    @classmethod
+    def _per_endpoint_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        # concurrency absent from info.data: it is invalid, and that is reported
+        return min(PER_ENDPOINT_CONCURRENCY, info.data.get("concurrency", PER_ENDPOINT_CONCURRENCY))
+
+    @field_validator("lease", mode="before")
+    @classmethod
+    def _lease_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        # timeout absent from info.data: it is invalid, and that is reported
+        return derived_lease(info.data.get("timeout", timedelta(0)))
 
     @model_validator(mode="after")
-    def _lease_outlives_attempt(self) -> Self:
+    def _explicit_extensions_agree(self) -> Self:
+        """Only values set explicitly can break these rules; derived ones satisfy them."""
         if self.lease <= self.timeout:
             raise _field_problem(
                 "lease",

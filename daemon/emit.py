@@ -11,13 +11,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import uuid
 from collections.abc import Iterator
 from typing import Any, Final, TextIO
 
 import trio
 import uuid6
-from trio_websocket import ConnectionClosed, HandshakeError, open_websocket_url
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    HandshakeError,
+    open_websocket_url,
+)
 
 SUBPROTOCOL: Final = "trigd.v1"
 
@@ -121,6 +128,34 @@ def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
     return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
 
 
+def failure_reason(exc: BaseException) -> str:
+    """Why the websocket failed, in words. trio-websocket's HandshakeError has no message
+    of its own: the cause is the OSError it was raised from, itself raised from a group of
+    them, one per address tried."""
+    if isinstance(exc, ConnectionRejected):
+        body = (exc.body or b"").decode(errors="replace").strip()
+        return f"the server refused the websocket: HTTP {exc.status_code}" + (
+            f": {body}" if body else ""
+        )
+    if isinstance(exc, ConnectionTimeout):
+        return "timed out opening the websocket"
+    if isinstance(exc, ConnectionClosed):
+        closed = exc.reason
+        if closed is None:
+            return "the server closed the connection"
+        return f"the server closed the connection: {closed.code} {closed.reason or closed.name}"
+    if isinstance(exc, BaseExceptionGroup):
+        return failure_reason(exc.exceptions[0])
+    if isinstance(exc, socket.gaierror):
+        return f"cannot resolve the host ({exc.strerror})"
+    if isinstance(exc, OSError) and exc.errno:
+        return os.strerror(exc.errno).lower()  # trio's text repeats the address
+    cause = exc.__cause__
+    if cause is not None and isinstance(exc, HandshakeError | OSError):
+        return failure_reason(cause)
+    return str(exc) or type(exc).__name__
+
+
 def emit_command(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:
     try:
         if args.file in (None, "-"):
@@ -139,7 +174,7 @@ def emit_command(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: Text
         print(f"trigd emit: no reply within {args.timeout:g}s from {args.url}", file=err)
         return 1
     except (OSError, HandshakeError, ConnectionClosed, InputError) as exc:
-        print(f"trigd emit: {args.url}: {exc}", file=err)
+        print(f"trigd emit: {args.url}: {failure_reason(exc)}", file=err)
         return 1
     for message in rejected:
         print(f"rejected {message}", file=err)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import socket
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -44,7 +45,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from daemon.clock import wall_clock
-from daemon.config import ServerConfig
+from daemon.config import ServerConfig, UnusableSetting
 from daemon.connection import CheckpointConnection, Frame, PingMarker
 from daemon.evaluator import Submission
 from daemon.handshake import (
@@ -62,7 +63,7 @@ from daemon.handshake import decide as decide_handshake
 
 log = logging.getLogger(__name__)
 
-__all__ = ["IngestStats", "Submission", "run_ingest"]
+__all__ = ["IngestStats", "Submission", "listen_problem", "run_ingest", "tls_context"]
 
 MAX_PENDING_REPLIES: Final = 1_024  # items per connection between the socket and its replies
 FRAME_BUFFER_FACTOR: Final = 2  # frames up to this many times max_event_bytes get a nack
@@ -400,12 +401,79 @@ class _Session:
         return len(frames)
 
 
-def _ssl_context(settings: ServerConfig) -> ssl.SSLContext | None:
-    if settings.tls_cert is None or settings.tls_key is None:
+def tls_context(settings: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context when ``tls_cert`` and ``tls_key`` are set. `trigd serve`
+    loads it before any task starts, so that a file that is not what it should be is
+    reported as that setting (UnusableSetting) rather than from deep inside the nursery."""
+    cert, key = settings.tls_cert, settings.tls_key
+    if cert is None or key is None:
         return None
+    try:  # the certificate alone first, so that a problem is blamed on the right file
+        ssl.create_default_context().load_verify_locations(cafile=cert)
+    except OSError as exc:  # ssl.SSLError included
+        why = "not a PEM certificate" if isinstance(exc, ssl.SSLError) else _os_reason(exc)
+        raise UnusableSetting("server", "tls_cert", cert, why) from exc
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    try:
+        context.load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _EncryptedKey:
+        why = "encrypted with a passphrase; trigd needs the key unencrypted"
+        raise UnusableSetting("server", "tls_key", key, why) from None
+    except ssl.SSLError as exc:
+        mismatch = exc.reason == "KEY_VALUES_MISMATCH"
+        why = f"not the private key of {cert}" if mismatch else "not a PEM private key"
+        raise UnusableSetting("server", "tls_key", key, why) from exc
+    except OSError as exc:
+        raise UnusableSetting("server", "tls_key", key, _os_reason(exc)) from exc
     return context
+
+
+class _EncryptedKey(Exception):
+    pass
+
+
+def _refuse_passphrase() -> str:
+    """OpenSSL would otherwise prompt for it on the terminal, and a daemon has none."""
+    raise _EncryptedKey
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror.lower() if exc.strerror else str(exc)  # e.g. permission denied
+
+
+def listen_problem(settings: ServerConfig, exc: OSError) -> UnusableSetting:
+    """Why the listening socket could not be opened, as the ``listen`` setting. The port
+    taken by another process and a name the resolver cannot look up for now are not
+    lasting: the same configuration may work on a retry."""
+    if isinstance(exc, socket.gaierror):
+        temporary = exc.errno == socket.EAI_AGAIN
+        why = f"cannot resolve host {settings.host!r} ({exc.strerror})"
+        return UnusableSetting("server", "listen", settings.listen, why, lasting=not temporary)
+    if exc.errno == errno.EADDRINUSE:
+        why = "address already in use"
+        return UnusableSetting("server", "listen", settings.listen, why, lasting=False)
+    if exc.errno == errno.EADDRNOTAVAIL:
+        why = f"{settings.host} is not an address of this host"
+    elif exc.errno == errno.EACCES and settings.port < 1024:
+        why = f"permission denied: port {settings.port} needs privileges (CAP_NET_BIND_SERVICE)"
+    else:
+        why = _os_reason(exc)
+    return UnusableSetting("server", "listen", settings.listen, why)
+
+
+async def _open_listeners(
+    settings: ServerConfig, context: ssl.SSLContext | None
+) -> list[trio.abc.Listener[trio.abc.Stream]]:
+    try:
+        if context is None:
+            return list(await trio.open_tcp_listeners(settings.port, host=settings.host))
+        return list(
+            await trio.open_ssl_over_tcp_listeners(
+                settings.port, context, host=settings.host, https_compatible=True
+            )
+        )
+    except OSError as exc:  # resolving the host, binding its address
+        raise listen_problem(settings, exc) from exc
 
 
 async def run_ingest(
@@ -414,19 +482,15 @@ async def run_ingest(
     *,
     clock: Callable[[], datetime] = wall_clock,
     stats: IngestStats | None = None,
+    tls: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/events/in`` until cancelled; ``task_status`` gets the bound port."""
-    context = _ssl_context(settings)
-    listeners: list[trio.abc.Listener[trio.abc.Stream]]
-    if context is None:
-        listeners = list(await trio.open_tcp_listeners(settings.port, host=settings.host))
-    else:
-        listeners = list(
-            await trio.open_ssl_over_tcp_listeners(
-                settings.port, context, host=settings.host, https_compatible=True
-            )
-        )
+    """Serve ``/events/in`` until cancelled; ``task_status`` gets the bound port.
+
+    ``tls`` is ``tls_context(settings)`` loaded beforehand; without it, it is loaded here.
+    A listen address that cannot be used raises UnusableSetting (``listen_problem``)."""
+    context = tls if tls is not None else tls_context(settings)
+    listeners = await _open_listeners(settings, context)
     ingest = _Ingest(
         settings,
         submit,

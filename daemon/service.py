@@ -23,6 +23,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
@@ -34,18 +35,19 @@ import apsw
 import trio
 
 from daemon.automations import Automation, AutomationFileError, load_automation_files
+from daemon.cli import EXIT_FAILED, EXIT_USAGE
 from daemon.clock import wall_clock
-from daemon.config import Config, ConfigError, load_config
+from daemon.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
 from daemon.counters import CounterSource
 from daemon.engine import Engine
 from daemon.evaluator import EvaluatorStats, Submission, process_in_transaction, run_evaluator
 from daemon.gateway import StoreGateway
-from daemon.ingest import IngestStats, run_ingest
+from daemon.ingest import IngestStats, run_ingest, tls_context
 from daemon.sender import Sender, run_sender
 from daemon.store_trouble import STORE_TROUBLE, Backoff
 from daemon.sweeper import SweepSettings, run_sweeper
 from daemon.systemd import Notifier
-from store.db import Store, StoreError
+from store.db import Store, StoreError, UnusableDatabase
 from store.events import inbox_size
 
 log = logging.getLogger("trigd")
@@ -128,15 +130,28 @@ async def serve(
     clock: Callable[[], datetime] = wall_clock,
     env: Mapping[str, str] | None = None,
 ) -> None:
-    store = Store.open(config.store.path, synchronous=config.store.synchronous)
+    """Run the daemon until SIGTERM/SIGINT. A setting that fails as start-up uses it (the
+    TLS files and the database here, the listen address when ingest starts) raises
+    UnusableSetting."""
+    tls = tls_context(config.server)
+    store = open_store(config.store)
     try:
         gateway = StoreGateway(store)
         engine = engine_for(config)
         await gateway.run(engine.load_automations, automations, clock())
         notifier = Notifier(env)
-        await _run(config, gateway, engine, notifier, clock)
+        await _run(config, gateway, engine, notifier, clock, tls)
     finally:
         store.close()
+
+
+def open_store(settings: StoreConfig) -> Store:
+    """The writer store; a path that cannot hold a database is the ``[store] path`` setting
+    at fault. (A database in use by another trigd, or too new, stays a StoreError.)"""
+    try:
+        return Store.open(settings.path, synchronous=settings.synchronous)
+    except UnusableDatabase as exc:
+        raise UnusableSetting("store", "path", exc.path, exc.why) from exc
 
 
 async def _run(
@@ -145,6 +160,7 @@ async def _run(
     engine: Engine,
     notifier: Notifier,
     clock: Callable[[], datetime],
+    tls: ssl.SSLContext | None,
 ) -> None:
     send, receive = trio.open_memory_channel[Submission](config.server.queue_depth)
     ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
@@ -211,6 +227,7 @@ async def _run(
                         config.server,
                         send,
                         clock=clock,
+                        tls=tls,
                         stats=ingest_stats,
                         task_status=task_status,
                     )
@@ -274,13 +291,28 @@ def serve_command(args: argparse.Namespace) -> int:
         automations = load_automation_files(list(config.triggers.automations))
     except (ConfigError, AutomationFileError) as exc:
         print(f"trigd serve: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     tune_garbage_collector()
     try:
         trio.run(serve, config, automations)
+    except (UnusableSetting, BaseExceptionGroup) as exc:
+        unusable = _start_up_failure(exc)
+        if unusable is None:
+            raise  # a bug: its traceback is the report
+        print(f"trigd serve: {unusable}", file=sys.stderr)
+        return EXIT_USAGE if unusable.lasting else EXIT_FAILED
     except StoreError as exc:
         print(f"trigd serve: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
         return 130
     return 0
+
+
+def _start_up_failure(exc: BaseException) -> UnusableSetting | None:
+    """The setting that stopped start-up when nothing else went wrong: raised before the
+    nursery starts (TLS files, database), or alone out of it (the listen address, with the
+    tasks started before it cancelled)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, UnusableSetting) else None

@@ -50,6 +50,16 @@ class DatabaseInUse(StoreError):
     pass
 
 
+class UnusableDatabase(StoreError):
+    """The path cannot hold a database: a directory, a file that is not SQLite, a place
+    where the file or its lock cannot be created. Another path is the fix, not a retry."""
+
+    def __init__(self, path: Path, why: str) -> None:
+        super().__init__(f"{path}: {why}")
+        self.path = path
+        self.why = why
+
+
 def _schema_sql() -> str:
     """schema.sql ships in the wheel as store/schema.sql; a checkout has it at the root."""
     packaged = importlib.resources.files("store").joinpath("schema.sql")
@@ -150,6 +160,31 @@ class LockFile:
             self.fd = -1
 
 
+SQLITE_HEADER: Final = b"SQLite format 3\x00"
+
+
+def _foreign_file(path: Path) -> bool:
+    """A file that is there but does not start as a SQLite database does. (SQLite would
+    refuse it too, and log an error line of its own besides.)"""
+    try:
+        with path.open("rb") as handle:
+            head = handle.read(len(SQLITE_HEADER))
+    except OSError:  # none yet (a new database), or unreadable: SQLite says which
+        return False
+    return bool(head) and head != SQLITE_HEADER
+
+
+def _connect(db_path: Path) -> apsw.Connection:
+    """The writer connection; a path SQLite cannot open or that is not a database is
+    UnusableDatabase. (apsw.bestpractice's hooks read the file as the connection opens.)"""
+    try:
+        return apsw.Connection(str(db_path))
+    except apsw.NotADBError as exc:
+        raise UnusableDatabase(db_path, "not a SQLite database") from exc
+    except apsw.CantOpenError as exc:
+        raise UnusableDatabase(db_path, f"SQLite cannot open it ({exc})") from exc
+
+
 @attrs.define
 class Store:
     """The writer connection plus the lock that makes it the only writer."""
@@ -163,10 +198,18 @@ class Store:
         _apply_best_practice()
         db_path = Path(path)
         if db_path.parent and not db_path.parent.exists():
-            raise StoreError(f"{db_path}: directory {db_path.parent} does not exist")
-        lock = LockFile.acquire(db_path)
+            raise UnusableDatabase(db_path, f"directory {db_path.parent} does not exist")
+        if db_path.is_dir():
+            raise UnusableDatabase(db_path, "is a directory, not a database file")
+        if _foreign_file(db_path):
+            raise UnusableDatabase(db_path, "not a SQLite database")
         try:
-            conn = apsw.Connection(str(db_path))
+            lock = LockFile.acquire(db_path)
+        except OSError as exc:  # e.g. a directory that is read-only, or /proc
+            why = exc.strerror.lower() if exc.strerror else str(exc)
+            raise UnusableDatabase(db_path, f"cannot create its lock file: {why}") from exc
+        try:
+            conn = _connect(db_path)
             conn.set_busy_timeout(BUSY_TIMEOUT_MS)
             conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB:d}")

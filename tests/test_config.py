@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import tomllib
 from datetime import timedelta
 from pathlib import Path
@@ -137,18 +139,27 @@ def test_defaults_are_spec_section_3(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert config.delivery.timeout == timedelta(seconds=15)
     assert config.delivery.max_age == timedelta(hours=72)
     assert config.delivery.concurrency == 8
+    assert config.delivery.per_endpoint_concurrency == 2
+    assert config.delivery.lease == timedelta(seconds=60)
 
 
 def test_example_file_lists_every_key_with_its_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Keys whose default follows another key are shown commented out, so that editing that
+    other key alone works; uncommented they hold the same defaults."""
     monkeypatch.chdir(tmp_path)
-    with EXAMPLE.open("rb") as handle:
+    text = EXAMPLE.read_text(encoding="utf-8")
+    commented = re.findall(r"^# ([a-z_]+ = .*)$", text, flags=re.MULTILINE)
+    assert [line.split(" =")[0] for line in commented] == ["per_endpoint_concurrency", "lease"]
+    uncommented = write(tmp_path, re.sub(r"^# ([a-z_]+ = )", r"\1", text, flags=re.MULTILINE))
+    with uncommented.open("rb") as handle:
         document = tomllib.load(handle)
     assert {s: set(t) for s, t in document.items()} == {
         name: set(model.model_fields) for name, model in SECTIONS.items()
     }
     assert load_config(EXAMPLE, {}, {}) == load_config(None, {}, {})
+    assert load_config(uncommented, {}, {}) == load_config(None, {}, {})
 
 
 def test_config_is_frozen() -> None:
@@ -215,6 +226,10 @@ def test_client_and_foreign_variables_are_ignored(tmp_path: Path) -> None:
         ('[server]\nlisten = "::1:4280"', "[server] listen: IPv6 addresses go in brackets"),
         ('[server]\nlisten = "[nope]:1"', "[server] listen: '[nope]' is not an IPv6"),
         ('[server]\nlisten = "bad host:1"', "[server] listen: 'bad host' is not a host"),
+        # a label over 63 characters, a name over 253: not host names (the resolver's codec
+        # would raise UnicodeError on the first)
+        (f'[server]\nlisten = "a.{"b" * 64}:1"', "[server] listen: 'a.bbbb"),
+        (f'[server]\nlisten = "{".".join(["a" * 60] * 5)}:1"', "[server] listen: 'aaaa"),
         ("[server]\nlisten = 4280", "[server] listen: expected HOST:PORT"),
         ("[server]\nmax_event_bytes = 0", "[server] max_event_bytes: must be at least 1"),
         ("[server]\nmax_event_bytes = 1.5", "[server] max_event_bytes: expected a whole number"),
@@ -245,6 +260,76 @@ def test_bad_values_name_file_section_key_and_why(
         return
     message = problems_of(path, {}, {})
     assert message.startswith(f"{path}: {expected}"), message
+
+
+# --- [delivery] extensions that follow the SPEC keys ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("timeout", "lease"),
+    [("60s", 90), (90, 120), ("2m", 150), ("30s", 60), ("1s", 60)],
+)
+@pytest.mark.parametrize("source", ["file", "env"])
+def test_any_timeout_alone_is_accepted_with_a_lease_that_outlives_it(
+    tmp_path: Path, source: str, timeout: str | int, lease: int
+) -> None:
+    """lease is not a SPEC key: unset, it follows timeout (timeout + 30s, at least 60s)."""
+    if source == "file":
+        config = load_config(
+            write(tmp_path, f"[delivery]\ntimeout = {json.dumps(timeout)}\n"), {}, {}
+        )
+    else:
+        config = load_config(None, {"TRIGD_DELIVERY_TIMEOUT": str(timeout)}, {})
+    assert config.delivery.lease == timedelta(seconds=lease)
+    assert config.delivery.lease > config.delivery.timeout
+
+
+@pytest.mark.parametrize(("concurrency", "per_endpoint"), [(1, 1), (2, 2), (3, 2), (8, 2)])
+def test_any_concurrency_alone_is_accepted(
+    tmp_path: Path, concurrency: int, per_endpoint: int
+) -> None:
+    path = write(tmp_path, f"[delivery]\nconcurrency = {concurrency}\n")
+    config = load_config(path, {}, {})
+    assert config.delivery.per_endpoint_concurrency == per_endpoint
+    from_env = load_config(None, {"TRIGD_DELIVERY_CONCURRENCY": str(concurrency)}, {})
+    assert from_env.delivery.per_endpoint_concurrency == per_endpoint
+
+
+def test_explicit_lease_and_per_endpoint_concurrency_are_kept(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[delivery]\ntimeout = "1m"\nlease = "5m"\nconcurrency = 1\nper_endpoint_concurrency = 1\n',
+    )
+    delivery = load_config(path, {}, {}).delivery
+    assert (delivery.lease, delivery.per_endpoint_concurrency) == (timedelta(minutes=5), 1)
+
+
+def test_explicit_conflicts_are_refused_naming_both_keys(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        '[delivery]\ntimeout = "60s"\nlease = "60s"\nconcurrency = 1\n'
+        "per_endpoint_concurrency = 2\n",
+    )
+    assert problems_of(path, {}, {}) == (
+        f"{path}: [delivery] lease: must be longer than timeout (1m), got 1m"
+    )
+    path = write(tmp_path, "[delivery]\nconcurrency = 1\nper_endpoint_concurrency = 2\n")
+    assert problems_of(path, {}, {}) == (
+        f"{path}: [delivery] per_endpoint_concurrency: must not exceed concurrency (1), got 2"
+    )
+    # lease from the file, timeout from the environment: the file's lease is named
+    path = write(tmp_path, '[delivery]\nlease = "90s"\n')
+    message = problems_of(path, {"TRIGD_DELIVERY_TIMEOUT": "2m"}, {})
+    assert message == f"{path}: [delivery] lease: must be longer than timeout (2m), got 1m30s"
+
+
+def test_invalid_timeout_and_concurrency_are_named_not_the_keys_that_follow_them() -> None:
+    env = {"TRIGD_DELIVERY_TIMEOUT": "soon", "TRIGD_DELIVERY_CONCURRENCY": "0"}
+    assert problems_of(None, env, {}).splitlines() == [
+        "TRIGD_DELIVERY_TIMEOUT: [delivery] timeout: expected a duration such as '90s', "
+        "'15m' or '1h30m', got 'soon'",
+        "TRIGD_DELIVERY_CONCURRENCY: [delivery] concurrency: must be at least 1, got 0",
+    ]
 
 
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:

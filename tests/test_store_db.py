@@ -11,7 +11,14 @@ import attrs
 import pytest
 
 from store.buckets import iter_buckets, read_bucket, write_bucket
-from store.db import SCHEMA_VERSION, DatabaseInUse, DatabaseTooNew, Store, StoreError
+from store.db import (
+    SCHEMA_VERSION,
+    DatabaseInUse,
+    DatabaseTooNew,
+    Store,
+    StoreError,
+    UnusableDatabase,
+)
 
 
 def test_fresh_database_gets_schema_wal_and_synchronous(tmp_path: Path) -> None:
@@ -145,6 +152,26 @@ def test_missing_directory_and_missing_readonly_file_are_errors(tmp_path: Path) 
         Store.open(tmp_path / "nope" / "t.db")
     with pytest.raises(StoreError, match="no such database"):
         Store.open_readonly(tmp_path / "absent.db")
+
+
+def test_a_path_that_cannot_hold_the_database_is_unusable(tmp_path: Path) -> None:
+    """UnusableDatabase (trigd serve: exit 2 naming [store] path), not a bare apsw or OS
+    error; and an empty file is a new database, as SQLite has it."""
+    (tmp_path / "dir.db").mkdir()
+    (tmp_path / "text.db").write_text("name,value\n")
+    cases = {
+        tmp_path / "dir.db": "is a directory, not a database file",
+        tmp_path / "text.db": "not a SQLite database",
+        tmp_path / "nope" / "t.db": f"directory {tmp_path / 'nope'} does not exist",
+        Path("/proc/trigd.db"): "cannot create its lock file: no such file or directory",
+    }
+    for path, why in cases.items():
+        with pytest.raises(UnusableDatabase) as caught:
+            Store.open(path)
+        assert (caught.value.path, caught.value.why) == (path, why)
+        assert str(caught.value) == f"{path}: {why}"
+    (tmp_path / "empty.db").touch()
+    Store.open(tmp_path / "empty.db").close()
 
 
 def _version_1_database(path: Path) -> None:
