@@ -9,6 +9,7 @@ its input line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -94,22 +95,31 @@ async def emit(url: str, token: str | None, items: list[tuple[str, Any]]) -> tup
         async with trio.open_nursery() as nursery:
 
             async def send_all() -> None:
-                for frame in frames:
-                    await ws.send_message(frame)
+                with contextlib.suppress(ConnectionClosed):  # the reader reports it
+                    for frame in frames:
+                        await ws.send_message(frame)
 
             nursery.start_soon(send_all)
-            for _ in range(len(frames)):
-                message = json.loads(await ws.get_message())
-                event_id = message.get("id")
-                known = waiting.pop(event_id, None) if event_id else None
-                if known is not None:
-                    where = known
-                else:
-                    where = unmatched.pop(0) if unmatched else f"event {event_id}"
-                if message.get("type") == "ack":
-                    acked += 1
-                else:
-                    rejected.append(f"{where}: {message.get('error', message)}")
+            try:
+                for _ in range(len(frames)):
+                    message = json.loads(await ws.get_message())
+                    event_id = message.get("id")
+                    known = waiting.pop(event_id, None) if event_id else None
+                    if known is not None:
+                        where = known
+                    else:
+                        where = unmatched.pop(0) if unmatched else f"event {event_id}"
+                    if message.get("type") == "ack":
+                        acked += 1
+                    else:
+                        rejected.append(f"{where}: {message.get('error', message)}")
+            except ConnectionClosed as exc:
+                # closed for a bad frame (1007, 1009) or going away: trigd answered every
+                # frame before it, so what is left was not stored (or not known to be)
+                why = failure_reason(exc)
+                rejected += [f"{where}: not acknowledged: {why}" for where in waiting.values()]
+                rejected += [f"{where}: not acknowledged: {why}" for where in unmatched]
+                nursery.cancel_scope.cancel()
     return acked, rejected
 
 

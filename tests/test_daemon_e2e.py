@@ -115,6 +115,29 @@ async def test_emit_reports_rejected_events_and_exits_1(tmp_path: Path) -> None:
             assert await daemon.stop() == 0
 
 
+async def test_emit_lists_what_was_not_acknowledged_when_trigd_closes_the_connection(
+    tmp_path: Path,
+) -> None:
+    config = write_config(tmp_path, server={"max_event_bytes": 2000})
+    huge = json.dumps(
+        {"event": "x", "resource": {"prefect.resource.id": "r"}, "payload": {"b": "x" * 5000}}
+    )
+    lines = [pressure("pump.1"), pressure("pump.2"), huge, pressure("pump.3"), pressure("pump.4")]
+    with trio.fail_after(60):
+        async with running_daemon(config) as daemon:
+            emitted = await trigd("emit", "--url", daemon.url, stdin="\n".join(lines) + "\n")
+            assert await daemon.stop() == 0
+    assert emitted.returncode == 1
+    assert b"2 acknowledged, 3 rejected" in emitted.stdout, emitted
+    errors = emitted.stderr.decode().splitlines()
+    assert [line.split(":")[0] for line in errors] == [
+        "rejected line 3",
+        "rejected line 4",
+        "rejected line 5",
+    ], errors
+    assert all("not acknowledged: the server closed the connection: 1009" in e for e in errors)
+
+
 async def test_status_shows_the_running_daemons_counters(tmp_path: Path) -> None:
     db = str(tmp_path / "trigd.db")
     with trio.fail_after(60):
