@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Final, Self
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -176,7 +177,15 @@ Duration = Annotated[
     BeforeValidator(_duration),
     PlainSerializer(format_duration, return_type=str, when_used="json"),
 ]
-PositiveDuration = Annotated[Duration, Field(gt=timedelta(0))]
+
+
+def _positive(value: timedelta) -> timedelta:
+    if value <= timedelta(0):
+        raise ValueError(f"must be longer than 0s, got {format_duration(value)}")
+    return value
+
+
+PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
 Count = Annotated[int, BeforeValidator(_count)]
 OptionalFile = Annotated[Path | None, BeforeValidator(_optional_path)]
 

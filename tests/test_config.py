@@ -236,7 +236,11 @@ def test_client_and_foreign_variables_are_ignored(tmp_path: Path) -> None:
         ("[server]\nauth_token = 7", "[server] auth_token: Input should be a valid string"),
         ('[store]\nsynchronous = "off"', "[store] synchronous: Input should be 'full' or"),
         ('[store]\npath = ""', "[store] path: must not be empty"),
-        ('[store]\nevent_retention = "0s"', "[store] event_retention: Input should be greater"),
+        ('[store]\nevent_retention = "0s"', "[store] event_retention: must be longer than 0s"),
+        (
+            "[triggers]\nproactive_granularity = 0",
+            "[triggers] proactive_granularity: must be longer than 0s, got 0s",
+        ),
         ("[ordering]\nmax_depth = -1", "[ordering] max_depth: must be at least 1"),
         ("[ordering]\nmax_depth = true", "[ordering] max_depth: expected a whole number"),
         ('[ordering]\nseen_expiration = "-1h"', "[ordering] seen_expiration: a duration cannot"),
