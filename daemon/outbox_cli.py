@@ -75,8 +75,15 @@ def _retry(path: str, row_id: str | None, dead: bool, out: TextIO, err: TextIO) 
             assert row_id is not None
             try:
                 outbox.revive(conn, row_id, now_us)
-            except (outbox.UnknownDelivery, IllegalMove) as exc:
+            except outbox.UnknownDelivery as exc:
                 print(f"trigd outbox retry: {exc.args[0]}", file=err)
+                return EXIT_FAILED
+            except IllegalMove as exc:
+                print(
+                    f"trigd outbox retry: {row_id} is {exc.state.value}, not dead: only dead "
+                    "deliveries are retried (the sender retries the others itself)",
+                    file=err,
+                )
                 return EXIT_FAILED
         print(f"{row_id} put back to pending", file=out)
         return EXIT_OK

@@ -215,7 +215,7 @@ def test_list_and_retry_commands(store: Store, tmp_path: Path) -> None:
 
     code, _, err = run(db, "retry", id="ok")
     assert code == 1
-    assert "cannot revive a delivery that is delivered" in err
+    assert "trigd outbox retry: ok is delivered, not dead: only dead deliveries" in err
     code, _, err = run(db, "retry", id="missing")
     assert (code, err.strip()) == (1, "trigd outbox retry: no delivery with id 'missing'")
 
