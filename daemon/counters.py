@@ -44,28 +44,37 @@ class CounterSource:
         )
 
 
+_SHOWN: Final = {
+    "ingest": (
+        ("connections", "connections open"),
+        ("connections_total", "connections in all"),
+        ("events", "events"),
+        ("rejected", "rejected frames"),
+        ("handshakes_refused", "refused handshakes"),
+        ("pings", "pings"),
+    ),
+    "evaluator": (
+        ("batches", "batches"),
+        ("largest_batch", "events in the largest"),
+        ("events", "events"),
+        ("duplicates", "duplicates"),
+        ("parked", "parked"),
+        ("internal_errors", "internal errors"),
+        ("store_retries", "store retries"),
+    ),
+}
+"""The counters `trigd status` prints, per group, in order, with their nouns."""
+
+
 def describe(snapshot: Mapping[str, Any]) -> list[str]:
     """Status lines for a stored snapshot (see `CounterSource.snapshot`)."""
     lines = [
         f"daemon: pid {snapshot.get('pid')}, started {snapshot.get('started')}, "
         f"counters as of {snapshot.get('as_of')}"
     ]
-    ingest = snapshot.get("ingest")
-    if isinstance(ingest, dict):
-        lines.append(
-            f"  ingest: {ingest.get('connections', 0)} connections open "
-            f"({ingest.get('connections_total', 0)} in all), {ingest.get('events', 0)} events, "
-            f"{ingest.get('rejected', 0)} rejected frames, "
-            f"{ingest.get('handshakes_refused', 0)} refused handshakes, "
-            f"{ingest.get('pings', 0)} pings"
-        )
-    evaluator = snapshot.get("evaluator")
-    if isinstance(evaluator, dict):
-        lines.append(
-            f"  evaluator: {evaluator.get('batches', 0)} batches "
-            f"(largest {evaluator.get('largest_batch', 0)}), {evaluator.get('events', 0)} events, "
-            f"{evaluator.get('duplicates', 0)} duplicates, {evaluator.get('parked', 0)} parked, "
-            f"{evaluator.get('internal_errors', 0)} internal errors, "
-            f"{evaluator.get('store_retries', 0)} store retries"
-        )
+    for group, shown in _SHOWN.items():
+        values = snapshot.get(group)
+        if isinstance(values, dict):
+            counts = ", ".join(f"{values.get(key, 0)} {noun}" for key, noun in shown)
+            lines.append(f"  {group}: {counts}")
     return lines
