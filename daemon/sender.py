@@ -49,7 +49,7 @@ from daemon import __version__
 from daemon.acting import action_event
 from daemon.action_models import CallWebhook
 from daemon.clock import from_us, to_us, wall_clock
-from daemon.config import DeliveryConfig
+from daemon.config import LEASE_MARGIN, DeliveryConfig
 from daemon.delivery import (
     AttemptOutcome,
     Dead,
@@ -205,6 +205,12 @@ def _claim(
     return rows, next_due
 
 
+def _extend_lease(conn: apsw.Connection, row_id: str, held_us: int, until_us: int) -> bool:
+    with conn:
+        extended = outbox.extend_lease(conn, row_id, held_us, until_us)
+    return extended
+
+
 def _release_all(conn: apsw.Connection, now_us: int) -> int:
     with conn:
         released = outbox.release_leases(conn, now_us, everything=True)
@@ -322,10 +328,37 @@ class Sender:
             return
         action = triggered.action
         if isinstance(action, CallWebhook):
+            held = await self._hold_for(row, self._timeout(action))
+            if held is None:
+                log.warning(
+                    "delivery %s: lease lost before the attempt; it will be retried", row.id
+                )
+                return
+            row = held
             result = await self._call(row, triggered, action)
         else:
             result = _Result(self._clock(), AttemptOutcome(status_code=200), Delivered(), 0)
         await self._finish(row, triggered, result)
+
+    def _timeout(self, action: CallWebhook) -> float:
+        """Seconds one attempt may take: the action's own `timeout`, else the config's."""
+        if action.timeout is not None:
+            return action.timeout
+        return self._settings.timeout.total_seconds()
+
+    async def _hold_for(self, row: outbox.OutboxRow, seconds: float) -> outbox.OutboxRow | None:
+        """The row, its lease long enough for an attempt of `seconds` and the commit of its
+        result: an action may allow more time than the configured lease, which would
+        otherwise run out mid-request and have the row sent again beside it (and the
+        result, even a 2xx, dropped). None when the row no longer holds its lease."""
+        held = row.lease_until_us
+        needed = to_us(self._clock() + timedelta(seconds=seconds) + LEASE_MARGIN)
+        if held is None or needed <= held:
+            return row
+        extended = await Backoff(log, f"extending the lease of delivery {row.id}").call(
+            lambda: self._gateway.run(_extend_lease, row.id, held, needed)
+        )
+        return attrs.evolve(row, lease_until_us=needed) if extended else None
 
     async def _finish(
         self, row: outbox.OutboxRow, triggered: TriggeredAction | None, result: _Result
@@ -384,9 +417,7 @@ class Sender:
                 reason = f"Webhook call failed: {exc}"
                 return _Result(attempted, AttemptOutcome(error=reason), Dead(reason), None)
             headers["webhook-signature"] = sign(key, msg_id, timestamp, body)
-        timeout = (
-            action.timeout if action.timeout is not None else self._settings.timeout.total_seconds()
-        )
+        timeout = self._timeout(action)
         started = trio.current_time()
         try:
             with trio.fail_after(timeout):

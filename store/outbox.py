@@ -225,6 +225,17 @@ def claim(
     return claimed
 
 
+def extend_lease(conn: apsw.Connection, row_id: str, held_us: int, until_us: int) -> bool:
+    """Push a claimed row's lease from `held_us` out to `until_us` (an attempt allowed to
+    take longer than the configured lease); False when the row no longer holds `held_us`."""
+    conn.execute(
+        "UPDATE outbox SET lease_until_us = ? "
+        "WHERE id = ? AND status = 'in_flight' AND lease_until_us = ?",
+        (until_us, row_id, held_us),
+    )
+    return conn.changes() > 0
+
+
 def next_due_us(conn: apsw.Connection, *, after_us: int) -> int | None:
     """When the next pending row falls due, strictly after `after_us`. Rows due already but
     left unclaimed are waiting for a slot, which wakes the sender by itself."""

@@ -431,6 +431,38 @@ async def test_slow_endpoint_does_not_hold_back_others(nursery: trio.Nursery, st
     assert done == {str(t.id) for t in slow_rows}
 
 
+async def test_an_action_timeout_longer_than_the_lease_keeps_the_row_its_own(
+    nursery: trio.Nursery, store: Store
+) -> None:
+    release = trio.Event()
+
+    async def slow_handler(request: Request) -> Reply:
+        await release.wait()
+        return Reply(200)
+
+    receiver = await nursery.start(run_receiver, slow_handler)
+    clock = JumpingClock(auto=False)
+    harness = await start(nursery, store, clock=clock, lease=timedelta(seconds=60))
+    triggered = webhook(receiver, timeout=300)  # the action may take 5 minutes
+    await harness.enqueue(triggered)
+    await receiver.next_request()
+    lease_until = harness.row(triggered).lease_until_us
+    assert lease_until is not None
+    assert lease_until >= to_us(T0 + timedelta(seconds=300))  # the attempt plus its commit
+
+    clock.advance_to(T0 + timedelta(seconds=90))  # past the configured lease
+    harness.sender.notify()  # a claim pass, which releases expired leases
+    with trio.move_on_after(1):
+        await receiver.next_request()
+    assert len(receiver.requests) == 1  # not sent again beside the open request
+
+    release.set()
+    event = await harness.next_event()
+    assert event.event == "prefect.automation.action.executed"
+    assert harness.row(triggered).status is DeliveryState.DELIVERED
+    assert [a.status_code for a in harness.attempts(triggered)] == [200]
+
+
 async def test_row_left_in_flight_by_a_crash_is_sent_again(
     nursery: trio.Nursery, store: Store
 ) -> None:
