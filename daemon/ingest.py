@@ -420,12 +420,21 @@ def tls_context(settings: ServerConfig) -> ssl.SSLContext | None:
         why = "encrypted with a passphrase; trigd needs the key unencrypted"
         raise UnusableSetting("server", "tls_key", key, why) from None
     except ssl.SSLError as exc:
+        if exc.reason in _WEAK_CERTIFICATE:  # OpenSSL's security level refused the chain
+            why = f"refused by OpenSSL as too weak ({exc.reason}); use a stronger key or hash"
+            raise UnusableSetting("server", "tls_cert", cert, why) from exc
         mismatch = exc.reason == "KEY_VALUES_MISMATCH"
         why = f"not the private key of {cert}" if mismatch else "not a PEM private key"
         raise UnusableSetting("server", "tls_key", key, why) from exc
     except OSError as exc:
         raise UnusableSetting("server", "tls_key", key, _os_reason(exc)) from exc
     return context
+
+
+_WEAK_CERTIFICATE: Final = frozenset(
+    {"EE_KEY_TOO_SMALL", "CA_KEY_TOO_SMALL", "CA_MD_TOO_WEAK", "EE_MD_TOO_WEAK"}
+)
+"""OpenSSL's reasons for refusing a certificate (not its key) in `load_cert_chain`."""
 
 
 class _EncryptedKey(Exception):

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Final
 
@@ -175,6 +176,42 @@ def test_tls_files_that_cannot_serve_exit_2_naming_the_file(
         f"trigd serve: [server] {blamed} {files[blamed]}: {why.format(cert=files['tls_cert'])}",
     )
     assert not (tmp_path / "trigd.db").exists()  # checked before the database is opened
+
+
+def test_a_certificate_openssl_finds_too_weak_is_blamed_on_tls_cert(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # below level 2
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.now(UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + timedelta(days=1))
+        .sign(key, hashes.SHA256())
+    )
+    files = {"tls_cert": tmp_path / "cert.pem", "tls_key": tmp_path / "key.pem"}
+    files["tls_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files["tls_key"].write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    config = write_config(tmp_path, server={k: str(v) for k, v in files.items()})
+    code, message = failure("serve", "--config", str(config))
+    assert code == 2
+    assert message.startswith(
+        f"trigd serve: [server] tls_cert {files['tls_cert']}: refused by OpenSSL as too weak"
+    ), message
 
 
 async def test_a_certificate_and_its_key_serve_wss(tmp_path: Path) -> None:
