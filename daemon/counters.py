@@ -24,7 +24,7 @@ def _stamp(value: datetime) -> str:
     return value.isoformat().replace("+00:00", "Z")
 
 
-@attrs.frozen
+@attrs.define
 class CounterSource:
     """Where a snapshot comes from: the process, and its counter groups (attrs classes,
     such as ``IngestStats`` and ``EvaluatorStats``), read when a snapshot is taken."""
@@ -32,16 +32,23 @@ class CounterSource:
     pid: int
     started: datetime
     groups: Mapping[str, Any]
+    _stored: dict[str, Any] | None = None
+    _taken: dict[str, Any] | None = None
 
-    def snapshot(self, now: datetime) -> str:
+    def snapshot(self, now: datetime) -> str | None:
+        """The counters as JSON, or None when none changed since the last snapshot that
+        was `stored`: an idle daemon does not write (and fsync) the same row every pass."""
+        counts = {name: attrs.asdict(group) for name, group in self.groups.items()}
+        if counts == self._stored:
+            return None
+        self._taken = counts
         return json.dumps(
-            {
-                "pid": self.pid,
-                "started": _stamp(self.started),
-                "as_of": _stamp(now),
-                **{name: attrs.asdict(group) for name, group in self.groups.items()},
-            }
+            {"pid": self.pid, "started": _stamp(self.started), "as_of": _stamp(now), **counts}
         )
+
+    def stored(self) -> None:
+        """The last snapshot was committed."""
+        self._stored = self._taken
 
 
 _SHOWN: Final = {

@@ -109,6 +109,8 @@ async def run_sweeper(
             log.exception("periodic pass failed; trying again in %.3gs", period)
         else:
             trouble.cleared()
+            if counters is not None:
+                counters.stored()
             on_commit()
             if report.swept_buckets or report.pruned_events or report.pruned_outbox:
                 log.debug("periodic pass: %s", report)

@@ -1,0 +1,53 @@
+"""The counter snapshots the sweeper stores for `trigd status` (daemon/counters.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+from daemon.counters import CounterSource, describe
+from daemon.evaluator import EvaluatorStats
+from daemon.ingest import IngestStats
+
+T0 = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
+
+
+def test_a_snapshot_is_taken_only_when_a_counter_changed_since_the_last_one_stored() -> None:
+    ingest = IngestStats()
+    source = CounterSource(7, T0, {"ingest": ingest})
+    first = source.snapshot(T0)
+    assert first is not None
+    assert source.snapshot(T0 + timedelta(seconds=5)) is not None  # the first was not stored
+    source.stored()
+    assert source.snapshot(T0 + timedelta(seconds=10)) is None  # idle: nothing to write
+    ingest.rejected += 1
+    changed = source.snapshot(T0 + timedelta(seconds=15))
+    assert changed is not None
+    assert json.loads(changed) == {
+        "pid": 7,
+        "started": "2026-12-03T08:00:00Z",
+        "as_of": "2026-12-03T08:00:15Z",
+        "ingest": {
+            "connections": 0,
+            "connections_total": 0,
+            "events": 0,
+            "rejected": 1,
+            "pings": 0,
+            "handshakes_refused": 0,
+        },
+    }
+
+
+def test_status_lines_name_every_counter() -> None:
+    source = CounterSource(
+        7, T0, {"ingest": IngestStats(events=5, rejected=2), "evaluator": EvaluatorStats(batches=3)}
+    )
+    snapshot = source.snapshot(T0)
+    assert snapshot is not None
+    assert describe(json.loads(snapshot)) == [
+        "daemon: pid 7, started 2026-12-03T08:00:00Z, counters as of 2026-12-03T08:00:00Z",
+        "  ingest: 0 connections open, 0 connections in all, 5 events, 2 rejected frames, "
+        "0 refused handshakes, 0 pings",
+        "  evaluator: 3 batches, 0 events in the largest, 0 events, 0 duplicates, 0 parked, "
+        "0 internal errors, 0 store retries",
+    ]
