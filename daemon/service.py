@@ -134,11 +134,15 @@ async def serve(
     TLS files and the database here, the listen address when ingest starts) raises
     UnusableSetting."""
     tls = tls_context(config.server)
-    store = open_store(config.store)
+    store = await _open_store_once_unlocked(config.store)
     try:
         gateway = StoreGateway(store)
         engine = engine_for(config)
-        await gateway.run(engine.load_automations, automations, clock())
+        # the store may be locked by another process for a while (`trigd outbox retry`):
+        # wait, as every writing task does, rather than fail to start
+        await Backoff(log, "loading the automations").call(
+            lambda: gateway.run(engine.load_automations, automations, clock())
+        )
         notifier = Notifier(env)
         await _run(config, gateway, engine, notifier, clock, tls)
     finally:
@@ -152,6 +156,20 @@ def open_store(settings: StoreConfig) -> Store:
         return Store.open(settings.path, synchronous=settings.synchronous)
     except UnusableDatabase as exc:
         raise UnusableSetting("store", "path", exc.path, exc.why) from exc
+
+
+async def _open_store_once_unlocked(settings: StoreConfig) -> Store:
+    """`open_store`, waiting while another process (not a trigd: that one is refused at
+    once) holds the database's write lock, as the writing tasks wait later on."""
+    trouble = Backoff(log, "opening the database")
+    while True:
+        try:
+            store = open_store(settings)
+        except (apsw.BusyError, apsw.LockedError) as exc:
+            await trouble.wait(exc)
+            continue
+        trouble.cleared()
+        return store
 
 
 async def _run(

@@ -144,6 +144,32 @@ async def test_daemon_outlives_a_locked_store_when_a_retry_falls_due(tmp_path: P
 
 
 @pytest.mark.slow
+async def test_start_up_waits_for_a_store_another_process_has_locked(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "trigd.db"
+    Store.open(db).close()  # opening it again needs the write lock for a moment
+    automations = write_automations(tmp_path, [burst_automation("http://127.0.0.1:9/hook")])
+    config = write_config(tmp_path, [automations])
+    with trio.fail_after(40):
+        async with trio.open_nursery() as nursery:
+            locked = trio.Event()
+
+            async def hold_the_lock() -> None:
+                with write_lock(db):
+                    locked.set()
+                    await trio.sleep(LOCK_HELD)
+
+            nursery.start_soon(hold_the_lock)
+            await locked.wait()
+            async with running_daemon(config) as daemon:  # listening once the lock is gone
+                assert "store trouble while opening the database" in daemon.log
+                assert "opening the database went through" in daemon.log
+                assert "Traceback" not in daemon.log
+                assert stored_names(db) == {"pump pressure burst"}
+                assert await daemon.stop() == 0
+
+
 async def test_sighup_while_the_store_is_locked_keeps_the_old_automations(
     tmp_path: Path,
 ) -> None:
