@@ -438,6 +438,11 @@ def main() -> int:
         "--profile", metavar="OUT", help="record the daemon with py-spy (collapsed stacks) to OUT"
     )
     args = parser.parse_args()
+    py_spy = Path(sys.executable).parent / "py-spy"
+    if args.profile and not py_spy.exists():
+        parser.error(
+            f"--profile needs py-spy beside this Python: {py_spy.parent}/pip install py-spy"
+        )
     count = args.events or (10_000 if args.quick else 100_000)
     paced_seconds = (
         args.paced_seconds if args.paced_seconds is not None else (5.0 if args.quick else 20.0)
@@ -457,7 +462,7 @@ def main() -> int:
             if args.profile:
                 spy = subprocess.Popen(
                     [
-                        str(Path(sys.executable).parent / "py-spy"),
+                        str(py_spy),
                         "record",
                         "--pid",
                         str(daemon.pid),
