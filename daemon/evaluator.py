@@ -41,6 +41,7 @@ from daemon.engine import Outcome
 from daemon.events import ReceivedEvent
 from daemon.gateway import StoreGateway
 from daemon.store_trouble import STORE_TROUBLE, Backoff
+from store.db import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def engine_transaction(conn: apsw.Connection, engine: ForgetsOnRollback) -> Iter
     """A transaction of ``conn``; if it does not commit, ``engine`` forgets what it cached
     from it (the evaluator, the inbox pump and the sweeper)."""
     try:
-        with conn:
+        with write_transaction(conn):
             yield
     except BaseException:
         engine.rolled_back()  # the COMMIT itself may be what failed

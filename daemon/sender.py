@@ -68,6 +68,7 @@ from daemon.gateway import StoreGateway
 from daemon.store_trouble import STORE_TROUBLE, Backoff
 from daemon.templates import RenderFailed, webhook_body
 from store import outbox
+from store.db import write_transaction
 from store.events import push_inbox
 
 log = logging.getLogger(__name__)
@@ -159,7 +160,7 @@ def _commit(
     """Record the attempt and move the row, in one transaction. False when the row is no
     longer ours: its lease expired and it was released (and perhaps claimed again)
     meanwhile, which a commit retried through store trouble can find."""
-    with conn:
+    with write_transaction(conn):
         if not outbox.holds_lease(conn, row.id, row.lease_until_us):
             return False
         outbox.record_attempt(
@@ -196,7 +197,7 @@ def _claim(
     per_endpoint: int,
     busy: dict[str | None, int],
 ) -> tuple[list[outbox.OutboxRow], int | None]:
-    with conn:
+    with write_transaction(conn):
         outbox.release_leases(conn, now_us)
         rows = outbox.claim(
             conn, now_us, lease_until_us, limit=limit, per_endpoint=per_endpoint, busy=busy
@@ -206,13 +207,13 @@ def _claim(
 
 
 def _extend_lease(conn: apsw.Connection, row_id: str, held_us: int, until_us: int) -> bool:
-    with conn:
+    with write_transaction(conn):
         extended = outbox.extend_lease(conn, row_id, held_us, until_us)
     return extended
 
 
 def _release_all(conn: apsw.Connection, now_us: int) -> int:
-    with conn:
+    with write_transaction(conn):
         released = outbox.release_leases(conn, now_us, everything=True)
     return released
 

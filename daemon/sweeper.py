@@ -31,6 +31,7 @@ from daemon.ordering import CausalOrdering
 from daemon.store_trouble import STORE_TROUBLE, Backoff
 from store import events as events_store
 from store import outbox as outbox_store
+from store.db import write_transaction
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def sweep(
         next_proactive = engine.proactive(conn, now)
         swept = engine.periodic(conn, now)
     report = SweepReport(next_proactive, swept_buckets=swept)
-    with conn:
+    with write_transaction(conn):
         ordering = CausalOrdering(ORDERING_SCOPE, conn, seen_expiration=engine.seen_expiration)
         report.expired_seen = ordering.expire_seen(now)
         report.pruned_events = events_store.prune_events(

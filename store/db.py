@@ -100,6 +100,28 @@ def in_chunks(ids: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
         yield chunk, ",".join("?" * len(chunk))
 
 
+@contextlib.contextmanager
+def write_transaction(conn: apsw.Connection) -> Iterator[apsw.Connection]:
+    """One top-level ``BEGIN IMMEDIATE`` transaction: committed when the block ends,
+    rolled back when it raises or when the COMMIT itself fails.
+
+    The same as ``with conn:``, except for the GIL. apsw keeps it through the COMMIT of its
+    context manager, fsync included, while ``execute("COMMIT")`` lets it go. The daemon's
+    trio thread (reading and parsing frames, sending acks) then runs during the fsync
+    instead of waiting it out (docs/PERFORMANCE.md), which matters most where fsync is
+    slow (SD cards, eMMC). Blocks inside may use
+    ``with conn:``, which becomes a savepoint; this one may not be nested.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:  # a failed COMMIT may have rolled back already
+            conn.execute("ROLLBACK")
+        raise
+
+
 def user_version(conn: apsw.Connection) -> int:
     row = conn.execute("PRAGMA user_version").fetchone()
     assert row is not None

@@ -18,6 +18,7 @@ from store.db import (
     Store,
     StoreError,
     UnusableDatabase,
+    write_transaction,
 )
 
 
@@ -232,3 +233,46 @@ def test_fresh_and_migrated_databases_have_the_same_schema(tmp_path: Path) -> No
             conn.close()
 
     assert layout(tmp_path / "old.db") == layout(tmp_path / "new.db")
+
+
+def test_write_transaction_commits_rolls_back_and_survives_a_failed_commit(
+    tmp_path: Path,
+) -> None:
+    store = Store.open(tmp_path / "t.db")
+    conn = store.conn
+    try:
+        conn.execute(
+            "CREATE TABLE parent (id INTEGER PRIMARY KEY);"
+            "CREATE TABLE child (parent_id INTEGER REFERENCES parent (id)"
+            " DEFERRABLE INITIALLY DEFERRED)"
+        )
+        with write_transaction(conn):
+            conn.execute("INSERT INTO parent VALUES (1)")
+            with conn:  # a savepoint inside
+                conn.execute("INSERT INTO child VALUES (1)")
+        assert not conn.in_transaction
+
+        def failing_block() -> None:
+            with write_transaction(conn):
+                conn.execute("INSERT INTO parent VALUES (2)")
+                raise RuntimeError("a bug in the block")
+
+        with pytest.raises(RuntimeError):
+            failing_block()
+        assert not conn.in_transaction
+
+        def failing_commit() -> None:
+            with write_transaction(conn):
+                conn.execute("INSERT INTO parent VALUES (3)")
+                conn.execute("INSERT INTO child VALUES (99)")  # checked at COMMIT
+
+        # the COMMIT fails: the transaction is rolled back rather than left open for the
+        # next caller's BEGIN to trip over
+        with pytest.raises(apsw.ConstraintError):
+            failing_commit()
+        assert not conn.in_transaction
+
+        assert conn.execute("SELECT id FROM parent ORDER BY id").fetchall() == [(1,)]
+        assert conn.execute("SELECT parent_id FROM child").fetchall() == [(1,)]
+    finally:
+        store.close()
