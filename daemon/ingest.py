@@ -60,6 +60,7 @@ from daemon.handshake import (
     reply_frame,
 )
 from daemon.handshake import decide as decide_handshake
+from store.db import os_reason
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +412,7 @@ def tls_context(settings: ServerConfig) -> ssl.SSLContext | None:
     try:  # the certificate alone first, so that a problem is blamed on the right file
         ssl.create_default_context().load_verify_locations(cafile=cert)
     except OSError as exc:  # ssl.SSLError included
-        why = "not a PEM certificate" if isinstance(exc, ssl.SSLError) else _os_reason(exc)
+        why = "not a PEM certificate" if isinstance(exc, ssl.SSLError) else os_reason(exc)
         raise UnusableSetting("server", "tls_cert", cert, why) from exc
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
@@ -427,7 +428,7 @@ def tls_context(settings: ServerConfig) -> ssl.SSLContext | None:
         why = f"not the private key of {cert}" if mismatch else "not a PEM private key"
         raise UnusableSetting("server", "tls_key", key, why) from exc
     except OSError as exc:
-        raise UnusableSetting("server", "tls_key", key, _os_reason(exc)) from exc
+        raise UnusableSetting("server", "tls_key", key, os_reason(exc)) from exc
     return context
 
 
@@ -446,10 +447,6 @@ def _refuse_passphrase() -> str:
     raise _EncryptedKey
 
 
-def _os_reason(exc: OSError) -> str:
-    return exc.strerror.lower() if exc.strerror else str(exc)  # e.g. permission denied
-
-
 def listen_problem(settings: ServerConfig, exc: OSError) -> UnusableSetting:
     """Why the listening socket could not be opened, as the ``listen`` setting. The port
     taken by another process and a name the resolver cannot look up for now are not
@@ -466,7 +463,7 @@ def listen_problem(settings: ServerConfig, exc: OSError) -> UnusableSetting:
     elif exc.errno == errno.EACCES and settings.port < 1024:
         why = f"permission denied: port {settings.port} needs privileges (CAP_NET_BIND_SERVICE)"
     else:
-        why = _os_reason(exc)
+        why = os_reason(exc)
     return UnusableSetting("server", "listen", settings.listen, why)
 
 

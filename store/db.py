@@ -182,6 +182,11 @@ class LockFile:
             self.fd = -1
 
 
+def os_reason(exc: OSError) -> str:
+    """Why an OS call failed, in words: "permission denied" rather than the errno repr."""
+    return exc.strerror.lower() if exc.strerror else str(exc)
+
+
 SQLITE_HEADER: Final = b"SQLite format 3\x00"
 
 
@@ -228,7 +233,7 @@ class Store:
         try:
             lock = LockFile.acquire(db_path)
         except OSError as exc:  # e.g. a directory that is read-only, or /proc
-            why = exc.strerror.lower() if exc.strerror else str(exc)
+            why = os_reason(exc)
             raise UnusableDatabase(db_path, f"cannot create its lock file: {why}") from exc
         try:
             conn = _connect(db_path)
