@@ -161,15 +161,13 @@ def open_store(settings: StoreConfig) -> Store:
 async def _open_store_once_unlocked(settings: StoreConfig) -> Store:
     """`open_store`, waiting while another process (not a trigd: that one is refused at
     once) holds the database's write lock, as the writing tasks wait later on."""
-    trouble = Backoff(log, "opening the database")
-    while True:
-        try:
-            store = open_store(settings)
-        except (apsw.BusyError, apsw.LockedError) as exc:
-            await trouble.wait(exc)
-            continue
-        trouble.cleared()
-        return store
+
+    async def attempt() -> Store:
+        return open_store(settings)
+
+    return await Backoff(log, "opening the database").call(
+        attempt, retry_on=(apsw.BusyError, apsw.LockedError)
+    )
 
 
 async def _run(

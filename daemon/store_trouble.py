@@ -82,12 +82,17 @@ class Backoff:
         self.retries = 0
         self._cause = None
 
-    async def call(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        """`attempt()` until the store takes it; any other exception propagates."""
+    async def call(
+        self,
+        attempt: Callable[[], Awaitable[T]],
+        retry_on: tuple[type[BaseException], ...] = STORE_TROUBLE,
+    ) -> T:
+        """`attempt()` until the store takes it (`retry_on`: what counts as store trouble
+        here); any other exception propagates."""
         while True:
             try:
                 result = await attempt()
-            except STORE_TROUBLE as exc:
+            except retry_on as exc:
                 await self.wait(exc)
                 continue
             self.cleared()
