@@ -109,8 +109,8 @@ def write_transaction(conn: apsw.Connection) -> Iterator[apsw.Connection]:
     context manager, fsync included, while ``execute("COMMIT")`` lets it go. The daemon's
     trio thread (reading and parsing frames, sending acks) then runs during the fsync
     instead of waiting it out (docs/PERFORMANCE.md), which matters most where fsync is
-    slow (SD cards, eMMC). Blocks inside may use
-    ``with conn:``, which becomes a savepoint; this one may not be nested.
+    slow (SD cards, eMMC). Blocks inside may use ``with conn:``, which becomes a
+    savepoint; this one may not be nested.
     """
     conn.execute("BEGIN IMMEDIATE")
     try:

@@ -160,12 +160,15 @@ def release_leases(conn: apsw.Connection, now_us: int, *, everything: bool = Fal
     return len(ids)
 
 
+_UNDER_LEASE: Final = "id = ? AND status = 'in_flight' AND lease_until_us = ?"
+"""The row is still in flight under the lease its claim gave it (params: id, lease)."""
+
+
 def holds_lease(conn: apsw.Connection, row_id: str, lease_until_us: int | None) -> bool:
     """Whether the row is still in flight under this lease, the one a claim gave it: not
     released since, nor claimed again (a new claim gives a later lease)."""
     found = conn.execute(
-        "SELECT 1 FROM outbox WHERE id = ? AND status = 'in_flight' AND lease_until_us = ?",
-        (row_id, lease_until_us),
+        f"SELECT 1 FROM outbox WHERE {_UNDER_LEASE}", (row_id, lease_until_us)
     ).fetchone()
     return found is not None
 
@@ -229,9 +232,7 @@ def extend_lease(conn: apsw.Connection, row_id: str, held_us: int, until_us: int
     """Push a claimed row's lease from `held_us` out to `until_us` (an attempt allowed to
     take longer than the configured lease); False when the row no longer holds `held_us`."""
     conn.execute(
-        "UPDATE outbox SET lease_until_us = ? "
-        "WHERE id = ? AND status = 'in_flight' AND lease_until_us = ?",
-        (until_us, row_id, held_us),
+        f"UPDATE outbox SET lease_until_us = ? WHERE {_UNDER_LEASE}", (until_us, row_id, held_us)
     )
     return conn.changes() > 0
 
