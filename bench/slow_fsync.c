@@ -14,26 +14,24 @@
 #include <stdlib.h>
 #include <unistd.h>
 
-static useconds_t added_delay(void)
+/* Sleep SLOW_SYNC_US (default 10,000), then call the libc function `name`. */
+static int delayed(int (**real)(int), const char *name, int fd)
 {
+    if (!*real)
+        *real = (int (*)(int))dlsym(RTLD_NEXT, name);
     const char *text = getenv("SLOW_SYNC_US");
-    return text ? (useconds_t)atoi(text) : 10000;
+    usleep(text ? (useconds_t)atoi(text) : 10000);
+    return (*real)(fd);
 }
 
 int fdatasync(int fd)
 {
     static int (*real)(int);
-    if (!real)
-        real = (int (*)(int))dlsym(RTLD_NEXT, "fdatasync");
-    usleep(added_delay());
-    return real(fd);
+    return delayed(&real, "fdatasync", fd);
 }
 
 int fsync(int fd)
 {
     static int (*real)(int);
-    if (!real)
-        real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
-    usleep(added_delay());
-    return real(fd);
+    return delayed(&real, "fsync", fd);
 }
