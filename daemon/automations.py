@@ -119,9 +119,10 @@ def _with_stable_ids(trigger: Any, automation_id: UUID, path: str) -> Any:
 
 
 class Automation(BaseModel):
-    """An automation as stored and returned by Prefect, with trigd's stable ids."""
+    """An automation as stored and returned by Prefect, with trigd's stable ids. Its
+    validation errors never show the input, which may hold secrets."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     name: str
     description: str = ""

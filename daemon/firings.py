@@ -71,7 +71,7 @@ class TriggeredAction(BaseModel):
     """One action to perform because an automation fired; `id` is the delivery's
     idempotency key (the `webhook-id` on every retry)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)
 
     automation: Automation
     id: UUID = Field(default_factory=uuid7)
