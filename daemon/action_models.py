@@ -13,7 +13,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 import jinja2
@@ -28,6 +28,8 @@ from pydantic import (
     Field,
     Tag,
 )
+
+from daemon.references import UnresolvedReference, resolve
 
 MAX_TEMPLATE_LOOPS: Final = 10
 MAX_TEMPLATE_LOOP_DEPTH: Final = 2
@@ -126,12 +128,15 @@ def header_name_problem(name: str) -> str | None:
     return None if why is None else f"header {name!r} cannot be set by an automation: {why}"
 
 
+HEADER_VALUE_RULE: Final = (
+    "printable ASCII, without CR, LF, NUL or other control characters and without leading "
+    "or trailing whitespace"
+)
+
+
 def header_value_problem(name: str) -> str:
     """The complaint about a bad value, naming the header but never the value (a secret)."""
-    return (
-        f"header {name!r}: the value must be printable ASCII, without CR, LF, NUL or other "
-        "control characters and without leading or trailing whitespace"
-    )
+    return f"header {name!r}: the value must be {HEADER_VALUE_RULE}"
 
 
 def valid_header_value(value: str) -> bool:
@@ -173,6 +178,49 @@ class CallWebhook(BaseModel):
     secret: str | None = None
     timeout: float | None = Field(default=None, gt=0)
     """Seconds; None means the sender's default."""
+
+
+class ResolvedWebhook(NamedTuple):
+    """What the sender sends with: the action's headers and secret, references resolved."""
+
+    headers: dict[str, str]
+    secret: str | None
+
+
+class UnresolvedReferences(ValueError):
+    """Every reference of one action that cannot be used, one problem per field."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = tuple(problems)
+
+
+def resolve_webhook(action: CallWebhook, environ: Mapping[str, str]) -> ResolvedWebhook:
+    """The action's headers and secret with `env:`/`file:`/`credential:` references
+    resolved (`daemon.references`), each header value checked again once resolved.
+    UnresolvedReferences names each field and reference that fails, never a value."""
+    problems: list[str] = []
+    headers: dict[str, str] = {}
+    for name, written in action.headers.items():
+        try:
+            value = resolve(written, environ)
+        except UnresolvedReference as exc:
+            problems.append(f"headers.{name}: {exc}")
+            continue
+        if not valid_header_value(value):  # a literal was checked already; a resolved one not
+            problems.append(
+                f"headers.{name}: the value {written!r} resolves to must be {HEADER_VALUE_RULE}"
+            )
+        headers[name] = value
+    secret = action.secret
+    if secret is not None:
+        try:
+            secret = resolve(secret, environ)
+        except UnresolvedReference as exc:
+            problems.append(f"secret: {exc}")
+    if problems:
+        raise UnresolvedReferences(problems)
+    return ResolvedWebhook(headers, secret)
 
 
 class DoNothing(BaseModel):

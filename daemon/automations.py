@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,15 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.action_models import ACTION_TYPES, ActionTypes, AnyAction, CallWebhook, DoNothing
+from daemon.action_models import (
+    ACTION_TYPES,
+    ActionTypes,
+    AnyAction,
+    CallWebhook,
+    DoNothing,
+    UnresolvedReferences,
+    resolve_webhook,
+)
 from daemon.events import UTCDateTime, error_reason, format_loc
 from daemon.trigger_models import (
     TRIGGER_TYPES,
@@ -69,6 +78,7 @@ __all__ = [
     "expand_automation_paths",
     "load_automation_files",
     "parse_trigger",
+    "reference_problems",
     "trigger_id_for",
 ]
 
@@ -288,15 +298,39 @@ def _read_documents(path: Path) -> list[Any]:
     raise ValueError("a file must hold an automation or a list of automations")
 
 
+ACTION_LISTS: Final = ("actions", "actions_on_trigger", "actions_on_resolve")
+
+
+def reference_problems(automation: Automation, environ: Mapping[str, str]) -> list[str]:
+    """`field: why` for every secret or header reference of the automation's webhooks that
+    does not resolve in `environ` (see `daemon.references`)."""
+    problems: list[str] = []
+    for field in ACTION_LISTS:
+        for index, action in enumerate(getattr(automation, field)):
+            if not isinstance(action, CallWebhook):
+                continue
+            try:
+                resolve_webhook(action, environ)
+            except UnresolvedReferences as exc:
+                problems.extend(f"{field}[{index}].{problem}" for problem in exc.problems)
+    return problems
+
+
 def load_automation_files(
-    paths: Sequence[str | Path], *, loaded_at: datetime | None = None
+    paths: Sequence[str | Path],
+    *,
+    loaded_at: datetime | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> list[Automation]:
     """Load every automation of the given files, globs and directories.
 
     Names and ids must be unique across all files. An automation without `created` or
-    `updated` gets `loaded_at`, or else its file's modification time. Every problem of
-    every file is reported together in one AutomationFileError.
+    `updated` gets `loaded_at`, or else its file's modification time. Secret and header
+    references must resolve in `environ` (default: this process's environment); the
+    automations keep them as written. Every problem of every file is reported together in
+    one AutomationFileError.
     """
+    environ = os.environ if environ is None else environ
     files, problems = expand_automation_paths(paths)
     automations: list[Automation] = []
     by_name: dict[str, str] = {}
@@ -321,6 +355,9 @@ def load_automation_files(
                     f"{where}: {field_path(e['loc']) or '(automation)'}: {error_reason(e)}"
                     for e in exc.errors()
                 )
+                continue
+            if unresolved := reference_problems(automation, environ):
+                problems.extend(f"{where}: {problem}" for problem in unresolved)
                 continue
             if automation.name in by_name:
                 problems.append(f"{where}: name: also used in {by_name[automation.name]}")
