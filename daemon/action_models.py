@@ -155,6 +155,23 @@ def _check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
     return headers
 
 
+REDACTED: Final = "********"
+"""What a secret or header value becomes in every document trigd sends, renders or stores
+beside the action (as Prefect's `obfuscate` shows secrets)."""
+
+
+def redacted_url(url: str) -> str:
+    """`scheme://host[:port]`, then `/********` when the url had a path or query, without
+    user info: enough to tell endpoints apart, nothing a token could hide in."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    where = f"{parts.scheme}://{host}" + ("" if parts.port is None else f":{parts.port}")
+    rest = parts.path not in ("", "/") or parts.query or parts.fragment
+    return f"{where}/{REDACTED}" if rest else f"{where}/"
+
+
 def _upper(value: Any) -> Any:
     return value.upper() if isinstance(value, str) else value
 
@@ -178,6 +195,17 @@ class CallWebhook(BaseModel):
     secret: str | None = None
     timeout: float | None = Field(default=None, gt=0)
     """Seconds; None means the sender's default."""
+
+    def redacted(self) -> CallWebhook:
+        """This action as documents show it: same keys, no secret, no header value, and of
+        the url only where it goes (a path or query may carry a token)."""
+        return self.model_copy(
+            update={
+                "url": redacted_url(self.url),
+                "headers": dict.fromkeys(self.headers, REDACTED),
+                "secret": None if self.secret is None else REDACTED,
+            }
+        )
 
 
 class ResolvedWebhook(NamedTuple):
@@ -229,6 +257,9 @@ class DoNothing(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
     type: Literal["do-nothing"] = "do-nothing"
+
+    def redacted(self) -> DoNothing:
+        return self
 
 
 ActionTypes = CallWebhook | DoNothing

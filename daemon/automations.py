@@ -85,6 +85,8 @@ __all__ = [
 AUTOMATION_NAMESPACE: Final = UUID("6f0e2a52-7c1d-5b8e-9a43-2d7f1c0b9e61")
 """Namespace of UUIDv5 automation ids derived from names. Never change it: ids key state."""
 
+ACTION_LISTS: Final = ("actions", "actions_on_trigger", "actions_on_resolve")
+
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 """`created`/`updated` of an automation built in code without them (the loader sets them)."""
 
@@ -192,6 +194,7 @@ class Automation(BaseModel):
         walk(self.trigger, None, "trigger")
         self.__dict__["_parents"] = parents
         self.__dict__["_paths"] = paths
+        self.__dict__.pop("_redacted", None)  # a copy's fields may differ from the original's
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         copied = super().model_copy(update=update, deep=deep)
@@ -226,6 +229,21 @@ class Automation(BaseModel):
         """Position path of a trigger (`trigger.triggers[0]`); KeyError if unknown."""
         paths: dict[UUID, str] = self.__dict__["_paths"]
         return paths[trigger_id]
+
+    def redacted(self) -> Automation:
+        """This automation as documents show it: every action `redacted()` (no secrets, no
+        header values). What act() stores with each firing and templates see; kept once
+        made, as every firing of the automation needs it."""
+        redacted: Automation | None = self.__dict__.get("_redacted")
+        if redacted is None:
+            redacted = self.model_copy(
+                update={
+                    field: [action.redacted() for action in getattr(self, field)]
+                    for field in ACTION_LISTS
+                }
+            )
+            self.__dict__["_redacted"] = redacted
+        return redacted
 
     def all_actions(self) -> list[ActionTypes]:
         """actions + actions_on_trigger + actions_on_resolve: `action_index` indexes this."""
@@ -296,9 +314,6 @@ def _read_documents(path: Path) -> list[Any]:
     if isinstance(data, list):
         return data
     raise ValueError("a file must hold an automation or a list of automations")
-
-
-ACTION_LISTS: Final = ("actions", "actions_on_trigger", "actions_on_resolve")
 
 
 def reference_problems(automation: Automation, environ: Mapping[str, str]) -> list[str]:
