@@ -60,7 +60,7 @@ def two_webhooks(receiver: Receiver, token_file: Path) -> Automation:
                 {
                     "type": "call-webhook",
                     "url": receiver.url("/a"),
-                    "secret": "env:TRIGD_TEST_SIGNING",
+                    "secret": "env:HOOK_SIGNING_TEST",
                     "headers": {"Authorization": f"file:{token_file}", "X-Team": "ops"},
                 },
                 {
@@ -78,7 +78,7 @@ def two_webhooks(receiver: Receiver, token_file: Path) -> Automation:
 async def test_a_restarted_sender_signs_and_sends_headers_without_a_secret_in_any_body(
     nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("TRIGD_TEST_SIGNING", SIGNING)
+    monkeypatch.setenv("HOOK_SIGNING_TEST", SIGNING)
     token_file = tmp_path / "pd.token"
     token_file.write_text(f"{TOKEN}\n")
     receiver: Receiver = await nursery.start(run_receiver, answer(200))
