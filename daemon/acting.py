@@ -5,7 +5,8 @@ vanishes together with the bucket change that caused it (SPEC §7, §8):
 
 * the `prefect.automation.triggered` state-change event,
 * one outbox row per action of `actions + actions_on_trigger + actions_on_resolve`
-  (the row's document is the `TriggeredAction` JSON),
+  (the row's document is the `TriggeredAction` JSON, its automation redacted: each row
+  holds only its own action's secret and headers, as the file wrote them),
 * one `prefect.automation.action.triggered` event per row.
 
 The events go to the inbox, so the next batch evaluates them like any received event and
@@ -173,9 +174,10 @@ def act(conn: apsw.Connection, automation: Automation, firing: Firing, now: date
     if (resolved := events.get(TriggerState.Resolved)) is not None:
         sources += [(resolved, action, resolved) for action in automation.actions_on_resolve]
 
+    shown = automation.redacted()
     actions = [
         TriggeredAction(
-            automation=automation,
+            automation=shown,
             firing=firing,
             triggered=firing.triggered,
             triggering_labels=firing.triggering_labels,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import os
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,15 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.action_models import ACTION_TYPES, ActionTypes, AnyAction, CallWebhook, DoNothing
+from daemon.action_models import (
+    ACTION_TYPES,
+    ActionTypes,
+    AnyAction,
+    CallWebhook,
+    DoNothing,
+    UnresolvedReferences,
+    resolve_webhook,
+)
 from daemon.events import UTCDateTime, error_reason, format_loc
 from daemon.trigger_models import (
     TRIGGER_TYPES,
@@ -69,11 +78,14 @@ __all__ = [
     "expand_automation_paths",
     "load_automation_files",
     "parse_trigger",
+    "reference_problems",
     "trigger_id_for",
 ]
 
 AUTOMATION_NAMESPACE: Final = UUID("6f0e2a52-7c1d-5b8e-9a43-2d7f1c0b9e61")
 """Namespace of UUIDv5 automation ids derived from names. Never change it: ids key state."""
+
+ACTION_LISTS: Final = ("actions", "actions_on_trigger", "actions_on_resolve")
 
 EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 """`created`/`updated` of an automation built in code without them (the loader sets them)."""
@@ -119,9 +131,10 @@ def _with_stable_ids(trigger: Any, automation_id: UUID, path: str) -> Any:
 
 
 class Automation(BaseModel):
-    """An automation as stored and returned by Prefect, with trigd's stable ids."""
+    """An automation as stored and returned by Prefect, with trigd's stable ids. Its
+    validation errors never show the input, which may hold secrets."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     name: str
     description: str = ""
@@ -181,6 +194,7 @@ class Automation(BaseModel):
         walk(self.trigger, None, "trigger")
         self.__dict__["_parents"] = parents
         self.__dict__["_paths"] = paths
+        self.__dict__.pop("_redacted", None)  # a copy's fields may differ from the original's
 
     def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> Self:
         copied = super().model_copy(update=update, deep=deep)
@@ -215,6 +229,21 @@ class Automation(BaseModel):
         """Position path of a trigger (`trigger.triggers[0]`); KeyError if unknown."""
         paths: dict[UUID, str] = self.__dict__["_paths"]
         return paths[trigger_id]
+
+    def redacted(self) -> Automation:
+        """This automation as documents show it: every action `redacted()` (no secrets, no
+        header values). What act() stores with each firing and templates see; kept once
+        made, as every firing of the automation needs it."""
+        redacted: Automation | None = self.__dict__.get("_redacted")
+        if redacted is None:
+            redacted = self.model_copy(
+                update={
+                    field: [action.redacted() for action in getattr(self, field)]
+                    for field in ACTION_LISTS
+                }
+            )
+            self.__dict__["_redacted"] = redacted
+        return redacted
 
     def all_actions(self) -> list[ActionTypes]:
         """actions + actions_on_trigger + actions_on_resolve: `action_index` indexes this."""
@@ -287,15 +316,36 @@ def _read_documents(path: Path) -> list[Any]:
     raise ValueError("a file must hold an automation or a list of automations")
 
 
+def reference_problems(automation: Automation, environ: Mapping[str, str]) -> list[str]:
+    """`field: why` for every secret or header reference of the automation's webhooks that
+    does not resolve in `environ` (see `daemon.references`)."""
+    problems: list[str] = []
+    for field in ACTION_LISTS:
+        for index, action in enumerate(getattr(automation, field)):
+            if not isinstance(action, CallWebhook):
+                continue
+            try:
+                resolve_webhook(action, environ)
+            except UnresolvedReferences as exc:
+                problems.extend(f"{field}[{index}].{problem}" for problem in exc.problems)
+    return problems
+
+
 def load_automation_files(
-    paths: Sequence[str | Path], *, loaded_at: datetime | None = None
+    paths: Sequence[str | Path],
+    *,
+    loaded_at: datetime | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> list[Automation]:
     """Load every automation of the given files, globs and directories.
 
     Names and ids must be unique across all files. An automation without `created` or
-    `updated` gets `loaded_at`, or else its file's modification time. Every problem of
-    every file is reported together in one AutomationFileError.
+    `updated` gets `loaded_at`, or else its file's modification time. Secret and header
+    references must resolve in `environ` (default: this process's environment); the
+    automations keep them as written. Every problem of every file is reported together in
+    one AutomationFileError.
     """
+    environ = os.environ if environ is None else environ
     files, problems = expand_automation_paths(paths)
     automations: list[Automation] = []
     by_name: dict[str, str] = {}
@@ -320,6 +370,9 @@ def load_automation_files(
                     f"{where}: {field_path(e['loc']) or '(automation)'}: {error_reason(e)}"
                     for e in exc.errors()
                 )
+                continue
+            if unresolved := reference_problems(automation, environ):
+                problems.extend(f"{where}: {problem}" for problem in unresolved)
                 continue
             if automation.name in by_name:
                 problems.append(f"{where}: name: also used in {by_name[automation.name]}")

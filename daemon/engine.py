@@ -243,7 +243,7 @@ class Engine:
                 conn,
                 (
                     automations_store.AutomationRow(
-                        str(a.id), a.name, a.enabled, a.model_dump_json(), loaded_us
+                        str(a.id), a.name, a.enabled, a.redacted().model_dump_json(), loaded_us
                     )
                     for a in automations
                 ),

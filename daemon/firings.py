@@ -2,7 +2,9 @@
 
 A `Firing` is one trigger firing once; composite firings nest the child firings that
 caused them. A `TriggeredAction` is one action to run for a top-level firing: its JSON is
-the outbox row's document and the default webhook body, so its shape is Prefect's exactly.
+the outbox row's document and, `redacted()`, the default webhook body, so its shape is
+Prefect's exactly. The stored document holds the automation redacted and the action as its
+file wrote it (secret and header references, not their values), which the sender needs.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class TriggeredAction(BaseModel):
     """One action to perform because an automation fired; `id` is the delivery's
     idempotency key (the `webhook-id` on every retry)."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)
 
     automation: Automation
     id: UUID = Field(default_factory=uuid7)
@@ -82,6 +84,12 @@ class TriggeredAction(BaseModel):
     action: AnyAction
     action_index: int = 0
     automation_triggered_event_id: UUID | None = None
+
+    def redacted(self) -> TriggeredAction:
+        """This document as trigd sends it: the automation and the action `redacted()`."""
+        return self.model_copy(
+            update={"automation": self.automation.redacted(), "action": self.action.redacted()}
+        )
 
     def idempotency_key(self) -> str:
         return f"automation {self.automation.id}, action {self.action_index}, invocation {self.id}"

@@ -33,6 +33,7 @@ import hashlib
 import hmac
 import logging
 import math
+import os
 from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -47,7 +48,7 @@ from pydantic import ValidationError
 
 from daemon import __version__
 from daemon.acting import action_event
-from daemon.action_models import CallWebhook
+from daemon.action_models import CallWebhook, UnresolvedReferences
 from daemon.clock import from_us, to_us, wall_clock
 from daemon.config import LEASE_MARGIN, DeliveryConfig
 from daemon.delivery import (
@@ -66,7 +67,7 @@ from daemon.events import ReceivedEvent, uuid7
 from daemon.firings import TriggeredAction
 from daemon.gateway import StoreGateway
 from daemon.store_trouble import STORE_TROUBLE, Backoff
-from daemon.templates import RenderFailed, webhook_body
+from daemon.templates import RenderFailed, webhook_request
 from store import outbox
 from store.db import write_transaction
 from store.events import push_inbox
@@ -398,22 +399,27 @@ class Sender:
         self, row: outbox.OutboxRow, triggered: TriggeredAction, action: CallWebhook
     ) -> _Result:
         attempted = self._clock()
-        try:
-            body = await trio.to_thread.run_sync(webhook_body, triggered)
+        try:  # the body has no secret; the headers and secret do, references resolved
+            body, own_headers, secret = await trio.to_thread.run_sync(
+                webhook_request, triggered, os.environ
+            )
         except RenderFailed as exc:
             failure = {"template_error": exc.template_error, "template_source": exc.template_source}
             return _Result(
                 attempted, AttemptOutcome(error=exc.reason), Dead(exc.reason), None, failure
             )
+        except UnresolvedReferences as exc:  # a file gone or unreadable may come back
+            outcome = AttemptOutcome(error=f"Webhook call failed: {exc}")
+            return _Result(attempted, outcome, self._decide(row, outcome), None)
         msg_id = str(triggered.id)
         timestamp = math.floor(self._clock().timestamp())
         headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
-        headers.update(action.headers)
+        headers.update(own_headers)
         headers["webhook-id"] = msg_id
         headers["webhook-timestamp"] = str(timestamp)
-        if action.secret:
+        if secret:
             try:
-                key = signing_key(action.secret)
+                key = signing_key(secret)
             except ValueError as exc:
                 reason = f"Webhook call failed: {exc}"
                 return _Result(attempted, AttemptOutcome(error=reason), Dead(reason), None)

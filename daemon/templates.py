@@ -1,12 +1,16 @@
 """The body of a webhook: the action's payload template, rendered (SEMANTICS §7.3).
 
 A payload is a template only if it contains `{{` or `{%`; anything else is sent verbatim,
-and an empty payload sends the TriggeredAction JSON. Templates come from automation files,
-which an edge operator may not fully control, so they run in Jinja's immutable sandbox
-with `range()` capped and Prefect's loop limits (checked when the automation is loaded, by
-`daemon.action_models.validate_user_template`). Missing attributes render as empty strings
-(`ChainableUndefined`), as in Prefect. Any failure while rendering is a `RenderFailed`,
-which makes the delivery dead: a template that fails once fails on every retry.
+and an empty payload sends the TriggeredAction JSON. Neither can carry a secret: the default
+body is the document `redacted()`, and templates see the automation redacted, so no
+endpoint learns another action's (or its own) secret, header values or url path.
+
+Templates come from automation files, which an edge operator may not fully control, so
+they run in Jinja's immutable sandbox with `range()` capped and Prefect's loop limits
+(checked when the automation is loaded, by `daemon.action_models.validate_user_template`).
+Missing attributes render as empty strings (`ChainableUndefined`), as in Prefect. Any
+failure while rendering is a `RenderFailed`, which makes the delivery dead: a template that
+fails once fails on every retry.
 
 Not carried over from Prefect: the humanize extension, the `ui_url` family of filters and
 the lazily fetched `flow_run`, `deployment`, ... variables, which need a Prefect API.
@@ -17,14 +21,14 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import jinja2
 from jinja2 import ChainableUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic_core import to_jsonable_python
 
-from daemon.action_models import CallWebhook, maybe_template
+from daemon.action_models import CallWebhook, maybe_template, resolve_webhook
 from daemon.events import LabelDiver
 from daemon.firings import TriggeredAction
 
@@ -90,7 +94,7 @@ def _compiled(source: str) -> jinja2.Template:
 def template_context(triggered: TriggeredAction) -> dict[str, Any]:
     """What a payload template can use, named as in Prefect."""
     return {
-        "automation": triggered.automation,
+        "automation": triggered.automation.redacted(),
         "event": triggered.triggering_event,
         "labels": LabelDiver(triggered.triggering_labels),
         "firing": triggered.firing,
@@ -115,5 +119,25 @@ def webhook_body(triggered: TriggeredAction) -> str:
     if not isinstance(action, CallWebhook):
         raise TypeError(f"{action.type!r} actions have no webhook body")
     if not action.payload:
-        return triggered.model_dump_json()
+        return triggered.redacted().model_dump_json()
     return render_template(action.payload, template_context(triggered))
+
+
+class WebhookRequest(NamedTuple):
+    """What one attempt sends: the body, and the action's own headers and secret."""
+
+    body: str
+    headers: dict[str, str]
+    secret: str | None
+
+
+def webhook_request(triggered: TriggeredAction, environ: Mapping[str, str]) -> WebhookRequest:
+    """The body, and the headers and secret with their references resolved in `environ`
+    (the stored document holds references, never their values). RenderFailed, or
+    UnresolvedReferences naming the fields."""
+    action = triggered.action
+    if not isinstance(action, CallWebhook):
+        raise TypeError(f"{action.type!r} actions have no webhook request")
+    body = webhook_body(triggered)
+    headers, secret = resolve_webhook(action, environ)
+    return WebhookRequest(body, headers, secret)

@@ -17,7 +17,7 @@ class AutomationRow(NamedTuple):
     id: str
     name: str
     enabled: bool
-    definition: str  # Automation JSON
+    definition: str  # Automation JSON, redacted: no secret or header value at rest
     loaded_us: int
 
 

@@ -779,3 +779,76 @@ def test_loader_reports_unreadable_files(tmp_path: Path) -> None:
         for p in problems
     )
     assert any(p.startswith(f"{tmp_path / 'broken.yaml'}: ") for p in problems)
+
+
+# --- headers that would break the request -----------------------------------------------------
+
+HIDDEN = "s3cr3t-v4lue"  # a header value: never repeated in an error
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("Content-Length", "12", "frames the body itself"),
+        ("transfer-encoding", "chunked", "frames the body itself"),
+        ("TE", "trailers", "frames the body itself"),
+        ("Trailer", "X-A", "frames the body itself"),
+        ("HOST", "evil.example", "sets it from the url"),
+        ("Connection", "close", "manages its connections"),
+        ("Keep-Alive", "timeout=5", "manages its connections"),
+        ("Upgrade", "websocket", "manages its connections"),
+        ("Proxy-Authorization", HIDDEN, "does not use a proxy"),
+        ("webhook-signature", "v1,abc", "sets it to sign the request"),
+        ("Webhook-Id", "x", "sets it to sign the request"),
+        ("webhook-timestamp", "1", "sets it to sign the request"),
+        ("X-Token", f"{HIDDEN}\r\nX-Injected: 1", "printable ASCII"),
+        ("X-Token", f"{HIDDEN}\n", "printable ASCII"),
+        ("X-Token", f"{HIDDEN}\x00", "printable ASCII"),
+        ("X-Token", f" {HIDDEN}", "leading or trailing whitespace"),
+        ("X-Token", f"{HIDDEN}é", "printable ASCII"),
+        ("X Token", HIDDEN, "not a valid header name"),
+        ("X-Token\r\nX-Injected", HIDDEN, "not a valid header name"),
+        ("X-Token:", HIDDEN, "not a valid header name"),
+        ("", HIDDEN, "not a valid header name"),
+    ],
+)
+def test_loader_refuses_headers_that_break_the_request(
+    tmp_path: Path, name: str, value: str, why: str
+) -> None:
+    hook = {"type": "call-webhook", "url": "https://e.com/h", "headers": {"X-Fine": "ok"}}
+    document = automation_doc(
+        actions=[{"type": "do-nothing"}],
+        actions_on_trigger=[{**hook, "headers": {"X-Fine": "ok", name: value}}],
+    )
+    file = tmp_path / "a.json"
+    file.write_text(json.dumps([document]))
+    with pytest.raises(AutomationFileError) as exc:
+        load_automation_files([file])
+    [problem] = exc.value.problems
+    prefix = f"{file}: automation 'pump pressure burst': actions_on_trigger[0].headers: header "
+    assert problem.startswith(f"{prefix}{name!r}"), problem
+    assert why in problem
+    assert HIDDEN not in problem
+    assert HIDDEN not in str(exc.value)
+
+
+def test_headers_an_endpoint_may_use_are_kept() -> None:
+    headers = {
+        "Authorization": "Bearer abc.def",
+        "Content-Type": "application/cloudevents+json",
+        "X-Api-Key": 'k=v; q="a b"\tc',
+        "User-Agent": "edge/1",
+    }
+    action = CallWebhook(url="https://e.com/h", headers=headers)
+    assert action.headers == headers
+
+
+def test_a_refused_header_in_a_validation_error_does_not_show_its_value() -> None:
+    with pytest.raises(ValidationError) as exc:
+        CallWebhook.model_validate({"url": "https://e.com/h", "headers": {"X-T": f"{HIDDEN}\n"}})
+    assert HIDDEN not in str(exc.value)
+    with pytest.raises(ValidationError) as exc:
+        Automation.model_validate(
+            automation_doc(actions=[{"type": "call-webhook", "url": "nope", "secret": HIDDEN}])
+        )
+    assert HIDDEN not in str(exc.value)

@@ -202,3 +202,22 @@ def test_python_m_daemon_check_subprocess(tmp_path: Path) -> None:
     )
     assert (failed.returncode, failed.stdout) == (1, "")
     assert failed.stderr.startswith(f"{bad}: automation 'x': trigger.posture: ")
+
+
+def test_check_refuses_a_header_that_would_break_the_request(tmp_path: Path) -> None:
+    file = tmp_path / "hooks.yaml"
+    file.write_text(
+        "name: smuggler\n"
+        "trigger: {posture: Reactive, expect: [pump.pressure.high]}\n"
+        "actions:\n"
+        "  - type: call-webhook\n"
+        "    url: https://hooks.example.com/in\n"
+        '    headers: {Transfer-Encoding: chunked, X-Key: "k3y\\r\\nHost: other"}\n'
+    )
+    code, out, err = run(file)
+    assert (code, out) == (1, "")
+    [problem] = err.splitlines()
+    assert problem.startswith(f"{file}: automation 'smuggler': actions[0].headers: ")
+    assert "header 'Transfer-Encoding' cannot be set by an automation" in problem
+    assert "header 'X-Key': the value must be printable ASCII" in problem
+    assert "k3y" not in err

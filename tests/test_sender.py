@@ -169,7 +169,8 @@ async def test_delivers_on_2xx_with_verifiable_signature(
     assert request.headers["user-agent"] == f"trigd/{__version__}"
     assert request.headers["x-team"] == "ops"
     assert request.headers["webhook-id"] == str(triggered.id)
-    assert json.loads(request.body) == json.loads(triggered.model_dump_json())
+    assert json.loads(request.body) == json.loads(triggered.redacted().model_dump_json())
+    assert secret.encode() not in request.body
     Webhook(verifier_key).verify(request.body.decode(), request.headers)
 
     assert event.event == "prefect.automation.action.executed"

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from daemon.automations import Automation
+from daemon.firings import TriggeredAction
 from daemon.templates import RenderFailed, render_template, template_context, tojson, webhook_body
 from tests.test_sender_support import make_triggered
 
@@ -23,7 +25,7 @@ def test_plain_strings_are_sent_verbatim() -> None:
 
 def test_empty_payload_sends_the_triggered_action_json() -> None:
     triggered = make_triggered({"type": "call-webhook", "url": URL})
-    assert json.loads(webhook_body(triggered)) == json.loads(triggered.model_dump_json())
+    assert json.loads(webhook_body(triggered)) == json.loads(triggered.redacted().model_dump_json())
 
 
 def test_object_payload_becomes_indented_json() -> None:
@@ -88,3 +90,84 @@ def test_loop_limits_are_checked_when_loading() -> None:
     nested = "{% for a in x %}{% for b in a %}{% for c in b %}{% endfor %}{% endfor %}{% endfor %}"
     with pytest.raises(ValueError, match="nested for loops"):
         make_triggered({"type": "call-webhook", "url": URL, "payload": nested})
+
+
+# --- no secret in any body ---------------------------------------------------------------------
+
+SECRETS = ("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", "Bearer pd-7f3c91", "tk-44d0", "sl-9a2e")
+
+
+def two_hooks() -> TriggeredAction:
+    """An automation calling two parties, each with its own secret, headers and a url whose
+    path is a credential; the triggered action is the first one's."""
+    base = make_triggered({"type": "do-nothing"})
+    automation = Automation.model_validate(
+        {
+            **base.automation.model_dump(exclude={"actions", "id"}),
+            "actions": [
+                {
+                    "type": "call-webhook",
+                    "url": "https://events.pagerduty.example/v2/enqueue?token=tk-44d0",
+                    "headers": {"Authorization": SECRETS[1]},
+                    "secret": SECRETS[0],
+                },
+                {
+                    "type": "call-webhook",
+                    "url": "https://user:sl-9a2e@hooks.slack.example/services/sl-9a2e",
+                    "headers": {"X-Token": "sl-9a2e", "X-Team": "ops"},
+                    "secret": "sl-9a2e",
+                },
+            ],
+        }
+    )
+    return base.model_copy(update={"automation": automation, "action": automation.actions[0]})
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "",
+        "{{ automation.model_dump_json() }}",
+        "{{ automation | tojson }}",
+        "{{ automation.model_dump() }}",
+        "{% for a in automation.actions %}{{ a.secret }} {{ a.headers }} {{ a.url }}{% endfor %}",
+        "{{ automation.actions[1].headers['X-Token'] }}",
+    ],
+)
+def test_no_body_holds_a_secret_header_value_or_url_token(payload: str) -> None:
+    triggered = two_hooks()
+    if payload:
+        action = triggered.action.model_copy(update={"payload": payload})
+        triggered = triggered.model_copy(update={"action": action})
+    body = webhook_body(triggered)
+    assert "*" in body
+    for secret in SECRETS:
+        assert secret not in body
+
+
+def test_the_default_body_keeps_prefects_shape() -> None:
+    triggered = two_hooks()
+    sent = json.loads(webhook_body(triggered))
+    full = json.loads(triggered.model_dump_json())
+
+    def keys(value: object) -> object:
+        if isinstance(value, dict):
+            return {k: keys(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [keys(v) for v in value]
+        return None
+
+    assert keys(sent) == keys(full)
+    assert sent["action"] == {
+        **full["action"],
+        "url": "https://events.pagerduty.example/********",
+        "headers": {"Authorization": "********"},
+        "secret": "********",
+    }
+    assert sent["automation"]["actions"][1]["url"] == "https://hooks.slack.example/********"
+    assert sent["automation"]["actions"][1]["headers"] == {
+        "X-Token": "********",
+        "X-Team": "********",
+    }
+    # what a receiver parses back is still a valid document
+    assert TriggeredAction.model_validate(sent).redacted() == TriggeredAction.model_validate(sent)
