@@ -203,10 +203,13 @@ class ServerConfig(Section):
     tls_cert: OptionalFile = None  # PEM; with tls_key, serve wss://
     tls_key: OptionalFile = None
     max_event_bytes: Count = 1_500_000  # bytes per event frame
-    max_connections: Count = 64  # concurrent websockets; more wait in the accept backlog
+    max_connections: Count = 64  # established websockets (handshake done) at once
+    max_pending_handshakes: Count = 16  # sockets still in their handshake at once
+    max_connections_per_peer: Count = 16  # pending + established from one address (IPv6: /64)
     queue_depth: Count = 1_000  # events in flight between ingest and evaluation
     batch_max_events: Count = 500  # events committed in one transaction at most
     handshake_timeout: PositiveDuration = timedelta(seconds=10)  # to finish websocket + auth
+    idle_timeout: PositiveDuration = timedelta(minutes=5)  # no frame for this long: closed
     shutdown_timeout: PositiveDuration = timedelta(seconds=5)  # to commit in-flight work
 
     @property

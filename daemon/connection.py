@@ -85,6 +85,9 @@ class CheckpointConnection(WebSocketConnection):
         )
         self._consumer = consumer
         self._frames: list[Frame] = []
+        # since when the reader waits for the client's next bytes (None: it is busy, or
+        # stopped by backpressure): what an idle timeout is measured from
+        self.waiting_since: float | None = None
         self._splitter = FrameSplitter(min(max_message_size, receive_buffer_size))
 
     async def _flush(self) -> None:
@@ -156,11 +159,14 @@ class CheckpointConnection(WebSocketConnection):
                     await self._flush()
                 except ConnectionClosed:
                     self._reader_running = False
+                self.waiting_since = trio.current_time()
                 try:
                     data = await self._stream.receive_some(self._receive_buffer_size)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     await self._abort_web_socket()
                     break
+                finally:
+                    self.waiting_since = None
                 if len(data) == 0:
                     # TCP closed before the websocket did: an abnormal closure.
                     if self._wsproto.state != ConnectionState.CLOSED:

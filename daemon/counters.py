@@ -59,6 +59,10 @@ _SHOWN: Final = {
         ("rejected", "rejected frames"),
         ("handshakes_refused", "refused handshakes"),
         ("pings", "pings"),
+        ("handshakes", "handshakes in progress"),
+        ("refused_per_peer", "refused over max_connections_per_peer"),
+        ("refused_busy", "refused for want of a slot"),
+        ("idle_closed", "closed idle"),
     ),
     "evaluator": (
         ("batches", "batches"),

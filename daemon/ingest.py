@@ -21,11 +21,14 @@ comes in between is handled chunk by chunk. Each connection runs two tasks over 
   run of them in one ``send_all``, and a pong is sent only after every event received
   before its ping is committed: the checkpoint Prefect's client relies on.
 
-Bounds: at most ``max_connections`` sockets (more wait in the accept backlog), one frame
-of at most ``2 * max_event_bytes`` characters buffered per connection (larger: close 1009),
-``MAX_PENDING_REPLIES`` unresolved items per connection, and the evaluator's bounded
-channel. When any of them is full the reader stops, so the socket is not read and TCP
-pushes back on the client.
+Bounds: every accepted socket takes a slot (``daemon.slots``): at most
+``max_pending_handshakes`` in their handshake and ``max_connections`` past it, at most
+``max_connections_per_peer`` from one address, each pool apart, so that sockets that never
+finish a handshake cannot lock out those that did; one sending nothing for ``idle_timeout``
+is closed (1001). Then one frame of at most ``2 * max_event_bytes`` characters buffered per
+connection (larger: close 1009), ``MAX_PENDING_REPLIES`` unresolved items per connection,
+and the evaluator's bounded channel. When any of these is full the reader stops, so the
+socket is not read and TCP pushes back on the client.
 """
 
 from __future__ import annotations
@@ -42,11 +45,12 @@ from typing import Final
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed
+from trio_websocket import ConnectionClosed, WebSocketRequest
 
 from daemon.clock import wall_clock
 from daemon.config import ServerConfig, UnusableSetting
 from daemon.connection import CheckpointConnection, Frame, PingMarker
+from daemon.durations import format_duration
 from daemon.evaluator import Submission
 from daemon.handshake import (
     AUTH_SUCCESS,
@@ -60,6 +64,7 @@ from daemon.handshake import (
     reply_frame,
 )
 from daemon.handshake import decide as decide_handshake
+from daemon.slots import ConnectionSlots, Refused, Slot, Why, idle_deadline, peer_of
 from store.db import os_reason
 
 log = logging.getLogger(__name__)
@@ -75,7 +80,8 @@ ACCEPT_RETRY_DELAY: Final = 0.1  # seconds to wait when out of file descriptors
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 LOG_BURST: Final = 10  # bad-frame log lines per window
 LOG_WINDOW: Final = 60.0  # seconds
-GOING_AWAY: Final = 1001  # close code when the daemon stops
+GOING_AWAY: Final = 1001  # close code when the daemon stops, or closes an idle websocket
+TRY_AGAIN_LATER: Final = 1013  # close code: the handshake found no established slot
 
 
 Reply = Submission | Nack | PingMarker
@@ -171,18 +177,23 @@ class ReplyQueue:
 class IngestStats:
     """Counters for ``trigd status`` and the tests."""
 
-    connections: int = 0
-    connections_total: int = 0
+    connections: int = 0  # established websockets now
+    connections_total: int = 0  # sockets accepted in all
     events: int = 0
     rejected: int = 0
     pings: int = 0
-    handshakes_refused: int = 0
+    handshakes_refused: int = 0  # every refusal, those below included
+    handshakes: int = 0  # sockets in their handshake now
+    refused_per_peer: int = 0  # closed unread: the address held max_connections_per_peer
+    refused_busy: int = 0  # no pending slot, or no established one within handshake_timeout
+    idle_closed: int = 0  # websockets closed after idle_timeout without a frame
 
 
 @attrs.define
 class _RateLimitedLog:
     """At most LOG_BURST warnings per LOG_WINDOW; the rest are counted and summarised."""
 
+    noun: str = "bad frames"  # what the summary line counts
     window_start: float = float("-inf")
     logged: int = 0
     suppressed: int = 0
@@ -190,7 +201,7 @@ class _RateLimitedLog:
     def warning(self, now: float, message: str, *args: object) -> None:
         if now - self.window_start >= LOG_WINDOW:
             if self.suppressed:
-                log.warning("%d more bad frames were not logged", self.suppressed)
+                log.warning("%d more %s were not logged", self.suppressed, self.noun)
             self.window_start, self.logged, self.suppressed = now, 0, 0
         if self.logged < LOG_BURST:
             self.logged += 1
@@ -205,85 +216,145 @@ class _Ingest:
     submit: trio.MemorySendChannel[Submission]
     clock: Callable[[], datetime]
     stats: IngestStats
-    slots: trio.Semaphore
+    slots: ConnectionSlots
     bad_frames: _RateLimitedLog = attrs.Factory(_RateLimitedLog)
+    refusals: _RateLimitedLog = attrs.Factory(lambda: _RateLimitedLog("refused connections"))
+    room: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) when one is freed
+    scopes: dict[Slot, trio.CancelScope] = attrs.Factory(dict)  # to drop an evicted one
 
     async def accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
+        """Accept without waiting for a slot, so that every socket is either admitted or
+        closed unread at once: the listen backlog is never left for an attacker to fill."""
         async with listener, trio.open_nursery() as nursery:
             while True:
-                await self.slots.acquire()
                 try:
                     stream = await listener.accept()
                 except OSError as exc:
-                    self.slots.release()
                     if exc.errno not in ACCEPT_CAPACITY_ERRNOS:
                         raise
                     log.error("accept() failed: %s; retrying shortly", exc)
                     await trio.sleep(ACCEPT_RETRY_DELAY)
                     continue
-                except BaseException:
-                    self.slots.release()
-                    raise
-                nursery.start_soon(self.handle_stream, stream)
+                self.stats.connections_total += 1
+                admission = self.slots.admit(peer_of(_peer_address(stream)))
+                if isinstance(admission, Refused):
+                    self.refused(admission.peer, admission.why, admission.describe())
+                    await trio.aclose_forcefully(stream)
+                    continue
+                evicted = admission.evicted
+                if evicted is not None:  # released already; its task drops the socket
+                    self.scopes.pop(evicted, trio.CancelScope()).cancel()
+                    why = f"its handshake was dropped for one from {admission.slot.peer}"
+                    self.refused(evicted.peer, Why.PENDING_FULL, why)
+                scope = self.scopes[admission.slot] = trio.CancelScope()
+                self._gauges()
+                nursery.start_soon(self.handle_stream, stream, admission.slot, scope)
 
-    async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        self.stats.connections += 1
-        self.stats.connections_total += 1
+    def refused(self, peer: str, why: Why, text: str) -> None:
+        """Count and log (rate-limited) a socket refused for want of a slot."""
+        self.stats.handshakes_refused += 1
+        if why is Why.PER_PEER:
+            self.stats.refused_per_peer += 1
+        else:
+            self.stats.refused_busy += 1
+        self.refusals.warning(trio.current_time(), "refused a connection from %s: %s", peer, text)
+
+    def _gauges(self) -> None:
+        self.stats.connections = self.slots.established
+        self.stats.handshakes = self.slots.pending
+
+    async def wait_for_room(self) -> None:
+        """Until an established slot is free (returns at once when one is)."""
+        while not self.slots.has_room():
+            await self.room.wait()
+
+    async def handle_stream(
+        self, stream: trio.abc.Stream, slot: Slot, scope: trio.CancelScope
+    ) -> None:
         try:
-            session = _Session(self)
-            conn = CheckpointConnection(
-                stream,
-                session,
-                max_message_size=FRAME_BUFFER_FACTOR * self.settings.max_event_bytes,
-                receive_buffer_size=RECEIVE_BYTES,
-            )
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(session.read, conn)
-                if await self.handshake(conn, session):
-                    await self.serve(conn, session)
-                with trio.CancelScope(shield=True) as closing:
-                    closing.deadline = trio.current_time() + CLOSE_TIMEOUT
-                    await conn.aclose()
-                nursery.cancel_scope.cancel()
+            with scope:  # cancelled when the slot is taken for another peer's handshake
+                session = _Session(self)
+                conn = CheckpointConnection(
+                    stream,
+                    session,
+                    max_message_size=FRAME_BUFFER_FACTOR * self.settings.max_event_bytes,
+                    receive_buffer_size=RECEIVE_BYTES,
+                )
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(session.read, conn)
+                    if await self.handshake(conn, session, slot):
+                        await self.serve(conn, session)
+                    with trio.CancelScope(shield=True) as closing:
+                        closing.deadline = trio.current_time() + CLOSE_TIMEOUT
+                        await conn.aclose()
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await trio.aclose_forcefully(stream)
-            self.stats.connections -= 1
-            self.slots.release()
+            self.scopes.pop(slot, None)
+            if self.slots.release(slot):
+                self.room.set()
+                self.room = trio.Event()
+            self._gauges()
 
-    async def handshake(self, conn: CheckpointConnection, session: _Session) -> bool:
-        """Upgrade and authenticate; False when the client was refused (and told why) or
-        went away."""
+    async def handshake(self, conn: CheckpointConnection, session: _Session, slot: Slot) -> bool:
+        """Upgrade, authenticate and move ``slot`` to the established pool; False when the
+        client was refused (and told why) or went away."""
         token = self.settings.auth_token
         accepted = False
+        waiting: WebSocketRequest | None = None  # an upgrade waiting for an established slot
         deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
-        with trio.move_on_at(deadline) as session.handshake_scope:
-            if session.reader_done.is_set():
-                return False
-            request = await conn._get_request()
-            decision = decide_handshake(
-                request.path, request.proposed_subprotocols, request.headers, token
-            )
-            if not isinstance(decision, Accept):
-                self.stats.handshakes_refused += 1
-                log.info("refused websocket from %s: %s", request.remote, decision.why)
-                await request.reject(decision.status, body=decision.why.encode())
-                return False
-            session.open(decision)  # before the upgrade: no frame can come earlier
-            await request.accept(subprotocol=decision.subprotocol)
-            accepted = True
-            await session.settled.wait()  # the auth message judged, or the client gone
+        try:
+            with trio.move_on_at(deadline) as session.handshake_scope:
+                if session.reader_done.is_set():
+                    return False
+                request = await conn._get_request()
+                decision = decide_handshake(
+                    request.path, request.proposed_subprotocols, request.headers, token
+                )
+                if not isinstance(decision, Accept):
+                    self.stats.handshakes_refused += 1
+                    log.info("refused websocket from %s: %s", request.remote, decision.why)
+                    await request.reject(decision.status, body=decision.why.encode())
+                    return False
+                waiting = request  # not upgraded while there would be no slot after it
+                await self.wait_for_room()
+                waiting = None
+                session.open(decision)  # before the upgrade: no frame can come earlier
+                await request.accept(subprotocol=decision.subprotocol)
+                accepted = True
+                await session.settled.wait()  # the auth message judged, or the client gone
+                if session.refusal is None and not session.reader_done.is_set():
+                    while not self.slots.establish(slot):  # taken since the upgrade
+                        await self.wait_for_room()
+                    session.established = True
+                    self._gauges()
+                    if decision.expects_auth_message:
+                        with contextlib.suppress(ConnectionClosed):  # gone: seen below
+                            await conn.send_message(AUTH_SUCCESS)
+        finally:
+            session.decided.set()
         gone = session.reader_done.is_set()
-        if not accepted or (gone and session.refusal is None):
+        full = f"max_connections ({self.settings.max_connections}) are all taken"
+        if not accepted:
+            if waiting is not None and not gone:  # out of time before the upgrade
+                self.refused(slot.peer, Why.PENDING_FULL, full)
+                with trio.CancelScope(shield=True) as closing:
+                    closing.deadline = trio.current_time() + CLOSE_TIMEOUT
+                    await waiting.reject(503, body=f"{full}; try again later".encode())
+            return False
+        if gone and session.refusal is None:
             return False
         if session.awaiting_auth:  # out of time
             session.refusal = Close(POLICY_VIOLATION, EXPECTED_AUTH)
+        elif session.refusal is None and not session.established:  # out of time after it
+            self.refused(slot.peer, Why.PENDING_FULL, full)
+            await _close_within(conn, TRY_AGAIN_LATER, f"{full}; try again later")
+            return False
         refusal = session.refusal
         if refusal is not None:
             self.stats.handshakes_refused += 1
-            with trio.CancelScope(shield=True) as closing:
-                closing.deadline = trio.current_time() + CLOSE_TIMEOUT
-                await conn.aclose(refusal.code, refusal.reason)
+            await _close_within(conn, refusal.code, refusal.reason)
             return False
         return True
 
@@ -299,13 +370,50 @@ class _Ingest:
 
             nursery.start_soon(write)
             try:
-                await session.reader_done.wait()
+                if await self.until_idle(conn, session):
+                    self.stats.idle_closed += 1
+                    idle = format_duration(self.settings.idle_timeout)
+                    await _close_within(conn, GOING_AWAY, f"no frame for {idle} (idle_timeout)")
             except trio.Cancelled:
-                with trio.CancelScope(shield=True) as closing:
-                    closing.deadline = trio.current_time() + CLOSE_TIMEOUT
-                    await conn.aclose(GOING_AWAY, "trigd is shutting down")
+                await _close_within(conn, GOING_AWAY, "trigd is shutting down")
                 raise
             nursery.cancel_scope.cancel()
+
+    async def until_idle(self, conn: CheckpointConnection, session: _Session) -> bool:
+        """Until the reader is done (False), or the client has sent nothing for
+        ``idle_timeout`` while owed nothing (True). A connection whose reader is stopped by
+        backpressure, or that waits for replies, is busy, not idle."""
+        timeout = self.settings.idle_timeout.total_seconds()
+        replies = session.replies
+        while not session.reader_done.is_set():
+            now = trio.current_time()
+            since = conn.waiting_since if not replies else None
+            deadline = idle_deadline(since, now, timeout)
+            if deadline <= now:
+                return True
+            with trio.move_on_at(deadline):
+                await session.reader_done.wait()
+        return False
+
+
+async def _close_within(conn: CheckpointConnection, code: int, reason: str) -> None:
+    """Close the websocket, giving the client CLOSE_TIMEOUT to answer, even if cancelled."""
+    with trio.CancelScope(shield=True) as closing:
+        closing.deadline = trio.current_time() + CLOSE_TIMEOUT
+        await conn.aclose(code, reason)
+
+
+def _peer_address(stream: trio.abc.Stream) -> str:
+    """The client's address ("" when it is already gone)."""
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
+    if not isinstance(stream, trio.SocketStream):
+        return ""
+    try:
+        name = stream.socket.getpeername()
+    except OSError:
+        return ""
+    return str(name[0]) if isinstance(name, tuple) else str(name)
 
 
 @attrs.define(eq=False)
@@ -322,6 +430,8 @@ class _Session:
     authenticated: bool = False  # by the upgrade request already (or no token configured)
     refusal: Close | None = None  # set when the client is refused: later frames are dropped
     settled: trio.Event = attrs.Factory(trio.Event)  # auth judged, or the reader done
+    established: bool = False  # holds an established slot: its events may be taken
+    decided: trio.Event = attrs.Factory(trio.Event)  # the handshake is over, either way
     reader_done: trio.Event = attrs.Factory(trio.Event)
     # the handshake's wait, cut short when the reader ends: a client that is gone (or
     # spoke plain TCP to a TLS port) does not hold a connection slot until the timeout
@@ -356,6 +466,10 @@ class _Session:
         start = await self._authenticate(conn, frames) if self.awaiting_auth else 0
         if self.awaiting_auth or self.refusal is not None:
             return
+        if not self.established:  # events wait (unread) until the slot is established
+            await self.decided.wait()
+            if not self.established:
+                return
         ingest = self.ingest
         stats, submit = ingest.stats, ingest.submit
         max_bytes = ingest.settings.max_event_bytes
@@ -395,9 +509,7 @@ class _Session:
             token = self.ingest.settings.auth_token
             self.refusal = check_auth(frame, token, self.authenticated)
             self.awaiting_auth = False
-            self.settled.set()
-            if self.refusal is None:
-                await conn.send_message(AUTH_SUCCESS)
+            self.settled.set()  # auth_success is sent once the connection has its slot
             return index + 1
         return len(frames)
 
@@ -497,13 +609,12 @@ async def run_ingest(
     A listen address that cannot be used raises UnusableSetting (``listen_problem``)."""
     context = tls if tls is not None else tls_context(settings)
     listeners = await _open_listeners(settings, context)
-    ingest = _Ingest(
-        settings,
-        submit,
-        clock,
-        stats if stats is not None else IngestStats(),
-        trio.Semaphore(settings.max_connections),
+    slots = ConnectionSlots(
+        max_pending=settings.max_pending_handshakes,
+        max_established=settings.max_connections,
+        max_per_peer=settings.max_connections_per_peer,
     )
+    ingest = _Ingest(settings, submit, clock, stats if stats is not None else IngestStats(), slots)
     port = _port_of(listeners[0])
     async with submit, trio.open_nursery() as nursery:
         for listener in listeners:

@@ -34,6 +34,10 @@ def test_a_snapshot_is_taken_only_when_a_counter_changed_since_the_last_one_stor
             "rejected": 1,
             "pings": 0,
             "handshakes_refused": 0,
+            "handshakes": 0,
+            "refused_per_peer": 0,
+            "refused_busy": 0,
+            "idle_closed": 0,
         },
     }
 
@@ -47,7 +51,8 @@ def test_status_lines_name_every_counter() -> None:
     assert describe(json.loads(snapshot)) == [
         "daemon: pid 7, started 2026-12-03T08:00:00Z, counters as of 2026-12-03T08:00:00Z",
         "  ingest: 0 connections open, 0 connections in all, 5 events, 2 rejected frames, "
-        "0 refused handshakes, 0 pings",
+        "0 refused handshakes, 0 pings, 0 handshakes in progress, "
+        "0 refused over max_connections_per_peer, 0 refused for want of a slot, 0 closed idle",
         "  evaluator: 3 batches, 0 events in the largest, 0 events, 0 duplicates, 0 parked, "
         "0 internal errors, 0 store retries",
     ]
