@@ -7,6 +7,11 @@ the database so that a second ``trigd serve`` refuses to start. Readers such as
 database gets ``schema.sql`` (the current version) whole; an older one climbs ``PRAGMA
 user_version`` one step at a time, each step in its own transaction. A database newer
 than this code is refused.
+
+The database holds secrets (webhook secrets and headers in the automations and the outbox),
+so its files are readable by their owner only, whatever the umask: the main file is
+created 0600 before SQLite opens it (SQLite gives -wal and -shm the main file's mode), and
+one left group- or world-readable by an older trigd is tightened when opened.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import importlib.resources
+import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final, Literal
@@ -36,6 +43,12 @@ of 500, longest COMMIT 26 -> 34 ms; one event per commit unchanged (longest 9 ->
 IN_CHUNK: Final = 500  # ids per IN (...) clause, well under SQLite's bound-parameter limit
 
 Synchronous = Literal["full", "normal"]
+
+FILE_MODE: Final = 0o600
+"""The mode of the database, its -wal and -shm: they hold secrets."""
+DB_SUFFIXES: Final = ("", "-wal", "-shm")
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -187,6 +200,30 @@ def os_reason(exc: OSError) -> str:
     return exc.strerror.lower() if exc.strerror else str(exc)
 
 
+def _private_files(db_path: Path) -> None:
+    """Create the database file 0600 if it is not there (before SQLite does, with 0644
+    less the umask), and take group and other access away from the database, -wal and
+    -shm files an older trigd or another tool left open to them. A file this process may
+    not chmod (someone else's) is left as its owner set it, with a warning."""
+    os.close(os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+    for suffix in DB_SUFFIXES:
+        path = db_path.with_name(db_path.name + suffix)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & 0o077:
+                os.chmod(path, mode & ~0o077)
+                log.warning(
+                    "%s was readable by others (mode %04o); now %04o",
+                    path,
+                    mode,
+                    mode & ~0o077,
+                )
+        except FileNotFoundError:
+            continue
+        except PermissionError as exc:
+            log.warning("%s: cannot make it private to its owner: %s", path, os_reason(exc))
+
+
 SQLITE_HEADER: Final = b"SQLite format 3\x00"
 
 
@@ -236,6 +273,11 @@ class Store:
             why = os_reason(exc)
             raise UnusableDatabase(db_path, f"cannot create its lock file: {why}") from exc
         try:
+            try:
+                _private_files(db_path)
+            except OSError as exc:
+                why = os_reason(exc)
+                raise UnusableDatabase(db_path, f"cannot open it for writing: {why}") from exc
             conn = _connect(db_path)
             conn.set_busy_timeout(BUSY_TIMEOUT_MS)
             conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
