@@ -47,7 +47,7 @@ from daemon.sender import Sender, run_sender
 from daemon.store_trouble import STORE_TROUBLE, Backoff
 from daemon.sweeper import SweepSettings, run_sweeper
 from daemon.systemd import Notifier
-from store.db import Store, StoreError, UnusableDatabase
+from store.db import Store, StoreError, StoreUnavailable, UnusableDatabase
 from store.events import inbox_size
 
 log = logging.getLogger("trigd")
@@ -158,16 +158,27 @@ def open_store(settings: StoreConfig) -> Store:
         raise UnusableSetting("store", "path", exc.path, exc.why) from exc
 
 
+OPEN_TROUBLE: Final = (
+    apsw.BusyError,
+    apsw.LockedError,
+    apsw.FullError,
+    apsw.IOError,
+    StoreUnavailable,
+)
+"""What opening the store waits out: another process (not a trigd: that one is refused
+at once) holding the write lock, a full or failing disk. Every other failure at open is
+for an operator to fix and ends start-up."""
+
+
 async def _open_store_once_unlocked(settings: StoreConfig) -> Store:
-    """`open_store`, waiting while another process (not a trigd: that one is refused at
-    once) holds the database's write lock, as the writing tasks wait later on."""
+    """`open_store`, waiting while the store cannot be opened for now (`OPEN_TROUBLE`),
+    as the writing tasks wait later on: a full disk at boot must not end in a restart
+    loop, and the cause is logged once."""
 
     async def attempt() -> Store:
         return open_store(settings)
 
-    return await Backoff(log, "opening the database").call(
-        attempt, retry_on=(apsw.BusyError, apsw.LockedError)
-    )
+    return await Backoff(log, "opening the database").call(attempt, retry_on=OPEN_TROUBLE)
 
 
 async def _run(
@@ -229,6 +240,8 @@ async def _run(
                         batch_max=config.server.batch_max_events,
                         stats=evaluator_stats,
                         on_commit=committed,
+                        log_burst=config.log.burst,
+                        log_window=config.log.window.total_seconds(),
                         task_status=task_status,
                     )
                 finally:

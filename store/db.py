@@ -11,12 +11,15 @@ than this code is refused.
 The database holds secrets (webhook secrets and headers in the automations and the outbox),
 so its files are readable by their owner only, whatever the umask: the main file is
 created 0600 before SQLite opens it (SQLite gives -wal and -shm the main file's mode), and
-one left group- or world-readable by an older trigd is tightened when opened.
+one left group- or world-readable by an older trigd is tightened when opened. A disk that
+is full or failing while the store opens is ``StoreUnavailable``, which start-up waits
+out, rather than a path that cannot work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib.resources
 import logging
@@ -48,11 +51,19 @@ FILE_MODE: Final = 0o600
 """The mode of the database, its -wal and -shm: they hold secrets."""
 DB_SUFFIXES: Final = ("", "-wal", "-shm")
 
+TRANSIENT_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+"""OS errors of the disk, not of the path: freeing space or replacing a cable fixes them."""
+
 log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
     """A problem with the database that an operator has to fix; the message says how."""
+
+
+class StoreUnavailable(StoreError):
+    """The disk under the database is full or failing right now (``TRANSIENT_ERRNOS``):
+    a retry once it clears may work."""
 
 
 class DatabaseTooNew(StoreError):
@@ -185,8 +196,12 @@ class LockFile:
                 f"{db_path} is in use by another trigd (pid {holder}); "
                 "only one 'trigd serve' may run on a database"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk: let the lock go with the fd, or a retry finds it held
+            os.close(fd)
+            raise
         return cls(lock_path, fd)
 
     def release(self) -> None:
@@ -271,12 +286,16 @@ class Store:
             lock = LockFile.acquire(db_path)
         except OSError as exc:  # e.g. a directory that is read-only, or /proc
             why = os_reason(exc)
+            if exc.errno in TRANSIENT_ERRNOS:  # writing the pid on a full disk
+                raise StoreUnavailable(f"{db_path}: cannot write its lock file: {why}") from exc
             raise UnusableDatabase(db_path, f"cannot create its lock file: {why}") from exc
         try:
             try:
                 _private_files(db_path)
             except OSError as exc:
                 why = os_reason(exc)
+                if exc.errno in TRANSIENT_ERRNOS:
+                    raise StoreUnavailable(f"{db_path}: {why}") from exc
                 raise UnusableDatabase(db_path, f"cannot open it for writing: {why}") from exc
             conn = _connect(db_path)
             conn.set_busy_timeout(BUSY_TIMEOUT_MS)
