@@ -19,8 +19,8 @@ Failures:
   partial free whatever fits is committed and acknowledged. A single event that does not
   fit is valid, so it is never refused: it is retried with backoff, unacknowledged, and
   the events behind it wait too, until space is freed (its client may also resend it
-  after reconnecting; a duplicate is harmless). The cause is logged once for the whole
-  episode, which ends when a batch goes through whole;
+  after reconnecting; a duplicate is harmless). The cause is logged once per batch that
+  waited, and again when all of it is committed;
 * any other exception is a bug in some event's processing. The transaction rolled back, so
   the batch is retried one event per transaction: the others go through and only the
   poisonous one is refused, with ``internal error: ...``. These lines, one per bad event,
@@ -155,8 +155,8 @@ class _Evaluator:
     stats: EvaluatorStats
     on_commit: Callable[[], None]
     throttles: dict[str, LogThrottle]
-    # one episode of store trouble may span several batches (a disk that stays nearly
-    # full): it ends, and is logged as over, when a batch goes through whole
+    # one episode of store trouble per batch: logged when it starts, and as over once
+    # every event of the batch is committed
     backoff: Backoff = attrs.field(
         factory=lambda: Backoff(log, "committing received events (not acknowledged meanwhile)")
     )
@@ -194,21 +194,19 @@ class _Evaluator:
             return None
 
     async def settle(self, batch: Sequence[Submission]) -> None:
-        whole = await self._commit(batch)
-        if whole:
-            self.backoff.cleared()
+        await self._commit(batch)
+        self.backoff.cleared()
         self.stats.batches += 1
         self.stats.events += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
 
-    async def _commit(self, batch: Sequence[Submission]) -> bool:
-        """Commit and resolve `batch`, in halves while the disk is too full for it; whether
-        it went through in one transaction."""
+    async def _commit(self, batch: Sequence[Submission]) -> None:
+        """Commit and resolve `batch`, in halves while the disk is too full for it."""
         failure = await self._attempt([submission.event for submission in batch])
         if failure is None:
             for submission in batch:
                 submission.sink.resolved(submission, None)
-            return True
+            return
         if failure is _Full.TOO_BIG:
             self._log(
                 "split batches",
@@ -219,7 +217,7 @@ class _Evaluator:
             half = len(batch) // 2
             await self._commit(batch[:half])
             await self._commit(batch[half:])
-            return False
+            return
         self._log(
             "failed batches",
             logging.WARNING,
@@ -242,7 +240,6 @@ class _Evaluator:
                 submission.sink.resolved(submission, f"internal error: {error!r}")
             else:
                 submission.sink.resolved(submission, None)
-        return False
 
 
 async def run_evaluator(
