@@ -65,7 +65,8 @@ def fill(directory: Path) -> Path:
                 while True:
                     os.write(fd, b"\0" * chunk)
             except OSError as exc:
-                assert exc.errno == errno.ENOSPC
+                if exc.errno != errno.ENOSPC:
+                    raise
     finally:
         os.close(fd)
     return filler
@@ -156,14 +157,23 @@ async def test_start_up_on_a_full_disk_waits_for_space(tmp_path: Path, database:
             Store.open(db).close()
         filler = fill(fs)
         config = write_config(tmp_path, store={"path": str(db)})
-        async with running_daemon(config, wait_ready=False) as daemon:
+        notify = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_DGRAM)
+        await notify.bind(str(tmp_path / "notify"))
+        env = {"NOTIFY_SOCKET": str(tmp_path / "notify")}
+        async with running_daemon(config, env=env, wait_ready=False) as daemon:
             await daemon.wait_for_log("store trouble while opening the database")
+            # systemd is asked for more time than TimeoutStartSec instead of restarting it
+            extend = (await notify.recv(4096)).decode()
+            assert extend.startswith("EXTEND_TIMEOUT_USEC=")
+            assert int(extend.partition("=")[2]) > 30_000_000
             with trio.move_on_after(EVIDENCE_WAIT):
                 await daemon.ready.wait()
             assert not daemon.ready.is_set()
             assert daemon.process.poll() is None
             filler.unlink()
             await daemon.ready.wait()
+            while (message := await notify.recv(4096)) != b"READY=1":
+                assert message.startswith(b"EXTEND_TIMEOUT_USEC=")
             await daemon.wait_for_log("store trouble over: opening the database went through")
             async with trigd_v1(daemon.url) as ws:
                 item = event(1)
@@ -172,4 +182,5 @@ async def test_start_up_on_a_full_disk_waits_for_space(tmp_path: Path, database:
             assert daemon.log.count("store trouble while opening the database") == 1
             assert "Traceback" not in daemon.log
             assert await daemon.stop() == 0
+        notify.close()
         assert stored(db) == {item["id"]: 1}
