@@ -306,6 +306,14 @@ class DeliveryConfig(Section):
         return self
 
 
+class LogConfig(Section):
+    """Lines one event can cause (refused with a traceback, a batch split) are rate limited
+    per kind: `burst` per `window`, then a count of those left out."""
+
+    burst: Count = 5
+    window: PositiveDuration = timedelta(seconds=60)
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -314,6 +322,7 @@ class Config(BaseModel):
     ordering: OrderingConfig = OrderingConfig()
     triggers: TriggersConfig = TriggersConfig()
     delivery: DeliveryConfig = DeliveryConfig()
+    log: LogConfig = LogConfig()
 
 
 SECTIONS: Final[dict[str, type[Section]]] = {
@@ -322,6 +331,7 @@ SECTIONS: Final[dict[str, type[Section]]] = {
     "ordering": OrderingConfig,
     "triggers": TriggersConfig,
     "delivery": DeliveryConfig,
+    "log": LogConfig,
 }
 
 

@@ -9,13 +9,22 @@ each submission resolved, so an ack (or a pong) always means "on disk".
 
 Failures:
 
-* a store that cannot write (disk full, I/O error, busy): nothing is resolved, the cause is
-  logged, and the same batch is retried with exponential backoff until it goes through
+* a store that cannot write (I/O error, busy): nothing is resolved, the cause is logged,
+  and the same batch is retried with exponential backoff until it goes through
   (``daemon.store_trouble``); meanwhile the channel fills and ingest stops reading sockets
   (SPEC §8);
+* a full disk: the batch may be too big for the space left, while a part of it fits. A
+  batch the store refused as full is split in halves at once, each half committed (and
+  resolved) on its own, splitting again down to single events, in order; so after a
+  partial free whatever fits is committed and acknowledged. A single event that does not
+  fit is valid, so it is never refused: it is retried with backoff, unacknowledged, and
+  the events behind it wait too, until space is freed (its client may also resend it
+  after reconnecting; a duplicate is harmless). The cause is logged once per batch that
+  waited, and again when all of it is committed;
 * any other exception is a bug in some event's processing. The transaction rolled back, so
   the batch is retried one event per transaction: the others go through and only the
-  poisonous one is refused, with ``internal error: ...``.
+  poisonous one is refused, with ``internal error: ...``. These lines, one per bad event,
+  are rate limited (``daemon.log_throttle``, the ``[log]`` settings).
 
 Shutdown: each commit attempt is shielded from cancellation, so a batch taken from the
 channel is committed (or fails) as a whole; the worker thread cannot be abandoned anyway
@@ -28,10 +37,11 @@ returns, which is how the service stops it gracefully.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Protocol
+from typing import Final, Protocol
 
 import apsw
 import attrs
@@ -40,6 +50,7 @@ import trio
 from daemon.engine import Outcome
 from daemon.events import ReceivedEvent
 from daemon.gateway import StoreGateway
+from daemon.log_throttle import LogThrottle
 from daemon.store_trouble import STORE_TROUBLE, Backoff
 from store.db import write_transaction
 
@@ -119,6 +130,23 @@ class EvaluatorStats:
     largest_batch: int = 0
 
 
+LOG_BURST: Final = 5  # default lines of one kind per window (config: [log] burst)
+LOG_WINDOW: Final = 60.0  # default seconds of that window (config: [log] window)
+
+
+class _Full(enum.Enum):
+    """The store refused a batch of more than one event as full: split it."""
+
+    TOO_BIG = enum.auto()
+
+
+def _throttles(burst: int, window: float) -> dict[str, LogThrottle]:
+    return {
+        what: LogThrottle(log, what, burst, window)
+        for what in ("events refused as internal errors", "failed batches", "split batches")
+    }
+
+
 @attrs.define
 class _Evaluator:
     gateway: StoreGateway
@@ -126,12 +154,19 @@ class _Evaluator:
     clock: Callable[[], datetime]
     stats: EvaluatorStats
     on_commit: Callable[[], None]
+    throttles: dict[str, LogThrottle]
+    # one episode of store trouble per batch: logged when it starts, and as over once
+    # every event of the batch is committed
+    backoff: Backoff = attrs.field(
+        factory=lambda: Backoff(log, "committing received events (not acknowledged meanwhile)")
+    )
 
-    async def _attempt(self, events: Sequence[ReceivedEvent]) -> Exception | None:
-        """Commit ``events`` in one transaction, waiting out store trouble; the bug if any."""
-        backoff = Backoff(
-            log, f"committing a batch of {len(events)} events (not acknowledged meanwhile)"
-        )
+    def _log(self, what: str, level: int, msg: str, *args: object, exc_info: object = None) -> None:
+        self.throttles[what].log(trio.current_time(), level, msg, *args, exc_info=exc_info)
+
+    async def _attempt(self, events: Sequence[ReceivedEvent]) -> Exception | _Full | None:
+        """Commit ``events`` in one transaction, waiting out store trouble, except a full
+        disk refusing more than one event (``_Full.TOO_BIG``); otherwise the bug if any."""
         while True:
             now = self.clock()
             try:
@@ -141,11 +176,12 @@ class _Evaluator:
                     )
             except STORE_TROUBLE as exc:
                 self.stats.store_retries += 1
-                await backoff.wait(exc)
+                if isinstance(exc, apsw.FullError) and len(events) > 1:
+                    return _Full.TOO_BIG
+                await self.backoff.wait(exc)
                 continue
             except Exception as exc:
                 return exc
-            backoff.cleared()
             # Waking the sender and the inbox pump costs each a trip to the store thread:
             # only when the batch left them work (an engine that cannot tell always wakes).
             if getattr(self.engine, "handed_off", True):
@@ -158,31 +194,52 @@ class _Evaluator:
             return None
 
     async def settle(self, batch: Sequence[Submission]) -> None:
+        await self._commit(batch)
+        self.backoff.cleared()
+        self.stats.batches += 1
+        self.stats.events += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+
+    async def _commit(self, batch: Sequence[Submission]) -> None:
+        """Commit and resolve `batch`, in halves while the disk is too full for it."""
         failure = await self._attempt([submission.event for submission in batch])
         if failure is None:
             for submission in batch:
                 submission.sink.resolved(submission, None)
-        else:
-            log.warning(
-                "a batch of %d events failed (%r); retrying them one by one",
+            return
+        if failure is _Full.TOO_BIG:
+            self._log(
+                "split batches",
+                logging.WARNING,
+                "a batch of %d events does not fit on the disk; committing it in halves",
                 len(batch),
-                failure,
             )
-            for submission in batch:
-                error = await self._attempt([submission.event])
-                if error is not None:
-                    self.stats.internal_errors += 1
-                    log.error(
-                        "event %s could not be processed and is refused",
-                        submission.event.id,
-                        exc_info=error,
-                    )
-                    submission.sink.resolved(submission, f"internal error: {error!r}")
-                else:
-                    submission.sink.resolved(submission, None)
-        self.stats.batches += 1
-        self.stats.events += len(batch)
-        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+            half = len(batch) // 2
+            await self._commit(batch[:half])
+            await self._commit(batch[half:])
+            return
+        self._log(
+            "failed batches",
+            logging.WARNING,
+            "a batch of %d events failed (%r); retrying them one by one",
+            len(batch),
+            failure,
+        )
+        for submission in batch:
+            error = await self._attempt([submission.event])
+            assert error is not _Full.TOO_BIG  # a single event waits for space instead
+            if error is not None:
+                self.stats.internal_errors += 1
+                self._log(
+                    "events refused as internal errors",
+                    logging.ERROR,
+                    "event %s could not be processed and is refused",
+                    submission.event.id,
+                    exc_info=error,
+                )
+                submission.sink.resolved(submission, f"internal error: {error!r}")
+            else:
+                submission.sink.resolved(submission, None)
 
 
 async def run_evaluator(
@@ -194,14 +251,22 @@ async def run_evaluator(
     batch_max: int,
     stats: EvaluatorStats | None = None,
     on_commit: Callable[[], None] = lambda: None,
+    log_burst: int = LOG_BURST,
+    log_window: float = LOG_WINDOW,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit submissions in batches until every sender has closed the channel;
-    ``on_commit`` runs after each commit (it wakes the sender and the inbox pump)."""
+    ``on_commit`` runs after each commit (it wakes the sender and the inbox pump); a line
+    one event can cause is logged at most ``log_burst`` times per ``log_window`` seconds."""
     if batch_max < 1:
         raise ValueError(f"batch_max must be at least 1, got {batch_max}")
     evaluator = _Evaluator(
-        gateway, engine, clock, stats if stats is not None else EvaluatorStats(), on_commit
+        gateway,
+        engine,
+        clock,
+        stats if stats is not None else EvaluatorStats(),
+        on_commit,
+        _throttles(log_burst, log_window),
     )
     async with receive:
         task_status.started()

@@ -47,7 +47,7 @@ from daemon.sender import Sender, run_sender
 from daemon.store_trouble import STORE_TROUBLE, Backoff
 from daemon.sweeper import SweepSettings, run_sweeper
 from daemon.systemd import Notifier
-from store.db import Store, StoreError, UnusableDatabase
+from store.db import Store, StoreError, StoreUnavailable, UnusableDatabase
 from store.events import inbox_size
 
 log = logging.getLogger("trigd")
@@ -134,16 +134,16 @@ async def serve(
     TLS files and the database here, the listen address when ingest starts) raises
     UnusableSetting."""
     tls = tls_context(config.server)
-    store = await _open_store_once_unlocked(config.store)
+    notifier = Notifier(env)
+    store = await _open_store_once_unlocked(config.store, notifier)
     try:
         gateway = StoreGateway(store)
         engine = engine_for(config)
-        # the store may be locked by another process for a while (`trigd outbox retry`):
-        # wait, as every writing task does, rather than fail to start
-        await Backoff(log, "loading the automations").call(
+        # the store may be locked by another process for a while (`trigd outbox retry`),
+        # or the disk full: wait, as every writing task does, rather than fail to start
+        await _start_up_backoff("loading the automations", notifier).call(
             lambda: gateway.run(engine.load_automations, automations, clock())
         )
-        notifier = Notifier(env)
         await _run(config, gateway, engine, notifier, clock, tls)
     finally:
         store.close()
@@ -158,16 +158,43 @@ def open_store(settings: StoreConfig) -> Store:
         raise UnusableSetting("store", "path", exc.path, exc.why) from exc
 
 
-async def _open_store_once_unlocked(settings: StoreConfig) -> Store:
-    """`open_store`, waiting while another process (not a trigd: that one is refused at
-    once) holds the database's write lock, as the writing tasks wait later on."""
+OPEN_TROUBLE: Final = (
+    apsw.BusyError,
+    apsw.LockedError,
+    apsw.FullError,
+    apsw.IOError,
+    StoreUnavailable,
+)
+"""What opening the store waits out: another process (not a trigd: that one is refused
+at once) holding the write lock, a full or failing disk. Every other failure at open is
+for an operator to fix and ends start-up."""
+
+
+START_UP_TRY: Final = 30.0
+"""Seconds systemd is asked to allow for one more try of a start-up step that waits out
+store trouble, beyond the wait before it (SQLite's busy timeout is 5 s)."""
+
+
+def _start_up_backoff(what: str, notifier: Notifier) -> Backoff:
+    """A Backoff for start-up, before READY=1: systemd ends a start that takes longer than
+    TimeoutStartSec and restarts it, so each wait extends that time past the next try."""
+
+    async def extend(delay: float) -> None:
+        await notifier.notify(f"EXTEND_TIMEOUT_USEC={int((delay + START_UP_TRY) * 1e6):d}")
+
+    return Backoff(log, what, on_wait=extend)
+
+
+async def _open_store_once_unlocked(settings: StoreConfig, notifier: Notifier) -> Store:
+    """`open_store`, waiting while the store cannot be opened for now (`OPEN_TROUBLE`),
+    as the writing tasks wait later on: a full disk at boot must not end in a restart
+    loop, and the cause is logged once."""
 
     async def attempt() -> Store:
         return open_store(settings)
 
-    return await Backoff(log, "opening the database").call(
-        attempt, retry_on=(apsw.BusyError, apsw.LockedError)
-    )
+    backoff = _start_up_backoff("opening the database", notifier)
+    return await backoff.call(attempt, retry_on=OPEN_TROUBLE)
 
 
 async def _run(
@@ -229,6 +256,8 @@ async def _run(
                         batch_max=config.server.batch_max_events,
                         stats=evaluator_stats,
                         on_commit=committed,
+                        log_burst=config.log.burst,
+                        log_window=config.log.window.total_seconds(),
                         task_status=task_status,
                     )
                 finally:

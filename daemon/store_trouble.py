@@ -47,6 +47,8 @@ class Backoff:
 
     logger: logging.Logger
     what: str
+    # awaited before each sleep with its length in seconds (start-up tells systemd)
+    on_wait: Callable[[float], Awaitable[None]] | None = None
     delay: float = RETRY_FIRST_DELAY
     retries: int = 0  # in the current episode
     _cause: str | None = None
@@ -66,6 +68,8 @@ class Backoff:
             )
             self._cause = cause
         self.retries += 1
+        if self.on_wait is not None:
+            await self.on_wait(self.delay)
         await trio.sleep(self.delay)
         self.delay = min(self.delay * 2, RETRY_MAX_DELAY)
 

@@ -7,14 +7,24 @@ the database so that a second ``trigd serve`` refuses to start. Readers such as
 database gets ``schema.sql`` (the current version) whole; an older one climbs ``PRAGMA
 user_version`` one step at a time, each step in its own transaction. A database newer
 than this code is refused.
+
+The database holds secrets (webhook secrets and headers in the automations and the outbox),
+so its files are readable by their owner only, whatever the umask: the main file is
+created 0600 before SQLite opens it (SQLite gives -wal and -shm the main file's mode), and
+one left group- or world-readable by an older trigd is tightened when opened. A disk that
+is full or failing while the store opens is ``StoreUnavailable``, which start-up waits
+out, rather than a path that cannot work.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import importlib.resources
+import logging
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Final, Literal
@@ -37,9 +47,23 @@ IN_CHUNK: Final = 500  # ids per IN (...) clause, well under SQLite's bound-para
 
 Synchronous = Literal["full", "normal"]
 
+FILE_MODE: Final = 0o600
+"""The mode of the database, its -wal and -shm: they hold secrets."""
+DB_SUFFIXES: Final = ("", "-wal", "-shm")
+
+TRANSIENT_ERRNOS: Final = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO})
+"""OS errors of the disk, not of the path: freeing space or replacing a cable fixes them."""
+
+log = logging.getLogger(__name__)
+
 
 class StoreError(Exception):
     """A problem with the database that an operator has to fix; the message says how."""
+
+
+class StoreUnavailable(StoreError):
+    """The disk under the database is full or failing right now (``TRANSIENT_ERRNOS``):
+    a retry once it clears may work."""
 
 
 class DatabaseTooNew(StoreError):
@@ -172,8 +196,12 @@ class LockFile:
                 f"{db_path} is in use by another trigd (pid {holder}); "
                 "only one 'trigd serve' may run on a database"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:  # a full disk: let the lock go with the fd, or a retry finds it held
+            os.close(fd)
+            raise
         return cls(lock_path, fd)
 
     def release(self) -> None:
@@ -185,6 +213,30 @@ class LockFile:
 def os_reason(exc: OSError) -> str:
     """Why an OS call failed, in words: "permission denied" rather than the errno repr."""
     return exc.strerror.lower() if exc.strerror else str(exc)
+
+
+def _private_files(db_path: Path) -> None:
+    """Create the database file 0600 if it is not there (before SQLite does, with 0644
+    less the umask), and take group and other access away from the database, -wal and
+    -shm files an older trigd or another tool left open to them. A file this process may
+    not chmod (someone else's) is left as its owner set it, with a warning."""
+    os.close(os.open(db_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, FILE_MODE))
+    for suffix in DB_SUFFIXES:
+        path = db_path.with_name(db_path.name + suffix)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+            if mode & 0o077:
+                os.chmod(path, mode & ~0o077)
+                log.warning(
+                    "%s was readable by others (mode %04o); now %04o",
+                    path,
+                    mode,
+                    mode & ~0o077,
+                )
+        except FileNotFoundError:
+            continue
+        except PermissionError as exc:
+            log.warning("%s: cannot make it private to its owner: %s", path, os_reason(exc))
 
 
 SQLITE_HEADER: Final = b"SQLite format 3\x00"
@@ -234,8 +286,17 @@ class Store:
             lock = LockFile.acquire(db_path)
         except OSError as exc:  # e.g. a directory that is read-only, or /proc
             why = os_reason(exc)
+            if exc.errno in TRANSIENT_ERRNOS:  # writing the pid on a full disk
+                raise StoreUnavailable(f"{db_path}: cannot write its lock file: {why}") from exc
             raise UnusableDatabase(db_path, f"cannot create its lock file: {why}") from exc
         try:
+            try:
+                _private_files(db_path)
+            except OSError as exc:
+                why = os_reason(exc)
+                if exc.errno in TRANSIENT_ERRNOS:
+                    raise StoreUnavailable(f"{db_path}: {why}") from exc
+                raise UnusableDatabase(db_path, f"cannot open it for writing: {why}") from exc
             conn = _connect(db_path)
             conn.set_busy_timeout(BUSY_TIMEOUT_MS)
             conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")

@@ -149,9 +149,11 @@ async def running_daemon(
     env: dict[str, str] | None = None,
     start_timeout: float = 30,
     command: Sequence[str] = TRIGD,
+    wait_ready: bool = True,
 ) -> AsyncIterator[Daemon]:
     """Start `trigd serve --config config`, trigd being `command` (the built executable,
-    say); on exit SIGKILL it if it still runs."""
+    say); on exit SIGKILL it if it still runs. `wait_ready=False`: at once, before it
+    listens (`daemon.ready` is set when it does)."""
     process = await trio.lowlevel.open_process(
         [*command, "serve", "--config", str(config), *args],
         stdin=subprocess.DEVNULL,
@@ -164,7 +166,7 @@ async def running_daemon(
         nursery.start_soon(daemon._read_stderr)
         try:
             with trio.fail_after(start_timeout):
-                while not daemon.ready.is_set():
+                while wait_ready and not daemon.ready.is_set():
                     if process.poll() is not None:
                         raise RuntimeError(f"trigd exited early:\n{daemon.log}")
                     with trio.move_on_after(0.05):

@@ -7,6 +7,7 @@ provoke (a gate that holds the store thread, a failure for one event id, a full 
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -113,11 +114,13 @@ class PoisonEngine:
 
 
 @attrs.define
-class FullDiskEngine:
-    """Raises SQLite's "database or disk is full" for the first ``failures`` batches."""
+class TroubledEngine:
+    """Raises `trouble` (SQLite's "database is locked" unless told) for the first
+    ``failures`` batches, whatever their size."""
 
     inner: Engine
     failures: int
+    trouble: type[apsw.Error] = apsw.BusyError
     calls: int = 0
 
     def process_batch(
@@ -126,7 +129,7 @@ class FullDiskEngine:
         self.calls += 1
         outcomes = self.inner.process_batch(conn, events, now)
         if self.calls <= self.failures:
-            raise apsw.FullError("database or disk is full")
+            raise self.trouble("the store refuses this batch")
         return outcomes
 
     def rolled_back(self) -> None:
@@ -246,14 +249,15 @@ async def test_store_trouble_holds_the_batch_until_the_store_recovers(
     sink = Recorder()
     stats = EvaluatorStats()
     events = [make_event() for _ in range(3)]
-    engine = FullDiskEngine(Engine(), failures=4)
+    engine = TroubledEngine(Engine(), failures=4)
     send, receive = trio.open_memory_channel[Submission](10)
     for event in events:
         send.send_nowait(Submission(event, sink))
     send.close()
     start = trio.current_time()
     await run_evaluator(gateway, engine, receive, clock=fixed_clock, batch_max=100, stats=stats)
-    # Retried after 0.25 + 0.5 + 1 + 2 virtual seconds, as one batch every time.
+    # Retried after 0.25 + 0.5 + 1 + 2 virtual seconds, as one batch every time (a lock
+    # does not go away by writing less).
     assert trio.current_time() - start == pytest.approx(3.75)
     assert engine.calls == 5
     assert stats.store_retries == 4
@@ -265,7 +269,7 @@ async def test_nothing_is_resolved_while_the_store_is_down(
     gateway: StoreGateway, db_path: Path, autojump_clock: trio.testing.MockClock
 ) -> None:
     sink = Recorder()
-    engine = FullDiskEngine(Engine(), failures=10**9)
+    engine = TroubledEngine(Engine(), failures=10**9, trouble=apsw.FullError)
     send, receive = trio.open_memory_channel[Submission](10)
     send.send_nowait(Submission(make_event(), sink))
     async with trio.open_nursery() as nursery:
@@ -318,3 +322,149 @@ async def test_bad_batch_max_is_refused(gateway: StoreGateway) -> None:
     _, receive = trio.open_memory_channel[Submission](1)
     with pytest.raises(ValueError, match="batch_max"):
         await run_evaluator(gateway, Engine(), receive, clock=fixed_clock, batch_max=0)
+
+
+def bulky_event(blob: str = "x" * 3000) -> ReceivedEvent:
+    """An event taking most of a page of its own, so that a few pages more or less decide
+    how many of a batch fit in the database."""
+    return parse_incoming_event(
+        {
+            "id": str(uuid4()),
+            "occurred": "2026-11-23T09:59:00Z",
+            "event": "pump.pressure.high",
+            "resource": {"prefect.resource.id": "pump.7"},
+            "payload": {"blob": blob},
+        },
+        NOW,
+    )
+
+
+def page_count(conn: apsw.Connection) -> int:
+    row = conn.execute("PRAGMA page_count").fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def cap_pages(conn: apsw.Connection, pages: int) -> None:
+    """SQLite's own size limit: past it a write fails as on a full disk (SQLITE_FULL)."""
+    conn.execute(f"PRAGMA max_page_count = {pages:d}")
+
+
+async def test_a_batch_too_big_for_the_disk_commits_what_fits_and_holds_the_rest(
+    gateway: StoreGateway, db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    """After a partial free, the part of a batch that fits is committed and acknowledged
+    (halves, then quarters...), in order; the first event that does not fit even alone is
+    neither acknowledged nor refused, and neither are the ones behind it, until there is
+    room; then every event is stored once and resolved once."""
+    sink = Recorder(db_path=db_path)
+    stats = EvaluatorStats()
+    engine = Engine()
+    events = [bulky_event() for _ in range(16)]
+    await gateway.run(lambda conn: engine.process_batch(conn, [bulky_event()], NOW))
+    # room for a few of the 16 events (each takes about a page), not for all of them
+    await gateway.run(lambda conn: cap_pages(conn, page_count(conn) + 8))
+    send, receive = trio.open_memory_channel[Submission](100)
+    for event in events:
+        send.send_nowait(Submission(event, sink))
+    send.close()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_evaluator(
+                gateway, engine, receive, clock=fixed_clock, batch_max=100, stats=stats
+            )
+        )
+        # a single event is retried with backoff while it does not fit
+        while stats.store_retries < 20:  # noqa: ASYNC110  (15 splits at most, then singles)
+            await trio.sleep(1)
+        held = len(sink.outcomes)
+        assert 0 < held < len(events)
+        assert sink.outcomes == [(e.id, None) for e in events[:held]]
+        assert all(sink.committed_when_resolved)
+        assert stored_ids(db_path) >= {str(e.id) for e in events[:held]}
+        assert not stored_ids(db_path) & {str(e.id) for e in events[held:]}
+        await gateway.run(lambda conn: cap_pages(conn, 1 << 30))  # space freed
+    assert sink.outcomes == [(e.id, None) for e in events]
+    assert all(sink.committed_when_resolved)
+    assert stored_ids(db_path) >= {str(e.id) for e in events}
+    assert stats.internal_errors == 0
+
+
+@attrs.define
+class PoisonNameEngine:
+    """The real engine, except that events named `poison` make processing blow up."""
+
+    inner: Engine
+    poison: str = "pump.poison"
+
+    def process_batch(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> list[Outcome]:
+        outcomes = self.inner.process_batch(conn, events, now)
+        if any(event.event == self.poison for event in events):
+            raise RuntimeError("boom " + "x" * 200)  # a long message, as a real one can be
+        return outcomes
+
+    def rolled_back(self) -> None:
+        self.inner.rolled_back()
+
+
+@pytest.fixture
+def jumpable_clock() -> trio.testing.MockClock:
+    """Runs at the wall clock's pace (waits for the store thread take real time) until a
+    test jumps it forward."""
+    return trio.testing.MockClock(rate=1.0)
+
+
+async def test_lines_one_event_causes_are_rate_limited(
+    gateway: StoreGateway,
+    db_path: Path,
+    jumpable_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A stream of poisonous events: every one is refused, but only `log_burst` of them
+    are logged (with their traceback) per window; the next window starts with a count of
+    the ones left out."""
+    sink = Recorder()
+    stats = EvaluatorStats()
+    send, receive = trio.open_memory_channel[Submission](100)
+    poisonous = [make_event(name="pump.poison") for _ in range(12)]
+    for event in poisonous:
+        send.send_nowait(Submission(event, sink))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_evaluator(
+                gateway,
+                PoisonNameEngine(Engine()),
+                receive,
+                clock=fixed_clock,
+                batch_max=5,
+                stats=stats,
+                log_burst=3,
+                log_window=60,
+            )
+        )
+        while len(sink.outcomes) < 12:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        refused = [r for r in caplog.records if "could not be processed" in r.getMessage()]
+        assert len(refused) == 3
+        assert all(r.exc_info is not None for r in refused)
+        failed = [r for r in caplog.records if "retrying them one by one" in r.getMessage()]
+        assert len(failed) == 3  # batches of 5, 5 and 2
+        caplog.clear()
+        jumpable_clock.jump(60)
+        send.send_nowait(Submission(make_event(name="pump.poison"), sink))
+        while len(sink.outcomes) < 13:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+        send.close()
+    messages = [r.getMessage() for r in caplog.records]
+    left_out = re.compile(
+        r"9 lines left out in the last 6[0-9.]*s \(at most 3 per 60s\): "
+        "events refused as internal errors"
+    )
+    assert [m for m in messages if left_out.fullmatch(m)]
+    assert sum("could not be processed" in m for m in messages) == 1
+    assert [error for _, error in sink.outcomes] == [
+        "internal error: RuntimeError('boom " + "x" * 200 + "')"
+    ] * 13
+    assert stats.internal_errors == 13

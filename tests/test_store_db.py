@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import stat
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import apsw
@@ -276,3 +280,56 @@ def test_write_transaction_commits_rolls_back_and_survives_a_failed_commit(
         assert conn.execute("SELECT parent_id FROM child").fetchall() == [(1,)]
     finally:
         store.close()
+
+
+@contextmanager
+def umask(mask: int) -> Iterator[None]:
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def modes(db: Path) -> dict[str, int]:
+    """The permission bits of the database's files that exist, by suffix."""
+    found = {}
+    for suffix in ("", "-wal", "-shm", ".lock"):
+        path = db.with_name(db.name + suffix)
+        if path.exists():
+            found[suffix] = stat.S_IMODE(path.stat().st_mode)
+    return found
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o002, 0o000])
+def test_a_new_database_and_its_wal_shm_and_lock_are_private(tmp_path: Path, mask: int) -> None:
+    """They hold webhook secrets: 0600 whatever the umask (outside systemd, 022 is usual)."""
+    db = tmp_path / "t.db"
+    with umask(mask):
+        store = Store.open(db)
+        try:
+            with store.transaction() as conn:
+                conn.execute("INSERT INTO meta VALUES ('k', 'v')")
+            assert modes(db) == {"": 0o600, "-wal": 0o600, "-shm": 0o600, ".lock": 0o600}
+        finally:
+            store.close()
+
+
+def test_a_database_left_readable_by_others_is_made_private_when_opened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "t.db"
+    with umask(0o022):
+        conn = apsw.Connection(str(db))  # as an older trigd made it: 0644, and its WAL
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("CREATE TABLE t (x)")
+        assert modes(db)[""] == 0o644
+        Path(f"{db}-shm").chmod(0o666)
+        store = Store.open(db)
+        try:
+            assert modes(db) == {"": 0o600, "-wal": 0o600, "-shm": 0o600, ".lock": 0o600}
+        finally:
+            store.close()
+            conn.close()
+    assert f"{db} was readable by others (mode 0644); now 0600" in caplog.text
+    assert f"{db}-shm was readable by others (mode 0666); now 0600" in caplog.text
