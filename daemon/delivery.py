@@ -30,9 +30,11 @@ served longest ago first, one slot per endpoint per pass, up to `per_endpoint_co
 each. An endpoint whose last attempt failed in a way worth retrying (network error,
 timeout, 408, 429, 5xx) is *failing*: it gets one attempt at a time until it answers
 again, and all failing endpoints together hold at most `probe_concurrency` slots, fewer
-than `concurrency`. So however many endpoints are dead, they never hold the slots the
-working ones need; a working endpoint waits for nothing but its turn. An endpoint never
-tried is trusted until its first failure, which takes it one `timeout` to show.
+than `concurrency`. And endpoints that have not answered since trigd started (new ones,
+failing ones) together hold at most `concurrency - 1`: one slot is always left to the
+endpoints that answer, even while new endpoints that turn out dead hang for their first
+`timeout`. So however many endpoints are dead, a working endpoint waits for nothing but
+its turn.
 """
 
 from __future__ import annotations
@@ -259,12 +261,20 @@ class Slots:
     busy: Mapping[Endpoint, int] = attrs.field(factory=dict)  # in flight per endpoint
     failing: Collection[Endpoint] = frozenset()
     turns: Mapping[Endpoint, int] = attrs.field(factory=dict)  # when each was last served
+    # endpoints that answered and are not failing; None: trust every endpoint
+    trusted: Collection[Endpoint] | None = None
+    untrusted_free: int = 0  # slots free for the endpoints not trusted
 
     def room(self, endpoint: Endpoint) -> int:
         """How many more this endpoint may have in flight, leaving the others aside."""
         if endpoint in self.failing:
             return 0 if self.probes_free <= 0 else max(0, 1 - self.busy.get(endpoint, 0))
+        if not self.is_trusted(endpoint) and self.untrusted_free <= 0:
+            return 0
         return max(0, self.per_endpoint - self.busy.get(endpoint, 0))
+
+    def is_trusted(self, endpoint: Endpoint) -> bool:
+        return self.trusted is None or endpoint in self.trusted
 
 
 def share_slots(due: Mapping[Endpoint, Sequence[T]], slots: Slots) -> list[T]:
@@ -272,11 +282,12 @@ def share_slots(due: Mapping[Endpoint, Sequence[T]], slots: Slots) -> list[T]:
     endpoints in the order of their oldest due row. Round-robin: in each pass every
     endpoint with room gets one row, the endpoints served longest ago first (never served:
     first, oldest due row first), until the free slots or the rows run out; failing
-    endpoints only while probe slots are left."""
+    endpoints only while probe slots are left, endpoints not trusted only while slots for
+    them are left."""
     order = sorted(due, key=lambda endpoint: slots.turns.get(endpoint, -1))
     room = {endpoint: min(len(due[endpoint]), slots.room(endpoint)) for endpoint in order}
     taken: Counter[Endpoint] = Counter()
-    free, probes = slots.free, slots.probes_free
+    free, probes, untrusted = slots.free, slots.probes_free, slots.untrusted_free
     chosen: list[T] = []
     progress = True
     while free > 0 and progress:
@@ -286,9 +297,13 @@ def share_slots(due: Mapping[Endpoint, Sequence[T]], slots: Slots) -> list[T]:
                 break
             if taken[endpoint] >= room[endpoint]:
                 continue
-            if endpoint in slots.failing:
-                if probes <= 0:
+            if endpoint in slots.failing and probes <= 0:
+                continue
+            if not slots.is_trusted(endpoint):
+                if untrusted <= 0:
                     continue
+                untrusted -= 1
+            if endpoint in slots.failing:
                 probes -= 1
             chosen.append(due[endpoint][taken[endpoint]])
             taken[endpoint] += 1
@@ -315,6 +330,7 @@ class Endpoints:
         self.probes = probes
         self._busy: Counter[Endpoint] = Counter()
         self._failing: set[Endpoint] = set(failing)
+        self._answered: set[Endpoint] = {None}  # actions without a request always "answer"
         self._turns: dict[Endpoint, int] = {}
         self._served = 0
 
@@ -332,6 +348,14 @@ class Endpoints:
     def probes_in_flight(self) -> int:
         return sum(self._busy[endpoint] for endpoint in self._failing)
 
+    def trusted(self) -> frozenset[Endpoint]:
+        """Endpoints that answered since trigd started and are not failing now."""
+        return frozenset(self._answered - self._failing)
+
+    def untrusted_in_flight(self) -> int:
+        trusted = self.trusted()
+        return sum(n for endpoint, n in self._busy.items() if endpoint not in trusted)
+
     def slots(self) -> Slots:
         return Slots(
             free=self.concurrency - self.in_flight,
@@ -340,6 +364,8 @@ class Endpoints:
             busy=dict(self._busy),
             failing=frozenset(self._failing),
             turns=dict(self._turns),
+            trusted=self.trusted(),
+            untrusted_free=max(1, self.concurrency - 1) - self.untrusted_in_flight(),
         )
 
     def started(self, endpoints: Iterable[Endpoint]) -> None:
@@ -361,6 +387,8 @@ class Endpoints:
         self._busy[endpoint] -= 1
         if self._busy[endpoint] <= 0:
             del self._busy[endpoint]
+        if answered:
+            self._answered.add(endpoint)
         if answered is None or answered == (endpoint not in self._failing):
             return False
         if answered:

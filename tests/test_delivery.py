@@ -163,15 +163,19 @@ def test_an_endpoint_is_failing_after_what_would_be_retried(
     assert endpoint_answered(outcome) is answered
 
 
-def test_the_book_tracks_slots_and_failing_endpoints() -> None:
+def test_the_book_tracks_slots_failing_and_trusted_endpoints() -> None:
     book = Endpoints(concurrency=4, per_endpoint=2, probes=1, failing=["http://old:80"])
-    book.started(["http://a:80", "http://a:80", "http://old:80"])
+    book.started(["http://a:80", "http://old:80"])
+    assert not book.finished("http://a:80", True)  # it answers: trusted (was not failing)
+    book.started(["http://a:80", "http://a:80"])
     slots = book.slots()
     assert (slots.free, slots.probes_free, book.in_flight) == (1, 0, 3)
+    assert slots.trusted == {None, "http://a:80"}
     assert slots.room("http://a:80") == 0
     assert slots.room("http://old:80") == 0  # failing: one at a time, and no probe left
+    assert slots.untrusted_free == 2  # concurrency - 1, less the probe in flight
     assert slots.room("http://new:80") == 2
-    assert slots.turns == {"http://a:80": 2, "http://old:80": 3}
+    assert slots.turns == {"http://a:80": 4, "http://old:80": 2}
 
     assert book.finished("http://a:80", False)  # a timeout: now failing...
     assert book.failing == {"http://a:80", "http://old:80"}
@@ -179,12 +183,32 @@ def test_the_book_tracks_slots_and_failing_endpoints() -> None:
     assert not book.finished("http://a:80", None)  # never reached it: says nothing
     assert not book.finished("http://old:80", False)  # still failing: no change
     slots = book.slots()
-    assert (slots.free, slots.probes_free) == (4, 1)
+    assert (slots.free, slots.probes_free, slots.untrusted_free) == (4, 1, 3)
     assert slots.room("http://a:80") == 1
     book.started(["http://a:80"])
     assert book.finished("http://a:80", True)  # it answers: trusted again
     assert book.failing == {"http://old:80"}
     assert book.slots().room("http://a:80") == 2
+
+
+def test_endpoints_not_answering_leave_a_slot_to_those_that_do() -> None:
+    """New endpoints that turn out dead hang until their first timeout: together with
+    failing ones they hold at most concurrency - 1 slots."""
+    book = Endpoints(concurrency=4, per_endpoint=2, probes=1)
+    book.started(["http://ok:80"])
+    book.finished("http://ok:80", True)
+    due: dict[Endpoint, list[str]] = {
+        f"http://new{i}:80": [f"new{i}-{n}" for n in range(2)] for i in range(3)
+    }
+    due["http://ok:80"] = ["ok-0", "ok-1"]
+    book.started(["http://new0:80", "http://new1:80"])  # hanging, not failing yet
+    chosen = share_slots(due, book.slots())
+    assert chosen == ["new2-0", "ok-0"]
+    book.started(["http://new2:80", "http://ok:80"])
+    assert book.slots().untrusted_free == 0
+    assert share_slots(due, book.slots()) == []  # full; and when ok's slot frees:
+    book.finished("http://ok:80", True)
+    assert share_slots(due, book.slots()) == ["ok-0"]
 
 
 def test_round_robin_takes_turns_and_failing_endpoints_wait_for_a_probe_slot() -> None:
@@ -293,6 +317,8 @@ def test_a_working_endpoint_gets_a_slot_every_round_however_many_endpoints_fail(
     book = Endpoints(
         concurrency=concurrency, per_endpoint=per_endpoint, probes=probes, failing=failing
     )
+    book.started([healthy])
+    book.finished(healthy, True)  # a working endpoint: it has answered
     hanging: list[Endpoint] = []
     for _ in range(20):
         due: dict[Endpoint, list[str]] = {e: [f"{e}#{n}" for n in range(5)] for e in failing}
@@ -303,6 +329,7 @@ def test_a_working_endpoint_gets_a_slot_every_round_however_many_endpoints_fail(
         assert healthy in picked
         assert book.in_flight <= concurrency
         assert book.probes_in_flight() <= probes
+        assert book.untrusted_in_flight() <= concurrency - 1
         for endpoint in picked:
             if endpoint == healthy:
                 assert not book.finished(healthy, True)
