@@ -6,8 +6,9 @@ holds a slot until its attempt is recorded: at most `concurrency` in flight over
 `per_endpoint_concurrency` per endpoint (scheme://host:port), handed out round-robin
 across endpoints; an endpoint whose last attempt failed (network error, timeout, 408, 429,
 5xx) gets one at a time until it answers, and failing endpoints together at most
-`probe_concurrency`, fewer than `concurrency`: a failing endpoint never blocks deliveries
-to the others, however many fail (`daemon/delivery.py: Endpoints`). The loop sleeps until
+`probe_concurrency`, fewer than `concurrency`; endpoints that have not answered since
+start (new or failing) never take the last slot: a failing endpoint never blocks
+deliveries to the others, however many fail (`daemon/delivery.py: Endpoints`). The loop sleeps until
 the next row is due, a slot frees up, or `notify()` says the evaluator committed new rows.
 
 Each attempt ends in one transaction: the attempt row, the move in the state table
