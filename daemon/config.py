@@ -250,6 +250,13 @@ class TriggersConfig(Section):
 LEASE_FLOOR: Final = timedelta(seconds=60)
 LEASE_MARGIN: Final = timedelta(seconds=30)
 PER_ENDPOINT_CONCURRENCY: Final = 2
+PROBE_CONCURRENCY: Final = 2
+
+
+def derived_probe_concurrency(concurrency: int) -> int:
+    """`probe_concurrency` when none is set: 2, and always a slot short of `concurrency` so
+    failing endpoints leave one to the others (1 when there is only one slot)."""
+    return max(1, min(PROBE_CONCURRENCY, concurrency - 1))
 
 
 def derived_lease(timeout: timedelta) -> timedelta:
@@ -259,16 +266,18 @@ def derived_lease(timeout: timedelta) -> timedelta:
 
 
 class DeliveryConfig(Section):
-    """`lease` and `per_endpoint_concurrency` are extensions beyond SPEC §3. Left unset they
-    follow `timeout` and `concurrency` (`derived_lease`; at most `concurrency`), so a SPEC
-    key alone never fails because of a key the user did not write; set explicitly, they
-    must agree with them."""
+    """`lease`, `per_endpoint_concurrency` and `probe_concurrency` are extensions beyond
+    SPEC §3. Left unset they follow `timeout` and `concurrency` (`derived_lease`; at most
+    `concurrency`; `derived_probe_concurrency`), so a SPEC key alone never fails because of
+    a key the user did not write; set explicitly, they must agree with them."""
 
     timeout: PositiveDuration = timedelta(seconds=15)  # one HTTP attempt
     max_age: PositiveDuration = timedelta(hours=72)  # then a failing delivery is dead
     concurrency: Count = 8  # deliveries in flight, all endpoints
     # in flight to one scheme://host:port; unset: min(2, concurrency)
     per_endpoint_concurrency: Count = Field(None, validate_default=True)
+    # in flight to failing endpoints (one each); unset: min(2, concurrency - 1), at least 1
+    probe_concurrency: Count = Field(None, validate_default=True)
     # a claimed row is owned this long; unset: derived_lease(timeout)
     lease: PositiveDuration = Field(None, validate_default=True)
 
@@ -279,6 +288,14 @@ class DeliveryConfig(Section):
             return value
         # concurrency absent from info.data: it is invalid, and that is reported
         return min(PER_ENDPOINT_CONCURRENCY, info.data.get("concurrency", PER_ENDPOINT_CONCURRENCY))
+
+    @field_validator("probe_concurrency", mode="before")
+    @classmethod
+    def _probe_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        # concurrency absent from info.data: it is invalid, and that is reported
+        return derived_probe_concurrency(info.data.get("concurrency", PROBE_CONCURRENCY + 1))
 
     @field_validator("lease", mode="before")
     @classmethod
@@ -303,6 +320,14 @@ class DeliveryConfig(Section):
                 f"must not exceed concurrency ({self.concurrency}), "
                 f"got {self.per_endpoint_concurrency}",
             )
+        if self.probe_concurrency > max(1, self.concurrency - 1):
+            bound = (
+                "must be 1 when concurrency is 1"
+                if self.concurrency == 1
+                else f"must be less than concurrency ({self.concurrency}), so that failing "
+                "endpoints leave a slot to the others"
+            )
+            raise _field_problem("probe_concurrency", f"{bound}, got {self.probe_concurrency}")
         return self
 
 

@@ -2,10 +2,14 @@
 
 Theory of operation. One loop claims due rows through the store gateway (a claim is one
 transaction that also releases expired leases), and starts one task per claimed row. A row
-holds a slot until its attempt is recorded: at most `concurrency` in flight overall and
-`per_endpoint_concurrency` per endpoint (scheme://host:port), so a slow or dead endpoint
-can only ever hold its own slots. The loop sleeps until the next row is due, a slot frees
-up, or `notify()` says the evaluator committed new rows.
+holds a slot until its attempt is recorded: at most `concurrency` in flight overall,
+`per_endpoint_concurrency` per endpoint (scheme://host:port), handed out round-robin
+across endpoints; an endpoint whose last attempt failed (network error, timeout, 408, 429,
+5xx) gets one at a time until it answers, and failing endpoints together at most
+`probe_concurrency`, fewer than `concurrency`; endpoints that have not answered since
+start (new or failing) never take the last slot: a failing endpoint never blocks
+deliveries to the others, however many fail (`daemon/delivery.py: Endpoints`). The loop sleeps until
+the next row is due, a slot frees up, or `notify()` says the evaluator committed new rows.
 
 Each attempt ends in one transaction: the attempt row, the move in the state table
 (`daemon/delivery.py`), and — when the delivery is finished — its
@@ -14,7 +18,8 @@ exists if and only if the status change does. `emit` is then told about those ev
 
 Rows left `in_flight` by a previous process (crash, SIGKILL) are released when the sender
 starts — the lock file guarantees no other sender owns them — and are sent again with the
-same `webhook-id`: delivery is at least once.
+same `webhook-id`: delivery is at least once. Endpoints with a row waiting for its retry
+start out failing, so a restart does not trust a dead endpoint with every slot again.
 
 Store trouble (SPEC §8; disk full, I/O error, the write lock held elsewhere) never ends the
 sender: the release, each claim and each attempt's commit are retried with the backoff of
@@ -34,7 +39,6 @@ import hmac
 import logging
 import math
 import os
-from collections import Counter
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from random import Random as _StdRandom
@@ -56,11 +60,14 @@ from daemon.delivery import (
     Dead,
     Decision,
     Delivered,
+    Endpoints,
     Random,
     RetryAt,
+    Slots,
     action_triggered_event_id,
     decide,
     describe,
+    endpoint_answered,
     is_success,
 )
 from daemon.events import ReceivedEvent, uuid7
@@ -131,6 +138,7 @@ class _Result:
     decision: Decision
     latency_us: int | None
     details: dict[str, Any] = attrs.field(factory=dict)
+    reached: bool = False  # the request went out: the outcome tells of the endpoint
 
 
 def _finished_event(
@@ -191,18 +199,11 @@ def _error(result: _Result) -> str:
 
 
 def _claim(
-    conn: apsw.Connection,
-    now_us: int,
-    lease_until_us: int,
-    limit: int,
-    per_endpoint: int,
-    busy: dict[str | None, int],
+    conn: apsw.Connection, now_us: int, lease_until_us: int, slots: Slots
 ) -> tuple[list[outbox.OutboxRow], int | None]:
     with write_transaction(conn):
         outbox.release_leases(conn, now_us)
-        rows = outbox.claim(
-            conn, now_us, lease_until_us, limit=limit, per_endpoint=per_endpoint, busy=busy
-        )
+        rows = outbox.claim_slots(conn, now_us, lease_until_us, slots)
         next_due = outbox.next_due_us(conn, after_us=now_us)
     return rows, next_due
 
@@ -213,10 +214,12 @@ def _extend_lease(conn: apsw.Connection, row_id: str, held_us: int, until_us: in
     return extended
 
 
-def _release_all(conn: apsw.Connection, now_us: int) -> int:
+def _release_all(conn: apsw.Connection, now_us: int) -> tuple[int, set[str]]:
+    """Release what a previous process left in flight; also which endpoints were failing."""
     with write_transaction(conn):
+        failing = outbox.failing_endpoints(conn)
         released = outbox.release_leases(conn, now_us, everything=True)
-    return released
+    return released, failing
 
 
 class Sender:
@@ -239,8 +242,11 @@ class Sender:
         self._emit = emit
         self._random = random
         self._wake = trio.Event()
-        self._busy: Counter[str | None] = Counter()
-        self._in_flight = 0
+        self._endpoints = Endpoints(
+            concurrency=settings.concurrency,
+            per_endpoint=settings.per_endpoint_concurrency,
+            probes=settings.probe_concurrency,
+        )
 
     def notify(self) -> None:
         """New rows may be due (call from trio, after commit)."""
@@ -248,7 +254,12 @@ class Sender:
 
     @property
     def in_flight(self) -> int:
-        return self._in_flight
+        return self._endpoints.in_flight
+
+    @property
+    def endpoints(self) -> Endpoints:
+        """Slots in use, and the endpoints failing now (read-only use, e.g. tests)."""
+        return self._endpoints
 
     async def _sleep_until(self, when: datetime) -> None:
         if isinstance(self._clock, SleepingClock):
@@ -277,57 +288,65 @@ class Sender:
         """Started at once (a store in trouble must not hold up the daemon's start); the
         release of rows left in flight comes first, then claims."""
         task_status.started(self)
-        released = await Backoff(log, "releasing the deliveries left in flight").call(
+        released, failing = await Backoff(log, "releasing the deliveries left in flight").call(
             lambda: self._gateway.run(_release_all, to_us(self._clock()))
         )
         if released:
             log.warning("%d deliveries were in flight when trigd stopped; sending again", released)
+        for endpoint in failing:
+            self._endpoints.mark_failing(endpoint)
+        if failing:
+            log.warning(
+                "%d endpoints were failing when trigd stopped; one delivery at a time to each "
+                "until it answers",
+                len(failing),
+            )
         settings = self._settings
         claiming = Backoff(log, "claiming due deliveries")
         async with trio.open_nursery() as nursery:
             while True:
                 self._wake = trio.Event()
                 now = self._clock()
-                free = settings.concurrency - self._in_flight
+                slots = self._endpoints.slots()
                 next_due_us: int | None = None
-                if free > 0:
+                if slots.free > 0:
                     try:
                         rows, next_due_us = await self._gateway.run(
-                            _claim,
-                            to_us(now),
-                            to_us(now + settings.lease),
-                            free,
-                            settings.per_endpoint_concurrency,
-                            dict(self._busy),
+                            _claim, to_us(now), to_us(now + settings.lease), slots
                         )
                     except STORE_TROUBLE as exc:
                         await claiming.wait(exc)  # nothing was claimed: try again afresh
                         continue
                     claiming.cleared()
+                    self._endpoints.started(row.endpoint for row in rows)
                     for row in rows:
-                        self._busy[row.endpoint] += 1
-                        self._in_flight += 1
                         nursery.start_soon(self._deliver, row)
                 await self._wait(None if next_due_us is None else from_us(next_due_us))
 
     async def _deliver(self, row: outbox.OutboxRow) -> None:
+        answered: bool | None = None
         try:
-            await self._deliver_row(row)
+            answered = await self._deliver_row(row)
         finally:
-            self._busy[row.endpoint] -= 1
-            if self._busy[row.endpoint] <= 0:
-                del self._busy[row.endpoint]
-            self._in_flight -= 1
+            if self._endpoints.finished(row.endpoint, answered):
+                if answered:
+                    log.warning("endpoint %s answers again", row.endpoint)
+                else:
+                    log.warning(
+                        "endpoint %s is failing; one delivery at a time until it answers",
+                        row.endpoint,
+                    )
             self._wake.set()
 
-    async def _deliver_row(self, row: outbox.OutboxRow) -> None:
+    async def _deliver_row(self, row: outbox.OutboxRow) -> bool | None:
+        """Attempt the row; whether the endpoint answered (None: it was not reached)."""
         try:
             triggered = TriggeredAction.model_validate_json(row.document)
         except ValidationError as exc:
             reason = f"invalid outbox document: {exc.errors()[0]['msg']}"
             outcome = AttemptOutcome(error=reason)
             await self._finish(row, None, _Result(self._clock(), outcome, Dead(reason), None))
-            return
+            return None
         action = triggered.action
         if isinstance(action, CallWebhook):
             held = await self._hold_for(row, self._timeout(action))
@@ -335,12 +354,13 @@ class Sender:
                 log.warning(
                     "delivery %s: lease lost before the attempt; it will be retried", row.id
                 )
-                return
+                return None
             row = held
             result = await self._call(row, triggered, action)
         else:
             result = _Result(self._clock(), AttemptOutcome(status_code=200), Delivered(), 0)
         await self._finish(row, triggered, result)
+        return endpoint_answered(result.outcome) if result.reached else None
 
     def _timeout(self, action: CallWebhook) -> float:
         """Seconds one attempt may take: the action's own `timeout`, else the config's."""
@@ -434,7 +454,9 @@ class Sender:
         except (trio.TooSlowError, httpx.TimeoutException) as exc:
             error = f"Webhook call failed: timed out after {timeout:g}s ({type(exc).__name__})"
             outcome = AttemptOutcome(error=error)
-            return _Result(attempted, outcome, self._decide(row, outcome), _elapsed_us(started))
+            return _Result(
+                attempted, outcome, self._decide(row, outcome), _elapsed_us(started), reached=True
+            )
         except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, ValueError) as exc:
             reason = f"Webhook call failed: {exc!r}"
             return _Result(
@@ -442,7 +464,9 @@ class Sender:
             )
         except httpx.HTTPError as exc:
             outcome = AttemptOutcome(error=f"Webhook call failed: {exc!r}")
-            return _Result(attempted, outcome, self._decide(row, outcome), _elapsed_us(started))
+            return _Result(
+                attempted, outcome, self._decide(row, outcome), _elapsed_us(started), reached=True
+            )
         latency = _elapsed_us(started)
         outcome = AttemptOutcome(status_code=status, retry_after=retry_after)
         details: dict[str, Any] = {
@@ -453,7 +477,7 @@ class Sender:
             },
         }
         decision = Delivered() if is_success(status) else self._decide(row, outcome)
-        return _Result(attempted, outcome, decision, latency, details)
+        return _Result(attempted, outcome, decision, latency, details, reached=True)
 
     async def _request(
         self, action: CallWebhook, headers: dict[str, str], body: str, http_timeout: float

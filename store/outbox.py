@@ -2,7 +2,8 @@
 
 Functions of a connection, called inside the caller's transaction. `enqueue` is the
 trigger engine's side; the rest is the sender's and the operator's: claiming due rows
-under a lease (per endpoint, so one busy endpoint cannot take every slot), recording
+under a lease (shared round-robin across endpoints, `daemon/delivery.py: share_slots`, so
+no endpoint, however slow or dead, takes the slots the others need), recording
 attempts, and moving rows through the state table of `daemon/delivery.py`. Rows become
 `OutboxRow`s through one converter, which validates the status.
 """
@@ -15,7 +16,15 @@ from typing import Any, Final, NamedTuple
 import apsw
 import attrs
 
-from daemon.delivery import DeliveryState, IllegalMove, Move, advance, sources
+from daemon.delivery import (
+    DeliveryState,
+    IllegalMove,
+    Move,
+    Slots,
+    advance,
+    share_slots,
+    sources,
+)
 
 LEASE_EXPIRED_ERROR: Final = "lease expired before the attempt finished (sender stopped?)"
 
@@ -198,34 +207,61 @@ def claim(
     per_endpoint: int,
     busy: Mapping[str | None, int] | None = None,
 ) -> list[OutboxRow]:
-    """Claim up to `limit` due rows (oldest due first), at most `per_endpoint` in flight per
-    endpoint counting the `busy` ones already held; rows without an endpoint (do-nothing)
-    share one queue. Claimed rows are `in_flight` until `lease_until_us`."""
-    if limit <= 0:
+    """Claim up to `limit` due rows, at most `per_endpoint` in flight per endpoint counting
+    the `busy` ones already held, no endpoint failing (`claim_slots` with a plain share);
+    oldest due first."""
+    slots = Slots(free=limit, per_endpoint=per_endpoint, busy=busy or {})
+    rows = claim_slots(conn, now_us, lease_until_us, slots)
+    return sorted(rows, key=lambda row: (row.next_attempt_us, row.id))
+
+
+def claim_slots(
+    conn: apsw.Connection, now_us: int, lease_until_us: int, slots: Slots
+) -> list[OutboxRow]:
+    """Claim the due rows `share_slots` picks for `slots` (round-robin across endpoints;
+    rows without an endpoint, do-nothing, share one queue), in the order it picked them,
+    which is the order the endpoints took their turns. Claimed rows are `in_flight` until
+    `lease_until_us`."""
+    if slots.free <= 0:
         return []
-    busy = busy or {}
-    candidates: list[tuple[int, str]] = []
+    due: list[tuple[str | None, list[tuple[int, str]]]] = []
     endpoints: list[str | None] = [None, *_due_endpoints(conn)]
     for endpoint in endpoints:
-        free = min(limit, per_endpoint - busy.get(endpoint, 0))
-        if free <= 0:
+        room = min(slots.free, slots.room(endpoint))
+        if room <= 0:
             continue
         where = "endpoint IS NULL" if endpoint is None else "endpoint = ?"
         args: tuple[Any, ...] = () if endpoint is None else (endpoint,)
-        candidates.extend(
-            (int(due), str(row_id))
-            for row_id, due in conn.execute(
+        rows = [
+            (int(due_us), str(row_id))
+            for row_id, due_us in conn.execute(
                 f"SELECT id, next_attempt_us FROM outbox WHERE status = 'pending' AND {where} "
                 "AND next_attempt_us <= ? ORDER BY next_attempt_us LIMIT ?",
-                (*args, now_us, free),
+                (*args, now_us, room),
             )
-        )
-    candidates.sort()
+        ]
+        if rows:
+            due.append((endpoint, rows))
+    due.sort(key=lambda item: item[1][0])  # endpoints by their oldest due row
     claimed: list[OutboxRow] = []
-    for _, row_id in candidates[:limit]:
+    for _, row_id in share_slots(dict(due), slots):
         _move(conn, row_id, Move.CLAIM, "lease_until_us = ?", lease_until_us)
         claimed.append(get(conn, row_id))
     return claimed
+
+
+def failing_endpoints(conn: apsw.Connection) -> set[str]:
+    """Endpoints with a pending row whose last attempt failed (it waits for its retry): the
+    sender starts with them failing rather than trusting a dead endpoint again with every
+    slot it may have. A lease that ran out says nothing of the endpoint."""
+    return {
+        str(r[0])
+        for r in conn.execute(
+            "SELECT DISTINCT endpoint FROM outbox WHERE status = 'pending' AND attempts > 0 "
+            "AND endpoint IS NOT NULL AND last_error IS NOT NULL AND last_error != ?",
+            (LEASE_EXPIRED_ERROR,),
+        )
+    }
 
 
 def extend_lease(conn: apsw.Connection, row_id: str, held_us: int, until_us: int) -> bool:

@@ -140,6 +140,7 @@ def test_defaults_are_spec_section_3(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert config.delivery.max_age == timedelta(hours=72)
     assert config.delivery.concurrency == 8
     assert config.delivery.per_endpoint_concurrency == 2
+    assert config.delivery.probe_concurrency == 2
     assert config.delivery.lease == timedelta(seconds=60)
 
 
@@ -151,7 +152,11 @@ def test_example_file_lists_every_key_with_its_default(
     monkeypatch.chdir(tmp_path)
     text = EXAMPLE.read_text(encoding="utf-8")
     commented = re.findall(r"^# ([a-z_]+ = .*)$", text, flags=re.MULTILINE)
-    assert [line.split(" =")[0] for line in commented] == ["per_endpoint_concurrency", "lease"]
+    assert [line.split(" =")[0] for line in commented] == [
+        "per_endpoint_concurrency",
+        "probe_concurrency",
+        "lease",
+    ]
     uncommented = write(tmp_path, re.sub(r"^# ([a-z_]+ = )", r"\1", text, flags=re.MULTILINE))
     with uncommented.open("rb") as handle:
         document = tomllib.load(handle)
@@ -252,6 +257,16 @@ def test_client_and_foreign_variables_are_ignored(tmp_path: Path) -> None:
             "[delivery]\nper_endpoint_concurrency = 9",
             "[delivery] per_endpoint_concurrency: must not exceed concurrency (8)",
         ),
+        (
+            "[delivery]\nprobe_concurrency = 8",
+            "[delivery] probe_concurrency: must be less than concurrency (8), so that failing "
+            "endpoints leave a slot to the others, got 8",
+        ),
+        (
+            "[delivery]\nconcurrency = 1\nprobe_concurrency = 2",
+            "[delivery] probe_concurrency: must be 1 when concurrency is 1, got 2",
+        ),
+        ("[delivery]\nprobe_concurrency = 0", "[delivery] probe_concurrency: must be at least 1"),
         ('[server]\ntls_cert = "c.pem"', "[server] tls_key: tls_cert and tls_key must be set"),
     ],
 )
@@ -297,6 +312,19 @@ def test_any_concurrency_alone_is_accepted(
     assert config.delivery.per_endpoint_concurrency == per_endpoint
     from_env = load_config(None, {"TRIGD_DELIVERY_CONCURRENCY": str(concurrency)}, {})
     assert from_env.delivery.per_endpoint_concurrency == per_endpoint
+
+
+@pytest.mark.parametrize(("concurrency", "probes"), [(1, 1), (2, 1), (3, 2), (8, 2), (64, 2)])
+def test_probe_concurrency_follows_concurrency_a_slot_short(
+    tmp_path: Path, concurrency: int, probes: int
+) -> None:
+    """Failing endpoints leave a slot to the others whatever concurrency alone is set to."""
+    path = write(tmp_path, f"[delivery]\nconcurrency = {concurrency}\n")
+    assert load_config(path, {}, {}).delivery.probe_concurrency == probes
+    from_env = load_config(None, {"TRIGD_DELIVERY_CONCURRENCY": str(concurrency)}, {})
+    assert from_env.delivery.probe_concurrency == probes
+    explicit = load_config(None, {"TRIGD_DELIVERY_PROBE_CONCURRENCY": "1"}, {})
+    assert explicit.delivery.probe_concurrency == 1
 
 
 def test_explicit_lease_and_per_endpoint_concurrency_are_kept(tmp_path: Path) -> None:

@@ -1,15 +1,17 @@
-"""The delivery state table and retry policy (pure), and the outbox store driven by the
-same table as a hypothesis state machine."""
+"""The delivery state table, retry policy and slot sharing across endpoints (pure), and
+the outbox store driven by the same table as a hypothesis state machine."""
 
 from __future__ import annotations
 
 import email.utils
 import tempfile
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import attrs
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
@@ -20,13 +22,18 @@ from daemon.delivery import (
     Dead,
     Delivered,
     DeliveryState,
+    Endpoint,
+    Endpoints,
     IllegalMove,
     Move,
     RetryAt,
+    Slots,
     advance,
     backoff,
     decide,
+    endpoint_answered,
     parse_retry_after,
+    share_slots,
 )
 from store import outbox
 from store.db import Store
@@ -130,6 +137,208 @@ def test_an_outcome_is_a_status_or_an_error() -> None:
 
 
 # --- the outbox store as a state machine ---------------------------------------------------
+
+
+# --- sharing the slots across endpoints ---------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outcome", "answered"),
+    [
+        (AttemptOutcome(status_code=200), True),
+        (AttemptOutcome(status_code=204), True),
+        (AttemptOutcome(status_code=302), True),  # a redirect is an answer (not followed)
+        (AttemptOutcome(status_code=404), True),
+        (AttemptOutcome(status_code=408), False),
+        (AttemptOutcome(status_code=429), False),
+        (AttemptOutcome(status_code=500), False),
+        (AttemptOutcome(status_code=503), False),
+        (AttemptOutcome(error="Webhook call failed: timed out after 15s"), False),
+        (AttemptOutcome(error="Webhook call failed: ConnectError()"), False),
+    ],
+)
+def test_an_endpoint_is_failing_after_what_would_be_retried(
+    outcome: AttemptOutcome, answered: bool
+) -> None:
+    assert endpoint_answered(outcome) is answered
+
+
+def test_the_book_tracks_slots_failing_and_trusted_endpoints() -> None:
+    book = Endpoints(concurrency=4, per_endpoint=2, probes=1, failing=["http://old:80"])
+    book.started(["http://a:80", "http://old:80"])
+    assert not book.finished("http://a:80", True)  # it answers: trusted (was not failing)
+    book.started(["http://a:80", "http://a:80"])
+    slots = book.slots()
+    assert (slots.free, slots.probes_free, book.in_flight) == (1, 0, 3)
+    assert slots.trusted == {None, "http://a:80"}
+    assert slots.room("http://a:80") == 0
+    assert slots.room("http://old:80") == 0  # failing: one at a time, and no probe left
+    assert slots.untrusted_free == 2  # concurrency - 1, less the probe in flight
+    assert slots.room("http://new:80") == 2
+    assert slots.turns == {"http://a:80": 4, "http://old:80": 2}
+
+    assert book.finished("http://a:80", False)  # a timeout: now failing...
+    assert book.failing == {"http://a:80", "http://old:80"}
+    assert book.slots().room("http://a:80") == 0  # ...with one still in flight
+    assert not book.finished("http://a:80", None)  # never reached it: says nothing
+    assert not book.finished("http://old:80", False)  # still failing: no change
+    slots = book.slots()
+    assert (slots.free, slots.probes_free, slots.untrusted_free) == (4, 1, 3)
+    assert slots.room("http://a:80") == 1
+    book.started(["http://a:80"])
+    assert book.finished("http://a:80", True)  # it answers: trusted again
+    assert book.failing == {"http://old:80"}
+    assert book.slots().room("http://a:80") == 2
+
+
+def test_endpoints_not_answering_leave_a_slot_to_those_that_do() -> None:
+    """New endpoints that turn out dead hang until their first timeout: together with
+    failing ones they hold at most concurrency - 1 slots."""
+    book = Endpoints(concurrency=4, per_endpoint=2, probes=1)
+    book.started(["http://ok:80"])
+    book.finished("http://ok:80", True)
+    due: dict[Endpoint, list[str]] = {
+        f"http://new{i}:80": [f"new{i}-{n}" for n in range(2)] for i in range(3)
+    }
+    due["http://ok:80"] = ["ok-0", "ok-1"]
+    book.started(["http://new0:80", "http://new1:80"])  # hanging, not failing yet
+    chosen = share_slots(due, book.slots())
+    assert chosen == ["new2-0", "ok-0"]
+    book.started(["http://new2:80", "http://ok:80"])
+    assert book.slots().untrusted_free == 0
+    assert share_slots(due, book.slots()) == []  # full; and when ok's slot frees:
+    book.finished("http://ok:80", True)
+    assert share_slots(due, book.slots()) == ["ok-0"]
+
+
+def test_round_robin_takes_turns_and_failing_endpoints_wait_for_a_probe_slot() -> None:
+    due: dict[Endpoint, list[str]] = {
+        "http://dead:80": ["d1", "d2", "d3"],
+        "http://a:80": ["a1", "a2", "a3"],
+        "http://b:80": ["b1", "b2", "b3"],
+        None: ["n1"],
+    }
+    plain = Slots(free=6, per_endpoint=2)
+    assert share_slots(due, plain) == ["d1", "a1", "b1", "n1", "d2", "a2"]
+    failing = Slots(
+        free=6,
+        per_endpoint=2,
+        probes_free=1,
+        failing=frozenset({"http://dead:80"}),
+        turns={"http://a:80": 7, "http://b:80": 3, "http://dead:80": 1},
+    )
+    # never served first (None), then the one served longest ago; dead gets one probe
+    assert share_slots(due, failing) == ["n1", "d1", "b1", "a1", "b2", "a2"]
+    no_probe = attrs.evolve(failing, probes_free=0)
+    assert share_slots(due, no_probe) == ["n1", "b1", "a1", "b2", "a2"]
+
+
+@st.composite
+def shares(draw: st.DrawFn) -> tuple[dict[Endpoint, list[str]], Slots]:
+    per_endpoint = draw(st.integers(1, 4))
+    count = draw(st.integers(0, 30))
+    endpoints: list[Endpoint] = [None, *(f"http://h{i}:80" for i in range(count))]
+    due: dict[Endpoint, list[str]] = {}
+    busy: dict[Endpoint, int] = {}
+    failing: set[Endpoint] = set()
+    turns: dict[Endpoint, int] = {}
+    for position, endpoint in enumerate(endpoints):
+        rows = draw(st.integers(0, 5))
+        if rows:
+            due[endpoint] = [f"{endpoint}#{n}" for n in range(rows)]
+        is_failing = endpoint is not None and draw(st.booleans())
+        if is_failing:
+            failing.add(endpoint)
+        busy[endpoint] = draw(st.integers(0, per_endpoint))  # failing while busy: may be > 1
+        if draw(st.booleans()):
+            turns[endpoint] = position * 7 % 31
+    slots = Slots(
+        free=draw(st.integers(0, 20)),
+        per_endpoint=per_endpoint,
+        probes_free=draw(st.integers(-1, 4)),
+        busy=busy,
+        failing=frozenset(failing),
+        turns=turns,
+    )
+    return due, slots
+
+
+@given(shares())
+@settings(max_examples=300, deadline=None)
+def test_sharing_is_bounded_work_conserving_and_round_robin(
+    share: tuple[dict[Endpoint, list[str]], Slots],
+) -> None:
+    due, slots = share
+    chosen = share_slots(due, slots)
+    owner = {row: endpoint for endpoint, rows in due.items() for row in rows}
+    got: Counter[Endpoint] = Counter(owner[row] for row in chosen)
+    assert len(chosen) == len(set(chosen)) <= max(0, slots.free)
+    for endpoint, n in got.items():
+        assert [r for r in chosen if owner[r] == endpoint] == due[endpoint][:n]  # oldest first
+        assert n <= slots.room(endpoint)
+    probes = sum(n for endpoint, n in got.items() if endpoint in slots.failing)
+    assert probes <= max(0, slots.probes_free)
+
+    def capped(endpoint: Endpoint) -> bool:
+        return got[endpoint] >= min(len(due[endpoint]), slots.room(endpoint))
+
+    probes_left = probes < slots.probes_free
+    if len(chosen) < slots.free:  # slots left over: everyone got all it could
+        assert all(capped(e) or (e in slots.failing and not probes_left) for e in due)
+    working = [e for e in due if e not in slots.failing]
+    for a in working:
+        for b in working:  # round-robin: nobody gets two more while another waits
+            assert got[a] <= got[b] + 1 or capped(b)
+
+    def key(endpoint: Endpoint) -> tuple[int, int]:
+        return slots.turns.get(endpoint, -1), list(due).index(endpoint)
+
+    for waiting in working:  # who waits, waits for those whose turn came first
+        if got[waiting] == 0 and not capped(waiting):
+            assert all(key(e) < key(waiting) for e in got)
+
+
+@given(
+    concurrency=st.integers(2, 16),
+    dead=st.integers(0, 300),
+    data=st.data(),
+)
+@settings(max_examples=100, deadline=None)
+def test_a_working_endpoint_gets_a_slot_every_round_however_many_endpoints_fail(
+    concurrency: int, dead: int, data: st.DataObject
+) -> None:
+    """Dead endpoints (already failing) whose attempts hang, or fail now and then, beside
+    one working endpoint whose attempts answer before the next claim: the working one is
+    served in every claim round, and failing ones never hold more than the probe slots."""
+    probes = data.draw(st.integers(1, concurrency - 1), label="probes")
+    per_endpoint = data.draw(st.integers(1, concurrency), label="per_endpoint")
+    healthy = "http://healthy:80"
+    failing = [f"http://dead{i}:80" for i in range(dead)]
+    book = Endpoints(
+        concurrency=concurrency, per_endpoint=per_endpoint, probes=probes, failing=failing
+    )
+    book.started([healthy])
+    book.finished(healthy, True)  # a working endpoint: it has answered
+    hanging: list[Endpoint] = []
+    for _ in range(20):
+        due: dict[Endpoint, list[str]] = {e: [f"{e}#{n}" for n in range(5)] for e in failing}
+        due[healthy] = [f"{healthy}#{n}" for n in range(5)]
+        chosen = share_slots(due, book.slots())
+        picked = [row.split("#")[0] for row in chosen]
+        book.started(picked)
+        assert healthy in picked
+        assert book.in_flight <= concurrency
+        assert book.probes_in_flight() <= probes
+        assert book.untrusted_in_flight() <= concurrency - 1
+        for endpoint in picked:
+            if endpoint == healthy:
+                assert not book.finished(healthy, True)
+            else:
+                hanging.append(endpoint)
+        ending = data.draw(st.integers(0, len(hanging)), label="probes ending")
+        for probed in hanging[:ending]:
+            book.finished(probed, False)
+        del hanging[:ending]
 
 
 class OutboxMachine(RuleBasedStateMachine):

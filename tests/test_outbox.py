@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from daemon.clock import to_us
-from daemon.delivery import DeliveryState, IllegalMove
+from daemon.delivery import DeliveryState, IllegalMove, Slots
 from daemon.outbox_cli import outbox_command
 from store import outbox
 from store.db import Store
@@ -67,6 +67,54 @@ def test_limit_bounds_the_whole_claim(store: Store) -> None:
     for i in range(6):
         add(store, f"r{i}", f"http://h{i}:80", NOW + i)
     assert [r.id for r in claim(store, NOW + SECOND, limit=3, per_endpoint=1)] == ["r0", "r1", "r2"]
+
+
+def test_claim_slots_shares_round_robin_and_probes_failing_endpoints(store: Store) -> None:
+    """The dead endpoint's backlog is older than everything else: it still gets one probe
+    slot, and the others their turns, the one served longest ago first."""
+    for i in range(5):
+        add(store, f"dead-{i}", "http://dead:80", NOW - 100 + i)
+    for i in range(3):
+        add(store, f"a-{i}", "http://a:80", NOW + i)
+        add(store, f"b-{i}", "http://b:80", NOW + 10 + i)
+    slots = Slots(
+        free=5,
+        per_endpoint=2,
+        probes_free=1,
+        failing=frozenset({"http://dead:80"}),
+        turns={"http://a:80": 2, "http://b:80": 1, "http://dead:80": 0},
+    )
+    with store.conn:
+        rows = outbox.claim_slots(store.conn, NOW + SECOND, NOW + 60 * SECOND, slots)
+    assert [r.id for r in rows] == ["dead-0", "b-0", "a-0", "b-1", "a-1"]
+    assert all(r.status is DeliveryState.IN_FLIGHT for r in rows)
+    no_probe = Slots(free=5, per_endpoint=2, failing=frozenset({"http://dead:80"}))
+    with store.conn:
+        rows = outbox.claim_slots(store.conn, NOW + SECOND, NOW + 60 * SECOND, no_probe)
+    assert [r.id for r in rows] == ["a-2", "b-2"]
+
+
+def test_failing_endpoints_are_those_with_a_failed_row_waiting(store: Store) -> None:
+    """What the sender starts from: a row waiting for its retry; not a lease that ran
+    out, nor a delivered or revived row, nor one never tried."""
+    for row_id in ("retry", "released", "delivered", "revived"):
+        add(store, row_id, f"http://{row_id}:80")
+    [lease] = {r.lease_until_us for r in claim(store)}
+    assert lease is not None
+    add(store, "fresh", "http://fresh:80")
+    with store.conn:
+        for row_id in ("retry", "delivered", "revived"):
+            outbox.record_attempt(
+                store.conn, row_id, attempted_us=NOW, latency_us=1, status_code=503, error="x"
+            )
+        outbox.mark_retry(store.conn, "retry", NOW + 5 * SECOND, "HTTP 503")
+        outbox.mark_delivered(store.conn, "delivered", NOW)
+        outbox.mark_dead(store.conn, "revived", NOW, "HTTP 400: not retried")
+        outbox.revive(store.conn, "revived", NOW)
+    with store.conn:
+        outbox.release_leases(store.conn, lease)  # "released": its lease ran out
+    assert outbox.get(store.conn, "released").attempts == 1
+    assert outbox.failing_endpoints(store.conn) == {"http://retry:80"}
 
 
 def test_expired_lease_is_released_and_reclaimed(store: Store) -> None:

@@ -15,6 +15,7 @@ import trio
 from standardwebhooks.webhooks import Webhook
 
 from daemon import __version__
+from daemon.acting import endpoint_of
 from daemon.clock import from_us, to_us, wall_clock
 from daemon.config import DeliveryConfig
 from daemon.delivery import DeliveryState, action_triggered_event_id
@@ -484,3 +485,76 @@ async def test_row_left_in_flight_by_a_crash_is_sent_again(
     attempts = harness.attempts(triggered)
     assert [a.error for a in attempts] == [outbox.LEASE_EXPIRED_ERROR, None]
     assert harness.row(triggered).attempts == 2
+
+
+async def hang(request: Request) -> Reply:
+    """An endpoint that accepts a request and never answers."""
+    await trio.sleep_forever()
+    raise AssertionError("unreachable")
+
+
+async def test_failing_endpoints_leave_slots_to_a_healthy_one(
+    nursery: trio.Nursery, store: Store
+) -> None:
+    """More dead endpoints than slots, each with a backlog older than the healthy
+    endpoint's rows: the healthy rows are delivered while the dead backlog still waits,
+    instead of after every dead row has held a slot for its timeout."""
+    dead = [await nursery.start(run_receiver, hang) for _ in range(6)]
+    healthy = await nursery.start(run_receiver, answer(200))
+    clock = JumpingClock(auto=False)  # retries (5 s on) never fall due: only the backlog
+    harness = await start(nursery, store, clock=clock, concurrency=4, per_endpoint_concurrency=2)
+    backlog = [webhook(r, timeout=0.2) for r in dead for _ in range(10)]
+    older = T0 - timedelta(minutes=1)
+
+    def write(conn: Any) -> None:
+        with conn:
+            outbox.enqueue(conn, [outbox_row(t, created=older) for t in backlog])
+
+    await harness.gateway.run(write)
+    wanted = [webhook(healthy) for _ in range(5)]
+    await harness.enqueue(*wanted)
+
+    done = {(await harness.next_event()).payload["invocation"] for _ in wanted}
+    assert done == {str(t.id) for t in wanted}
+    untried = [t for t in backlog if harness.row(t).attempts == 0]
+    assert len(untried) > len(backlog) // 2, "the healthy rows waited for the dead backlog"
+    assert harness.sender.in_flight <= 4
+
+
+async def test_an_endpoint_failing_before_a_restart_starts_with_one_slot(
+    nursery: trio.Nursery, store: Store
+) -> None:
+    """Rows waiting for their retry say the endpoint was failing: after a restart it gets
+    one delivery at a time, not every slot it is allowed, and not this slot back either
+    while its probe hangs."""
+    dead = await nursery.start(run_receiver, hang)
+    healthy = await nursery.start(run_receiver, answer(200))
+    backlog = [webhook(dead, timeout=60) for _ in range(5)]
+    with store.conn:
+        older = T0 - timedelta(hours=1)
+        outbox.enqueue(store.conn, [outbox_row(t, created=older) for t in backlog])
+        claimed = outbox.claim(store.conn, to_us(T0), to_us(T0), limit=1, per_endpoint=1)
+        outbox.record_attempt(
+            store.conn,
+            claimed[0].id,
+            attempted_us=to_us(T0),
+            latency_us=None,
+            status_code=None,
+            error="Webhook call failed: timed out after 60s",
+        )
+        outbox.mark_retry(store.conn, claimed[0].id, to_us(T0), "timed out")
+    harness = await start(
+        nursery,
+        store,
+        clock=JumpingClock(auto=False),
+        concurrency=3,
+        per_endpoint_concurrency=3,
+        probe_concurrency=1,
+    )
+    wanted = [webhook(healthy) for _ in range(6)]
+    await harness.enqueue(*wanted)
+
+    done = {(await harness.next_event()).payload["invocation"] for _ in wanted}
+    assert done == {str(t.id) for t in wanted}
+    assert len(dead.requests) == 1
+    assert harness.sender.endpoints.failing == {endpoint_of(backlog[0].action)}
