@@ -23,6 +23,7 @@ from typing import Any
 import apsw
 import pytest
 import trio
+import trio.testing
 
 from daemon.automations import load_automation_files
 from daemon.clock import to_us
@@ -237,6 +238,14 @@ async def until_logged(caplog: pytest.LogCaptureFixture, text: str) -> None:
         await trio.sleep(0.01)
 
 
+async def settled(gateway: StoreGateway) -> None:
+    """Until every task is idle and the store calls they made have returned: each round
+    lets the tasks queue their next call, then waits behind it in the gateway's order."""
+    for _ in range(3):
+        await trio.testing.wait_all_tasks_blocked()
+        await gateway.run(lambda conn: None)
+
+
 def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -246,6 +255,7 @@ async def test_sender_waits_out_a_locked_store_to_claim(
 ) -> None:
     receiver = await nursery.start(run_receiver, replies(Reply(200)))
     harness = await start(nursery, store)
+    await settled(harness.gateway)  # the start-up release and first claim, before the lock
     triggered = webhook(receiver)
     with write_lock(store.path) as other:
         # the row becomes visible when the lock goes: the sender sees nothing before
