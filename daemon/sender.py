@@ -433,8 +433,8 @@ class Sender:
             return _Result(attempted, outcome, self._decide(row, outcome), None)
         msg_id = str(triggered.id)
         timestamp = math.floor(self._clock().timestamp())
-        headers = {"Content-Type": "application/json", "User-Agent": USER_AGENT}
-        headers.update(own_headers)
+        headers = httpx.Headers({"Content-Type": "application/json", "User-Agent": USER_AGENT})
+        headers.update(own_headers)  # case-insensitive: the action's own replace these
         headers["webhook-id"] = msg_id
         headers["webhook-timestamp"] = str(timestamp)
         if secret:
@@ -480,7 +480,7 @@ class Sender:
         return _Result(attempted, outcome, decision, latency, details, reached=True)
 
     async def _request(
-        self, action: CallWebhook, headers: dict[str, str], body: str, http_timeout: float
+        self, action: CallWebhook, headers: httpx.Headers, body: str, http_timeout: float
     ) -> tuple[int, dict[str, str], str, str | None]:
         """One HTTP exchange; reads at most RESPONSE_READ_BYTES of the answer."""
         request = self._client.build_request(

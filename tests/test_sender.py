@@ -214,6 +214,19 @@ async def test_delivers_on_2xx_with_verifiable_signature(
     assert [e.id for e in inbox] == [event.id]
 
 
+async def test_an_action_header_replaces_trigds_own_whatever_its_case(
+    nursery: trio.Nursery, store: Store
+) -> None:
+    receiver = await nursery.start(run_receiver, answer(200))
+    harness = await start(nursery, store)
+    own = {"content-type": "application/cloudevents+json", "USER-AGENT": "pump-box"}
+    await harness.enqueue(webhook(receiver, headers=own))
+    request = await receiver.next_request()
+    await harness.next_event()
+    assert request.headers["content-type"] == "application/cloudevents+json"  # not sent twice
+    assert request.headers["user-agent"] == "pump-box"
+
+
 async def test_no_signature_without_secret(nursery: trio.Nursery, store: Store) -> None:
     receiver = await nursery.start(run_receiver, answer(204))
     harness = await start(nursery, store)

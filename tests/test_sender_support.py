@@ -127,7 +127,12 @@ class Receiver:
                 assert len(body) < MAX_REQUEST_BYTES
             elif isinstance(event, h11.EndOfMessage):
                 assert start is not None
-                headers = {k.decode().lower(): v.decode() for k, v in start.headers}
+                headers: dict[str, str] = {}
+                for k, v in start.headers:  # a repeated header reads as HTTP joins it
+                    name = k.decode().lower()
+                    headers[name] = (
+                        f"{headers[name]}, {v.decode()}" if name in headers else v.decode()
+                    )
                 return Request(start.method.decode(), start.target.decode(), headers, bytes(body))
             elif isinstance(event, h11.ConnectionClosed):
                 return None
