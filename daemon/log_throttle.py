@@ -3,9 +3,9 @@
 A client can send events that fail one after the other; a line per event, with a
 traceback of a few KB each, would let it fill the journal and drown every other line.
 A ``LogThrottle`` lets the first ``burst`` lines of its kind through in each ``window``,
-counts the rest, and reports that count with the first line of a later window (the count
-is also in the daemon's counters, ``trigd status``). Sans-IO: the caller passes ``now``,
-any monotonic clock in seconds.
+counts the rest, and reports that count with the first line of a later window (a count
+is therefore logged only once another line of its kind comes). Sans-IO: the caller passes
+``now``, any monotonic clock in seconds.
 """
 
 from __future__ import annotations
