@@ -358,7 +358,7 @@ class _Session:
             return
         ingest = self.ingest
         stats, submit = ingest.stats, ingest.submit
-        max_bytes = ingest.settings.max_event_bytes
+        max_bytes, max_depth = ingest.settings.max_event_bytes, ingest.settings.max_json_depth
         received = ingest.clock()
         for index in range(start, len(frames)):
             frame = frames[index]
@@ -366,7 +366,7 @@ class _Session:
                 stats.pings += 1
                 await replies.put(frame)
                 continue
-            for item in decode_frame(frame, received, max_bytes):
+            for item in decode_frame(frame, received, max_bytes, max_depth):
                 if isinstance(item, Nack):
                     stats.rejected += 1
                     if replies.acks:
