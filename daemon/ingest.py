@@ -230,7 +230,7 @@ class _Ingest:
         self.stats.connections += 1
         self.stats.connections_total += 1
         try:
-            session = _Session(self)
+            session = _Session(self, peer_name(stream))
             conn = CheckpointConnection(
                 stream,
                 session,
@@ -266,7 +266,7 @@ class _Ingest:
             )
             if not isinstance(decision, Accept):
                 self.stats.handshakes_refused += 1
-                log.info("refused websocket from %s: %s", request.remote, decision.why)
+                log.info("refused websocket from %s: %s", session.peer, decision.why)
                 await request.reject(decision.status, body=decision.why.encode())
                 return False
             session.open(decision)  # before the upgrade: no frame can come earlier
@@ -308,6 +308,19 @@ class _Ingest:
             nursery.cancel_scope.cancel()
 
 
+def peer_name(stream: trio.abc.Stream) -> str:
+    """``host:port`` of the client, read once when it connects: a socket whose peer has
+    reset has no peer address any more, and a log line must not fail for that."""
+    inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(inner, trio.SocketStream):
+        return repr(stream)
+    try:
+        host, port, *_ = inner.socket.getpeername()
+    except OSError:
+        return "a client already gone"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @attrs.define(eq=False)
 class _Session:
     """One connection's frames: the auth message if one is owed, then events.
@@ -317,6 +330,7 @@ class _Session:
     """
 
     ingest: _Ingest
+    peer: str  # the client's address, for log lines
     replies: ReplyQueue | None = None  # set when the upgrade is accepted
     awaiting_auth: bool = False
     authenticated: bool = False  # by the upgrade request already (or no token configured)
@@ -373,7 +387,7 @@ class _Session:
                         await replies.put(item)
                     else:
                         ingest.bad_frames.warning(
-                            trio.current_time(), "bad frame from %s: %s", conn.remote, item.error
+                            trio.current_time(), "bad frame from %s: %s", self.peer, item.error
                         )
                     continue
                 submission = Submission(item, replies)

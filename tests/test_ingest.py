@@ -825,6 +825,30 @@ async def test_events_before_a_close_in_the_same_write_are_taken(
         assert daemon.ingest.events == len(events) + 1
 
 
+async def test_a_bad_frame_from_a_client_already_reset_is_logged_without_its_address(
+    start: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log line naming the peer of a legacy client's bad frame is written after the
+    client reset the connection, when the socket no longer has a peer address."""
+    import socket
+    import struct
+
+    from wsproto.events import TextMessage
+
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        stream, client = await raw_upgrade(daemon.port, [])
+        # without a checkpoint between them, so the daemon reads after the reset
+        with socket.socket(fileno=stream.socket.detach()) as raw:
+            raw.sendall(client.send(TextMessage(data="{nope")))
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        async with connect(daemon.url()) as ws:
+            await ws.ping(b"still serving")
+        assert daemon.ingest.rejected == 1
+        assert "bad frame from 127.0.0.1:" in caplog.text
+
+
 async def test_a_client_gone_before_its_auth_message_is_not_counted_as_refused(
     start: Starter,
 ) -> None:
