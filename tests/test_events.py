@@ -534,13 +534,14 @@ hostile_values = st.recursive(
 def test_any_payload_is_either_refused_or_read_back_unchanged(value: Any, depth: int) -> None:
     """Whatever is accepted stores and reads back as it was: nothing turns into null."""
     frame = json.dumps(FRAME | {"payload": {"v": value}})  # NaN as NaN, inf as Infinity
+    refusal: str | None = None
+    event: ReceivedEvent | None = None
     try:
         event = parse_incoming_event(frame, NOW, max_depth=depth)
     except EventRejected as exc:
         refusal = exc.message
-    else:
-        refusal = None
-    if refusal is not None:
+    if event is None:
+        assert refusal is not None
         assert "NaN and Infinity" in refusal or "max_json_depth" in refusal
         return
     stored = event.model_dump_json()
