@@ -433,6 +433,26 @@ async def test_a_frame_too_large_to_buffer_closes_1009(start: Starter, db_path: 
         assert stored_ids(db_path) == {event["id"]}
 
 
+async def test_frames_after_a_frame_too_large_to_buffer_are_dropped(start: Starter) -> None:
+    """What a client sends after the server closed (until it sees the close) is not read:
+    a second frame too large once was a second close, which wsproto refuses to send."""
+    from wsproto.events import CloseConnection, Ping, TextMessage
+
+    with trio.fail_after(LIMIT):
+        daemon = await start(max_event_bytes=2000)
+        stream, client = await raw_upgrade(daemon.port, [ACKS_SUBPROTOCOL])
+        async with stream:
+            wire = client.send(TextMessage(data='{"type":"auth"}'))
+            wire += client.send(TextMessage(data="x" * 4001))
+            wire += client.send(TextMessage(data="y" * 4001))  # in the same read
+            wire += client.send(Ping(payload=b"after"))
+            await stream.send_all(wire)
+            close = await _until(stream, client, CloseConnection)
+        assert close.code == 1009
+        async with connect(daemon.url()) as ws:  # the server is still up
+            await ws.ping(b"alive")
+
+
 async def test_duplicates_are_acked_and_stored_once(start: Starter, db_path: Path) -> None:
     event = event_dict()
     with trio.fail_after(LIMIT):
