@@ -38,7 +38,12 @@ from pydantic import (
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from daemon.durations import format_duration, parse_duration
-from daemon.events import error_reason
+from daemon.events import (
+    DEFAULT_MAX_JSON_DEPTH,
+    MAX_JSON_DEPTH_CEILING,
+    MIN_JSON_DEPTH,
+    error_reason,
+)
 from daemon.ordering import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
@@ -187,6 +192,19 @@ def _positive(value: timedelta) -> timedelta:
 
 PositiveDuration = Annotated[Duration, AfterValidator(_positive)]
 Count = Annotated[int, BeforeValidator(_count)]
+
+
+def _json_depth(value: int) -> int:
+    if not MIN_JSON_DEPTH <= value <= MAX_JSON_DEPTH_CEILING:
+        raise ValueError(
+            f"must be {MIN_JSON_DEPTH}..{MAX_JSON_DEPTH_CEILING}, got {value} (an event needs "
+            f"{MIN_JSON_DEPTH} levels; trigd nests events deeper in its own, and JSON past "
+            "about 200 levels cannot be read back)"
+        )
+    return value
+
+
+JsonDepth = Annotated[Count, AfterValidator(_json_depth)]
 OptionalFile = Annotated[Path | None, BeforeValidator(_optional_path)]
 
 
@@ -203,6 +221,7 @@ class ServerConfig(Section):
     tls_cert: OptionalFile = None  # PEM; with tls_key, serve wss://
     tls_key: OptionalFile = None
     max_event_bytes: Count = 1_500_000  # bytes per event frame
+    max_json_depth: JsonDepth = DEFAULT_MAX_JSON_DEPTH  # nesting levels of an event
     max_connections: Count = 64  # established websockets (handshake done) at once
     max_pending_handshakes: Count = 16  # sockets still in their handshake at once
     max_connections_per_peer: Count = 16  # pending + established from one address (IPv6: /64)

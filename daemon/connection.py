@@ -97,7 +97,10 @@ class CheckpointConnection(WebSocketConnection):
             await self._consumer.take(self, frames)
 
     async def _handle_message_event(self, event: TextMessage | BytesMessage) -> None:
-        # trio-websocket's, except that a complete message joins the chunk's frames.
+        # trio-websocket's, except that a complete message joins the chunk's frames, and
+        # what arrives once we are closing is dropped (it would be a second close).
+        if self._wsproto.state != ConnectionState.OPEN:
+            return
         data = event.data
         self._message_size += len(data)
         self._message_parts.append(data if isinstance(data, str) else bytes(data))

@@ -9,6 +9,12 @@ Parsing is the hot path: validation is done by pydantic-core from bytes, and the
 Python validators are tiny length checks and the UTC normalisation of datetimes. The
 wire model's fields are validated into a plain dict (no `_IncomingEvent` is made), the
 defaults filled in, and the `ReceivedEvent` made around that dict without revalidation.
+
+Untrusted input is also held to what the rest of trigd can compute with and read back:
+`occurred` within `OCCURRED_MIN..OCCURRED_MAX` (window arithmetic cannot overflow), and a
+payload without NaN or Infinity (which JSON cannot carry) nested at most `max_depth`
+levels (so trigd's own events, which embed it, stay within the JSON parser's limit). The
+payload is checked by one loop over its containers, no recursion.
 """
 
 from __future__ import annotations
@@ -59,6 +65,30 @@ def as_utc(value: datetime) -> datetime:
 
 UTCDateTime = Annotated[datetime, AfterValidator(as_utc)]
 """A datetime that is always aware and in UTC, so it serializes with a `Z` suffix."""
+
+OCCURRED_MIN: Final = datetime(1970, 1, 1, tzinfo=UTC)
+OCCURRED_MAX: Final = datetime(8999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
+"""The `occurred` trigd accepts. The engine computes windows and lookbacks around it
+(`occurred + within`, `occurred - preceding_event_lookback`) with Python datetimes, which
+end at year 9999 and begin at year 1: the last thousand years are left for `within`, and
+nothing an event source emits predates the epoch trigd counts its microseconds from."""
+OCCURRED_RANGE: Final = (
+    f"must be between {OCCURRED_MIN:%Y-%m-%dT%H:%M:%SZ} and {OCCURRED_MAX:%Y-%m-%dT%H:%M:%S.%fZ}"
+)
+
+
+def _occurred_in_range(value: datetime) -> datetime:
+    try:
+        value = as_utc(value)
+    except OverflowError:  # an offset that takes it past year 1 or 9999
+        raise ValueError(OCCURRED_RANGE) from None
+    if not OCCURRED_MIN <= value <= OCCURRED_MAX:
+        raise ValueError(OCCURRED_RANGE)
+    return value
+
+
+IncomingDateTime = Annotated[datetime, AfterValidator(_occurred_in_range)]
+"""`occurred` as a client may send it: UTC, and within the range the engine computes in."""
 
 
 class LabelDiver:
@@ -264,7 +294,7 @@ class _IncomingEvent(BaseModel):
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
-    occurred: UTCDateTime | None = None
+    occurred: IncomingDateTime | None = None
     event: EventName
     resource: Resource
     related: RelatedResources = Field(default_factory=list)
@@ -346,13 +376,71 @@ def _received_event(fields: dict[str, Any]) -> ReceivedEvent:
     return event
 
 
+DEFAULT_MAX_JSON_DEPTH: Final = 64
+"""Nesting levels an event may have, its own object being level 1 (`[server]
+max_json_depth`): real Prefect events have fewer than ten."""
+MAX_JSON_DEPTH_CEILING: Final = 128
+"""The largest `max_json_depth` allowed. pydantic-core's JSON parser stops at 200 levels,
+and trigd nests an event deeper in what it makes of it: 2 levels per automation reacting
+to automations (up to 9 before the chain is cut), a few more in the outbox document."""
+MIN_JSON_DEPTH: Final = 3
+"""The smallest `max_json_depth`: an event's own shape (`related` is a list of objects)."""
+
+
+def _payload_is_plain(payload: dict[str, Any], max_depth: int) -> bool:
+    """True when no float in ``payload`` is NaN or infinite (as `1e999` parses) and no
+    container in it is deeper than ``max_depth`` (the payload is level 2). One pass over
+    the containers, level by level: about a microsecond for a typical payload."""
+    level: list[Any] = [payload]
+    depth = 2
+    while level:
+        deeper: list[Any] = []
+        for container in level:
+            for value in container.values() if type(container) is dict else container:
+                kind = type(value)
+                if kind is float:
+                    if value - value != 0.0:  # NaN or infinite: inf - inf is NaN
+                        return False
+                elif kind is dict or kind is list:
+                    deeper.append(value)
+        if deeper:
+            depth += 1
+            if depth > max_depth:
+                return False
+        level = deeper
+    return True
+
+
+def _payload_problem(payload: dict[str, Any], max_depth: int) -> tuple[str, str]:
+    """Where ``payload`` is not plain (``_payload_is_plain`` said so) and why: the first
+    NaN or infinite number, or the first container too deep, depth first."""
+    stack: list[tuple[tuple[int | str, ...], Any, int]] = [(("payload",), payload, 2)]
+    while stack:
+        loc, container, depth = stack.pop()
+        items = container.items() if type(container) is dict else enumerate(container)
+        for key, value in items:
+            kind = type(value)
+            if kind is float and value - value != 0.0:
+                return format_loc((*loc, key)), "NaN and Infinity are not valid JSON numbers"
+            if kind is dict or kind is list:
+                if depth + 1 > max_depth:
+                    why = f"nested more than {max_depth} levels deep (max_json_depth)"
+                    return "payload", why
+                stack.append(((*loc, key), value, depth + 1))
+    raise AssertionError("the payload is plain")  # pragma: no cover
+
+
 def parse_incoming_event(
-    data: bytes | bytearray | str | Mapping[str, Any], received: datetime
+    data: bytes | bytearray | str | Mapping[str, Any],
+    received: datetime,
+    max_depth: int = DEFAULT_MAX_JSON_DEPTH,
 ) -> ReceivedEvent:
     """Validate one event from a client and stamp it `received`.
 
     A missing `id` becomes a fresh UUIDv7 and a missing `occurred` becomes `received`,
     as Prefect's client would have set them; any `received` the client sent is ignored.
+    The event may nest ``max_depth`` levels (its object is level 1); past about 200 the
+    parser itself refuses the frame, so deep input never recurses in Python.
     """
     try:
         if isinstance(data, str | bytes | bytearray):  # not Mapping first: ABCs are slow
@@ -361,6 +449,10 @@ def parse_incoming_event(
             fields = _INCOMING_FIELDS.validate_python(data)[0]
     except ValidationError as exc:
         raise _rejection(exc) from None
+    payload = fields["payload"]
+    if payload and not _payload_is_plain(payload, max_depth):
+        path, reason = _payload_problem(payload, max_depth)
+        raise EventRejected(f"{path}: {reason}", [(path, reason)])
     received = as_utc(received)
     # `fields` is fresh and in ReceivedEvent's field order, `received` coming last
     if fields["id"] is None:

@@ -12,7 +12,7 @@ in two steps, and so do we:
    only when no token is configured (or when its ``Authorization`` header carries the
    token), else refused before the upgrade (HTTP 403, what Prefect's 1002 pre-accept close
    becomes on a real server).
-2. On the first text frame of a subprotocol client (``check_auth``): it must be
+2. On the first message of a subprotocol client (``check_auth``): it must be a text frame
    ``{"type": "auth", "token": ...}``; with a token configured the token must match, unless
    the upgrade request already proved it. Failures close with 1008 and Prefect's reasons.
 
@@ -23,6 +23,12 @@ in two steps, and so do we:
 
 Tokens are compared with ``hmac.compare_digest`` on UTF-8 bytes, so timing does not leak
 how much of a guess was right.
+
+Everything a client sends is parsed by pydantic-core (``from_json``, or the event model's
+``validate_json``), never by ``json.loads``: its parser refuses nesting past about 200
+levels with an error instead of recursing in Python until the interpreter gives up, and
+refuses lone surrogates, as the single-event path always has; events are further held to
+``max_json_depth`` levels (``parse_incoming_event``).
 """
 
 from __future__ import annotations
@@ -37,9 +43,15 @@ from typing import Any, Final
 from uuid import UUID
 
 import attrs
+from pydantic_core import from_json
 
 from daemon.evaluator import Submission
-from daemon.events import EventRejected, ReceivedEvent, parse_incoming_event
+from daemon.events import (
+    DEFAULT_MAX_JSON_DEPTH,
+    EventRejected,
+    ReceivedEvent,
+    parse_incoming_event,
+)
 from daemon.wsframes import text_frame, text_header
 
 PREFECT_SUBPROTOCOL: Final = "prefect"
@@ -142,10 +154,14 @@ def decide(
 
 
 def check_auth(message: str | bytes, auth_token: str, authenticated: bool) -> Close | None:
-    """Step 2: judge the first frame of a subprotocol client; None means auth succeeded."""
+    """Step 2: judge the first message of a subprotocol client; None means auth succeeded.
+    A binary frame is not an auth message: Prefect reads it with ``receive_json``, which
+    takes text frames only."""
+    if not isinstance(message, str):
+        return Close(POLICY_VIOLATION, EXPECTED_AUTH)
     try:
-        parsed = json.loads(message)
-    except (ValueError, UnicodeDecodeError):
+        parsed = from_json(message)
+    except ValueError:  # not JSON, or nested too deep
         return Close(POLICY_VIOLATION, EXPECTED_AUTH)
     if not isinstance(parsed, dict) or parsed.get("type") != "auth":
         return Close(POLICY_VIOLATION, EXPECTED_AUTH)
@@ -171,6 +187,7 @@ class Nack:
 
 
 BINARY_FRAME: Final = "frame: binary frames are not accepted; send each event as a JSON text frame"
+EMPTY_ARRAY: Final = "frame: an empty array carries no event"
 
 
 def _utf8_size(text: str) -> int:
@@ -190,7 +207,7 @@ def _event_id(value: Any) -> str | None:
 
 def _id_in_text(text: str) -> str | None:
     try:
-        return _event_id(json.loads(text))
+        return _event_id(from_json(text))
     except ValueError:
         return None
 
@@ -200,14 +217,16 @@ def _too_big(size: int, limit: int) -> str:
 
 
 def _decode_array(
-    text: str, size: int, received: datetime, max_event_bytes: int
+    text: str, size: int, received: datetime, max_event_bytes: int, max_depth: int
 ) -> list[ReceivedEvent | Nack]:
     try:
-        values = json.loads(text)
+        values = from_json(text)
     except ValueError as exc:
         return [Nack(None, f"frame: not valid JSON: {exc}")]
     if not isinstance(values, list):  # e.g. "[1] x" is caught above; belt and braces
         return [Nack(None, "frame: expected an event object or an array of events")]
+    if not values:
+        return [Nack(None, EMPTY_ARRAY)]
     out: list[ReceivedEvent | Nack] = []
     for index, value in enumerate(values):
         where = f"event [{index}]"
@@ -222,25 +241,29 @@ def _decode_array(
                 )
                 continue
         try:
-            out.append(parse_incoming_event(value, received))
+            out.append(parse_incoming_event(value, received, max_depth))
         except EventRejected as exc:
             out.append(Nack(_event_id(value), f"{where}: {exc.message}"))
     return out
 
 
 def decode_frame(
-    frame: str | bytes, received: datetime, max_event_bytes: int
+    frame: str | bytes,
+    received: datetime,
+    max_event_bytes: int,
+    max_json_depth: int = DEFAULT_MAX_JSON_DEPTH,
 ) -> list[ReceivedEvent | Nack]:
-    """The events in one text frame, stamped ``received``, and a ``Nack`` per bad one."""
+    """The events in one text frame, stamped ``received``, and a ``Nack`` per bad one;
+    each event may nest ``max_json_depth`` levels, whether alone or in an array."""
     if not isinstance(frame, str):
         return [Nack(None, BINARY_FRAME)]
     size = _utf8_size(frame)
     if frame.lstrip().startswith("["):
-        return _decode_array(frame, size, received, max_event_bytes)
+        return _decode_array(frame, size, received, max_event_bytes, max_json_depth)
     if size > max_event_bytes:
         return [Nack(_id_in_text(frame), _too_big(size, max_event_bytes))]
     try:
-        return [parse_incoming_event(frame, received)]
+        return [parse_incoming_event(frame, received, max_json_depth)]
     except EventRejected as exc:
         return [Nack(_id_in_text(frame), exc.message)]
 

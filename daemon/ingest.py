@@ -236,7 +236,8 @@ class _Ingest:
                     await trio.sleep(ACCEPT_RETRY_DELAY)
                     continue
                 self.stats.connections_total += 1
-                admission = self.slots.admit(peer_of(_peer_address(stream)))
+                peer = Peer.of(stream)
+                admission = self.slots.admit(peer_of(peer.host))
                 if isinstance(admission, Refused):
                     self.refused(admission.peer, admission.why, admission.describe())
                     await trio.aclose_forcefully(stream)
@@ -248,7 +249,7 @@ class _Ingest:
                     self.refused(evicted.peer, Why.PENDING_FULL, why)
                 scope = self.scopes[admission.slot] = trio.CancelScope()
                 self._gauges()
-                nursery.start_soon(self.handle_stream, stream, admission.slot, scope)
+                nursery.start_soon(self.handle_stream, stream, admission.slot, scope, peer.name)
 
     def refused(self, peer: str, why: Why, text: str) -> None:
         """Count and log (rate-limited) a socket refused for want of a slot."""
@@ -269,11 +270,11 @@ class _Ingest:
             await self.room.wait()
 
     async def handle_stream(
-        self, stream: trio.abc.Stream, slot: Slot, scope: trio.CancelScope
+        self, stream: trio.abc.Stream, slot: Slot, scope: trio.CancelScope, name: str
     ) -> None:
         try:
             with scope:  # cancelled when the slot is taken for another peer's handshake
-                session = _Session(self)
+                session = _Session(self, name)
                 conn = CheckpointConnection(
                     stream,
                     session,
@@ -314,7 +315,7 @@ class _Ingest:
                 )
                 if not isinstance(decision, Accept):
                     self.stats.handshakes_refused += 1
-                    log.info("refused websocket from %s: %s", request.remote, decision.why)
+                    log.info("refused websocket from %s: %s", session.peer, decision.why)
                     await request.reject(decision.status, body=decision.why.encode())
                     return False
                 waiting = request  # not upgraded while there would be no slot after it
@@ -403,17 +404,27 @@ async def _close_within(conn: CheckpointConnection, code: int, reason: str) -> N
         await conn.aclose(code, reason)
 
 
-def _peer_address(stream: trio.abc.Stream) -> str:
-    """The client's address ("" when it is already gone)."""
-    if isinstance(stream, trio.SSLStream):
-        stream = stream.transport_stream
-    if not isinstance(stream, trio.SocketStream):
-        return ""
-    try:
-        name = stream.socket.getpeername()
-    except OSError:
-        return ""
-    return str(name[0]) if isinstance(name, tuple) else str(name)
+@attrs.frozen
+class Peer:
+    """The client's address, read once when it connects: a socket whose peer has reset has
+    no address any more, and neither the slots nor a log line may fail for that."""
+
+    host: str  # "" when it is already gone (or not a socket)
+    name: str  # ``host:port`` for log lines
+
+    @classmethod
+    def of(cls, stream: trio.abc.Stream) -> Peer:
+        inner = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+        if not isinstance(inner, trio.SocketStream):
+            return cls("", repr(stream))
+        try:
+            name = inner.socket.getpeername()
+        except OSError:
+            return cls("", "a client already gone")
+        if not isinstance(name, tuple):  # a Unix socket's path
+            return cls(str(name), str(name))
+        host, port = str(name[0]), name[1]
+        return cls(host, f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
 
 
 @attrs.define(eq=False)
@@ -425,6 +436,7 @@ class _Session:
     """
 
     ingest: _Ingest
+    peer: str  # the client's address, for log lines
     replies: ReplyQueue | None = None  # set when the upgrade is accepted
     awaiting_auth: bool = False
     authenticated: bool = False  # by the upgrade request already (or no token configured)
@@ -472,7 +484,7 @@ class _Session:
                 return
         ingest = self.ingest
         stats, submit = ingest.stats, ingest.submit
-        max_bytes = ingest.settings.max_event_bytes
+        max_bytes, max_depth = ingest.settings.max_event_bytes, ingest.settings.max_json_depth
         received = ingest.clock()
         for index in range(start, len(frames)):
             frame = frames[index]
@@ -480,14 +492,14 @@ class _Session:
                 stats.pings += 1
                 await replies.put(frame)
                 continue
-            for item in decode_frame(frame, received, max_bytes):
+            for item in decode_frame(frame, received, max_bytes, max_depth):
                 if isinstance(item, Nack):
                     stats.rejected += 1
                     if replies.acks:
                         await replies.put(item)
                     else:
                         ingest.bad_frames.warning(
-                            trio.current_time(), "bad frame from %s: %s", conn.remote, item.error
+                            trio.current_time(), "bad frame from %s: %s", self.peer, item.error
                         )
                     continue
                 submission = Submission(item, replies)

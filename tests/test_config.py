@@ -127,6 +127,7 @@ def test_defaults_are_spec_section_3(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert config.server.tls_cert is None
     assert config.server.tls_key is None
     assert config.server.max_event_bytes == 1_500_000
+    assert config.server.max_json_depth == 64
     assert config.store.path == tmp_path / "trigd.db"
     assert config.store.synchronous == "full"
     assert config.store.event_retention == timedelta(days=7)
@@ -238,6 +239,8 @@ def test_client_and_foreign_variables_are_ignored(tmp_path: Path) -> None:
         ("[server]\nlisten = 4280", "[server] listen: expected HOST:PORT"),
         ("[server]\nmax_event_bytes = 0", "[server] max_event_bytes: must be at least 1"),
         ("[server]\nmax_event_bytes = 1.5", "[server] max_event_bytes: expected a whole number"),
+        ("[server]\nmax_json_depth = 2", "[server] max_json_depth: must be 3..128, got 2 (an"),
+        ("[server]\nmax_json_depth = 129", "[server] max_json_depth: must be 3..128, got 129"),
         ("[server]\nauth_token = 7", "[server] auth_token: Input should be a valid string"),
         ('[store]\nsynchronous = "off"', "[store] synchronous: Input should be 'full' or"),
         ('[store]\npath = ""', "[store] path: must not be empty"),

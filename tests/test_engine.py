@@ -4,6 +4,7 @@ transactions."""
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,13 @@ import pytest
 
 from daemon.automations import Automation
 from daemon.engine import MAX_AUTOMATION_CHAIN, Engine, Outcome
+from daemon.events import (
+    MAX_JSON_DEPTH_CEILING,
+    EventRejected,
+    ReceivedEvent,
+    parse_incoming_event,
+)
+from daemon.firings import TriggeredAction
 from store.db import Store
 from tests.test_engine_harness import (
     ARACHNOPHOBIA,
@@ -265,3 +273,32 @@ def test_an_automation_feeding_on_itself_stops_at_the_chain_limit(harness: Any) 
     assert h.inbox() == []
     watcher_firings = len(fired(h, WATCHER))
     assert 0 < watcher_firings <= 2 * (MAX_AUTOMATION_CHAIN + 1)
+
+
+def test_an_event_as_deep_as_ingest_allows_stays_readable_down_the_chain(harness: Any) -> None:
+    """trigd nests an event in its own events and outbox documents; at the largest
+    max_json_depth, every one of them still parses (nothing is dropped as unreadable)."""
+
+    def chain_of(walked: Any) -> list[str]:
+        h = harness([ARACHNOPHOBIA, WATCHER])
+        h.batch([walked])
+        for _ in range(20):
+            if not h.inbox():
+                break
+            h.batch([])
+        stored = [str(r[0]) for r in h.conn.execute("SELECT data FROM events ORDER BY rowid")]
+        for text in stored:
+            ReceivedEvent.model_validate_json(text)
+        documents = [str(r[0]) for r in h.conn.execute("SELECT document FROM outbox")]
+        for text in documents:
+            TriggeredAction.model_validate_json(text)
+        return [json.loads(text)["event"] for text in stored]
+
+    deep: Any = []
+    for _ in range(MAX_JSON_DEPTH_CEILING - 3):  # the event 1, payload 2, "a" the last level
+        deep = [deep]
+    walked = spider_walked().model_dump(mode="json") | {"payload": {"a": deep}}
+    accepted = parse_incoming_event(json.dumps(walked), T, max_depth=MAX_JSON_DEPTH_CEILING)
+    with pytest.raises(EventRejected, match="max_json_depth"):
+        parse_incoming_event(walked | {"payload": {"a": [deep]}}, T, MAX_JSON_DEPTH_CEILING)
+    assert chain_of(accepted) == chain_of(spider_walked())

@@ -436,3 +436,114 @@ def test_incoming_parse_preserves_everything_but_received(event: ReceivedEvent) 
         return
     again = parse_incoming_event(event.model_dump_json(), NOW)
     assert again == event.model_copy(update={"received": NOW})
+
+
+# --- What the engine and the store can take (hardening) ----------------------------------
+
+
+@pytest.mark.parametrize(
+    "occurred",
+    [
+        "0001-01-01T00:00:00Z",  # timedelta arithmetic below year 1
+        "9999-12-31T23:59:30Z",  # + within: 60 is past year 9999
+        "9999-12-31T23:59:59-05:00",  # UTC of it is past year 9999
+        "0001-01-01T00:00:00+05:00",  # UTC of it is before year 1
+        "1969-12-31T23:59:59.999999Z",
+        "9000-01-01T00:00:00Z",
+        -1e12,  # a number is a Unix timestamp: 1938
+    ],
+)
+def test_occurred_out_of_range_is_rejected_naming_the_field_and_the_range(occurred: Any) -> None:
+    with pytest.raises(EventRejected) as exc:
+        parse_incoming_event(json.dumps(FRAME | {"occurred": occurred}), NOW)
+    assert exc.value.message == (
+        "occurred: must be between 1970-01-01T00:00:00Z and 8999-12-31T23:59:59.999999Z"
+    )
+    assert exc.value.errors[0][0] == "occurred"
+
+
+def test_occurred_at_the_ends_of_the_range_is_accepted() -> None:
+    for occurred in (events.OCCURRED_MIN, events.OCCURRED_MAX):
+        event = parse_incoming_event(json.dumps(FRAME | {"occurred": occurred.isoformat()}), NOW)
+        assert event.occurred == occurred
+
+
+@pytest.mark.parametrize(
+    ("payload", "where"),
+    [
+        ('{"a": NaN}', "payload.a"),
+        ('{"a": {"b": [1, Infinity]}}', "payload.a.b[1]"),
+        ('{"a": -Infinity}', "payload.a"),
+        ('{"big": 1e999}', "payload.big"),  # overflows to infinity
+        ('{"x y": [[-1e400]]}', 'payload["x y"][0][0]'),
+    ],
+)
+def test_nan_and_infinity_in_the_payload_are_rejected_naming_the_field(
+    payload: str, where: str
+) -> None:
+    frame = json.dumps(FRAME | {"payload": {}}).replace('"payload": {}', f'"payload": {payload}')
+    with pytest.raises(EventRejected) as exc:
+        parse_incoming_event(frame, NOW)
+    assert exc.value.message == f"{where}: NaN and Infinity are not valid JSON numbers"
+    with pytest.raises(EventRejected, match="NaN and Infinity"):  # already parsed, too
+        parse_incoming_event(json.loads(frame), NOW)
+
+
+def nested(levels: int) -> Any:
+    """`levels` containers, one inside the other, alternating lists and objects."""
+    value: Any = 1
+    for level in range(levels):
+        value = [value] if level % 2 else {"a": value}
+    return value
+
+
+def test_the_payload_may_nest_up_to_max_depth() -> None:
+    # the event is level 1 and its payload level 2: 62 more containers make 64
+    payload = {"a": nested(62)}
+    event = parse_incoming_event(json.dumps(FRAME | {"payload": payload}), NOW, max_depth=64)
+    assert event.payload == payload
+    assert ReceivedEvent.model_validate_json(event.model_dump_json()) == event
+    with pytest.raises(EventRejected) as exc:
+        parse_incoming_event(json.dumps(FRAME | {"payload": {"a": nested(63)}}), NOW, 64)
+    assert exc.value.message == "payload: nested more than 64 levels deep (max_json_depth)"
+    with pytest.raises(EventRejected, match="more than 8 levels"):
+        parse_incoming_event(FRAME | {"payload": {"a": nested(7)}}, NOW, max_depth=8)
+
+
+@pytest.mark.parametrize("opener", ["[", '{"a":'])
+def test_a_frame_nested_a_thousand_levels_is_rejected(opener: str) -> None:
+    """The parser stops at its own limit (about 200) before Python could recurse."""
+    frame = json.dumps(FRAME | {"payload": {}}).replace(
+        '"payload": {}', '"payload": ' + opener * 1000
+    )
+    with pytest.raises(EventRejected, match="recursion limit exceeded"):
+        parse_incoming_event(frame, NOW)
+    with pytest.raises(EventRejected, match="recursion limit exceeded"):
+        parse_incoming_event(opener * 1000, NOW)
+
+
+hostile_values = st.recursive(
+    json_scalars | st.floats() | st.text(),  # NaN and infinities included
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=30,
+)
+
+
+@settings(deadline=None, max_examples=300)
+@given(hostile_values, st.integers(min_value=3, max_value=12))
+def test_any_payload_is_either_refused_or_read_back_unchanged(value: Any, depth: int) -> None:
+    """Whatever is accepted stores and reads back as it was: nothing turns into null."""
+    frame = json.dumps(FRAME | {"payload": {"v": value}})  # NaN as NaN, inf as Infinity
+    refusal: str | None = None
+    event: ReceivedEvent | None = None
+    try:
+        event = parse_incoming_event(frame, NOW, max_depth=depth)
+    except EventRejected as exc:
+        refusal = exc.message
+    if event is None:
+        assert refusal is not None
+        assert "NaN and Infinity" in refusal or "max_json_depth" in refusal
+        return
+    stored = event.model_dump_json()
+    assert json.loads(stored)["payload"] == {"v": value}
+    assert ReceivedEvent.model_validate_json(stored) == event

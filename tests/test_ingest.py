@@ -191,14 +191,30 @@ async def test_113_legacy_client_sends_events_straight_away(start: Starter, db_p
             assert received_us(db_path, event["id"]) == int(NOW.timestamp() * 1_000_000)
 
 
+NOT_AUTH: list[str | bytes] = [
+    '{"type":"event"}',
+    "[]",
+    "not json",
+    '{"token":"x"}',
+    "[" * 1000,  # 1 KB nested past the recursion limit of Python's json
+    '{"a":' * 1000,
+    '{"type":"auth"' + "," + '"x":' + "[" * 1000 + "]" * 1000 + "}",
+    b'{"type":"auth"}',  # Prefect reads the auth message as text only
+]
+
+
 @pytest.mark.parametrize("token", ["", TOKEN])
-@pytest.mark.parametrize("first", ['{"type":"event"}', "[]", "not json", '{"token":"x"}'])
-async def test_114_first_frame_not_auth_closes_1008(start: Starter, token: str, first: str) -> None:
+@pytest.mark.parametrize("first", NOT_AUTH, ids=[repr(f[:16]) + f"...{len(f)}" for f in NOT_AUTH])
+async def test_114_first_frame_not_auth_closes_1008(
+    start: Starter, token: str, first: str | bytes
+) -> None:
     with trio.fail_after(LIMIT):
         daemon = await start(auth_token=token)
         async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
             await ws.send_message(first)
             assert await close_reason(ws) == (1008, "Expected 'auth' message")
+        async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+            await authenticate(ws, token)  # the daemon still serves
 
 
 @pytest.mark.parametrize(("configured", "offered"), [("", None), ("", "anything"), (TOKEN, TOKEN)])
@@ -299,6 +315,11 @@ def _no_resource_id() -> str:
     return json.dumps(event_dict(resource={"site": "north"}))
 
 
+def _in_payload(text: str) -> str:
+    """An event whose payload's `bar` is ``text``, which need not be valid JSON."""
+    return json.dumps(event_dict(payload={"bar": "@"})).replace('"@"', text)
+
+
 # Scenarios 83, 84 and 86 (Prefect's message-bus guards) become: a frame without usable
 # data, an object without the event's fields, and an unreadable id are each refused.
 BAD_FRAMES: list[tuple[str, str | bytes, str]] = [
@@ -312,6 +333,15 @@ BAD_FRAMES: list[tuple[str, str | bytes, str]] = [
     ("follows itself", "", "follows"),
     ("binary frame", b'{"event": "x"}', "binary frames are not accepted"),
     ("oversize", json.dumps(event_dict(payload={"blob": "x" * 3000})), "max_event_bytes (2000)"),
+    ("1 KB of [", "[" * 1000, "recursion limit exceeded"),
+    ("4 KB of {", '{"":' * 1000, "event: 4000 bytes is more than max_event_bytes"),
+    ("1 KB of [ in a payload", _in_payload("[" * 1000), "recursion limit exceeded"),
+    ("payload deeper than max_json_depth", _in_payload("[" * 70 + "]" * 70), "(max_json_depth)"),
+    ("empty array", "[]", "frame: an empty array carries no event"),
+    ("NaN in a payload", _in_payload('{"x": NaN}'), "payload.bar.x: NaN and Infinity are not"),
+    ("Infinity in an array", f"[{_in_payload('-Infinity')}]", "event [0]: payload.bar: NaN"),
+    ("year 1", json.dumps(event_dict(occurred="0001-01-01T00:00:00Z")), "occurred: must be"),
+    ("year 9999", json.dumps(event_dict(occurred="9999-12-31T23:59:30Z")), "occurred: must be"),
 ]
 
 
@@ -363,6 +393,32 @@ async def test_invalid_utf8_closes_1007(start: Starter) -> None:
             await ws.ping(b"alive")
 
 
+CONTINUATIONS = {
+    "final": bytes([0x80, 0x82]) + b"\0\0\0\0{}",
+    "not final": bytes([0x00, 0x82]) + b"\0\0\0\0{}",
+    "invalid utf-8": bytes([0x80, 0x82]) + b"\0\0\0\0\xc3\x28",
+    "after an event": bytes([0x81, 0x82]) + b"\0\0\0\0{}" + bytes([0x80, 0x81, 0, 0, 0, 0, 0x7D]),
+}
+
+
+@pytest.mark.parametrize("auth", [True, False], ids=["after auth", "before auth"])
+@pytest.mark.parametrize("wire", CONTINUATIONS.values(), ids=CONTINUATIONS.keys())
+async def test_a_continuation_frame_with_nothing_to_continue_closes_1002(
+    start: Starter, wire: bytes, auth: bool
+) -> None:
+    from wsproto.events import CloseConnection, TextMessage
+
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        stream, client = await raw_upgrade(daemon.port, [ACKS_SUBPROTOCOL])
+        async with stream:
+            if auth:
+                await stream.send_all(client.send(TextMessage(data='{"type":"auth"}')))
+            await stream.send_all(wire)
+            close = await _until(stream, client, CloseConnection)
+        assert close.code == 1002  # a protocol error, not a bad payload (1007)
+
+
 async def test_a_frame_too_large_to_buffer_closes_1009(start: Starter, db_path: Path) -> None:
     event = event_dict()
     with trio.fail_after(LIMIT):
@@ -375,6 +431,26 @@ async def test_a_frame_too_large_to_buffer_closes_1009(start: Starter, db_path: 
             code, _ = await close_reason(ws)
         assert code == 1009
         assert stored_ids(db_path) == {event["id"]}
+
+
+async def test_frames_after_a_frame_too_large_to_buffer_are_dropped(start: Starter) -> None:
+    """What a client sends after the server closed (until it sees the close) is not read:
+    a second frame too large once was a second close, which wsproto refuses to send."""
+    from wsproto.events import CloseConnection, Ping, TextMessage
+
+    with trio.fail_after(LIMIT):
+        daemon = await start(max_event_bytes=2000)
+        stream, client = await raw_upgrade(daemon.port, [ACKS_SUBPROTOCOL])
+        async with stream:
+            wire = client.send(TextMessage(data='{"type":"auth"}'))
+            wire += client.send(TextMessage(data="x" * 4001))
+            wire += client.send(TextMessage(data="y" * 4001))  # in the same read
+            wire += client.send(Ping(payload=b"after"))
+            await stream.send_all(wire)
+            close = await _until(stream, client, CloseConnection)
+        assert close.code == 1009
+        async with connect(daemon.url()) as ws:  # the server is still up
+            await ws.ping(b"alive")
 
 
 async def test_duplicates_are_acked_and_stored_once(start: Starter, db_path: Path) -> None:
@@ -767,6 +843,30 @@ async def test_events_before_a_close_in_the_same_write_are_taken(
             assert await replies(ws, 1) == [{"type": "ack", "id": last["id"]}]
         assert stored_ids(db_path) == {e["id"] for e in [*events, last]}
         assert daemon.ingest.events == len(events) + 1
+
+
+async def test_a_bad_frame_from_a_client_already_reset_is_logged_without_its_address(
+    start: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The log line naming the peer of a legacy client's bad frame is written after the
+    client reset the connection, when the socket no longer has a peer address."""
+    import socket
+    import struct
+
+    from wsproto.events import TextMessage
+
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        stream, client = await raw_upgrade(daemon.port, [])
+        # without a checkpoint between them, so the daemon reads after the reset
+        with socket.socket(fileno=stream.socket.detach()) as raw:
+            raw.sendall(client.send(TextMessage(data="{nope")))
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+        async with connect(daemon.url()) as ws:
+            await ws.ping(b"still serving")
+        assert daemon.ingest.rejected == 1
+        assert "bad frame from 127.0.0.1:" in caplog.text
 
 
 async def test_a_client_gone_before_its_auth_message_is_not_counted_as_refused(
