@@ -44,6 +44,7 @@ from daemon.events import (
     MIN_JSON_DEPTH,
     error_reason,
 )
+from daemon.log_throttle import DEFAULT_LIMITS, LogLimits
 from daemon.ordering import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
@@ -354,8 +355,12 @@ class LogConfig(Section):
     """Lines one event can cause (refused with a traceback, a batch split) are rate limited
     per kind: `burst` per `window`, then a count of those left out."""
 
-    burst: Count = 5
-    window: PositiveDuration = timedelta(seconds=60)
+    burst: Count = DEFAULT_LIMITS.burst
+    window: PositiveDuration = timedelta(seconds=DEFAULT_LIMITS.window)
+
+    @property
+    def limits(self) -> LogLimits:
+        return LogLimits(self.burst, self.window.total_seconds())
 
 
 class Config(BaseModel):

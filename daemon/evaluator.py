@@ -41,7 +41,7 @@ import enum
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
-from typing import Final, Protocol
+from typing import Protocol
 
 import apsw
 import attrs
@@ -50,7 +50,7 @@ import trio
 from daemon.engine import Outcome
 from daemon.events import ReceivedEvent
 from daemon.gateway import StoreGateway
-from daemon.log_throttle import LogThrottle
+from daemon.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.store_trouble import STORE_TROUBLE, Backoff
 from store.db import write_transaction
 
@@ -130,19 +130,15 @@ class EvaluatorStats:
     largest_batch: int = 0
 
 
-LOG_BURST: Final = 5  # default lines of one kind per window (config: [log] burst)
-LOG_WINDOW: Final = 60.0  # default seconds of that window (config: [log] window)
-
-
 class _Full(enum.Enum):
     """The store refused a batch of more than one event as full: split it."""
 
     TOO_BIG = enum.auto()
 
 
-def _throttles(burst: int, window: float) -> dict[str, LogThrottle]:
+def _throttles(limits: LogLimits) -> dict[str, LogThrottle]:
     return {
-        what: LogThrottle(log, what, burst, window)
+        what: limits.throttle(log, what)
         for what in ("events refused as internal errors", "failed batches", "split batches")
     }
 
@@ -251,13 +247,12 @@ async def run_evaluator(
     batch_max: int,
     stats: EvaluatorStats | None = None,
     on_commit: Callable[[], None] = lambda: None,
-    log_burst: int = LOG_BURST,
-    log_window: float = LOG_WINDOW,
+    log_limits: LogLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit submissions in batches until every sender has closed the channel;
     ``on_commit`` runs after each commit (it wakes the sender and the inbox pump); a line
-    one event can cause is logged at most ``log_burst`` times per ``log_window`` seconds."""
+    one event can cause is logged within ``log_limits``."""
     if batch_max < 1:
         raise ValueError(f"batch_max must be at least 1, got {batch_max}")
     evaluator = _Evaluator(
@@ -266,7 +261,7 @@ async def run_evaluator(
         clock,
         stats if stats is not None else EvaluatorStats(),
         on_commit,
-        _throttles(log_burst, log_window),
+        _throttles(log_limits),
     )
     async with receive:
         task_status.started()

@@ -64,6 +64,7 @@ from daemon.handshake import (
     reply_frame,
 )
 from daemon.handshake import decide as decide_handshake
+from daemon.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.slots import ConnectionSlots, Refused, Slot, Why, idle_deadline, peer_of
 from store.db import os_reason
 
@@ -78,8 +79,6 @@ CLOSE_TIMEOUT: Final = 1.0  # seconds to finish a close handshake
 DRAIN_TIMEOUT: Final = 5.0  # seconds to answer earlier frames before closing for a bad one
 ACCEPT_RETRY_DELAY: Final = 0.1  # seconds to wait when out of file descriptors
 ACCEPT_CAPACITY_ERRNOS: Final = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
-LOG_BURST: Final = 10  # bad-frame log lines per window
-LOG_WINDOW: Final = 60.0  # seconds
 GOING_AWAY: Final = 1001  # close code when the daemon stops, or closes an idle websocket
 TRY_AGAIN_LATER: Final = 1013  # close code: the handshake found no established slot
 
@@ -190,35 +189,15 @@ class IngestStats:
 
 
 @attrs.define
-class _RateLimitedLog:
-    """At most LOG_BURST warnings per LOG_WINDOW; the rest are counted and summarised."""
-
-    noun: str = "bad frames"  # what the summary line counts
-    window_start: float = float("-inf")
-    logged: int = 0
-    suppressed: int = 0
-
-    def warning(self, now: float, message: str, *args: object) -> None:
-        if now - self.window_start >= LOG_WINDOW:
-            if self.suppressed:
-                log.warning("%d more %s were not logged", self.suppressed, self.noun)
-            self.window_start, self.logged, self.suppressed = now, 0, 0
-        if self.logged < LOG_BURST:
-            self.logged += 1
-            log.warning(message, *args)
-        else:
-            self.suppressed += 1
-
-
-@attrs.define
 class _Ingest:
     settings: ServerConfig
     submit: trio.MemorySendChannel[Submission]
     clock: Callable[[], datetime]
     stats: IngestStats
     slots: ConnectionSlots
-    bad_frames: _RateLimitedLog = attrs.Factory(_RateLimitedLog)
-    refusals: _RateLimitedLog = attrs.Factory(lambda: _RateLimitedLog("refused connections"))
+    bad_frames: LogThrottle
+    refusals: LogThrottle  # sockets refused for want of a slot
+    refused_handshakes: LogThrottle  # upgrades refused (path, auth)
     room: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) when one is freed
     scopes: dict[Slot, trio.CancelScope] = attrs.Factory(dict)  # to drop an evicted one
 
@@ -258,7 +237,9 @@ class _Ingest:
             self.stats.refused_per_peer += 1
         else:
             self.stats.refused_busy += 1
-        self.refusals.warning(trio.current_time(), "refused a connection from %s: %s", peer, text)
+        self.refusals.log(
+            trio.current_time(), logging.WARNING, "refused a connection from %s: %s", peer, text
+        )
 
     def _gauges(self) -> None:
         self.stats.connections = self.slots.established
@@ -315,7 +296,13 @@ class _Ingest:
                 )
                 if not isinstance(decision, Accept):
                     self.stats.handshakes_refused += 1
-                    log.info("refused websocket from %s: %s", session.peer, decision.why)
+                    self.refused_handshakes.log(
+                        trio.current_time(),
+                        logging.INFO,
+                        "refused websocket from %s: %s",
+                        session.peer,
+                        decision.why,
+                    )
                     await request.reject(decision.status, body=decision.why.encode())
                     return False
                 waiting = request  # not upgraded while there would be no slot after it
@@ -498,8 +485,12 @@ class _Session:
                     if replies.acks:
                         await replies.put(item)
                     else:
-                        ingest.bad_frames.warning(
-                            trio.current_time(), "bad frame from %s: %s", self.peer, item.error
+                        ingest.bad_frames.log(
+                            trio.current_time(),
+                            logging.WARNING,
+                            "bad frame from %s: %s",
+                            self.peer,
+                            item.error,
                         )
                     continue
                 submission = Submission(item, replies)
@@ -613,6 +604,7 @@ async def run_ingest(
     clock: Callable[[], datetime] = wall_clock,
     stats: IngestStats | None = None,
     tls: ssl.SSLContext | None = None,
+    log_limits: LogLimits = DEFAULT_LIMITS,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/events/in`` until cancelled; ``task_status`` gets the bound port.
@@ -626,7 +618,16 @@ async def run_ingest(
         max_established=settings.max_connections,
         max_per_peer=settings.max_connections_per_peer,
     )
-    ingest = _Ingest(settings, submit, clock, stats if stats is not None else IngestStats(), slots)
+    ingest = _Ingest(
+        settings,
+        submit,
+        clock,
+        stats if stats is not None else IngestStats(),
+        slots,
+        bad_frames=log_limits.throttle(log, "bad frames"),
+        refusals=log_limits.throttle(log, "sockets refused for want of a slot"),
+        refused_handshakes=log_limits.throttle(log, "refused websocket upgrades"),
+    )
     port = _port_of(listeners[0])
     async with submit, trio.open_nursery() as nursery:
         for listener in listeners:

@@ -11,9 +11,24 @@ is therefore logged only once another line of its kind comes). Sans-IO: the call
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Final
 
 import attrs
+
+
+@attrs.frozen
+class LogLimits:
+    """How many lines of one kind (`burst`) each `window` of seconds lets through: the
+    ``[log]`` settings, shared by every task that logs what a client's input causes."""
+
+    burst: int = 5
+    window: float = 60.0
+
+    def throttle(self, logger: logging.Logger, what: str) -> LogThrottle:
+        return LogThrottle(logger, what, self.burst, self.window)
+
+
+DEFAULT_LIMITS: Final = LogLimits()
 
 
 @attrs.define

@@ -256,8 +256,7 @@ async def _run(
                         batch_max=config.server.batch_max_events,
                         stats=evaluator_stats,
                         on_commit=committed,
-                        log_burst=config.log.burst,
-                        log_window=config.log.window.total_seconds(),
+                        log_limits=config.log.limits,
                         task_status=task_status,
                     )
                 finally:
@@ -274,6 +273,7 @@ async def _run(
                         clock=clock,
                         tls=tls,
                         stats=ingest_stats,
+                        log_limits=config.log.limits,
                         task_status=task_status,
                     )
 

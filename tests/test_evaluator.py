@@ -24,6 +24,7 @@ from daemon.engine import Engine, Outcome
 from daemon.evaluator import EvaluatorStats, Submission, run_evaluator
 from daemon.events import ReceivedEvent, parse_incoming_event
 from daemon.gateway import StoreGateway
+from daemon.log_throttle import LogLimits
 from store.db import Store
 
 NOW = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
@@ -422,7 +423,7 @@ async def test_lines_one_event_causes_are_rate_limited(
     jumpable_clock: trio.testing.MockClock,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    """A stream of poisonous events: every one is refused, but only `log_burst` of them
+    """A stream of poisonous events: every one is refused, but only `log_limits.burst` of them
     are logged (with their traceback) per window; the next window starts with a count of
     the ones left out."""
     sink = Recorder()
@@ -440,8 +441,7 @@ async def test_lines_one_event_causes_are_rate_limited(
                 clock=fixed_clock,
                 batch_max=5,
                 stats=stats,
-                log_burst=3,
-                log_window=60,
+                log_limits=LogLimits(burst=3, window=60),
             )
         )
         while len(sink.outcomes) < 12:  # noqa: ASYNC110

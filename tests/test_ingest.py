@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -34,6 +35,7 @@ from daemon.evaluator import BatchEngine, EvaluatorStats, Submission, run_evalua
 from daemon.gateway import StoreGateway
 from daemon.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
 from daemon.ingest import IngestStats, run_ingest
+from daemon.log_throttle import DEFAULT_LIMITS, LogLimits
 from store.db import Store
 from tests.test_evaluator import NOW, GatedEngine, fixed_clock, stored_ids
 
@@ -89,6 +91,7 @@ class Starter:
         engine: BatchEngine | None = None,
         queue: int = 100,
         batch_max: int = 50,
+        log_limits: LogLimits = DEFAULT_LIMITS,
         **settings: Any,
     ) -> Daemon:
         config = ServerConfig(listen="127.0.0.1:0", **settings)
@@ -111,6 +114,7 @@ class Starter:
                 send,
                 clock=fixed_clock,
                 stats=ingest_stats,
+                log_limits=log_limits,
                 task_status=task_status,
             )
         )
@@ -189,6 +193,26 @@ async def test_113_legacy_client_sends_events_straight_away(start: Starter, db_p
             await ws.send_message(json.dumps(event))
             await ws.ping(b"checkpoint")  # pong means committed
             assert received_us(db_path, event["id"]) == int(NOW.timestamp() * 1_000_000)
+
+
+async def test_lines_a_client_causes_are_rate_limited(
+    start: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bad frames and refused upgrades are one log line each, at most `burst` of a kind
+    per window: a client sending nothing else cannot flood the journal."""
+    caplog.set_level(logging.INFO, logger="daemon.ingest")
+    with trio.fail_after(LIMIT):
+        daemon = await start(log_limits=LogLimits(burst=2, window=3600))
+        async with connect(daemon.url("/events/in")) as ws:  # legacy: no nacks, only logs
+            for _ in range(10):
+                await ws.send_message("not json")
+            await ws.ping(b"checkpoint")  # every frame before it dealt with
+        for _ in range(5):
+            assert await handshake_status(daemon.port, "/not/events") == 404
+    messages = caplog.messages
+    assert sum(m.startswith("bad frame from") for m in messages) == 2
+    assert sum(m.startswith("refused websocket from") for m in messages) == 2
+    assert daemon.ingest.rejected == 10  # counted all the same
 
 
 NOT_AUTH: list[str | bytes] = [
