@@ -40,6 +40,11 @@ _TIMEDELTA: Final = TypeAdapter(timedelta)
 _ANY_EVENT: Final = re.compile(".+")  # an empty `expect` covers every event
 
 
+MAX_WITHIN: Final = timedelta(days=36_525)
+"""The longest `within`, 100 years: windows end well inside the dates trigd stores (an
+event's `occurred` is at most year 8999), so no window arithmetic can overflow."""
+
+
 def _seconds(value: timedelta) -> float:
     return value.total_seconds()
 
@@ -104,7 +109,7 @@ class EventTrigger(BaseTrigger):
     for_each: LabelSet = frozenset()
     posture: Posture
     threshold: int = 1
-    within: Seconds = Field(timedelta(0), ge=timedelta(0), validate_default=True)
+    within: Seconds = Field(timedelta(0), ge=timedelta(0), le=MAX_WITHIN, validate_default=True)
 
     @field_validator("within", mode="before")
     @classmethod
@@ -219,7 +224,7 @@ class CompositeTrigger(BaseTrigger):
     """Fires when its child triggers have fired (`within` null means no time limit)."""
 
     triggers: list[AnyTrigger]
-    within: Seconds | None
+    within: Seconds | None = Field(le=MAX_WITHIN)
 
     @property
     def num_expected_firings(self) -> int:

@@ -225,6 +225,17 @@ def test_a14_within_negative_reactive(within: Any) -> None:
     )
 
 
+@pytest.mark.parametrize("posture", ["Reactive", "Proactive"])
+def test_within_past_a_hundred_years_is_refused(posture: str) -> None:
+    """Longer windows would end past the dates trigd can compute with."""
+    assert "less than or equal to 36525 days" in trigger_error(
+        {"posture": posture, "within": 31 * 10**9}  # about 1,000 years
+    )
+    assert "less than or equal to 36525 days" in trigger_error(
+        {"type": "compound", "triggers": [], "require": "all", "within": "P36526D"}
+    )
+
+
 @pytest.mark.parametrize("within", [-0.001, -1, -10, 1, 9, 9.999999, timedelta(seconds=9)])
 def test_a14_within_too_small_proactive(within: Any) -> None:
     message = "`within` for Proactive triggers must be greater than or equal to 10 seconds"

@@ -17,11 +17,13 @@ from daemon.automations import Automation
 from daemon.engine import MAX_AUTOMATION_CHAIN, Engine, Outcome
 from daemon.events import (
     MAX_JSON_DEPTH_CEILING,
+    OCCURRED_MAX,
     EventRejected,
     ReceivedEvent,
     parse_incoming_event,
 )
 from daemon.firings import TriggeredAction
+from daemon.trigger_models import MAX_WITHIN
 from store.db import Store
 from tests.test_engine_harness import (
     ARACHNOPHOBIA,
@@ -302,3 +304,25 @@ def test_an_event_as_deep_as_ingest_allows_stays_readable_down_the_chain(harness
     with pytest.raises(EventRejected, match="max_json_depth"):
         parse_incoming_event(walked | {"payload": {"a": [deep]}}, T, MAX_JSON_DEPTH_CEILING)
     assert chain_of(accepted) == chain_of(spider_walked())
+
+
+@pytest.mark.parametrize("posture", ["Reactive", "Proactive"])
+def test_the_latest_occurred_fits_the_longest_within(harness: Any, posture: str) -> None:
+    """An event at the end of the accepted range, in a trigger with the longest `within`:
+    the window's end, the proactive deadline and the stored microseconds stay in range."""
+    longest = automation(
+        "longest",
+        trigger(
+            posture=posture,
+            expect=["animal.walked"],
+            after=["animal.walked"] if posture == "Proactive" else [],
+            for_each=["prefect.resource.id"],
+            threshold=2,
+            within=MAX_WITHIN,
+        ),
+    )
+    h = harness([longest])
+    last = event("animal.walked", OCCURRED_MAX, "spider.1")
+    assert h.batch([last], now=OCCURRED_MAX) == [Outcome.processed]
+    h.P(longest, OCCURRED_MAX)  # a proactive pass at that time too
+    h.PER(OCCURRED_MAX)  # and the sweep of buckets past their window
