@@ -72,23 +72,11 @@ OCCURRED_MAX: Final = datetime(8999, 12, 31, 23, 59, 59, 999_999, tzinfo=UTC)
 (`occurred + within`, `occurred - preceding_event_lookback`) with Python datetimes, which
 end at year 9999 and begin at year 1: the last thousand years are left for `within`, and
 nothing an event source emits predates the epoch trigd counts its microseconds from."""
-OCCURRED_RANGE: Final = (
-    f"must be between {OCCURRED_MIN:%Y-%m-%dT%H:%M:%SZ} and {OCCURRED_MAX:%Y-%m-%dT%H:%M:%S.%fZ}"
-)
-
-
-def _occurred_in_range(value: datetime) -> datetime:
-    try:
-        value = as_utc(value)
-    except OverflowError:  # an offset that takes it past year 1 or 9999
-        raise ValueError(OCCURRED_RANGE) from None
-    if not OCCURRED_MIN <= value <= OCCURRED_MAX:
-        raise ValueError(OCCURRED_RANGE)
-    return value
-
-
-IncomingDateTime = Annotated[datetime, AfterValidator(_occurred_in_range)]
-"""`occurred` as a client may send it: UTC, and within the range the engine computes in."""
+IncomingDateTime = Annotated[
+    datetime, Field(ge=OCCURRED_MIN, le=OCCURRED_MAX), AfterValidator(as_utc)
+]
+"""`occurred` as a client may send it: within the range the engine computes in (compared
+as instants by pydantic-core, before any conversion that could overflow), then UTC."""
 
 
 class LabelDiver:

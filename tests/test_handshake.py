@@ -107,4 +107,5 @@ def test_an_occurred_out_of_range_is_a_nack_naming_it() -> None:
     for occurred in ("0001-01-01T00:00:00Z", "9999-12-31T23:59:30Z", "9999-12-31T23:59:59-05:00"):
         (nack,) = decode_frame(event_text(occurred=occurred), RECEIVED, MAX_BYTES)
         assert isinstance(nack, Nack)
-        assert nack.error.startswith("occurred: must be between 1970-01-01T00:00:00Z and ")
+        assert nack.error.startswith("occurred: Input should be ")
+        assert "1970-01-01T00:00:00Z" in nack.error or "8999-12-31T23:59:59.999999Z" in nack.error
