@@ -178,6 +178,7 @@ def main() -> int:
         row = conn.execute("SELECT value FROM meta WHERE key = 'daemon_counters'").fetchone()
         ingest = json.loads(str(row[0]))["ingest"] if row else {}
         alive = "exited 0" if code == 0 else f"exit code {code}"
+        log = log_path.read_text(errors="replace")
     latencies.sort()
     p99 = latencies[max(0, round(len(latencies) * 0.99) - 1)]
     print(
@@ -191,8 +192,8 @@ def main() -> int:
         f"p50 {statistics.median(latencies) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms, "
         f"max {latencies[-1] * 1000:.0f} ms"
     )
-    if "Traceback" in log_path.read_text(errors="replace"):
-        print("the daemon logged a traceback:", log_path.read_text(errors="replace")[-4000:])
+    if "Traceback" in log:
+        print("the daemon logged a traceback:", log[-4000:])
         return 1
     return 0
 
