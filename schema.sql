@@ -32,7 +32,7 @@ CREATE TABLE inbox (
     event TEXT NOT NULL                -- ReceivedEvent JSON
 );
 
--- Causal ordering (SEMANTICS §8), one namespace per scope. Seen ids expire by time only.
+-- Causal ordering (docs/ORDERING.md), one namespace per scope. Seen ids expire by time only.
 -- "Processing" marks are not stored: they live only as long as the call frame that
 -- processes the event (daemon/ordering.py), so none can be left stale by a crash.
 CREATE TABLE ordering_seen (
@@ -74,7 +74,7 @@ CREATE TABLE triggers (
     fingerprint   TEXT NOT NULL
 ) WITHOUT ROWID;
 
--- Trigger state (SEMANTICS §1.9): one row per (trigger, bucketing key).
+-- Trigger state (docs/TRIGGERS.md#buckets): one row per (trigger, bucketing key).
 -- A rowid table for the same reason as events: last_event makes rows large, and keys
 -- arrive in random order; new rows are appended and only the key index is random (keyed
 -- by (trigger_id, bucketing_key) WITHOUT ROWID, the rows themselves split pages: measured
@@ -99,14 +99,15 @@ CREATE TABLE buckets (
 CREATE INDEX buckets_start ON buckets (trigger_id, start_us, bucketing_key) WHERE proactive;
 CREATE INDEX buckets_end ON buckets (end_us);
 
--- Composite triggers (SEMANTICS §6): the latest firing of each direct child. Keyed like
--- Prefect's unique index, automation first, so ids repeated across files cannot collide.
+-- Composite triggers (docs/TRIGGERS.md#composite-triggers): the latest firing of each direct
+-- child, at its event time. Keyed like Prefect's unique index, automation first, so ids repeated
+-- across files cannot collide.
 CREATE TABLE composite_child_firings (
     automation_id     TEXT NOT NULL,
     parent_trigger_id TEXT NOT NULL,
     child_trigger_id  TEXT NOT NULL,
     child_firing_id   TEXT NOT NULL,
-    child_fired_us    INTEGER NOT NULL, -- event time of the child firing (SEMANTICS §0)
+    child_fired_us    INTEGER NOT NULL, -- event time of the child firing
     child_firing      TEXT NOT NULL,    -- Firing JSON
     PRIMARY KEY (automation_id, parent_trigger_id, child_trigger_id)
 ) WITHOUT ROWID;

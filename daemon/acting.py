@@ -1,7 +1,9 @@
-"""Acting on a top-level firing (SEMANTICS §7.1, §7.2, §2.3, §2.4).
+"""Acting on a top-level firing (docs/DELIVERY.md#from-firing-to-outbox, #action-events,
+#the-triggeredaction-document; docs/TRIGGERS.md#automation-state-change-events).
 
 Everything a firing produces is written in the caller's transaction, so it commits or
-vanishes together with the bucket change that caused it (SPEC §7, §8):
+vanishes together with the bucket change that caused it (docs/DELIVERY.md#from-firing-to-outbox,
+docs/OPERATIONS.md#durability):
 
 * the `prefect.automation.triggered` state-change event,
 * one outbox row per action of `actions + actions_on_trigger + actions_on_resolve`
@@ -51,7 +53,8 @@ def _event_reference(event: ReceivedEvent, role: str) -> dict[str, str]:
 def state_change_event(
     automation: Automation, firing: Firing, state: TriggerState, now: datetime
 ) -> ReceivedEvent:
-    """`prefect.automation.triggered` (or `.resolved`), shaped as SEMANTICS §2.3."""
+    """`prefect.automation.triggered` (or `.resolved`), shaped as
+    docs/TRIGGERS.md#automation-state-change-events."""
     resource = automation_resource(automation)
     if isinstance(firing.trigger, EventTrigger):
         resource["prefect.posture"] = firing.trigger.posture.value
@@ -87,7 +90,7 @@ def action_event(
     details: Mapping[str, Any],
     now: datetime,
 ) -> ReceivedEvent:
-    """`prefect.automation.action.<name>` about one outbox row (SEMANTICS §7.2): the
+    """`prefect.automation.action.<name>` about one outbox row (docs/DELIVERY.md#action-events): the
     `triggered` event written with the firing, and the sender's `executed`/`failed`."""
     automation = action.automation
     resource = automation_resource(automation)

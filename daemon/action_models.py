@@ -1,9 +1,10 @@
-"""The actions an automation can take, and the checks on their templates (SEMANTICS §7.3).
+"""The actions an automation can take, and the checks on their templates
+(docs/DELIVERY.md#templates).
 
-trigd supports two actions (SEMANTICS §0): `call-webhook`, which carries its url, method,
-headers, payload template, secret and timeout inline instead of naming a Prefect block,
-and `do-nothing`. Any other type is a validation error that names it and lists these.
-Templates are parsed when the automation is loaded, so a broken one is a load error
+trigd supports two actions (docs/TRIGGERS.md#where-trigd-differs-from-prefect): `call-webhook`,
+which carries its url, method, headers, payload template, secret and timeout inline instead of
+naming a Prefect block, and `do-nothing`. Any other type is a validation error that names it and
+lists these. Templates are parsed when the automation is loaded, so a broken one is a load error
 rather than a failed delivery at 3 a.m.
 """
 

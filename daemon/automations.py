@@ -1,10 +1,10 @@
-"""Automations as Prefect stores them (SEMANTICS §1.6), with trigd's stable ids, and the
-loader of automation files (SPEC §6).
+"""Automations as Prefect stores them (docs/TRIGGERS.md#automations-and-ids), with trigd's stable
+ids, and the loader of automation files (same section).
 
-Where trigd differs (SEMANTICS §0): trigger ids are stable. A trigger keeps the `id` its
-file gives it, else gets UUIDv5(automation id, position path), the path being `trigger`,
-`trigger.triggers[0]`, `trigger.triggers[1].triggers[0]`, ... An automation without an `id`
-gets UUIDv5(`AUTOMATION_NAMESPACE`, name). With `BaseTrigger.fingerprint()` this lets the
+Where trigd differs (docs/TRIGGERS.md#where-trigd-differs-from-prefect): trigger ids are stable. A
+trigger keeps the `id` its file gives it, else gets UUIDv5(automation id, position path), the path
+being `trigger`, `trigger.triggers[0]`, `trigger.triggers[1].triggers[0]`, ... An automation without
+an `id` gets UUIDv5(`AUTOMATION_NAMESPACE`, name). With `BaseTrigger.fingerprint()` this lets the
 engine keep the state of unchanged triggers across reloads and restarts.
 
 The trigger and action models live in `trigger_models` and `action_models`; they are

@@ -1,4 +1,4 @@
-"""The bucket arithmetic of an EventTrigger (SEMANTICS §4.3), as pure values.
+"""The bucket arithmetic of an EventTrigger (docs/TRIGGERS.md#bucket-lifecycle), as pure values.
 
 Theory of operation: a bucket is one counting window `[start, end)` of one trigger for one
 bucketing key, in event time. `evaluate` is Prefect's `evaluate()` without a database: it
@@ -78,7 +78,8 @@ class Fire:
     triggering_event: ReceivedEvent | None
     event_time: datetime
     """When it fired in event time: the triggering event's `occurred`, else the `now` of
-    the evaluation (the proactive `as_of`). Composite `within` uses it (SEMANTICS §0)."""
+    the evaluation (the proactive `as_of`). Composite `within` uses it
+    (docs/TRIGGERS.md#where-trigd-differs-from-prefect)."""
 
 
 class Evaluation(NamedTuple):
@@ -97,8 +98,8 @@ def ensure(
     last_event: EventRef | None,
     initial_count: int = 0,
 ) -> Bucket:
-    """`ensure_bucket` (§4.1): a new bucket if there is none, else the existing one with
-    only `last_event` replaced (and only when one is given)."""
+    """`ensure_bucket` (docs/TRIGGERS.md#reactive-evaluation, steps 1-2): a new bucket if there is
+    none, else the existing one with only `last_event` replaced (and only when one is given)."""
     if existing is None:
         return Bucket(key, start, end, initial_count, last_event, "ensure_bucket[insert]")
     if last_event is None:

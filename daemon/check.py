@@ -1,4 +1,5 @@
-"""`trigd check PATH ...` (SPEC §2): validate config and automation files before deploying.
+"""`trigd check PATH ...` (docs/OPERATIONS.md#commands): validate config and automation files before
+deploying.
 
 `.toml` paths are configuration files, checked with `load_config` and no environment (the
 file alone must be valid wherever it is deployed); the automation globs they name are

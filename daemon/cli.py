@@ -1,4 +1,4 @@
-"""The ``trigd`` command line (SPEC §2).
+"""The ``trigd`` command line (docs/OPERATIONS.md#commands).
 
 Exit codes: 0 success, 1 the work asked failed, 2 bad usage or bad configuration (the message
 names the key or flag and why). Subcommands import what they need lazily so that

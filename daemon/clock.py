@@ -1,4 +1,5 @@
-"""The events clock (SEMANTICS §4.6): how far behind the wall clock evaluation runs.
+"""The events clock (docs/TRIGGERS.md#the-events-clock): how far behind the wall clock evaluation
+runs.
 
 Proactive evaluation and the bucket sweep run in event time (`now + offset()`), so a
 backlog replayed after an outage does not make proactive triggers fire early (Prefect

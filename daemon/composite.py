@@ -1,4 +1,5 @@
-"""Composite triggers: compound and sequence (SEMANTICS §6), judged in event time.
+"""Composite triggers: compound and sequence (docs/TRIGGERS.md#composite-triggers), judged in event
+time.
 
 Theory of operation. When a child of a composite fires, the engine calls
 `evaluate_composite_trigger` inside the transaction that made the child's firing. With one
@@ -6,9 +7,9 @@ expected firing the parent fires at once and nothing is stored. Otherwise the ch
 firing is stored as the parent's row for that child (store/composite.py), and the parent
 fires when the stored rows of its direct children are ready; those rows are consumed.
 
-Where trigd differs from Prefect (SEMANTICS §0): a child firing counts at its *event time*
-(its triggering event's `occurred`, or the proactive `as_of`), given by the caller as
-`event_time`, not at its wall-clock `triggered`. So:
+Where trigd differs from Prefect (docs/TRIGGERS.md#where-trigd-differs-from-prefect): a child firing
+counts at its *event time* (its triggering event's `occurred`, or the proactive `as_of`), given by
+the caller as `event_time`, not at its wall-clock `triggered`. So:
 
 * `within` expires rows whose event time is before `event_time - within`, and the firings
   that make the parent fire must all lie within one `within` of each other in event time

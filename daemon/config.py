@@ -1,4 +1,5 @@
-"""trigd's configuration (SPEC §3): defaults < TOML file < TRIGD_* environment < CLI flags.
+"""trigd's configuration (docs/OPERATIONS.md#configuration): defaults < TOML file < TRIGD_*
+environment < CLI flags.
 
 Every key is declared, so a typo is an error naming it rather than a silently ignored
 setting. Problems are collected across all sources and raised together as one
@@ -286,10 +287,11 @@ def derived_lease(timeout: timedelta) -> timedelta:
 
 
 class DeliveryConfig(Section):
-    """`lease`, `per_endpoint_concurrency` and `probe_concurrency` are extensions beyond
-    SPEC §3. Left unset they follow `timeout` and `concurrency` (`derived_lease`; at most
-    `concurrency`; `derived_probe_concurrency`), so a SPEC key alone never fails because of
-    a key the user did not write; set explicitly, they must agree with them."""
+    """`lease`, `per_endpoint_concurrency` and `probe_concurrency` are extensions
+    (docs/DELIVERY.md#settings). Left unset they follow `timeout` and `concurrency`
+    (`derived_lease`; at most `concurrency`; `derived_probe_concurrency`), so `timeout` or
+    `concurrency` alone never fails because of a key the user did not write; set explicitly, they
+    must agree with them."""
 
     timeout: PositiveDuration = timedelta(seconds=15)  # one HTTP attempt
     max_age: PositiveDuration = timedelta(hours=72)  # then a failing delivery is dead

@@ -1,10 +1,10 @@
 """The running daemon's counters, as `trigd status` shows them.
 
 Ingest and the evaluator count in memory (connections, events, rejected frames, refused
-handshakes, batches, duplicates, ...). SPEC §4 says bad frames are counted; an operator
-sees those counts through `trigd status`, which only reads the database. So every sweeper
-pass writes a snapshot to the `meta` table, and it outlives the process: after a crash,
-status still shows what the daemon had counted by its last pass.
+handshakes, batches, duplicates, ...). docs/PROTOCOL.md#bad-input-and-limits says bad frames are
+counted; an operator sees those counts through `trigd status`, which only reads the database. So
+every sweeper pass writes a snapshot to the `meta` table, and it outlives the process: after a
+crash, status still shows what the daemon had counted by its last pass.
 """
 
 from __future__ import annotations

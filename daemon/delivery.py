@@ -1,4 +1,5 @@
-"""The life of one outbox row, and when to try it again (SPEC §7, SEMANTICS §7.2).
+"""The life of one outbox row, and when to try it again (docs/DELIVERY.md#delivery-states,
+#outcomes-and-retries).
 
 Theory of operation
 -------------------

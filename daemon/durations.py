@@ -1,4 +1,5 @@
-"""Durations as people write them in trigd.toml and environment variables (SPEC §3).
+"""Durations as people write them in trigd.toml and environment variables
+(docs/OPERATIONS.md#configuration).
 
 Accepted: a number of seconds (`90`, `0.5`, `"90"`), a compact string of unit components
 in descending order (`"500ms"`, `"90s"`, `"15m"`, `"1h30m"`, `"7d"`, `"1.5h"`), or an

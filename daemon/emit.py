@@ -1,9 +1,9 @@
 """``trigd emit``: push events to a running daemon and wait until each is acknowledged.
 
-It speaks the ``trigd.v1`` subprotocol (SPEC §4): after the auth handshake every event frame
-gets an ``ack`` once committed, or a ``nack`` naming the field at fault. Events without an
-``id`` get one here (uuid7, as Prefect's client does) so that every reply can be matched to
-its input line.
+It speaks the ``trigd.v1`` subprotocol (docs/PROTOCOL.md#subprotocols): after the auth handshake
+every event frame gets an ``ack`` once committed, or a ``nack`` naming the field at fault. Events
+without an ``id`` get one here (uuid7, as Prefect's client does) so that every reply can be matched
+to its input line.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The trigger engine (SEMANTICS §4, §9): reactive, proactive and periodic evaluation.
+"""The trigger engine (docs/TRIGGERS.md#reactive-evaluation to #scheduling-and-the-sweeper,
+#automations-and-ids): reactive, proactive and periodic evaluation.
 
 Theory of operation. The daemon calls the engine from the store thread, inside one
 transaction, with the wall clock as an argument (the engine never reads a clock):
@@ -19,7 +20,7 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
   kept: the database stays the only state. `proactive` pages through the table and so
   writes each change at once.
-* `proactive` runs SEMANTICS §4.4 for each due Proactive EventTrigger.
+* `proactive` runs docs/TRIGGERS.md#proactive-evaluation for each due Proactive EventTrigger.
 * `periodic` re-evaluates lost followers and sweeps closed buckets.
 * `load_automations` swaps the loaded set; triggers whose fingerprint changed, that
   vanished, or whose automation is disabled lose their buckets and child firings.
@@ -78,7 +79,7 @@ logger = logging.getLogger(__name__)
 
 ORDERING_SCOPE: Final = "triggers"
 LOG_WRITE_EVENT: Final = "prefect.log.write"
-"""Stored but never evaluated (SEMANTICS §8.4)."""
+"""Stored but never evaluated (docs/TRIGGERS.md#which-triggers-see-an-event)."""
 INBOX_DRAIN_LIMIT: Final = 1_000
 """Events trigd made itself evaluated per batch at most (events)."""
 EXPIRED_BUCKET_BUFFER: Final = timedelta(seconds=60)
@@ -410,8 +411,8 @@ class Engine:
     def reactive_evaluation(
         self, conn: apsw.Connection, event: ReceivedEvent, depth: int, now: datetime
     ) -> None:
-        """SEMANTICS §4.2 for one (already stored) event; raises EventArrivedEarly when
-        the event is parked."""
+        """docs/TRIGGERS.md#reactive-evaluation for one (already stored) event; raises
+        EventArrivedEarly when the event is parked."""
         with self._bucket_unit(conn):
             self._react(self._call(conn, now), event, depth)
 
@@ -533,7 +534,7 @@ class Engine:
         event_time: datetime,
         now: datetime,
     ) -> None:
-        """SEMANTICS §4.7: act for a top trigger, else let the composite parent decide."""
+        """docs/TRIGGERS.md#firings: act for a top trigger, else let the composite parent decide."""
         parent = automation.parent_of(firing.trigger.id)
         if isinstance(parent, Automation):
             acting.act(conn, automation, firing, now)
@@ -576,8 +577,8 @@ class Engine:
     def proactive_evaluation(
         self, conn: apsw.Connection, trigger_id: UUID, now: datetime
     ) -> datetime:
-        """SEMANTICS §4.4 for one loaded trigger at wall time `now` (the `P(t)` of the
-        scenarios); returns `run_again_at`, in event time."""
+        """docs/TRIGGERS.md#proactive-evaluation for one loaded trigger at wall time `now` (the
+        `P(t)` of the scenarios); returns `run_again_at`, in event time."""
         return self._proactive_evaluation(conn, self._loaded[trigger_id], now)
 
     def _proactive_evaluation(
@@ -607,9 +608,9 @@ class Engine:
         return run_again_at
 
     def periodic(self, conn: apsw.Connection, now: datetime) -> int:
-        """SEMANTICS §4.5 periodic_evaluation: re-evaluate lost followers (depth 0), then
-        sweep buckets closed before `as_of - expired_bucket_buffer`. Returns how many
-        buckets were swept."""
+        """periodic_evaluation (docs/TRIGGERS.md#scheduling-and-the-sweeper): re-evaluate lost
+        followers (depth 0), then sweep buckets closed before `as_of - expired_bucket_buffer`.
+        Returns how many buckets were swept."""
         self._ensure_clock(conn)
         before = self.clock.copy()
         try:

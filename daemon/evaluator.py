@@ -12,7 +12,8 @@ Failures:
 * a store that cannot write (I/O error, busy): nothing is resolved, the cause is logged,
   and the same batch is retried with exponential backoff until it goes through
   (``daemon.store_trouble``); meanwhile the channel fills and ingest stops reading sockets
-  (SPEC §8);
+  (docs/PROTOCOL.md#backpressure,
+  docs/OPERATIONS.md#store-trouble);
 * a full disk: the batch may be too big for the space left, while a part of it fits. A
   batch the store refused as full is split in halves at once, each half committed (and
   resolved) on its own, splitting again down to single events, in order; so after a

@@ -1,9 +1,10 @@
-"""Events and resources, as Prefect's server models them (SEMANTICS §1.1-§1.3, §2.1).
+"""Events and resources, as Prefect's server models them (docs/PROTOCOL.md#event-format).
 
 `Event` is the server's view of what a client sends: `occurred` and `id` are required.
-The wire is kinder (SPEC §5: both default as in Prefect's client), so untrusted input goes
-through `parse_incoming_event`, which fills those defaults, stamps `received`, and turns
-every failure into an `EventRejected` carrying a one-line "which field, why" message.
+The wire is kinder (docs/PROTOCOL.md#defaults-and-the-received-stamp: both default as in
+Prefect's client), so untrusted input goes through `parse_incoming_event`, which fills those
+defaults, stamps `received`, and turns every failure into an `EventRejected` carrying a one-line
+"which field, why" message.
 
 Parsing is the hot path: validation is done by pydantic-core from bytes, and the only
 Python validators are tiny length checks and the UTC normalisation of datetimes. The
@@ -39,8 +40,8 @@ from pydantic_core.core_schema import ModelSchema
 
 from daemon.clock import wall_clock
 
-# Limits from Prefect's settings (SEMANTICS §11). Module attributes, read at validation
-# time, so tests can shrink them with monkeypatch.
+# Limits from Prefect's settings (docs/PROTOCOL.md#bad-input-and-limits). Module attributes, read at
+# validation time, so tests can shrink them with monkeypatch.
 MAXIMUM_LABELS_PER_RESOURCE = 500
 MAXIMUM_RELATED_RESOURCES = 100
 MAXIMUM_EVENT_NAME_LENGTH = 1024
@@ -53,7 +54,7 @@ _ZERO: Final = timedelta(0)
 
 
 def as_utc(value: datetime) -> datetime:
-    """Naive datetimes are UTC (SEMANTICS §1); aware ones are converted to UTC."""
+    """Naive datetimes are UTC (docs/PROTOCOL.md#event-fields); aware ones are converted to UTC."""
     if value.tzinfo is UTC:  # the common case (the wall clock), cheapest to see
         return value
     if value.tzinfo is None:
@@ -214,7 +215,8 @@ def split_related_label(label: str) -> tuple[str, str] | None:
 
 
 class Event(BaseModel):
-    """The server view of an event: no defaults for `occurred` and `id` (SEMANTICS §1.2)."""
+    """The server view of an event: no defaults for `occurred` and `id`
+    (docs/PROTOCOL.md#event-fields)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 
@@ -278,7 +280,8 @@ class ReceivedEvent(Event):
 
 
 class _IncomingEvent(BaseModel):
-    """What trigd accepts on the wire: `id` and `occurred` may be absent (SPEC §5)."""
+    """What trigd accepts on the wire: `id` and `occurred` may be absent
+    (docs/PROTOCOL.md#defaults-and-the-received-stamp)."""
 
     model_config = ConfigDict(extra="ignore", frozen=True)
 

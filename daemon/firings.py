@@ -1,4 +1,5 @@
-"""Firings and triggered actions (SEMANTICS §1.7, §1.8, §2.4).
+"""Firings and triggered actions (docs/TRIGGERS.md#firings,
+docs/DELIVERY.md#the-triggeredaction-document).
 
 A `Firing` is one trigger firing once; composite firings nest the child firings that
 caused them. A `TriggeredAction` is one action to run for a top-level firing: its JSON is
@@ -29,7 +30,8 @@ _STATE_ORDER = {TriggerState.Triggered: 0, TriggerState.Resolved: 1}
 
 
 def ordered_states(states: frozenset[TriggerState]) -> list[TriggerState]:
-    """Triggered before Resolved: the order act() handles them in (SEMANTICS §7.1)."""
+    """Triggered before Resolved: the order act() handles them in
+    (docs/DELIVERY.md#from-firing-to-outbox)."""
     return sorted(states, key=_STATE_ORDER.__getitem__)
 
 

@@ -1,10 +1,11 @@
 """The ``/events/in`` wire protocol without any I/O: handshake, auth, frames and replies.
 
-Everything here is a pure function of what the client sent, so the rules of SPEC §4 can be
-read (and tested) in one place; ``daemon.ingest`` does the sockets.
+Everything here is a pure function of what the client sent, so the rules of docs/PROTOCOL.md
+(#subprotocols to #frames) can be read (and tested) in one place; ``daemon.ingest`` does the
+sockets.
 
-Theory of operation. Prefect's server (``accept_prefect_socket``, SEMANTICS §10.2) decides
-in two steps, and so do we:
+Theory of operation. Prefect's server (``accept_prefect_socket``, docs/PROTOCOL.md#authentication)
+decides in two steps, and so do we:
 
 1. On the HTTP upgrade request (``decide``): the path must be an events-in path; a client
    offering ``trigd.v1`` or ``prefect`` is accepted with it and owes us an auth message; a

@@ -1,4 +1,5 @@
-"""Which loaded EventTriggers might care about an event (SEMANTICS §3.4).
+"""Which loaded EventTriggers might care about an event
+(docs/TRIGGERS.md#which-triggers-see-an-event).
 
 Theory of operation: every trigger is indexed under each pattern of `expect | after`, or
 under `"*"` when `expect` is empty. A pattern without glob characters can only fnmatch the

@@ -1,4 +1,5 @@
-"""The ingest task: Prefect's ``/events/in`` websocket, feeding the evaluator (SPEC §4).
+"""The ingest task: Prefect's ``/events/in`` websocket, feeding the evaluator
+(docs/PROTOCOL.md#endpoint-and-paths).
 
 Theory of operation. trio-websocket does the HTTP upgrade and the close handshake; what
 comes in between is handled chunk by chunk. Each connection runs two tasks over one

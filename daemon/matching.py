@@ -1,4 +1,5 @@
-"""Label matching and resource specifications (SEMANTICS §1.4, §3.1, §3.2).
+"""Label matching and resource specifications (docs/TRIGGERS.md#label-patterns,
+#resource-specifications).
 
 The server's rules, not the client's: full-string, case-sensitive shell globs
 (`fnmatch.fnmatchcase`), one leading `!` negates, and an absent label never matches,

@@ -1,4 +1,5 @@
-"""Causal ordering of events that declare `follows` (SEMANTICS §8, trigd's column of §0).
+"""Causal ordering of events that declare `follows` (docs/ORDERING.md#the-algorithm, and where
+trigd differs: docs/ORDERING.md#where-trigd-differs-from-prefect).
 
 Theory of operation. An event that follows another is only evaluated after its leader has
 been (the leader is "seen"). One that arrives first is *parked* (a row in
@@ -110,7 +111,7 @@ _STATE: Final[weakref.WeakKeyDictionary[apsw.Connection, dict[str, _ScopeState]]
 
 
 class CausalOrdering:
-    """The seeds' `CausalOrdering` API, synchronous; seen ids and parked followers in the
+    """Prefect's `CausalOrdering` API, synchronous; seen ids and parked followers in the
     database, in-flight marks in memory (see the module docstring).
 
     Instances are cheap views: two instances of one scope on one connection share
@@ -290,7 +291,8 @@ class CausalOrdering:
     def get_lost_followers(self, *, now: datetime) -> list[ReceivedEvent]:
         """Unpark and return followers received at least the lookback ago, occurred order.
 
-        Re-evaluated at depth 0 they proceed without waiting (rule b of §8.2).
+        Re-evaluated at depth 0 they proceed without waiting (step 2 of
+        docs/ORDERING.md#the-algorithm).
         """
         cutoff = to_us(now) - self._lookback_us
         lost = db.take_lost(self.conn, self.scope, cutoff)

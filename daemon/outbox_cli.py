@@ -1,4 +1,5 @@
-"""`trigd outbox list|retry` (SPEC §2): look at deliveries, put dead ones back to pending.
+"""`trigd outbox list|retry` (docs/DELIVERY.md#the-trigd-outbox-command): look at deliveries, put
+dead ones back to pending.
 
 `list` opens the database read-only, so it is safe while the daemon runs. `retry` writes
 through a short IMMEDIATE transaction beside the running daemon (SQLite serialises the

@@ -1,4 +1,5 @@
-"""The sender task: delivers outbox rows as webhooks (SPEC §7, SEMANTICS §7.2).
+"""The sender task: delivers outbox rows as webhooks (docs/DELIVERY.md#outcomes-and-retries,
+#action-events).
 
 Theory of operation. One loop claims due rows through the store gateway (a claim is one
 transaction that also releases expired leases), and starts one task per claimed row. A row
@@ -21,10 +22,10 @@ starts — the lock file guarantees no other sender owns them — and are sent a
 same `webhook-id`: delivery is at least once. Endpoints with a row waiting for its retry
 start out failing, so a restart does not trust a dead endpoint with every slot again.
 
-Store trouble (SPEC §8; disk full, I/O error, the write lock held elsewhere) never ends the
-sender: the release, each claim and each attempt's commit are retried with the backoff of
-`daemon.store_trouble`, the cause logged once. A delivery whose result cannot be committed
-keeps its slot and its lease while it retries, and commits only while the row is still in
+Store trouble (docs/OPERATIONS.md#store-trouble; disk full, I/O error, the write lock held
+elsewhere) never ends the sender: the release, each claim and each attempt's commit are retried with
+the backoff of `daemon.store_trouble`, the cause logged once. A delivery whose result cannot be
+committed keeps its slot and its lease while it retries, and commits only while the row is still in
 flight under that lease: if the lease ran out and the row was released (and perhaps
 claimed and sent again) meanwhile, the stale result is dropped, never written over the
 newer attempt's row. Any other exception is a bug and still ends the daemon.
@@ -145,7 +146,7 @@ def _finished_event(
     triggered: TriggeredAction, decision: Delivered | Dead, details: dict[str, Any], now: datetime
 ) -> ReceivedEvent:
     """`prefect.automation.action.executed` / `.failed`, following the action's
-    `triggered` event (SEMANTICS §7.2)."""
+    `triggered` event (docs/DELIVERY.md#action-events)."""
     if isinstance(decision, Dead):
         details = {"reason": decision.reason, **details}
     return action_event(

@@ -1,4 +1,5 @@
-"""``trigd serve``: the daemon's nursery and lifecycle (SPEC §1, §2, §8).
+"""``trigd serve``: the daemon's nursery and lifecycle (docs/OPERATIONS.md#starting-and-stopping,
+#signals, #durability).
 
 Theory of operation. Start-up opens the store (taking its lock), loads the automation
 files, and starts the tasks in dependency order with ``nursery.start``: sender, sweeper,
@@ -12,7 +13,7 @@ frames; its end of the channel closes), the evaluator drains and commits what wa
 and returns, then everything else is cancelled. ``server.shutdown_timeout`` bounds the
 drain.
 
-Store trouble (SPEC §8) ends no task: each one that writes waits it out
+Store trouble (docs/OPERATIONS.md#store-trouble) ends no task: each one that writes waits it out
 (``daemon.store_trouble``), and a reload the store refused is simply not applied.
 """
 

@@ -1,4 +1,5 @@
-"""Store trouble: the store refusing work for now, as opposed to a bug (SPEC §8).
+"""Store trouble: the store refusing work for now, as opposed to a bug
+(docs/OPERATIONS.md#store-trouble).
 
 Disk full, an I/O error, another process holding the write lock past the busy timeout:
 none of these is a reason for the daemon to exit. Every task that writes waits such

@@ -1,4 +1,4 @@
-"""The sweeper task: the periodic work of SPEC §1.
+"""The sweeper task: the periodic work of docs/TRIGGERS.md#scheduling-and-the-sweeper.
 
 Every ``proactive_granularity`` (and at once on start, as Prefect's periodic task does): the
 proactive pass over due Proactive triggers, the periodic pass (lost followers re-evaluated,

@@ -1,4 +1,4 @@
-"""The body of a webhook: the action's payload template, rendered (SEMANTICS §7.3).
+"""The body of a webhook: the action's payload template, rendered (docs/DELIVERY.md#templates).
 
 A payload is a template only if it contains `{{` or `{%`; anything else is sent verbatim,
 and an empty payload sends the TriggeredAction JSON. Neither can carry a secret: the default

@@ -1,10 +1,11 @@
-"""Trigger models, as Prefect's server has them (SEMANTICS §1.5, §3.3, §3.5, §3.6).
+"""Trigger models, as Prefect's server has them (docs/TRIGGERS.md#event-triggers,
+#which-triggers-see-an-event, #buckets).
 
 Pure data plus the matching helpers the engine calls per event (`covers`, `expects`,
 `starts_after`, `bucketing_key`, `meets_threshold`); everything per-event is precomputed
 in `model_post_init`. Ids default to uuid4 here; `Automation` replaces the defaulted ones
-with stable UUIDv5s (SEMANTICS §0), and `fingerprint()` tells a changed trigger from an
-unchanged one.
+with stable UUIDv5s (docs/TRIGGERS.md#where-trigd-differs-from-prefect), and `fingerprint()` tells a
+changed trigger from an unchanged one.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ class EventTrigger(BaseTrigger):
 
     @property
     def event_pattern(self) -> re.Pattern[str]:
-        """Start-anchored regex of expect and after, with `*` → `.+` (SEMANTICS §3.3)."""
+        """Start-anchored regex of expect and after, with `*` → `.+`
+        (docs/TRIGGERS.md#which-triggers-see-an-event)."""
         pattern: re.Pattern[str] = self.__dict__["_event_pattern"]
         return pattern
 

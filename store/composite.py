@@ -1,9 +1,11 @@
-"""The latest firing of each direct child of a composite trigger (SEMANTICS §6).
+"""The latest firing of each direct child of a composite trigger
+(docs/TRIGGERS.md#composite-triggers).
 
 Functions of a connection, called inside the caller's transaction. One row per
 (automation, parent trigger, child trigger): a new firing of a child replaces the previous
-one. ``child_fired_us`` is the firing's *event* time (SEMANTICS §0), so expiry and sequence
-order judge a replayed backlog as it happened, not as it was processed.
+one. ``child_fired_us`` is the firing's *event* time
+(docs/TRIGGERS.md#where-trigd-differs-from-prefect), so expiry and sequence order judge a replayed
+backlog as it happened, not as it was processed.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """A websocket client that streams events the way Prefect's `PrefectEventsClient` does
-(SEMANTICS §10.3), written on trio for the crash tests.
+(docs/PROTOCOL.md#ping-and-pong-the-checkpoint), written on trio for the crash tests.
 
 Prefect's client gets no acknowledgements. It keeps every event it sent as *unconfirmed*;
 after every `checkpoint_every` events it pings and waits for the pong, which confirms every

@@ -1,4 +1,5 @@
-"""act(): SCENARIOS.md 96 and SEMANTICS §7.1, §7.2, §2.3, observed in the outbox and inbox."""
+"""act(): scenario i96 and docs/DELIVERY.md#from-firing-to-outbox, #action-events,
+docs/TRIGGERS.md#automation-state-change-events, observed in the outbox and inbox."""
 
 from __future__ import annotations
 
@@ -151,8 +152,8 @@ def test_endpoint_of() -> None:
 
 
 def test_composite_state_change_event_has_no_posture(tmp_path: Path) -> None:
-    """SEMANTICS §2.3: a compound/sequence firing's resource has no `prefect.posture`,
-    its labels are `{}` and its triggering event is the child's."""
+    """docs/TRIGGERS.md#automation-state-change-events: a compound/sequence firing's resource has no
+    `prefect.posture`, its labels are `{}` and its triggering event is the child's."""
     automation = Automation.model_validate(
         {
             "name": "any spider",

@@ -1,4 +1,4 @@
-"""Triggers, actions, automations and their files: SCENARIOS §A 11-14, stable ids, loader."""
+"""Triggers, actions, automations and their files: scenarios a11-a14, stable ids, loader."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ LILIES = event_trigger(
 ANIMAL_LOVER = event_trigger(expect=[], match={"kingdom": "Animalia"}, threshold=0, within=30)
 
 
-# --- Covering (§A 11-13) --------------------------------------------------------------------
+# --- Covering (a11-a13) ---------------------------------------------------------------------
 
 
 def test_a11_trigger_covers_or_not() -> None:
@@ -185,7 +185,7 @@ def test_thresholds_and_immediacy() -> None:
     assert event_trigger(threshold=-5).threshold == -5  # no range check, as in Prefect
 
 
-# --- Validation (§A 14) ---------------------------------------------------------------------
+# --- Validation (a14) -----------------------------------------------------------------------
 
 
 def trigger_error(data: dict[str, Any]) -> str:

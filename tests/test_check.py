@@ -1,4 +1,5 @@
-"""`trigd check` (SPEC §2): one line per valid automation, or every problem named."""
+"""`trigd check` (docs/OPERATIONS.md#commands): one line per valid automation, or every problem
+named."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
-"""Usage and configuration errors of the command line (SPEC §2) as real processes: exit 2
-(or 1 when a retry may succeed) and one line naming the key or flag, never a traceback.
-Network on 127.0.0.1 only, and no DNS."""
+"""Usage and configuration errors of the command line (docs/OPERATIONS.md#commands, #exit-codes) as
+real processes: exit 2 (or 1 when a retry may succeed) and one line naming the key or flag, never a
+traceback. Network on 127.0.0.1 only, and no DNS."""
 
 from __future__ import annotations
 

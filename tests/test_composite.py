@@ -1,4 +1,4 @@
-"""Composite triggers (SEMANTICS §6, event time per §0): SCENARIOS.md §H, 60-82.
+"""Composite triggers (docs/TRIGGERS.md#composite-triggers, in event time): scenarios 60-82.
 
 The unit tests drive `evaluate_composite_trigger` with real `Firing`s the way the engine
 does: every leaf here is an immediate Reactive trigger (threshold 1, within 0), so it fires
@@ -196,7 +196,7 @@ def stored(conn: apsw.Connection) -> int:
     return composite_store.count_child_firings(conn)
 
 
-# --- §H scenarios, compound ----------------------------------------------------------------
+# --- scenarios 60-69, compound -------------------------------------------------------------
 
 
 def test_60_any_fires_once_with_the_compound(conn: apsw.Connection) -> None:
@@ -289,8 +289,9 @@ def test_65_race_guard_superseded_firing_does_not_fire(
 def test_65b_rows_consumed_by_another_evaluation_do_not_fire(
     conn: apsw.Connection, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """§6 step f: when deleting the rows read does not delete all of them, another
-    evaluation won; this one must not fire (and must not half-consume the rest)."""
+    """Prefect's step f (the rows used are consumed, docs/TRIGGERS.md#composite-triggers): when
+    deleting the rows read does not delete all of them, another evaluation won; this one must not
+    fire (and must not half-consume the rest)."""
     auto = automation(compound("all", flow("Failed"), flow("Completed")))
     real_take = composite_store.take_child_firings
 
@@ -361,7 +362,7 @@ def test_69_all_of_two_satisfiable_alls(conn: apsw.Connection) -> None:
     assert stored(conn) == 0
 
 
-# --- §H scenarios, sequence ----------------------------------------------------------------
+# --- scenarios 70-82, sequence -------------------------------------------------------------
 
 
 def test_70_single_child_sequence_fires(conn: apsw.Connection) -> None:

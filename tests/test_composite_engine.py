@@ -1,5 +1,5 @@
 """Composite triggers end to end through the engine: automations loaded, events processed,
-firings read from the outbox (SEMANTICS §6 in event time, §0)."""
+firings read from the outbox (docs/TRIGGERS.md#composite-triggers, in event time)."""
 
 from __future__ import annotations
 

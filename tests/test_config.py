@@ -1,4 +1,5 @@
-"""Configuration (SPEC §3) and durations: defaults, precedence, every bad input named."""
+"""Configuration (docs/OPERATIONS.md#configuration) and durations: defaults, precedence, every bad
+input named."""
 
 from __future__ import annotations
 
@@ -284,7 +285,7 @@ def test_bad_values_name_file_section_key_and_why(
     assert message.startswith(f"{path}: {expected}"), message
 
 
-# --- [delivery] extensions that follow the SPEC keys ----------------------------------------
+# --- [delivery] extensions that follow timeout and concurrency ------------------------------
 
 
 @pytest.mark.parametrize(
@@ -295,7 +296,7 @@ def test_bad_values_name_file_section_key_and_why(
 def test_any_timeout_alone_is_accepted_with_a_lease_that_outlives_it(
     tmp_path: Path, source: str, timeout: str | int, lease: int
 ) -> None:
-    """lease is not a SPEC key: unset, it follows timeout (timeout + 30s, at least 60s)."""
+    """lease is an extension: unset, it follows timeout (timeout + 30s, at least 60s)."""
     if source == "file":
         config = load_config(
             write(tmp_path, f"[delivery]\ntimeout = {json.dumps(timeout)}\n"), {}, {}

@@ -1,4 +1,4 @@
-"""Crash safety (SPEC §8) with real processes and SIGKILL.
+"""Crash safety (docs/OPERATIONS.md#durability) with real processes and SIGKILL.
 
 1. A Prefect-like client streams a few thousand events — pump readings over several
    resources, `follows` chains delivered out of order, followers whose leader never comes —
@@ -77,7 +77,7 @@ def _event(
     follows: str | None = None,
     event_id: str | None = None,
 ) -> str:
-    """An event exactly as Prefect's client serialises one (SEMANTICS §2.1)."""
+    """An event exactly as Prefect's client serialises one (docs/PROTOCOL.md#event-format)."""
     return json.dumps(
         {
             "occurred": _iso(occurred),

@@ -1,4 +1,4 @@
-"""The engine as the daemon uses it: SCENARIOS.md §I (85, 87, 88, 97, 98 in trigd's
+"""The engine as the daemon uses it: scenarios i85, i87, i88, i97 and i98 (in trigd's
 form), the inbox, loading and reloading with stable ids, restarts, and all-or-nothing
 transactions."""
 
@@ -52,7 +52,7 @@ def _count(h: Any, table: str) -> int:
     return int(row[0])
 
 
-# --- §I message handling, trigd's form ---------------------------------------------------
+# --- i85-i98 message handling, trigd's form ----------------------------------------------
 
 
 def test_i85_log_writes_are_stored_but_not_evaluated(harness: Any) -> None:

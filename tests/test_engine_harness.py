@@ -1,4 +1,4 @@
-"""A real engine on a real SQLite file, driven the way SCENARIOS.md writes it.
+"""A real engine on a real SQLite file, driven in the notation of the scenario tests.
 
 `R(e)` is the full reactive evaluation (causal ordering + triggers) of one event,
 `P(trigger, t)` one proactive evaluation at wall time t, `PER(t)` the periodic pass.

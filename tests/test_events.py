@@ -1,4 +1,4 @@
-"""Events and resources: SCENARIOS §A 10, 14 (resources and events), 15, and the wire parser."""
+"""Events and resources: scenarios a10, a14 (resources and events), a15, and the wire parser."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def errors_of(
     return [(tuple(e["loc"]), e["msg"]) for e in exc.value.errors()]
 
 
-# --- Resources (§A 14) ----------------------------------------------------------------------
+# --- Resources (a14) ------------------------------------------------------------------------
 
 
 def test_a14_resource_requires_id() -> None:
@@ -147,7 +147,7 @@ def test_event_ignores_unknown_fields_and_defaults() -> None:
     assert event.follows is None
 
 
-# --- Helpers (§A 10) ------------------------------------------------------------------------
+# --- Helpers (a10) --------------------------------------------------------------------------
 
 
 def make_event(**overrides: Any) -> ReceivedEvent:
@@ -213,7 +213,7 @@ def test_resource_helpers() -> None:
     assert event.related[1].name is None
 
 
-# --- JSON (§A 15) ---------------------------------------------------------------------------
+# --- JSON (a15) -----------------------------------------------------------------------------
 
 
 def test_a15_json_form_of_received_event() -> None:

@@ -1,4 +1,5 @@
-"""Firing and TriggeredAction: SEMANTICS §1.7, §1.8 and the JSON of §2.4."""
+"""Firing and TriggeredAction: docs/TRIGGERS.md#firings and the JSON of
+docs/DELIVERY.md#the-triggeredaction-document."""
 
 from __future__ import annotations
 

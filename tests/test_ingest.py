@@ -4,7 +4,8 @@ Every test starts ingest and the evaluator (real Engine) with ``nursery.start`` 
 and runs under a hard ``trio.fail_after``. Commits are observed through a separate
 read-only connection, the way ``trigd status`` sees the database.
 
-Scenarios 110-115 (SCENARIOS §K) are the handshake matrix; the rest is SPEC §4.
+Scenarios 110-115 are the handshake matrix; the rest is docs/PROTOCOL.md, #endpoint-and-paths to
+#backpressure.
 """
 
 from __future__ import annotations

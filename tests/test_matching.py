@@ -1,4 +1,4 @@
-"""Label matching and resource specifications: SCENARIOS §A 1-9."""
+"""Label matching and resource specifications: scenarios a1-a9."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Causal ordering (SEMANTICS §8, SCENARIOS §J) on a real SQLite file with fixed clocks.
+"""Causal ordering (docs/ORDERING.md#the-algorithm, scenarios 100-109) on a real SQLite file with
+fixed clocks.
 
 Prefect's tests are async and run against a process-wide memory singleton with a real
 clock; here the engine is synchronous, every call takes `now`, and the state is a database
@@ -54,7 +55,7 @@ def ordering(store: Store) -> CausalOrdering:
     return CausalOrdering("unit-tests", store.conn)
 
 
-# The §J fixtures, with S fixed.
+# The fixtures of scenarios 100-109, with S fixed.
 @pytest.fixture
 def e1() -> ReceivedEvent:
     return received_event("event.one", S + timedelta(seconds=1), S + timedelta(seconds=1))
@@ -109,7 +110,8 @@ class Recorder:
             self.depths.append(depth)
 
     def deliver(self, *events: ReceivedEvent) -> list[ReceivedEvent]:
-        """The driver of §J: one by one, swallowing EA; returns the ones that parked."""
+        """The driver of scenarios 100-109: one by one, swallowing EA; returns the ones that
+        parked."""
         parked: list[ReceivedEvent] = []
         for event in events:
             try:

@@ -3,8 +3,8 @@ database closed and reopened between batches, is processed exactly once, each ev
 its leader, siblings in occurred order; only events whose leader never came stay parked,
 and those come out as lost followers once the lookback has passed (fixed clock).
 
-The expected order comes from a ten-line reference model of SEMANTICS §8.2 without time or
-depth (the forests stay within the depth limit and every delivery is within the lookback).
+The expected order comes from a ten-line reference model of docs/ORDERING.md#the-algorithm without
+time or depth (the forests stay within the depth limit and every delivery is within the lookback).
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ def forests(draw: st.DrawFn) -> Forest:
 
 
 def reference(events: Sequence[ReceivedEvent]) -> tuple[list[UUID], set[UUID]]:
-    """§8.2 without time or depth: (processed ids in order, ids left parked)."""
+    """docs/ORDERING.md#the-algorithm without time or depth: (processed ids in order, ids left
+    parked)."""
     seen: set[UUID] = set()
     parked: dict[UUID, list[ReceivedEvent]] = {}
     out: list[UUID] = []

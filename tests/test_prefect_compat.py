@@ -1,5 +1,5 @@
-"""Prefect's real client against trigd (SPEC §4): `PrefectEventsClient` and `emit_event`,
-unchanged, with PREFECT_API_URL pointing at the daemon.
+"""Prefect's real client against trigd (docs/PROTOCOL.md#using-prefects-client):
+`PrefectEventsClient` and `emit_event`, unchanged, with PREFECT_API_URL pointing at the daemon.
 
 Prefect lives in its own virtualenv, `.venv-prefect/` at the repository root, made on the
 first run (about a minute and a half) and reused afterwards; a marker file says it was
@@ -157,7 +157,8 @@ async def test_prefect_events_client_and_emit_event_reach_trigd_and_fire(tmp_pat
     # emit_event's follows (set because the events are close in time) reach trigd
     assert [e["follows"] for e in worker] == [None] + [e["id"] for e in worker[:-1]]
     assert [events[e["id"]]["follows"] for e in worker] == [e["follows"] for e in worker]
-    # Prefect's GET /api/admin/version fails against trigd and is ignored (SEMANTICS §10.1)
+    # Prefect's GET /api/admin/version fails against trigd and is ignored
+    # (docs/PROTOCOL.md#using-prefects-client)
     checks = [line for line in report["log"] if "check server version" in line]
     assert checks, report["log"]
     assert all("Unauthorized" not in line for line in checks)

@@ -1,4 +1,5 @@
-"""The sender against real HTTP receivers on 127.0.0.1 (SPEC §7, SEMANTICS §7.2)."""
+"""The sender against real HTTP receivers on 127.0.0.1 (docs/DELIVERY.md#outcomes-and-retries,
+#action-events)."""
 
 from __future__ import annotations
 

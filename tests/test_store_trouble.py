@@ -1,6 +1,6 @@
-"""Store trouble never ends the daemon (SPEC §8): another connection holds the write lock
-(``BEGIN IMMEDIATE``) past the busy timeout, and the sender, the inbox pump and a SIGHUP
-reload each log the cause, keep what they have, and carry on once the lock is let go.
+"""Store trouble never ends the daemon (docs/OPERATIONS.md#store-trouble): another connection holds
+the write lock (``BEGIN IMMEDIATE``) past the busy timeout, and the sender, the inbox pump and a
+SIGHUP reload each log the cause, keep what they have, and carry on once the lock is let go.
 
 Real SQLite files, a real receiver on 127.0.0.1, the real daemon as a subprocess where
 the failure was process-level. In-process tests shorten the busy timeout of their own

@@ -1,4 +1,4 @@
-"""Payload templates (SEMANTICS §7.3): sandbox, context, tojson, failures."""
+"""Payload templates (docs/DELIVERY.md#templates): sandbox, context, tojson, failures."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""`tls_cert` and `tls_key` (SPEC §3): the real daemon serves wss:// with them, and a client
-that trusts the certificate's CA gets through; one that speaks plain ws:// does not.
+"""`tls_cert` and `tls_key` (docs/PROTOCOL.md#endpoint-and-paths): the real daemon serves wss://
+with them, and a client that trusts the certificate's CA gets through; one that speaks plain ws://
+does not.
 
 The certificates come from trustme (a throwaway CA, a leaf for 127.0.0.1); `trigd emit`
 trusts the CA through OpenSSL's SSL_CERT_FILE, as an operator with a private CA would.

@@ -1,4 +1,5 @@
-"""The pure bucket arithmetic (SEMANTICS §4.3, §5), including a hypothesis property."""
+"""The pure bucket arithmetic (docs/TRIGGERS.md#bucket-lifecycle, #worked-edge-cases), including a
+hypothesis property."""
 
 from __future__ import annotations
 

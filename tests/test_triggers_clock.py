@@ -1,4 +1,4 @@
-"""The events clock: SCENARIOS.md 91-95, and its stored form."""
+"""The events clock: scenarios i91-i95, and its stored form."""
 
 from __future__ import annotations
 

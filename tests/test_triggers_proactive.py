@@ -1,4 +1,4 @@
-"""Proactive evaluation, regressions and flow-run SLAs: SCENARIOS.md §E, §F, §G."""
+"""Proactive evaluation, regressions and flow-run SLAs: scenarios e34, f35-f59 and g47-g51."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ S = timedelta(seconds=1)
 FLOW_RUN_ID = {"prefect.resource.id": "prefect.flow-run.*"}
 
 
-# --- §E ----------------------------------------------------------------------------------
+# --- e34 ---------------------------------------------------------------------------------
 
 
 def test_e34_rolling_proactive_windows(harness: Any) -> None:
@@ -39,7 +39,7 @@ def test_e34_rolling_proactive_windows(harness: Any) -> None:
     assert counts == [[], [], [], [(CHONK_SADNESS.id, None)], [], [(CHONK_SADNESS.id, None)]]
 
 
-# --- §F regressions ----------------------------------------------------------------------
+# --- f35-f46 regressions -----------------------------------------------------------------
 
 WQ = "prefect.work-queue.7f3c"
 UNHEALTHY = automation(
@@ -230,7 +230,7 @@ def test_f46_zombie_completed_run_is_not_a_zombie(harness: Any) -> None:
     assert h.buckets() == []
 
 
-# --- §G flow-run SLAs --------------------------------------------------------------------
+# --- g47-g51 flow-run SLAs, then f52-f59 regressions -------------------------------------
 
 
 def _sla_events() -> list[Any]:

@@ -1,4 +1,4 @@
-"""Reactive evaluation through the engine: SCENARIOS.md §B, §C and §D."""
+"""Reactive evaluation through the engine: scenarios b16-b23, c24-c30 and d31-d33."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ ANIMALS = automation("animals", trigger(expect=["animal.*"], threshold=1))
 EVERYTHING = automation("everything", trigger(threshold=1))
 FLOW_RUN_ID = {"prefect.resource.id": "prefect.flow-run.*"}
 
-# --- §B candidate selection --------------------------------------------------------------
+# --- b16-b23 candidate selection ---------------------------------------------------------
 
 
 def _index(*automations: Any) -> TriggerIndex:
@@ -107,7 +107,8 @@ def test_b23_sla_style_after_with_empty_expect() -> None:
 
 
 def test_index_glob_quirks() -> None:
-    """`*` needs one character in the name regex; `?` is literal there (SEMANTICS §3.4)."""
+    """`*` needs one character in the name regex; `?` is literal there
+    (docs/TRIGGERS.md#which-triggers-see-an-event)."""
     star = automation("star", trigger(expect=["prefect.flow-run.*"]))
     question = automation("question", trigger(expect=["a?c"]))
     index = _index(star, question)
@@ -117,7 +118,7 @@ def test_index_glob_quirks() -> None:
     assert len(index.interested(event("a?c", T, "x"))) == 1
 
 
-# --- §C reactive basics ------------------------------------------------------------------
+# --- c24-c30 reactive basics -------------------------------------------------------------
 
 
 def test_c24_immediate_trigger_fires_per_event(harness: Any) -> None:
@@ -264,7 +265,7 @@ def test_c30_events_clock_offset_delays_the_sweep(harness: Any) -> None:
     assert h.buckets() == []
 
 
-# --- §D causal ordering through the engine --------------------------------------------
+# --- d31-d33 causal ordering through the engine ---------------------------------------
 
 RUN_FAILED = automation(
     "run failed",

@@ -1,6 +1,7 @@
-"""The engine against a literal transcription of SEMANTICS §3.3-§4.6 (differential).
+"""The engine against a literal transcription of Prefect's rules as docs/TRIGGERS.md states them,
+#which-triggers-see-an-event to #scheduling-and-the-sweeper (differential).
 
-`Reference` below is the pseudo-code of SEMANTICS written out with a dict for the bucket
+`Reference` below is those rules written out with a dict for the bucket
 table and the events clock as two numbers, sharing no code with the engine. Hypothesis
 drives both with the same random interleaving of reactive evaluations, proactive
 evaluations and periodic sweeps (wall clock moving forward, events occurring in the past
@@ -25,7 +26,8 @@ from tests.test_engine_harness import Harness, T, automation, event, trigger
 
 LOOKBACK = timedelta(minutes=15)
 BUFFER = timedelta(seconds=60)
-NAMES = ["a", "b", "a.x", "c", "a.", "", "!a", "ab", "a*"]  # §3.4 quirks included
+# NAMES include the quirks of docs/TRIGGERS.md#which-triggers-see-an-event.
+NAMES = ["a", "b", "a.x", "c", "a.", "", "!a", "ab", "a*"]
 PATTERNS = ["a", "b", "a.*", "c", "!a", "*", "a.x*", "a*", "!a.*"]
 RESOURCES = ["r1", "r2"]
 
@@ -41,7 +43,7 @@ class Row:
 
 @dataclass
 class Reference:
-    """SEMANTICS §3.3-§4.6 for one top-level EventTrigger, transcribed."""
+    """Those rules for one top-level EventTrigger, transcribed."""
 
     after: frozenset[str]
     expect: frozenset[str]
@@ -54,7 +56,7 @@ class Reference:
     clock: datetime | None = None
     updated: datetime | None = None
 
-    # §3
+    # docs/TRIGGERS.md#matching-rules
     def _matches(self, pattern: str, value: str) -> bool:
         if pattern.startswith("!"):
             return not fnmatchcase(value, pattern[1:])
@@ -79,7 +81,7 @@ class Reference:
     def meets(self, count: int) -> bool:
         return count >= self.threshold if self.reactive else count < self.threshold
 
-    # §4.6
+    # docs/TRIGGERS.md#the-events-clock
     def update_clock(self, occurred: datetime, now: datetime) -> None:
         ts = min(occurred, now)
         if self.clock is None or ts >= self.clock:
@@ -91,7 +93,7 @@ class Reference:
             return timedelta(0)
         return self.clock - self.updated
 
-    # §4.1
+    # bucket primitives (docs/TRIGGERS.md#reactive-evaluation, #bucket-lifecycle)
     def ensure(
         self,
         key: tuple[str, ...],
@@ -117,7 +119,7 @@ class Reference:
         self.rows[key] = Row(key, start, end, count, last)
         return self.rows[key]
 
-    # §4.2
+    # docs/TRIGGERS.md#reactive-evaluation
     def reactive_evaluation(self, e: ReceivedEvent, now: datetime) -> None:
         self.update_clock(e.occurred, now)
         if not self.interested(e.event):
@@ -138,7 +140,7 @@ class Reference:
                 return
         self.evaluate(bucket, e.occurred, e)
 
-    # §4.3
+    # docs/TRIGGERS.md#bucket-lifecycle
     def evaluate(self, b: Row, now: datetime, ev: ReceivedEvent | None) -> Row | None:
         count = 1 if ev is not None else 0
         if now < b.start:
@@ -177,7 +179,7 @@ class Reference:
             return self.evaluate(self.start_new(b.key, start, end, 0), now, ev)
         return self.start_new(b.key, start, end, count)
 
-    # §4.4
+    # docs/TRIGGERS.md#proactive-evaluation
     def proactive_evaluation(self, wall: datetime) -> datetime:
         as_of = wall + self.offset()
         run_again_at = as_of + self.within
@@ -192,7 +194,7 @@ class Reference:
                 run_again_at = following.end
         return run_again_at
 
-    # §4.5
+    # docs/TRIGGERS.md#scheduling-and-the-sweeper
     def periodic(self, wall: datetime) -> None:
         cutoff = wall + self.offset() - BUFFER
         for key in [k for k, r in self.rows.items() if r.end <= cutoff]:
@@ -232,7 +234,8 @@ def _engine_table(h: Harness) -> list[tuple[str, int, int, int, str | None]]:
 
 
 def _fired(h: Harness, wall: datetime) -> list[tuple[dict[str, str], UUID | None]]:
-    """The firings since the last step; each must carry the wall clock (§1.7)."""
+    """The firings since the last step; each must carry the wall clock
+    (docs/TRIGGERS.md#firings)."""
     actions = h.new_actions()
     assert all(x.triggered == wall for x in actions)
     return [
@@ -283,7 +286,7 @@ def test_engine_follows_the_semantics_step_by_step(
     ops: list[tuple[Any, ...]],
 ) -> None:
     if not reactive:
-        within = max(within, 10)  # Proactive minimum (§1.5)
+        within = max(within, 10)  # Proactive minimum (docs/TRIGGERS.md#event-triggers)
     a = automation(
         "reference",
         trigger(
@@ -327,15 +330,16 @@ def test_engine_follows_the_semantics_step_by_step(
         h.close()
 
 
-# --- the same, through process_batch with causal ordering (§4.2 steps 1-2, §8.2) ---------
+# --- the same, through process_batch with causal ordering (docs/ORDERING.md#the-algorithm) ---
 
-SEEN_FOR = timedelta(hours=1)  # trigd's seen expiration (§0)
+SEEN_FOR = timedelta(hours=1)  # trigd's seen expiration (docs/ORDERING.md#seen-ids)
 LOG_WRITE = "prefect.log.write"
 
 
 @dataclass
 class Pipeline(Reference):
-    """Reference plus §8.2's memory ordering, §8.4's message handling and the events
+    """Reference plus docs/ORDERING.md#the-algorithm, docs/PROTOCOL.md#duplicates, the skipped log
+    events of docs/TRIGGERS.md#which-triggers-see-an-event, and the events
     trigd makes when it fires (they reach the next drain and move the events clock)."""
 
     stored: set[UUID] = field(default_factory=set)
@@ -349,7 +353,8 @@ class Pipeline(Reference):
         return at is not None and at > now - SEEN_FOR
 
     def handle(self, e: ReceivedEvent, now: datetime, depth: int = 0) -> None:
-        """reactive_evaluation through preceding_event_confirmed (§4.2, §8.2)."""
+        """reactive_evaluation through preceding_event_confirmed
+        (docs/TRIGGERS.md#reactive-evaluation, docs/ORDERING.md#the-algorithm)."""
         self.update_clock(e.occurred, now)
         if depth > 20:
             raise OverflowError
@@ -382,7 +387,7 @@ class Pipeline(Reference):
     def batch(self, events: list[ReceivedEvent], now: datetime) -> None:
         for e in events:
             if e.id in self.stored:
-                continue  # duplicate (§8.4 step 4; trigd: by stored id)
+                continue  # duplicate (docs/PROTOCOL.md#duplicates: by stored id)
             self.stored.add(e.id)
             if e.event == LOG_WRITE:
                 continue
