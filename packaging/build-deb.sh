@@ -41,6 +41,9 @@ doc=$pkg/usr/share/doc/trigd
 install -D -m 0644 "$root/README.md" "$doc/README.md"
 install -D -m 0644 "$here/examples/example.yaml" "$doc/examples/example.yaml"
 install -D -m 0644 "$here/debian/copyright" "$doc/copyright"
+for page in "$root"/docs/*.md; do  # the reference the config and the README point at
+    install -D -m 0644 "$page" "$doc/docs/$(basename "$page")"
+done
 
 install -d -m 0755 "$pkg/DEBIAN"
 for script in postinst prerm postrm; do

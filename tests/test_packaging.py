@@ -259,6 +259,8 @@ def test_deb_layout_around_a_stand_in_executable(tmp_path: Path) -> None:
     assert os.access(root / "usr/bin/trigd", os.X_OK)
     assert (root / "lib/systemd/system/trigd.service").read_text() == UNIT.read_text()
     assert (root / "usr/share/doc/trigd/examples/example.yaml").read_text() == EXAMPLE.read_text()
+    shipped = {p.name for p in (root / "usr/share/doc/trigd/docs").iterdir()}
+    assert shipped == {p.name for p in (ROOT / "docs").glob("*.md")}  # the reference too
     assert (root / "etc/trigd/automations").is_dir()
     assert (control / "conffiles").read_text().split() == ["/etc/trigd/trigd.toml"]
     # Nothing is enabled or started by the package (a running daemon is only restarted).
