@@ -198,12 +198,19 @@ def start_peer(role: str) -> tuple[subprocess.Popen[str], int]:
 def start_daemon(workdir: Path, receiver_port: int) -> tuple[subprocess.Popen[bytes], int, Path]:
     rules = workdir / "automations.json"
     rules.write_text(json.dumps(automations(f"http://127.0.0.1:{receiver_port}/hook")))
-    config = workdir / "trigd.toml"
-    config.write_text(
+    return launch(
+        workdir,
         "[server]\nlisten = '127.0.0.1:0'\n"
         f"[store]\npath = '{workdir / 'trigd.db'}'\nsynchronous = 'full'\n"
-        f"[triggers]\nautomations = ['{rules}']\n"
+        f"[triggers]\nautomations = ['{rules}']\n",
     )
+
+
+def launch(workdir: Path, config_text: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """``trigd serve`` on this config (its listen port must be 0), logging to a file in
+    ``workdir``; returns once it listens: the process, its port and its log's path."""
+    config = workdir / "trigd.toml"
+    config.write_text(config_text)
     log_path = workdir / "trigd.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import signal
 import statistics
 import subprocess
@@ -35,43 +34,22 @@ from typing import Final
 
 import apsw
 import trio
+from bench_daemon import launch  # this directory, first on sys.path
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
-ROOT: Final = Path(__file__).resolve().parent.parent
-LISTENING: Final = re.compile(r"trigd listening on ws://127\.0\.0\.1:(\d+)")
-START_TIMEOUT: Final = 30.0  # seconds
 STOP_TIMEOUT: Final = 15.0  # seconds
 IDLE_TIMEOUT: Final = "5s"  # the daemon's idle_timeout in this run
 RECEIVE_BYTES: Final = 65_536
 
 
 def start_daemon(workdir: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
-    config = workdir / "trigd.toml"
-    config.write_text(
+    return launch(
+        workdir,
         f"[server]\nlisten = '127.0.0.1:0'\nidle_timeout = '{IDLE_TIMEOUT}'\n"
         f"[store]\npath = '{workdir / 'trigd.db'}'\n"
-        "[triggers]\nproactive_granularity = '1s'\n"  # counters stored every second
+        "[triggers]\nproactive_granularity = '1s'\n",  # counters stored every second
     )
-    log_path = workdir / "trigd.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "serve", "--config", str(config)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-            cwd=ROOT,
-        )
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        match = LISTENING.search(log_path.read_text(errors="replace"))
-        if match:
-            return process, int(match.group(1)), log_path
-        if process.poll() is not None:
-            break
-        time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"trigd did not start:\n{log_path.read_text(errors='replace')}")
 
 
 async def read_until(stream: trio.SocketStream, ws: WSConnection, kind: type) -> object:
