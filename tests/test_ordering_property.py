@@ -20,8 +20,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.events import ReceivedEvent, Resource
-from daemon.ordering import (
+from daemon.core.events import ReceivedEvent, Resource
+from daemon.engine.ordering import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
     CausalOrdering,

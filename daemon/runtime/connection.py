@@ -37,7 +37,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError
 
-from daemon.wsframes import FrameSplitter
+from daemon.wire.wsframes import FrameSplitter
 
 log = logging.getLogger(__name__)
 

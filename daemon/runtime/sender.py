@@ -51,11 +51,10 @@ import trio
 from pydantic import ValidationError
 
 from daemon import __version__
-from daemon.acting import action_event
-from daemon.action_models import CallWebhook, UnresolvedReferences
-from daemon.clock import from_us, to_us, wall_clock
-from daemon.config import LEASE_MARGIN, DeliveryConfig
-from daemon.delivery import (
+from daemon.core.action_models import CallWebhook, UnresolvedReferences
+from daemon.core.clock import from_us, to_us, wall_clock
+from daemon.core.config import LEASE_MARGIN, DeliveryConfig
+from daemon.core.delivery import (
     AttemptOutcome,
     Dead,
     Decision,
@@ -70,11 +69,12 @@ from daemon.delivery import (
     endpoint_answered,
     is_success,
 )
-from daemon.events import ReceivedEvent, uuid7
-from daemon.firings import TriggeredAction
-from daemon.gateway import StoreGateway
-from daemon.store_trouble import STORE_TROUBLE, Backoff
-from daemon.templates import RenderFailed, webhook_request
+from daemon.core.events import ReceivedEvent, uuid7
+from daemon.core.firings import TriggeredAction
+from daemon.core.templates import RenderFailed, webhook_request
+from daemon.engine.acting import action_event
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from store import outbox
 from store.db import write_transaction
 from store.events import push_inbox

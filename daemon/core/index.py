@@ -18,8 +18,8 @@ from collections.abc import Iterable, Sequence
 from fnmatch import fnmatchcase
 from typing import Final, NamedTuple
 
-from daemon.automations import EventTrigger
-from daemon.events import Event
+from daemon.core.automations import EventTrigger
+from daemon.core.events import Event
 
 CATCH_ALL: Final = "*"
 NAME_CACHE_SIZE: Final = 4_096

@@ -37,7 +37,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, SchemaValidator
 from pydantic_core.core_schema import ModelSchema
 
-from daemon.clock import wall_clock
+from daemon.core.clock import wall_clock
 
 # Limits from Prefect's settings (SEMANTICS §11). Module attributes, read at validation
 # time, so tests can shrink them with monkeypatch.

@@ -42,27 +42,27 @@ import apsw
 import attrs
 from pydantic import ValidationError
 
-from daemon import acting
-from daemon.automations import (
+from daemon.core.automations import (
     Automation,
     CompoundTrigger,
     EventTrigger,
     Posture,
     SequenceTrigger,
 )
-from daemon.buckets import (
+from daemon.core.buckets import (
     Bucket,
     EventRef,
     Fire,
     ensure,
     evaluate,
 )
-from daemon.clock import META_KEY, EventsClock, to_us
-from daemon.composite import evaluate_composite_trigger, forget_trigger_state
-from daemon.events import ReceivedEvent
-from daemon.firings import Firing, TriggerState
-from daemon.index import Candidate, TriggerIndex
-from daemon.ordering import (
+from daemon.core.clock import META_KEY, EventsClock, to_us
+from daemon.core.events import ReceivedEvent
+from daemon.core.firings import Firing, TriggerState
+from daemon.core.index import Candidate, TriggerIndex
+from daemon.engine import acting
+from daemon.engine.composite import evaluate_composite_trigger, forget_trigger_state
+from daemon.engine.ordering import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,

@@ -23,8 +23,8 @@ from typing import Final, NamedTuple
 
 import attrs
 
-from daemon.automations import EventTrigger
-from daemon.events import ReceivedEvent
+from daemon.core.automations import EventTrigger
+from daemon.core.events import ReceivedEvent
 
 _ZERO: Final = timedelta(0)
 

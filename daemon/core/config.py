@@ -37,15 +37,15 @@ from pydantic import (
 )
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from daemon.durations import format_duration, parse_duration
-from daemon.events import (
+from daemon.core.durations import format_duration, parse_duration
+from daemon.core.events import (
     DEFAULT_MAX_JSON_DEPTH,
     MAX_JSON_DEPTH_CEILING,
     MIN_JSON_DEPTH,
     error_reason,
 )
-from daemon.log_throttle import DEFAULT_LIMITS, LogLimits
-from daemon.ordering import (
+from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
+from daemon.engine.ordering import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,

@@ -13,8 +13,8 @@ from typing import Final, TextIO
 
 import apsw
 
-from daemon.clock import from_us, to_us, wall_clock
-from daemon.delivery import DeliveryState, IllegalMove
+from daemon.core.clock import from_us, to_us, wall_clock
+from daemon.core.delivery import DeliveryState, IllegalMove
 from store import outbox
 from store.db import SCHEMA_VERSION, DatabaseTooNew, Store, StoreError, user_version
 
@@ -92,8 +92,8 @@ def _retry(path: str, row_id: str | None, dead: bool, out: TextIO, err: TextIO) 
 
 
 def outbox_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from daemon.config import ConfigError
-    from daemon.status import database_path
+    from daemon.cli.status import database_path
+    from daemon.core.config import ConfigError
 
     limit = getattr(args, "limit", 50)
     if args.outbox_command == "list" and limit < 1:

@@ -21,14 +21,14 @@ import apsw
 import attrs
 import trio
 
-from daemon.clock import to_us
-from daemon.counters import META_KEY as COUNTERS_KEY
-from daemon.counters import CounterSource
-from daemon.engine import ORDERING_SCOPE, Engine
-from daemon.evaluator import engine_transaction
-from daemon.gateway import StoreGateway
-from daemon.ordering import CausalOrdering
-from daemon.store_trouble import STORE_TROUBLE, Backoff
+from daemon.core.clock import to_us
+from daemon.core.counters import META_KEY as COUNTERS_KEY
+from daemon.core.counters import CounterSource
+from daemon.engine.engine import ORDERING_SCOPE, Engine
+from daemon.engine.ordering import CausalOrdering
+from daemon.runtime.evaluator import engine_transaction
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from store import events as events_store
 from store import outbox as outbox_store
 from store.db import write_transaction

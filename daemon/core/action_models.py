@@ -29,7 +29,7 @@ from pydantic import (
     Tag,
 )
 
-from daemon.references import UnresolvedReference, resolve
+from daemon.core.references import UnresolvedReference, resolve
 
 MAX_TEMPLATE_LOOPS: Final = 10
 MAX_TEMPLATE_LOOP_DEPTH: Final = 2

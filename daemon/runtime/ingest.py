@@ -47,12 +47,14 @@ import attrs
 import trio
 from trio_websocket import ConnectionClosed, WebSocketRequest
 
-from daemon.clock import wall_clock
-from daemon.config import ServerConfig, UnusableSetting
-from daemon.connection import CheckpointConnection, Frame, PingMarker
-from daemon.durations import format_duration
-from daemon.evaluator import Submission
-from daemon.handshake import (
+from daemon.core.clock import wall_clock
+from daemon.core.config import ServerConfig, UnusableSetting
+from daemon.core.durations import format_duration
+from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
+from daemon.core.slots import ConnectionSlots, Refused, Slot, Why, idle_deadline, peer_of
+from daemon.runtime.connection import CheckpointConnection, Frame, PingMarker
+from daemon.runtime.evaluator import Submission
+from daemon.wire.handshake import (
     AUTH_SUCCESS,
     EXPECTED_AUTH,
     POLICY_VIOLATION,
@@ -63,9 +65,7 @@ from daemon.handshake import (
     decode_frame,
     reply_frame,
 )
-from daemon.handshake import decide as decide_handshake
-from daemon.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
-from daemon.slots import ConnectionSlots, Refused, Slot, Why, idle_deadline, peer_of
+from daemon.wire.handshake import decide as decide_handshake
 from store.db import os_reason
 
 log = logging.getLogger(__name__)

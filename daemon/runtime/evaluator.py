@@ -47,11 +47,11 @@ import apsw
 import attrs
 import trio
 
-from daemon.engine import Outcome
-from daemon.events import ReceivedEvent
-from daemon.gateway import StoreGateway
-from daemon.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
-from daemon.store_trouble import STORE_TROUBLE, Backoff
+from daemon.core.events import ReceivedEvent
+from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
+from daemon.engine.engine import Outcome
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from store.db import write_transaction
 
 log = logging.getLogger(__name__)

@@ -33,9 +33,9 @@ from uuid import UUID
 
 import apsw
 
-from daemon.automations import Automation, CompoundTrigger, SequenceTrigger
-from daemon.clock import span_us, to_us
-from daemon.firings import Firing, TriggerState
+from daemon.core.automations import Automation, CompoundTrigger, SequenceTrigger
+from daemon.core.clock import span_us, to_us
+from daemon.core.firings import Firing, TriggerState
 from store import composite as composite_store
 from store.composite import ChildFiringRow
 

@@ -32,8 +32,8 @@ from pydantic import (
     field_validator,
 )
 
-from daemon.events import Event, split_related_label
-from daemon.matching import ResourceSpecification, compile_pattern, compiled_matches
+from daemon.core.events import Event, split_related_label
+from daemon.core.matching import ResourceSpecification, compile_pattern, compiled_matches
 
 PROACTIVE_MINIMUM_WITHIN: Final = timedelta(seconds=10)
 _TIMEDELTA: Final = TypeAdapter(timedelta)

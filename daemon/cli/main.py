@@ -118,23 +118,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     command: str = args.command
     if command == "serve":
-        from daemon.service import serve_command
+        from daemon.runtime.service import serve_command
 
         return serve_command(args)
     if command == "check":
-        from daemon.check import check_command
+        from daemon.cli.check import check_command
 
         return check_command(args.paths, sys.stdout, sys.stderr)
     if command == "emit":
-        from daemon.emit import emit_command
+        from daemon.cli.emit import emit_command
 
         return emit_command(args, sys.stdin, sys.stdout, sys.stderr)
     if command == "status":
-        from daemon.status import status_command
+        from daemon.cli.status import status_command
 
         return status_command(args, sys.stdout, sys.stderr)
     if command == "outbox":
-        from daemon.outbox_cli import outbox_command
+        from daemon.cli.outbox_cli import outbox_command
 
         return outbox_command(args, sys.stdout, sys.stderr)
     raise AssertionError(f"unhandled command {command!r}")  # argparse rejects the rest

@@ -45,14 +45,14 @@ from uuid import UUID
 import attrs
 from pydantic_core import from_json
 
-from daemon.evaluator import Submission
-from daemon.events import (
+from daemon.core.events import (
     DEFAULT_MAX_JSON_DEPTH,
     EventRejected,
     ReceivedEvent,
     parse_incoming_event,
 )
-from daemon.wsframes import text_frame, text_header
+from daemon.runtime.evaluator import Submission
+from daemon.wire.wsframes import text_frame, text_header
 
 PREFECT_SUBPROTOCOL: Final = "prefect"
 ACKS_SUBPROTOCOL: Final = "trigd.v1"

@@ -10,9 +10,9 @@ from typing import Any, TextIO
 
 import apsw
 
-from daemon.clock import from_us
-from daemon.counters import META_KEY as COUNTERS_KEY
-from daemon.counters import describe as describe_counters
+from daemon.core.clock import from_us
+from daemon.core.counters import META_KEY as COUNTERS_KEY
+from daemon.core.counters import describe as describe_counters
 from store.automations import loaded_automations
 from store.db import Store, StoreError
 from store.events import inbox_size, read_meta
@@ -73,7 +73,7 @@ def render(summary: dict[str, Any]) -> str:
 
 def database_path(args: argparse.Namespace) -> Path:
     """--db, else the configured store path (config file and environment), else the default."""
-    from daemon.config import load_config  # the same resolution as `trigd serve`
+    from daemon.core.config import load_config  # the same resolution as `trigd serve`
 
     config = load_config(
         Path(args.config) if getattr(args, "config", None) else None,
@@ -84,7 +84,7 @@ def database_path(args: argparse.Namespace) -> Path:
 
 
 def status_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from daemon.config import ConfigError
+    from daemon.core.config import ConfigError
 
     try:
         path = database_path(args)

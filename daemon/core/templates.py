@@ -28,9 +28,9 @@ from jinja2 import ChainableUndefined
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic_core import to_jsonable_python
 
-from daemon.action_models import CallWebhook, maybe_template, resolve_webhook
-from daemon.events import LabelDiver
-from daemon.firings import TriggeredAction
+from daemon.core.action_models import CallWebhook, maybe_template, resolve_webhook
+from daemon.core.events import LabelDiver
+from daemon.core.firings import TriggeredAction
 
 MAX_TEMPLATE_RANGE: Final = 100
 """Items `range()` may produce inside a template."""

@@ -49,7 +49,7 @@ from uuid import UUID, uuid5
 
 import attrs
 
-from daemon.durations import format_duration
+from daemon.core.durations import format_duration
 
 
 class DeliveryState(StrEnum):

@@ -23,11 +23,11 @@ from uuid import UUID
 
 import apsw
 
-from daemon.automations import ActionTypes, Automation, CallWebhook, EventTrigger
-from daemon.clock import to_us
-from daemon.delivery import action_triggered_event_id
-from daemon.events import ReceivedEvent, uuid7
-from daemon.firings import Firing, TriggeredAction, TriggerState, ordered_states
+from daemon.core.automations import ActionTypes, Automation, CallWebhook, EventTrigger
+from daemon.core.clock import to_us
+from daemon.core.delivery import action_triggered_event_id
+from daemon.core.events import ReceivedEvent, uuid7
+from daemon.core.firings import Firing, TriggeredAction, TriggerState, ordered_states
 from store.events import push_inbox
 from store.outbox import NewOutboxRow, enqueue
 

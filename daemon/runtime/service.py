@@ -34,19 +34,24 @@ from typing import Final
 import apsw
 import trio
 
-from daemon.automations import Automation, AutomationFileError, load_automation_files
-from daemon.cli import EXIT_FAILED, EXIT_USAGE
-from daemon.clock import wall_clock
-from daemon.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
-from daemon.counters import CounterSource
-from daemon.engine import Engine
-from daemon.evaluator import EvaluatorStats, Submission, process_in_transaction, run_evaluator
-from daemon.gateway import StoreGateway
-from daemon.ingest import IngestStats, run_ingest, tls_context
-from daemon.sender import Sender, run_sender
-from daemon.store_trouble import STORE_TROUBLE, Backoff
-from daemon.sweeper import SweepSettings, run_sweeper
-from daemon.systemd import Notifier
+from daemon.cli.main import EXIT_FAILED, EXIT_USAGE
+from daemon.core.automations import Automation, AutomationFileError, load_automation_files
+from daemon.core.clock import wall_clock
+from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
+from daemon.core.counters import CounterSource
+from daemon.engine.engine import Engine
+from daemon.runtime.evaluator import (
+    EvaluatorStats,
+    Submission,
+    process_in_transaction,
+    run_evaluator,
+)
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.ingest import IngestStats, run_ingest, tls_context
+from daemon.runtime.sender import Sender, run_sender
+from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
+from daemon.runtime.sweeper import SweepSettings, run_sweeper
+from daemon.runtime.systemd import Notifier
 from store.db import Store, StoreError, StoreUnavailable, UnusableDatabase
 from store.events import inbox_size
 

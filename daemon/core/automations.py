@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from daemon.action_models import (
+from daemon.core.action_models import (
     ACTION_TYPES,
     ActionTypes,
     AnyAction,
@@ -41,8 +41,8 @@ from daemon.action_models import (
     UnresolvedReferences,
     resolve_webhook,
 )
-from daemon.events import UTCDateTime, error_reason, format_loc
-from daemon.trigger_models import (
+from daemon.core.events import UTCDateTime, error_reason, format_loc
+from daemon.core.trigger_models import (
     TRIGGER_TYPES,
     AnyTrigger,
     BaseTrigger,

@@ -18,7 +18,7 @@ from typing import Any, Self
 
 from pydantic import ConfigDict, RootModel
 
-from daemon.events import RESOURCE_ID, Resource
+from daemon.core.events import RESOURCE_ID, Resource
 
 CompiledPattern = tuple[bool, re.Pattern[str]]
 """(negated, regex of the glob): a pattern of `matches`, ready to test."""

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Final, TextIO
 
-from daemon.automations import (
+from daemon.core.automations import (
     Automation,
     AutomationFileError,
     CompoundTrigger,
@@ -23,8 +23,8 @@ from daemon.automations import (
     expand_automation_paths,
     load_automation_files,
 )
-from daemon.config import Config, ConfigError, load_config
-from daemon.durations import format_duration
+from daemon.core.config import Config, ConfigError, load_config
+from daemon.core.durations import format_duration
 
 EXIT_OK: Final = 0
 EXIT_INVALID: Final = 1

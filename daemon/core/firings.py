@@ -16,8 +16,8 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
-from daemon.automations import AnyAction, AnyTrigger, Automation
-from daemon.events import ReceivedEvent, UTCDateTime, uuid7
+from daemon.core.automations import AnyAction, AnyTrigger, Automation
+from daemon.core.events import ReceivedEvent, UTCDateTime, uuid7
 
 
 class TriggerState(StrEnum):

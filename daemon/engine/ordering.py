@@ -43,8 +43,8 @@ from uuid import UUID
 
 import apsw
 
-from daemon.clock import span_us, to_us
-from daemon.events import Event, ReceivedEvent
+from daemon.core.clock import span_us, to_us
+from daemon.core.events import Event, ReceivedEvent
 from store import ordering as db
 
 logger = logging.getLogger(__name__)
