@@ -39,7 +39,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 if TYPE_CHECKING:
-    from daemon.runtime.evaluator import Submission
+    from daemon.wire.submission import Submission
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 EVENTS: Final = 100_000
@@ -173,8 +173,8 @@ async def resolve_at_once(receive: trio.MemoryReceiveChannel[Submission], batch_
 async def measure(count: int) -> float:
     """CPU seconds of this process for one client run of ``count`` events."""
     from daemon.core.config import ServerConfig
-    from daemon.runtime.evaluator import Submission
     from daemon.runtime.ingest import run_ingest
+    from daemon.wire.submission import Submission
 
     config = ServerConfig(listen="127.0.0.1:0")
     send, receive = trio.open_memory_channel[Submission](config.queue_depth)

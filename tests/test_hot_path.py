@@ -30,8 +30,9 @@ from daemon.core.buckets import Bucket, EventRef
 from daemon.core.events import ReceivedEvent, Resource, parse_incoming_event
 from daemon.engine.engine import Engine, Outcome
 from daemon.engine.ordering import CausalOrdering, EventArrivedEarly
-from daemon.runtime.evaluator import Submission, process_in_transaction, run_evaluator
+from daemon.runtime.evaluator import process_in_transaction, run_evaluator
 from daemon.runtime.gateway import StoreGateway
+from daemon.wire.submission import Submission
 from store import buckets as buckets_store
 from store import events as events_store
 from store.db import WAL_AUTOCHECKPOINT_PAGES, WRITER_CACHE_KIB, Store

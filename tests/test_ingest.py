@@ -32,10 +32,11 @@ from trio_websocket import (
 from daemon.core.config import ServerConfig
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
 from daemon.engine.engine import Engine
-from daemon.runtime.evaluator import BatchEngine, EvaluatorStats, Submission, run_evaluator
+from daemon.runtime.evaluator import BatchEngine, EvaluatorStats, run_evaluator
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.ingest import IngestStats, run_ingest
 from daemon.wire.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
+from daemon.wire.submission import Submission
 from store.db import Store
 from tests.test_evaluator import NOW, GatedEngine, fixed_clock, stored_ids
 

@@ -27,8 +27,8 @@ from wsproto.events import (
 )
 
 from daemon.core.events import parse_incoming_event
-from daemon.runtime.evaluator import Submission
 from daemon.wire.handshake import Nack, encode_reply, reply_frame
+from daemon.wire.submission import Submission
 from daemon.wire.wsframes import FrameSplitter, text_frame, unmask
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA

@@ -52,31 +52,10 @@ from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.engine.engine import Outcome
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
+from daemon.wire.submission import Submission
 from store.db import write_transaction
 
 log = logging.getLogger(__name__)
-
-
-class ReplySink(Protocol):
-    """Where a submission's outcome goes once its batch is settled (its connection)."""
-
-    def resolved(self, submission: Submission, error: str | None) -> None:
-        """Must not block: called by the evaluator for every event of every batch."""
-
-
-@attrs.define(slots=True, eq=False)
-class Submission:
-    """One parsed event on its way to the store, and the connection waiting to hear of it.
-
-    Accepted, duplicate and parked events are all simply "committed" to the client; only
-    an internal error refuses one here (bad input never reaches the evaluator). ``done``
-    and ``error`` are written by ``ReplySink.resolved`` implementations.
-    """
-
-    event: ReceivedEvent
-    sink: ReplySink
-    done: bool = False
-    error: str | None = None
 
 
 class ForgetsOnRollback(Protocol):

@@ -53,7 +53,6 @@ from daemon.core.durations import format_duration
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.core.slots import ConnectionSlots, Refused, Slot, Why, idle_deadline, peer_of
 from daemon.runtime.connection import CheckpointConnection, Frame, PingMarker
-from daemon.runtime.evaluator import Submission
 from daemon.wire.handshake import (
     AUTH_SUCCESS,
     EXPECTED_AUTH,
@@ -66,6 +65,7 @@ from daemon.wire.handshake import (
     reply_frame,
 )
 from daemon.wire.handshake import decide as decide_handshake
+from daemon.wire.submission import Submission
 from store.db import os_reason
 
 log = logging.getLogger(__name__)

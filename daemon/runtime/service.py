@@ -40,18 +40,14 @@ from daemon.core.clock import wall_clock
 from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
 from daemon.core.counters import CounterSource
 from daemon.engine.engine import Engine
-from daemon.runtime.evaluator import (
-    EvaluatorStats,
-    Submission,
-    process_in_transaction,
-    run_evaluator,
-)
+from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.ingest import IngestStats, run_ingest, tls_context
 from daemon.runtime.sender import Sender, run_sender
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.runtime.sweeper import SweepSettings, run_sweeper
 from daemon.runtime.systemd import Notifier
+from daemon.wire.submission import Submission
 from store.db import Store, StoreError, StoreUnavailable, UnusableDatabase
 from store.events import inbox_size
 

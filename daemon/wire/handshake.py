@@ -51,7 +51,7 @@ from daemon.core.events import (
     ReceivedEvent,
     parse_incoming_event,
 )
-from daemon.runtime.evaluator import Submission
+from daemon.wire.submission import Submission
 from daemon.wire.wsframes import text_frame, text_header
 
 PREFECT_SUBPROTOCOL: Final = "prefect"
