@@ -16,11 +16,13 @@ import apsw
 import pytest
 
 from daemon.core.clock import to_us
-from daemon.core.events import ReceivedEvent, RelatedResource, Resource
-from daemon.engine.ordering import (
+from daemon.core.config import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
+)
+from daemon.core.events import ReceivedEvent, RelatedResource, Resource
+from daemon.engine.ordering import (
     CausalOrdering,
     EventArrivedEarly,
     EventBeingProcessed,

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
-from typing import Annotated, Any, Final, Self
+from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -45,12 +45,14 @@ from daemon.core.events import (
     error_reason,
 )
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
-from daemon.engine.ordering import (
-    MAX_DEPTH_OF_PRECEDING_EVENT,
-    PRECEDING_EVENT_LOOKBACK,
-    SEEN_EXPIRATION,
-)
-from store.db import Synchronous
+
+# The causal ordering's defaults (`daemon.engine.ordering`), the `[ordering]` settings.
+PRECEDING_EVENT_LOOKBACK: Final = timedelta(minutes=15)  # max wait for a leader
+SEEN_EXPIRATION: Final = timedelta(hours=1)  # trigd: by time only, never by count
+MAX_DEPTH_OF_PRECEDING_EVENT: Final = 20  # followers released per original arrival
+
+Synchronous = Literal["full", "normal"]
+"""`[store] synchronous`, as `store.db.Store.open` takes it."""
 
 ENV_PREFIX: Final = "TRIGD_"
 CLIENT_ENV_VARS: Final = frozenset({"TRIGD_TOKEN"})

@@ -57,15 +57,17 @@ from daemon.core.buckets import (
     evaluate,
 )
 from daemon.core.clock import META_KEY, EventsClock, to_us
+from daemon.core.config import (
+    MAX_DEPTH_OF_PRECEDING_EVENT,
+    PRECEDING_EVENT_LOOKBACK,
+    SEEN_EXPIRATION,
+)
 from daemon.core.events import ReceivedEvent
 from daemon.core.firings import Firing, TriggerState
 from daemon.core.index import Candidate, TriggerIndex
 from daemon.engine import acting
 from daemon.engine.composite import evaluate_composite_trigger, forget_trigger_state
 from daemon.engine.ordering import (
-    MAX_DEPTH_OF_PRECEDING_EVENT,
-    PRECEDING_EVENT_LOOKBACK,
-    SEEN_EXPIRATION,
     CausalOrdering,
     EventArrivedEarly,
     EventHandler,

@@ -44,14 +44,15 @@ from uuid import UUID
 import apsw
 
 from daemon.core.clock import span_us, to_us
+from daemon.core.config import (
+    MAX_DEPTH_OF_PRECEDING_EVENT,
+    PRECEDING_EVENT_LOOKBACK,
+    SEEN_EXPIRATION,
+)
 from daemon.core.events import Event, ReceivedEvent
 from store import ordering as db
 
 logger = logging.getLogger(__name__)
-
-PRECEDING_EVENT_LOOKBACK: Final = timedelta(minutes=15)  # max wait for a leader
-SEEN_EXPIRATION: Final = timedelta(hours=1)  # trigd: by time only, never by count
-MAX_DEPTH_OF_PRECEDING_EVENT: Final = 20  # followers released per original arrival
 
 
 class EventHandler(Protocol):
