@@ -25,9 +25,8 @@ from daemon.core.automations import (
 )
 from daemon.core.config import Config, ConfigError, load_config
 from daemon.core.durations import format_duration
+from daemon.core.exit_codes import ExitCode
 
-EXIT_OK: Final = 0
-EXIT_INVALID: Final = 1
 CONFIG_SUFFIX: Final = ".toml"
 
 
@@ -53,10 +52,10 @@ def check_command(paths: Sequence[str], out: TextIO, err: TextIO) -> int:
     if problems:
         for problem in problems:
             print(problem, file=err)
-        return EXIT_INVALID
+        return ExitCode.FAILURE
     for summary in summaries:
         print(summary, file=out)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _config_summary(config: Config) -> str:

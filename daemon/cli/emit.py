@@ -27,6 +27,8 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from daemon.core.exit_codes import ExitCode
+
 SUBPROTOCOL: Final = "trigd.v1"
 
 
@@ -176,17 +178,17 @@ def emit_command(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: Text
         items = list(read_events(text))
     except (OSError, InputError) as exc:
         print(f"trigd emit: {exc}", file=err)
-        return 1
+        return ExitCode.FAILURE
     token = args.token if args.token is not None else os.environ.get("TRIGD_TOKEN")
     try:
         acked, rejected = trio.run(_emit_within, args.url, token, items, args.timeout)
     except trio.TooSlowError:
         print(f"trigd emit: no reply within {args.timeout:g}s from {args.url}", file=err)
-        return 1
+        return ExitCode.FAILURE
     except (OSError, HandshakeError, ConnectionClosed, InputError) as exc:
         print(f"trigd emit: {args.url}: {failure_reason(exc)}", file=err)
-        return 1
+        return ExitCode.FAILURE
     for message in rejected:
         print(f"rejected {message}", file=err)
     print(f"{acked} acknowledged, {len(rejected)} rejected", file=out)
-    return 1 if rejected else 0
+    return ExitCode.FAILURE if rejected else ExitCode.OK

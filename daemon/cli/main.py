@@ -16,10 +16,6 @@ from urllib.parse import urlsplit
 
 from daemon import __version__
 
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
-
 DEFAULT_URL: Final = "ws://127.0.0.1:4280/api/events/in"
 
 

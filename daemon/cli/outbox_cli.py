@@ -15,12 +15,10 @@ import apsw
 
 from daemon.core.clock import from_us, to_us, wall_clock
 from daemon.core.delivery import DeliveryState, IllegalMove
+from daemon.core.exit_codes import ExitCode
 from store import outbox
 from store.db import SCHEMA_VERSION, DatabaseTooNew, Store, StoreError, user_version
 
-EXIT_OK: Final = 0
-EXIT_FAILED: Final = 1
-EXIT_USAGE: Final = 2
 ERROR_WIDTH: Final = 80  # characters of last_error shown per line
 
 
@@ -56,7 +54,7 @@ def _list(path: str, status: str | None, limit: int, out: TextIO) -> int:
     print("id\tstatus\tattempts\tautomation\tendpoint\tcreated\tlast error", file=out)
     for row in rows:
         print(format_row(row), file=out)
-    return EXIT_OK
+    return ExitCode.OK
 
 
 def _retry(path: str, row_id: str | None, dead: bool, out: TextIO, err: TextIO) -> int:
@@ -71,22 +69,22 @@ def _retry(path: str, row_id: str | None, dead: bool, out: TextIO, err: TextIO) 
             if dead:
                 count = outbox.revive_all_dead(conn, now_us)
                 print(f"{count} dead deliveries put back to pending", file=out)
-                return EXIT_OK
+                return ExitCode.OK
             assert row_id is not None
             try:
                 outbox.revive(conn, row_id, now_us)
             except outbox.UnknownDelivery as exc:
                 print(f"trigd outbox retry: {exc.args[0]}", file=err)
-                return EXIT_FAILED
+                return ExitCode.FAILURE
             except IllegalMove as exc:
                 print(
                     f"trigd outbox retry: {row_id} is {exc.state.value}, not dead: only dead "
                     "deliveries are retried (the sender retries the others itself)",
                     file=err,
                 )
-                return EXIT_FAILED
+                return ExitCode.FAILURE
         print(f"{row_id} put back to pending", file=out)
-        return EXIT_OK
+        return ExitCode.OK
     finally:
         conn.close()
 
@@ -98,12 +96,12 @@ def outbox_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     limit = getattr(args, "limit", 50)
     if args.outbox_command == "list" and limit < 1:
         print("trigd outbox list: --limit must be at least 1", file=err)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         path = database_path(args)
     except ConfigError as exc:
         print(f"trigd outbox: {exc}", file=err)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     try:
         if args.outbox_command == "list":
             return _list(str(path), getattr(args, "status", None), limit, out)
@@ -112,4 +110,4 @@ def outbox_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return _retry(str(path), args.id, bool(args.dead), out, err)
     except (StoreError, apsw.Error) as exc:
         print(f"trigd outbox: {exc}", file=err)
-        return EXIT_FAILED
+        return ExitCode.FAILURE

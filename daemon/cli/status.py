@@ -13,6 +13,7 @@ import apsw
 from daemon.core.clock import from_us
 from daemon.core.counters import META_KEY as COUNTERS_KEY
 from daemon.core.counters import describe as describe_counters
+from daemon.core.exit_codes import ExitCode
 from store.automations import loaded_automations
 from store.db import Store, StoreError
 from store.events import inbox_size, read_meta
@@ -91,10 +92,10 @@ def status_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         store = Store.open_readonly(path)
     except ConfigError as exc:
         print(f"trigd status: {exc}", file=err)
-        return 2
+        return ExitCode.USAGE
     except (StoreError, apsw.Error) as exc:
         print(f"trigd status: {exc}", file=err)
-        return 1
+        return ExitCode.FAILURE
     try:
         summary = summarise(store.conn)
     finally:
@@ -104,4 +105,4 @@ def status_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     else:
         print(f"database: {path}", file=out)
         print(render(summary), file=out)
-    return 0
+    return ExitCode.OK

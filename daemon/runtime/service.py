@@ -34,11 +34,11 @@ from typing import Final
 import apsw
 import trio
 
-from daemon.cli.main import EXIT_FAILED, EXIT_USAGE
 from daemon.core.automations import Automation, AutomationFileError, load_automation_files
 from daemon.core.clock import wall_clock
 from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
 from daemon.core.counters import CounterSource
+from daemon.core.exit_codes import ExitCode
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
 from daemon.runtime.gateway import StoreGateway
@@ -337,7 +337,7 @@ def serve_command(args: argparse.Namespace) -> int:
         automations = load_automation_files(list(config.triggers.automations))
     except (ConfigError, AutomationFileError) as exc:
         print(f"trigd serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
+        return ExitCode.USAGE
     tune_garbage_collector()
     try:
         trio.run(serve, config, automations)
@@ -346,13 +346,13 @@ def serve_command(args: argparse.Namespace) -> int:
         if unusable is None:
             raise  # a bug: its traceback is the report
         print(f"trigd serve: {unusable}", file=sys.stderr)
-        return EXIT_USAGE if unusable.lasting else EXIT_FAILED
+        return ExitCode.USAGE if unusable.lasting else ExitCode.FAILURE
     except StoreError as exc:
         print(f"trigd serve: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return ExitCode.FAILURE
     except KeyboardInterrupt:  # a second Ctrl-C while stopping
-        return 130
-    return 0
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
 
 
 def _start_up_failure(exc: BaseException) -> UnusableSetting | None:
