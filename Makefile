@@ -29,6 +29,7 @@ lint: $(VENV)/.installed-test
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 
 bench: $(VENV)/.installed-test
 	@for b in bench/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
@@ -36,7 +37,8 @@ bench: $(VENV)/.installed-test
 # One self-contained executable, dist/trigd (PyInstaller onefile; a build-only tool, never a
 # runtime dependency). The CLI imports its subcommands lazily, so they are named here.
 PYINSTALLER := pyinstaller>=6,<7
-BUNDLE_IMPORTS := daemon.service daemon.check daemon.emit daemon.status daemon.outbox_cli \
+BUNDLE_IMPORTS := daemon.runtime.service daemon.cli.check daemon.cli.emit daemon.cli.status \
+	daemon.cli.outbox_cli \
 	apsw apsw.bestpractice trio trio_websocket httpx jinja2 yaml pendulum uuid6 pydantic
 # Development tools in the venv that hooks would otherwise drag in (pydantic.mypy, trio.testing).
 BUNDLE_EXCLUDES := mypy pydantic.mypy pytest _pytest hypothesis tkinter setuptools pkg_resources

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_daemon import automations, frames  # this directory, first on sys.path
 
-from daemon.automations import Automation
-from daemon.engine import Engine, Outcome
-from daemon.evaluator import process_in_transaction
-from daemon.events import ReceivedEvent, parse_incoming_event
+from daemon.core.automations import Automation
+from daemon.core.events import ReceivedEvent, parse_incoming_event
+from daemon.engine.engine import Engine, Outcome
+from daemon.runtime.evaluator import process_in_transaction
 from store.db import Store
 
 BATCH: Final = 500  # events per transaction, the evaluator's batch under a flood

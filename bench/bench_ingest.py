@@ -39,7 +39,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, Request, TextMessage
 
 if TYPE_CHECKING:
-    from daemon.evaluator import Submission
+    from daemon.wire.submission import Submission
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 EVENTS: Final = 100_000
@@ -172,9 +172,9 @@ async def resolve_at_once(receive: trio.MemoryReceiveChannel[Submission], batch_
 
 async def measure(count: int) -> float:
     """CPU seconds of this process for one client run of ``count`` events."""
-    from daemon.config import ServerConfig
-    from daemon.evaluator import Submission
-    from daemon.ingest import run_ingest
+    from daemon.core.config import ServerConfig
+    from daemon.runtime.ingest import run_ingest
+    from daemon.wire.submission import Submission
 
     config = ServerConfig(listen="127.0.0.1:0")
     send, receive = trio.open_memory_channel[Submission](config.queue_depth)
@@ -221,7 +221,7 @@ def main() -> int:
     if args.client is not None:
         return run_client(args.client, args.events)
     sys.path.insert(0, str(ROOT))  # this checkout's daemon package, see the docstring
-    from daemon.service import tune_garbage_collector  # imports the daemon, as serve does
+    from daemon.runtime.service import tune_garbage_collector  # imports the daemon, as serve does
 
     tune_garbage_collector()  # as `trigd serve` does after start-up
     gc_time = _time_collections()

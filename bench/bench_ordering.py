@@ -22,8 +22,8 @@ from uuid import UUID, uuid4
 
 import attrs
 
-from daemon.events import ReceivedEvent, Resource
-from daemon.ordering import CausalOrdering, EventArrivedEarly
+from daemon.core.events import ReceivedEvent, Resource
+from daemon.engine.ordering import CausalOrdering, EventArrivedEarly
 from store.db import Store
 
 BATCH: Final = 500  # events per transaction

@@ -19,10 +19,10 @@ from typing import Any
 
 import trio
 
-from daemon.config import DeliveryConfig
-from daemon.events import ReceivedEvent
-from daemon.gateway import StoreGateway
-from daemon.sender import run_sender
+from daemon.core.config import DeliveryConfig
+from daemon.core.events import ReceivedEvent
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.sender import run_sender
 from store import outbox
 from store.db import Store
 from tests.test_sender_support import Reply, Request, make_triggered, outbox_row, run_receiver

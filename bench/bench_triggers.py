@@ -21,10 +21,10 @@ from uuid import uuid4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.automations import Automation
-from daemon.buckets import Bucket
-from daemon.engine import Engine
-from daemon.events import ReceivedEvent
+from daemon.core.automations import Automation
+from daemon.core.buckets import Bucket
+from daemon.core.events import ReceivedEvent
+from daemon.engine.engine import Engine
 from store.buckets import write_bucket
 from store.db import Store
 

@@ -29,7 +29,7 @@ from wsproto.events import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.wsframes import FrameSplitter, text_frame
+from daemon.wire.wsframes import FrameSplitter, text_frame
 
 RECEIVE_BYTES: Final = 65_536  # bytes per socket read
 _ID_AT: Final = len('{"id": "')  # frames from bench_daemon start with the id

@@ -26,7 +26,7 @@ def adopt_watchdog(env: MutableMapping[str, str], *, pid: int, parent_pid: int) 
 def run() -> int:
     if getattr(sys, "frozen", False):
         adopt_watchdog(os.environ, pid=os.getpid(), parent_pid=os.getppid())
-    from daemon.cli import main
+    from daemon.cli.main import main
 
     return main()
 

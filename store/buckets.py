@@ -21,8 +21,8 @@ from typing import Final
 
 import apsw
 
-from daemon.buckets import Bucket, EventRef
-from daemon.clock import from_us, to_us
+from daemon.core.buckets import Bucket, EventRef
+from daemon.core.clock import from_us, to_us
 
 PAGE_SIZE: Final = 500
 """Buckets read per query by a proactive pass (rows), as Prefect's batch size."""

@@ -27,11 +27,14 @@ import os
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final
 
 import apsw
 import apsw.bestpractice
 import attrs
+
+if TYPE_CHECKING:  # an annotation only: opening the store does not load the configuration
+    from daemon.core.config import Synchronous
 
 SCHEMA_VERSION: Final = 2
 BUSY_TIMEOUT_MS: Final = 5_000
@@ -44,8 +47,6 @@ WAL_AUTOCHECKPOINT_PAGES: Final = 4_000  # WAL frames before a COMMIT checkpoint
 commits. Measured with bench_engine's workload: COMMIT 11.7 -> 9.4 CPU µs/event in batches
 of 500, longest COMMIT 26 -> 34 ms; one event per commit unchanged (longest 9 -> 6 ms)."""
 IN_CHUNK: Final = 500  # ids per IN (...) clause, well under SQLite's bound-parameter limit
-
-Synchronous = Literal["full", "normal"]
 
 FILE_MODE: Final = 0o600
 """The mode of the database, its -wal and -shm: they hold secrets."""

@@ -16,7 +16,7 @@ from typing import Any, Final, NamedTuple
 import apsw
 import attrs
 
-from daemon.delivery import (
+from daemon.core.delivery import (
     DeliveryState,
     IllegalMove,
     Move,

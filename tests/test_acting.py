@@ -8,10 +8,10 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from daemon.acting import act, endpoint_of
-from daemon.automations import Automation, CallWebhook, DoNothing
-from daemon.delivery import action_triggered_event_id
-from daemon.firings import Firing, TriggeredAction, TriggerState
+from daemon.core.automations import Automation, CallWebhook, DoNothing
+from daemon.core.delivery import action_triggered_event_id
+from daemon.core.firings import Firing, TriggeredAction, TriggerState
+from daemon.engine.acting import act, endpoint_of
 from store.db import Store
 from tests.test_engine_harness import ARACHNOPHOBIA, CHONK_SADNESS, T, spider_walked
 

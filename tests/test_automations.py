@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from daemon.automations import (
+from daemon.core.automations import (
     AUTOMATION_NAMESPACE,
     Automation,
     AutomationFileError,
@@ -30,8 +30,8 @@ from daemon.automations import (
     parse_trigger,
     trigger_id_for,
 )
-from daemon.events import ReceivedEvent
-from daemon.matching import ResourceSpecification
+from daemon.core.events import ReceivedEvent
+from daemon.core.matching import ResourceSpecification
 from tests.test_engine_harness import CHONK, DAFFODIL, HEART, LILY, SPIDER, TULIP
 
 S = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)

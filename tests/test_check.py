@@ -13,8 +13,8 @@ from uuid import UUID
 
 import pytest
 
-from daemon.automations import automation_id_for
-from daemon.check import check_command
+from daemon.cli.check import check_command
+from daemon.core.automations import automation_id_for
 from tests.test_automations import PUMP_YAML
 
 REPO = Path(__file__).resolve().parent.parent

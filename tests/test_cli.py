@@ -19,8 +19,8 @@ from typing import Final
 import pytest
 import trio
 
-from daemon.config import ServerConfig
-from daemon.ingest import listen_problem
+from daemon.core.config import ServerConfig
+from daemon.runtime.ingest import listen_problem
 from store.db import Store
 from tests.daemon_process import running_daemon, write_config
 

@@ -20,16 +20,16 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.automations import (
+from daemon.core.automations import (
     Automation,
     CompositeTrigger,
     CompoundTrigger,
     EventTrigger,
     SequenceTrigger,
 )
-from daemon.composite import evaluate_composite_trigger, forget_trigger_state, ready_rows
-from daemon.events import ReceivedEvent
-from daemon.firings import Firing, TriggerState
+from daemon.core.events import ReceivedEvent
+from daemon.core.firings import Firing, TriggerState
+from daemon.engine.composite import evaluate_composite_trigger, forget_trigger_state, ready_rows
 from store import composite as composite_store
 from store.composite import ChildFiringRow
 from store.db import Store

@@ -10,12 +10,12 @@ from typing import Any
 import apsw
 import pytest
 
-from daemon.automations import (
+from daemon.core.automations import (
     Automation,
 )
-from daemon.engine import Engine
-from daemon.events import ReceivedEvent
-from daemon.firings import TriggeredAction, TriggerState
+from daemon.core.events import ReceivedEvent
+from daemon.core.firings import TriggeredAction, TriggerState
+from daemon.engine.engine import Engine
 from tests.test_composite import (  # the scenario builders
     BAKE,
     BUY,

@@ -15,8 +15,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from daemon.config import SECTIONS, Config, ConfigError, load_config
-from daemon.durations import format_duration, parse_duration
+from daemon.core.config import SECTIONS, Config, ConfigError, load_config
+from daemon.core.durations import format_duration, parse_duration
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "packaging" / "trigd.toml"
 

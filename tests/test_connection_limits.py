@@ -22,9 +22,9 @@ import trio.testing
 from wsproto import ConnectionType, WSConnection
 from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Request, TextMessage
 
-from daemon.config import ServerConfig
-from daemon.engine import Engine
-from daemon.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
+from daemon.core.config import ServerConfig
+from daemon.engine.engine import Engine
+from daemon.wire.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
 from store.db import Store
 from tests.test_evaluator import GatedEngine, stored_ids
 from tests.test_ingest import (

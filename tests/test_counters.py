@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 
-from daemon.counters import CounterSource, describe
-from daemon.evaluator import EvaluatorStats
-from daemon.ingest import IngestStats
+from daemon.core.counters import CounterSource, describe
+from daemon.runtime.evaluator import EvaluatorStats
+from daemon.runtime.ingest import IngestStats
 
 T0 = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
 

@@ -190,7 +190,7 @@ def test_start_up_tunes_the_garbage_collector() -> None:
     """What `serve` does after start-up (in a child: it changes the whole interpreter)."""
     script = (
         "import gc\n"
-        "from daemon.service import YOUNG_COLLECTION_THRESHOLD, tune_garbage_collector\n"
+        "from daemon.runtime.service import YOUNG_COLLECTION_THRESHOLD, tune_garbage_collector\n"
         "_, middle, old = gc.get_threshold()\n"
         "tune_garbage_collector()\n"
         "assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, middle, old)\n"

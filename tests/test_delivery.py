@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
-from daemon.clock import to_us
-from daemon.delivery import (
+from daemon.core.clock import to_us
+from daemon.core.delivery import (
     TRANSITIONS,
     AttemptOutcome,
     Dead,

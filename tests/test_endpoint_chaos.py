@@ -26,7 +26,7 @@ from typing import Any, Final
 import pytest
 import trio
 
-from daemon.emit import emit
+from daemon.cli.emit import emit
 from store.db import Store
 from tests.daemon_process import running_daemon, write_automations, write_config
 from tests.test_sender_support import Receiver, Reply, Request, answer, run_receiver

@@ -13,17 +13,17 @@ from uuid import uuid4
 import apsw
 import pytest
 
-from daemon.automations import Automation
-from daemon.engine import MAX_AUTOMATION_CHAIN, Engine, Outcome
-from daemon.events import (
+from daemon.core.automations import Automation
+from daemon.core.events import (
     MAX_JSON_DEPTH_CEILING,
     OCCURRED_MAX,
     EventRejected,
     ReceivedEvent,
     parse_incoming_event,
 )
-from daemon.firings import TriggeredAction
-from daemon.trigger_models import MAX_WITHIN
+from daemon.core.firings import TriggeredAction
+from daemon.core.trigger_models import MAX_WITHIN
+from daemon.engine.engine import MAX_AUTOMATION_CHAIN, Engine, Outcome
 from store.db import Store
 from tests.test_engine_harness import (
     ARACHNOPHOBIA,

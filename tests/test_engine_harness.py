@@ -18,10 +18,10 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from daemon.automations import Automation, EventTrigger
-from daemon.engine import Engine, Outcome
-from daemon.events import ReceivedEvent
-from daemon.firings import TriggeredAction
+from daemon.core.automations import Automation, EventTrigger
+from daemon.core.events import ReceivedEvent
+from daemon.core.firings import TriggeredAction
+from daemon.engine.engine import Engine, Outcome
 from store.db import Store
 
 T = datetime(2026, 8, 21, 16, 0, 0, tzinfo=UTC)
@@ -195,7 +195,7 @@ class Harness:
 
     def R(self, e: ReceivedEvent, now: datetime | None = None) -> Outcome:
         """Reactive evaluation only (no duplicate check), in one transaction."""
-        from daemon.ordering import EventArrivedEarly
+        from daemon.engine.ordering import EventArrivedEarly
 
         with self.conn:
             try:

@@ -20,11 +20,12 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.engine import Engine, Outcome
-from daemon.evaluator import EvaluatorStats, Submission, run_evaluator
-from daemon.events import ReceivedEvent, parse_incoming_event
-from daemon.gateway import StoreGateway
-from daemon.log_throttle import LogLimits
+from daemon.core.events import ReceivedEvent, parse_incoming_event
+from daemon.core.log_throttle import LogLimits
+from daemon.engine.engine import Engine, Outcome
+from daemon.runtime.evaluator import EvaluatorStats, run_evaluator
+from daemon.runtime.gateway import StoreGateway
+from daemon.wire.submission import Submission
 from store.db import Store
 
 NOW = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)

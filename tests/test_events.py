@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from daemon import events
-from daemon.events import (
+from daemon.core import events
+from daemon.core.events import (
     Event,
     EventRejected,
     ReceivedEvent,

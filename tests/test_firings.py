@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from daemon.automations import Automation, CompoundTrigger, DoNothing, EventTrigger
-from daemon.events import ReceivedEvent
-from daemon.firings import Firing, TriggeredAction, TriggerState
+from daemon.core.automations import Automation, CompoundTrigger, DoNothing, EventTrigger
+from daemon.core.events import ReceivedEvent
+from daemon.core.firings import Firing, TriggeredAction, TriggerState
 
 T = datetime(2026, 8, 21, 16, 27, 33, 123456, tzinfo=UTC)
 

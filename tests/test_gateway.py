@@ -9,8 +9,8 @@ import apsw
 import pytest
 import trio
 
-from daemon import gateway as gateway_module
-from daemon.gateway import StoreGateway
+from daemon.runtime import gateway as gateway_module
+from daemon.runtime.gateway import StoreGateway
 from store.db import Store
 
 

@@ -12,7 +12,7 @@ from uuid import uuid4
 
 import pytest
 
-from daemon.handshake import (
+from daemon.wire.handshake import (
     EMPTY_ARRAY,
     EXPECTED_AUTH,
     POLICY_VIOLATION,

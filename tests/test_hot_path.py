@@ -25,13 +25,14 @@ import apsw
 import pytest
 import trio
 
-from daemon.automations import Automation
-from daemon.buckets import Bucket, EventRef
-from daemon.engine import Engine, Outcome
-from daemon.evaluator import Submission, process_in_transaction, run_evaluator
-from daemon.events import ReceivedEvent, Resource, parse_incoming_event
-from daemon.gateway import StoreGateway
-from daemon.ordering import CausalOrdering, EventArrivedEarly
+from daemon.core.automations import Automation
+from daemon.core.buckets import Bucket, EventRef
+from daemon.core.events import ReceivedEvent, Resource, parse_incoming_event
+from daemon.engine.engine import Engine, Outcome
+from daemon.engine.ordering import CausalOrdering, EventArrivedEarly
+from daemon.runtime.evaluator import process_in_transaction, run_evaluator
+from daemon.runtime.gateway import StoreGateway
+from daemon.wire.submission import Submission
 from store import buckets as buckets_store
 from store import events as events_store
 from store.db import WAL_AUTOCHECKPOINT_PAGES, WRITER_CACHE_KIB, Store
@@ -483,7 +484,7 @@ def test_a_failed_batch_leaves_no_bucket_change_behind_for_the_retry(
     def broken(*args: object) -> None:
         raise RuntimeError("the action could not be written")
 
-    monkeypatch.setattr("daemon.engine.acting.act", broken)
+    monkeypatch.setattr("daemon.engine.engine.acting.act", broken)
     with pytest.raises(RuntimeError):
         process_in_transaction(store.conn, engine, batch, NOW)
     assert table(store) == []

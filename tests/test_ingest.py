@@ -30,13 +30,14 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from daemon.config import ServerConfig
-from daemon.engine import Engine
-from daemon.evaluator import BatchEngine, EvaluatorStats, Submission, run_evaluator
-from daemon.gateway import StoreGateway
-from daemon.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
-from daemon.ingest import IngestStats, run_ingest
-from daemon.log_throttle import DEFAULT_LIMITS, LogLimits
+from daemon.core.config import ServerConfig
+from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
+from daemon.engine.engine import Engine
+from daemon.runtime.evaluator import BatchEngine, EvaluatorStats, run_evaluator
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.ingest import IngestStats, run_ingest
+from daemon.wire.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
+from daemon.wire.submission import Submission
 from store.db import Store
 from tests.test_evaluator import NOW, GatedEngine, fixed_clock, stored_ids
 
@@ -201,7 +202,7 @@ async def test_lines_a_client_causes_are_rate_limited(
 ) -> None:
     """Bad frames and refused upgrades are one log line each, at most `burst` of a kind
     per window: a client sending nothing else cannot flood the journal."""
-    caplog.set_level(logging.INFO, logger="daemon.ingest")
+    caplog.set_level(logging.INFO, logger="daemon.runtime.ingest")
     with trio.fail_after(LIMIT):
         daemon = await start(log_limits=LogLimits(burst=2, window=3600))
         async with connect(daemon.url("/events/in")) as ws:  # legacy: no nacks, only logs

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from daemon.log_throttle import LogThrottle
+from daemon.core.log_throttle import LogThrottle
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.events import Resource
-from daemon.matching import ResourceSpecification, compile_pattern, compiled_matches, matches
+from daemon.core.events import Resource
+from daemon.core.matching import ResourceSpecification, compile_pattern, compiled_matches, matches
 
 
 def resource(**labels: str) -> Resource:

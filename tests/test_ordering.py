@@ -16,12 +16,14 @@ from uuid import UUID, uuid4
 import apsw
 import pytest
 
-from daemon.clock import to_us
-from daemon.events import ReceivedEvent, RelatedResource, Resource
-from daemon.ordering import (
+from daemon.core.clock import to_us
+from daemon.core.config import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
+)
+from daemon.core.events import ReceivedEvent, RelatedResource, Resource
+from daemon.engine.ordering import (
     CausalOrdering,
     EventArrivedEarly,
     EventBeingProcessed,
@@ -538,7 +540,7 @@ def test_depth_limit_chain_of_22_delivered_in_reverse(
     events = chain(MAX_DEPTH_OF_PRECEDING_EVENT + 2)  # depths 0..21 from the first
     recorder = Recorder(ordering)
     assert recorder.deliver(*reversed(events[1:])) == list(reversed(events[1:]))
-    with caplog.at_level(logging.INFO, logger="daemon.ordering"):
+    with caplog.at_level(logging.INFO, logger="daemon.engine.ordering"):
         recorder.deliver(events[0])  # does not raise at the root
     assert recorder.processed == events[:21]
     assert recorder.depths == list(range(21))

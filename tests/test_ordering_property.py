@@ -20,10 +20,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.events import ReceivedEvent, Resource
-from daemon.ordering import (
-    MAX_DEPTH_OF_PRECEDING_EVENT,
-    PRECEDING_EVENT_LOOKBACK,
+from daemon.core.config import MAX_DEPTH_OF_PRECEDING_EVENT, PRECEDING_EVENT_LOOKBACK
+from daemon.core.events import ReceivedEvent, Resource
+from daemon.engine.ordering import (
     CausalOrdering,
     EventArrivedEarly,
 )

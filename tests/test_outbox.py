@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.clock import to_us
-from daemon.delivery import DeliveryState, IllegalMove, Slots
-from daemon.outbox_cli import outbox_command
+from daemon.cli.outbox_cli import outbox_command
+from daemon.core.clock import to_us
+from daemon.core.delivery import DeliveryState, IllegalMove, Slots
 from store import outbox
 from store.db import Store
 from tests.test_sender_support import T0

@@ -25,7 +25,7 @@ import trio
 from standardwebhooks import Webhook
 
 from daemon import __version__
-from daemon.check import check_command
+from daemon.cli.check import check_command
 from tests.daemon_process import (
     SECRET,
     burst_automation,

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
-from daemon.action_models import CallWebhook, UnresolvedReferences, resolve_webhook
-from daemon.automations import AutomationFileError, load_automation_files
-from daemon.check import check_command
-from daemon.references import MAX_REFERENCED_BYTES, UnresolvedReference, is_reference, resolve
+from daemon.cli.check import check_command
+from daemon.core.action_models import CallWebhook, UnresolvedReferences, resolve_webhook
+from daemon.core.automations import AutomationFileError, load_automation_files
+from daemon.core.references import MAX_REFERENCED_BYTES, UnresolvedReference, is_reference, resolve
 
 VALUE = "tok-8c1f5e0b"  # what the references resolve to: never in an error
 

@@ -16,14 +16,14 @@ import trio
 from standardwebhooks.webhooks import Webhook
 
 from daemon import __version__
-from daemon.acting import endpoint_of
-from daemon.clock import from_us, to_us, wall_clock
-from daemon.config import DeliveryConfig
-from daemon.delivery import DeliveryState, action_triggered_event_id
-from daemon.events import ReceivedEvent
-from daemon.firings import TriggeredAction
-from daemon.gateway import StoreGateway
-from daemon.sender import Sender, run_sender
+from daemon.core.clock import from_us, to_us, wall_clock
+from daemon.core.config import DeliveryConfig
+from daemon.core.delivery import DeliveryState, action_triggered_event_id
+from daemon.core.events import ReceivedEvent
+from daemon.core.firings import TriggeredAction
+from daemon.engine.acting import endpoint_of
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.sender import Sender, run_sender
 from store import outbox
 from store.db import Store
 from store.events import peek_inbox

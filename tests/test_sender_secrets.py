@@ -13,11 +13,11 @@ import pytest
 import trio
 from standardwebhooks.webhooks import Webhook
 
-from daemon.acting import act
-from daemon.automations import Automation
-from daemon.clock import wall_clock
-from daemon.delivery import DeliveryState
-from daemon.firings import Firing, TriggerState
+from daemon.core.automations import Automation
+from daemon.core.clock import wall_clock
+from daemon.core.delivery import DeliveryState
+from daemon.core.firings import Firing, TriggerState
+from daemon.engine.acting import act
 from store.db import Store
 from store.events import peek_inbox
 from tests.test_sender import TEST_TIMEOUT, start

@@ -18,10 +18,10 @@ import attrs
 import h11
 import trio
 
-from daemon.automations import Automation
-from daemon.clock import to_us
-from daemon.events import ReceivedEvent
-from daemon.firings import Firing, TriggeredAction, TriggerState
+from daemon.core.automations import Automation
+from daemon.core.clock import to_us
+from daemon.core.events import ReceivedEvent
+from daemon.core.firings import Firing, TriggeredAction, TriggerState
 from store.outbox import NewOutboxRow
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
@@ -251,7 +251,7 @@ def make_triggered(
 
 
 def outbox_row(triggered: TriggeredAction, *, created: datetime = T0) -> NewOutboxRow:
-    from daemon.acting import endpoint_of
+    from daemon.engine.acting import endpoint_of
 
     return NewOutboxRow(
         id=str(triggered.id),

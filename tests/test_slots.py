@@ -11,7 +11,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from daemon.slots import (
+from daemon.core.slots import (
     Admitted,
     ConnectionSlots,
     Refused,

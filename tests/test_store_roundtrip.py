@@ -9,9 +9,9 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.automations import Automation
-from daemon.engine import Engine, Outcome
-from daemon.events import ReceivedEvent
+from daemon.core.automations import Automation
+from daemon.core.events import ReceivedEvent
+from daemon.engine.engine import Engine, Outcome
 from store import automations as automations_store
 from store.db import Store
 from tests.test_automations import automations

@@ -25,12 +25,12 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.automations import load_automation_files
-from daemon.clock import to_us
-from daemon.emit import emit, read_events
-from daemon.engine import Engine
-from daemon.gateway import StoreGateway
-from daemon.service import InboxPump, reload_automations
+from daemon.cli.emit import emit, read_events
+from daemon.core.automations import load_automation_files
+from daemon.core.clock import to_us
+from daemon.engine.engine import Engine
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.service import InboxPump, reload_automations
 from store import outbox
 from store.automations import loaded_automations
 from store.db import BUSY_TIMEOUT_MS, Store
@@ -424,9 +424,9 @@ def stored_names(path: Path) -> set[str]:
 async def test_sweeper_waits_out_a_locked_store_and_stores_its_counters_after(
     store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from daemon.counters import META_KEY, CounterSource
-    from daemon.ingest import IngestStats
-    from daemon.sweeper import SweepSettings, run_sweeper
+    from daemon.core.counters import META_KEY, CounterSource
+    from daemon.runtime.ingest import IngestStats
+    from daemon.runtime.sweeper import SweepSettings, run_sweeper
     from store.events import read_meta
 
     gateway = StoreGateway(store)

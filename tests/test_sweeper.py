@@ -13,13 +13,13 @@ import pytest
 import trio
 import trio.testing
 
-from daemon.automations import Automation
-from daemon.clock import to_us
-from daemon.engine import ORDERING_SCOPE, Engine
-from daemon.events import ReceivedEvent
-from daemon.gateway import StoreGateway
-from daemon.ordering import CausalOrdering
-from daemon.sweeper import SweepSettings, run_sweeper, sweep
+from daemon.core.automations import Automation
+from daemon.core.clock import to_us
+from daemon.core.events import ReceivedEvent
+from daemon.engine.engine import ORDERING_SCOPE, Engine
+from daemon.engine.ordering import CausalOrdering
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.sweeper import SweepSettings, run_sweeper, sweep
 from store.db import Store
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -70,7 +70,7 @@ class PassLog(logging.Handler):
 @pytest.fixture
 def pass_log() -> Iterator[PassLog]:
     handler = PassLog()
-    logger = logging.getLogger("daemon.sweeper")
+    logger = logging.getLogger("daemon.runtime.sweeper")
     logger.addHandler(handler)
     yield handler
     logger.removeHandler(handler)

@@ -12,7 +12,7 @@ import attrs
 import pytest
 import trio
 
-from daemon.systemd import Notifier
+from daemon.runtime.systemd import Notifier
 from tests.daemon_process import running_daemon, write_config
 
 

@@ -6,9 +6,15 @@ import json
 
 import pytest
 
-from daemon.automations import Automation
-from daemon.firings import TriggeredAction
-from daemon.templates import RenderFailed, render_template, template_context, tojson, webhook_body
+from daemon.core.automations import Automation
+from daemon.core.firings import TriggeredAction
+from daemon.core.templates import (
+    RenderFailed,
+    render_template,
+    template_context,
+    tojson,
+    webhook_body,
+)
 from tests.test_sender_support import make_triggered
 
 URL = "http://127.0.0.1:9/hook"

@@ -9,8 +9,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.automations import EventTrigger
-from daemon.buckets import Bucket, EventRef, ensure, evaluate
+from daemon.core.automations import EventTrigger
+from daemon.core.buckets import Bucket, EventRef, ensure, evaluate
 from tests.test_engine_harness import T, event
 
 LOOKBACK = timedelta(minutes=15)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from datetime import timedelta
 
-from daemon.clock import EventsClock
+from daemon.core.clock import EventsClock
 from tests.test_engine_harness import T
 
 

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
-from daemon.engine import Outcome
+from daemon.engine.engine import Outcome
 from tests.test_engine_harness import (
     CHONK_SADNESS,
     EFFECTIVE,

@@ -6,8 +6,8 @@ from datetime import timedelta
 from typing import Any
 from uuid import uuid4
 
-from daemon.engine import Outcome
-from daemon.index import TriggerIndex
+from daemon.core.index import TriggerIndex
+from daemon.engine.engine import Outcome
 from tests.test_engine_harness import (
     ANIMAL_LOVER,
     ARACHNOPHOBIA,
@@ -233,7 +233,7 @@ def test_c30_reactive_clean_up_and_sweep(harness: Any) -> None:
     assert h.buckets() == []
     h.R(event("prefect.flow-run.Failed", T + timedelta(seconds=1), run, related=[FLOW], received=T))
     assert len(fired(h)) == 1
-    from daemon.clock import to_us
+    from daemon.core.clock import to_us
 
     [(key, start_us, end_us, _)] = h.buckets()
     assert key == '["prefect.flow-run.frfrfrfr"]'

@@ -20,8 +20,8 @@ from uuid import UUID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.clock import to_us
-from daemon.events import ReceivedEvent
+from daemon.core.clock import to_us
+from daemon.core.events import ReceivedEvent
 from tests.test_engine_harness import Harness, T, automation, event, trigger
 
 LOOKBACK = timedelta(minutes=15)

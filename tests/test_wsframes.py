@@ -26,10 +26,10 @@ from wsproto.events import (
     TextMessage,
 )
 
-from daemon.evaluator import Submission
-from daemon.events import parse_incoming_event
-from daemon.handshake import Nack, encode_reply, reply_frame
-from daemon.wsframes import FrameSplitter, text_frame, unmask
+from daemon.core.events import parse_incoming_event
+from daemon.wire.handshake import Nack, encode_reply, reply_frame
+from daemon.wire.submission import Submission
+from daemon.wire.wsframes import FrameSplitter, text_frame, unmask
 
 TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
 

@@ -1,0 +1,136 @@
+"""The ``trigd`` command line (docs/OPERATIONS.md#commands).
+
+Exit codes: 0 success, 1 the work asked failed, 2 bad usage or bad configuration (the message
+names the key or flag and why). Subcommands import what they need lazily so that
+``trigd check`` on a small edge box does not pay for trio and httpx.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Sequence
+from typing import Final
+from urllib.parse import urlsplit
+
+from daemon import __version__
+
+DEFAULT_URL: Final = "ws://127.0.0.1:4280/api/events/in"
+
+
+def websocket_url(text: str) -> str:
+    """``--url``: a ws:// or wss:// URL with a host and a valid port."""
+    try:
+        url = urlsplit(text)
+        _ = url.port  # ValueError when it is not a number in 0..65535
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid URL: {exc}") from None
+    if url.scheme not in ("ws", "wss"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a websocket URL: the scheme must be ws:// or wss://, "
+            f"such as {DEFAULT_URL}"
+        )
+    if not url.hostname:
+        raise argparse.ArgumentTypeError(f"{text!r} has no host, such as {DEFAULT_URL}")
+    return text
+
+
+def positive_seconds(text: str) -> float:
+    """``--timeout``: a number of seconds above zero."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, got {text!r}")
+    return seconds
+
+
+def _outbox_options(parser: argparse.ArgumentParser, default: object = None) -> None:
+    """--db and --config of `trigd outbox`, accepted before the action and after it. At the
+    action's level they default to SUPPRESS, so that one given before is not reset."""
+    parser.add_argument(
+        "--db", metavar="PATH", default=default, help="database file (default: as trigd serve)"
+    )
+    parser.add_argument("--config", metavar="FILE", default=default, help="TOML configuration file")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trigd", description="Edge automation engine for Prefect-style events."
+    )
+    parser.add_argument("--version", action="version", version=f"trigd {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the daemon")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument("--listen", metavar="HOST:PORT", help="address for the websocket server")
+    serve.add_argument("--db", metavar="PATH", help="SQLite database file")
+    serve.add_argument(
+        "--automations", metavar="PATH", nargs="+", help="automation files or globs (YAML/JSON)"
+    )
+    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+
+    check = sub.add_parser("check", help="validate automation files and configuration files")
+    check.add_argument("paths", metavar="PATH", nargs="+")
+
+    emit = sub.add_parser("emit", help="send events to a running daemon and wait for acks")
+    emit.add_argument(
+        "--url",
+        type=websocket_url,
+        default=DEFAULT_URL,
+        help=f"websocket URL (default {DEFAULT_URL})",
+    )
+    emit.add_argument("--token", default=None, help="auth token (default: $TRIGD_TOKEN when set)")
+    emit.add_argument(
+        "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for acks"
+    )
+    emit.add_argument(
+        "file", metavar="FILE", nargs="?", help="JSON lines or a JSON array; - or absent: stdin"
+    )
+
+    status = sub.add_parser("status", help="summarise the database (read-only)")
+    status.add_argument("--db", metavar="PATH", help="database file (default: as trigd serve)")
+    status.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    status.add_argument("--json", action="store_true", help="print the summary as JSON")
+
+    outbox = sub.add_parser("outbox", help="inspect and retry webhook deliveries")
+    _outbox_options(outbox)
+    osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
+    olist = osub.add_parser("list", help="list deliveries")
+    _outbox_options(olist, default=argparse.SUPPRESS)
+    olist.add_argument("--status", choices=["pending", "in_flight", "delivered", "dead"])
+    olist.add_argument("--limit", type=int, default=50)
+    oretry = osub.add_parser("retry", help="put dead deliveries back to pending")
+    _outbox_options(oretry, default=argparse.SUPPRESS)
+    target = oretry.add_mutually_exclusive_group(required=True)
+    target.add_argument("id", nargs="?", metavar="ID")
+    target.add_argument("--dead", action="store_true", help="every dead delivery")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    command: str = args.command
+    if command == "serve":
+        from daemon.runtime.service import serve_command
+
+        return serve_command(args)
+    if command == "check":
+        from daemon.cli.check import check_command
+
+        return check_command(args.paths, sys.stdout, sys.stderr)
+    if command == "emit":
+        from daemon.cli.emit import emit_command
+
+        return emit_command(args, sys.stdin, sys.stdout, sys.stderr)
+    if command == "status":
+        from daemon.cli.status import status_command
+
+        return status_command(args, sys.stdout, sys.stderr)
+    if command == "outbox":
+        from daemon.cli.outbox_cli import outbox_command
+
+        return outbox_command(args, sys.stdout, sys.stderr)
+    raise AssertionError(f"unhandled command {command!r}")  # argparse rejects the rest

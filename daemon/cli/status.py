@@ -1,0 +1,108 @@
+"""``trigd status``: a read-only summary of the database, safe while the daemon runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, TextIO
+
+import apsw
+
+from daemon.core.clock import from_us
+from daemon.core.counters import META_KEY as COUNTERS_KEY
+from daemon.core.counters import describe as describe_counters
+from daemon.core.exit_codes import ExitCode
+from store.automations import loaded_automations
+from store.db import Store, StoreError
+from store.events import inbox_size, read_meta
+from store.ordering import parked_count
+
+
+def _scalar(conn: apsw.Connection, sql: str) -> int:
+    row = conn.execute(sql).fetchone()
+    return 0 if row is None or row[0] is None else int(row[0])
+
+
+def _time(us: int | None) -> str | None:
+    if us is None:
+        return None
+    return from_us(us).isoformat().replace("+00:00", "Z")
+
+
+def summarise(conn: apsw.Connection) -> dict[str, Any]:
+    outbox = {"pending": 0, "in_flight": 0, "delivered": 0, "dead": 0}
+    for status, count in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
+        outbox[str(status)] = int(count)
+    automations = [
+        {"id": row.id, "name": row.name, "enabled": row.enabled} for row in loaded_automations(conn)
+    ]
+    last = conn.execute("SELECT max(received_us), max(occurred_us) FROM events").fetchone()
+    counters = read_meta(conn, COUNTERS_KEY)
+    return {
+        "automations": automations,
+        "open_buckets": _scalar(conn, "SELECT count(*) FROM buckets"),
+        "parked_followers": parked_count(conn),
+        "inbox": inbox_size(conn),
+        "events_stored": _scalar(conn, "SELECT count(*) FROM events"),
+        "last_event_received": _time(last[0] if last else None),
+        "last_event_occurred": _time(last[1] if last else None),
+        "outbox": outbox,
+        "daemon": None if counters is None else json.loads(counters),
+    }
+
+
+def render(summary: dict[str, Any]) -> str:
+    enabled = [a for a in summary["automations"] if a["enabled"]]
+    lines = [f"automations: {len(enabled)} loaded"]
+    lines += [f"  {a['name']} ({a['id']})" for a in enabled]
+    outbox = summary["outbox"]
+    lines += [
+        f"open buckets: {summary['open_buckets']}",
+        f"parked followers: {summary['parked_followers']}",
+        f"events stored: {summary['events_stored']} (inbox {summary['inbox']})",
+        f"last event: received {summary['last_event_received'] or '-'}, "
+        f"occurred {summary['last_event_occurred'] or '-'}",
+        f"outbox: {outbox['pending']} pending, {outbox['in_flight']} in flight, "
+        f"{outbox['delivered']} delivered, {outbox['dead']} dead",
+    ]
+    daemon = summary["daemon"]
+    lines += describe_counters(daemon) if daemon else ["daemon: no counters stored yet"]
+    return "\n".join(lines)
+
+
+def database_path(args: argparse.Namespace) -> Path:
+    """--db, else the configured store path (config file and environment), else the default."""
+    from daemon.core.config import load_config  # the same resolution as `trigd serve`
+
+    config = load_config(
+        Path(args.config) if getattr(args, "config", None) else None,
+        os.environ,
+        {"db": args.db} if args.db else {},
+    )
+    return Path(config.store.path)
+
+
+def status_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from daemon.core.config import ConfigError
+
+    try:
+        path = database_path(args)
+        store = Store.open_readonly(path)
+    except ConfigError as exc:
+        print(f"trigd status: {exc}", file=err)
+        return ExitCode.USAGE
+    except (StoreError, apsw.Error) as exc:
+        print(f"trigd status: {exc}", file=err)
+        return ExitCode.FAILURE
+    try:
+        summary = summarise(store.conn)
+    finally:
+        store.close()
+    if getattr(args, "json", False):
+        print(json.dumps(summary, indent=2), file=out)
+    else:
+        print(f"database: {path}", file=out)
+        print(render(summary), file=out)
+    return ExitCode.OK

@@ -1,0 +1,143 @@
+"""The body of a webhook: the action's payload template, rendered (docs/DELIVERY.md#templates).
+
+A payload is a template only if it contains `{{` or `{%`; anything else is sent verbatim,
+and an empty payload sends the TriggeredAction JSON. Neither can carry a secret: the default
+body is the document `redacted()`, and templates see the automation redacted, so no
+endpoint learns another action's (or its own) secret, header values or url path.
+
+Templates come from automation files, which an edge operator may not fully control, so
+they run in Jinja's immutable sandbox with `range()` capped and Prefect's loop limits
+(checked when the automation is loaded, by `daemon.action_models.validate_user_template`).
+Missing attributes render as empty strings (`ChainableUndefined`), as in Prefect. Any
+failure while rendering is a `RenderFailed`, which makes the delivery dead: a template that
+fails once fails on every retry.
+
+Not carried over from Prefect: the humanize extension, the `ui_url` family of filters and
+the lazily fetched `flow_run`, `deployment`, ... variables, which need a Prefect API.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping
+from typing import Any, Final, NamedTuple
+
+import jinja2
+from jinja2 import ChainableUndefined
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from pydantic_core import to_jsonable_python
+
+from daemon.core.action_models import CallWebhook, maybe_template, resolve_webhook
+from daemon.core.events import LabelDiver
+from daemon.core.firings import TriggeredAction
+
+MAX_TEMPLATE_RANGE: Final = 100
+"""Items `range()` may produce inside a template."""
+
+
+class RenderFailed(Exception):
+    """The template raised while rendering; `reason` is what the failed event reports."""
+
+    def __init__(self, error: BaseException, source: str) -> None:
+        self.reason = f"Template rendering failed: {error!r}"
+        self.template_error = repr(error)
+        self.template_source = source
+        super().__init__(self.reason)
+
+
+def _capped_range(*args: int) -> range:
+    numbers = range(*args)
+    if len(numbers) > MAX_TEMPLATE_RANGE:
+        raise OverflowError(
+            f"Range too big. The sandbox blocks ranges larger than {MAX_TEMPLATE_RANGE}."
+        )
+    return numbers
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, LabelDiver):
+        return dict(iter(value))
+    if isinstance(value, jinja2.Undefined):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return to_jsonable_python(value, fallback=str)
+
+
+def tojson(value: Any, indent: int | None = None) -> str:
+    """JSON for anything a template can reach: pydantic models as their JSON form,
+    label divers as objects, undefined as null. No HTML escaping: bodies are not HTML."""
+    return json.dumps(_jsonable(value), indent=indent, ensure_ascii=False)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(undefined=ChainableUndefined, autoescape=False)
+    env.globals["range"] = _capped_range
+    env.filters["tojson"] = tojson
+    return env
+
+
+_ENVIRONMENT: Final = _environment()
+COMPILED_TEMPLATES: Final = 256  # distinct payload templates kept compiled
+
+
+@functools.lru_cache(maxsize=COMPILED_TEMPLATES)
+def _compiled(source: str) -> jinja2.Template:
+    """A template compiled once: every delivery of an action renders the same source, and
+    compiling costs far more than rendering. A source that fails to compile is not kept."""
+    return _ENVIRONMENT.from_string(source)
+
+
+def template_context(triggered: TriggeredAction) -> dict[str, Any]:
+    """What a payload template can use, named as in Prefect."""
+    return {
+        "automation": triggered.automation.redacted(),
+        "event": triggered.triggering_event,
+        "labels": LabelDiver(triggered.triggering_labels),
+        "firing": triggered.firing,
+        "firings": list(triggered.all_firings()),
+        "events": list(triggered.all_events()),
+    }
+
+
+def render_template(source: str, context: Mapping[str, Any]) -> str:
+    """Render one user template (verbatim when it is not one); RenderFailed on error."""
+    if not maybe_template(source):
+        return source
+    try:
+        return _compiled(source).render(context)
+    except Exception as exc:  # any error a user template can raise, sandbox ones included
+        raise RenderFailed(exc, source) from exc
+
+
+def webhook_body(triggered: TriggeredAction) -> str:
+    """The rendered payload, or the TriggeredAction JSON when the action has none."""
+    action = triggered.action
+    if not isinstance(action, CallWebhook):
+        raise TypeError(f"{action.type!r} actions have no webhook body")
+    if not action.payload:
+        return triggered.redacted().model_dump_json()
+    return render_template(action.payload, template_context(triggered))
+
+
+class WebhookRequest(NamedTuple):
+    """What one attempt sends: the body, and the action's own headers and secret."""
+
+    body: str
+    headers: dict[str, str]
+    secret: str | None
+
+
+def webhook_request(triggered: TriggeredAction, environ: Mapping[str, str]) -> WebhookRequest:
+    """The body, and the headers and secret with their references resolved in `environ`
+    (the stored document holds references, never their values). RenderFailed, or
+    UnresolvedReferences naming the fields."""
+    action = triggered.action
+    if not isinstance(action, CallWebhook):
+        raise TypeError(f"{action.type!r} actions have no webhook request")
+    body = webhook_body(triggered)
+    headers, secret = resolve_webhook(action, environ)
+    return WebhookRequest(body, headers, secret)

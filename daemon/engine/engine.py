@@ -1,0 +1,678 @@
+"""The trigger engine (docs/TRIGGERS.md#reactive-evaluation to #scheduling-and-the-sweeper,
+#automations-and-ids): reactive, proactive and periodic evaluation.
+
+Theory of operation. The daemon calls the engine from the store thread, inside one
+transaction, with the wall clock as an argument (the engine never reads a clock):
+
+* `process_batch` stores each new event, updates the events clock, passes the event
+  through causal ordering (scope "triggers") and evaluates every interested trigger.
+  Then it drains the inbox (events trigd made itself) through the same path, a bounded
+  number per batch so automations reacting to each other cannot hang one batch; a batch
+  skips the inbox when an earlier one found it empty and nothing was queued since
+  (`store.events.inbox_pushes`), which is every batch of a quiet daemon. A
+  failure propagates and the caller's transaction rolls back the whole batch (the daemon
+  retries it, then its events one by one), so no per-trigger SAVEPOINT is needed.
+* Which triggers an event interests, and under which bucketing key, depends only on the
+  event and the loaded set: a batch works it out for all of its events first and reads
+  their buckets in one statement. Bucket changes wait in `PendingBuckets` (each bucket read
+  and written at most once) and are written back with one `executemany` per kind of
+  statement when the unit of work ends (a batch, one `reactive_evaluation`,
+  the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
+  kept: the database stays the only state. `proactive` pages through the table and so
+  writes each change at once.
+* `proactive` runs docs/TRIGGERS.md#proactive-evaluation for each due Proactive EventTrigger.
+* `periodic` re-evaluates lost followers and sweeps closed buckets.
+* `load_automations` swaps the loaded set; triggers whose fingerprint changed, that
+  vanished, or whose automation is disabled lose their buckets and child firings.
+
+Firings of a top trigger go to `acting.act`; firings of a composite's child go to
+`composite.evaluate_composite_trigger` with their event time, recursively.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Final
+from uuid import UUID
+
+import apsw
+import attrs
+from pydantic import ValidationError
+
+from daemon.core.automations import (
+    Automation,
+    CompoundTrigger,
+    EventTrigger,
+    Posture,
+    SequenceTrigger,
+)
+from daemon.core.buckets import (
+    Bucket,
+    EventRef,
+    Fire,
+    ensure,
+    evaluate,
+)
+from daemon.core.clock import META_KEY, EventsClock, to_us
+from daemon.core.config import (
+    MAX_DEPTH_OF_PRECEDING_EVENT,
+    PRECEDING_EVENT_LOOKBACK,
+    SEEN_EXPIRATION,
+)
+from daemon.core.events import ReceivedEvent
+from daemon.core.firings import Firing, TriggerState
+from daemon.core.index import Candidate, TriggerIndex
+from daemon.engine import acting
+from daemon.engine.composite import evaluate_composite_trigger, forget_trigger_state
+from daemon.engine.ordering import (
+    CausalOrdering,
+    EventArrivedEarly,
+    EventHandler,
+)
+from store import automations as automations_store
+from store import buckets as buckets_store
+from store import events as events_store
+
+logger = logging.getLogger(__name__)
+
+ORDERING_SCOPE: Final = "triggers"
+LOG_WRITE_EVENT: Final = "prefect.log.write"
+"""Stored but never evaluated (docs/TRIGGERS.md#which-triggers-see-an-event)."""
+INBOX_DRAIN_LIMIT: Final = 1_000
+"""Events trigd made itself evaluated per batch at most (events)."""
+EXPIRED_BUCKET_BUFFER: Final = timedelta(seconds=60)
+MAXIMUM_EVENT_BYTES: Final = 1_500_000
+"""Events trigd made that are larger than this are dropped, as Prefect's publisher does."""
+MAX_AUTOMATION_CHAIN: Final = 8
+"""State-change events nested deeper than this are stored but not evaluated (levels)."""
+_NESTED_EVENT: Final = '"triggering_event":{'
+PROACTIVE_IDLE: Final = timedelta(seconds=60)
+"""How long `proactive` says it can sleep when no proactive trigger is loaded."""
+
+_TRIGGERED: Final = frozenset({TriggerState.Triggered})
+
+
+def _inbox_event(data: str) -> tuple[ReceivedEvent, bool] | None:
+    """An event trigd made and whether to evaluate it; None if it cannot be an event.
+
+    An automation that reacts to automation events nests each state-change event in the
+    next one; past `MAX_AUTOMATION_CHAIN` levels the event is stored but not evaluated,
+    so such a loop ends instead of growing until the JSON is too deep to read back.
+    """
+    if len(data) > MAXIMUM_EVENT_BYTES:
+        logger.error("Dropping an event trigd made: %d bytes is over the limit", len(data))
+        return None
+    try:
+        event = ReceivedEvent.model_validate_json(data)
+    except ValidationError as exc:
+        logger.error("Dropping an event trigd made that does not parse: %s", exc)
+        return None
+    chain = data.count(_NESTED_EVENT)
+    if chain > MAX_AUTOMATION_CHAIN:
+        logger.warning(
+            "Not evaluating %s (%s): automations reacting to automations %d levels deep",
+            event.event,
+            event.id,
+            chain,
+        )
+        return event, False
+    return event, True
+
+
+class Outcome(StrEnum):
+    processed = "processed"
+    parked = "parked"
+    """Held by causal ordering until its leader arrives (or it is lost)."""
+    duplicate = "duplicate"
+    """Its id was stored already; nothing was done."""
+
+
+@attrs.frozen(slots=True)
+class _Loaded:
+    """One EventTrigger with what evaluating it needs, computed once per load."""
+
+    trigger: EventTrigger
+    automation: Automation
+    trigger_id: str
+    automation_id: str
+    proactive: bool
+    """Whether the trigger is Proactive: its buckets are then in the start-ordered index."""
+
+
+_Interest = tuple[Candidate, tuple[str, ...]]
+"""A trigger that covers an event, and the event's bucketing key for it."""
+
+
+class _Call:
+    """What every event of one engine call shares: the connection, the wall clock (also
+    in µs), the ordering and the handler that re-enters the engine for followers."""
+
+    __slots__ = ("conn", "handler", "now", "now_us", "ordering")
+
+    def __init__(
+        self, conn: apsw.Connection, now: datetime, now_us: int, ordering: CausalOrdering
+    ) -> None:
+        self.conn = conn
+        self.now = now
+        self.now_us = now_us
+        self.ordering = ordering
+        self.handler: EventHandler = _no_handler
+
+
+def _no_handler(event: ReceivedEvent, depth: int, /) -> None:
+    raise AssertionError("set by Engine._call")
+
+
+@attrs.frozen
+class LoadReport:
+    automations: int
+    """Enabled automations with at least one EventTrigger."""
+    event_triggers: int
+    reset_triggers: frozenset[UUID]
+    """Triggers whose buckets and child firings were dropped."""
+
+
+class Engine:
+    """The loaded automations plus the events clock; state lives in the database."""
+
+    def __init__(
+        self,
+        *,
+        expired_bucket_buffer: timedelta = EXPIRED_BUCKET_BUFFER,
+        inbox_drain_limit: int = INBOX_DRAIN_LIMIT,
+        preceding_event_lookback: timedelta = PRECEDING_EVENT_LOOKBACK,
+        seen_expiration: timedelta = SEEN_EXPIRATION,
+        max_depth: int = MAX_DEPTH_OF_PRECEDING_EVENT,
+        pending_bucket_limit: int = buckets_store.PENDING_LIMIT,
+    ) -> None:
+        if inbox_drain_limit < 1:
+            raise ValueError("inbox_drain_limit: must be at least 1")
+        if expired_bucket_buffer < timedelta(0):
+            raise ValueError("expired_bucket_buffer: must not be negative")
+        self.expired_bucket_buffer = expired_bucket_buffer
+        self.preceding_event_lookback = preceding_event_lookback
+        self.seen_expiration = seen_expiration
+        self.max_depth = max_depth
+        self.inbox_drain_limit = inbox_drain_limit
+        self.automations: dict[UUID, Automation] = {}
+        self._loaded: dict[UUID, _Loaded] = {}
+        self._proactive: list[_Loaded] = []
+        self._by_position: tuple[_Loaded, ...] = ()
+        """`_loaded` in the order `index` was built from (its `Candidate.position`)."""
+        self.index = TriggerIndex(())
+        self.next_proactive_runs: dict[UUID, datetime] = {}
+        self.clock = EventsClock()
+        self._clock_conn: apsw.Connection | None = None
+        self._ordering: tuple[apsw.Connection, CausalOrdering] | None = None
+        self._store_only: set[UUID] = set()
+        self._pending = buckets_store.PendingBuckets(pending_bucket_limit)
+        """Bucket changes of the running unit (`_bucket_unit`), empty between calls."""
+        self._inbox_empty: tuple[apsw.Connection, int] | None = None
+        """The connection and its `inbox_pushes` count when a batch last found the inbox
+        empty: while both hold (and that batch committed) nothing can be in it."""
+        self.handed_off = False
+        """Whether the last `process_batch` left work for the sender or the inbox pump
+        (outbox rows, or events still in the inbox): the evaluator wakes them only then."""
+
+    # --- loading ---------------------------------------------------------------------
+
+    def load_automations(
+        self, conn: apsw.Connection, automations: Sequence[Automation], now: datetime
+    ) -> LoadReport:
+        """Swap in this set of automations (the whole set, as after SIGHUP)."""
+        self._ensure_clock(conn)
+        active = [a for a in automations if a.enabled and a.event_triggers()]
+        wanted: dict[str, automations_store.TriggerRow] = {}
+        rows: list[automations_store.TriggerRow] = []
+        for automation in automations:
+            for trigger in automation.all_triggers():
+                row = automations_store.TriggerRow(
+                    str(trigger.id), str(automation.id), trigger.fingerprint()
+                )
+                rows.append(row)
+                if automation.enabled:
+                    wanted[row.id] = row
+        previous = automations_store.stored_triggers(conn)
+        reset = {tid for tid, row in previous.items() if wanted.get(tid) != row}
+        with conn:
+            buckets_store.delete_trigger_buckets(conn, reset)
+            forget_trigger_state(conn, (UUID(t) for t in reset))
+            loaded_us = to_us(now)
+            automations_store.replace_loaded(
+                conn,
+                (
+                    automations_store.AutomationRow(
+                        str(a.id), a.name, a.enabled, a.redacted().model_dump_json(), loaded_us
+                    )
+                    for a in automations
+                ),
+                rows,
+            )
+        self.automations = {a.id: a for a in active}
+        self._loaded = {
+            t.id: _Loaded(t, a, str(t.id), str(a.id), t.posture == Posture.Proactive)
+            for a in active
+            for t in a.event_triggers()
+        }
+        self._proactive = [lt for lt in self._loaded.values() if lt.proactive]
+        self._by_position = tuple(self._loaded.values())
+        self.index = TriggerIndex(lt.trigger for lt in self._by_position)
+        self.next_proactive_runs.clear()
+        report = LoadReport(len(active), len(self._loaded), frozenset(UUID(t) for t in reset))
+        logger.info(
+            "Loaded %d automations with %d event triggers; %d triggers start fresh",
+            report.automations,
+            report.event_triggers,
+            len(reset),
+        )
+        return report
+
+    # --- reactive --------------------------------------------------------------------
+
+    def process_batch(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> list[Outcome]:
+        """Store and evaluate a batch inside the caller's transaction; one outcome per
+        input event. Then drain (a bounded part of) the inbox."""
+        self._ensure_clock(conn)
+        before = self.clock.copy()
+        self.handed_off = False
+        call = self._call(conn, now)
+        try:
+            with call.ordering.batch(), self._bucket_unit(conn):
+                outcomes = self._process(call, events)
+                self._drain_inbox(call)
+            self._save_clock(conn, before)
+        except BaseException:
+            # the transaction will roll back: so do the clock and the draining of the inbox
+            self.clock = before
+            self._inbox_empty = None
+            raise
+        return outcomes
+
+    def _process(self, call: _Call, events: Sequence[ReceivedEvent]) -> list[Outcome]:
+        rows: list[events_store.EventRow] = []
+        refs: list[tuple[EventRef, int]] = []
+        received: datetime | None = None
+        received_us = 0
+        for event in events:
+            ref = EventRef.of(event)
+            occurred_us = to_us(event.occurred)
+            if event.received is not received:  # a batch often shares one stamp
+                received = event.received
+                received_us = to_us(received)
+            follows = event.follows
+            rows.append(
+                (
+                    str(event.id),
+                    event.event,
+                    event.resource.id,
+                    occurred_us,
+                    received_us,
+                    None if follows is None else str(follows),
+                    ref.json(),
+                )
+            )
+            refs.append((ref, occurred_us))
+        # the duplicate check is the insert: a stored id (or one met earlier) is skipped
+        inserted = events_store.insert_new_events(call.conn, rows)
+        fresh: list[tuple[ReceivedEvent, EventRef, str, int]] = []
+        outcomes: list[Outcome] = []
+        for event, row, (ref, occurred_us) in zip(events, rows, refs, strict=True):
+            event_id = row[0]
+            if event_id in inserted:
+                inserted.discard(event_id)  # a second copy later in the batch is a duplicate
+                fresh.append((event, ref, event_id, occurred_us))
+                outcomes.append(Outcome.processed)
+            else:
+                outcomes.append(Outcome.duplicate)
+        plans = [
+            None if self._store_only_event(event) else self._interests(event)
+            for event, _, _, _ in fresh
+        ]
+        self._pending.prefetch(
+            call.conn,
+            [
+                (self._by_position[candidate.position].trigger_id, key)
+                for plan in plans
+                if plan
+                for candidate, key in plan
+            ],
+        )
+        results = [
+            self._evaluate_new(call, *item, plan) for item, plan in zip(fresh, plans, strict=True)
+        ]
+        position = 0
+        for i, outcome in enumerate(outcomes):
+            if outcome is Outcome.processed:
+                outcomes[i] = results[position]
+                position += 1
+        return outcomes
+
+    def _store_only_event(self, event: ReceivedEvent) -> bool:
+        store_only = self._store_only  # empty but for a drain of the inbox
+        return event.event == LOG_WRITE_EVENT or (bool(store_only) and event.id in store_only)
+
+    def _evaluate_new(
+        self,
+        call: _Call,
+        event: ReceivedEvent,
+        ref: EventRef,
+        event_id: str,
+        occurred_us: int,
+        plan: list[_Interest] | None,
+    ) -> Outcome:
+        if plan is None:
+            return Outcome.processed
+        try:
+            self._reactive(call, event, 0, ref, event_id, occurred_us, plan)
+        except EventArrivedEarly:
+            return Outcome.parked
+        return Outcome.processed
+
+    def _interests(self, event: ReceivedEvent) -> list[_Interest]:
+        """The triggers that cover the event, each with the event's bucketing key: what
+        evaluating it will read, known before anything is evaluated (it depends on the
+        event and the loaded triggers only), so a batch reads its buckets in one go."""
+        return [
+            (candidate, candidate.trigger.bucketing_key(event))
+            for candidate in self.index.for_name(event.event)
+            if candidate.trigger.covers_resources(event)
+        ]
+
+    def _drain_inbox(self, call: _Call) -> None:
+        """Evaluate (a bounded part of) the inbox; skipped when it is known to be empty:
+        nothing was queued since a batch that committed found it so."""
+        conn = call.conn
+        empty = self._inbox_empty
+        if empty is not None and empty[0] is conn and empty[1] == events_store.inbox_pushes(conn):
+            return
+        self._inbox_empty = None
+        budget = self.inbox_drain_limit
+        while True:
+            queued = events_store.peek_inbox(conn, max(budget, 1))
+            if not queued:
+                self._inbox_empty = (conn, events_store.inbox_pushes(conn))
+                return
+            if budget == 0:
+                self.handed_off = True  # more than one batch's worth: the pump goes on
+                return
+            budget -= len(queued)
+            events_store.drop_inbox(conn, queued[-1][0])
+            parsed = [p for _, data in queued if (p := _inbox_event(data)) is not None]
+            self._store_only = {e.id for e, evaluate in parsed if not evaluate}
+            try:
+                self._process(call, [e for e, _ in parsed])
+            finally:
+                self._store_only = set()
+
+    def reactive_evaluation(
+        self, conn: apsw.Connection, event: ReceivedEvent, depth: int, now: datetime
+    ) -> None:
+        """docs/TRIGGERS.md#reactive-evaluation for one (already stored) event; raises
+        EventArrivedEarly when the event is parked."""
+        with self._bucket_unit(conn):
+            self._react(self._call(conn, now), event, depth)
+
+    def _react(self, call: _Call, event: ReceivedEvent, depth: int) -> None:
+        """`_reactive` for an event that comes without its precomputed forms."""
+        ref = EventRef.of(event)
+        self._reactive(call, event, depth, ref, str(event.id), to_us(event.occurred), None)
+
+    def _reactive(
+        self,
+        call: _Call,
+        event: ReceivedEvent,
+        depth: int,
+        ref: EventRef,
+        event_id: str,
+        occurred_us: int,
+        plan: list[_Interest] | None,
+    ) -> None:
+        self.clock.update_us(occurred_us, call.now_us)
+
+        def evaluate_triggers() -> None:
+            for candidate, key in self._interests(event) if plan is None else plan:
+                self._evaluate_event(call, candidate, key, event, ref)
+
+        call.ordering.run_confirmed(
+            call.handler, event, depth, evaluate_triggers, now_us=call.now_us, event_id=event_id
+        )
+
+    def _evaluate_event(
+        self,
+        call: _Call,
+        candidate: Candidate,
+        key: tuple[str, ...],
+        event: ReceivedEvent,
+        ref: EventRef,
+    ) -> None:
+        loaded = self._by_position[candidate.position]
+        trigger = loaded.trigger
+        existing = self._pending.read(call.conn, loaded.trigger_id, key)
+        occurred = event.occurred
+        expects = candidate.expects
+        bucket: Bucket | None = None
+        if trigger.after and candidate.starts_after:
+            initial = -1 if expects else 0
+            bucket = ensure(existing, key, occurred, occurred + trigger.within, ref, initial)
+        if bucket is None and not trigger.after and expects:
+            start = occurred - self.preceding_event_lookback
+            bucket = ensure(existing, key, start, occurred + trigger.within, ref)
+        if not expects:
+            if bucket is not None:
+                self._pending_write(loaded, key, existing, bucket)
+            return
+        if bucket is None:
+            if existing is None:
+                return
+            bucket = existing
+        result = evaluate(trigger, bucket, occurred, event, ref)
+        self._pending_write(loaded, key, existing, result.stored)
+        for fire in result.fires:
+            self._fire(call.conn, loaded, fire, call.now)
+
+    def _pending_write(
+        self, loaded: _Loaded, key: tuple[str, ...], existing: Bucket | None, stored: Bucket | None
+    ) -> None:
+        """Note the bucket's new state for the end of the unit; nothing if unchanged."""
+        if stored is not existing:
+            self._pending.write(
+                loaded.trigger_id, loaded.automation_id, loaded.proactive, key, existing, stored
+            )
+
+    @contextlib.contextmanager
+    def _bucket_unit(self, conn: apsw.Connection) -> Iterator[None]:
+        """Reactive bucket changes are written back when the unit ends (and before
+        anything reads the table directly); a failed unit's changes are dropped with its
+        transaction. A parked event is not a failure."""
+        try:
+            yield
+        except EventArrivedEarly:
+            self._pending.flush(conn)
+            raise
+        except BaseException:
+            self._pending.discard()
+            raise
+        self._pending.flush(conn)
+
+    @staticmethod
+    def _persist(
+        conn: apsw.Connection, loaded: _Loaded, existing: Bucket, stored: Bucket | None
+    ) -> None:
+        """Write the bucket's new state at once (the proactive path, which reads the table
+        page by page)."""
+        buckets_store.save_bucket(
+            conn,
+            loaded.trigger_id,
+            loaded.automation_id,
+            existing.key,
+            existing,
+            stored,
+            proactive=loaded.proactive,
+        )
+
+    # --- firing ----------------------------------------------------------------------
+
+    def _fire(self, conn: apsw.Connection, loaded: _Loaded, fire: Fire, now: datetime) -> None:
+        firing = Firing(
+            trigger=loaded.trigger,
+            trigger_states=_TRIGGERED,
+            triggered=now,
+            triggering_labels=fire.triggering_labels,
+            triggering_event=fire.triggering_event,
+        )
+        self.dispatch(conn, loaded.automation, firing, fire.event_time, now)
+
+    def dispatch(
+        self,
+        conn: apsw.Connection,
+        automation: Automation,
+        firing: Firing,
+        event_time: datetime,
+        now: datetime,
+    ) -> None:
+        """docs/TRIGGERS.md#firings: act for a top trigger, else let the composite parent decide."""
+        parent = automation.parent_of(firing.trigger.id)
+        if isinstance(parent, Automation):
+            acting.act(conn, automation, firing, now)
+            self.handed_off = True
+            return
+        assert isinstance(parent, CompoundTrigger | SequenceTrigger)
+        parent_firing = evaluate_composite_trigger(
+            conn, firing, parent, automation, event_time, now
+        )
+        if parent_firing is not None:
+            self.dispatch(conn, automation, parent_firing, event_time, now)
+
+    # --- proactive and periodic ------------------------------------------------------
+
+    def proactive(self, conn: apsw.Connection, now: datetime) -> datetime:
+        """Evaluate every due Proactive EventTrigger; return when to run again (wall
+        clock as Prefect compares it: the earliest `next_proactive_runs` entry)."""
+        self._ensure_clock(conn)
+        before = self.clock.copy()
+        for loaded in self._proactive:
+            trigger_id = loaded.trigger.id
+            if self.next_proactive_runs.get(trigger_id, now) > now:
+                continue
+            try:
+                with conn:
+                    run_again = self._proactive_evaluation(conn, loaded, now)
+            except Exception:
+                logger.exception(
+                    "Error evaluating automation %s trigger %s proactively",
+                    loaded.automation_id,
+                    loaded.trigger_id,
+                )
+                continue
+            self.next_proactive_runs[trigger_id] = run_again
+        self._save_clock(conn, before)
+        if not self._proactive:
+            return now + PROACTIVE_IDLE
+        return min(self.next_proactive_runs.get(lt.trigger.id, now) for lt in self._proactive)
+
+    def proactive_evaluation(
+        self, conn: apsw.Connection, trigger_id: UUID, now: datetime
+    ) -> datetime:
+        """docs/TRIGGERS.md#proactive-evaluation for one loaded trigger at wall time `now` (the
+        `P(t)` of the scenarios); returns `run_again_at`, in event time."""
+        return self._proactive_evaluation(conn, self._loaded[trigger_id], now)
+
+    def _proactive_evaluation(
+        self, conn: apsw.Connection, loaded: _Loaded, now: datetime
+    ) -> datetime:
+        trigger = loaded.trigger
+        as_of = self.clock.as_of(now)
+        run_again_at = as_of + trigger.within
+        if not trigger.for_each:
+            existing = buckets_store.read_bucket(conn, loaded.trigger_id, ())
+            if existing is None:
+                fresh = ensure(None, (), as_of, as_of + trigger.within, None)
+                buckets_store.write_bucket(
+                    conn, loaded.trigger_id, loaded.automation_id, fresh, proactive=loaded.proactive
+                )
+        buckets_store.remove_buckets_exceeding_threshold(conn, loaded.trigger_id, trigger.threshold)
+        for bucket in buckets_store.iter_buckets(
+            conn, loaded.trigger_id, proactive=loaded.proactive
+        ):
+            result = evaluate(trigger, bucket, as_of, None)
+            self._persist(conn, loaded, bucket, result.stored)
+            for fire in result.fires:
+                self._fire(conn, loaded, fire, now)
+            following = result.returned
+            if following is not None and as_of < following.end < run_again_at:
+                run_again_at = following.end
+        return run_again_at
+
+    def periodic(self, conn: apsw.Connection, now: datetime) -> int:
+        """periodic_evaluation (docs/TRIGGERS.md#scheduling-and-the-sweeper): re-evaluate lost
+        followers (depth 0), then sweep buckets closed before `as_of - expired_bucket_buffer`.
+        Returns how many buckets were swept."""
+        self._ensure_clock(conn)
+        before = self.clock.copy()
+        try:
+            as_of = self.clock.as_of(now)
+            call = self._call(conn, now)
+            with self._bucket_unit(conn):
+                for event in call.ordering.get_lost_followers(now=now):
+                    # a lost follower proceeds without waiting (its wait is over)
+                    with contextlib.suppress(EventArrivedEarly):
+                        self._react(call, event, 0)
+            swept = buckets_store.sweep_closed_buckets(
+                conn, to_us(as_of - self.expired_bucket_buffer)
+            )
+            self._save_clock(conn, before)
+        except BaseException:
+            self.clock = before
+            raise
+        return swept
+
+    # --- plumbing --------------------------------------------------------------------
+
+    def _call(self, conn: apsw.Connection, now: datetime) -> _Call:
+        ordering = self._ordering_for(conn)
+        call = _Call(conn, now, to_us(now), ordering)
+        call.handler = lambda follower, depth: self._react(call, follower, depth)
+        return call
+
+    def _ordering_for(self, conn: apsw.Connection) -> CausalOrdering:
+        if self._ordering is None or self._ordering[0] is not conn:
+            ordering = CausalOrdering(
+                ORDERING_SCOPE,
+                conn,
+                preceding_event_lookback=self.preceding_event_lookback,
+                seen_expiration=self.seen_expiration,
+                max_depth=self.max_depth,
+            )
+            self._ordering = (conn, ordering)
+        return self._ordering[1]
+
+    def rolled_back(self) -> None:
+        """The caller's transaction did not commit (its COMMIT may have failed after this
+        engine returned): forget what was cached from it, so the next batch rereads the
+        events clock, looks into the inbox and reruns every proactive trigger."""
+        self._clock_conn = None
+        self._inbox_empty = None
+        self.next_proactive_runs.clear()
+        self._pending.discard()  # empty already, unless a unit was left half-way
+
+    def _ensure_clock(self, conn: apsw.Connection) -> None:
+        """Read the persisted events clock once per connection (i.e. at startup)."""
+        if self._clock_conn is not conn:
+            self.clock = EventsClock.from_json(events_store.read_meta(conn, META_KEY))
+            self._clock_conn = conn
+
+    def _save_clock(self, conn: apsw.Connection, before: EventsClock) -> None:
+        if self.clock != before:
+            events_store.write_meta(conn, META_KEY, self.clock.to_json())
+
+    def reset_events_clock(self, conn: apsw.Connection) -> None:
+        """Forget the events clock (tests, and operators replaying history)."""
+        self._ensure_clock(conn)
+        self.clock.reset()
+        events_store.write_meta(conn, META_KEY, self.clock.to_json())

@@ -1,0 +1,446 @@
+"""Causal ordering of events that declare `follows` (docs/ORDERING.md#the-algorithm, and where
+trigd differs: docs/ORDERING.md#where-trigd-differs-from-prefect).
+
+Theory of operation. An event that follows another is only evaluated after its leader has
+been (the leader is "seen"). One that arrives first is *parked* (a row in
+`ordering_followers` holding its JSON) and `EventArrivedEarly` is raised; when the leader
+completes, it claims its parked followers in `occurred` order and hands each to the
+handler one level deeper, so chains resolve recursively up to `max_depth`. A follower
+whose leader never comes is handed out by `get_lost_followers` once it is older than the
+lookback, and then proceeds without waiting (it is too old to keep bookkeeping for).
+
+trigd has one writer and evaluates a whole batch in one thread inside one SQLite
+transaction, so this is Prefect's memory algorithm made synchronous and durable: there is
+no lock and no polling. A leader can only be "processing" higher up the same call stack;
+a follower that finds it so parks, and the leader's completion claims it. Every method
+whose outcome depends on time takes `now`; nothing here reads a clock.
+
+Seen ids and parked followers are durable state and live in the database. "Processing"
+is not: it says "a frame on this stack is running the event", it is only observable from
+inside that frame, and a mark that outlived its frame (a crash after a commit) could only
+ever be stale, refusing that event forever. So in-flight marks are kept in memory, per
+connection and scope (shared by every instance, like Prefect's per-scope singleton), and
+cost no SQL: an event without `follows` costs two statements, one write and one read.
+
+Inside `batch()` (the engine wraps each transaction's events in one) an event without
+`follows` costs no statement at all: seen marks wait in memory and are written together
+when the batch ends (a later event of the same batch sees them), and the leaders that have
+parked followers are known in memory, so completing any other event asks nothing. That
+set only ever grows between reloads (parking adds, releasing does not remove), so a
+rolled-back transaction can only leave it too large, never missing a leader; it is
+reloaded at the start of the next batch after a release or a failure, when the
+transaction has not changed anything yet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any, Final, Protocol
+from uuid import UUID
+
+import apsw
+
+from daemon.core.clock import span_us, to_us
+from daemon.core.config import (
+    MAX_DEPTH_OF_PRECEDING_EVENT,
+    PRECEDING_EVENT_LOOKBACK,
+    SEEN_EXPIRATION,
+)
+from daemon.core.events import Event, ReceivedEvent
+from store import ordering as db
+
+logger = logging.getLogger(__name__)
+
+
+class EventHandler(Protocol):
+    """What releases a follower: `handler(event, depth)`, re-entering the ordering."""
+
+    def __call__(self, event: ReceivedEvent, depth: int, /) -> None: ...
+
+
+class OrderingException(Exception):
+    """Base of the ordering's signals; `event` is the event they concern."""
+
+    def __init__(self, event: ReceivedEvent) -> None:
+        super().__init__(f"{event.event!r} ({event.id}) for {event.resource.id!r}")
+        self.event = event
+
+
+class EventArrivedEarly(OrderingException):
+    """The event is parked until its leader is processed (or it is lost): not an error."""
+
+
+class MaxDepthExceeded(OrderingException):
+    """Refused: a chain of followers this deep is either too long or a cycle."""
+
+
+class EventBeingProcessed(OrderingException):
+    """The event is already in flight (re-entered while its own processing runs)."""
+
+
+def _event_id(event: UUID | Event) -> str:
+    return str(event.id if isinstance(event, Event) else event)
+
+
+def _load(rows: Sequence[db.FollowerRow]) -> list[ReceivedEvent]:
+    return [ReceivedEvent.model_validate_json(row.event) for row in rows]
+
+
+class _ScopeState:
+    """What every instance of one scope on one connection shares, in memory."""
+
+    __slots__ = ("in_flight", "leaders", "pending_seen", "stale")
+
+    def __init__(self) -> None:
+        self.in_flight: set[str] = set()
+        """Ids (text, as the engine has them already) of the events being processed."""
+        self.leaders: set[str] = set()
+        """Leaders that may have parked followers (a superset); valid unless `stale`."""
+        self.stale = True
+        self.pending_seen: dict[str, int] | None = None
+        """Inside `batch()`: seen marks (id -> seen_us) not yet written; else None."""
+
+
+# connection -> scope -> shared state; forgotten with the connection.
+_STATE: Final[weakref.WeakKeyDictionary[apsw.Connection, dict[str, _ScopeState]]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class CausalOrdering:
+    """Prefect's `CausalOrdering` API, synchronous; seen ids and parked followers in the
+    database, in-flight marks in memory (see the module docstring).
+
+    Instances are cheap views: two instances of one scope on one connection share
+    everything. Calls run inside the caller's transaction when there is one; multi-step
+    methods that are called outside any transaction open their own.
+    """
+
+    def __init__(
+        self,
+        scope: str,
+        conn: apsw.Connection,
+        *,
+        preceding_event_lookback: timedelta = PRECEDING_EVENT_LOOKBACK,
+        seen_expiration: timedelta = SEEN_EXPIRATION,
+        max_depth: int = MAX_DEPTH_OF_PRECEDING_EVENT,
+    ) -> None:
+        if not isinstance(scope, str) or not scope:
+            raise ValueError("scope: must be a non-empty string")
+        if preceding_event_lookback < timedelta(0):
+            raise ValueError("preceding_event_lookback: must not be negative")
+        if seen_expiration <= timedelta(0):
+            raise ValueError("seen_expiration: must be positive")
+        if isinstance(max_depth, bool) or not isinstance(max_depth, int) or max_depth < 0:
+            raise ValueError("max_depth: must be a non-negative integer")
+        self.scope: Final = scope
+        self.conn: Final = conn
+        self.preceding_event_lookback: Final = preceding_event_lookback
+        self.seen_expiration: Final = seen_expiration
+        self.max_depth: Final = max_depth
+        self._lookback_us = span_us(preceding_event_lookback)
+        self._expiration_us = span_us(seen_expiration)
+        self._state = _STATE.setdefault(conn, {}).setdefault(scope, _ScopeState())
+        self._in_flight = self._state.in_flight
+
+    def __repr__(self) -> str:
+        return f"CausalOrdering(scope={self.scope!r})"
+
+    def _atomic(self) -> contextlib.AbstractContextManager[Any]:
+        """Inside the caller's transaction the single writer already makes us atomic."""
+        return contextlib.nullcontext() if self.conn.in_transaction else self.conn
+
+    # --- clearing ----------------------------------------------------------------------
+
+    def clear(self) -> None:
+        """Forget everything of this scope."""
+        with self._atomic():
+            db.clear_scope(self.conn, self.scope)
+        self._forget(self._state)
+
+    def clear_all_scopes(self) -> None:
+        """Forget everything of every scope on this database (tests, `trigd` resets)."""
+        with self._atomic():
+            db.clear_all_scopes(self.conn)
+        for state in _STATE.get(self.conn, {}).values():
+            self._forget(state)
+
+    @staticmethod
+    def _forget(state: _ScopeState) -> None:
+        state.in_flight.clear()
+        state.leaders.clear()
+        if state.pending_seen is not None:
+            state.pending_seen.clear()
+
+    # --- batches -----------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Process one transaction's events with the seen marks kept in memory until the
+        end and the parked leaders known in memory (see the module docstring).
+
+        Enter it at the start of a transaction and leave it before the commit: on the way
+        out the marks are written; if the body raises they are dropped with the
+        transaction. Not reentrant.
+        """
+        state = self._state
+        if state.pending_seen is not None:
+            raise RuntimeError(f"{self!r}: batch() is already active")
+        if state.stale:
+            state.leaders = db.leaders(self.conn, self.scope)
+            state.stale = False
+        state.pending_seen = {}
+        try:
+            yield
+            if state.pending_seen:
+                db.mark_seen_many(self.conn, self.scope, state.pending_seen.items())
+        except BaseException:
+            state.stale = True  # the transaction will roll back: trust only the database
+            raise
+        finally:
+            state.pending_seen = None
+
+    # --- processing --------------------------------------------------------------------
+
+    def record_event_as_processing(self, event: ReceivedEvent) -> bool:
+        """Mark in flight; False if it already was."""
+        event_id = str(event.id)
+        if event_id in self._in_flight:
+            return False
+        self._in_flight.add(event_id)
+        return True
+
+    def event_has_started_processing(self, event: UUID | Event) -> bool:
+        return _event_id(event) in self._in_flight
+
+    def forget_event_is_processing(self, event: ReceivedEvent) -> None:
+        self._in_flight.discard(str(event.id))
+
+    @contextlib.contextmanager
+    def event_is_processing(self, event: ReceivedEvent, *, now: datetime) -> Iterator[None]:
+        """In flight for the body; seen after it succeeds; never left in flight."""
+        if not self.record_event_as_processing(event):
+            self._log(event, "is already being processed")
+            raise EventBeingProcessed(event)
+        try:
+            yield
+            self.record_event_as_seen(event, now=now)
+        finally:
+            self.forget_event_is_processing(event)
+
+    # --- seen --------------------------------------------------------------------------
+
+    def event_has_been_seen(self, event: UUID | Event, *, now: datetime) -> bool:
+        """Processed within `seen_expiration` before `now`."""
+        return self._is_seen(_event_id(event), to_us(now) - self._expiration_us)
+
+    def _is_seen(self, event_id: str, cutoff_us: int) -> bool:
+        pending = self._state.pending_seen
+        if pending is not None:
+            seen_us = pending.get(event_id)
+            if seen_us is not None:
+                return seen_us > cutoff_us
+        return db.is_seen(self.conn, self.scope, event_id, cutoff_us)
+
+    def record_event_as_seen(self, event: ReceivedEvent, *, now: datetime) -> None:
+        self._mark_seen(str(event.id), to_us(now))
+
+    def _mark_seen(self, event_id: str, now_us: int) -> None:
+        pending = self._state.pending_seen
+        if pending is not None:
+            pending[event_id] = now_us
+        else:
+            db.mark_seen(self.conn, self.scope, event_id, now_us)
+
+    def expire_seen(self, now: datetime) -> int:
+        """For the sweeper: drop ids older than `seen_expiration`; returns how many."""
+        return db.expire_seen(self.conn, self.scope, to_us(now) - self._expiration_us)
+
+    # --- followers ---------------------------------------------------------------------
+
+    def record_follower(self, event: ReceivedEvent) -> None:
+        """Park `event` until its leader is processed or it is lost."""
+        if event.follows is None:
+            raise ValueError(f"follows: event {event.id} follows nothing, it cannot be parked")
+        row = db.FollowerRow(
+            follower_id=str(event.id),
+            leader_id=str(event.follows),
+            received_us=to_us(event.received),
+            occurred_us=to_us(event.occurred),
+            event=event.model_dump_json(),
+        )
+        db.park(self.conn, self.scope, row)
+        self._state.leaders.add(row.leader_id)
+
+    def forget_follower(self, follower: ReceivedEvent) -> None:
+        """It no longer waits (processed, or handed out as lost)."""
+        db.unpark(self.conn, self.scope, str(follower.id))
+
+    def get_followers(self, leader: UUID | Event) -> list[ReceivedEvent]:
+        """The events parked on this leader, in occurred order; they stay parked."""
+        return _load(db.followers_of(self.conn, self.scope, _event_id(leader)))
+
+    def followers_by_id(self, follower_ids: Sequence[UUID]) -> list[ReceivedEvent]:
+        """The parked events among these ids, in occurred order."""
+        ids = [str(follower_id) for follower_id in follower_ids]
+        return _load(db.followers_by_id(self.conn, self.scope, ids))
+
+    def get_lost_followers(self, *, now: datetime) -> list[ReceivedEvent]:
+        """Unpark and return followers received at least the lookback ago, occurred order.
+
+        Re-evaluated at depth 0 they proceed without waiting (step 2 of
+        docs/ORDERING.md#the-algorithm).
+        """
+        cutoff = to_us(now) - self._lookback_us
+        lost = db.take_lost(self.conn, self.scope, cutoff)
+        if lost:
+            self._state.stale = True  # their leaders may have none left: shrink the set
+        return _load(lost)
+
+    def parked_count(self) -> int:
+        return db.parked_count(self.conn, self.scope)
+
+    # --- the algorithm -----------------------------------------------------------------
+
+    def wait_for_leader(self, event: ReceivedEvent, *, now: datetime) -> None:
+        """Return if `event` may proceed now; else park it and raise `EventArrivedEarly`.
+
+        There is nothing to wait for in a single writer: a leader that is processing is
+        higher up this call stack, and its completion will claim the follower we park.
+        """
+        self._wait(event, to_us(now))
+
+    def _wait(self, event: ReceivedEvent, now_us: int) -> None:
+        leader = event.follows
+        if leader is None or leader == event.id:
+            return
+        if now_us - to_us(event.received) >= self._lookback_us:
+            return
+        leader_id = str(leader)
+        if self._is_seen(leader_id, now_us - self._expiration_us):
+            return
+        if leader_id in self._in_flight:
+            self._log(event, "arrived while its leader %s is processing", leader)
+        else:
+            self._log(event, "arrived before the event it follows %s", leader)
+        self.record_follower(event)
+        raise EventArrivedEarly(event)
+
+    def complete_event_and_get_followers(
+        self, event: ReceivedEvent, *, now: datetime
+    ) -> list[ReceivedEvent]:
+        """Mark seen, claim the parked followers (occurred order), clear in flight.
+
+        One step, so no follower can park between the leader becoming seen and the
+        leader looking for its followers.
+        """
+        return self._complete(to_us(now), str(event.id))
+
+    def _complete(self, now_us: int, event_id: str) -> list[ReceivedEvent]:
+        state = self._state
+        try:
+            if state.pending_seen is not None:  # in a batch: no statement unless followed
+                state.pending_seen[event_id] = now_us
+                if event_id not in state.leaders:
+                    return []
+                rows = db.followers_of(self.conn, self.scope, event_id)
+                state.stale = True  # released (or none left): shrink the set next batch
+            else:
+                with self._atomic():
+                    db.mark_seen(self.conn, self.scope, event_id, now_us)
+                    rows = db.followers_of(self.conn, self.scope, event_id)
+        finally:
+            self._in_flight.discard(event_id)  # even if the store failed: retry must work
+        return _load(rows) if rows else []
+
+    @contextlib.contextmanager
+    def preceding_event_confirmed(
+        self, handler: EventHandler, event: ReceivedEvent, depth: int = 0, *, now: datetime
+    ) -> Iterator[None]:
+        """Run the body for `event` only once its leader has been processed.
+
+        Raises `MaxDepthExceeded` (nothing recorded) past `max_depth`,
+        `EventBeingProcessed` if it is already in flight, and `EventArrivedEarly` after
+        parking it. After the body succeeds, the followers that waited for it are handed to
+        `handler` one level deeper; if the body fails the event is not seen.
+        """
+        now_us = to_us(now)
+        event_id = str(event.id)
+        self._start(event, depth, now_us, event_id)
+        try:
+            yield
+        except BaseException:
+            self._in_flight.discard(event_id)
+            raise
+        self._finish(handler, event, depth, now_us, event_id)
+
+    def run_confirmed(
+        self,
+        handler: EventHandler,
+        event: ReceivedEvent,
+        depth: int,
+        body: Callable[[], object],
+        *,
+        now_us: int,
+        event_id: str,
+    ) -> None:
+        """`preceding_event_confirmed` around `body()` as one plain call, for the engine's
+        per-event path: no generator, the wall clock already in µs, the id already text."""
+        self._start(event, depth, now_us, event_id)
+        try:
+            body()
+        except BaseException:
+            self._in_flight.discard(event_id)
+            raise
+        self._finish(handler, event, depth, now_us, event_id)
+
+    def _start(self, event: ReceivedEvent, depth: int, now_us: int, event_id: str) -> None:
+        if depth > self.max_depth:
+            self._log(event, "has exceeded the maximum recursion depth %s", self.max_depth)
+            raise MaxDepthExceeded(event)
+        in_flight = self._in_flight
+        if event_id in in_flight:
+            self._log(event, "is already being processed")
+            raise EventBeingProcessed(event)
+        in_flight.add(event_id)
+        try:
+            self._wait(event, now_us)
+        except BaseException:
+            in_flight.discard(event_id)
+            raise
+
+    def _finish(
+        self, handler: EventHandler, event: ReceivedEvent, depth: int, now_us: int, event_id: str
+    ) -> None:
+        followers = self._complete(now_us, event_id)
+
+        for follower in followers:
+            try:
+                handler(follower, depth + 1)
+            except MaxDepthExceeded:
+                # The rest stay parked until they are lost (Prefect's memory variant).
+                self._log(event, "reached its max depth of %s followers processed.", self.max_depth)
+                break
+
+        if event.follows is not None and event.follows != event.id:
+            self.forget_follower(event)
+
+    def _log(self, event: ReceivedEvent, message: str, *args: object) -> None:
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        logger.info(
+            "Event %r (%s) for %r " + message,
+            event.event,
+            event.id,
+            event.resource.id,
+            *args,
+            extra={
+                "event_id": str(event.id),
+                "follows": None if event.follows is None else str(event.follows),
+                "resource_id": event.resource.id,
+            },
+        )

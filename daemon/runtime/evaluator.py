@@ -1,0 +1,255 @@
+"""The evaluator task: received events go into the store in batches, one transaction each.
+
+Theory of operation. Ingest sends one ``Submission`` per parsed event into a bounded
+channel. This task waits for the first one, then takes whatever else is already queued, up
+to ``batch_max`` (group commit: a lone event is committed at once, a flood is committed a
+few hundred at a time, and the fsync cost is shared). The engine runs over the batch in the
+store thread inside one ``BEGIN IMMEDIATE`` transaction; only after ``COMMIT`` returns is
+each submission resolved, so an ack (or a pong) always means "on disk".
+
+Failures:
+
+* a store that cannot write (I/O error, busy): nothing is resolved, the cause is logged,
+  and the same batch is retried with exponential backoff until it goes through
+  (``daemon.store_trouble``); meanwhile the channel fills and ingest stops reading sockets
+  (docs/PROTOCOL.md#backpressure,
+  docs/OPERATIONS.md#store-trouble);
+* a full disk: the batch may be too big for the space left, while a part of it fits. A
+  batch the store refused as full is split in halves at once, each half committed (and
+  resolved) on its own, splitting again down to single events, in order; so after a
+  partial free whatever fits is committed and acknowledged. A single event that does not
+  fit is valid, so it is never refused: it is retried with backoff, unacknowledged, and
+  the events behind it wait too, until space is freed (its client may also resend it
+  after reconnecting; a duplicate is harmless). The cause is logged once per batch that
+  waited, and again when all of it is committed;
+* any other exception is a bug in some event's processing. The transaction rolled back, so
+  the batch is retried one event per transaction: the others go through and only the
+  poisonous one is refused, with ``internal error: ...``. These lines, one per bad event,
+  are rate limited (``daemon.log_throttle``, the ``[log]`` settings).
+
+Shutdown: each commit attempt is shielded from cancellation, so a batch taken from the
+channel is committed (or fails) as a whole; the worker thread cannot be abandoned anyway
+(``daemon.gateway``), and SQLite's busy timeout bounds how long it can take. Cancellation
+is delivered while waiting for events or between retries, where nothing is half-done.
+When every sender clone of the channel is closed, the task drains what is queued and
+returns, which is how the service stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Protocol
+
+import apsw
+import attrs
+import trio
+
+from daemon.core.events import ReceivedEvent
+from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
+from daemon.engine.engine import Outcome
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
+from daemon.wire.submission import Submission
+from store.db import write_transaction
+
+log = logging.getLogger(__name__)
+
+
+class ForgetsOnRollback(Protocol):
+    """An engine that caches what it read in a transaction (``daemon.engine.Engine``)."""
+
+    def rolled_back(self) -> None: ...
+
+
+class BatchEngine(ForgetsOnRollback, Protocol):
+    """What the evaluator needs of ``daemon.engine.Engine``."""
+
+    def process_batch(
+        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> Sequence[Outcome]: ...
+
+
+@contextlib.contextmanager
+def engine_transaction(conn: apsw.Connection, engine: ForgetsOnRollback) -> Iterator[None]:
+    """A transaction of ``conn``; if it does not commit, ``engine`` forgets what it cached
+    from it (the evaluator, the inbox pump and the sweeper)."""
+    try:
+        with write_transaction(conn):
+            yield
+    except BaseException:
+        engine.rolled_back()  # the COMMIT itself may be what failed
+        raise
+
+
+def process_in_transaction(
+    conn: apsw.Connection,
+    engine: BatchEngine,
+    events: Sequence[ReceivedEvent],
+    now: datetime,
+) -> Sequence[Outcome]:
+    """`engine.process_batch` in an `engine_transaction` of its own (the evaluator, and
+    the inbox pump with no events)."""
+    with engine_transaction(conn, engine):
+        return engine.process_batch(conn, events, now)
+
+
+@attrs.define
+class EvaluatorStats:
+    """Counters for ``trigd status`` and the tests."""
+
+    batches: int = 0
+    events: int = 0
+    duplicates: int = 0
+    parked: int = 0
+    internal_errors: int = 0
+    store_retries: int = 0
+    largest_batch: int = 0
+
+
+class _Full(enum.Enum):
+    """The store refused a batch of more than one event as full: split it."""
+
+    TOO_BIG = enum.auto()
+
+
+def _throttles(limits: LogLimits) -> dict[str, LogThrottle]:
+    return {
+        what: limits.throttle(log, what)
+        for what in ("events refused as internal errors", "failed batches", "split batches")
+    }
+
+
+@attrs.define
+class _Evaluator:
+    gateway: StoreGateway
+    engine: BatchEngine
+    clock: Callable[[], datetime]
+    stats: EvaluatorStats
+    on_commit: Callable[[], None]
+    throttles: dict[str, LogThrottle]
+    # one episode of store trouble per batch: logged when it starts, and as over once
+    # every event of the batch is committed
+    backoff: Backoff = attrs.field(
+        factory=lambda: Backoff(log, "committing received events (not acknowledged meanwhile)")
+    )
+
+    def _log(self, what: str, level: int, msg: str, *args: object, exc_info: object = None) -> None:
+        self.throttles[what].log(trio.current_time(), level, msg, *args, exc_info=exc_info)
+
+    async def _attempt(self, events: Sequence[ReceivedEvent]) -> Exception | _Full | None:
+        """Commit ``events`` in one transaction, waiting out store trouble, except a full
+        disk refusing more than one event (``_Full.TOO_BIG``); otherwise the bug if any."""
+        while True:
+            now = self.clock()
+            try:
+                with trio.CancelScope(shield=True):
+                    outcomes = await self.gateway.run(
+                        process_in_transaction, self.engine, events, now
+                    )
+            except STORE_TROUBLE as exc:
+                self.stats.store_retries += 1
+                if isinstance(exc, apsw.FullError) and len(events) > 1:
+                    return _Full.TOO_BIG
+                await self.backoff.wait(exc)
+                continue
+            except Exception as exc:
+                return exc
+            # Waking the sender and the inbox pump costs each a trip to the store thread:
+            # only when the batch left them work (an engine that cannot tell always wakes).
+            if getattr(self.engine, "handed_off", True):
+                self.on_commit()
+            for outcome in outcomes:
+                if outcome is Outcome.duplicate:
+                    self.stats.duplicates += 1
+                elif outcome is Outcome.parked:
+                    self.stats.parked += 1
+            return None
+
+    async def settle(self, batch: Sequence[Submission]) -> None:
+        await self._commit(batch)
+        self.backoff.cleared()
+        self.stats.batches += 1
+        self.stats.events += len(batch)
+        self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+
+    async def _commit(self, batch: Sequence[Submission]) -> None:
+        """Commit and resolve `batch`, in halves while the disk is too full for it."""
+        failure = await self._attempt([submission.event for submission in batch])
+        if failure is None:
+            for submission in batch:
+                submission.sink.resolved(submission, None)
+            return
+        if failure is _Full.TOO_BIG:
+            self._log(
+                "split batches",
+                logging.WARNING,
+                "a batch of %d events does not fit on the disk; committing it in halves",
+                len(batch),
+            )
+            half = len(batch) // 2
+            await self._commit(batch[:half])
+            await self._commit(batch[half:])
+            return
+        self._log(
+            "failed batches",
+            logging.WARNING,
+            "a batch of %d events failed (%r); retrying them one by one",
+            len(batch),
+            failure,
+        )
+        for submission in batch:
+            error = await self._attempt([submission.event])
+            assert error is not _Full.TOO_BIG  # a single event waits for space instead
+            if error is not None:
+                self.stats.internal_errors += 1
+                self._log(
+                    "events refused as internal errors",
+                    logging.ERROR,
+                    "event %s could not be processed and is refused",
+                    submission.event.id,
+                    exc_info=error,
+                )
+                submission.sink.resolved(submission, f"internal error: {error!r}")
+            else:
+                submission.sink.resolved(submission, None)
+
+
+async def run_evaluator(
+    gateway: StoreGateway,
+    engine: BatchEngine,
+    receive: trio.MemoryReceiveChannel[Submission],
+    *,
+    clock: Callable[[], datetime],
+    batch_max: int,
+    stats: EvaluatorStats | None = None,
+    on_commit: Callable[[], None] = lambda: None,
+    log_limits: LogLimits = DEFAULT_LIMITS,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Commit submissions in batches until every sender has closed the channel;
+    ``on_commit`` runs after each commit (it wakes the sender and the inbox pump); a line
+    one event can cause is logged within ``log_limits``."""
+    if batch_max < 1:
+        raise ValueError(f"batch_max must be at least 1, got {batch_max}")
+    evaluator = _Evaluator(
+        gateway,
+        engine,
+        clock,
+        stats if stats is not None else EvaluatorStats(),
+        on_commit,
+        _throttles(log_limits),
+    )
+    async with receive:
+        task_status.started()
+        async for first in receive:
+            batch = [first]
+            while len(batch) < batch_max:
+                try:
+                    batch.append(receive.receive_nowait())
+                except (trio.WouldBlock, trio.EndOfChannel):
+                    break
+            await evaluator.settle(batch)

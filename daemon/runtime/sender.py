@@ -1,0 +1,540 @@
+"""The sender task: delivers outbox rows as webhooks (docs/DELIVERY.md#outcomes-and-retries,
+#action-events).
+
+Theory of operation. One loop claims due rows through the store gateway (a claim is one
+transaction that also releases expired leases), and starts one task per claimed row. A row
+holds a slot until its attempt is recorded: at most `concurrency` in flight overall,
+`per_endpoint_concurrency` per endpoint (scheme://host:port), handed out round-robin
+across endpoints; an endpoint whose last attempt failed (network error, timeout, 408, 429,
+5xx) gets one at a time until it answers, and failing endpoints together at most
+`probe_concurrency`, fewer than `concurrency`; endpoints that have not answered since
+start (new or failing) never take the last slot: a failing endpoint never blocks
+deliveries to the others, however many fail (`daemon/delivery.py: Endpoints`). The loop sleeps until
+the next row is due, a slot frees up, or `notify()` says the evaluator committed new rows.
+
+Each attempt ends in one transaction: the attempt row, the move in the state table
+(`daemon/delivery.py`), and — when the delivery is finished — its
+`prefect.automation.action.executed` or `.failed` event pushed to the inbox, so the event
+exists if and only if the status change does. `emit` is then told about those events.
+
+Rows left `in_flight` by a previous process (crash, SIGKILL) are released when the sender
+starts — the lock file guarantees no other sender owns them — and are sent again with the
+same `webhook-id`: delivery is at least once. Endpoints with a row waiting for its retry
+start out failing, so a restart does not trust a dead endpoint with every slot again.
+
+Store trouble (docs/OPERATIONS.md#store-trouble; disk full, I/O error, the write lock held
+elsewhere) never ends the sender: the release, each claim and each attempt's commit are retried with
+the backoff of `daemon.store_trouble`, the cause logged once. A delivery whose result cannot be
+committed keeps its slot and its lease while it retries, and commits only while the row is still in
+flight under that lease: if the lease ran out and the row was released (and perhaps
+claimed and sent again) meanwhile, the stale result is dropped, never written over the
+newer attempt's row. Any other exception is a bug and still ends the daemon.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
+from random import Random as _StdRandom
+from typing import Any, Final, Protocol, runtime_checkable
+
+import apsw
+import attrs
+import httpx
+import trio
+from pydantic import ValidationError
+
+from daemon import __version__
+from daemon.core.action_models import CallWebhook, UnresolvedReferences
+from daemon.core.clock import from_us, to_us, wall_clock
+from daemon.core.config import LEASE_MARGIN, DeliveryConfig
+from daemon.core.delivery import (
+    AttemptOutcome,
+    Dead,
+    Decision,
+    Delivered,
+    Endpoints,
+    Random,
+    RetryAt,
+    Slots,
+    action_triggered_event_id,
+    decide,
+    describe,
+    endpoint_answered,
+    is_success,
+)
+from daemon.core.events import ReceivedEvent, uuid7
+from daemon.core.firings import TriggeredAction
+from daemon.core.templates import RenderFailed, webhook_request
+from daemon.engine.acting import action_event
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
+from store import outbox
+from store.db import write_transaction
+from store.events import push_inbox
+
+log = logging.getLogger(__name__)
+
+USER_AGENT: Final = f"trigd/{__version__}"
+RESPONSE_BODY_CHARS: Final = 1000  # of the response kept in the executed/failed event
+RESPONSE_READ_BYTES: Final = 16_384  # read at most this much of a response body
+MAX_IDLE: Final = timedelta(seconds=60)  # re-check the outbox at least this often
+SECRET_PREFIX: Final = "whsec_"
+
+REDACTED_HEADERS: Final = frozenset({"authorization", "traceparent", "via"})
+REDACTED_PREFIXES: Final = ("x-forwarded", "x-b3", "x-cloud-trace", "x-envoy", "x-prefect")
+
+
+def should_redact_header(name: str) -> bool:
+    lowered = name.lower()
+    return lowered in REDACTED_HEADERS or lowered.startswith(REDACTED_PREFIXES)
+
+
+def signing_key(secret: str) -> bytes:
+    """Standard Webhooks keys: `whsec_<base64>` decodes to the key; anything else is used
+    as its UTF-8 bytes. ValueError for a `whsec_` secret that is not base64."""
+    if secret.startswith(SECRET_PREFIX):
+        try:
+            key = base64.b64decode(secret[len(SECRET_PREFIX) :] + "==", validate=False)
+        except binascii.Error:
+            raise ValueError("secret: the part after whsec_ is not valid base64") from None
+        if not key:
+            raise ValueError("secret: the key after whsec_ is empty")
+        return key
+    return secret.encode()
+
+
+def sign(key: bytes, msg_id: str, timestamp: int, body: str) -> str:
+    """`v1,<base64 HMAC-SHA256 of id.timestamp.body>`."""
+    digest = hmac.new(key, f"{msg_id}.{timestamp}.{body}".encode(), hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+@runtime_checkable
+class SleepingClock(Protocol):
+    """A wall clock that also knows how to wait for itself (tests jump it)."""
+
+    def __call__(self) -> datetime: ...
+
+    async def sleep_until(self, when: datetime) -> None: ...
+
+
+def _no_emit(events: Sequence[ReceivedEvent]) -> None:
+    pass
+
+
+@attrs.frozen
+class _Result:
+    """What one attempt produced, ready to be committed."""
+
+    attempted: datetime
+    outcome: AttemptOutcome
+    decision: Decision
+    latency_us: int | None
+    details: dict[str, Any] = attrs.field(factory=dict)
+    reached: bool = False  # the request went out: the outcome tells of the endpoint
+
+
+def _finished_event(
+    triggered: TriggeredAction, decision: Delivered | Dead, details: dict[str, Any], now: datetime
+) -> ReceivedEvent:
+    """`prefect.automation.action.executed` / `.failed`, following the action's
+    `triggered` event (docs/DELIVERY.md#action-events)."""
+    if isinstance(decision, Dead):
+        details = {"reason": decision.reason, **details}
+    return action_event(
+        triggered,
+        "executed" if isinstance(decision, Delivered) else "failed",
+        occurred=now,
+        event_id=uuid7(),
+        follows=action_triggered_event_id(triggered.id),
+        details=details,
+        now=now,
+    )
+
+
+def _commit(
+    conn: apsw.Connection,
+    row: outbox.OutboxRow,
+    result: _Result,
+    event: ReceivedEvent | None,
+    now_us: int,
+) -> bool:
+    """Record the attempt and move the row, in one transaction. False when the row is no
+    longer ours: its lease expired and it was released (and perhaps claimed again)
+    meanwhile, which a commit retried through store trouble can find."""
+    with write_transaction(conn):
+        if not outbox.holds_lease(conn, row.id, row.lease_until_us):
+            return False
+        outbox.record_attempt(
+            conn,
+            row.id,
+            attempted_us=to_us(result.attempted),
+            latency_us=result.latency_us,
+            status_code=result.outcome.status_code,
+            error=None if isinstance(result.decision, Delivered) else _error(result),
+        )
+        decision = result.decision
+        if isinstance(decision, Delivered):
+            outbox.mark_delivered(conn, row.id, now_us)
+        elif isinstance(decision, RetryAt):
+            outbox.mark_retry(conn, row.id, to_us(decision.at), decision.reason)
+        else:
+            outbox.mark_dead(conn, row.id, now_us, decision.reason)
+        if event is not None:
+            push_inbox(conn, [event.model_dump_json()])
+    return True
+
+
+def _error(result: _Result) -> str:
+    if isinstance(result.decision, Dead):
+        return result.decision.reason
+    return describe(result.outcome)
+
+
+def _claim(
+    conn: apsw.Connection, now_us: int, lease_until_us: int, slots: Slots
+) -> tuple[list[outbox.OutboxRow], int | None]:
+    with write_transaction(conn):
+        outbox.release_leases(conn, now_us)
+        rows = outbox.claim_slots(conn, now_us, lease_until_us, slots)
+        next_due = outbox.next_due_us(conn, after_us=now_us)
+    return rows, next_due
+
+
+def _extend_lease(conn: apsw.Connection, row_id: str, held_us: int, until_us: int) -> bool:
+    with write_transaction(conn):
+        extended = outbox.extend_lease(conn, row_id, held_us, until_us)
+    return extended
+
+
+def _release_all(conn: apsw.Connection, now_us: int) -> tuple[int, set[str]]:
+    """Release what a previous process left in flight; also which endpoints were failing."""
+    with write_transaction(conn):
+        failing = outbox.failing_endpoints(conn)
+        released = outbox.release_leases(conn, now_us, everything=True)
+    return released, failing
+
+
+class Sender:
+    """The running sender; `notify()` after committing new outbox rows."""
+
+    def __init__(
+        self,
+        gateway: StoreGateway,
+        settings: DeliveryConfig,
+        client: httpx.AsyncClient,
+        *,
+        clock: Callable[[], datetime],
+        emit: Callable[[Sequence[ReceivedEvent]], None],
+        random: Random,
+    ) -> None:
+        self._gateway = gateway
+        self._settings = settings
+        self._client = client
+        self._clock = clock
+        self._emit = emit
+        self._random = random
+        self._wake = trio.Event()
+        self._endpoints = Endpoints(
+            concurrency=settings.concurrency,
+            per_endpoint=settings.per_endpoint_concurrency,
+            probes=settings.probe_concurrency,
+        )
+
+    def notify(self) -> None:
+        """New rows may be due (call from trio, after commit)."""
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._endpoints.in_flight
+
+    @property
+    def endpoints(self) -> Endpoints:
+        """Slots in use, and the endpoints failing now (read-only use, e.g. tests)."""
+        return self._endpoints
+
+    async def _sleep_until(self, when: datetime) -> None:
+        if isinstance(self._clock, SleepingClock):
+            await self._clock.sleep_until(when)
+        else:
+            delay = (when - self._clock()).total_seconds()
+            await trio.sleep(min(max(0.0, delay), MAX_IDLE.total_seconds()))
+
+    async def _wait(self, until: datetime | None) -> None:
+        """Until the next row is due, a slot frees up, or notify(), whichever is first.
+        With nothing scheduled, still look again after MAX_IDLE (of trio's clock)."""
+        async with trio.open_nursery() as nursery:
+
+            async def sleeper() -> None:
+                if until is None:
+                    await trio.sleep(MAX_IDLE.total_seconds())
+                else:
+                    await self._sleep_until(until)
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(sleeper)
+            await self._wake.wait()
+            nursery.cancel_scope.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED) -> None:
+        """Started at once (a store in trouble must not hold up the daemon's start); the
+        release of rows left in flight comes first, then claims."""
+        task_status.started(self)
+        released, failing = await Backoff(log, "releasing the deliveries left in flight").call(
+            lambda: self._gateway.run(_release_all, to_us(self._clock()))
+        )
+        if released:
+            log.warning("%d deliveries were in flight when trigd stopped; sending again", released)
+        for endpoint in failing:
+            self._endpoints.mark_failing(endpoint)
+        if failing:
+            log.warning(
+                "%d endpoints were failing when trigd stopped; one delivery at a time to each "
+                "until it answers",
+                len(failing),
+            )
+        settings = self._settings
+        claiming = Backoff(log, "claiming due deliveries")
+        async with trio.open_nursery() as nursery:
+            while True:
+                self._wake = trio.Event()
+                now = self._clock()
+                slots = self._endpoints.slots()
+                next_due_us: int | None = None
+                if slots.free > 0:
+                    try:
+                        rows, next_due_us = await self._gateway.run(
+                            _claim, to_us(now), to_us(now + settings.lease), slots
+                        )
+                    except STORE_TROUBLE as exc:
+                        await claiming.wait(exc)  # nothing was claimed: try again afresh
+                        continue
+                    claiming.cleared()
+                    self._endpoints.started(row.endpoint for row in rows)
+                    for row in rows:
+                        nursery.start_soon(self._deliver, row)
+                await self._wait(None if next_due_us is None else from_us(next_due_us))
+
+    async def _deliver(self, row: outbox.OutboxRow) -> None:
+        answered: bool | None = None
+        try:
+            answered = await self._deliver_row(row)
+        finally:
+            if self._endpoints.finished(row.endpoint, answered):
+                if answered:
+                    log.warning("endpoint %s answers again", row.endpoint)
+                else:
+                    log.warning(
+                        "endpoint %s is failing; one delivery at a time until it answers",
+                        row.endpoint,
+                    )
+            self._wake.set()
+
+    async def _deliver_row(self, row: outbox.OutboxRow) -> bool | None:
+        """Attempt the row; whether the endpoint answered (None: it was not reached)."""
+        try:
+            triggered = TriggeredAction.model_validate_json(row.document)
+        except ValidationError as exc:
+            reason = f"invalid outbox document: {exc.errors()[0]['msg']}"
+            outcome = AttemptOutcome(error=reason)
+            await self._finish(row, None, _Result(self._clock(), outcome, Dead(reason), None))
+            return None
+        action = triggered.action
+        if isinstance(action, CallWebhook):
+            held = await self._hold_for(row, self._timeout(action))
+            if held is None:
+                log.warning(
+                    "delivery %s: lease lost before the attempt; it will be retried", row.id
+                )
+                return None
+            row = held
+            result = await self._call(row, triggered, action)
+        else:
+            result = _Result(self._clock(), AttemptOutcome(status_code=200), Delivered(), 0)
+        await self._finish(row, triggered, result)
+        return endpoint_answered(result.outcome) if result.reached else None
+
+    def _timeout(self, action: CallWebhook) -> float:
+        """Seconds one attempt may take: the action's own `timeout`, else the config's."""
+        if action.timeout is not None:
+            return action.timeout
+        return self._settings.timeout.total_seconds()
+
+    async def _hold_for(self, row: outbox.OutboxRow, seconds: float) -> outbox.OutboxRow | None:
+        """The row, its lease long enough for an attempt of `seconds` and the commit of its
+        result: an action may allow more time than the configured lease, which would
+        otherwise run out mid-request and have the row sent again beside it (and the
+        result, even a 2xx, dropped). None when the row no longer holds its lease."""
+        held = row.lease_until_us
+        needed = to_us(self._clock() + timedelta(seconds=seconds) + LEASE_MARGIN)
+        if held is None or needed <= held:
+            return row
+        extended = await Backoff(log, f"extending the lease of delivery {row.id}").call(
+            lambda: self._gateway.run(_extend_lease, row.id, held, needed)
+        )
+        return attrs.evolve(row, lease_until_us=needed) if extended else None
+
+    async def _finish(
+        self, row: outbox.OutboxRow, triggered: TriggeredAction | None, result: _Result
+    ) -> None:
+        now = self._clock()
+        decision = result.decision
+        event = None
+        if triggered is not None and isinstance(decision, Delivered | Dead):
+            event = _finished_event(triggered, decision, result.details, now)
+        # the request was made: its result is worth waiting for the store (holding the
+        # slot), rather than a send again after the lease runs out
+        ours = await Backoff(log, f"recording the result of delivery {row.id}").call(
+            lambda: self._gateway.run(_commit, row, result, event, to_us(now))
+        )
+        if not ours:
+            log.warning("delivery %s: lease expired during the attempt; it will be retried", row.id)
+            return
+        if isinstance(decision, Dead):
+            log.warning("delivery %s to %s is dead: %s", row.id, row.endpoint, decision.reason)
+        elif isinstance(decision, RetryAt):
+            log.info("delivery %s: %s; retry at %s", row.id, decision.reason, decision.at)
+        if event is not None:
+            self._emit([event])
+
+    def _decide(self, row: outbox.OutboxRow, outcome: AttemptOutcome) -> Decision:
+        return decide(
+            outcome,
+            failures=row.attempts + 1,
+            created=from_us(row.window_start_us),
+            now=self._clock(),
+            max_age=self._settings.max_age,
+            random=self._random,
+        )
+
+    async def _call(
+        self, row: outbox.OutboxRow, triggered: TriggeredAction, action: CallWebhook
+    ) -> _Result:
+        attempted = self._clock()
+        try:  # the body has no secret; the headers and secret do, references resolved
+            body, own_headers, secret = await trio.to_thread.run_sync(
+                webhook_request, triggered, os.environ
+            )
+        except RenderFailed as exc:
+            failure = {"template_error": exc.template_error, "template_source": exc.template_source}
+            return _Result(
+                attempted, AttemptOutcome(error=exc.reason), Dead(exc.reason), None, failure
+            )
+        except UnresolvedReferences as exc:  # a file gone or unreadable may come back
+            outcome = AttemptOutcome(error=f"Webhook call failed: {exc}")
+            return _Result(attempted, outcome, self._decide(row, outcome), None)
+        msg_id = str(triggered.id)
+        timestamp = math.floor(self._clock().timestamp())
+        headers = httpx.Headers({"Content-Type": "application/json", "User-Agent": USER_AGENT})
+        headers.update(own_headers)  # case-insensitive: the action's own replace these
+        headers["webhook-id"] = msg_id
+        headers["webhook-timestamp"] = str(timestamp)
+        if secret:
+            try:
+                key = signing_key(secret)
+            except ValueError as exc:
+                reason = f"Webhook call failed: {exc}"
+                return _Result(attempted, AttemptOutcome(error=reason), Dead(reason), None)
+            headers["webhook-signature"] = sign(key, msg_id, timestamp, body)
+        timeout = self._timeout(action)
+        started = trio.current_time()
+        try:
+            with trio.fail_after(timeout):
+                status, response_headers, text, retry_after = await self._request(
+                    action, headers, body, timeout
+                )
+        except (trio.TooSlowError, httpx.TimeoutException) as exc:
+            error = f"Webhook call failed: timed out after {timeout:g}s ({type(exc).__name__})"
+            outcome = AttemptOutcome(error=error)
+            return _Result(
+                attempted, outcome, self._decide(row, outcome), _elapsed_us(started), reached=True
+            )
+        except (httpx.UnsupportedProtocol, httpx.LocalProtocolError, ValueError) as exc:
+            reason = f"Webhook call failed: {exc!r}"
+            return _Result(
+                attempted, AttemptOutcome(error=reason), Dead(reason), _elapsed_us(started)
+            )
+        except httpx.HTTPError as exc:
+            outcome = AttemptOutcome(error=f"Webhook call failed: {exc!r}")
+            return _Result(
+                attempted, outcome, self._decide(row, outcome), _elapsed_us(started), reached=True
+            )
+        latency = _elapsed_us(started)
+        outcome = AttemptOutcome(status_code=status, retry_after=retry_after)
+        details: dict[str, Any] = {
+            "status_code": status,
+            "response_body": text,
+            "response_headers": {
+                k: v for k, v in response_headers.items() if not should_redact_header(k)
+            },
+        }
+        decision = Delivered() if is_success(status) else self._decide(row, outcome)
+        return _Result(attempted, outcome, decision, latency, details, reached=True)
+
+    async def _request(
+        self, action: CallWebhook, headers: httpx.Headers, body: str, http_timeout: float
+    ) -> tuple[int, dict[str, str], str, str | None]:
+        """One HTTP exchange; reads at most RESPONSE_READ_BYTES of the answer."""
+        request = self._client.build_request(
+            action.method, action.url, content=body.encode(), headers=headers, timeout=http_timeout
+        )
+        response = await self._client.send(request, stream=True)
+        try:
+            data = bytearray()
+            async for chunk in response.aiter_raw():
+                data += chunk
+                if len(data) >= RESPONSE_READ_BYTES:
+                    break
+        finally:
+            await response.aclose()
+        text = bytes(data).decode(response.encoding or "utf-8", errors="replace")
+        return (
+            response.status_code,
+            dict(response.headers.items()),
+            text[:RESPONSE_BODY_CHARS],
+            response.headers.get("retry-after"),
+        )
+
+
+def _elapsed_us(started: float) -> int:
+    return round((trio.current_time() - started) * 1_000_000)
+
+
+async def run_sender(
+    gateway: StoreGateway,
+    settings: DeliveryConfig,
+    *,
+    clock: Callable[[], datetime] = wall_clock,
+    emit: Callable[[Sequence[ReceivedEvent]], None] = _no_emit,
+    random: Random | None = None,
+    task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Deliver outbox rows until cancelled. `nursery.start` returns the `Sender`, whose
+    `notify()` the evaluator calls after committing new rows. `emit` receives each
+    executed/failed event after its transaction commits (to wake the evaluator).
+    `clock` is the wall clock; one that is a `SleepingClock` also decides how to wait."""
+    limits = httpx.Limits(
+        max_connections=settings.concurrency,
+        max_keepalive_connections=settings.concurrency,
+    )
+    async with httpx.AsyncClient(
+        limits=limits, follow_redirects=False, trust_env=False, timeout=None
+    ) as client:
+        sender = Sender(
+            gateway,
+            settings,
+            client,
+            clock=clock,
+            emit=emit,
+            random=random if random is not None else _StdRandom().random,
+        )
+        await sender.run(task_status=task_status)

@@ -1,0 +1,365 @@
+"""``trigd serve``: the daemon's nursery and lifecycle (docs/OPERATIONS.md#starting-and-stopping,
+#signals, #durability).
+
+Theory of operation. Start-up opens the store (taking its lock), loads the automation
+files, and starts the tasks in dependency order with ``nursery.start``: sender, sweeper,
+inbox pump, evaluator, and last the ingest server, whose start logs
+``trigd listening on ws://HOST:PORT``. Only then is ``READY=1`` sent to systemd.
+
+Signals: SIGHUP reloads the automation files (all valid: swapped in; any invalid, or a
+store that refuses the new set: the old set stays and the error is logged). SIGTERM and
+SIGINT stop gracefully: the ingest server is cancelled first (no new connections or
+frames; its end of the channel closes), the evaluator drains and commits what was queued
+and returns, then everything else is cancelled. ``server.shutdown_timeout`` bounds the
+drain.
+
+Store trouble (docs/OPERATIONS.md#store-trouble) ends no task: each one that writes waits it out
+(``daemon.store_trouble``), and a reload the store refused is simply not applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import signal
+import ssl
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Final
+
+import apsw
+import trio
+
+from daemon.core.automations import Automation, AutomationFileError, load_automation_files
+from daemon.core.clock import wall_clock
+from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
+from daemon.core.counters import CounterSource
+from daemon.core.exit_codes import ExitCode
+from daemon.engine.engine import Engine
+from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.ingest import IngestStats, run_ingest, tls_context
+from daemon.runtime.sender import Sender, run_sender
+from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
+from daemon.runtime.sweeper import SweepSettings, run_sweeper
+from daemon.runtime.systemd import Notifier
+from daemon.wire.submission import Submission
+from store.db import Store, StoreError, StoreUnavailable, UnusableDatabase
+from store.events import inbox_size
+
+log = logging.getLogger("trigd")
+
+
+def engine_for(config: Config) -> Engine:
+    return Engine(
+        expired_bucket_buffer=config.triggers.expired_bucket_buffer,
+        preceding_event_lookback=config.ordering.preceding_event_lookback,
+        seen_expiration=config.ordering.seen_expiration,
+        max_depth=config.ordering.max_depth,
+    )
+
+
+class InboxPump:
+    """Evaluates events trigd made itself (action results, state changes) when no client
+    event arrives to carry them: each wake-up drains the inbox in bounded transactions.
+    Store trouble is waited out with backoff; a bug is logged and retried a second later."""
+
+    def __init__(
+        self, gateway: StoreGateway, engine: Engine, clock: Callable[[], datetime]
+    ) -> None:
+        self._gateway = gateway
+        self._engine = engine
+        self._clock = clock
+        self._wake = trio.Event()
+        self._backoff = Backoff(log, "evaluating trigd's own events")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _drain(self, conn: apsw.Connection) -> int:
+        process_in_transaction(conn, self._engine, [], self._clock())
+        return inbox_size(conn)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            try:
+                while await self._backoff.call(lambda: self._gateway.run(self._drain)) > 0:
+                    await trio.lowlevel.checkpoint()
+            except Exception:
+                log.exception("evaluating trigd's own events failed; will retry")
+                await trio.sleep(1)
+                self._wake.set()
+
+
+async def reload_automations(
+    gateway: StoreGateway, engine: Engine, paths: Sequence[str], clock: Callable[[], datetime]
+) -> bool:
+    """SIGHUP: swap in the new set only when every file is valid and the store takes it.
+    A refusing store is not waited out (the signal loop would stop answering SIGTERM);
+    the engine swaps in memory only after its transaction commits, so the old set stays
+    whole, and the next SIGHUP tries again."""
+    try:
+        automations = await trio.to_thread.run_sync(load_automation_files, list(paths))
+    except AutomationFileError as exc:
+        log.error("reload refused, keeping the automations loaded before: %s", exc)
+        return False
+    try:
+        report = await gateway.run(engine.load_automations, automations, clock())
+    except STORE_TROUBLE as exc:
+        log.error(
+            "reload failed, keeping the automations loaded before: the store refused the "
+            "new set (%s: %s); send SIGHUP again once it clears",
+            type(exc).__name__,
+            exc,
+        )
+        return False
+    log.info("reloaded %d automations", report.automations)
+    return True
+
+
+async def serve(
+    config: Config,
+    automations: Sequence[Automation],
+    *,
+    clock: Callable[[], datetime] = wall_clock,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Run the daemon until SIGTERM/SIGINT. A setting that fails as start-up uses it (the
+    TLS files and the database here, the listen address when ingest starts) raises
+    UnusableSetting."""
+    tls = tls_context(config.server)
+    notifier = Notifier(env)
+    store = await _open_store_once_unlocked(config.store, notifier)
+    try:
+        gateway = StoreGateway(store)
+        engine = engine_for(config)
+        # the store may be locked by another process for a while (`trigd outbox retry`),
+        # or the disk full: wait, as every writing task does, rather than fail to start
+        await _start_up_backoff("loading the automations", notifier).call(
+            lambda: gateway.run(engine.load_automations, automations, clock())
+        )
+        await _run(config, gateway, engine, notifier, clock, tls)
+    finally:
+        store.close()
+
+
+def open_store(settings: StoreConfig) -> Store:
+    """The writer store; a path that cannot hold a database is the ``[store] path`` setting
+    at fault. (A database in use by another trigd, or too new, stays a StoreError.)"""
+    try:
+        return Store.open(settings.path, synchronous=settings.synchronous)
+    except UnusableDatabase as exc:
+        raise UnusableSetting("store", "path", exc.path, exc.why) from exc
+
+
+OPEN_TROUBLE: Final = (
+    apsw.BusyError,
+    apsw.LockedError,
+    apsw.FullError,
+    apsw.IOError,
+    StoreUnavailable,
+)
+"""What opening the store waits out: another process (not a trigd: that one is refused
+at once) holding the write lock, a full or failing disk. Every other failure at open is
+for an operator to fix and ends start-up."""
+
+
+START_UP_TRY: Final = 30.0
+"""Seconds systemd is asked to allow for one more try of a start-up step that waits out
+store trouble, beyond the wait before it (SQLite's busy timeout is 5 s)."""
+
+
+def _start_up_backoff(what: str, notifier: Notifier) -> Backoff:
+    """A Backoff for start-up, before READY=1: systemd ends a start that takes longer than
+    TimeoutStartSec and restarts it, so each wait extends that time past the next try."""
+
+    async def extend(delay: float) -> None:
+        await notifier.notify(f"EXTEND_TIMEOUT_USEC={int((delay + START_UP_TRY) * 1e6):d}")
+
+    return Backoff(log, what, on_wait=extend)
+
+
+async def _open_store_once_unlocked(settings: StoreConfig, notifier: Notifier) -> Store:
+    """`open_store`, waiting while the store cannot be opened for now (`OPEN_TROUBLE`),
+    as the writing tasks wait later on: a full disk at boot must not end in a restart
+    loop, and the cause is logged once."""
+
+    async def attempt() -> Store:
+        return open_store(settings)
+
+    backoff = _start_up_backoff("opening the database", notifier)
+    return await backoff.call(attempt, retry_on=OPEN_TROUBLE)
+
+
+async def _run(
+    config: Config,
+    gateway: StoreGateway,
+    engine: Engine,
+    notifier: Notifier,
+    clock: Callable[[], datetime],
+    tls: ssl.SSLContext | None,
+) -> None:
+    send, receive = trio.open_memory_channel[Submission](config.server.queue_depth)
+    ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
+    counters = CounterSource(
+        os.getpid(), clock(), {"ingest": ingest_stats, "evaluator": evaluator_stats}
+    )
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+            pump = InboxPump(gateway, engine, clock)
+            sender: Sender = await nursery.start(
+                lambda *, task_status: run_sender(
+                    gateway,
+                    config.delivery,
+                    clock=clock,
+                    emit=lambda events: pump.wake(),
+                    task_status=task_status,
+                )
+            )
+
+            def committed() -> None:
+                sender.notify()
+                pump.wake()
+
+            settings = SweepSettings(
+                config.triggers.proactive_granularity,
+                config.store.event_retention,
+                config.store.outbox_retention,
+            )
+            await nursery.start(
+                lambda *, task_status: run_sweeper(
+                    gateway,
+                    engine,
+                    settings,
+                    clock=clock,
+                    on_commit=committed,
+                    counters=counters,
+                    task_status=task_status,
+                )
+            )
+            await nursery.start(pump.run)
+            evaluator_done = trio.Event()
+
+            async def evaluate(*, task_status: trio.TaskStatus[None]) -> None:
+                try:
+                    await run_evaluator(
+                        gateway,
+                        engine,
+                        receive,
+                        clock=clock,
+                        batch_max=config.server.batch_max_events,
+                        stats=evaluator_stats,
+                        on_commit=committed,
+                        log_limits=config.log.limits,
+                        task_status=task_status,
+                    )
+                finally:
+                    evaluator_done.set()
+
+            await nursery.start(evaluate)
+            ingest_scope = trio.CancelScope()
+
+            async def ingest(*, task_status: trio.TaskStatus[int]) -> None:
+                with ingest_scope:
+                    await run_ingest(
+                        config.server,
+                        send,
+                        clock=clock,
+                        tls=tls,
+                        stats=ingest_stats,
+                        log_limits=config.log.limits,
+                        task_status=task_status,
+                    )
+
+            await nursery.start(ingest)
+            await notifier.notify("READY=1")
+            nursery.start_soon(notifier.run_watchdog, partial(gateway.run, _store_alive))
+
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    await reload_automations(gateway, engine, config.triggers.automations, clock)
+                    continue
+                log.info("received %s: stopping", signal.Signals(signum).name)
+                break
+            await notifier.notify("STOPPING=1")
+            ingest_scope.cancel()
+            with trio.move_on_after(config.server.shutdown_timeout.total_seconds()):
+                await evaluator_done.wait()
+            nursery.cancel_scope.cancel()
+    log.info("trigd stopped")
+
+
+def _store_alive(conn: apsw.Connection) -> None:
+    conn.execute("SELECT 1").fetchall()
+
+
+def configure_logging(level: str) -> None:
+    under_journald = "JOURNAL_STREAM" in os.environ
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if under_journald
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    )
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    # one line per webhook request is noise at INFO; the sender logs what matters
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
+
+
+YOUNG_COLLECTION_THRESHOLD: Final = 20_000
+"""Net new container objects between young collections (CPython's default is 700). At
+thousands of events a second the objects in flight (events, batches, replies) pass 700
+every few dozen events, and each collection walks them all again: about 7% of the daemon's
+CPU under load. Refcounting frees nearly everything here, so collecting less often costs
+little memory, and a collection of this size takes a few milliseconds."""
+
+
+def tune_garbage_collector() -> None:
+    """After start-up: what it built (modules, pydantic schemas, automations) lives as long
+    as the process, so it is frozen and no later collection walks it again (a quarter of
+    ingest's CPU otherwise); and young collections come less often."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, middle, old)
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    configure_logging(args.log_level)
+    overrides = {"listen": args.listen, "db": args.db, "automations": args.automations}
+    try:
+        config = load_config(Path(args.config) if args.config else None, os.environ, overrides)
+        automations = load_automation_files(list(config.triggers.automations))
+    except (ConfigError, AutomationFileError) as exc:
+        print(f"trigd serve: {exc}", file=sys.stderr)
+        return ExitCode.USAGE
+    tune_garbage_collector()
+    try:
+        trio.run(serve, config, automations)
+    except (UnusableSetting, BaseExceptionGroup) as exc:
+        unusable = _start_up_failure(exc)
+        if unusable is None:
+            raise  # a bug: its traceback is the report
+        print(f"trigd serve: {unusable}", file=sys.stderr)
+        return ExitCode.USAGE if unusable.lasting else ExitCode.FAILURE
+    except StoreError as exc:
+        print(f"trigd serve: {exc}", file=sys.stderr)
+        return ExitCode.FAILURE
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return ExitCode.INTERRUPTED
+    return ExitCode.OK
+
+
+def _start_up_failure(exc: BaseException) -> UnusableSetting | None:
+    """The setting that stopped start-up when nothing else went wrong: raised before the
+    nursery starts (TLS files, database), or alone out of it (the listen address, with the
+    tasks started before it cancelled)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, UnusableSetting) else None

@@ -1,0 +1,118 @@
+"""The sweeper task: the periodic work of docs/TRIGGERS.md#scheduling-and-the-sweeper.
+
+Every ``proactive_granularity`` (and at once on start, as Prefect's periodic task does): the
+proactive pass over due Proactive triggers, the periodic pass (lost followers re-evaluated,
+closed buckets swept), expiry of seen ids, event retention and outbox retention. The
+proactive and periodic passes run in one transaction so their firings are atomic with their
+bucket changes; the housekeeping deletes run in a second one, bounded per pass so that a
+huge backlog of expired rows never holds the writer for long.
+
+A failing pass is logged and the loop goes on (scenario 89): a bug in one trigger must not
+stop every other automation's proactive evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+import apsw
+import attrs
+import trio
+
+from daemon.core.clock import to_us
+from daemon.core.counters import META_KEY as COUNTERS_KEY
+from daemon.core.counters import CounterSource
+from daemon.engine.engine import ORDERING_SCOPE, Engine
+from daemon.engine.ordering import CausalOrdering
+from daemon.runtime.evaluator import engine_transaction
+from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
+from store import events as events_store
+from store import outbox as outbox_store
+from store.db import write_transaction
+
+log = logging.getLogger(__name__)
+
+
+@attrs.frozen
+class SweepSettings:
+    granularity: timedelta  # the sweeper's period
+    event_retention: timedelta  # events received longer ago are deleted
+    outbox_retention: timedelta  # delivered and dead rows finished longer ago are deleted
+
+
+@attrs.define
+class SweepReport:
+    next_proactive: datetime
+    swept_buckets: int = 0
+    expired_seen: int = 0
+    pruned_events: int = 0
+    pruned_outbox: int = 0
+
+
+def sweep(
+    conn: apsw.Connection,
+    engine: Engine,
+    settings: SweepSettings,
+    now: datetime,
+    counters: str | None = None,
+) -> SweepReport:
+    """One pass of everything periodic, as two transactions; `now` is the wall clock;
+    `counters` is a snapshot of the daemon's counters to store (``daemon.counters``)."""
+    # if the firings of this pass roll back, so must the schedule that counted on them
+    # (engine_transaction), or an alarm would wait a whole `within` more (an early
+    # proactive run is harmless)
+    with engine_transaction(conn, engine):
+        next_proactive = engine.proactive(conn, now)
+        swept = engine.periodic(conn, now)
+    report = SweepReport(next_proactive, swept_buckets=swept)
+    with write_transaction(conn):
+        ordering = CausalOrdering(ORDERING_SCOPE, conn, seen_expiration=engine.seen_expiration)
+        report.expired_seen = ordering.expire_seen(now)
+        report.pruned_events = events_store.prune_events(
+            conn, to_us(now - settings.event_retention)
+        )
+        report.pruned_outbox = outbox_store.prune_finished(
+            conn, to_us(now - settings.outbox_retention)
+        )
+        if counters is not None:
+            events_store.write_meta(conn, COUNTERS_KEY, counters)
+    return report
+
+
+async def run_sweeper(
+    gateway: StoreGateway,
+    engine: Engine,
+    settings: SweepSettings,
+    *,
+    clock: Callable[[], datetime],
+    on_commit: Callable[[], None] = lambda: None,
+    counters: CounterSource | None = None,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the passes forever; `on_commit` wakes the sender after firings were written;
+    each pass stores a snapshot of `counters`. Store trouble is waited out with a
+    backoff (logged once); any other failure is logged and the next pass comes on time."""
+    task_status.started()
+    period = settings.granularity.total_seconds()
+    trouble = Backoff(log, "running the periodic pass")
+    while True:
+        now = clock()
+        snapshot = None if counters is None else counters.snapshot(now)
+        try:
+            report = await gateway.run(sweep, engine, settings, now, snapshot)
+        except STORE_TROUBLE as exc:
+            await trouble.wait(exc)
+            continue
+        except Exception:
+            log.exception("periodic pass failed; trying again in %.3gs", period)
+        else:
+            trouble.cleared()
+            if counters is not None:
+                counters.stored()
+            on_commit()
+            if report.swept_buckets or report.pruned_events or report.pruned_outbox:
+                log.debug("periodic pass: %s", report)
+        await trio.sleep(period)
