@@ -34,7 +34,7 @@ CREATE TABLE inbox (
 
 -- Causal ordering (docs/ORDERING.md), one namespace per scope. Seen ids expire by time only.
 -- "Processing" marks are not stored: they live only as long as the call frame that
--- processes the event (daemon/ordering.py), so none can be left stale by a crash.
+-- processes the event (daemon/engine/ordering.py), so none can be left stale by a crash.
 CREATE TABLE ordering_seen (
     scope   TEXT NOT NULL,
     id      TEXT NOT NULL,
@@ -113,7 +113,7 @@ CREATE TABLE composite_child_firings (
 ) WITHOUT ROWID;
 
 -- The outbox: one row per triggered action, written in the firing's transaction
--- (daemon/delivery.py has the state table). The max_age window and the backoff schedule
+-- (daemon/core/delivery.py has the state table). The max_age window and the backoff schedule
 -- start at coalesce(revived_us, created_us); `attempts` counts attempts in that window,
 -- delivery_attempts keeps them all.
 CREATE TABLE outbox (

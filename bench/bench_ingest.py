@@ -15,7 +15,7 @@ websocket handshake, writes the frames in large chunks from a thread and reads t
 with a few slices per frame, checking that each one acks the expected id, in order.
 
 Like ``trigd serve``, this process tunes the garbage collector after start-up
-(``daemon.service.tune_garbage_collector``) before measuring, and reports the time spent
+(``daemon.runtime.service.tune_garbage_collector``) before measuring, and reports the time spent
 in collections. The number that matters is this process's CPU time per event (``time.process_time``
 around the run, which covers handshake, every frame, every ack and the close).
 """

@@ -5,7 +5,7 @@
 
 Each prints ``port N`` on stdout once listening on 127.0.0.1 and serves until killed.
 The trivial server exists to measure what the benchmark client costs by itself: after a
-wsproto handshake it decodes frames as trigd does (``daemon.wsframes.FrameSplitter``) and
+wsproto handshake it decodes frames as trigd does (``daemon.wire.wsframes.FrameSplitter``) and
 does nothing per frame but slice the id out and frame the ack (a run of acks per read).
 """
 

@@ -3,7 +3,7 @@
 A PyInstaller onefile executable runs as two processes: the bootloader, which unpacks the
 bundle into ``$TMPDIR``, forwards signals and returns the exit code, and its child, the
 Python interpreter running trigd. Under systemd the bootloader is the unit's main PID, so
-``WATCHDOG_PID`` names our parent and `daemon.systemd.Notifier` would ignore the watchdog
+``WATCHDOG_PID`` names our parent and `daemon.runtime.systemd.Notifier` would ignore the watchdog
 (which then kills the service). The unit sets ``NotifyAccess=all``; here the child adopts
 the watchdog when it was addressed to the bootloader.
 """

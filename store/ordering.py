@@ -1,7 +1,7 @@
 """The causal-ordering tables: seen ids and parked followers, per scope.
 
 Functions of a connection, called inside the caller's transaction (the engine in
-`daemon/ordering.py` decides what they mean). Ids are lowercase hyphenated UUID text, times
+`daemon/engine/ordering.py` decides what they mean). Ids are lowercase hyphenated UUID text, times
 integer microseconds since the epoch, a parked follower is kept as its ReceivedEvent JSON.
 Rows that list followers come back as `FollowerRow` sorted by (occurred, id), so siblings
 are released in the order they occurred and ties are broken the same way every time.

@@ -2,9 +2,9 @@
 
 Functions of a connection, called inside the caller's transaction. `enqueue` is the
 trigger engine's side; the rest is the sender's and the operator's: claiming due rows
-under a lease (shared round-robin across endpoints, `daemon/delivery.py: share_slots`, so
+under a lease (shared round-robin across endpoints, `daemon/core/delivery.py: share_slots`, so
 no endpoint, however slow or dead, takes the slots the others need), recording
-attempts, and moving rows through the state table of `daemon/delivery.py`. Rows become
+attempts, and moving rows through the state table of `daemon/core/delivery.py`. Rows become
 `OutboxRow`s through one converter, which validates the status.
 """
 

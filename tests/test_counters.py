@@ -1,4 +1,4 @@
-"""The counter snapshots the sweeper stores for `trigd status` (daemon/counters.py)."""
+"""The counter snapshots the sweeper stores for `trigd status` (daemon/core/counters.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""daemon/gateway.py: one worker thread, calls in order, outcomes back, never abandoned."""
+"""daemon/runtime/gateway.py: one worker thread, calls in order, outcomes back, never abandoned."""
 
 from __future__ import annotations
 

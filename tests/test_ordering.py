@@ -278,7 +278,7 @@ def test_101_follower_error_propagates_and_follower_stays_parked(
 def test_101_in_flight_marks_are_shared_per_connection_and_never_stored(
     tmp_path: Path, e1: ReceivedEvent
 ) -> None:
-    # trigd keeps "processing" in memory (see daemon/ordering.py): instances of one scope on
+    # trigd keeps "processing" in memory (see daemon/engine/ordering.py): instances of one scope on
     # one connection share it, like Prefect's per-scope singleton, and a restart forgets it,
     # so a crash can never leave an event refused as "being processed" forever.
     path = tmp_path / "in-flight.db"

@@ -226,7 +226,7 @@ class UnresolvedReferences(ValueError):
 
 def resolve_webhook(action: CallWebhook, environ: Mapping[str, str]) -> ResolvedWebhook:
     """The action's headers and secret with `env:`/`file:`/`credential:` references
-    resolved (`daemon.references`), each header value checked again once resolved.
+    resolved (`daemon.core.references`), each header value checked again once resolved.
     UnresolvedReferences names each field and reference that fails, never a value."""
     problems: list[str] = []
     headers: dict[str, str] = {}

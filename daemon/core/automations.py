@@ -318,7 +318,7 @@ def _read_documents(path: Path) -> list[Any]:
 
 def reference_problems(automation: Automation, environ: Mapping[str, str]) -> list[str]:
     """`field: why` for every secret or header reference of the automation's webhooks that
-    does not resolve in `environ` (see `daemon.references`)."""
+    does not resolve in `environ` (see `daemon.core.references`)."""
     problems: list[str] = []
     for field in ACTION_LISTS:
         for index, action in enumerate(getattr(automation, field)):

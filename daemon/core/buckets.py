@@ -11,7 +11,7 @@ for proactive) and the triggering event, and returns
 
 The two differ on one path Prefect has: a trigger with `within == 0` and no `after` that
 fires or whose window is over returns None but leaves its row in place (only the sweep
-removes it). `store/buckets.py` persists `stored`; `daemon/engine.py` turns `fires` into
+removes it). `store/buckets.py` persists `stored`; `daemon/engine/engine.py` turns `fires` into
 `Firing`s with the wall clock, since nothing here may read a clock.
 """
 

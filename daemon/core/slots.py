@@ -1,6 +1,6 @@
 """Who may hold one of ingest's sockets: pending handshakes, established websockets, peers.
 
-Without I/O, so the rules can be read and tested in one place; ``daemon.ingest`` does the
+Without I/O, so the rules can be read and tested in one place; ``daemon.runtime.ingest`` does the
 sockets and the waiting.
 
 Theory of operation. A socket is admitted (``ConnectionSlots.admit``) right after

@@ -7,7 +7,7 @@ endpoint learns another action's (or its own) secret, header values or url path.
 
 Templates come from automation files, which an edge operator may not fully control, so
 they run in Jinja's immutable sandbox with `range()` capped and Prefect's loop limits
-(checked when the automation is loaded, by `daemon.action_models.validate_user_template`).
+(checked when the automation is loaded, by `daemon.core.action_models.validate_user_template`).
 Missing attributes render as empty strings (`ChainableUndefined`), as in Prefect. Any
 failure while rendering is a `RenderFailed`, which makes the delivery dead: a template that
 fails once fails on every retry.

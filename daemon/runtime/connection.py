@@ -4,7 +4,7 @@ Theory of operation. trio-websocket runs one reader task per connection that fee
 and sends each message through a channel, so every frame costs several task switches.
 ``CheckpointConnection`` keeps trio-websocket for the HTTP upgrade and the close
 handshake but replaces that reader: it reads the socket a chunk at a time and, once the
-connection is open, passes the chunk through a ``FrameSplitter`` (``daemon.wsframes``),
+connection is open, passes the chunk through a ``FrameSplitter`` (``daemon.wire.wsframes``),
 which decodes the whole text frames itself and hands every other frame to wsproto.
 Complete messages and pings (as ``PingMarker``s, not answered here) are collected in
 stream order and handed to the connection's ``FrameConsumer`` in one call per chunk, and
@@ -207,7 +207,7 @@ class CheckpointConnection(WebSocketConnection):
             await self._dispatch(event)
 
     async def send_frames(self, frames: list[bytes]) -> None:
-        """Several encoded frames (``daemon.wsframes``) in one write; acks come in runs."""
+        """Several encoded frames (``daemon.wire.wsframes``) in one write; acks come in runs."""
         if self._close_reason or self._wsproto.state != ConnectionState.OPEN:
             raise ConnectionClosed(self._close_reason)
         data = b"".join(frames)

@@ -11,7 +11,7 @@ Failures:
 
 * a store that cannot write (I/O error, busy): nothing is resolved, the cause is logged,
   and the same batch is retried with exponential backoff until it goes through
-  (``daemon.store_trouble``); meanwhile the channel fills and ingest stops reading sockets
+  (``daemon.runtime.store_trouble``); meanwhile the channel fills and ingest stops reading sockets
   (docs/PROTOCOL.md#backpressure,
   docs/OPERATIONS.md#store-trouble);
 * a full disk: the batch may be too big for the space left, while a part of it fits. A
@@ -25,11 +25,11 @@ Failures:
 * any other exception is a bug in some event's processing. The transaction rolled back, so
   the batch is retried one event per transaction: the others go through and only the
   poisonous one is refused, with ``internal error: ...``. These lines, one per bad event,
-  are rate limited (``daemon.log_throttle``, the ``[log]`` settings).
+  are rate limited (``daemon.core.log_throttle``, the ``[log]`` settings).
 
 Shutdown: each commit attempt is shielded from cancellation, so a batch taken from the
 channel is committed (or fails) as a whole; the worker thread cannot be abandoned anyway
-(``daemon.gateway``), and SQLite's busy timeout bounds how long it can take. Cancellation
+(``daemon.runtime.gateway``), and SQLite's busy timeout bounds how long it can take. Cancellation
 is delivered while waiting for events or between retries, where nothing is half-done.
 When every sender clone of the channel is closed, the task drains what is queued and
 returns, which is how the service stops it gracefully.

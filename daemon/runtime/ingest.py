@@ -5,9 +5,9 @@ Theory of operation. trio-websocket does the HTTP upgrade and the close handshak
 comes in between is handled chunk by chunk. Each connection runs two tasks over one
 ``ReplyQueue``:
 
-* the reader (``daemon.connection.CheckpointConnection``'s reader task) reads the socket
+* the reader (``daemon.runtime.connection.CheckpointConnection``'s reader task) reads the socket
   up to ``RECEIVE_BYTES`` at a time. Once the connection is open, a ``FrameSplitter``
-  (``daemon.wsframes``) decodes the whole text frames of the chunk and hands every other
+  (``daemon.wire.wsframes``) decodes the whole text frames of the chunk and hands every other
   frame to wsproto, whose messages and pings join them in stream order. All of a chunk's
   frames go to the connection's ``_Session`` in one call. The session checks the auth
   message a subprotocol client owes (answering pings at once until then), then turns each
@@ -22,7 +22,7 @@ comes in between is handled chunk by chunk. Each connection runs two tasks over 
   run of them in one ``send_all``, and a pong is sent only after every event received
   before its ping is committed: the checkpoint Prefect's client relies on.
 
-Bounds: every accepted socket takes a slot (``daemon.slots``): at most
+Bounds: every accepted socket takes a slot (``daemon.core.slots``): at most
 ``max_pending_handshakes`` in their handshake and ``max_connections`` past it, at most
 ``max_connections_per_peer`` from one address, each pool apart, so that sockets that never
 finish a handshake cannot lock out those that did; one sending nothing for ``idle_timeout``

@@ -9,11 +9,12 @@ across endpoints; an endpoint whose last attempt failed (network error, timeout,
 5xx) gets one at a time until it answers, and failing endpoints together at most
 `probe_concurrency`, fewer than `concurrency`; endpoints that have not answered since
 start (new or failing) never take the last slot: a failing endpoint never blocks
-deliveries to the others, however many fail (`daemon/delivery.py: Endpoints`). The loop sleeps until
-the next row is due, a slot frees up, or `notify()` says the evaluator committed new rows.
+deliveries to the others, however many fail (`daemon/core/delivery.py: Endpoints`). The
+loop sleeps until the next row is due, a slot frees up, or `notify()` says the evaluator
+committed new rows.
 
 Each attempt ends in one transaction: the attempt row, the move in the state table
-(`daemon/delivery.py`), and — when the delivery is finished — its
+(`daemon/core/delivery.py`), and — when the delivery is finished — its
 `prefect.automation.action.executed` or `.failed` event pushed to the inbox, so the event
 exists if and only if the status change does. `emit` is then told about those events.
 
@@ -23,12 +24,13 @@ same `webhook-id`: delivery is at least once. Endpoints with a row waiting for i
 start out failing, so a restart does not trust a dead endpoint with every slot again.
 
 Store trouble (docs/OPERATIONS.md#store-trouble; disk full, I/O error, the write lock held
-elsewhere) never ends the sender: the release, each claim and each attempt's commit are retried with
-the backoff of `daemon.store_trouble`, the cause logged once. A delivery whose result cannot be
-committed keeps its slot and its lease while it retries, and commits only while the row is still in
-flight under that lease: if the lease ran out and the row was released (and perhaps
-claimed and sent again) meanwhile, the stale result is dropped, never written over the
-newer attempt's row. Any other exception is a bug and still ends the daemon.
+elsewhere) never ends the sender: the release, each claim and each attempt's commit are
+retried with the backoff of `daemon.runtime.store_trouble`, the cause logged once. A
+delivery whose result cannot be committed keeps its slot and its lease while it retries, and
+commits only while the row is still in flight under that lease: if the lease ran out and the
+row was released (and perhaps claimed and sent again) meanwhile, the stale result is
+dropped, never written over the newer attempt's row. Any other exception is a bug and still
+ends the daemon.
 """
 
 from __future__ import annotations

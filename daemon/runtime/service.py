@@ -14,7 +14,7 @@ and returns, then everything else is cancelled. ``server.shutdown_timeout`` boun
 drain.
 
 Store trouble (docs/OPERATIONS.md#store-trouble) ends no task: each one that writes waits it out
-(``daemon.store_trouble``), and a reload the store refused is simply not applied.
+(``daemon.runtime.store_trouble``), and a reload the store refused is simply not applied.
 """
 
 from __future__ import annotations

@@ -60,7 +60,7 @@ def sweep(
     counters: str | None = None,
 ) -> SweepReport:
     """One pass of everything periodic, as two transactions; `now` is the wall clock;
-    `counters` is a snapshot of the daemon's counters to store (``daemon.counters``)."""
+    `counters` is a snapshot of the daemon's counters to store (``daemon.core.counters``)."""
     # if the firings of this pass roll back, so must the schedule that counted on them
     # (engine_transaction), or an alarm would wait a whole `within` more (an early
     # proactive run is harmless)

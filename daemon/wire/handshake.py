@@ -1,7 +1,7 @@
 """The ``/events/in`` wire protocol without any I/O: handshake, auth, frames and replies.
 
 Everything here is a pure function of what the client sent, so the rules of docs/PROTOCOL.md
-(#subprotocols to #frames) can be read (and tested) in one place; ``daemon.ingest`` does the
+(#subprotocols to #frames) can be read (and tested) in one place; ``daemon.runtime.ingest`` does the
 sockets.
 
 Theory of operation. Prefect's server (``accept_prefect_socket``, docs/PROTOCOL.md#authentication)
