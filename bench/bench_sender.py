@@ -25,7 +25,7 @@ from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.sender import run_sender
 from store import outbox
 from store.db import Store
-from tests.test_sender_support import Reply, Request, make_triggered, outbox_row, run_receiver
+from tests.support.webhook_receiver import Reply, Request, make_triggered, outbox_row, run_receiver
 
 
 async def _slow(request: Request) -> Reply:

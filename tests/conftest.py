@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import apsw
 import pytest
 
+from daemon.core.automations import Automation
 from store.db import Store
+from tests.support.engine_harness import Harness, HarnessMaker
 
 
 @pytest.fixture
@@ -31,3 +34,19 @@ def store(db_path: Path) -> Iterator[Store]:
 def conn(store: Store) -> apsw.Connection:
     """The writer connection of a fresh database file (modules may define their own)."""
     return store.conn
+
+
+@pytest.fixture
+def harness(tmp_path: Path) -> Iterator[HarnessMaker]:
+    """Makes `Harness`es (tests/support/engine_harness.py), each on its own database file;
+    closes them after the test."""
+    made: list[Harness] = []
+
+    def make(automations: Sequence[Automation], **engine: Any) -> Harness:
+        h = Harness(tmp_path / f"trigd-{len(made)}.db", automations, **engine)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()

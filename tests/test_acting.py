@@ -13,7 +13,7 @@ from daemon.core.delivery import action_triggered_event_id
 from daemon.core.firings import Firing, TriggeredAction, TriggerState
 from daemon.engine.acting import act, endpoint_of
 from store.db import Store
-from tests.test_engine_harness import ARACHNOPHOBIA, CHONK_SADNESS, T, spider_walked
+from tests.support.engine_harness import ARACHNOPHOBIA, CHONK_SADNESS, T, spider_walked
 
 
 def _act(tmp_path: Path, automation: Automation, firing: Firing) -> tuple[list[Any], list[Any]]:

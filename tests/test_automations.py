@@ -11,7 +11,6 @@ from uuid import UUID, uuid4, uuid5
 
 import pytest
 from hypothesis import given, settings
-from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from daemon.core.automations import (
@@ -32,7 +31,9 @@ from daemon.core.automations import (
 )
 from daemon.core.events import ReceivedEvent
 from daemon.core.matching import ResourceSpecification
-from tests.test_engine_harness import CHONK, DAFFODIL, HEART, LILY, SPIDER, TULIP
+from tests.support.engine_harness import CHONK, DAFFODIL, HEART, LILY, SPIDER, TULIP
+from tests.support.samples import PUMP_YAML
+from tests.support.strategies import automations, triggers
 
 S = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
 
@@ -578,63 +579,6 @@ def test_fingerprint_ignores_own_id_and_set_order() -> None:
 
 # --- Round trips ----------------------------------------------------------------------------
 
-patterns = st.text(alphabet="abc.*!-", min_size=1, max_size=8)
-specs = st.dictionaries(
-    st.text(min_size=1, max_size=6),
-    st.text(max_size=6) | st.lists(patterns, max_size=2),
-    max_size=2,
-)
-event_triggers = st.builds(
-    lambda **kw: parse_trigger({"type": "event", **kw}),
-    match=specs,
-    match_related=specs | st.lists(specs, max_size=2),
-    after=st.sets(patterns, max_size=2).map(sorted),
-    expect=st.sets(patterns, max_size=2).map(sorted),
-    for_each=st.sets(patterns, max_size=2).map(sorted),
-    posture=st.sampled_from(["Reactive", "Proactive"]),
-    threshold=st.integers(-2, 5),
-    within=st.sampled_from([0, 10, 10.5, 60, 3600.25]) | st.integers(10, 86400),
-)
-
-
-def composites(children: st.SearchStrategy[TriggerTypes]) -> st.SearchStrategy[TriggerTypes]:
-    def build(
-        kind: str, triggers: list[TriggerTypes], within: float | None, req: Any
-    ) -> TriggerTypes:
-        data: dict[str, Any] = {"type": kind, "triggers": triggers, "within": within}
-        if kind == "compound":
-            data["require"] = req if isinstance(req, str) else min(req, len(triggers))
-        return parse_trigger(data)
-
-    return st.builds(
-        build,
-        st.sampled_from(["compound", "sequence"]),
-        st.lists(children, min_size=1, max_size=3),
-        st.none() | st.floats(0, 1e6),
-        st.sampled_from(["any", "all"]) | st.integers(1, 3),
-    )
-
-
-triggers = st.recursive(event_triggers, composites, max_leaves=6)
-actions = st.sampled_from(
-    [
-        {"type": "do-nothing"},
-        {"type": "call-webhook", "url": "http://127.0.0.1:9000/h", "payload": "{{ event.id }}"},
-        {"type": "call-webhook", "url": "https://e.com", "headers": {"a": "b"}, "timeout": 3},
-    ]
-)
-automations = st.builds(
-    lambda **kw: Automation.model_validate(kw),
-    name=st.text(min_size=1, max_size=20),
-    description=st.text(max_size=10),
-    enabled=st.booleans(),
-    tags=st.lists(st.text(max_size=5), max_size=2),
-    trigger=triggers,
-    actions=st.lists(actions, max_size=2),
-    actions_on_trigger=st.lists(actions, max_size=1),
-    created=st.datetimes(timezones=st.just(UTC)),
-)
-
 
 @settings(max_examples=60, deadline=None)
 @given(automations)
@@ -658,26 +602,6 @@ def test_trigger_round_trip_keeps_fingerprint(trigger: TriggerTypes) -> None:
 
 
 # --- Loading files --------------------------------------------------------------------------
-
-PUMP_YAML = """\
-- name: pump pressure burst
-  description: three high-pressure readings within a minute, per pump
-  enabled: true
-  trigger:
-    type: event
-    match: {"prefect.resource.id": "pump.*"}
-    expect: ["pump.pressure.high"]
-    for_each: ["prefect.resource.id"]
-    posture: Reactive
-    threshold: 3
-    within: 60
-  actions:
-    - type: call-webhook
-      url: http://127.0.0.1:9000/hooks/pager
-      headers: {"X-Team": "ops"}
-      payload: '{"text": "{{ automation.name }}: {{ event.resource.id }}"}'
-      secret: "whsec_abc"
-"""
 
 
 def test_loads_the_spec_example(tmp_path: Path) -> None:

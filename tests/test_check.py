@@ -15,7 +15,7 @@ import pytest
 
 from daemon.cli.check import check_command
 from daemon.core.automations import automation_id_for
-from tests.test_automations import PUMP_YAML
+from tests.support.samples import PUMP_YAML
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -22,7 +22,7 @@ import trio
 from daemon.core.config import ServerConfig
 from daemon.runtime.ingest import listen_problem
 from store.db import Store
-from tests.daemon_process import running_daemon, write_config
+from tests.support.daemon_process import running_daemon, write_config
 
 pytestmark = pytest.mark.slow
 

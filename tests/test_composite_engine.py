@@ -16,7 +16,7 @@ from daemon.core.automations import (
 from daemon.core.events import ReceivedEvent
 from daemon.core.firings import TriggeredAction, TriggerState
 from daemon.engine.engine import Engine
-from tests.test_composite import (  # the scenario builders
+from tests.support.composite_scenarios import (
     BAKE,
     BUY,
     GREET,

@@ -1,11 +1,12 @@
 """Connection slots against real sockets: clients that never finish a handshake, idle
 websockets, and too many from one address must not lock anyone else out.
 
-Ingest and the evaluator run in-process (``tests.test_ingest.Starter``) on 127.0.0.1 with a
-real SQLite file. "Another address" is another loopback address: the attacker's sockets
-are bound to 127.0.0.2 (all of 127.0.0.0/8 is loopback on Linux), the well-behaved client
-connects from 127.0.0.1. Every test runs under a hard ``trio.fail_after``; the few that
-must let a timeout lapse configure it well under a second or two.
+Ingest and the evaluator run in-process (``tests.support.ingest_client.Starter``) on
+127.0.0.1 with a real SQLite file. "Another address" is another loopback address: the
+attacker's sockets are bound to 127.0.0.2 (all of 127.0.0.0/8 is loopback on Linux), the
+well-behaved client connects from 127.0.0.1. Every test runs under a hard
+``trio.fail_after``; the few that must let a timeout lapse configure it well under a second
+or two.
 """
 
 from __future__ import annotations
@@ -26,16 +27,16 @@ from daemon.core.config import ServerConfig
 from daemon.engine.engine import Engine
 from daemon.wire.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
 from store.db import Store
-from tests.test_evaluator import GatedEngine, stored_ids
-from tests.test_ingest import (
+from tests.support.evaluator_doubles import GatedEngine, stored_ids
+from tests.support.ingest_client import (
     Daemon,
     Starter,
-    _until,
     authenticate,
     connect,
     event_dict,
     handshake_status,
     replies,
+    until_event,
 )
 
 LIMIT = 10  # seconds: the hard bound on every test here
@@ -66,10 +67,10 @@ async def raw_client(
         client = WSConnection(ConnectionType.CLIENT)
         request = Request(host="127.0.0.1", target="/api/events/in", subprotocols=[subprotocol])
         await stream.send_all(client.send(request))
-        await _until(stream, client, AcceptConnection)
+        await until_event(stream, client, AcceptConnection)
         if auth:
             await stream.send_all(client.send(TextMessage(data='{"type":"auth"}')))
-            reply = await _until(stream, client, TextMessage)
+            reply = await until_event(stream, client, TextMessage)
             assert json.loads(reply.data) == {"type": "auth_success"}
         yield stream, client
 
@@ -203,7 +204,7 @@ async def test_an_auth_message_finding_every_connection_taken_is_closed_1013(
         ):
             await legacy.ping(b"established")
             await stream.send_all(client.send(TextMessage(data='{"type":"auth"}')))
-            close = await _until(stream, client, CloseConnection)
+            close = await until_event(stream, client, CloseConnection)
         assert close.code == 1013
         assert close.reason == "max_connections (1) are all taken; try again later"
         assert daemon.ingest.refused_busy == 1
@@ -225,7 +226,7 @@ async def test_idle_websockets_are_closed_and_their_slots_go_to_a_waiting_client
         ):
             await event_is_acked(daemon)
             for stream, client in (first, second):
-                close = await _until(stream, client, CloseConnection)
+                close = await until_event(stream, client, CloseConnection)
                 assert (close.code, close.reason) == (1001, "no frame for 500ms (idle_timeout)")
         assert daemon.ingest.idle_closed == 2
 
@@ -237,15 +238,15 @@ async def test_a_pinging_client_is_not_idle(start: Starter, db_path: Path) -> No
         async with raw_client(daemon.port, OTHER) as (stream, client):
             for beat in range(12):  # 3 s in all: 6 idle timeouts
                 await stream.send_all(client.send(Ping(payload=b"%d" % beat)))
-                pong = await _until(stream, client, Pong)
+                pong = await until_event(stream, client, Pong)
                 assert pong.payload == b"%d" % beat
                 await trio.sleep(0.25)
             event = event_dict()
             await stream.send_all(client.send(TextMessage(data=json.dumps(event))))
-            ack = await _until(stream, client, TextMessage)
+            ack = await until_event(stream, client, TextMessage)
             assert json.loads(ack.data) == {"type": "ack", "id": event["id"]}
             assert daemon.ingest.idle_closed == 0
-            close = await _until(stream, client, CloseConnection)  # once it stops
+            close = await until_event(stream, client, CloseConnection)  # once it stops
         assert close.code == 1001
         assert daemon.ingest.idle_closed == 1
 
@@ -263,7 +264,7 @@ async def test_a_client_waiting_for_its_acks_is_not_idle(start: Starter, db_path
                 await trio.to_thread.run_sync(engine.entered.wait)
                 await trio.sleep(1.0)  # three idle timeouts
                 engine.gate.set()
-                ack = await _until(stream, client, TextMessage)
+                ack = await until_event(stream, client, TextMessage)
                 assert json.loads(ack.data) == {"type": "ack", "id": event["id"]}
         finally:
             engine.gate.set()

@@ -36,7 +36,7 @@ import pytest
 import trio
 from standardwebhooks import Webhook
 
-from tests.daemon_process import (
+from tests.support.daemon_process import (
     SECRET,
     Daemon,
     burst_automation,
@@ -44,8 +44,8 @@ from tests.daemon_process import (
     write_automations,
     write_config,
 )
-from tests.resending_client import DaemonSlot, open_resending_client
-from tests.test_sender_support import Receiver, Reply, Request, answer, run_receiver
+from tests.support.resending_client import DaemonSlot, open_resending_client
+from tests.support.webhook_receiver import Receiver, Reply, Request, answer, run_receiver
 
 pytestmark = pytest.mark.slow
 

@@ -13,20 +13,17 @@ import pytest
 import trio
 from standardwebhooks import Webhook
 
-from tests.daemon_process import (
+from tests.support.daemon_process import (
     SECRET,
     burst_automation,
+    pressure,
     running_daemon,
     write_automations,
     write_config,
 )
-from tests.test_sender_support import Receiver, answer, run_receiver
+from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
 pytestmark = pytest.mark.slow
-
-
-def pressure(pump: str = "pump.7") -> str:
-    return json.dumps({"event": "pump.pressure.high", "resource": {"prefect.resource.id": pump}})
 
 
 async def trigd(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:

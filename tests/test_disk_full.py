@@ -26,7 +26,7 @@ import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
 from store.db import Store
-from tests.daemon_process import Daemon, running_daemon, write_config
+from tests.support.daemon_process import Daemon, running_daemon, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -28,8 +28,8 @@ import trio
 
 from daemon.cli.emit import emit
 from store.db import Store
-from tests.daemon_process import running_daemon, write_automations, write_config
-from tests.test_sender_support import Receiver, Reply, Request, answer, run_receiver
+from tests.support.daemon_process import running_daemon, write_automations, write_config
+from tests.support.webhook_receiver import Receiver, Reply, Request, answer, run_receiver
 
 pytestmark = pytest.mark.slow
 

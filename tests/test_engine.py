@@ -25,24 +25,22 @@ from daemon.core.firings import TriggeredAction
 from daemon.core.trigger_models import MAX_WITHIN
 from daemon.engine.engine import MAX_AUTOMATION_CHAIN, Engine, Outcome
 from store.db import Store
-from tests.test_engine_harness import (
+from tests.support.engine_harness import (
     ARACHNOPHOBIA,
     CHONK,
     CHONK_PARTY,
     EFFECTIVE,
     SPIDER,
+    HarnessMaker,
     T,
     automation,
     chonk_walked,
     event,
     fired,
-    harness,
     moved,
     spider_walked,
     trigger,
 )
-
-__all__ = ["harness"]
 
 S = timedelta(seconds=1)
 
@@ -55,7 +53,7 @@ def _count(h: Any, table: str) -> int:
 # --- i85-i98 message handling, trigd's form ----------------------------------------------
 
 
-def test_i85_log_writes_are_stored_but_not_evaluated(harness: Any) -> None:
+def test_i85_log_writes_are_stored_but_not_evaluated(harness: HarnessMaker) -> None:
     everything = automation(
         "everything", trigger(match={"prefect.resource.id": "prefect.flow-run.*"}, threshold=1)
     )
@@ -68,7 +66,7 @@ def test_i85_log_writes_are_stored_but_not_evaluated(harness: Any) -> None:
     assert len(fired(h, everything)) == 1
 
 
-def test_i87_parked_event_is_an_outcome_not_an_error(harness: Any) -> None:
+def test_i87_parked_event_is_an_outcome_not_an_error(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     follower = event("animal.walked", T, SPIDER, follows=uuid4())
     assert h.batch([follower]) == [Outcome.parked]
@@ -76,7 +74,7 @@ def test_i87_parked_event_is_an_outcome_not_an_error(harness: Any) -> None:
     assert _count(h, "events") == 1  # stored all the same: acked means committed
 
 
-def test_i88_duplicate_id_is_processed_once(harness: Any) -> None:
+def test_i88_duplicate_id_is_processed_once(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     walked = spider_walked()
     assert h.batch([walked, walked]) == [Outcome.processed, Outcome.duplicate]
@@ -85,7 +83,7 @@ def test_i88_duplicate_id_is_processed_once(harness: Any) -> None:
     assert [a.automation.id for a in fired(h)] == [ARACHNOPHOBIA.id]
 
 
-def test_batch_outcomes_keep_input_order(harness: Any) -> None:
+def test_batch_outcomes_keep_input_order(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     first = spider_walked()
     early = event("animal.walked", T, SPIDER, follows=uuid4())
@@ -104,7 +102,7 @@ WATCHER = automation(
 )
 
 
-def test_state_change_events_are_evaluated_by_the_next_drain(harness: Any) -> None:
+def test_state_change_events_are_evaluated_by_the_next_drain(harness: HarnessMaker) -> None:
     h = harness([ARACHNOPHOBIA, WATCHER])
     h.batch([spider_walked()])
     actions = fired(h)
@@ -118,7 +116,7 @@ def test_state_change_events_are_evaluated_by_the_next_drain(harness: Any) -> No
     assert first_watch.triggering_event.resource.id == f"prefect.automation.{ARACHNOPHOBIA.id}"
 
 
-def test_inbox_drain_is_bounded_per_batch(harness: Any) -> None:
+def test_inbox_drain_is_bounded_per_batch(harness: HarnessMaker) -> None:
     h = harness([ARACHNOPHOBIA, WATCHER], inbox_drain_limit=10)
     h.batch([spider_walked()])
     # every firing queues 2 events (triggered + action.triggered); watcher reacts to one
@@ -141,7 +139,7 @@ def _party_bucket(h: Any) -> Any:
     return h.buckets(CHONK_PARTY.trigger.id)
 
 
-def test_i97_unchanged_automation_keeps_its_buckets_across_reloads(harness: Any) -> None:
+def test_i97_unchanged_automation_keeps_its_buckets_across_reloads(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     h.R(chonk_walked())
     h.R(moved(chonk_walked(), 1 * S, id=uuid4()))
@@ -156,7 +154,7 @@ def test_i97_unchanged_automation_keeps_its_buckets_across_reloads(harness: Any)
     assert action.automation.name == "chonk party!"
 
 
-def test_i98_changed_trigger_starts_fresh(harness: Any) -> None:
+def test_i98_changed_trigger_starts_fresh(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     h.R(chonk_walked())
     assert _party_bucket(h)
@@ -172,7 +170,7 @@ def test_i98_changed_trigger_starts_fresh(harness: Any) -> None:
     assert _party_bucket(h) == []
 
 
-def test_i98_disabled_and_removed_automations_lose_their_state(harness: Any) -> None:
+def test_i98_disabled_and_removed_automations_lose_their_state(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     h.R(chonk_walked())
     disabled = CHONK_PARTY.model_copy(update={"enabled": False})
@@ -214,7 +212,7 @@ def test_state_survives_a_restart(tmp_path: Path) -> None:
         store.close()
 
 
-def test_automations_table_describes_the_loaded_set(harness: Any) -> None:
+def test_automations_table_describes_the_loaded_set(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     names = {r[0] for r in h.conn.execute("SELECT name FROM automations")}
     assert names == {a.name for a in EFFECTIVE}
@@ -225,7 +223,7 @@ def test_automations_table_describes_the_loaded_set(harness: Any) -> None:
 # --- all or nothing ------------------------------------------------------------------------
 
 
-def test_failure_mid_firing_rolls_back_everything_and_a_retry_works(harness: Any) -> None:
+def test_failure_mid_firing_rolls_back_everything_and_a_retry_works(harness: HarnessMaker) -> None:
     h = harness([CHONK_PARTY])
     h.batch([chonk_walked(), moved(chonk_walked(), 1 * S, id=uuid4())])
     bucket_before = _party_bucket(h)
@@ -251,7 +249,7 @@ def test_failure_mid_firing_rolls_back_everything_and_a_retry_works(harness: Any
     assert _party_bucket(h)[0][3] == 0  # the next window, empty
 
 
-def test_failing_trigger_rolls_back_only_inside_its_savepoint(harness: Any) -> None:
+def test_failing_trigger_rolls_back_only_inside_its_savepoint(harness: HarnessMaker) -> None:
     """Each trigger is evaluated in its own SAVEPOINT; the error still propagates so the
     daemon retries the whole batch (nothing half-done is committed)."""
     h = harness(EFFECTIVE)
@@ -265,7 +263,7 @@ def test_failing_trigger_rolls_back_only_inside_its_savepoint(harness: Any) -> N
     assert _count(h, "events") == 0
 
 
-def test_an_automation_feeding_on_itself_stops_at_the_chain_limit(harness: Any) -> None:
+def test_an_automation_feeding_on_itself_stops_at_the_chain_limit(harness: HarnessMaker) -> None:
     h = harness([ARACHNOPHOBIA, WATCHER])
     h.batch([spider_walked()])
     for _ in range(20):
@@ -277,7 +275,9 @@ def test_an_automation_feeding_on_itself_stops_at_the_chain_limit(harness: Any) 
     assert 0 < watcher_firings <= 2 * (MAX_AUTOMATION_CHAIN + 1)
 
 
-def test_an_event_as_deep_as_ingest_allows_stays_readable_down_the_chain(harness: Any) -> None:
+def test_an_event_as_deep_as_ingest_allows_stays_readable_down_the_chain(
+    harness: HarnessMaker,
+) -> None:
     """trigd nests an event in its own events and outbox documents; at the largest
     max_json_depth, every one of them still parses (nothing is dropped as unreadable)."""
 
@@ -307,7 +307,7 @@ def test_an_event_as_deep_as_ingest_allows_stays_readable_down_the_chain(harness
 
 
 @pytest.mark.parametrize("posture", ["Reactive", "Proactive"])
-def test_the_latest_occurred_fits_the_longest_within(harness: Any, posture: str) -> None:
+def test_the_latest_occurred_fits_the_longest_within(harness: HarnessMaker, posture: str) -> None:
     """An event at the end of the accepted range, in a trigger with the longest `within`:
     the window's end, the proactive deadline and the stored microseconds stay in range."""
     longest = automation(

@@ -8,9 +8,8 @@ provoke (a gate that holds the store thread, a failure for one event id, a full 
 from __future__ import annotations
 
 import re
-import threading
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -27,12 +26,7 @@ from daemon.runtime.evaluator import EvaluatorStats, run_evaluator
 from daemon.runtime.gateway import StoreGateway
 from daemon.wire.submission import Submission
 from store.db import Store
-
-NOW = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
-
-
-def fixed_clock() -> datetime:
-    return NOW
+from tests.support.evaluator_doubles import NOW, GatedEngine, fixed_clock, stored_ids
 
 
 def make_event(event_id: UUID | None = None, name: str = "pump.pressure.high") -> ReceivedEvent:
@@ -45,14 +39,6 @@ def make_event(event_id: UUID | None = None, name: str = "pump.pressure.high") -
         },
         NOW,
     )
-
-
-def stored_ids(path: Path) -> set[str]:
-    reader = Store.open_readonly(path)
-    try:
-        return {str(row[0]) for row in reader.conn.execute("SELECT id FROM events")}
-    finally:
-        reader.conn.close()
 
 
 @attrs.define(eq=False)
@@ -73,27 +59,6 @@ class Recorder:
             self.committed_when_resolved.append(
                 str(submission.event.id) in stored_ids(self.db_path)
             )
-
-
-@attrs.define
-class GatedEngine:
-    """The real engine, but each batch waits in the store thread until the gate opens."""
-
-    inner: Engine
-    gate: threading.Event = attrs.Factory(threading.Event)
-    entered: threading.Event = attrs.Factory(threading.Event)
-    batches: list[int] = attrs.Factory(list)
-
-    def process_batch(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> list[Outcome]:
-        self.batches.append(len(events))
-        self.entered.set()
-        self.gate.wait()
-        return self.inner.process_batch(conn, events, now)
-
-    def rolled_back(self) -> None:
-        self.inner.rolled_back()
 
 
 @attrs.define

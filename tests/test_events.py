@@ -23,6 +23,7 @@ from daemon.core.events import (
     Resource,
     parse_incoming_event,
 )
+from tests.support.strategies import json_scalars, received_events
 
 NOW = datetime(2026, 11, 23, 10, 0, 0, 123456, tzinfo=UTC)
 
@@ -374,52 +375,6 @@ def test_parse_incoming_summarises_many_errors() -> None:
 
 
 # --- Round trips ----------------------------------------------------------------------------
-
-label_text = st.text(min_size=1, max_size=12)
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=10)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
-    ),
-    max_leaves=8,
-)
-times = st.datetimes(
-    min_value=datetime(1970, 1, 2),
-    max_value=datetime(2200, 1, 1),
-    timezones=st.sampled_from([None, UTC]),
-)
-
-
-@st.composite
-def resources(draw: st.DrawFn, role: bool = False) -> dict[str, str]:
-    labels = draw(st.dictionaries(label_text, st.text(max_size=12), max_size=4))
-    labels["prefect.resource.id"] = draw(label_text)
-    if role:
-        labels["prefect.resource.role"] = draw(label_text)
-    return labels
-
-
-@st.composite
-def received_events(draw: st.DrawFn) -> ReceivedEvent:
-    return ReceivedEvent.model_validate(
-        {
-            "occurred": draw(times),
-            "event": draw(st.text(max_size=30)),
-            "resource": draw(resources()),
-            "related": draw(st.lists(resources(role=True), max_size=3)),
-            "payload": draw(st.dictionaries(st.text(max_size=5), json_values, max_size=3)),
-            "id": draw(st.uuids()),
-            "follows": draw(st.none() | st.uuids()),
-            "received": draw(times),
-        }
-    )
 
 
 @settings(deadline=None)  # timing varies under a loaded CI machine

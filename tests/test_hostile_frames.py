@@ -41,7 +41,7 @@ from wsproto.events import (
     TextMessage,
 )
 
-from tests.daemon_process import LISTENING, write_config
+from tests.support.daemon_process import LISTENING, write_config
 
 EXAMPLES: Final = int(os.environ.get("HOSTILE_EXAMPLES", "200"))  # sessions per run
 MAX_EVENT_BYTES: Final = 4096  # frames past 2 x this close 1009: large inputs stay cheap

@@ -1,4 +1,5 @@
-"""The import graph: no cycle among modules or packages, and every module in a layer.
+"""The import graph: no cycle among modules or packages, every module in a layer, and test
+modules that import shared code from `tests.support`, never from each other.
 
 The layering itself is `make lint`'s (`lint-imports`, the contracts in pyproject.toml);
 these checks hold whatever the contracts say, so a cycle fails the test suite too.
@@ -6,6 +7,7 @@ these checks hold whatever the contracts say, so a cycle fails the test suite to
 
 from __future__ import annotations
 
+import ast
 import itertools
 from pathlib import Path
 
@@ -60,3 +62,35 @@ def test_every_daemon_module_is_in_a_layer() -> None:
         f"daemon.{p.name}" for p in daemon.iterdir() if (p / "__init__.py").exists()
     )
     assert (loose, layer_dirs) == ([], sorted(layer for layer in LAYERS if layer != "store"))
+
+
+TESTS = Path(__file__).parent
+
+
+def _imported_test_modules(path: Path) -> list[str]:
+    """The `tests.test_*` modules this file imports, however it spells the import."""
+    package = ".".join(path.relative_to(TESTS.parent).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *([base] if base else [])])
+            found += [base, *(f"{base}.{alias.name}" for alias in node.names)]
+    return sorted({name for name in found if name.startswith("tests.test_")})
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in tests/support/ (fixtures in tests/conftest.py), which holds
+    no test module: a helper left in a test module ties its importers to that module, and a
+    test function or fixture imported by name is collected or used again in the importer."""
+    offenders = {
+        str(path.relative_to(TESTS.parent)): imported
+        for path in sorted(TESTS.rglob("*.py"))
+        if (imported := _imported_test_modules(path))
+    }
+    in_support = sorted(p.name for p in (TESTS / "support").rglob("test_*.py"))
+    assert (offenders, in_support) == ({}, [])

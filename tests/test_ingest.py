@@ -13,14 +13,11 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
-import attrs
 import pytest
 import trio
 import trio.testing
@@ -31,31 +28,27 @@ from trio_websocket import (
 )
 
 from daemon.core.config import ServerConfig
-from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
+from daemon.core.log_throttle import LogLimits
 from daemon.engine.engine import Engine
-from daemon.runtime.evaluator import BatchEngine, EvaluatorStats, run_evaluator
+from daemon.runtime.evaluator import run_evaluator
 from daemon.runtime.gateway import StoreGateway
-from daemon.runtime.ingest import IngestStats, run_ingest
+from daemon.runtime.ingest import run_ingest
 from daemon.wire.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
 from daemon.wire.submission import Submission
 from store.db import Store
-from tests.test_evaluator import NOW, GatedEngine, fixed_clock, stored_ids
+from tests.support.evaluator_doubles import NOW, GatedEngine, fixed_clock, stored_ids
+from tests.support.ingest_client import (
+    Starter,
+    authenticate,
+    connect,
+    event_dict,
+    handshake_status,
+    replies,
+    until_event,
+)
 
 TOKEN = "valid-token"
 LIMIT = 10  # seconds: the hard bound on every test here
-
-
-def event_dict(**overrides: Any) -> dict[str, Any]:
-    event: dict[str, Any] = {
-        "id": str(uuid4()),
-        "occurred": "2026-11-23T09:59:00Z",
-        "event": "pump.pressure.high",
-        "resource": {"prefect.resource.id": "pump.7", "site": "north"},
-        "related": [{"prefect.resource.id": "site.north", "prefect.resource.role": "site"}],
-        "payload": {"bar": 9.2},
-    }
-    event.update(overrides)
-    return event
 
 
 def received_us(path: Path, event_id: str) -> int | None:
@@ -69,80 +62,9 @@ def received_us(path: Path, event_id: str) -> int | None:
     return None if row is None else int(row[0])
 
 
-@attrs.define
-class Daemon:
-    port: int
-    db_path: Path
-    ingest: IngestStats
-    evaluator: EvaluatorStats
-    submit: trio.MemorySendChannel[Submission]
-
-    def url(self, path: str = "/api/events/in") -> str:
-        return f"ws://127.0.0.1:{self.port}{path}"
-
-
-@attrs.define
-class Starter:
-    nursery: trio.Nursery
-    store: Store
-    db_path: Path
-
-    async def __call__(
-        self,
-        *,
-        engine: BatchEngine | None = None,
-        queue: int = 100,
-        batch_max: int = 50,
-        log_limits: LogLimits = DEFAULT_LIMITS,
-        **settings: Any,
-    ) -> Daemon:
-        config = ServerConfig(listen="127.0.0.1:0", **settings)
-        send, receive = trio.open_memory_channel[Submission](queue)
-        ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
-        await self.nursery.start(
-            lambda task_status: run_evaluator(
-                StoreGateway(self.store),
-                engine if engine is not None else Engine(),
-                receive,
-                clock=fixed_clock,
-                batch_max=batch_max,
-                stats=evaluator_stats,
-                task_status=task_status,
-            )
-        )
-        port = await self.nursery.start(
-            lambda task_status: run_ingest(
-                config,
-                send,
-                clock=fixed_clock,
-                stats=ingest_stats,
-                log_limits=log_limits,
-                task_status=task_status,
-            )
-        )
-        return Daemon(port, self.db_path, ingest_stats, evaluator_stats, send)
-
-
 @pytest.fixture
 def start(nursery: trio.Nursery, store: Store, db_path: Path) -> Starter:
     return Starter(nursery, store, db_path)
-
-
-@asynccontextmanager
-async def connect(url: str, **kwargs: Any) -> AsyncIterator[WebSocketConnection]:
-    """``open_websocket_url`` that also closes the socket when the server closed first
-    (trio-websocket's client leaves it to the garbage collector then)."""
-    async with open_websocket_url(url, **kwargs) as ws:
-        try:
-            yield ws
-        finally:
-            stream = ws._stream
-    await trio.aclose_forcefully(stream)
-
-
-async def authenticate(ws: WebSocketConnection, token: str | None) -> None:
-    await ws.send_message(json.dumps({"type": "auth", "token": token}, separators=(",", ":")))
-    assert json.loads(await ws.get_message()) == {"type": "auth_success"}
 
 
 async def close_reason(ws: WebSocketConnection) -> tuple[int, str | None]:
@@ -151,10 +73,6 @@ async def close_reason(ws: WebSocketConnection) -> tuple[int, str | None]:
     reason = caught.value.reason
     assert reason is not None
     return reason.code, reason.reason
-
-
-async def replies(ws: WebSocketConnection, count: int) -> list[dict[str, Any]]:
-    return [json.loads(await ws.get_message()) for _ in range(count)]
 
 
 # --- the handshake matrix (scenarios 110-115) ---------------------------------------------
@@ -449,7 +367,7 @@ async def test_a_continuation_frame_with_nothing_to_continue_closes_1002(
             if auth:
                 await stream.send_all(client.send(TextMessage(data='{"type":"auth"}')))
             await stream.send_all(wire)
-            close = await _until(stream, client, CloseConnection)
+            close = await until_event(stream, client, CloseConnection)
         assert close.code == 1002  # a protocol error, not a bad payload (1007)
 
 
@@ -481,7 +399,7 @@ async def test_frames_after_a_frame_too_large_to_buffer_are_dropped(start: Start
             wire += client.send(TextMessage(data="y" * 4001))  # in the same read
             wire += client.send(Ping(payload=b"after"))
             await stream.send_all(wire)
-            close = await _until(stream, client, CloseConnection)
+            close = await until_event(stream, client, CloseConnection)
         assert close.code == 1009
         async with connect(daemon.url()) as ws:  # the server is still up
             await ws.ping(b"alive")
@@ -698,31 +616,6 @@ async def test_connections_beyond_the_limit_wait_for_a_slot(start: Starter) -> N
 # --- a raw client, for what trio-websocket will not send ----------------------------------
 
 
-async def handshake_status(
-    port: int,
-    path: str = "/api/events/in",
-    *,
-    subprotocols: list[str] | None = None,
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> int:
-    """The HTTP status the server answers an upgrade request with (101 = accepted)."""
-    from wsproto import ConnectionType, WSConnection
-    from wsproto.events import AcceptConnection, RejectConnection, Request
-
-    stream = await trio.open_tcp_stream("127.0.0.1", port)
-    async with stream:
-        client = WSConnection(ConnectionType.CLIENT)
-        request = Request(
-            host="127.0.0.1",
-            target=path,
-            subprotocols=subprotocols or [],
-            extra_headers=headers or [],
-        )
-        await stream.send_all(client.send(request))
-        answer = await _until(stream, client, (AcceptConnection, RejectConnection))
-        return 101 if isinstance(answer, AcceptConnection) else answer.status_code
-
-
 async def send_raw_text_frame(port: int, payload: bytes) -> int:
     """Open a websocket by hand, send one (masked) text frame of raw bytes, and return
     the close code the server answers with."""
@@ -733,24 +626,13 @@ async def send_raw_text_frame(port: int, payload: bytes) -> int:
     async with stream:
         client = WSConnection(ConnectionType.CLIENT)
         await stream.send_all(client.send(Request(host="127.0.0.1", target="/api/events/in")))
-        await _until(stream, client, AcceptConnection)
+        await until_event(stream, client, AcceptConnection)
         assert len(payload) < 126
         mask = b"\x00\x00\x00\x00"  # masked with zeros: the payload goes as is
         await stream.send_all(bytes([0x81, 0x80 | len(payload)]) + mask + payload)
-        close = await _until(stream, client, CloseConnection)
+        close = await until_event(stream, client, CloseConnection)
         assert isinstance(close, CloseConnection)
         return close.code
-
-
-async def _until(stream: trio.SocketStream, client: Any, kind: Any) -> Any:
-    while True:
-        for event in client.events():
-            if isinstance(event, kind):
-                return event
-        data = await stream.receive_some(65536)
-        if not data:
-            raise AssertionError(f"connection closed before {kind}")
-        client.receive_data(data)
 
 
 # --- several frames in one chunk --------------------------------------------------------
@@ -765,7 +647,7 @@ async def raw_upgrade(port: int, subprotocols: list[str]) -> tuple[trio.SocketSt
     client = WSConnection(ConnectionType.CLIENT)
     request = Request(host="127.0.0.1", target="/api/events/in", subprotocols=subprotocols)
     await stream.send_all(client.send(request))
-    await _until(stream, client, AcceptConnection)
+    await until_event(stream, client, AcceptConnection)
     return stream, client
 
 
@@ -775,7 +657,7 @@ async def raw_replies(stream: trio.SocketStream, client: Any, count: int) -> lis
 
     out: list[object] = []
     while len(out) < count:
-        event = await _until(stream, client, (TextMessage, Pong))
+        event = await until_event(stream, client, (TextMessage, Pong))
         if isinstance(event, Pong):
             out.append(("pong", bytes(event.payload)))
         else:
@@ -826,7 +708,7 @@ async def test_events_before_a_frame_that_closes_the_connection_are_acked_first(
                 wire += client.send(TextMessage(data="x" * 4001))
             await stream.send_all(wire)  # one write: the bad frame is read with the rest
             got = await raw_replies(stream, client, 4)
-            close = await _until(stream, client, CloseConnection)
+            close = await until_event(stream, client, CloseConnection)
         assert got == [{"type": "auth_success"}, *({"type": "ack", "id": e["id"]} for e in events)]
         assert close.code == (1007 if bad == "invalid utf-8" else 1009)
         assert stored_ids(db_path) == {e["id"] for e in events}
@@ -869,7 +751,7 @@ async def test_events_before_a_close_in_the_same_write_are_taken(
         async with stream:
             wire = b"".join(client.send(TextMessage(data=json.dumps(e))) for e in events)
             await stream.send_all(wire + client.send(CloseConnection(code=1000)))
-            await _until(stream, client, CloseConnection)
+            await until_event(stream, client, CloseConnection)
         last = event_dict()  # batches commit in channel order: once this one is acked ...
         async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
             await authenticate(ws, None)

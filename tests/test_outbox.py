@@ -14,7 +14,7 @@ from daemon.core.clock import to_us
 from daemon.core.delivery import DeliveryState, IllegalMove, Slots
 from store import outbox
 from store.db import Store
-from tests.test_sender_support import T0
+from tests.support.webhook_receiver import T0
 
 NOW = to_us(T0)
 SECOND = 1_000_000

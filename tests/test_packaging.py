@@ -26,14 +26,14 @@ from standardwebhooks import Webhook
 
 from daemon import __version__
 from daemon.cli.check import check_command
-from tests.daemon_process import (
+from tests.support.daemon_process import (
     SECRET,
     burst_automation,
     running_daemon,
     write_automations,
     write_config,
 )
-from tests.test_sender_support import Receiver, answer, run_receiver
+from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
 ROOT: Final = Path(__file__).resolve().parent.parent
 PACKAGING: Final = ROOT / "packaging"

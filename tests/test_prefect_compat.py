@@ -4,7 +4,7 @@
 Prefect lives in its own virtualenv, `.venv-prefect/` at the repository root, made on the
 first run (about a minute and a half) and reused afterwards; a marker file says it was
 completed. When the package registry cannot be reached the test is skipped, saying so.
-tests/prefect_client_script.py is what runs inside it.
+tests/support/prefect_client_script.py is what runs inside it.
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ import apsw
 import pytest
 import trio
 
-from tests.daemon_process import burst_automation, running_daemon, write_automations, write_config
-from tests.test_sender_support import Receiver, answer, run_receiver
+from tests.support.daemon_process import (
+    burst_automation,
+    running_daemon,
+    write_automations,
+    write_config,
+)
+from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +38,7 @@ REPO: Final = Path(__file__).resolve().parent.parent
 VENV: Final = REPO / ".venv-prefect"
 READY_MARKER: Final = VENV / ".trigd-ready"
 PREFECT_REQUIREMENT: Final = "prefect>=3.8,<3.9.1"  # 3.9.1 wants a newer certifi than we get
-SCRIPT: Final = Path(__file__).resolve().parent / "prefect_client_script.py"
+SCRIPT: Final = Path(__file__).resolve().parent / "support" / "prefect_client_script.py"
 TOKEN: Final = "prefect-compat-token"
 VENV_TIMEOUT: Final = 540  # seconds to create the virtualenv and install Prefect
 RUN_TIMEOUT: Final = 90  # seconds for the daemon, the script and the webhooks

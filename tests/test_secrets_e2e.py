@@ -16,9 +16,14 @@ import pytest
 import trio
 from standardwebhooks import Webhook
 
-from tests.daemon_process import burst_automation, running_daemon, write_automations, write_config
-from tests.test_sender_secrets import database_bytes
-from tests.test_sender_support import Receiver, answer, run_receiver
+from tests.support.daemon_process import (
+    burst_automation,
+    database_bytes,
+    running_daemon,
+    write_automations,
+    write_config,
+)
+from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
 pytestmark = pytest.mark.slow
 

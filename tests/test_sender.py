@@ -5,32 +5,27 @@ from __future__ import annotations
 
 import email.utils
 import json
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import attrs
 import pytest
 import trio
 from standardwebhooks.webhooks import Webhook
 
 from daemon import __version__
 from daemon.core.clock import from_us, to_us, wall_clock
-from daemon.core.config import DeliveryConfig
 from daemon.core.delivery import DeliveryState, action_triggered_event_id
 from daemon.core.events import ReceivedEvent
-from daemon.core.firings import TriggeredAction
 from daemon.engine.acting import endpoint_of
-from daemon.runtime.gateway import StoreGateway
-from daemon.runtime.sender import Sender, run_sender
 from store import outbox
 from store.db import Store
 from store.events import peek_inbox
-from tests.test_sender_support import (
+from tests.support.sender_harness import TEST_TIMEOUT, start, webhook
+from tests.support.webhook_receiver import (
     T0,
     JumpingClock,
-    Receiver,
     Reply,
     Request,
     answer,
@@ -38,34 +33,6 @@ from tests.test_sender_support import (
     outbox_row,
     run_receiver,
 )
-
-TEST_TIMEOUT = 10  # seconds of real time per test
-
-
-@attrs.define
-class Harness:
-    store: Store
-    gateway: StoreGateway
-    sender: Sender
-    clock: Any
-    events: trio.MemoryReceiveChannel[ReceivedEvent]
-
-    async def enqueue(self, *triggered: TriggeredAction) -> None:
-        def write(conn: Any) -> None:
-            with conn:
-                outbox.enqueue(conn, [outbox_row(t, created=self.clock()) for t in triggered])
-
-        await self.gateway.run(write)
-        self.sender.notify()
-
-    async def next_event(self) -> ReceivedEvent:
-        return await self.events.receive()
-
-    def row(self, triggered: TriggeredAction) -> outbox.OutboxRow:
-        return outbox.get(self.store.conn, str(triggered.id))
-
-    def attempts(self, triggered: TriggeredAction) -> list[outbox.AttemptRow]:
-        return outbox.attempts(self.store.conn, str(triggered.id))
 
 
 @pytest.fixture
@@ -79,46 +46,6 @@ async def nursery() -> AsyncIterator[trio.Nursery]:
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
     return Store.open(tmp_path / "trigd.db", synchronous="normal")
-
-
-def settings(**overrides: Any) -> DeliveryConfig:
-    values: dict[str, Any] = {
-        "timeout": timedelta(seconds=5),
-        "max_age": timedelta(hours=72),
-        "concurrency": 4,
-        "per_endpoint_concurrency": 2,
-        "lease": timedelta(seconds=60),
-    }
-    values.update(overrides)
-    return DeliveryConfig(**values)
-
-
-async def start(
-    nursery: trio.Nursery, store: Store, clock: Any = None, **overrides: Any
-) -> Harness:
-    clock = clock if clock is not None else JumpingClock()
-    send, receive = trio.open_memory_channel[ReceivedEvent](1000)
-
-    def emit(events: Sequence[ReceivedEvent]) -> None:
-        for event in events:
-            send.send_nowait(event)
-
-    gateway = StoreGateway(store)
-    sender = await nursery.start(
-        lambda task_status: run_sender(
-            gateway,
-            settings(**overrides),
-            clock=clock,
-            emit=emit,
-            random=lambda: 0.5,  # no jitter: waits are exactly the schedule
-            task_status=task_status,
-        )
-    )
-    return Harness(store, gateway, sender, clock, receive)
-
-
-def webhook(receiver: Receiver, **fields: Any) -> TriggeredAction:
-    return make_triggered({"type": "call-webhook", "url": receiver.url(), **fields})
 
 
 def scripted(*replies: Reply) -> Any:

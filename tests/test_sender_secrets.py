@@ -20,8 +20,9 @@ from daemon.core.firings import Firing, TriggerState
 from daemon.engine.acting import act
 from store.db import Store
 from store.events import peek_inbox
-from tests.test_sender import TEST_TIMEOUT, start
-from tests.test_sender_support import (
+from tests.support.daemon_process import database_bytes
+from tests.support.sender_harness import TEST_TIMEOUT, start
+from tests.support.webhook_receiver import (
     T0,
     JumpingClock,
     Receiver,
@@ -44,11 +45,6 @@ async def nursery() -> AsyncIterator[trio.Nursery]:
         async with trio.open_nursery() as nursery:
             yield nursery
             nursery.cancel_scope.cancel()
-
-
-def database_bytes(directory: Path) -> bytes:
-    """The database, its -wal and -shm as they are on disk."""
-    return b"".join(p.read_bytes() for p in sorted(directory.glob("trigd.db*")))
 
 
 def two_webhooks(receiver: Receiver, token_file: Path) -> Automation:

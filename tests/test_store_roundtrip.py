@@ -14,8 +14,7 @@ from daemon.core.events import ReceivedEvent
 from daemon.engine.engine import Engine, Outcome
 from store import automations as automations_store
 from store.db import Store
-from tests.test_automations import automations
-from tests.test_events import received_events
+from tests.support.strategies import automations, received_events
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 

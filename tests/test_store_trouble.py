@@ -35,16 +35,16 @@ from store import outbox
 from store.automations import loaded_automations
 from store.db import BUSY_TIMEOUT_MS, Store
 from store.events import inbox_size, push_inbox
-from tests.daemon_process import (
+from tests.support.daemon_process import (
     Daemon,
     burst_automation,
+    pressure,
     running_daemon,
     write_automations,
     write_config,
 )
-from tests.test_daemon_e2e import pressure
-from tests.test_sender import start, webhook
-from tests.test_sender_support import (
+from tests.support.sender_harness import start, webhook
+from tests.support.webhook_receiver import (
     T0,
     JumpingClock,
     Receiver,

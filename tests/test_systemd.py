@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from daemon.runtime.systemd import Notifier
-from tests.daemon_process import running_daemon, write_config
+from tests.support.daemon_process import running_daemon, write_config
 
 
 @attrs.frozen

@@ -15,7 +15,7 @@ from daemon.core.templates import (
     tojson,
     webhook_body,
 )
-from tests.test_sender_support import make_triggered
+from tests.support.webhook_receiver import make_triggered
 
 URL = "http://127.0.0.1:9/hook"
 

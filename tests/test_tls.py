@@ -20,7 +20,7 @@ import trio
 import trustme
 from trio_websocket import open_websocket_url
 
-from tests.daemon_process import LISTENING, running_daemon, write_config
+from tests.support.daemon_process import LISTENING, running_daemon, write_config
 
 pytestmark = pytest.mark.slow
 

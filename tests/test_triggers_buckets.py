@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from daemon.core.automations import EventTrigger
 from daemon.core.buckets import Bucket, EventRef, ensure, evaluate
-from tests.test_engine_harness import T, event
+from tests.support.engine_harness import T, event
 
 LOOKBACK = timedelta(minutes=15)
 

@@ -6,7 +6,7 @@ import json
 from datetime import timedelta
 
 from daemon.core.clock import EventsClock
-from tests.test_engine_harness import T
+from tests.support.engine_harness import T
 
 
 def test_i91_clock_never_updated() -> None:

@@ -7,19 +7,17 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from daemon.engine.engine import Outcome
-from tests.test_engine_harness import (
+from tests.support.engine_harness import (
     CHONK_SADNESS,
     EFFECTIVE,
+    HarnessMaker,
     T,
     automation,
     event,
     fired,
-    harness,
     only_trigger,
     trigger,
 )
-
-__all__ = ["harness"]
 
 M = timedelta(minutes=1)
 S = timedelta(seconds=1)
@@ -29,7 +27,7 @@ FLOW_RUN_ID = {"prefect.resource.id": "prefect.flow-run.*"}
 # --- e34 ---------------------------------------------------------------------------------
 
 
-def test_e34_rolling_proactive_windows(harness: Any) -> None:
+def test_e34_rolling_proactive_windows(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     counts = []
     for seconds in (0, 9, 10, 30, 31, 60):
@@ -56,7 +54,7 @@ UNHEALTHY = automation(
 )
 
 
-def test_f35_unhealthy_work_queue(harness: Any) -> None:
+def test_f35_unhealthy_work_queue(harness: HarnessMaker) -> None:
     h = harness([UNHEALTHY])
     unhealthy = event("prefect.work-queue.unhealthy", T, WQ)
     h.R(unhealthy)
@@ -69,7 +67,7 @@ def test_f35_unhealthy_work_queue(harness: Any) -> None:
     assert action.triggered == T + 120 * M  # P(t) runs at wall time t
 
 
-def test_f36_queue_recovered(harness: Any) -> None:
+def test_f36_queue_recovered(harness: HarnessMaker) -> None:
     h = harness([UNHEALTHY])
     h.R(event("prefect.work-queue.unhealthy", T, WQ))
     h.R(event("prefect.work-queue.healthy", T + 20 * M, WQ))
@@ -95,14 +93,14 @@ def some_event(at: timedelta) -> Any:
     return event("some-event", T + at, "some.resource")
 
 
-def test_f37_after_equals_expect_within_zero_never_fires(harness: Any) -> None:
+def test_f37_after_equals_expect_within_zero_never_fires(harness: HarnessMaker) -> None:
     h = harness([_same("Reactive", 1, 0)])
     for seconds in range(4):
         h.R(some_event(seconds * S))
     assert fired(h) == []
 
 
-def test_f38_after_equals_expect_fires_after_threshold(harness: Any) -> None:
+def test_f38_after_equals_expect_fires_after_threshold(harness: HarnessMaker) -> None:
     h = harness([_same("Reactive", 1, 5)])
     counts = []
     for seconds in (1, 2, 3, 4, 61, 62):
@@ -111,7 +109,7 @@ def test_f38_after_equals_expect_fires_after_threshold(harness: Any) -> None:
     assert counts == [0, 1, 0, 1, 0, 1]
 
 
-def test_f39_after_equals_expect_proactive_does_not_fire(harness: Any) -> None:
+def test_f39_after_equals_expect_proactive_does_not_fire(harness: HarnessMaker) -> None:
     a = _same("Proactive", 2, 10)
     h = harness([a])
     for seconds in (1, 2, 3):
@@ -122,7 +120,7 @@ def test_f39_after_equals_expect_proactive_does_not_fire(harness: Any) -> None:
     assert fired(h) == []
 
 
-def test_f40_after_equals_expect_proactive_fires(harness: Any) -> None:
+def test_f40_after_equals_expect_proactive_fires(harness: HarnessMaker) -> None:
     a = _same("Proactive", 2, 10)
     h = harness([a])
     h.R(some_event(1 * S))
@@ -139,7 +137,7 @@ def test_f40_after_equals_expect_proactive_fires(harness: Any) -> None:
     assert fired(h) == []
 
 
-def test_f41_rapid_fire_immediate(harness: Any) -> None:
+def test_f41_rapid_fire_immediate(harness: HarnessMaker) -> None:
     a = automation("instant", trigger(expect=["some-event"], threshold=1, within=0))
     h = harness([a])
     events = [
@@ -156,7 +154,7 @@ def test_f41_rapid_fire_immediate(harness: Any) -> None:
     assert all(x.triggering_labels == {} for x in actions)
 
 
-def test_f42_rapid_fire_with_threshold_reverse_order(harness: Any) -> None:
+def test_f42_rapid_fire_with_threshold_reverse_order(harness: HarnessMaker) -> None:
     a = automation("ten in a minute", trigger(expect=["some-event"], threshold=10, within=60))
     h = harness([a])
     events = [
@@ -171,7 +169,7 @@ def test_f42_rapid_fire_with_threshold_reverse_order(harness: Any) -> None:
     assert action.triggering_labels == {}
 
 
-def test_f43_event_far_in_the_future_of_the_window(harness: Any) -> None:
+def test_f43_event_far_in_the_future_of_the_window(harness: HarnessMaker) -> None:
     a = automation("every 10 s", trigger(expect=["some-event"], threshold=1, within=10))
     h = harness([a])
     h.R(some_event(0 * S))
@@ -194,7 +192,7 @@ ZOMBIES = automation(
 )
 
 
-def test_f45_zombie_detection_fires_when_heartbeats_stop(harness: Any) -> None:
+def test_f45_zombie_detection_fires_when_heartbeats_stop(harness: HarnessMaker) -> None:
     h = harness([ZOMBIES])
     run = "prefect.flow-run.zzz"
     h.R(event("prefect.flow-run.heartbeat", T, run))
@@ -208,7 +206,7 @@ def test_f45_zombie_detection_fires_when_heartbeats_stop(harness: Any) -> None:
     assert action.triggering_labels == {"prefect.resource.id": run}
 
 
-def test_f44_zombie_heartbeats_keep_it_quiet(harness: Any) -> None:
+def test_f44_zombie_heartbeats_keep_it_quiet(harness: HarnessMaker) -> None:
     """Heartbeats every 60 s keep restarting the 90 s window: never fires."""
     h = harness([ZOMBIES])
     run = "prefect.flow-run.alive"
@@ -218,7 +216,7 @@ def test_f44_zombie_heartbeats_keep_it_quiet(harness: Any) -> None:
     assert fired(h) == []
 
 
-def test_f46_zombie_completed_run_is_not_a_zombie(harness: Any) -> None:
+def test_f46_zombie_completed_run_is_not_a_zombie(harness: HarnessMaker) -> None:
     """A run that completes inside the window is not reported; the key is forgotten."""
     h = harness([ZOMBIES])
     run = "prefect.flow-run.done"
@@ -297,16 +295,16 @@ def _only_the_stuck_flow_triggers(h: Any, a: Any) -> None:
     assert events[5].event == "prefect.flow-run.running"
 
 
-def test_g48_only_the_stuck_flow_triggers(harness: Any) -> None:
+def test_g48_only_the_stuck_flow_triggers(harness: HarnessMaker) -> None:
     _only_the_stuck_flow_triggers(harness([STUCK]), STUCK)
 
 
-def test_g49_wildcard_expect_that_is_a_superset(harness: Any) -> None:
+def test_g49_wildcard_expect_that_is_a_superset(harness: HarnessMaker) -> None:
     wildcard = _stuck(["prefect.flow-run.*"])
     _only_the_stuck_flow_triggers(harness([wildcard]), wildcard)
 
 
-def test_g50_react_only_to_scheduled_flows_completing(harness: Any) -> None:
+def test_g50_react_only_to_scheduled_flows_completing(harness: HarnessMaker) -> None:
     a = automation(
         "scheduled run notifications",
         trigger(
@@ -326,7 +324,7 @@ def test_g50_react_only_to_scheduled_flows_completing(harness: Any) -> None:
     assert action.triggering_event == events[6]
 
 
-def test_g51_any_state_after_pending(harness: Any) -> None:
+def test_g51_any_state_after_pending(harness: HarnessMaker) -> None:
     a = automation(
         "get ready",
         trigger(
@@ -403,17 +401,17 @@ def _play(h: Any, a: Any, items: list[Any], skip_completed: bool = False) -> lis
     return counts
 
 
-def test_f52_regression_3521_negative(harness: Any) -> None:
+def test_f52_regression_3521_negative(harness: HarnessMaker) -> None:
     h = harness([A3521])
     assert sum(_play(h, A3521, _sequence(completed_first=False))) == 0
 
 
-def test_f53_regression_3521_positive(harness: Any) -> None:
+def test_f53_regression_3521_positive(harness: HarnessMaker) -> None:
     h = harness([A3521])
     assert sum(_play(h, A3521, _sequence(completed_first=False), skip_completed=True)) == 1
 
 
-def test_f54_regression_3521_side_quest(harness: Any) -> None:
+def test_f54_regression_3521_side_quest(harness: HarnessMaker) -> None:
     h = harness([A3521])
     items = [i for i in _sequence(completed_first=False) if not isinstance(i, datetime)]
     for item in items:
@@ -427,7 +425,7 @@ def test_f54_regression_3521_side_quest(harness: Any) -> None:
     assert fired(h) == []
 
 
-def test_f55_regression_3244_negative(harness: Any) -> None:
+def test_f55_regression_3244_negative(harness: HarnessMaker) -> None:
     h = harness([A3244])
     pending, completed, *rest = _sequence(completed_first=True)
     assert h.batch([pending], now=T) == [Outcome.processed]
@@ -435,7 +433,7 @@ def test_f55_regression_3244_negative(harness: Any) -> None:
     assert sum(_play(h, A3244, rest)) == 0
 
 
-def test_f56_regression_3244_positive(harness: Any) -> None:
+def test_f56_regression_3244_positive(harness: HarnessMaker) -> None:
     h = harness([A3244])
     assert sum(_play(h, A3244, _sequence(completed_first=True), skip_completed=True)) == 1
 
@@ -461,7 +459,7 @@ def _pending_20_minutes_ago(h: Any) -> None:
     assert fired(h) == []
 
 
-def test_f57_regression_3803_negative(harness: Any) -> None:
+def test_f57_regression_3803_negative(harness: HarnessMaker) -> None:
     h = harness([A3803])
     _pending_20_minutes_ago(h)
     h.R(event("prefect.flow-run.Running", T - 19 * M, FR, received=T), now=T)
@@ -469,14 +467,14 @@ def test_f57_regression_3803_negative(harness: Any) -> None:
     assert fired(h) == []
 
 
-def test_f58_regression_3803_positive_no_events_at_all(harness: Any) -> None:
+def test_f58_regression_3803_positive_no_events_at_all(harness: HarnessMaker) -> None:
     h = harness([A3803])
     _pending_20_minutes_ago(h)
     h.P(A3803, T + 6 * M)
     assert len(fired(h)) == 1
 
 
-def test_f59_regression_3803_positive_unrelated_event_advances_clock(harness: Any) -> None:
+def test_f59_regression_3803_positive_unrelated_event_advances_clock(harness: HarnessMaker) -> None:
     h = harness([A3803])
     _pending_20_minutes_ago(h)
     h.R(event("something.else", T - 6 * M, "any.other.resource", id=uuid4(), received=T), now=T)
@@ -484,7 +482,7 @@ def test_f59_regression_3803_positive_unrelated_event_advances_clock(harness: An
     assert len(fired(h)) == 1
 
 
-def test_proactive_returns_next_run_and_skips_until_due(harness: Any) -> None:
+def test_proactive_returns_next_run_and_skips_until_due(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     with h.conn:
         wake = h.engine.proactive(h.conn, T)

@@ -8,13 +8,14 @@ from uuid import uuid4
 
 from daemon.core.index import TriggerIndex
 from daemon.engine.engine import Outcome
-from tests.test_engine_harness import (
+from tests.support.engine_harness import (
     ANIMAL_LOVER,
     ARACHNOPHOBIA,
     CHONK_LONELY,
     CHONK_PARTY,
     EFFECTIVE,
     SPIDER,
+    HarnessMaker,
     T,
     automation,
     chonk_table,
@@ -22,15 +23,12 @@ from tests.test_engine_harness import (
     event,
     fired,
     gobbled,
-    harness,
     moved,
     nibbled,
     only_trigger,
     spider_walked,
     trigger,
 )
-
-__all__ = ["harness"]
 
 SPIDERS = automation(
     "spiders", trigger(expect=["animal.walked"], match={"class": "Arachnida"}, threshold=1)
@@ -76,7 +74,7 @@ def test_b20_three_candidates() -> None:
     assert len(_index(SPIDERS, ANIMALS, EVERYTHING).interested(walked)) == 3
 
 
-def test_b21_forgotten_automation_selects_nothing(harness: Any) -> None:
+def test_b21_forgotten_automation_selects_nothing(harness: HarnessMaker) -> None:
     h = harness([SPIDERS])
     with h.conn:
         h.engine.load_automations(h.conn, [], T)
@@ -121,7 +119,7 @@ def test_index_glob_quirks() -> None:
 # --- c24-c30 reactive basics -------------------------------------------------------------
 
 
-def test_c24_immediate_trigger_fires_per_event(harness: Any) -> None:
+def test_c24_immediate_trigger_fires_per_event(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     walked = spider_walked()
     h.R(walked)
@@ -138,7 +136,7 @@ def test_c24_immediate_trigger_fires_per_event(harness: Any) -> None:
     assert action.triggering_event == again
 
 
-def test_c25_only_expected_names(harness: Any) -> None:
+def test_c25_only_expected_names(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     walked = spider_walked()
     h.R(walked.model_copy(update={"event": "animal.snoozed"}))
@@ -147,7 +145,7 @@ def test_c25_only_expected_names(harness: Any) -> None:
     assert [a.automation.id for a in fired(h)] == [ARACHNOPHOBIA.id]
 
 
-def test_c26_reactive_fires_as_soon_as_it_can(harness: Any) -> None:
+def test_c26_reactive_fires_as_soon_as_it_can(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     walked = chonk_walked()
     outcomes = []
@@ -159,7 +157,7 @@ def test_c26_reactive_fires_as_soon_as_it_can(harness: Any) -> None:
     assert outcomes[-1] == [walked]
 
 
-def test_c27_threshold_not_met(harness: Any) -> None:
+def test_c27_threshold_not_met(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     walked = chonk_walked()
     for step in (0, 1, 20):
@@ -168,7 +166,7 @@ def test_c27_threshold_not_met(harness: Any) -> None:
     assert fired(h) == []
 
 
-def test_c28_irrelevant_event_creates_nothing(harness: Any) -> None:
+def test_c28_irrelevant_event_creates_nothing(harness: HarnessMaker) -> None:
     h = harness(EFFECTIVE)
     table = chonk_table()
     h.R(table.model_copy(update={"event": "animal.eat"}))
@@ -180,7 +178,7 @@ def test_c28_irrelevant_event_creates_nothing(harness: Any) -> None:
     assert action.triggering_event == later
 
 
-def test_c29_for_each_related_labels(harness: Any) -> None:
+def test_c29_for_each_related_labels(harness: HarnessMaker) -> None:
     flowers = automation(
         "flowers",
         trigger(
@@ -225,7 +223,7 @@ FLOW_FAILED = automation(
 FLOW = {"prefect.resource.id": "prefect.flow.ffffffff", "prefect.resource.role": "flow"}
 
 
-def test_c30_reactive_clean_up_and_sweep(harness: Any) -> None:
+def test_c30_reactive_clean_up_and_sweep(harness: HarnessMaker) -> None:
     h = harness([FLOW_FAILED])
     run = "prefect.flow-run.frfrfrfr"
     h.R(event("prefect.flow-run.Running", T, run, related=[FLOW], received=T))
@@ -251,7 +249,7 @@ def test_c30_reactive_clean_up_and_sweep(harness: Any) -> None:
     assert h.buckets() == []
 
 
-def test_c30_events_clock_offset_delays_the_sweep(harness: Any) -> None:
+def test_c30_events_clock_offset_delays_the_sweep(harness: HarnessMaker) -> None:
     """With the clock still set (offset -1 s... lagging), the sweep runs in event time."""
     h = harness([FLOW_FAILED])
     run = "prefect.flow-run.frfrfrfr"
@@ -280,7 +278,7 @@ RUN_FAILED = automation(
 RUN = "prefect.flow-run.frfrfrfr"
 
 
-def test_d31_follower_released_by_its_leader(harness: Any) -> None:
+def test_d31_follower_released_by_its_leader(harness: HarnessMaker) -> None:
     h = harness([RUN_FAILED])
     pending = event("prefect.flow-run.Pending", T, RUN, received=T + timedelta(seconds=2))
     running = event(
@@ -306,7 +304,7 @@ def test_d31_follower_released_by_its_leader(harness: Any) -> None:
     assert action.triggering_event == failed
 
 
-def test_d32_old_followers_are_not_held(harness: Any) -> None:
+def test_d32_old_followers_are_not_held(harness: HarnessMaker) -> None:
     h = harness([RUN_FAILED])
     b = T - timedelta(hours=1)
     pending = event("prefect.flow-run.Pending", b, RUN, received=b + timedelta(seconds=1))
@@ -332,7 +330,7 @@ def test_d32_old_followers_are_not_held(harness: Any) -> None:
     assert fired(h) == []
 
 
-def test_d33_lost_followers_processed_by_periodic(harness: Any) -> None:
+def test_d33_lost_followers_processed_by_periodic(harness: HarnessMaker) -> None:
     h = harness([RUN_FAILED])
     b = T - timedelta(minutes=15)
     bogus = event("nope", b, "never")
@@ -363,7 +361,7 @@ def test_d33_lost_followers_processed_by_periodic(harness: Any) -> None:
     assert action.triggered == b + timedelta(minutes=20)
 
 
-def test_animal_lover_threshold_zero_fires_on_first_event(harness: Any) -> None:
+def test_animal_lover_threshold_zero_fires_on_first_event(harness: HarnessMaker) -> None:
     h = harness([ANIMAL_LOVER])
     h.R(spider_walked())
     assert len(fired(h)) == 1

@@ -17,12 +17,13 @@ from fnmatch import fnmatchcase
 from typing import Any
 from uuid import UUID
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.core.clock import to_us
 from daemon.core.events import ReceivedEvent
-from tests.test_engine_harness import Harness, T, automation, event, trigger
+from tests.support.engine_harness import Harness, T, automation, event, trigger
 
 LOOKBACK = timedelta(minutes=15)
 BUFFER = timedelta(seconds=60)
@@ -276,7 +277,7 @@ _ops = st.lists(
     ops=_ops,
 )
 def test_engine_follows_the_semantics_step_by_step(
-    tmp_path_factory: Any,
+    tmp_path_factory: pytest.TempPathFactory,
     after: frozenset[str],
     expect: frozenset[str],
     for_each: bool,
@@ -459,7 +460,7 @@ _pipeline_ops = st.lists(
     ops=_pipeline_ops,
 )
 def test_batches_with_causal_ordering_follow_the_semantics(
-    tmp_path_factory: Any,
+    tmp_path_factory: pytest.TempPathFactory,
     after: frozenset[str],
     expect: frozenset[str],
     for_each: bool,

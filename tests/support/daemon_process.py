@@ -82,6 +82,11 @@ def burst_automation(
     }
 
 
+def pressure(pump: str = "pump.7") -> str:
+    """One `pump.pressure.high` event of this pump, as a line of JSON."""
+    return json.dumps({"event": "pump.pressure.high", "resource": {"prefect.resource.id": pump}})
+
+
 def write_automations(directory: Path, automations: list[dict[str, Any]]) -> Path:
     path = directory / "automations.json"
     path.write_text(json.dumps(automations, indent=2))
@@ -178,3 +183,8 @@ async def running_daemon(
             with trio.move_on_after(10):
                 await process.wait()
             nursery.cancel_scope.cancel()
+
+
+def database_bytes(directory: Path) -> bytes:
+    """The database, its -wal and -shm as they are on disk."""
+    return b"".join(p.read_bytes() for p in sorted(directory.glob("trigd.db*")))

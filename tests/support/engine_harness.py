@@ -10,13 +10,11 @@ each automation here has one do-nothing action unless a test says otherwise) and
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from uuid import UUID, uuid4
-
-import pytest
 
 from daemon.core.automations import Automation, EventTrigger
 from daemon.core.events import ReceivedEvent
@@ -254,15 +252,8 @@ def only_trigger(a: Automation) -> EventTrigger:
     return a.trigger
 
 
-@pytest.fixture
-def harness(tmp_path: Path) -> Iterator[Any]:
-    made: list[Harness] = []
+class HarnessMaker(Protocol):
+    """The `harness` fixture (tests/conftest.py): a `Harness` on a fresh database file in
+    the test's tmp_path, closed after the test."""
 
-    def make(automations: Sequence[Automation], **engine: Any) -> Harness:
-        h = Harness(tmp_path / f"trigd-{len(made)}.db", automations, **engine)
-        made.append(h)
-        return h
-
-    yield make
-    for h in made:
-        h.close()
+    def __call__(self, automations: Sequence[Automation], **engine: Any) -> Harness: ...
