@@ -319,7 +319,11 @@ async def test_a_result_the_store_refused_is_committed_once_it_clears(
     assert [a.status_code for a in harness.attempts(triggered)] == [200]
     assert statuses(store.path) == ["delivered"]
     assert harness.sender.in_flight == 0
-    assert len(errors(caplog)) == 1
+    # once for the result; the claim loop, if it ran while locked, logs its own episode once
+    logged = errors(caplog)
+    assert len([e for e in logged if "recording the result of delivery" in e]) == 1
+    assert len([e for e in logged if "claiming due deliveries" in e]) <= 1
+    assert len(logged) <= 2
 
 
 async def test_a_stale_result_never_overwrites_the_row_sent_again(
