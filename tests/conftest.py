@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import apsw
 import pytest
+import trio
 
 from daemon.core.automations import Automation
 from store.db import Store
 from tests.support.engine_harness import Harness, HarnessMaker
+from tests.support.ingest_client import Starter
+from tests.support.sender_harness import TEST_TIMEOUT
 
 
 @pytest.fixture
@@ -50,3 +53,20 @@ def harness(tmp_path: Path) -> Iterator[HarnessMaker]:
     yield make
     for h in made:
         h.close()
+
+
+@pytest.fixture
+async def timed_nursery() -> AsyncIterator[trio.Nursery]:
+    """A nursery of the test's own that fails the test after `TEST_TIMEOUT` seconds and is
+    cancelled when the test ends (pytest-trio's `nursery` has neither)."""
+    with trio.fail_after(TEST_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            yield nursery
+            nursery.cancel_scope.cancel()
+
+
+@pytest.fixture
+def start(nursery: trio.Nursery, store: Store, db_path: Path) -> Starter:
+    """Starts ingest and the evaluator in-process on pytest-trio's nursery, on the test's
+    `store` (`tests/support/ingest_client.py`)."""
+    return Starter(nursery, store, db_path)

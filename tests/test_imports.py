@@ -1,5 +1,6 @@
 """The import graph: no cycle among modules or packages, every module in a layer, and test
-modules that import shared code from `tests.support`, never from each other.
+modules that import shared code from `tests.support`, never from each other; and tests/
+laid out as daemon/ is (docs/ARCHITECTURE.md#tests).
 
 The layering itself is `make lint`'s (`lint-imports`, the contracts in pyproject.toml);
 these checks hold whatever the contracts say, so a cycle fails the test suite too.
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import grimp
 import pytest
+
+from tests.support.paths import REPO, TESTS
 
 ROOTS = ("daemon", "store")
 LAYERS = ("daemon.cli", "daemon.runtime", "daemon.engine", "daemon.wire", "store", "daemon.core")
@@ -54,7 +57,7 @@ def test_no_package_is_in_a_cycle(graph: grimp.ImportGraph) -> None:
 
 def test_every_daemon_module_is_in_a_layer() -> None:
     """A module directly under daemon/ would escape the layering contract."""
-    daemon = Path(__file__).parent.parent / "daemon"
+    daemon = REPO / "daemon"
     loose = sorted(
         p.name for p in daemon.glob("*.py") if p.name not in {"__init__.py", "__main__.py"}
     )
@@ -64,11 +67,9 @@ def test_every_daemon_module_is_in_a_layer() -> None:
     assert (loose, layer_dirs) == ([], sorted(layer for layer in LAYERS if layer != "store"))
 
 
-TESTS = Path(__file__).parent
-
-
 def _imported_test_modules(path: Path) -> list[str]:
-    """The `tests.test_*` modules this file imports, however it spells the import."""
+    """The test modules (`tests.test_*`, `tests.<dir>.test_*`) this file imports, however it
+    spells the import."""
     package = ".".join(path.relative_to(TESTS.parent).with_suffix("").parts[:-1])
     found = []
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -80,7 +81,14 @@ def _imported_test_modules(path: Path) -> list[str]:
                 parent = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join([*parent, *([base] if base else [])])
             found += [base, *(f"{base}.{alias.name}" for alias in node.names)]
-    return sorted({name for name in found if name.startswith("tests.test_")})
+    return sorted(
+        {
+            name
+            for name in found
+            if name.split(".")[0] == "tests"
+            and any(part.startswith("test_") for part in name.split(".")[1:])
+        }
+    )
 
 
 def test_no_test_module_imports_another() -> None:

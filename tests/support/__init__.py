@@ -10,9 +10,10 @@
 - `resending_client`: a client that resends what was not confirmed, as Prefect's does.
 - `strategies`: hypothesis strategies for events and automations.
 - `samples`: sample documents (an automations file).
+- `paths`: the repository's root (`REPO`), for tests that read its files or run its code.
 - `prefect_client_script.py`: run by path with Prefect's virtualenv, never imported.
 
-The rule: test modules import from `tests.support`, never from each other (`tests.test_*`);
-`tests/test_imports.py` enforces it. Fixtures shared across modules live in
-`tests/conftest.py`.
+The rule: test modules import from `tests.support`, never from each other (`tests.test_*`,
+`tests.<dir>.test_*`); `tests/test_imports.py` enforces it. Fixtures shared across modules
+live in `tests/conftest.py`. The layout of tests/: docs/ARCHITECTURE.md#tests.
 """

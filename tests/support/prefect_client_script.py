@@ -1,4 +1,4 @@
-"""Prefect's own event clients against trigd. Not a test module: tests/test_prefect_compat.py
+"""Prefect's own event clients against trigd. Not a test module: tests/e2e/test_prefect_compat.py
 runs it with the Python of a separate virtualenv that has Prefect installed, with
 PREFECT_API_URL pointing at a test daemon, and reads the one JSON object it prints.
 

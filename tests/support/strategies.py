@@ -1,6 +1,6 @@
-"""Hypothesis strategies for the round-trip properties: received events (tests/test_events.py,
-tests/test_store_roundtrip.py) and automations with their triggers (tests/test_automations.py,
-tests/test_store_roundtrip.py)."""
+"""Hypothesis strategies for the round-trip properties: received events (tests/core/test_events.py,
+tests/store/test_roundtrip.py) and automations with their triggers (tests/core/test_automations.py,
+tests/store/test_roundtrip.py)."""
 
 from __future__ import annotations
 

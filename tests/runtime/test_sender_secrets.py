@@ -6,7 +6,6 @@ restart too, since the rows hold references and never the values they stand for.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from daemon.engine.acting import act
 from store.db import Store
 from store.events import peek_inbox
 from tests.support.daemon_process import database_bytes
-from tests.support.sender_harness import TEST_TIMEOUT, start
+from tests.support.sender_harness import start
 from tests.support.webhook_receiver import (
     T0,
     JumpingClock,
@@ -37,14 +36,6 @@ TOKEN = "Bearer pd-7f3c91e0"  # action a: an Authorization header from a file
 LITERAL = "plain-shared-b-55e1"  # action b: a secret written in the automation file
 LITERAL_HEADER = "hdr-b-0c4d"  # action b: a header value written in the file
 URL_TOKEN = "u-tok-9e31"  # in action b's url query
-
-
-@pytest.fixture
-async def nursery() -> AsyncIterator[trio.Nursery]:
-    with trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            yield nursery
-            nursery.cancel_scope.cancel()
 
 
 def two_webhooks(receiver: Receiver, token_file: Path) -> Automation:
@@ -72,12 +63,12 @@ def two_webhooks(receiver: Receiver, token_file: Path) -> Automation:
 
 
 async def test_a_restarted_sender_signs_and_sends_headers_without_a_secret_in_any_body(
-    nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    timed_nursery: trio.Nursery, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HOOK_SIGNING_TEST", SIGNING)
     token_file = tmp_path / "pd.token"
     token_file.write_text(f"{TOKEN}\n")
-    receiver: Receiver = await nursery.start(run_receiver, answer(200))
+    receiver: Receiver = await timed_nursery.start(run_receiver, answer(200))
     automation = two_webhooks(receiver, token_file)
     firing = Firing(
         trigger=automation.trigger,
@@ -100,7 +91,7 @@ async def test_a_restarted_sender_signs_and_sends_headers_without_a_secret_in_an
     assert TOKEN.encode() not in at_rest
 
     store = Store.open(path, synchronous="normal")  # a restart: the sender has only the rows
-    harness = await start(nursery, store, clock=wall_clock)
+    harness = await start(timed_nursery, store, clock=wall_clock)
     requests = {}
     for _ in range(2):
         request = await receiver.next_request()
@@ -133,13 +124,13 @@ async def test_a_restarted_sender_signs_and_sends_headers_without_a_secret_in_an
 
 
 async def test_a_reference_that_no_longer_resolves_is_retried_and_named(
-    nursery: trio.Nursery, tmp_path: Path
+    timed_nursery: trio.Nursery, tmp_path: Path
 ) -> None:
     token_file = tmp_path / "token"
-    receiver: Receiver = await nursery.start(run_receiver, answer(200))
+    receiver: Receiver = await timed_nursery.start(run_receiver, answer(200))
     clock = JumpingClock(auto=False)
     store = Store.open(tmp_path / "trigd.db", synchronous="normal")
-    harness = await start(nursery, store, clock=clock)
+    harness = await start(timed_nursery, store, clock=clock)
     triggered = make_triggered(
         {
             "type": "call-webhook",

@@ -33,9 +33,10 @@ from tests.support.daemon_process import (
     write_automations,
     write_config,
 )
+from tests.support.paths import REPO
 from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
-ROOT: Final = Path(__file__).resolve().parent.parent
+ROOT: Final = REPO
 PACKAGING: Final = ROOT / "packaging"
 UNIT: Final = PACKAGING / "trigd.service"
 EXAMPLE: Final = PACKAGING / "examples" / "example.yaml"

@@ -1,7 +1,7 @@
 """Who may hold ingest's sockets (daemon/core/slots.py): the pools, the per-peer bound, eviction.
 
 Pure: no sockets and no clock. The same rules against real sockets are in
-tests/test_connection_limits.py.
+tests/runtime/test_connection_limits.py.
 """
 
 from __future__ import annotations

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import email.utils
 import json
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from daemon.engine.acting import endpoint_of
 from store import outbox
 from store.db import Store
 from store.events import peek_inbox
-from tests.support.sender_harness import TEST_TIMEOUT, start, webhook
+from tests.support.sender_harness import start, webhook
 from tests.support.webhook_receiver import (
     T0,
     JumpingClock,
@@ -33,14 +32,6 @@ from tests.support.webhook_receiver import (
     outbox_row,
     run_receiver,
 )
-
-
-@pytest.fixture
-async def nursery() -> AsyncIterator[trio.Nursery]:
-    with trio.fail_after(TEST_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            yield nursery
-            nursery.cancel_scope.cancel()
 
 
 @pytest.fixture
@@ -69,7 +60,7 @@ def scripted(*replies: Reply) -> Any:
     ],
 )
 async def test_delivers_on_2xx_with_verifiable_signature(
-    nursery: trio.Nursery, store: Store, secret: str, verifier_key: str | bytes
+    timed_nursery: trio.Nursery, store: Store, secret: str, verifier_key: str | bytes
 ) -> None:
     """Scenario 119 with trigd's inline webhook: the body, status and response headers
     (minus Prefect's redacted ones) are recorded in `prefect.automation.action.executed`."""
@@ -84,8 +75,8 @@ async def test_delivers_on_2xx_with_verifiable_signature(
         },
         b'{"ok": true}',
     )
-    receiver = await nursery.start(run_receiver, scripted(reply))
-    harness = await start(nursery, store, clock=wall_clock)
+    receiver = await timed_nursery.start(run_receiver, scripted(reply))
+    harness = await start(timed_nursery, store, clock=wall_clock)
     triggered = webhook(receiver, headers={"X-Team": "ops"}, secret=secret)
     await harness.enqueue(triggered)
 
@@ -143,10 +134,10 @@ async def test_delivers_on_2xx_with_verifiable_signature(
 
 
 async def test_an_action_header_replaces_trigds_own_whatever_its_case(
-    nursery: trio.Nursery, store: Store
+    timed_nursery: trio.Nursery, store: Store
 ) -> None:
-    receiver = await nursery.start(run_receiver, answer(200))
-    harness = await start(nursery, store)
+    receiver = await timed_nursery.start(run_receiver, answer(200))
+    harness = await start(timed_nursery, store)
     own = {"content-type": "application/cloudevents+json", "USER-AGENT": "pump-box"}
     await harness.enqueue(webhook(receiver, headers=own))
     request = await receiver.next_request()
@@ -155,9 +146,9 @@ async def test_an_action_header_replaces_trigds_own_whatever_its_case(
     assert request.headers["user-agent"] == "pump-box"
 
 
-async def test_no_signature_without_secret(nursery: trio.Nursery, store: Store) -> None:
-    receiver = await nursery.start(run_receiver, answer(204))
-    harness = await start(nursery, store)
+async def test_no_signature_without_secret(timed_nursery: trio.Nursery, store: Store) -> None:
+    receiver = await timed_nursery.start(run_receiver, answer(204))
+    harness = await start(timed_nursery, store)
     triggered = webhook(receiver)
     await harness.enqueue(triggered)
     request = await receiver.next_request()
@@ -167,9 +158,9 @@ async def test_no_signature_without_secret(nursery: trio.Nursery, store: Store) 
     assert "webhook-signature" not in request.headers
 
 
-async def test_rendered_payload_is_the_body(nursery: trio.Nursery, store: Store) -> None:
-    receiver = await nursery.start(run_receiver, answer(200))
-    harness = await start(nursery, store)
+async def test_rendered_payload_is_the_body(timed_nursery: trio.Nursery, store: Store) -> None:
+    receiver = await timed_nursery.start(run_receiver, answer(200))
+    harness = await start(timed_nursery, store)
     payload = (
         '{"text": "{{ automation.name }}: {{ event.resource.id }} '
         '{{ labels.prefect.resource.id }}"}'
@@ -182,8 +173,10 @@ async def test_rendered_payload_is_the_body(nursery: trio.Nursery, store: Store)
     assert (await harness.next_event()).event == "prefect.automation.action.executed"
 
 
-async def test_do_nothing_is_delivered_without_http(nursery: trio.Nursery, store: Store) -> None:
-    harness = await start(nursery, store)
+async def test_do_nothing_is_delivered_without_http(
+    timed_nursery: trio.Nursery, store: Store
+) -> None:
+    harness = await start(timed_nursery, store)
     triggered = make_triggered({"type": "do-nothing"})
     await harness.enqueue(triggered)
     event = await harness.next_event()
@@ -201,10 +194,12 @@ async def test_do_nothing_is_delivered_without_http(nursery: trio.Nursery, store
 
 @pytest.mark.parametrize("status", [500, 503, 408])
 async def test_retries_server_errors_then_succeeds(
-    nursery: trio.Nursery, store: Store, status: int
+    timed_nursery: trio.Nursery, store: Store, status: int
 ) -> None:
-    receiver = await nursery.start(run_receiver, scripted(Reply(status), Reply(status), Reply(200)))
-    harness = await start(nursery, store)
+    receiver = await timed_nursery.start(
+        run_receiver, scripted(Reply(status), Reply(status), Reply(200))
+    )
+    harness = await start(timed_nursery, store)
     triggered = webhook(receiver)
     await harness.enqueue(triggered)
     event = await harness.next_event()
@@ -231,11 +226,11 @@ async def test_retries_server_errors_then_succeeds(
     ],
 )
 async def test_429_honours_retry_after(
-    nursery: trio.Nursery, store: Store, retry_after: str, wait: timedelta
+    timed_nursery: trio.Nursery, store: Store, retry_after: str, wait: timedelta
 ) -> None:
     replies = scripted(Reply(429, {"Retry-After": retry_after}), Reply(200))
-    receiver = await nursery.start(run_receiver, replies)
-    harness = await start(nursery, store)
+    receiver = await timed_nursery.start(run_receiver, replies)
+    harness = await start(timed_nursery, store)
     triggered = webhook(receiver)
     await harness.enqueue(triggered)
     await harness.next_event()
@@ -244,7 +239,7 @@ async def test_429_honours_retry_after(
     assert from_us(attempts[1].attempted_us) - from_us(attempts[0].attempted_us) == wait
 
 
-async def test_timeout_is_retried(nursery: trio.Nursery, store: Store) -> None:
+async def test_timeout_is_retried(timed_nursery: trio.Nursery, store: Store) -> None:
     calls = 0
 
     async def handler(request: Request) -> Reply:
@@ -254,8 +249,8 @@ async def test_timeout_is_retried(nursery: trio.Nursery, store: Store) -> None:
             await trio.sleep_forever()
         return Reply(200)
 
-    receiver = await nursery.start(run_receiver, handler)
-    harness = await start(nursery, store)
+    receiver = await timed_nursery.start(run_receiver, handler)
+    harness = await start(timed_nursery, store)
     triggered = webhook(receiver, timeout=0.3)
     await harness.enqueue(triggered)
     event = await harness.next_event()
@@ -268,12 +263,12 @@ async def test_timeout_is_retried(nursery: trio.Nursery, store: Store) -> None:
     assert [r.headers["webhook-id"] for r in receiver.requests] == [str(triggered.id)] * 2
 
 
-async def test_refused_connection_is_retried(nursery: trio.Nursery, store: Store) -> None:
-    receiver = await nursery.start(
+async def test_refused_connection_is_retried(timed_nursery: trio.Nursery, store: Store) -> None:
+    receiver = await timed_nursery.start(
         lambda task_status: run_receiver(answer(200), listen=False, task_status=task_status)
     )
     clock = JumpingClock(auto=False)
-    harness = await start(nursery, store, clock=clock)
+    harness = await start(timed_nursery, store, clock=clock)
     triggered = webhook(receiver)
     await harness.enqueue(triggered)
 
@@ -298,9 +293,9 @@ async def test_refused_connection_is_retried(nursery: trio.Nursery, store: Store
 # --- dead ---------------------------------------------------------------------------------
 
 
-async def test_4xx_is_dead_at_once(nursery: trio.Nursery, store: Store) -> None:
-    receiver = await nursery.start(run_receiver, scripted(Reply(400, body=b"bad field")))
-    harness = await start(nursery, store)
+async def test_4xx_is_dead_at_once(timed_nursery: trio.Nursery, store: Store) -> None:
+    receiver = await timed_nursery.start(run_receiver, scripted(Reply(400, body=b"bad field")))
+    harness = await start(timed_nursery, store)
     triggered = webhook(receiver)
     await harness.enqueue(triggered)
     event = await harness.next_event()
@@ -315,9 +310,9 @@ async def test_4xx_is_dead_at_once(nursery: trio.Nursery, store: Store) -> None:
     assert len(receiver.requests) == 1
 
 
-async def test_dead_after_max_age(nursery: trio.Nursery, store: Store) -> None:
-    receiver = await nursery.start(run_receiver, answer(503))
-    harness = await start(nursery, store, max_age=timedelta(seconds=60))
+async def test_dead_after_max_age(timed_nursery: trio.Nursery, store: Store) -> None:
+    receiver = await timed_nursery.start(run_receiver, answer(503))
+    harness = await start(timed_nursery, store, max_age=timedelta(seconds=60))
     triggered = webhook(receiver)
     await harness.enqueue(triggered)
     event = await harness.next_event()
@@ -333,9 +328,9 @@ async def test_dead_after_max_age(nursery: trio.Nursery, store: Store) -> None:
     assert harness.row(triggered).status is DeliveryState.DEAD
 
 
-async def test_template_error_is_dead(nursery: trio.Nursery, store: Store) -> None:
-    receiver = await nursery.start(run_receiver, answer(200))
-    harness = await start(nursery, store)
+async def test_template_error_is_dead(timed_nursery: trio.Nursery, store: Store) -> None:
+    receiver = await timed_nursery.start(run_receiver, answer(200))
+    harness = await start(timed_nursery, store)
     triggered = webhook(receiver, payload="{{ range(1000) | list }}")
     await harness.enqueue(triggered)
     event = await harness.next_event()
@@ -349,16 +344,18 @@ async def test_template_error_is_dead(nursery: trio.Nursery, store: Store) -> No
 # --- fairness and crashes -------------------------------------------------------------------
 
 
-async def test_slow_endpoint_does_not_hold_back_others(nursery: trio.Nursery, store: Store) -> None:
+async def test_slow_endpoint_does_not_hold_back_others(
+    timed_nursery: trio.Nursery, store: Store
+) -> None:
     release = trio.Event()
 
     async def slow_handler(request: Request) -> Reply:
         await release.wait()
         return Reply(200)
 
-    slow = await nursery.start(run_receiver, slow_handler)
-    fast = await nursery.start(run_receiver, answer(200))
-    harness = await start(nursery, store, concurrency=4, per_endpoint_concurrency=2)
+    slow = await timed_nursery.start(run_receiver, slow_handler)
+    fast = await timed_nursery.start(run_receiver, answer(200))
+    harness = await start(timed_nursery, store, concurrency=4, per_endpoint_concurrency=2)
     slow_rows = [webhook(slow) for _ in range(4)]
     fast_rows = [webhook(fast) for _ in range(5)]
     await harness.enqueue(*slow_rows)
@@ -375,7 +372,7 @@ async def test_slow_endpoint_does_not_hold_back_others(nursery: trio.Nursery, st
 
 
 async def test_an_action_timeout_longer_than_the_lease_keeps_the_row_its_own(
-    nursery: trio.Nursery, store: Store
+    timed_nursery: trio.Nursery, store: Store
 ) -> None:
     release = trio.Event()
 
@@ -383,9 +380,9 @@ async def test_an_action_timeout_longer_than_the_lease_keeps_the_row_its_own(
         await release.wait()
         return Reply(200)
 
-    receiver = await nursery.start(run_receiver, slow_handler)
+    receiver = await timed_nursery.start(run_receiver, slow_handler)
     clock = JumpingClock(auto=False)
-    harness = await start(nursery, store, clock=clock, lease=timedelta(seconds=60))
+    harness = await start(timed_nursery, store, clock=clock, lease=timedelta(seconds=60))
     triggered = webhook(receiver, timeout=300)  # the action may take 5 minutes
     await harness.enqueue(triggered)
     await receiver.next_request()
@@ -407,9 +404,9 @@ async def test_an_action_timeout_longer_than_the_lease_keeps_the_row_its_own(
 
 
 async def test_row_left_in_flight_by_a_crash_is_sent_again(
-    nursery: trio.Nursery, store: Store
+    timed_nursery: trio.Nursery, store: Store
 ) -> None:
-    receiver = await nursery.start(run_receiver, answer(200))
+    receiver = await timed_nursery.start(run_receiver, answer(200))
     triggered = webhook(receiver)
     with store.conn:
         outbox.enqueue(store.conn, [outbox_row(triggered)])
@@ -418,7 +415,7 @@ async def test_row_left_in_flight_by_a_crash_is_sent_again(
         )
     assert claimed.status is DeliveryState.IN_FLIGHT  # ... and then the process died
 
-    harness = await start(nursery, store)
+    harness = await start(timed_nursery, store)
     event = await harness.next_event()
     assert event.event == "prefect.automation.action.executed"
     [request] = receiver.requests
@@ -435,15 +432,17 @@ async def hang(request: Request) -> Reply:
 
 
 async def test_failing_endpoints_leave_slots_to_a_healthy_one(
-    nursery: trio.Nursery, store: Store
+    timed_nursery: trio.Nursery, store: Store
 ) -> None:
     """More dead endpoints than slots, each with a backlog older than the healthy
     endpoint's rows: the healthy rows are delivered while the dead backlog still waits,
     instead of after every dead row has held a slot for its timeout."""
-    dead = [await nursery.start(run_receiver, hang) for _ in range(6)]
-    healthy = await nursery.start(run_receiver, answer(200))
+    dead = [await timed_nursery.start(run_receiver, hang) for _ in range(6)]
+    healthy = await timed_nursery.start(run_receiver, answer(200))
     clock = JumpingClock(auto=False)  # retries (5 s on) never fall due: only the backlog
-    harness = await start(nursery, store, clock=clock, concurrency=4, per_endpoint_concurrency=2)
+    harness = await start(
+        timed_nursery, store, clock=clock, concurrency=4, per_endpoint_concurrency=2
+    )
     backlog = [webhook(r, timeout=0.2) for r in dead for _ in range(10)]
     older = T0 - timedelta(minutes=1)
 
@@ -463,13 +462,13 @@ async def test_failing_endpoints_leave_slots_to_a_healthy_one(
 
 
 async def test_an_endpoint_failing_before_a_restart_starts_with_one_slot(
-    nursery: trio.Nursery, store: Store
+    timed_nursery: trio.Nursery, store: Store
 ) -> None:
     """Rows waiting for their retry say the endpoint was failing: after a restart it gets
     one delivery at a time, not every slot it is allowed, and not this slot back either
     while its probe hangs."""
-    dead = await nursery.start(run_receiver, hang)
-    healthy = await nursery.start(run_receiver, answer(200))
+    dead = await timed_nursery.start(run_receiver, hang)
+    healthy = await timed_nursery.start(run_receiver, answer(200))
     backlog = [webhook(dead, timeout=60) for _ in range(5)]
     with store.conn:
         older = T0 - timedelta(hours=1)
@@ -485,7 +484,7 @@ async def test_an_endpoint_failing_before_a_restart_starts_with_one_slot(
         )
         outbox.mark_retry(store.conn, claimed[0].id, to_us(T0), "timed out")
     harness = await start(
-        nursery,
+        timed_nursery,
         store,
         clock=JumpingClock(auto=False),
         concurrency=3,

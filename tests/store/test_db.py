@@ -180,7 +180,7 @@ def test_a_path_that_cannot_hold_the_database_is_unusable(tmp_path: Path) -> Non
 
 
 def _version_1_database(path: Path) -> None:
-    """A database as the first release left it (tests/schema_v1.sql is its schema.sql)."""
+    """A database as the first release left it (tests/store/schema_v1.sql is its schema.sql)."""
     conn = apsw.Connection(str(path))
     with conn:
         conn.execute((Path(__file__).parent / "schema_v1.sql").read_text(encoding="utf-8"))

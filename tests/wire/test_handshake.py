@@ -1,7 +1,7 @@
 """The wire protocol's pure functions against hostile input: every parse of what a client
 sends is bounded, and every refusal is an answer (a nack or a close), never an exception.
-The same inputs against the running daemon are in tests/test_ingest.py and
-tests/test_hostile_frames.py."""
+The same inputs against the running daemon are in tests/runtime/test_ingest.py and
+tests/e2e/test_hostile_frames.py."""
 
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from tests.support.daemon_process import (
     write_automations,
     write_config,
 )
+from tests.support.paths import REPO
 from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
 pytestmark = pytest.mark.slow
@@ -193,8 +194,7 @@ def test_start_up_tunes_the_garbage_collector() -> None:
         "assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, middle, old)\n"
         "assert gc.get_freeze_count() > 0\n"
     )
-    root = Path(__file__).resolve().parent.parent
     result = subprocess.run(
-        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr

@@ -62,11 +62,6 @@ def received_us(path: Path, event_id: str) -> int | None:
     return None if row is None else int(row[0])
 
 
-@pytest.fixture
-def start(nursery: trio.Nursery, store: Store, db_path: Path) -> Starter:
-    return Starter(nursery, store, db_path)
-
-
 async def close_reason(ws: WebSocketConnection) -> tuple[int, str | None]:
     with pytest.raises(ConnectionClosed) as caught:
         await ws.get_message()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import timedelta
 from functools import partial
@@ -209,14 +209,6 @@ EXECUTED = "prefect.automation.action.executed"
 
 
 @pytest.fixture
-async def nursery() -> AsyncIterator[trio.Nursery]:
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            yield nursery
-            nursery.cancel_scope.cancel()
-
-
-@pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
     opened = Store.open(tmp_path / "trigd.db", synchronous="normal")
     opened.conn.set_busy_timeout(FAST_BUSY_MS)
@@ -251,10 +243,10 @@ def errors(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 
 async def test_sender_waits_out_a_locked_store_to_claim(
-    nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
+    timed_nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
-    receiver = await nursery.start(run_receiver, replies(Reply(200)))
-    harness = await start(nursery, store)
+    receiver = await timed_nursery.start(run_receiver, replies(Reply(200)))
+    harness = await start(timed_nursery, store)
     await settled(harness.gateway)  # the start-up release and first claim, before the lock
     triggered = webhook(receiver)
     with write_lock(store.path) as other:
@@ -274,10 +266,10 @@ async def test_sender_waits_out_a_locked_store_to_claim(
 
 
 async def test_sender_starts_while_the_store_is_locked(
-    nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
+    timed_nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The rows a previous process left in flight are released once the store lets it."""
-    receiver = await nursery.start(run_receiver, replies(Reply(200)))
+    receiver = await timed_nursery.start(run_receiver, replies(Reply(200)))
     triggered = webhook(receiver)
     with store.conn:
         outbox.enqueue(store.conn, [outbox_row(triggered)])
@@ -285,7 +277,7 @@ async def test_sender_starts_while_the_store_is_locked(
             store.conn, to_us(T0), to_us(T0 + timedelta(seconds=60)), limit=1, per_endpoint=1
         )
     with write_lock(store.path):
-        harness = await start(nursery, store)  # started without waiting for the store
+        harness = await start(timed_nursery, store)  # started without waiting for the store
         await until_logged(caplog, "store trouble while releasing the deliveries left in flight")
     event = await harness.next_event()
     assert event.event == EXECUTED
@@ -294,7 +286,7 @@ async def test_sender_starts_while_the_store_is_locked(
 
 
 async def test_a_result_the_store_refused_is_committed_once_it_clears(
-    nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
+    timed_nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The request was made and answered 200 while the store is locked: the delivery keeps
     its slot and lease and commits its result when the lock goes, not a send again."""
@@ -304,8 +296,8 @@ async def test_a_result_the_store_refused_is_committed_once_it_clears(
         locked.enter_context(write_lock(store.path))
         return Reply(200)
 
-    receiver = await nursery.start(run_receiver, lock_then_answer)
-    harness = await start(nursery, store)
+    receiver = await timed_nursery.start(run_receiver, lock_then_answer)
+    harness = await start(timed_nursery, store)
     triggered = webhook(receiver)
     with locked:
         await harness.enqueue(triggered)
@@ -327,7 +319,7 @@ async def test_a_result_the_store_refused_is_committed_once_it_clears(
 
 
 async def test_a_stale_result_never_overwrites_the_row_sent_again(
-    nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
+    timed_nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A commit that waits out store trouble past its lease finds the row released and
     sent again: its result (a 500, due for retry) is dropped, and the newer attempt's 200
@@ -347,8 +339,8 @@ async def test_a_stale_result_never_overwrites_the_row_sent_again(
             await trio.sleep(1)  # the stale commit is retried meanwhile
         return Reply(200)
 
-    receiver = await nursery.start(run_receiver, handler)
-    harness = await start(nursery, store, clock)
+    receiver = await timed_nursery.start(run_receiver, handler)
+    harness = await start(timed_nursery, store, clock)
     triggered = webhook(receiver)
     with locked:
         await harness.enqueue(triggered)

@@ -23,6 +23,7 @@ from daemon.core.config import ServerConfig
 from daemon.runtime.ingest import listen_problem
 from store.db import Store
 from tests.support.daemon_process import running_daemon, write_config
+from tests.support.paths import REPO
 
 pytestmark = pytest.mark.slow
 
@@ -62,9 +63,6 @@ v/xc5Yt7SZWgp82ZQVTUqjrqiqquyHpSlGbG+lIhCv5ChuirIxe0usJEHuMzOqU=
 -----END ENCRYPTED PRIVATE KEY-----
 """
 """KEY encrypted with the passphrase "secret"."""
-
-
-REPO: Final = Path(__file__).resolve().parent.parent
 
 
 def trigd(*args: str, cwd: Path = REPO, stdin: str = "") -> tuple[int, str, str]:

@@ -26,7 +26,6 @@ from wsproto.events import AcceptConnection, CloseConnection, Ping, Pong, Reques
 from daemon.core.config import ServerConfig
 from daemon.engine.engine import Engine
 from daemon.wire.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
-from store.db import Store
 from tests.support.evaluator_doubles import GatedEngine, stored_ids
 from tests.support.ingest_client import (
     Daemon,
@@ -42,11 +41,6 @@ from tests.support.ingest_client import (
 LIMIT = 10  # seconds: the hard bound on every test here
 ATTACKER = "127.0.0.2"
 OTHER = "127.0.0.3"
-
-
-@pytest.fixture
-def start(nursery: trio.Nursery, store: Store, db_path: Path) -> Starter:
-    return Starter(nursery, store, db_path)
 
 
 async def half_open(port: int, local: str) -> trio.SocketStream:

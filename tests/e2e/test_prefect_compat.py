@@ -30,15 +30,15 @@ from tests.support.daemon_process import (
     write_automations,
     write_config,
 )
+from tests.support.paths import REPO, SUPPORT
 from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
 pytestmark = pytest.mark.slow
 
-REPO: Final = Path(__file__).resolve().parent.parent
 VENV: Final = REPO / ".venv-prefect"
 READY_MARKER: Final = VENV / ".trigd-ready"
 PREFECT_REQUIREMENT: Final = "prefect>=3.8,<3.9.1"  # 3.9.1 wants a newer certifi than we get
-SCRIPT: Final = Path(__file__).resolve().parent / "support" / "prefect_client_script.py"
+SCRIPT: Final = SUPPORT / "prefect_client_script.py"
 TOKEN: Final = "prefect-compat-token"
 VENV_TIMEOUT: Final = 540  # seconds to create the virtualenv and install Prefect
 RUN_TIMEOUT: Final = 90  # seconds for the daemon, the script and the webhooks

@@ -17,8 +17,9 @@ from pydantic import ValidationError
 
 from daemon.core.config import SECTIONS, Config, ConfigError, load_config
 from daemon.core.durations import format_duration, parse_duration
+from tests.support.paths import REPO
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "packaging" / "trigd.toml"
+EXAMPLE = REPO / "packaging" / "trigd.toml"
 
 
 def write(tmp_path: Path, text: str, name: str = "trigd.toml") -> Path:

@@ -15,9 +15,8 @@ import pytest
 
 from daemon.cli.check import check_command
 from daemon.core.automations import automation_id_for
+from tests.support.paths import REPO
 from tests.support.samples import PUMP_YAML
-
-REPO = Path(__file__).resolve().parent.parent
 
 COMPOSITE_ID = UUID("9b2e3c1a-0d4f-4c55-8e6a-2f1b7c9d0e11")
 COMPOSITE: dict[str, Any] = {

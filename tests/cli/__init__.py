@@ -1,0 +1,1 @@
+"""Tests of `daemon/cli/`: one `test_<module>.py` per module."""

@@ -1,0 +1,1 @@
+"""Tests of `daemon/core/`: one `test_<module>.py` per module."""

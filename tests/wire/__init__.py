@@ -1,0 +1,1 @@
+"""Tests of `daemon/wire/`: one `test_<module>.py` per module."""
