@@ -33,6 +33,8 @@ import apsw
 import apsw.bestpractice
 import attrs
 
+from store.connection import Connection
+
 if TYPE_CHECKING:  # an annotation only: opening the store does not load the configuration
     from daemon.core.config import Synchronous
 
@@ -254,11 +256,11 @@ def _foreign_file(path: Path) -> bool:
     return bool(head) and head != SQLITE_HEADER
 
 
-def _connect(db_path: Path) -> apsw.Connection:
+def _connect(db_path: Path) -> Connection:
     """The writer connection; a path SQLite cannot open or that is not a database is
     UnusableDatabase. (apsw.bestpractice's hooks read the file as the connection opens.)"""
     try:
-        return apsw.Connection(str(db_path))
+        return Connection(str(db_path))
     except apsw.NotADBError as exc:
         raise UnusableDatabase(db_path, "not a SQLite database") from exc
     except apsw.CantOpenError as exc:
@@ -267,10 +269,11 @@ def _connect(db_path: Path) -> apsw.Connection:
 
 @attrs.define
 class Store:
-    """The writer connection plus the lock that makes it the only writer."""
+    """The writer connection (with its in-memory state, `store.connection`) plus the lock
+    that makes it the only writer."""
 
     path: Path
-    conn: apsw.Connection
+    conn: Connection
     lock: LockFile | None
 
     @classmethod
@@ -320,7 +323,7 @@ class Store:
         db_path = Path(path)
         if not db_path.exists():
             raise StoreError(f"{db_path}: no such database")
-        conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
+        conn = Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
         conn.set_busy_timeout(BUSY_TIMEOUT_MS)
         version = user_version(conn)
         if version > SCHEMA_VERSION:
@@ -331,7 +334,7 @@ class Store:
         return cls(db_path, conn, None)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[apsw.Connection]:
+    def transaction(self) -> Iterator[Connection]:
         """One IMMEDIATE transaction; nested use becomes a savepoint (apsw does this)."""
         with self.conn:
             yield self.conn

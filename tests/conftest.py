@@ -6,10 +6,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 
 from daemon.core.automations import Automation
+from store.connection import Connection
 from store.db import Store
 from tests.support.engine_harness import Harness, HarnessMaker
 
@@ -31,7 +31,7 @@ def store(db_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def conn(store: Store) -> apsw.Connection:
+def conn(store: Store) -> Connection:
     """The writer connection of a fresh database file (modules may define their own)."""
     return store.conn
 
