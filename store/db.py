@@ -25,8 +25,9 @@ import importlib.resources
 import logging
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 import apsw
@@ -108,7 +109,7 @@ index the next time it is written (each write sets the trigger's real posture)."
 
 # A new database gets schema.sql (the current version) in one step; an older one climbs
 # one step per version: MIGRATIONS[N] takes it from N-1 to N.
-MIGRATIONS: Final[dict[int, str]] = {2: _V2_PROACTIVE_BUCKETS}
+MIGRATIONS: Final[Mapping[int, str]] = MappingProxyType({2: _V2_PROACTIVE_BUCKETS})
 
 _best_practice_applied = False
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 from uuid import UUID
@@ -35,7 +36,7 @@ from store.outbox import NewOutboxRow, enqueue
 ACTION_FOLLOWS_WINDOW: Final = timedelta(minutes=5)
 """An action event `follows` its triggering event only when this close in time."""
 
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_DEFAULT_PORTS: Final = MappingProxyType({"http": 80, "https": 443})
 
 
 def automation_resource(automation: Automation) -> dict[str, str]:
