@@ -27,16 +27,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final
 
-import apsw
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_daemon import automations, frames  # this directory, first on sys.path
 
 from daemon.core.automations import Automation
 from daemon.core.events import ReceivedEvent, parse_incoming_event
-from daemon.engine.engine import Engine, Outcome
+from daemon.engine.engine import BatchOutcome, Engine
 from daemon.runtime.evaluator import process_in_transaction
+from store.connection import Connection
 from store.db import Store
 
 BATCH: Final = 500  # events per transaction, the evaluator's batch under a flood
@@ -53,8 +52,8 @@ class _Timed:
         self.cpu = 0.0
 
     def process_batch(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> Sequence[Outcome]:
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome:
         before = time.thread_time()
         try:
             return self.engine.process_batch(conn, events, now)

@@ -15,6 +15,7 @@ database stays the only state between transactions.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Collection, Iterator, Sequence
 from typing import Final
@@ -32,17 +33,12 @@ _COLUMNS: Final = "bucketing_key, start_us, end_us, count, last_event, last_oper
 
 KEY_CACHE_SIZE: Final = 65_536
 """Bucketing keys whose JSON is remembered (entries); keys repeat event after event."""
-_key_cache: dict[tuple[str, ...], str] = {}
 
 
+@functools.lru_cache(maxsize=KEY_CACHE_SIZE)
 def key_json(key: tuple[str, ...]) -> str:
-    text = _key_cache.get(key)
-    if text is None:
-        text = json.dumps(key, ensure_ascii=False, separators=(",", ":"))
-        if len(_key_cache) >= KEY_CACHE_SIZE:
-            _key_cache.clear()
-        _key_cache[key] = text
-    return text
+    """A bucketing key as stored (a pure function, memoised: not state)."""
+    return json.dumps(key, ensure_ascii=False, separators=(",", ":"))
 
 
 def _bucket(row: tuple[object, ...], known_key: tuple[str, ...] | None = None) -> Bucket:

@@ -25,13 +25,16 @@ import importlib.resources
 import logging
 import os
 import stat
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
 
 import apsw
 import apsw.bestpractice
 import attrs
+
+from store.connection import Connection
 
 if TYPE_CHECKING:  # an annotation only: opening the store does not load the configuration
     from daemon.core.config import Synchronous
@@ -106,7 +109,7 @@ index the next time it is written (each write sets the trigger's real posture)."
 
 # A new database gets schema.sql (the current version) in one step; an older one climbs
 # one step per version: MIGRATIONS[N] takes it from N-1 to N.
-MIGRATIONS: Final[dict[int, str]] = {2: _V2_PROACTIVE_BUCKETS}
+MIGRATIONS: Final[Mapping[int, str]] = MappingProxyType({2: _V2_PROACTIVE_BUCKETS})
 
 _best_practice_applied = False
 
@@ -254,11 +257,11 @@ def _foreign_file(path: Path) -> bool:
     return bool(head) and head != SQLITE_HEADER
 
 
-def _connect(db_path: Path) -> apsw.Connection:
+def _connect(db_path: Path) -> Connection:
     """The writer connection; a path SQLite cannot open or that is not a database is
     UnusableDatabase. (apsw.bestpractice's hooks read the file as the connection opens.)"""
     try:
-        return apsw.Connection(str(db_path))
+        return Connection(str(db_path))
     except apsw.NotADBError as exc:
         raise UnusableDatabase(db_path, "not a SQLite database") from exc
     except apsw.CantOpenError as exc:
@@ -267,10 +270,11 @@ def _connect(db_path: Path) -> apsw.Connection:
 
 @attrs.define
 class Store:
-    """The writer connection plus the lock that makes it the only writer."""
+    """The writer connection (with its in-memory state, `store.connection`) plus the lock
+    that makes it the only writer."""
 
     path: Path
-    conn: apsw.Connection
+    conn: Connection
     lock: LockFile | None
 
     @classmethod
@@ -320,7 +324,7 @@ class Store:
         db_path = Path(path)
         if not db_path.exists():
             raise StoreError(f"{db_path}: no such database")
-        conn = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
+        conn = Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)
         conn.set_busy_timeout(BUSY_TIMEOUT_MS)
         version = user_version(conn)
         if version > SCHEMA_VERSION:
@@ -331,7 +335,7 @@ class Store:
         return cls(db_path, conn, None)
 
     @contextlib.contextmanager
-    def transaction(self) -> Iterator[apsw.Connection]:
+    def transaction(self) -> Iterator[Connection]:
         """One IMMEDIATE transaction; nested use becomes a savepoint (apsw does this)."""
         with self.conn:
             yield self.conn

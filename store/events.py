@@ -5,11 +5,12 @@ Functions of a connection, called inside the caller's transaction.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Sequence
 from typing import Final
 
 import apsw
+
+from store.connection import Connection
 
 EventRow = tuple[str, str, str, int, int, str | None, str]
 """id, event, resource_id, occurred_us, received_us, follows, data (ReceivedEvent JSON)."""
@@ -35,12 +36,10 @@ def prune_events(conn: apsw.Connection, received_before_us: int) -> int:
     return conn.changes()
 
 
-_inbox_pushes: Final[weakref.WeakKeyDictionary[apsw.Connection, int]] = weakref.WeakKeyDictionary()
-
-
-def push_inbox(conn: apsw.Connection, event_json: Iterable[str]) -> None:
-    """Queue events trigd produced, to be evaluated by a later batch."""
-    _inbox_pushes[conn] = _inbox_pushes.get(conn, 0) + 1
+def push_inbox(conn: Connection, event_json: Iterable[str]) -> None:
+    """Queue events trigd produced, to be evaluated by a later batch (counted in
+    `conn.state.inbox_pushes`)."""
+    conn.state.inbox_pushes += 1
     conn.executemany("INSERT INTO inbox (event) VALUES (?)", ((e,) for e in event_json))
 
 
@@ -56,14 +55,14 @@ def drop_inbox(conn: apsw.Connection, up_to_seq: int) -> None:
     conn.execute("DELETE FROM inbox WHERE seq <= ?", (up_to_seq,))
 
 
-def inbox_pushes(conn: apsw.Connection) -> int:
+def inbox_pushes(conn: Connection) -> int:
     """How many times `push_inbox` ran on this connection, committed or not.
 
     Only the daemon's writer connection queues events, so whoever found the inbox empty
     in a transaction that committed knows it is still empty while this count stays the
     same, and can skip looking (the engine does, for every batch).
     """
-    return _inbox_pushes.get(conn, 0)
+    return conn.state.inbox_pushes
 
 
 def inbox_size(conn: apsw.Connection) -> int:

@@ -6,11 +6,11 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-import apsw
 import pytest
 import trio
 
 from daemon.core.automations import Automation
+from store.connection import Connection
 from store.db import Store
 from tests.support.engine_harness import Harness, HarnessMaker
 from tests.support.ingest_client import Starter
@@ -34,7 +34,7 @@ def store(db_path: Path) -> Iterator[Store]:
 
 
 @pytest.fixture
-def conn(store: Store) -> apsw.Connection:
+def conn(store: Store) -> Connection:
     """The writer connection of a fresh database file (modules may define their own)."""
     return store.conn
 

@@ -14,6 +14,7 @@ import functools
 import json
 import re
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Annotated, Any, Final, Literal, NamedTuple
 from urllib.parse import urlsplit
 
@@ -93,19 +94,21 @@ def _check_url(value: str) -> str:
     return value
 
 
-REFUSED_HEADERS: Final = {
-    "content-length": "trigd's HTTP client frames the body itself",
-    "transfer-encoding": "trigd's HTTP client frames the body itself",
-    "te": "trigd's HTTP client frames the body itself",
-    "trailer": "trigd's HTTP client frames the body itself",
-    "host": "trigd's HTTP client sets it from the url",
-    "connection": "trigd's HTTP client manages its connections",
-    "keep-alive": "trigd's HTTP client manages its connections",
-    "upgrade": "trigd's HTTP client manages its connections",
-    "webhook-id": "trigd sets it to sign the request",
-    "webhook-timestamp": "trigd sets it to sign the request",
-    "webhook-signature": "trigd sets it to sign the request",
-}
+REFUSED_HEADERS: Final = MappingProxyType(
+    {
+        "content-length": "trigd's HTTP client frames the body itself",
+        "transfer-encoding": "trigd's HTTP client frames the body itself",
+        "te": "trigd's HTTP client frames the body itself",
+        "trailer": "trigd's HTTP client frames the body itself",
+        "host": "trigd's HTTP client sets it from the url",
+        "connection": "trigd's HTTP client manages its connections",
+        "keep-alive": "trigd's HTTP client manages its connections",
+        "upgrade": "trigd's HTTP client manages its connections",
+        "webhook-id": "trigd sets it to sign the request",
+        "webhook-timestamp": "trigd sets it to sign the request",
+        "webhook-signature": "trigd sets it to sign the request",
+    }
+)
 """Headers an automation may not set (lower case), and why: each would break the request
 or its signature. `Proxy-*` headers are refused too: trigd talks to endpoints directly."""
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
+from types import MappingProxyType
 from typing import Annotated, Any, Final, Literal, Self
 
 from pydantic import (
@@ -59,11 +60,13 @@ ENV_PREFIX: Final = "TRIGD_"
 CLIENT_ENV_VARS: Final = frozenset({"TRIGD_TOKEN"})
 """TRIGD_* variables read by client commands (`trigd emit`), not configuration."""
 
-FLAG_KEYS: Final[dict[str, tuple[str, str]]] = {
-    "listen": ("server", "listen"),
-    "db": ("store", "path"),
-    "automations": ("triggers", "automations"),
-}
+FLAG_KEYS: Final[Mapping[str, tuple[str, str]]] = MappingProxyType(
+    {
+        "listen": ("server", "listen"),
+        "db": ("store", "path"),
+        "automations": ("triggers", "automations"),
+    }
+)
 """`overrides` keys (CLI flags) and the setting each one replaces."""
 
 _LABEL: Final = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
@@ -378,14 +381,16 @@ class Config(BaseModel):
     log: LogConfig = LogConfig()
 
 
-SECTIONS: Final[dict[str, type[Section]]] = {
-    "server": ServerConfig,
-    "store": StoreConfig,
-    "ordering": OrderingConfig,
-    "triggers": TriggersConfig,
-    "delivery": DeliveryConfig,
-    "log": LogConfig,
-}
+SECTIONS: Final[Mapping[str, type[Section]]] = MappingProxyType(
+    {
+        "server": ServerConfig,
+        "store": StoreConfig,
+        "ordering": OrderingConfig,
+        "triggers": TriggersConfig,
+        "delivery": DeliveryConfig,
+        "log": LogConfig,
+    }
+)
 
 
 # --- loading -------------------------------------------------------------------------------

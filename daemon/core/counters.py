@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from datetime import datetime
+from types import MappingProxyType
 from typing import Any, Final
 
 import attrs
@@ -51,29 +52,31 @@ class CounterSource:
         self._stored = self._taken
 
 
-_SHOWN: Final = {
-    "ingest": (
-        ("connections", "connections open"),
-        ("connections_total", "connections in all"),
-        ("events", "events"),
-        ("rejected", "rejected frames"),
-        ("handshakes_refused", "refused handshakes"),
-        ("pings", "pings"),
-        ("handshakes", "handshakes in progress"),
-        ("refused_per_peer", "refused over max_connections_per_peer"),
-        ("refused_busy", "refused for want of a slot"),
-        ("idle_closed", "closed idle"),
-    ),
-    "evaluator": (
-        ("batches", "batches"),
-        ("largest_batch", "events in the largest"),
-        ("events", "events"),
-        ("duplicates", "duplicates"),
-        ("parked", "parked"),
-        ("internal_errors", "internal errors"),
-        ("store_retries", "store retries"),
-    ),
-}
+_SHOWN: Final = MappingProxyType(
+    {
+        "ingest": (
+            ("connections", "connections open"),
+            ("connections_total", "connections in all"),
+            ("events", "events"),
+            ("rejected", "rejected frames"),
+            ("handshakes_refused", "refused handshakes"),
+            ("pings", "pings"),
+            ("handshakes", "handshakes in progress"),
+            ("refused_per_peer", "refused over max_connections_per_peer"),
+            ("refused_busy", "refused for want of a slot"),
+            ("idle_closed", "closed idle"),
+        ),
+        "evaluator": (
+            ("batches", "batches"),
+            ("largest_batch", "events in the largest"),
+            ("events", "events"),
+            ("duplicates", "duplicates"),
+            ("parked", "parked"),
+            ("internal_errors", "internal errors"),
+            ("store_retries", "store retries"),
+        ),
+    }
+)
 """The counters `trigd status` prints, per group, in order, with their nouns."""
 
 

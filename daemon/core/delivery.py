@@ -45,6 +45,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Final, TypeVar
 from uuid import UUID, uuid5
 
@@ -69,14 +70,16 @@ class Move(StrEnum):
     REVIVE = "revive"
 
 
-TRANSITIONS: Final[Mapping[tuple[DeliveryState, Move], DeliveryState]] = {
-    (DeliveryState.PENDING, Move.CLAIM): DeliveryState.IN_FLIGHT,
-    (DeliveryState.IN_FLIGHT, Move.SUCCEED): DeliveryState.DELIVERED,
-    (DeliveryState.IN_FLIGHT, Move.RETRY): DeliveryState.PENDING,
-    (DeliveryState.IN_FLIGHT, Move.DIE): DeliveryState.DEAD,
-    (DeliveryState.IN_FLIGHT, Move.LEASE_EXPIRED): DeliveryState.PENDING,
-    (DeliveryState.DEAD, Move.REVIVE): DeliveryState.PENDING,
-}
+TRANSITIONS: Final[Mapping[tuple[DeliveryState, Move], DeliveryState]] = MappingProxyType(
+    {
+        (DeliveryState.PENDING, Move.CLAIM): DeliveryState.IN_FLIGHT,
+        (DeliveryState.IN_FLIGHT, Move.SUCCEED): DeliveryState.DELIVERED,
+        (DeliveryState.IN_FLIGHT, Move.RETRY): DeliveryState.PENDING,
+        (DeliveryState.IN_FLIGHT, Move.DIE): DeliveryState.DEAD,
+        (DeliveryState.IN_FLIGHT, Move.LEASE_EXPIRED): DeliveryState.PENDING,
+        (DeliveryState.DEAD, Move.REVIVE): DeliveryState.PENDING,
+    }
+)
 """Every legal move; anything else is a bug (or, for REVIVE, an operator mistake)."""
 
 

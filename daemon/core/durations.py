@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Mapping
 from datetime import timedelta
+from types import MappingProxyType
 from typing import Final
 
 import pendulum
@@ -20,20 +22,22 @@ from pendulum.parsing.exceptions import ParserError
 
 EXAMPLE: Final = "expected a duration such as '90s', '15m' or '1h30m'"
 
-UNITS: Final[dict[str, timedelta]] = {
-    "w": timedelta(weeks=1),
-    "d": timedelta(days=1),
-    "h": timedelta(hours=1),
-    "m": timedelta(minutes=1),
-    "s": timedelta(seconds=1),
-    "ms": timedelta(milliseconds=1),
-    "us": timedelta(microseconds=1),
-}
+UNITS: Final[Mapping[str, timedelta]] = MappingProxyType(
+    {
+        "w": timedelta(weeks=1),
+        "d": timedelta(days=1),
+        "h": timedelta(hours=1),
+        "m": timedelta(minutes=1),
+        "s": timedelta(seconds=1),
+        "ms": timedelta(milliseconds=1),
+        "us": timedelta(microseconds=1),
+    }
+)
 """Compact units, largest first; each may appear once, in this order."""
 
 _COMPONENT: Final = re.compile(r"\s*(\d+(?:\.\d+)?|\.\d+)\s*(ms|us|[wdhms])", re.ASCII)
 _NUMBER: Final = re.compile(r"\s*\d+(?:\.\d+)?\s*|\s*\.\d+\s*", re.ASCII)
-_UNIT_ORDER: Final = {unit: rank for rank, unit in enumerate(UNITS)}
+_UNIT_ORDER: Final = MappingProxyType({unit: rank for rank, unit in enumerate(UNITS)})
 
 
 def parse_duration(value: str | int | float) -> timedelta:

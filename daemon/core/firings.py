@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import StrEnum
-from typing import Annotated, Any
+from types import MappingProxyType
+from typing import Annotated, Any, Final
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
@@ -26,7 +27,7 @@ class TriggerState(StrEnum):
     Resolved = "Resolved"
 
 
-_STATE_ORDER = {TriggerState.Triggered: 0, TriggerState.Resolved: 1}
+_STATE_ORDER: Final = MappingProxyType({TriggerState.Triggered: 0, TriggerState.Resolved: 1})
 
 
 def ordered_states(states: frozenset[TriggerState]) -> list[TriggerState]:

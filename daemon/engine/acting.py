@@ -19,24 +19,24 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta
+from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 from uuid import UUID
-
-import apsw
 
 from daemon.core.automations import ActionTypes, Automation, CallWebhook, EventTrigger
 from daemon.core.clock import to_us
 from daemon.core.delivery import action_triggered_event_id
 from daemon.core.events import ReceivedEvent, uuid7
 from daemon.core.firings import Firing, TriggeredAction, TriggerState, ordered_states
+from store.connection import Connection
 from store.events import push_inbox
 from store.outbox import NewOutboxRow, enqueue
 
 ACTION_FOLLOWS_WINDOW: Final = timedelta(minutes=5)
 """An action event `follows` its triggering event only when this close in time."""
 
-_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_DEFAULT_PORTS: Final = MappingProxyType({"http": 80, "https": 443})
 
 
 def automation_resource(automation: Automation) -> dict[str, str]:
@@ -160,7 +160,7 @@ def endpoint_of(action: ActionTypes) -> str | None:
     return f"{scheme}://{host}:{port}"
 
 
-def act(conn: apsw.Connection, automation: Automation, firing: Firing, now: datetime) -> None:
+def act(conn: Connection, automation: Automation, firing: Firing, now: datetime) -> None:
     """Record a firing of the automation's top trigger: events to the inbox, actions to
     the outbox, all in the caller's transaction."""
     events = {

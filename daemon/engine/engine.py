@@ -9,7 +9,9 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   Then it drains the inbox (events trigd made itself) through the same path, a bounded
   number per batch so automations reacting to each other cannot hang one batch; a batch
   skips the inbox when an earlier one found it empty and nothing was queued since
-  (`store.events.inbox_pushes`), which is every batch of a quiet daemon. A
+  (`store.events.inbox_pushes`), which is every batch of a quiet daemon. It returns a
+  `BatchOutcome`: each event's outcome, and whether the batch left work for the sender or
+  the inbox pump (the evaluator wakes them only then). A
   failure propagates and the caller's transaction rolls back the whole batch (the daemon
   retries it, then its events one by one), so no per-trigger SAVEPOINT is needed.
 * Which triggers an event interests, and under which bucketing key, depends only on the
@@ -18,7 +20,10 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   and written at most once) and are written back with one `executemany` per kind of
   statement when the unit of work ends (a batch, one `reactive_evaluation`,
   the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
-  kept: the database stays the only state. `proactive` pages through the table and so
+  kept: the database stays the only state. What is cached about a connection (its events
+  clock, whether its inbox is known empty, the ordering's marks) is in the connection's
+  `store.connection.ConnectionState`, never on the engine. `proactive` pages through the
+  table and so
   writes each change at once.
 * `proactive` runs docs/TRIGGERS.md#proactive-evaluation for each due Proactive EventTrigger.
 * `periodic` re-evaluates lost followers and sweeps closed buckets.
@@ -39,7 +44,6 @@ from enum import StrEnum
 from typing import Final
 from uuid import UUID
 
-import apsw
 import attrs
 from pydantic import ValidationError
 
@@ -76,6 +80,7 @@ from daemon.engine.ordering import (
 from store import automations as automations_store
 from store import buckets as buckets_store
 from store import events as events_store
+from store.connection import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -149,22 +154,39 @@ _Interest = tuple[Candidate, tuple[str, ...]]
 
 class _Call:
     """What every event of one engine call shares: the connection, the wall clock (also
-    in µs), the ordering and the handler that re-enters the engine for followers."""
+    in µs), the ordering and the handler that re-enters the engine for followers; and
+    what the call found out for its caller (`handed_off`)."""
 
-    __slots__ = ("conn", "handler", "now", "now_us", "ordering")
+    __slots__ = ("conn", "handed_off", "handler", "now", "now_us", "ordering")
 
     def __init__(
-        self, conn: apsw.Connection, now: datetime, now_us: int, ordering: CausalOrdering
+        self, conn: Connection, now: datetime, now_us: int, ordering: CausalOrdering
     ) -> None:
         self.conn = conn
         self.now = now
         self.now_us = now_us
         self.ordering = ordering
         self.handler: EventHandler = _no_handler
+        self.handed_off = False
+        """Whether the call left work for the sender or the inbox pump."""
 
 
 def _no_handler(event: ReceivedEvent, depth: int, /) -> None:
     raise AssertionError("set by Engine._call")
+
+
+@attrs.frozen
+class BatchOutcome:
+    """What `process_batch` did, for its caller to act on."""
+
+    outcomes: list[Outcome]
+    """One per input event, in order."""
+    handed_off: bool
+    """Whether the batch left work for the sender or the inbox pump (outbox rows, or
+    events still in the inbox): the evaluator wakes them only then."""
+
+
+_NO_IDS: Final[frozenset[UUID]] = frozenset()
 
 
 @attrs.frozen
@@ -206,22 +228,14 @@ class Engine:
         self.index = TriggerIndex(())
         self.next_proactive_runs: dict[UUID, datetime] = {}
         self.clock = EventsClock()
-        self._clock_conn: apsw.Connection | None = None
-        self._ordering: tuple[apsw.Connection, CausalOrdering] | None = None
-        self._store_only: set[UUID] = set()
+        """The events clock of the connection last called with (its `state.events_clock`)."""
         self._pending = buckets_store.PendingBuckets(pending_bucket_limit)
         """Bucket changes of the running unit (`_bucket_unit`), empty between calls."""
-        self._inbox_empty: tuple[apsw.Connection, int] | None = None
-        """The connection and its `inbox_pushes` count when a batch last found the inbox
-        empty: while both hold (and that batch committed) nothing can be in it."""
-        self.handed_off = False
-        """Whether the last `process_batch` left work for the sender or the inbox pump
-        (outbox rows, or events still in the inbox): the evaluator wakes them only then."""
 
     # --- loading ---------------------------------------------------------------------
 
     def load_automations(
-        self, conn: apsw.Connection, automations: Sequence[Automation], now: datetime
+        self, conn: Connection, automations: Sequence[Automation], now: datetime
     ) -> LoadReport:
         """Swap in this set of automations (the whole set, as after SIGHUP)."""
         self._ensure_clock(conn)
@@ -274,27 +288,30 @@ class Engine:
     # --- reactive --------------------------------------------------------------------
 
     def process_batch(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> list[Outcome]:
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome:
         """Store and evaluate a batch inside the caller's transaction; one outcome per
         input event. Then drain (a bounded part of) the inbox."""
         self._ensure_clock(conn)
         before = self.clock.copy()
-        self.handed_off = False
         call = self._call(conn, now)
         try:
             with call.ordering.batch(), self._bucket_unit(conn):
-                outcomes = self._process(call, events)
+                outcomes = self._process(call, events, _NO_IDS)
                 self._drain_inbox(call)
             self._save_clock(conn, before)
         except BaseException:
             # the transaction will roll back: so do the clock and the draining of the inbox
-            self.clock = before
-            self._inbox_empty = None
+            self._restore_clock(conn, before)
+            conn.state.inbox_empty_at = None
             raise
-        return outcomes
+        return BatchOutcome(outcomes, call.handed_off)
 
-    def _process(self, call: _Call, events: Sequence[ReceivedEvent]) -> list[Outcome]:
+    def _process(
+        self, call: _Call, events: Sequence[ReceivedEvent], store_only: frozenset[UUID]
+    ) -> list[Outcome]:
+        """Store and evaluate `events`; those in `store_only` (events trigd made nested
+        too deep, from the inbox) are stored but not evaluated."""
         rows: list[events_store.EventRow] = []
         refs: list[tuple[EventRef, int]] = []
         received: datetime | None = None
@@ -331,7 +348,9 @@ class Engine:
             else:
                 outcomes.append(Outcome.duplicate)
         plans = [
-            None if self._store_only_event(event) else self._interests(event)
+            None
+            if event.event == LOG_WRITE_EVENT or (store_only and event.id in store_only)
+            else self._interests(event)
             for event, _, _, _ in fresh
         ]
         self._pending.prefetch(
@@ -352,10 +371,6 @@ class Engine:
                 outcomes[i] = results[position]
                 position += 1
         return outcomes
-
-    def _store_only_event(self, event: ReceivedEvent) -> bool:
-        store_only = self._store_only  # empty but for a drain of the inbox
-        return event.event == LOG_WRITE_EVENT or (bool(store_only) and event.id in store_only)
 
     def _evaluate_new(
         self,
@@ -388,30 +403,28 @@ class Engine:
         """Evaluate (a bounded part of) the inbox; skipped when it is known to be empty:
         nothing was queued since a batch that committed found it so."""
         conn = call.conn
-        empty = self._inbox_empty
-        if empty is not None and empty[0] is conn and empty[1] == events_store.inbox_pushes(conn):
+        state = conn.state
+        empty_at = state.inbox_empty_at
+        if empty_at is not None and empty_at == events_store.inbox_pushes(conn):
             return
-        self._inbox_empty = None
+        state.inbox_empty_at = None
         budget = self.inbox_drain_limit
         while True:
             queued = events_store.peek_inbox(conn, max(budget, 1))
             if not queued:
-                self._inbox_empty = (conn, events_store.inbox_pushes(conn))
+                state.inbox_empty_at = events_store.inbox_pushes(conn)
                 return
             if budget == 0:
-                self.handed_off = True  # more than one batch's worth: the pump goes on
+                call.handed_off = True  # more than one batch's worth: the pump goes on
                 return
             budget -= len(queued)
             events_store.drop_inbox(conn, queued[-1][0])
             parsed = [p for _, data in queued if (p := _inbox_event(data)) is not None]
-            self._store_only = {e.id for e, evaluate in parsed if not evaluate}
-            try:
-                self._process(call, [e for e, _ in parsed])
-            finally:
-                self._store_only = set()
+            store_only = frozenset(e.id for e, evaluate in parsed if not evaluate)
+            self._process(call, [e for e, _ in parsed], store_only)
 
     def reactive_evaluation(
-        self, conn: apsw.Connection, event: ReceivedEvent, depth: int, now: datetime
+        self, conn: Connection, event: ReceivedEvent, depth: int, now: datetime
     ) -> None:
         """docs/TRIGGERS.md#reactive-evaluation for one (already stored) event; raises
         EventArrivedEarly when the event is parked."""
@@ -474,7 +487,8 @@ class Engine:
         result = evaluate(trigger, bucket, occurred, event, ref)
         self._pending_write(loaded, key, existing, result.stored)
         for fire in result.fires:
-            self._fire(call.conn, loaded, fire, call.now)
+            if self._fire(call.conn, loaded, fire, call.now):
+                call.handed_off = True
 
     def _pending_write(
         self, loaded: _Loaded, key: tuple[str, ...], existing: Bucket | None, stored: Bucket | None
@@ -486,7 +500,7 @@ class Engine:
             )
 
     @contextlib.contextmanager
-    def _bucket_unit(self, conn: apsw.Connection) -> Iterator[None]:
+    def _bucket_unit(self, conn: Connection) -> Iterator[None]:
         """Reactive bucket changes are written back when the unit ends (and before
         anything reads the table directly); a failed unit's changes are dropped with its
         transaction. A parked event is not a failure."""
@@ -502,7 +516,7 @@ class Engine:
 
     @staticmethod
     def _persist(
-        conn: apsw.Connection, loaded: _Loaded, existing: Bucket, stored: Bucket | None
+        conn: Connection, loaded: _Loaded, existing: Bucket, stored: Bucket | None
     ) -> None:
         """Write the bucket's new state at once (the proactive path, which reads the table
         page by page)."""
@@ -518,7 +532,8 @@ class Engine:
 
     # --- firing ----------------------------------------------------------------------
 
-    def _fire(self, conn: apsw.Connection, loaded: _Loaded, fire: Fire, now: datetime) -> None:
+    def _fire(self, conn: Connection, loaded: _Loaded, fire: Fire, now: datetime) -> bool:
+        """Dispatch a firing; whether it acted (wrote outbox rows and events)."""
         firing = Firing(
             trigger=loaded.trigger,
             trigger_states=_TRIGGERED,
@@ -526,32 +541,33 @@ class Engine:
             triggering_labels=fire.triggering_labels,
             triggering_event=fire.triggering_event,
         )
-        self.dispatch(conn, loaded.automation, firing, fire.event_time, now)
+        return self.dispatch(conn, loaded.automation, firing, fire.event_time, now)
 
     def dispatch(
         self,
-        conn: apsw.Connection,
+        conn: Connection,
         automation: Automation,
         firing: Firing,
         event_time: datetime,
         now: datetime,
-    ) -> None:
-        """docs/TRIGGERS.md#firings: act for a top trigger, else let the composite parent decide."""
+    ) -> bool:
+        """docs/TRIGGERS.md#firings: act for a top trigger, else let the composite parent
+        decide. Returns whether it acted (queued outbox rows and events)."""
         parent = automation.parent_of(firing.trigger.id)
         if isinstance(parent, Automation):
             acting.act(conn, automation, firing, now)
-            self.handed_off = True
-            return
+            return True
         assert isinstance(parent, CompoundTrigger | SequenceTrigger)
         parent_firing = evaluate_composite_trigger(
             conn, firing, parent, automation, event_time, now
         )
         if parent_firing is not None:
-            self.dispatch(conn, automation, parent_firing, event_time, now)
+            return self.dispatch(conn, automation, parent_firing, event_time, now)
+        return False
 
     # --- proactive and periodic ------------------------------------------------------
 
-    def proactive(self, conn: apsw.Connection, now: datetime) -> datetime:
+    def proactive(self, conn: Connection, now: datetime) -> datetime:
         """Evaluate every due Proactive EventTrigger; return when to run again (wall
         clock as Prefect compares it: the earliest `next_proactive_runs` entry)."""
         self._ensure_clock(conn)
@@ -576,16 +592,12 @@ class Engine:
             return now + PROACTIVE_IDLE
         return min(self.next_proactive_runs.get(lt.trigger.id, now) for lt in self._proactive)
 
-    def proactive_evaluation(
-        self, conn: apsw.Connection, trigger_id: UUID, now: datetime
-    ) -> datetime:
+    def proactive_evaluation(self, conn: Connection, trigger_id: UUID, now: datetime) -> datetime:
         """docs/TRIGGERS.md#proactive-evaluation for one loaded trigger at wall time `now` (the
         `P(t)` of the scenarios); returns `run_again_at`, in event time."""
         return self._proactive_evaluation(conn, self._loaded[trigger_id], now)
 
-    def _proactive_evaluation(
-        self, conn: apsw.Connection, loaded: _Loaded, now: datetime
-    ) -> datetime:
+    def _proactive_evaluation(self, conn: Connection, loaded: _Loaded, now: datetime) -> datetime:
         trigger = loaded.trigger
         as_of = self.clock.as_of(now)
         run_again_at = as_of + trigger.within
@@ -609,7 +621,7 @@ class Engine:
                 run_again_at = following.end
         return run_again_at
 
-    def periodic(self, conn: apsw.Connection, now: datetime) -> int:
+    def periodic(self, conn: Connection, now: datetime) -> int:
         """periodic_evaluation (docs/TRIGGERS.md#scheduling-and-the-sweeper): re-evaluate lost
         followers (depth 0), then sweep buckets closed before `as_of - expired_bucket_buffer`.
         Returns how many buckets were swept."""
@@ -628,50 +640,55 @@ class Engine:
             )
             self._save_clock(conn, before)
         except BaseException:
-            self.clock = before
+            self._restore_clock(conn, before)
             raise
         return swept
 
     # --- plumbing --------------------------------------------------------------------
 
-    def _call(self, conn: apsw.Connection, now: datetime) -> _Call:
-        ordering = self._ordering_for(conn)
-        call = _Call(conn, now, to_us(now), ordering)
+    def _call(self, conn: Connection, now: datetime) -> _Call:
+        call = _Call(conn, now, to_us(now), self.ordering(conn))
         call.handler = lambda follower, depth: self._react(call, follower, depth)
         return call
 
-    def _ordering_for(self, conn: apsw.Connection) -> CausalOrdering:
-        if self._ordering is None or self._ordering[0] is not conn:
-            ordering = CausalOrdering(
-                ORDERING_SCOPE,
-                conn,
-                preceding_event_lookback=self.preceding_event_lookback,
-                seen_expiration=self.seen_expiration,
-                max_depth=self.max_depth,
-            )
-            self._ordering = (conn, ordering)
-        return self._ordering[1]
+    def ordering(self, conn: Connection) -> CausalOrdering:
+        """The engine's causal ordering (scope "triggers", the engine's settings) on
+        `conn`: the one factory, also the sweeper's (seen-id expiry)."""
+        return CausalOrdering(
+            ORDERING_SCOPE,
+            conn,
+            preceding_event_lookback=self.preceding_event_lookback,
+            seen_expiration=self.seen_expiration,
+            max_depth=self.max_depth,
+        )
 
     def rolled_back(self) -> None:
         """The caller's transaction did not commit (its COMMIT may have failed after this
-        engine returned): forget what was cached from it, so the next batch rereads the
-        events clock, looks into the inbox and reruns every proactive trigger."""
-        self._clock_conn = None
-        self._inbox_empty = None
+        engine returned): rerun every proactive trigger next time. What was cached about
+        the connection (events clock, empty inbox) is its state's to forget
+        (`ConnectionState.rolled_back`, which `engine_transaction` calls too)."""
         self.next_proactive_runs.clear()
         self._pending.discard()  # empty already, unless a unit was left half-way
 
-    def _ensure_clock(self, conn: apsw.Connection) -> None:
-        """Read the persisted events clock once per connection (i.e. at startup)."""
-        if self._clock_conn is not conn:
-            self.clock = EventsClock.from_json(events_store.read_meta(conn, META_KEY))
-            self._clock_conn = conn
+    def _ensure_clock(self, conn: Connection) -> None:
+        """The connection's events clock, read from `meta` once per connection (i.e. at
+        startup) and after a rollback."""
+        state = conn.state
+        clock = state.events_clock
+        if clock is None:
+            clock = EventsClock.from_json(events_store.read_meta(conn, META_KEY))
+            state.events_clock = clock
+        self.clock = clock
 
-    def _save_clock(self, conn: apsw.Connection, before: EventsClock) -> None:
+    def _restore_clock(self, conn: Connection, before: EventsClock) -> None:
+        """The transaction will roll back: so does the clock."""
+        self.clock = conn.state.events_clock = before
+
+    def _save_clock(self, conn: Connection, before: EventsClock) -> None:
         if self.clock != before:
             events_store.write_meta(conn, META_KEY, self.clock.to_json())
 
-    def reset_events_clock(self, conn: apsw.Connection) -> None:
+    def reset_events_clock(self, conn: Connection) -> None:
         """Forget the events clock (tests, and operators replaying history)."""
         self._ensure_clock(conn)
         self.clock.reset()

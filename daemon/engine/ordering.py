@@ -18,9 +18,10 @@ whose outcome depends on time takes `now`; nothing here reads a clock.
 Seen ids and parked followers are durable state and live in the database. "Processing"
 is not: it says "a frame on this stack is running the event", it is only observable from
 inside that frame, and a mark that outlived its frame (a crash after a commit) could only
-ever be stale, refusing that event forever. So in-flight marks are kept in memory, per
-connection and scope (shared by every instance, like Prefect's per-scope singleton), and
-cost no SQL: an event without `follows` costs two statements, one write and one read.
+ever be stale, refusing that event forever. So in-flight marks are kept in memory, in
+the connection's state (`store.connection.ConnectionState.ordering`, per scope, shared by
+every instance on that connection like Prefect's per-scope singleton), and cost no SQL:
+an event without `follows` costs two statements, one write and one read.
 
 Inside `batch()` (the engine wraps each transaction's events in one) an event without
 `follows` costs no statement at all: seen marks wait in memory and are written together
@@ -36,13 +37,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final, Protocol
 from uuid import UUID
-
-import apsw
 
 from daemon.core.clock import span_us, to_us
 from daemon.core.config import (
@@ -52,6 +50,7 @@ from daemon.core.config import (
 )
 from daemon.core.events import Event, ReceivedEvent
 from store import ordering as db
+from store.connection import Connection
 
 logger = logging.getLogger(__name__)
 
@@ -90,27 +89,6 @@ def _load(rows: Sequence[db.FollowerRow]) -> list[ReceivedEvent]:
     return [ReceivedEvent.model_validate_json(row.event) for row in rows]
 
 
-class _ScopeState:
-    """What every instance of one scope on one connection shares, in memory."""
-
-    __slots__ = ("in_flight", "leaders", "pending_seen", "stale")
-
-    def __init__(self) -> None:
-        self.in_flight: set[str] = set()
-        """Ids (text, as the engine has them already) of the events being processed."""
-        self.leaders: set[str] = set()
-        """Leaders that may have parked followers (a superset); valid unless `stale`."""
-        self.stale = True
-        self.pending_seen: dict[str, int] | None = None
-        """Inside `batch()`: seen marks (id -> seen_us) not yet written; else None."""
-
-
-# connection -> scope -> shared state; forgotten with the connection.
-_STATE: Final[weakref.WeakKeyDictionary[apsw.Connection, dict[str, _ScopeState]]] = (
-    weakref.WeakKeyDictionary()
-)
-
-
 class CausalOrdering:
     """Prefect's `CausalOrdering` API, synchronous; seen ids and parked followers in the
     database, in-flight marks in memory (see the module docstring).
@@ -123,7 +101,7 @@ class CausalOrdering:
     def __init__(
         self,
         scope: str,
-        conn: apsw.Connection,
+        conn: Connection,
         *,
         preceding_event_lookback: timedelta = PRECEDING_EVENT_LOOKBACK,
         seen_expiration: timedelta = SEEN_EXPIRATION,
@@ -144,7 +122,7 @@ class CausalOrdering:
         self.max_depth: Final = max_depth
         self._lookback_us = span_us(preceding_event_lookback)
         self._expiration_us = span_us(seen_expiration)
-        self._state = _STATE.setdefault(conn, {}).setdefault(scope, _ScopeState())
+        self._state = conn.state.marks(scope)
         self._in_flight = self._state.in_flight
 
     def __repr__(self) -> str:
@@ -160,21 +138,14 @@ class CausalOrdering:
         """Forget everything of this scope."""
         with self._atomic():
             db.clear_scope(self.conn, self.scope)
-        self._forget(self._state)
+        self._state.forget()
 
     def clear_all_scopes(self) -> None:
         """Forget everything of every scope on this database (tests, `trigd` resets)."""
         with self._atomic():
             db.clear_all_scopes(self.conn)
-        for state in _STATE.get(self.conn, {}).values():
-            self._forget(state)
-
-    @staticmethod
-    def _forget(state: _ScopeState) -> None:
-        state.in_flight.clear()
-        state.leaders.clear()
-        if state.pending_seen is not None:
-            state.pending_seen.clear()
+        for marks in self.conn.state.ordering.values():
+            marks.forget()
 
     # --- batches -----------------------------------------------------------------------
 

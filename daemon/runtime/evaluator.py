@@ -50,10 +50,11 @@ import trio
 
 from daemon.core.events import ReceivedEvent
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
-from daemon.engine.engine import Outcome
+from daemon.engine.engine import BatchOutcome, Outcome
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.wire.submission import Submission
+from store.connection import Connection
 from store.db import write_transaction
 
 log = logging.getLogger(__name__)
@@ -69,28 +70,31 @@ class BatchEngine(ForgetsOnRollback, Protocol):
     """What the evaluator needs of ``daemon.engine.Engine``."""
 
     def process_batch(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> Sequence[Outcome]: ...
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome: ...
 
 
 @contextlib.contextmanager
-def engine_transaction(conn: apsw.Connection, engine: ForgetsOnRollback) -> Iterator[None]:
-    """A transaction of ``conn``; if it does not commit, ``engine`` forgets what it cached
-    from it (the evaluator, the inbox pump and the sweeper)."""
+def engine_transaction(conn: Connection, engine: ForgetsOnRollback) -> Iterator[None]:
+    """A transaction of ``conn``; if it does not commit, the connection's state and
+    ``engine`` forget what they cached from it (the evaluator, the inbox pump and the
+    sweeper)."""
     try:
         with write_transaction(conn):
             yield
     except BaseException:
-        engine.rolled_back()  # the COMMIT itself may be what failed
+        # the COMMIT itself may be what failed
+        conn.state.rolled_back()
+        engine.rolled_back()
         raise
 
 
 def process_in_transaction(
-    conn: apsw.Connection,
+    conn: Connection,
     engine: BatchEngine,
     events: Sequence[ReceivedEvent],
     now: datetime,
-) -> Sequence[Outcome]:
+) -> BatchOutcome:
     """`engine.process_batch` in an `engine_transaction` of its own (the evaluator, and
     the inbox pump with no events)."""
     with engine_transaction(conn, engine):
@@ -147,9 +151,7 @@ class _Evaluator:
             now = self.clock()
             try:
                 with trio.CancelScope(shield=True):
-                    outcomes = await self.gateway.run(
-                        process_in_transaction, self.engine, events, now
-                    )
+                    done = await self.gateway.run(process_in_transaction, self.engine, events, now)
             except STORE_TROUBLE as exc:
                 self.stats.store_retries += 1
                 if isinstance(exc, apsw.FullError) and len(events) > 1:
@@ -159,10 +161,10 @@ class _Evaluator:
             except Exception as exc:
                 return exc
             # Waking the sender and the inbox pump costs each a trip to the store thread:
-            # only when the batch left them work (an engine that cannot tell always wakes).
-            if getattr(self.engine, "handed_off", True):
+            # only when the batch left them work.
+            if done.handed_off:
                 self.on_commit()
-            for outcome in outcomes:
+            for outcome in done.outcomes:
                 if outcome is Outcome.duplicate:
                     self.stats.duplicates += 1
                 elif outcome is Outcome.parked:

@@ -28,10 +28,10 @@ import threading
 from collections.abc import Callable
 from typing import Final, TypeVar, TypeVarTuple, Unpack, cast
 
-import apsw
 import outcome
 import trio
 
+from store.connection import Connection
 from store.db import Store
 
 T = TypeVar("T")
@@ -56,8 +56,10 @@ class StoreGateway:
     def store(self) -> Store:
         return self._store
 
-    async def run(self, fn: Callable[[apsw.Connection, Unpack[Ts]], T], *args: *Ts) -> T:
-        """Run ``fn(conn, *args)`` in the store thread; ``fn`` opens its own transaction."""
+    async def run(self, fn: Callable[[Connection, Unpack[Ts]], T], *args: *Ts) -> T:
+        """Run ``fn(conn, *args)`` in the store thread; ``fn`` opens its own transaction.
+        ``conn`` is the store's connection, carrying its in-memory state
+        (``store.connection.ConnectionState``), which only this thread touches."""
         await trio.lowlevel.checkpoint_if_cancelled()
         conn = self._store.conn
         token = trio.lowlevel.current_trio_token()

@@ -79,6 +79,7 @@ from daemon.engine.acting import action_event
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from store import outbox
+from store.connection import Connection
 from store.db import write_transaction
 from store.events import push_inbox
 
@@ -163,7 +164,7 @@ def _finished_event(
 
 
 def _commit(
-    conn: apsw.Connection,
+    conn: Connection,
     row: outbox.OutboxRow,
     result: _Result,
     event: ReceivedEvent | None,

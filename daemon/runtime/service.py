@@ -49,6 +49,7 @@ from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.runtime.sweeper import SweepSettings, run_sweeper
 from daemon.runtime.systemd import Notifier
 from daemon.wire.submission import Submission
+from store.connection import Connection
 from store.db import Store, StoreError, StoreUnavailable, UnusableDatabase
 from store.events import inbox_size
 
@@ -81,7 +82,7 @@ class InboxPump:
     def wake(self) -> None:
         self._wake.set()
 
-    def _drain(self, conn: apsw.Connection) -> int:
+    def _drain(self, conn: Connection) -> int:
         process_in_transaction(conn, self._engine, [], self._clock())
         return inbox_size(conn)
 

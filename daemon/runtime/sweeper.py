@@ -17,20 +17,19 @@ import logging
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
-import apsw
 import attrs
 import trio
 
 from daemon.core.clock import to_us
 from daemon.core.counters import META_KEY as COUNTERS_KEY
 from daemon.core.counters import CounterSource
-from daemon.engine.engine import ORDERING_SCOPE, Engine
-from daemon.engine.ordering import CausalOrdering
+from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import engine_transaction
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from store import events as events_store
 from store import outbox as outbox_store
+from store.connection import Connection
 from store.db import write_transaction
 
 log = logging.getLogger(__name__)
@@ -53,7 +52,7 @@ class SweepReport:
 
 
 def sweep(
-    conn: apsw.Connection,
+    conn: Connection,
     engine: Engine,
     settings: SweepSettings,
     now: datetime,
@@ -69,8 +68,7 @@ def sweep(
         swept = engine.periodic(conn, now)
     report = SweepReport(next_proactive, swept_buckets=swept)
     with write_transaction(conn):
-        ordering = CausalOrdering(ORDERING_SCOPE, conn, seen_expiration=engine.seen_expiration)
-        report.expired_seen = ordering.expire_seen(now)
+        report.expired_seen = engine.ordering(conn).expire_seen(now)
         report.pruned_events = events_store.prune_events(
             conn, to_us(now - settings.event_retention)
         )

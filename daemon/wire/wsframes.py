@@ -32,11 +32,11 @@ FIN: Final = 0x80
 OPCODE_BITS: Final = 0x0F
 CONTROL_OPCODES: Final = 0x08  # opcodes from here on are control frames
 
-_XOR: Final = [bytes(a ^ b for a in range(256)) for b in range(256)]
+_XOR: Final = tuple(bytes(a ^ b for a in range(256)) for b in range(256))
 """translate() tables: _XOR[k] maps each byte to itself XOR k."""
 
 
-_SHORT_HEADERS: Final = [bytes((FIN_TEXT, size)) for size in range(SHORT_LENGTH + 1)]
+_SHORT_HEADERS: Final = tuple(bytes((FIN_TEXT, size)) for size in range(SHORT_LENGTH + 1))
 
 
 def text_header(size: int) -> bytes:

@@ -7,7 +7,6 @@ from collections.abc import Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-import apsw
 import pytest
 
 from daemon.core.automations import (
@@ -16,6 +15,7 @@ from daemon.core.automations import (
 from daemon.core.events import ReceivedEvent
 from daemon.core.firings import TriggeredAction, TriggerState
 from daemon.engine.engine import Engine
+from store.connection import Connection
 from tests.support.composite_scenarios import (
     BAKE,
     BUY,
@@ -45,7 +45,7 @@ from tests.support.composite_scenarios import (
 class EngineHarness:
     """The real Engine on a real store; a firing is observed as its outbox row."""
 
-    def __init__(self, conn: apsw.Connection, auto: Automation) -> None:
+    def __init__(self, conn: Connection, auto: Automation) -> None:
         self.conn = conn
         self.engine = Engine()
         self.engine.load_automations(conn, [auto], S)
@@ -225,7 +225,7 @@ ENGINE_SCENARIOS: list[tuple[int, Any, Any, int]] = [
     ids=[f"scenario_{s[0]}" for s in ENGINE_SCENARIOS],
 )
 def test_engine_scenarios(
-    conn: apsw.Connection, number: int, trigger: Any, make_events: Any, expected: int
+    conn: Connection, number: int, trigger: Any, make_events: Any, expected: int
 ) -> None:
     auto = automation(trigger())
     events: list[ReceivedEvent] = make_events()
@@ -246,7 +246,7 @@ def test_engine_scenarios(
 
 
 @pytest.mark.parametrize("number", [74, 78])
-def test_engine_backlog_judged_in_event_time(conn: apsw.Connection, number: int) -> None:
+def test_engine_backlog_judged_in_event_time(conn: Connection, number: int) -> None:
     """74 and 78 fire in Prefect (processing is quick); trigd judges `occurred`: bake is
     14 minutes after buy, outside `within` 5 s, however fast the backlog is replayed."""
     mixes = (
@@ -266,7 +266,7 @@ def test_engine_backlog_judged_in_event_time(conn: apsw.Connection, number: int)
 @pytest.mark.parametrize("batch", [False, True])
 @pytest.mark.parametrize("order", [(0, 1), (1, 0)])
 def test_engine_82_concurrent_children_fire_exactly_once(
-    conn: apsw.Connection, batch: bool, order: tuple[int, int]
+    conn: Connection, batch: bool, order: tuple[int, int]
 ) -> None:
     """Prefect races two workers; trigd's single writer serialises them, in one batch or
     two, in either order: exactly one firing."""
@@ -282,7 +282,7 @@ def test_engine_82_concurrent_children_fire_exactly_once(
     assert stored(conn) == 0
 
 
-def test_engine_backlog_replay_matches_live_processing(conn: apsw.Connection) -> None:
+def test_engine_backlog_replay_matches_live_processing(conn: Connection) -> None:
     """The same in-order events give the same firings live or replayed days later."""
     auto = host()
     harness = EngineHarness(conn, auto)
@@ -290,7 +290,7 @@ def test_engine_backlog_replay_matches_live_processing(conn: apsw.Connection) ->
     assert len(actions) == 1
 
 
-def test_engine_nested_composite_with_proactive_child(conn: apsw.Connection) -> None:
+def test_engine_nested_composite_with_proactive_child(conn: Connection) -> None:
     """sequence(any(no heartbeat for 30 s, never), alarm) through the engine: the proactive
     child fires in event time (the events clock's `as_of`), the inner `any` passes it up,
     and an alarm after it completes the sequence."""
@@ -314,7 +314,7 @@ def test_engine_nested_composite_with_proactive_child(conn: apsw.Connection) -> 
     assert alarm_firing.triggering_event == alarm
 
 
-def test_engine_reload_of_changed_composite_forgets_child_firings(conn: apsw.Connection) -> None:
+def test_engine_reload_of_changed_composite_forgets_child_firings(conn: Connection) -> None:
     auto = automation(compound("all", flow("Failed"), flow("NotExistent")))
     harness = EngineHarness(conn, auto)
     harness.send(flow_run_events())

@@ -4,7 +4,7 @@
   of leaders with parked followers, which must never miss a leader: not across batches,
   not after a rolled-back transaction, not after a commit that failed once the batch had
   ended;
-* `Engine.handed_off` and the evaluator waking the sender and the inbox pump only then;
+* `BatchOutcome.handed_off` and the evaluator waking the sender and the inbox pump only then;
 * `store.buckets.save_bucket`, the count-only write of an unchanged window;
 * `store.buckets.PendingBuckets`, the engine's bucket write-back within one unit of work:
   dropped with a failed batch, and leaving the table as writing at once would.
@@ -15,7 +15,6 @@ Real SQLite files, fixed clocks.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -28,13 +27,14 @@ import trio
 from daemon.core.automations import Automation
 from daemon.core.buckets import Bucket, EventRef
 from daemon.core.events import ReceivedEvent, Resource, parse_incoming_event
-from daemon.engine.engine import Engine, Outcome
+from daemon.engine.engine import Engine
 from daemon.engine.ordering import CausalOrdering, EventArrivedEarly
 from daemon.runtime.evaluator import process_in_transaction, run_evaluator
 from daemon.runtime.gateway import StoreGateway
 from daemon.wire.submission import Submission
 from store import buckets as buckets_store
 from store import events as events_store
+from store.connection import Connection
 from store.db import WAL_AUTOCHECKPOINT_PAGES, WRITER_CACHE_KIB, Store
 
 S = datetime(2026, 3, 1, 12, 0, tzinfo=UTC)
@@ -283,8 +283,8 @@ def test_handed_off_says_whether_the_batch_wrote_work_for_others(store: Store) -
 
     def batch(*events: ReceivedEvent) -> bool:
         with conn:
-            engine.process_batch(conn, list(events), NOW)
-        return engine.handed_off
+            done = engine.process_batch(conn, list(events), NOW)
+        return done.handed_off
 
     assert not batch(wire_event("two"))  # counted, nothing fired
     assert batch(wire_event("two"))  # fired: an outbox row and events in the inbox
@@ -306,21 +306,6 @@ class Sink:
     def resolved(self, submission: Submission, error: str | None) -> None:
         submission.done = True
         self.resolved_ids.append(submission.event.id)
-
-
-class NoReport:
-    """An engine that cannot say whether it handed work off."""
-
-    def __init__(self) -> None:
-        self.inner = Engine()
-
-    def process_batch(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> Sequence[Outcome]:
-        return self.inner.process_batch(conn, events, now)
-
-    def rolled_back(self) -> None:
-        self.inner.rolled_back()
 
 
 @pytest.mark.parametrize(
@@ -348,23 +333,6 @@ async def test_the_evaluator_wakes_the_others_only_for_work(
         )
     assert len(sink.resolved_ids) == len(names)
     assert len(wakes) == expected_wakes
-
-
-async def test_an_engine_that_cannot_tell_always_wakes_the_others(store: Store) -> None:
-    wakes: list[int] = []
-    send, receive = trio.open_memory_channel[Submission](10)
-    with trio.fail_after(10):
-        async with send:
-            send.send_nowait(Submission(wire_event("none"), Sink()))
-        await run_evaluator(
-            StoreGateway(store),
-            NoReport(),
-            receive,
-            clock=lambda: NOW,
-            batch_max=1,
-            on_commit=lambda: wakes.append(1),
-        )
-    assert wakes == [1]
 
 
 # --- buckets -------------------------------------------------------------------------------
@@ -574,7 +542,7 @@ def test_only_proactive_buckets_are_in_the_start_index_and_the_pass_reads_it(
 # --- the inbox is only looked into when something can be in it -----------------------------
 
 
-def inbox_statements(conn: apsw.Connection, engine: Engine, events: list[ReceivedEvent]) -> int:
+def inbox_statements(conn: Connection, engine: Engine, events: list[ReceivedEvent]) -> int:
     """Run one batch the evaluator's way; how many of its statements read the inbox."""
     seen: list[str] = []
 

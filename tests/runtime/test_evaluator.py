@@ -21,10 +21,11 @@ import trio.testing
 
 from daemon.core.events import ReceivedEvent, parse_incoming_event
 from daemon.core.log_throttle import LogLimits
-from daemon.engine.engine import Engine, Outcome
+from daemon.engine.engine import BatchOutcome, Engine
 from daemon.runtime.evaluator import EvaluatorStats, run_evaluator
 from daemon.runtime.gateway import StoreGateway
 from daemon.wire.submission import Submission
+from store.connection import Connection
 from store.db import Store
 from tests.support.evaluator_doubles import NOW, GatedEngine, fixed_clock, stored_ids
 
@@ -69,8 +70,8 @@ class PoisonEngine:
     poison: UUID
 
     def process_batch(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> list[Outcome]:
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome:
         outcomes = self.inner.process_batch(conn, events, now)  # writes, then fails: rollback
         if any(event.id == self.poison for event in events):
             raise RuntimeError("boom")
@@ -91,8 +92,8 @@ class TroubledEngine:
     calls: int = 0
 
     def process_batch(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> list[Outcome]:
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome:
         self.calls += 1
         outcomes = self.inner.process_batch(conn, events, now)
         if self.calls <= self.failures:
@@ -365,8 +366,8 @@ class PoisonNameEngine:
     poison: str = "pump.poison"
 
     def process_batch(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> list[Outcome]:
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome:
         outcomes = self.inner.process_batch(conn, events, now)
         if any(event.event == self.poison for event in events):
             raise RuntimeError("boom " + "x" * 200)  # a long message, as a real one can be

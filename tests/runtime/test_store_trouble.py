@@ -33,6 +33,7 @@ from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.service import InboxPump, reload_automations
 from store import outbox
 from store.automations import loaded_automations
+from store.connection import Connection
 from store.db import BUSY_TIMEOUT_MS, Store
 from store.events import inbox_size, push_inbox
 from tests.support.daemon_process import (
@@ -362,7 +363,7 @@ async def test_inbox_pump_waits_out_a_locked_store(
     engine = Engine()
     own_event = triggering_event()
 
-    def push(conn: apsw.Connection) -> None:
+    def push(conn: Connection) -> None:
         with conn:
             push_inbox(conn, [own_event.model_dump_json()])
 

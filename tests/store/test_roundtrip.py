@@ -26,7 +26,7 @@ def test_events_round_trip_through_the_store(events: list[ReceivedEvent]) -> Non
         path = Path(directory) / "t.db"
         store = Store.open(path)
         with store.conn:
-            outcomes = Engine().process_batch(store.conn, events, NOW)
+            outcomes = Engine().process_batch(store.conn, events, NOW).outcomes
         store.close()
         assert Outcome.duplicate not in outcomes
         store = Store.open_readonly(path)

@@ -204,7 +204,7 @@ class Harness:
 
     def batch(self, events: Sequence[ReceivedEvent], now: datetime | None = None) -> list[Outcome]:
         with self.conn:
-            outcomes = self.engine.process_batch(self.conn, events, now or self.now)
+            outcomes = self.engine.process_batch(self.conn, events, now or self.now).outcomes
         return outcomes
 
     def P(self, a: Automation, at: datetime, trigger_id: UUID | None = None) -> datetime:

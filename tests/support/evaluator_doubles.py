@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-import apsw
 import attrs
 
 from daemon.core.events import ReceivedEvent
-from daemon.engine.engine import Engine, Outcome
+from daemon.engine.engine import BatchOutcome, Engine
+from store.connection import Connection
 from store.db import Store
 
 NOW = datetime(2026, 11, 23, 10, 0, 0, tzinfo=UTC)
@@ -40,8 +40,8 @@ class GatedEngine:
     batches: list[int] = attrs.Factory(list)
 
     def process_batch(
-        self, conn: apsw.Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> list[Outcome]:
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome:
         self.batches.append(len(events))
         self.entered.set()
         self.gate.wait()
