@@ -14,7 +14,7 @@ import json
 import os
 import socket
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any, Final, TextIO
 
 import trio
@@ -27,6 +27,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from daemon.core.config import AUTH_TOKEN_ENV
 from daemon.core.exit_codes import ExitCode
 
 SUBPROTOCOL: Final = "trigd.v1"
@@ -168,6 +169,14 @@ def failure_reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+def client_token(flag: str | None, environ: Mapping[str, str]) -> str | None:
+    """`--token`, else the variable `serve` reads its token from, else the older
+    `TRIGD_TOKEN`: the token is named the same way on both ends."""
+    if flag is not None:
+        return flag
+    return environ.get(AUTH_TOKEN_ENV) or environ.get("TRIGD_TOKEN")
+
+
 def emit_command(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: TextIO) -> int:
     try:
         if args.file in (None, "-"):
@@ -179,7 +188,7 @@ def emit_command(args: argparse.Namespace, stdin: TextIO, out: TextIO, err: Text
     except (OSError, InputError) as exc:
         print(f"trigd emit: {exc}", file=err)
         return ExitCode.FAILURE
-    token = args.token if args.token is not None else os.environ.get("TRIGD_TOKEN")
+    token = client_token(args.token, os.environ)
     try:
         acked, rejected = trio.run(_emit_within, args.url, token, items, args.timeout)
     except trio.TooSlowError:

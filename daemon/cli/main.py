@@ -82,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_URL,
         help=f"websocket URL (default {DEFAULT_URL})",
     )
-    emit.add_argument("--token", default=None, help="auth token (default: $TRIGD_TOKEN when set)")
+    emit.add_argument(
+        "--token",
+        default=None,
+        help="auth token (default: $TRIGD_SERVER_AUTH_TOKEN, as serve reads it, else $TRIGD_TOKEN)",
+    )
     emit.add_argument(
         "--timeout", type=positive_seconds, default=30.0, help="seconds to wait for acks"
     )

@@ -57,8 +57,12 @@ Synchronous = Literal["full", "normal"]
 """`[store] synchronous`, as `store.db.Store.open` takes it."""
 
 ENV_PREFIX: Final = "TRIGD_"
+AUTH_TOKEN_ENV: Final = "TRIGD_SERVER_AUTH_TOKEN"
+"""`[server] auth_token` from the environment: what `serve` requires and, by the same name,
+what `trigd emit` presents, so one exported variable serves both."""
 CLIENT_ENV_VARS: Final = frozenset({"TRIGD_TOKEN"})
-"""TRIGD_* variables read by client commands (`trigd emit`), not configuration."""
+"""TRIGD_* variables read by client commands (`trigd emit`'s older name for the token), not
+configuration."""
 
 FLAG_KEYS: Final[Mapping[str, tuple[str, str]]] = MappingProxyType(
     {

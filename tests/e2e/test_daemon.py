@@ -17,6 +17,7 @@ from tests.support.daemon_process import (
     SECRET,
     burst_automation,
     pressure,
+    run_trigd,
     running_daemon,
     write_automations,
     write_config,
@@ -25,16 +26,6 @@ from tests.support.paths import REPO
 from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
 pytestmark = pytest.mark.slow
-
-
-async def trigd(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process(
-        [sys.executable, "-m", "daemon", *args],
-        stdin=stdin.encode(),
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -52,7 +43,7 @@ async def test_second_daemon_on_the_same_database_is_refused(tmp_path: Path) -> 
     config = write_config(tmp_path)
     with trio.fail_after(60):
         async with running_daemon(config) as daemon:
-            result = await trigd("serve", "--config", str(config))
+            result = await run_trigd("serve", "--config", str(config))
             assert result.returncode == 1
             assert b"in use by another trigd" in result.stderr
             assert await daemon.stop() == 0
@@ -62,7 +53,7 @@ async def test_bad_configuration_exits_2_naming_the_key(tmp_path: Path) -> None:
     config = tmp_path / "trigd.toml"
     config.write_text('[server]\nlissen = "127.0.0.1:0"\n')
     with trio.fail_after(30):
-        result = await trigd("serve", "--config", str(config))
+        result = await run_trigd("serve", "--config", str(config))
     assert result.returncode == 2
     assert b"lissen" in result.stderr
 
@@ -73,7 +64,7 @@ async def test_invalid_automation_file_exits_2_naming_the_field(tmp_path: Path) 
     broken[0]["trigger"]["within"] = -5
     automations.write_text(json.dumps(broken))
     with trio.fail_after(30):
-        result = await trigd("serve", "--config", str(write_config(tmp_path, [automations])))
+        result = await run_trigd("serve", "--config", str(write_config(tmp_path, [automations])))
     assert result.returncode == 2
     assert b"pump pressure burst" in result.stderr
     assert b"trigger.within" in result.stderr
@@ -85,7 +76,7 @@ async def test_emitted_events_fire_a_signed_webhook(tmp_path: Path) -> None:
             receiver: Receiver = await nursery.start(run_receiver, answer(200))
             automations = write_automations(tmp_path, [burst_automation(receiver.url())])
             async with running_daemon(write_config(tmp_path, [automations])) as daemon:
-                emitted = await trigd(
+                emitted = await run_trigd(
                     "emit", "--url", daemon.url, stdin="\n".join([pressure()] * 3) + "\n"
                 )
                 assert emitted.returncode == 0, emitted.stderr
@@ -94,18 +85,33 @@ async def test_emitted_events_fire_a_signed_webhook(tmp_path: Path) -> None:
                 assert json.loads(request.body) == {"text": "pump pressure burst: pump.7"}
                 assert request.headers["user-agent"].startswith("trigd/")
                 Webhook(SECRET).verify(request.body, request.headers)
-                status = await trigd("status", "--db", str(tmp_path / "trigd.db"))
+                status = await run_trigd("status", "--db", str(tmp_path / "trigd.db"))
                 assert status.returncode == 0
                 assert b"pump pressure burst" in status.stdout
                 assert await daemon.stop() == 0
             nursery.cancel_scope.cancel()
 
 
+async def test_one_token_variable_serves_both_serve_and_emit(tmp_path: Path) -> None:
+    """TRIGD_SERVER_AUTH_TOKEN is the token `serve` requires and the one `emit` presents."""
+    token = {"TRIGD_SERVER_AUTH_TOKEN": "shared-7c1e"}
+    with trio.fail_after(60):
+        async with running_daemon(write_config(tmp_path), env=token) as daemon:
+            emitted = await run_trigd("emit", "--url", daemon.url, stdin=pressure(), env=token)
+            assert emitted.returncode == 0, emitted.stderr
+            assert b"1 acknowledged, 0 rejected" in emitted.stdout
+            wrong = {"TRIGD_SERVER_AUTH_TOKEN": "", "TRIGD_TOKEN": "not-it"}
+            refused = await run_trigd("emit", "--url", daemon.url, stdin=pressure(), env=wrong)
+            assert refused.returncode == 1
+            assert b"Invalid token" in refused.stderr
+            assert await daemon.stop() == 0
+
+
 async def test_emit_reports_rejected_events_and_exits_1(tmp_path: Path) -> None:
     with trio.fail_after(60):
         async with running_daemon(write_config(tmp_path)) as daemon:
             lines = [pressure(), '{"event": "x", "resource": {}}', "not json"]
-            emitted = await trigd("emit", "--url", daemon.url, stdin="\n".join(lines) + "\n")
+            emitted = await run_trigd("emit", "--url", daemon.url, stdin="\n".join(lines) + "\n")
             assert emitted.returncode == 1
             assert b"1 acknowledged, 2 rejected" in emitted.stdout
             assert b"line 2: resource" in emitted.stderr
@@ -123,7 +129,7 @@ async def test_emit_lists_what_was_not_acknowledged_when_trigd_closes_the_connec
     lines = [pressure("pump.1"), pressure("pump.2"), huge, pressure("pump.3"), pressure("pump.4")]
     with trio.fail_after(60):
         async with running_daemon(config) as daemon:
-            emitted = await trigd("emit", "--url", daemon.url, stdin="\n".join(lines) + "\n")
+            emitted = await run_trigd("emit", "--url", daemon.url, stdin="\n".join(lines) + "\n")
             assert await daemon.stop() == 0
     assert emitted.returncode == 1
     assert b"2 acknowledged, 3 rejected" in emitted.stdout, emitted
@@ -141,10 +147,10 @@ async def test_status_shows_the_running_daemons_counters(tmp_path: Path) -> None
     with trio.fail_after(60):
         async with running_daemon(write_config(tmp_path)) as daemon:
             lines = [pressure(), pressure("pump.8"), '{"event": "x", "resource": {}}']
-            emitted = await trigd("emit", "--url", daemon.url, stdin="\n".join(lines) + "\n")
+            emitted = await run_trigd("emit", "--url", daemon.url, stdin="\n".join(lines) + "\n")
             assert b"2 acknowledged, 1 rejected" in emitted.stdout
             while True:  # the sweeper stores a snapshot every pass (1 s here)
-                status = await trigd("status", "--db", db, "--json")
+                status = await run_trigd("status", "--db", db, "--json")
                 counters = json.loads(status.stdout)["daemon"]
                 ingest = counters["ingest"] if counters else {}
                 if ingest.get("connections_total") == 1 and ingest.get("connections") == 0:
@@ -154,7 +160,7 @@ async def test_status_shows_the_running_daemons_counters(tmp_path: Path) -> None
             assert counters["ingest"]["events"] == 2
             assert counters["ingest"]["rejected"] == 1
             assert counters["evaluator"]["events"] == 2
-            text = await trigd("status", "--db", db)
+            text = await run_trigd("status", "--db", db)
             assert f"daemon: pid {daemon.process.pid}".encode() in text.stdout
             assert b"2 events, 1 rejected frames" in text.stdout
             assert await daemon.stop() == 0
@@ -175,7 +181,7 @@ async def test_sighup_swaps_valid_automations_and_keeps_them_when_invalid(tmp_pa
                 automations.write_text("[{")
                 daemon.send(signal.SIGHUP)
                 await daemon.wait_for_log("reload refused")
-                emitted = await trigd("emit", "--url", daemon.url, stdin=pressure() + "\n")
+                emitted = await run_trigd("emit", "--url", daemon.url, stdin=pressure() + "\n")
                 assert emitted.returncode == 0, emitted.stderr
                 request = await receiver.next_request()
                 assert request.target == "/second"

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +17,7 @@ from standardwebhooks import Webhook
 from tests.support.daemon_process import (
     burst_automation,
     database_bytes,
+    run_trigd,
     running_daemon,
     write_automations,
     write_config,
@@ -29,16 +28,6 @@ pytestmark = pytest.mark.slow
 
 SIGNING = "whsec_c2VjcmV0LWZyb20tYS1jcmVkZW50aWFs"  # in $CREDENTIALS_DIRECTORY/hook
 TOKEN = "Bearer e2e-1f0a7d"  # in the environment, HOOK_TOKEN_E2E
-
-
-async def trigd(*args: str, stdin: str = "") -> subprocess.CompletedProcess[bytes]:
-    return await trio.run_process(
-        [sys.executable, "-m", "daemon", *args],
-        stdin=stdin.encode(),
-        capture_stdout=True,
-        capture_stderr=True,
-        check=False,
-    )
 
 
 def pressure() -> str:
@@ -60,7 +49,7 @@ async def test_referenced_secrets_sign_and_authorize_but_are_never_shown(tmp_pat
             automations = write_automations(tmp_path, [hook])
             async with running_daemon(write_config(tmp_path, [automations]), env=env) as daemon:
                 lines = "\n".join([pressure()] * 3) + "\n"
-                emitted = await trigd("emit", "--url", daemon.url, stdin=lines)
+                emitted = await run_trigd("emit", "--url", daemon.url, stdin=lines)
                 assert emitted.returncode == 0, emitted.stderr
                 request = await receiver.next_request()
                 Webhook(SIGNING).verify(request.body, request.headers)
@@ -70,9 +59,9 @@ async def test_referenced_secrets_sign_and_authorize_but_are_never_shown(tmp_pat
                 assert sent["action"]["headers"] == {"Authorization": "********"}
 
                 shown = [
-                    await trigd("status", "--db", db, "--json"),
-                    await trigd("status", "--db", db),
-                    await trigd("outbox", "list", "--db", db),
+                    await run_trigd("status", "--db", db, "--json"),
+                    await run_trigd("status", "--db", db),
+                    await run_trigd("outbox", "list", "--db", db),
                 ]
                 assert all(r.returncode == 0 for r in shown), shown
 
@@ -95,7 +84,7 @@ async def test_serve_refuses_a_header_that_would_break_the_request(tmp_path: Pat
     hook["actions"][0]["headers"] = {"Content-Length": "0", "X-Key": "k3y\r\nHost: elsewhere"}
     automations = write_automations(tmp_path, [hook])
     with trio.fail_after(30):
-        result = await trigd("serve", "--config", str(write_config(tmp_path, [automations])))
+        result = await run_trigd("serve", "--config", str(write_config(tmp_path, [automations])))
     assert result.returncode == 2
     error = result.stderr.decode()
     assert "automation 'pump pressure burst': actions[0].headers: " in error

@@ -144,6 +144,22 @@ class Daemon:
 
 
 TRIGD: Final = (sys.executable, "-m", "daemon")
+
+
+async def run_trigd(
+    *args: str, stdin: str = "", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """One `trigd` command (not `serve`) as a user runs it: its output and exit code."""
+    return await trio.run_process(
+        [*TRIGD, *args],
+        stdin=stdin.encode(),
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
 """How `running_daemon` runs trigd by default: this checkout, with the test interpreter."""
 
 
