@@ -70,7 +70,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--automations", metavar="PATH", nargs="+", help="automation files or globs (YAML/JSON)"
     )
-    serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    serve.add_argument(
+        "--log-level",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="overrides [log] level (default INFO)",
+    )
 
     check = sub.add_parser("check", help="validate automation files and configuration files")
     check.add_argument("paths", metavar="PATH", nargs="+")

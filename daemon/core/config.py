@@ -56,6 +56,11 @@ MAX_DEPTH_OF_PRECEDING_EVENT: Final = 20  # followers released per original arri
 Synchronous = Literal["full", "normal"]
 """`[store] synchronous`, as `store.db.Store.open` takes it."""
 
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR"]
+"""`[log] level` (and `trigd serve --log-level`), as the logging module names them."""
+LogFormat = Literal["text", "json"]
+"""`[log] format`: plain lines, or one JSON object a line."""
+
 ENV_PREFIX: Final = "TRIGD_"
 AUTH_TOKEN_ENV: Final = "TRIGD_SERVER_AUTH_TOKEN"
 """`[server] auth_token` from the environment: what `serve` requires and, by the same name,
@@ -162,6 +167,10 @@ def _listen(value: Any) -> str:
         if ":" in host:
             raise ValueError(f"IPv6 addresses go in brackets: '[{host}]:{port}'")
     return f"{host}:{port}"
+
+
+def _uppercase(value: Any) -> Any:
+    return value.strip().upper() if isinstance(value, str) else value
 
 
 def _lowercase(value: Any) -> Any:
@@ -363,9 +372,12 @@ class DeliveryConfig(Section):
 
 
 class LogConfig(Section):
-    """Lines one event can cause (refused with a traceback, a batch split) are rate limited
+    """`level` and `format` of the daemon's log lines (`--log-level` overrides `level`).
+    Lines one event can cause (refused with a traceback, a batch split) are rate limited
     per kind: `burst` per `window`, then a count of those left out."""
 
+    level: Annotated[LogLevel, BeforeValidator(_uppercase)] = "INFO"
+    format: Annotated[LogFormat, BeforeValidator(_lowercase)] = "text"
     burst: Count = DEFAULT_LIMITS.burst
     window: PositiveDuration = timedelta(seconds=DEFAULT_LIMITS.window)
 

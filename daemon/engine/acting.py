@@ -17,6 +17,8 @@ automations can react to automations without recursing inside this transaction.
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from types import MappingProxyType
@@ -32,6 +34,8 @@ from daemon.core.firings import Firing, TriggeredAction, TriggerState, ordered_s
 from store.connection import Connection
 from store.events import push_inbox
 from store.outbox import NewOutboxRow, enqueue
+
+log = logging.getLogger(__name__)
 
 ACTION_FOLLOWS_WINDOW: Final = timedelta(minutes=5)
 """An action event `follows` its triggering event only when this close in time."""
@@ -210,3 +214,31 @@ def act(conn: Connection, automation: Automation, firing: Firing, now: datetime)
         ],
     )
     push_inbox(conn, [e.model_dump_json() for e in (*events.values(), *action_events)])
+    _log_firing(automation, firing, len(actions))
+
+
+def _log_firing(automation: Automation, firing: Firing, actions: int) -> None:
+    """One INFO line per firing of an automation (docs/OPERATIONS.md#logs): its name, the
+    trigger, the bucket key (the firing's `for_each` label values), the actions queued."""
+    trigger = firing.trigger
+    bucket = firing.triggering_labels
+    event = firing.triggering_event
+    log.info(
+        "automation %r fired: %s trigger %s, bucket %s, %d actions queued",
+        automation.name,
+        trigger.type,
+        trigger.id,
+        json.dumps(bucket, sort_keys=True) if bucket else "(all)",
+        actions,
+        extra={
+            "automation": automation.name,
+            "automation_id": str(automation.id),
+            "trigger": str(trigger.id),
+            "trigger_type": trigger.type,
+            "bucket": bucket,
+            "states": sorted(state.value for state in firing.trigger_states),
+            "triggering_event": None if event is None else str(event.id),
+            "firing": str(firing.id),
+            "actions": actions,
+        },
+    )

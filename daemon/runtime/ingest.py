@@ -343,6 +343,13 @@ class _Ingest:
         refusal = session.refusal
         if refusal is not None:
             self.stats.handshakes_refused += 1
+            self.refused_handshakes.log(
+                trio.current_time(),
+                logging.INFO,
+                "refused websocket from %s: %s",
+                session.peer,
+                refusal.reason,
+            )
             await _close_within(conn, refusal.code, refusal.reason)
             return False
         return True

@@ -202,6 +202,58 @@ def _error(result: _Result) -> str:
     return describe(result.outcome)
 
 
+def _log_outcome(row: outbox.OutboxRow, triggered: TriggeredAction | None, result: _Result) -> None:
+    """One line per attempt's outcome (docs/OPERATIONS.md#logs): delivered and retry at
+    INFO, dead at WARNING, each with the automation's name, the endpoint as
+    scheme://host:port (never the path, the query or a header) and the status code."""
+    decision = result.decision
+    name = triggered.automation.name if triggered is not None else None
+    status = result.outcome.status_code
+    fields: dict[str, Any] = {
+        "delivery": row.id,
+        "automation": name,
+        "automation_id": row.automation_id,
+        "action_index": row.action_index,
+        "action_type": row.action_type,
+        "endpoint": row.endpoint,
+        "attempt": row.attempts + 1,
+        "status_code": status,
+    }
+    to = f" to {row.endpoint}" if row.endpoint else ""
+    answer = f" (HTTP {status})" if status is not None else ""
+    if isinstance(decision, Delivered):
+        fields["outcome"] = "delivered"
+        log.info(
+            "delivery %s of automation %r%s: delivered%s",
+            row.id,
+            name,
+            to,
+            answer,
+            extra=fields,
+        )
+    elif isinstance(decision, RetryAt):
+        fields.update(outcome="retry", reason=decision.reason, next_attempt=decision.at)
+        log.info(
+            "delivery %s of automation %r%s: %s; next attempt at %s",
+            row.id,
+            name,
+            to,
+            decision.reason,
+            decision.at.isoformat(),
+            extra=fields,
+        )
+    else:
+        fields.update(outcome="dead", reason=decision.reason)
+        log.warning(
+            "delivery %s of automation %r%s is dead: %s",
+            row.id,
+            name,
+            to,
+            decision.reason,
+            extra=fields,
+        )
+
+
 def _claim(
     conn: apsw.Connection, now_us: int, lease_until_us: int, slots: Slots
 ) -> tuple[list[outbox.OutboxRow], int | None]:
@@ -402,10 +454,7 @@ class Sender:
         if not ours:
             log.warning("delivery %s: lease expired during the attempt; it will be retried", row.id)
             return
-        if isinstance(decision, Dead):
-            log.warning("delivery %s to %s is dead: %s", row.id, row.endpoint, decision.reason)
-        elif isinstance(decision, RetryAt):
-            log.info("delivery %s: %s; retry at %s", row.id, decision.reason, decision.at)
+        _log_outcome(row, triggered, result)
         if event is not None:
             self._emit([event])
 

@@ -44,6 +44,7 @@ from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.ingest import IngestStats, run_ingest, tls_context
+from daemon.runtime.logs import configure_logging
 from daemon.runtime.sender import Sender, run_sender
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.runtime.sweeper import SweepSettings, run_sweeper
@@ -302,18 +303,6 @@ def _store_alive(conn: apsw.Connection) -> None:
     conn.execute("SELECT 1").fetchall()
 
 
-def configure_logging(level: str) -> None:
-    under_journald = "JOURNAL_STREAM" in os.environ
-    fmt = (
-        "%(levelname)s %(name)s: %(message)s"
-        if under_journald
-        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
-    )
-    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
-    # one line per webhook request is noise at INFO; the sender logs what matters
-    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLevelName(level)))
-
-
 YOUNG_COLLECTION_THRESHOLD: Final = 20_000
 """Net new container objects between young collections (CPython's default is 700). At
 thousands of events a second the objects in flight (events, batches, replies) pass 700
@@ -332,7 +321,7 @@ def tune_garbage_collector() -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    configure_logging(args.log_level)
+    configure_logging(args.log_level or "INFO")  # until the config says otherwise
     overrides = {"listen": args.listen, "db": args.db, "automations": args.automations}
     try:
         config = load_config(Path(args.config) if args.config else None, os.environ, overrides)
@@ -340,6 +329,7 @@ def serve_command(args: argparse.Namespace) -> int:
     except (ConfigError, AutomationFileError) as exc:
         print(f"trigd serve: {exc}", file=sys.stderr)
         return ExitCode.USAGE
+    configure_logging(args.log_level or config.log.level, config.log.format)
     tune_garbage_collector()
     try:
         trio.run(serve, config, automations)

@@ -246,6 +246,8 @@ def test_client_and_foreign_variables_are_ignored(tmp_path: Path) -> None:
         ("[server]\nauth_token = 7", "[server] auth_token: Input should be a valid string"),
         ('[store]\nsynchronous = "off"', "[store] synchronous: Input should be 'full' or"),
         ('[store]\npath = ""', "[store] path: must not be empty"),
+        ('[log]\nlevel = "verbose"', "[log] level: Input should be 'DEBUG', 'INFO', 'WARNING'"),
+        ('[log]\nformat = "yaml"', "[log] format: Input should be 'text' or 'json'"),
         ('[store]\nevent_retention = "0s"', "[store] event_retention: must be longer than 0s"),
         (
             "[triggers]\nproactive_granularity = 0",
@@ -543,3 +545,11 @@ def test_durations_in_toml_accept_strings_and_numbers(tmp_path: Path) -> None:
     assert config.triggers.expired_bucket_buffer == timedelta(minutes=2)
     dumped = config.model_dump(mode="json")
     assert dumped["ordering"]["seen_expiration"] == "1h30m"
+
+
+def test_log_level_and_format_default_to_info_text_and_read_any_case(tmp_path: Path) -> None:
+    assert (Config().log.level, Config().log.format) == ("INFO", "text")
+    config = load_config(write(tmp_path, '[log]\nlevel = "debug"\nformat = "JSON"\n'), {}, {})
+    assert (config.log.level, config.log.format) == ("DEBUG", "json")
+    from_env = load_config(None, {"TRIGD_LOG_LEVEL": "warning", "TRIGD_LOG_FORMAT": "json"}, {})
+    assert (from_env.log.level, from_env.log.format) == ("WARNING", "json")

@@ -4,9 +4,12 @@ docs/TRIGGERS.md#automation-state-change-events, observed in the outbox and inbo
 from __future__ import annotations
 
 import json
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from daemon.core.automations import Automation, CallWebhook, DoNothing
 from daemon.core.delivery import action_triggered_event_id
@@ -192,3 +195,27 @@ def test_composite_state_change_event_has_no_posture(tmp_path: Path) -> None:
     assert "prefect.posture" not in action_event["resource"]
     [row] = outbox
     assert TriggeredAction.model_validate_json(row[6]).firing == firing
+
+
+def test_a_firing_is_logged_at_info_with_automation_trigger_and_bucket(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.engine.acting")
+    walked = spider_walked()
+    firing = _firing(ARACHNOPHOBIA, walked)
+    _act(tmp_path, ARACHNOPHOBIA, firing)
+    [record] = [r for r in caplog.records if r.name == "daemon.engine.acting"]
+    trigger = ARACHNOPHOBIA.trigger
+    assert record.levelno == logging.INFO
+    assert record.getMessage() == (
+        f"automation {ARACHNOPHOBIA.name!r} fired: event trigger {trigger.id}, "
+        'bucket {"hello": "world"}, 1 actions queued'
+    )
+    fields = {k: getattr(record, k) for k in ("automation", "trigger", "bucket", "actions")}
+    assert fields == {
+        "automation": ARACHNOPHOBIA.name,
+        "trigger": str(trigger.id),
+        "bucket": {"hello": "world"},
+        "actions": 1,
+    }
+    assert (record.firing, record.triggering_event) == (str(firing.id), str(walked.id))  # type: ignore[attr-defined]

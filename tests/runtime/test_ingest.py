@@ -82,6 +82,25 @@ async def test_110_invalid_token_closes_1008(start: Starter) -> None:
             assert await close_reason(ws) == (1008, "Invalid token")
 
 
+async def test_a_refused_auth_message_is_logged_at_info_without_the_token(
+    start: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.runtime.ingest")
+    with trio.fail_after(LIMIT):
+        daemon = await start(auth_token=TOKEN, log_limits=LogLimits(burst=2, window=3600))
+        for _ in range(4):
+            async with connect(daemon.url(), subprotocols=[PREFECT_SUBPROTOCOL]) as ws:
+                await ws.send_message('{"type":"auth","token":"wr0ng-t0ken"}')
+                assert await close_reason(ws) == (1008, "Invalid token")
+    refused = [r for r in caplog.records if r.getMessage().startswith("refused websocket")]
+    assert [r.levelno for r in refused] == [logging.INFO] * 2  # rate limited
+    assert refused[0].getMessage().endswith(": Invalid token")
+    assert "127.0.0.1:" in refused[0].getMessage()
+    assert "wr0ng" not in caplog.text
+    assert TOKEN not in caplog.text
+    assert daemon.ingest.handshakes_refused == 4
+
+
 @pytest.mark.parametrize("auth", ['{"type":"auth"}', '{"type":"auth","token":""}'])
 async def test_111_missing_token_closes_1008(start: Starter, auth: str) -> None:
     with trio.fail_after(LIMIT):

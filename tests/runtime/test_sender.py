@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import email.utils
 import json
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -498,3 +499,72 @@ async def test_an_endpoint_failing_before_a_restart_starts_with_one_slot(
     assert done == {str(t.id) for t in wanted}
     assert len(dead.requests) == 1
     assert harness.sender.endpoints.failing == {endpoint_of(backlog[0].action)}
+
+
+# --- log lines ------------------------------------------------------------------------------
+
+
+def outcome_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [
+        r for r in caplog.records if r.name == "daemon.runtime.sender" and hasattr(r, "outcome")
+    ]
+
+
+async def test_every_outcome_is_logged_with_automation_endpoint_and_status(
+    timed_nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.runtime.sender")
+    receiver = await timed_nursery.start(run_receiver, scripted(Reply(503), Reply(200)))
+    harness = await start(timed_nursery, store)
+    url = receiver.url("/hook/p4th?key=qu3ry")
+    triggered = webhook(receiver, url=url, secret="whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")
+    await harness.enqueue(triggered)
+    assert (await harness.next_event()).event == "prefect.automation.action.executed"
+    retry, delivered = outcome_lines(caplog)
+    endpoint = f"http://127.0.0.1:{receiver.port}"
+    assert retry.levelno == logging.INFO
+    assert retry.getMessage() == (
+        f"delivery {triggered.id} of automation 'pump pressure burst' to {endpoint}: "
+        f"HTTP 503; next attempt at {(T0 + timedelta(seconds=5)).isoformat()}"
+    )
+    assert (retry.outcome, retry.status_code, retry.next_attempt) == (  # type: ignore[attr-defined]
+        "retry",
+        503,
+        T0 + timedelta(seconds=5),
+    )
+    assert delivered.levelno == logging.INFO
+    assert delivered.getMessage() == (
+        f"delivery {triggered.id} of automation 'pump pressure burst' to {endpoint}: "
+        "delivered (HTTP 200)"
+    )
+    assert (delivered.outcome, delivered.automation, delivered.endpoint) == (  # type: ignore[attr-defined]
+        "delivered",
+        "pump pressure burst",
+        endpoint,
+    )
+    for record in (retry, delivered):
+        text = record.getMessage() + repr(vars(record))
+        for hidden in ("p4th", "qu3ry", "MfKQ9r8"):
+            assert hidden not in text
+
+
+async def test_a_dead_delivery_is_logged_as_a_warning(
+    timed_nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.runtime.sender")
+    receiver = await timed_nursery.start(run_receiver, scripted(Reply(400)))
+    harness = await start(timed_nursery, store)
+    triggered = webhook(receiver)
+    await harness.enqueue(triggered)
+    assert (await harness.next_event()).event == "prefect.automation.action.failed"
+    (dead,) = outcome_lines(caplog)
+    assert dead.levelno == logging.WARNING
+    assert dead.getMessage() == (
+        f"delivery {triggered.id} of automation 'pump pressure burst' to "
+        f"http://127.0.0.1:{receiver.port} is dead: HTTP 400: not retried"
+    )
+    assert (dead.outcome, dead.status_code, dead.reason) == (  # type: ignore[attr-defined]
+        "dead",
+        400,
+        "HTTP 400: not retried",
+    )
