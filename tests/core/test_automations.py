@@ -653,12 +653,12 @@ def test_loader_errors_name_file_automation_and_field(tmp_path: Path) -> None:
         load_automation_files([tmp_path / "automations.yaml"])
     f = tmp_path / "automations.yaml"
     assert exc.value.problems == (
-        f"{f}: automation 'pump burst': trigger.within: "
+        f"{f}:2: automation 'pump burst': trigger.within: "
         "`within` for Proactive triggers must be greater than or equal to 10 seconds",
-        f"{f}: automation 'pump burst': actions[0]: unsupported action type 'run-deployment'; "
+        f"{f}:3: automation 'pump burst': actions[0]: unsupported action type 'run-deployment'; "
         "supported types: 'call-webhook', 'do-nothing'",
-        f"{f}: automation #1: name: Field required",
-        f"{f}: automation #1: trigger.require: "
+        f"{f}:4: automation #1: name: Field required",
+        f"{f}:5: automation #1: trigger.require: "
         "require must be less than or equal to the number of triggers",
     )
     assert str(exc.value) == "\n".join(exc.value.problems)
@@ -690,9 +690,9 @@ def test_loader_rejects_duplicate_names_and_ids(tmp_path: Path) -> None:
     with pytest.raises(AutomationFileError) as exc:
         load_automation_files([tmp_path / "one.yaml", tmp_path / "two.json"])
     first, second = exc.value.problems
-    assert first.startswith(f"{tmp_path / 'two.json'}: automation 'pump pressure burst': name: ")
+    assert first.startswith(f"{tmp_path / 'two.json'}:1: automation 'pump pressure burst': name: ")
     assert f"also used in {tmp_path / 'one.yaml'}" in first
-    assert second.startswith(f"{tmp_path / 'two.json'}: automation 'other': id: ")
+    assert second.startswith(f"{tmp_path / 'two.json'}:1: automation 'other': id: ")
 
 
 def test_loader_reports_unreadable_files(tmp_path: Path) -> None:
@@ -710,10 +710,11 @@ def test_loader_reports_unreadable_files(tmp_path: Path) -> None:
     )
     assert any(p.endswith("none-*.yaml: no files match") for p in problems)
     assert any(
-        p == f"{tmp_path / 'scalar.json'}: a file must hold an automation or a list of automations"
+        p == f"{tmp_path / 'scalar.json'}:1: a file must hold an automation, a list of "
+        "automations or {automations: [...]}"
         for p in problems
     )
-    assert any(p.startswith(f"{tmp_path / 'broken.yaml'}: ") for p in problems)
+    assert any(p.startswith(f"{tmp_path / 'broken.yaml'}:2: invalid YAML: ") for p in problems)
 
 
 # --- headers that would break the request -----------------------------------------------------
@@ -760,7 +761,7 @@ def test_loader_refuses_headers_that_break_the_request(
     with pytest.raises(AutomationFileError) as exc:
         load_automation_files([file])
     [problem] = exc.value.problems
-    prefix = f"{file}: automation 'pump pressure burst': actions_on_trigger[0].headers: header "
+    prefix = f"{file}:1: automation 'pump pressure burst': actions_on_trigger[0].headers: header "
     assert problem.startswith(f"{prefix}{name!r}"), problem
     assert why in problem
     assert HIDDEN not in problem
