@@ -368,6 +368,10 @@ class FileProblem(ValueError):
         self.line = line
 
 
+class DuplicateKey(FileProblem):
+    """A key written twice in one mapping."""
+
+
 class Document(NamedTuple):
     """One automation as read from a file, and where it sits there."""
 
@@ -392,7 +396,8 @@ class FileContents(NamedTuple):
 
 def _node_lines(root: yaml.Node) -> dict[Path_, int]:
     """The 1-based line of every mapping key and list item under `root`. A node reached
-    again through an alias is walked once (its keys then have the line of the alias)."""
+    again through an alias is walked once (its keys then have the line of the alias). A
+    key written twice in one mapping is a FileProblem: YAML would keep the last silently."""
     lines: dict[Path_, int] = {(): root.start_mark.line + 1}
     seen: set[int] = set()
     stack: list[tuple[yaml.Node, Path_]] = [(root, ())]
@@ -402,10 +407,18 @@ def _node_lines(root: yaml.Node) -> dict[Path_, int]:
             continue
         seen.add(id(node))
         if isinstance(node, yaml.MappingNode):
+            keys: dict[str, int] = {}
             for key, value in node.value:
-                if isinstance(key, yaml.ScalarNode):
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
                     child = (*path, str(key.value))
-                    lines.setdefault(child, key.start_mark.line + 1)
+                    line = key.start_mark.line + 1
+                    first = keys.get(str(key.value))
+                    if first is not None:  # PyYAML and json would silently keep the last one
+                        raise DuplicateKey(
+                            line, f"{format_loc(child)}: duplicate key (first at line {first})"
+                        )
+                    keys[str(key.value)] = line
+                    lines.setdefault(child, line)
                     stack.append((value, child))
         elif isinstance(node, yaml.SequenceNode):
             for index, item in enumerate(node.value):
@@ -465,8 +478,10 @@ def read_automation_file(path: Path) -> FileContents:
             raise FileProblem(exc.lineno, f"invalid JSON: {exc.msg} (column {exc.colno})") from None
         try:  # JSON is YAML: its nodes give the lines
             lines = _compose(text, str(path), "JSON")[1]
+        except DuplicateKey:
+            raise
         except FileProblem:
-            lines = {}
+            lines = {}  # JSON that PyYAML does not read: every problem on line 1
     else:
         data, lines = _compose(text, str(path), "YAML")
     contents = FileContents([], lines)

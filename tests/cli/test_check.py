@@ -221,3 +221,59 @@ def test_check_refuses_a_header_that_would_break_the_request(tmp_path: Path) -> 
     assert "header 'Transfer-Encoding' cannot be set by an automation" in problem
     assert "header 'X-Key': the value must be printable ASCII" in problem
     assert "k3y" not in err
+
+
+TYPO_YAML = PUMP_YAML.replace("expect:", "expcet:").replace("headers:", "header:")
+
+
+def test_check_refuses_a_misspelt_key_with_file_line_and_suggestion(tmp_path: Path) -> None:
+    """`expcet:` used to be ignored, and the automation then fired on every event."""
+    file = tmp_path / "pumps.yaml"
+    file.write_text(TYPO_YAML)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "check", str(file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        f"{file}:7: automation 'pump pressure burst': trigger.expcet: unknown key "
+        "(did you mean 'expect'?)",
+        f"{file}:15: automation 'pump pressure burst': actions[0].header: unknown key "
+        "(did you mean 'headers'?)",
+    ]
+    assert "whsec_abc" not in result.stderr
+
+
+def test_check_reads_prefects_automations_file_and_durations(tmp_path: Path) -> None:
+    file = tmp_path / "prefect.yaml"
+    file.write_text(
+        "automations:\n"
+        "  - name: pump silent\n"
+        "    trigger:\n"
+        "      posture: Proactive\n"
+        "      expect: [pump.heartbeat]\n"
+        "      for_each: [prefect.resource.id]\n"
+        "      after: [pump.heartbeat]\n"
+        "      within: 1h30m\n"
+        "    actions: [{type: do-nothing}]\n"
+    )
+    code, out, err = run(file)
+    assert (code, err) == (0, "")
+    assert out == (
+        f"{file}: pump silent ({automation_id_for('pump silent')}): event Proactive threshold 1 "
+        "within 1h30m for_each prefect.resource.id after pump.heartbeat expect pump.heartbeat, "
+        "1 action\n"
+    )
+
+
+def test_check_names_the_file_of_a_yaml_error(tmp_path: Path) -> None:
+    file = tmp_path / "pumps.yaml"
+    file.write_text(PUMP_YAML.replace("posture: Reactive", "posture: [Reactive"))
+    code, out, err = run(file)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"{file}:10: invalid YAML: while parsing a flow sequence from line 9")
+    assert "<unicode string>" not in err
