@@ -7,6 +7,11 @@ being `trigger`, `trigger.triggers[0]`, `trigger.triggers[1].triggers[0]`, ... A
 an `id` gets UUIDv5(`AUTOMATION_NAMESPACE`, name). With `BaseTrigger.fingerprint()` this lets the
 engine keep the state of unchanged triggers across reloads and restarts.
 
+Files are strict (same section): every model forbids unknown keys, and the loader turns
+each into `FIELD: unknown key (did you mean 'KEY'?)`; a key written twice is an error;
+every problem carries `FILE:LINE`, the line taken from PyYAML's nodes (JSON is read as
+YAML for them). A file may be Prefect's `{automations: [...]}`.
+
 The trigger and action models live in `trigger_models` and `action_models`; they are
 re-exported here so callers need only this module.
 """
