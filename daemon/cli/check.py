@@ -5,7 +5,8 @@ deploying.
 file alone must be valid wherever it is deployed); the automation globs they name are
 checked too. Every other path is an automation file, glob or directory. On success one
 line per config file and per automation goes to `out`; otherwise every problem goes to
-`err`, naming the file, the automation and the field, and the exit code is 1.
+`err`, naming the file and line, the automation and the field (an unknown key with the
+closest known one), and the exit code is 1 (docs/TRIGGERS.md#automations-and-ids).
 """
 
 from __future__ import annotations

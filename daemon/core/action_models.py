@@ -185,7 +185,7 @@ class CallWebhook(BaseModel):
     the payload is empty, to `url`; signed with Standard Webhooks when `secret` is set.
     Validation errors never show the input: it may hold the secret or a header value."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True, hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     type: Literal["call-webhook"] = "call-webhook"
     url: Annotated[str, AfterValidator(_check_url)]
@@ -258,7 +258,7 @@ def resolve_webhook(action: CallWebhook, environ: Mapping[str, str]) -> Resolved
 class DoNothing(BaseModel):
     """Records that the automation fired and nothing else."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["do-nothing"] = "do-nothing"
 

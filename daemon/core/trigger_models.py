@@ -33,6 +33,7 @@ from pydantic import (
     field_validator,
 )
 
+from daemon.core.durations import parse_duration
 from daemon.core.events import Event, split_related_label
 from daemon.core.matching import ResourceSpecification, compile_pattern, compiled_matches
 
@@ -44,6 +45,23 @@ _ANY_EVENT: Final = re.compile(".+")  # an empty `expect` covers every event
 MAX_WITHIN: Final = timedelta(days=36_525)
 """The longest `within`, 100 years: windows end well inside the dates trigd stores (an
 event's `occurred` is at most year 8999), so no window arithmetic can overflow."""
+
+
+def within_value(value: Any) -> Any:
+    """A `within` as written: numbers are seconds; strings are durations as the config
+    takes them (`"5m"`, `"1h30m"`, `"PT15M"`, `"90"`, docs/OPERATIONS.md#configuration) or
+    pydantic's `"00:05:00"`. Anything else is left to the field's own validation."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as problem:
+            try:
+                return _TIMEDELTA.validate_python(value)
+            except ValidationError:
+                raise problem from None
+    return value
 
 
 def _seconds(value: timedelta) -> float:
@@ -71,7 +89,7 @@ class Posture(StrEnum):
 class BaseTrigger(BaseModel):
     """What every trigger has: a type tag and an id."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: str
     id: UUID = Field(default_factory=uuid4)
@@ -119,13 +137,7 @@ class EventTrigger(BaseTrigger):
         and silently gets 10 s when `within` is missing (the default is validated) or 0."""
         if within is None:
             raise ValueError("`within` should be a valid timedelta")
-        if isinstance(within, int | float):
-            within = timedelta(seconds=within)
-        elif isinstance(within, str):
-            try:
-                within = _TIMEDELTA.validate_python(within)
-            except ValidationError:
-                return within  # the field's own validation reports it
+        within = within_value(within)
         if info.data.get("posture") == Posture.Proactive:
             if not within:
                 return PROACTIVE_MINIMUM_WITHIN
@@ -227,6 +239,11 @@ class CompositeTrigger(BaseTrigger):
 
     triggers: list[AnyTrigger]
     within: Seconds | None = Field(le=MAX_WITHIN)
+
+    @field_validator("within", mode="before")
+    @classmethod
+    def _parse_within(cls, within: Any) -> Any:
+        return within_value(within)
 
     @property
     def num_expected_firings(self) -> int:

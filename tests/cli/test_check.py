@@ -77,7 +77,7 @@ def test_broken_yaml_names_file_automation_and_field(tmp_path: Path) -> None:
     file.write_text(PUMP_YAML.replace("threshold: 3", "threshold: many"))
     code, out, err = run(file)
     assert (code, out) == (1, "")
-    assert err.startswith(f"{file}: automation 'pump pressure burst': trigger.threshold: ")
+    assert err.startswith(f"{file}:10: automation 'pump pressure burst': trigger.threshold: ")
 
 
 def test_broken_json_reports_every_problem(tmp_path: Path) -> None:
@@ -88,7 +88,7 @@ def test_broken_json_reports_every_problem(tmp_path: Path) -> None:
     code, out, err = run(file)
     assert (code, out) == (1, "")
     lines = err.splitlines()
-    where = f"{file}: automation 'door then silence': "
+    where = f"{file}:1: automation 'door then silence': "
     assert any(
         line.startswith(where + "trigger.within: ") and "10 seconds" in line for line in lines
     ), lines
@@ -107,7 +107,7 @@ def test_good_and_bad_files_together_fail_and_print_no_summaries(tmp_path: Path)
     bad.write_text("name: [unclosed\n")
     code, out, err = run(good, bad)
     assert (code, out) == (1, "")
-    assert err.startswith(f"{bad}: ")
+    assert err.startswith(f"{bad}:2: invalid YAML: ")
     assert str(good) not in err
 
 
@@ -158,7 +158,7 @@ def test_config_naming_a_broken_automation_file_fails(tmp_path: Path) -> None:
     code, out, err = run(config)
     assert (code, out) == (1, "")
     assert f"{tmp_path / 'missing.json'}: no such file" in err.splitlines()
-    assert f"{tmp_path / 'pumps.yaml'}: automation 'pump pressure burst': trigger.posture" in err
+    assert f"{tmp_path / 'pumps.yaml'}:9: automation 'pump pressure burst': trigger.posture" in err
 
 
 def test_bad_config_file_is_named(tmp_path: Path) -> None:
@@ -201,7 +201,7 @@ def test_python_m_daemon_check_subprocess(tmp_path: Path) -> None:
         check=False,
     )
     assert (failed.returncode, failed.stdout) == (1, "")
-    assert failed.stderr.startswith(f"{bad}: automation 'x': trigger.posture: ")
+    assert failed.stderr.startswith(f"{bad}:1: automation 'x': trigger.posture: ")
 
 
 def test_check_refuses_a_header_that_would_break_the_request(tmp_path: Path) -> None:
@@ -217,7 +217,63 @@ def test_check_refuses_a_header_that_would_break_the_request(tmp_path: Path) -> 
     code, out, err = run(file)
     assert (code, out) == (1, "")
     [problem] = err.splitlines()
-    assert problem.startswith(f"{file}: automation 'smuggler': actions[0].headers: ")
+    assert problem.startswith(f"{file}:6: automation 'smuggler': actions[0].headers: ")
     assert "header 'Transfer-Encoding' cannot be set by an automation" in problem
     assert "header 'X-Key': the value must be printable ASCII" in problem
     assert "k3y" not in err
+
+
+TYPO_YAML = PUMP_YAML.replace("expect:", "expcet:").replace("headers:", "header:")
+
+
+def test_check_refuses_a_misspelt_key_with_file_line_and_suggestion(tmp_path: Path) -> None:
+    """`expcet:` used to be ignored, and the automation then fired on every event."""
+    file = tmp_path / "pumps.yaml"
+    file.write_text(TYPO_YAML)
+    result = subprocess.run(
+        [sys.executable, "-m", "daemon", "check", str(file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr.splitlines() == [
+        f"{file}:7: automation 'pump pressure burst': trigger.expcet: unknown key "
+        "(did you mean 'expect'?)",
+        f"{file}:15: automation 'pump pressure burst': actions[0].header: unknown key "
+        "(did you mean 'headers'?)",
+    ]
+    assert "whsec_abc" not in result.stderr
+
+
+def test_check_reads_prefects_automations_file_and_durations(tmp_path: Path) -> None:
+    file = tmp_path / "prefect.yaml"
+    file.write_text(
+        "automations:\n"
+        "  - name: pump silent\n"
+        "    trigger:\n"
+        "      posture: Proactive\n"
+        "      expect: [pump.heartbeat]\n"
+        "      for_each: [prefect.resource.id]\n"
+        "      after: [pump.heartbeat]\n"
+        "      within: 1h30m\n"
+        "    actions: [{type: do-nothing}]\n"
+    )
+    code, out, err = run(file)
+    assert (code, err) == (0, "")
+    assert out == (
+        f"{file}: pump silent ({automation_id_for('pump silent')}): event Proactive threshold 1 "
+        "within 1h30m for_each prefect.resource.id after pump.heartbeat expect pump.heartbeat, "
+        "1 action\n"
+    )
+
+
+def test_check_names_the_file_of_a_yaml_error(tmp_path: Path) -> None:
+    file = tmp_path / "pumps.yaml"
+    file.write_text(PUMP_YAML.replace("posture: Reactive", "posture: [Reactive"))
+    code, out, err = run(file)
+    assert (code, out) == (1, "")
+    assert err.startswith(f"{file}:10: invalid YAML: while parsing a flow sequence from line 9")
+    assert "<unicode string>" not in err

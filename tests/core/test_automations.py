@@ -653,12 +653,12 @@ def test_loader_errors_name_file_automation_and_field(tmp_path: Path) -> None:
         load_automation_files([tmp_path / "automations.yaml"])
     f = tmp_path / "automations.yaml"
     assert exc.value.problems == (
-        f"{f}: automation 'pump burst': trigger.within: "
+        f"{f}:2: automation 'pump burst': trigger.within: "
         "`within` for Proactive triggers must be greater than or equal to 10 seconds",
-        f"{f}: automation 'pump burst': actions[0]: unsupported action type 'run-deployment'; "
+        f"{f}:3: automation 'pump burst': actions[0]: unsupported action type 'run-deployment'; "
         "supported types: 'call-webhook', 'do-nothing'",
-        f"{f}: automation #1: name: Field required",
-        f"{f}: automation #1: trigger.require: "
+        f"{f}:4: automation #1: name: Field required",
+        f"{f}:5: automation #1: trigger.require: "
         "require must be less than or equal to the number of triggers",
     )
     assert str(exc.value) == "\n".join(exc.value.problems)
@@ -690,9 +690,9 @@ def test_loader_rejects_duplicate_names_and_ids(tmp_path: Path) -> None:
     with pytest.raises(AutomationFileError) as exc:
         load_automation_files([tmp_path / "one.yaml", tmp_path / "two.json"])
     first, second = exc.value.problems
-    assert first.startswith(f"{tmp_path / 'two.json'}: automation 'pump pressure burst': name: ")
+    assert first.startswith(f"{tmp_path / 'two.json'}:1: automation 'pump pressure burst': name: ")
     assert f"also used in {tmp_path / 'one.yaml'}" in first
-    assert second.startswith(f"{tmp_path / 'two.json'}: automation 'other': id: ")
+    assert second.startswith(f"{tmp_path / 'two.json'}:1: automation 'other': id: ")
 
 
 def test_loader_reports_unreadable_files(tmp_path: Path) -> None:
@@ -710,10 +710,11 @@ def test_loader_reports_unreadable_files(tmp_path: Path) -> None:
     )
     assert any(p.endswith("none-*.yaml: no files match") for p in problems)
     assert any(
-        p == f"{tmp_path / 'scalar.json'}: a file must hold an automation or a list of automations"
+        p == f"{tmp_path / 'scalar.json'}:1: a file must hold an automation, a list of "
+        "automations or {automations: [...]}"
         for p in problems
     )
-    assert any(p.startswith(f"{tmp_path / 'broken.yaml'}: ") for p in problems)
+    assert any(p.startswith(f"{tmp_path / 'broken.yaml'}:2: invalid YAML: ") for p in problems)
 
 
 # --- headers that would break the request -----------------------------------------------------
@@ -760,7 +761,7 @@ def test_loader_refuses_headers_that_break_the_request(
     with pytest.raises(AutomationFileError) as exc:
         load_automation_files([file])
     [problem] = exc.value.problems
-    prefix = f"{file}: automation 'pump pressure burst': actions_on_trigger[0].headers: header "
+    prefix = f"{file}:1: automation 'pump pressure burst': actions_on_trigger[0].headers: header "
     assert problem.startswith(f"{prefix}{name!r}"), problem
     assert why in problem
     assert HIDDEN not in problem
@@ -787,3 +788,225 @@ def test_a_refused_header_in_a_validation_error_does_not_show_its_value() -> Non
             automation_doc(actions=[{"type": "call-webhook", "url": "nope", "secret": HIDDEN}])
         )
     assert HIDDEN not in str(exc.value)
+
+
+# --- Strict files: unknown keys, lines, Prefect's forms -------------------------------------
+
+STRICT_YAML = """\
+automations:
+  - name: door watch
+    tagz: [doors]
+    trigger:
+      type: sequence
+      for_each: [prefect.resource.id]
+      within: 1h30m
+      triggers:
+        - posture: Reactive
+          expcet: [door.opened]
+        - type: compound
+          require: any
+          within: null
+          triggers:
+            - posture: Proactive
+              expect: [door.closed]
+              matchh: {"prefect.resource.id": "door.*"}
+    actions:
+      - type: call-webhook
+        url: https://hooks.example.com/in
+        header: {X-Team: ops}
+        paylod: hi
+        secrett: whsec_not_shown
+      - type: do-nothing
+        url: https://hooks.example.com/in
+"""
+
+
+def load_problems(tmp_path: Path, text: str, name: str = "a.yaml") -> tuple[Path, list[str]]:
+    file = tmp_path / name
+    file.write_text(text)
+    with pytest.raises(AutomationFileError) as exc:
+        load_automation_files([file])
+    return file, list(exc.value.problems)
+
+
+def test_every_unknown_key_at_any_depth_is_an_error_with_its_line(tmp_path: Path) -> None:
+    file, problems = load_problems(tmp_path, STRICT_YAML)
+    where = f"{file}:{{}}: automation 'door watch': "
+    assert sorted(problems) == sorted(
+        [
+            where.format(3) + "tagz: unknown key (did you mean 'tags'?)",
+            where.format(6) + "trigger.for_each: unknown key: sequence triggers have no "
+            "'for_each', event triggers do (put it on the child triggers)",
+            where.format(10) + "trigger.triggers[0].expcet: unknown key (did you mean 'expect'?)",
+            where.format(17) + "trigger.triggers[1].triggers[0].matchh: unknown key "
+            "(did you mean 'match'?)",
+            where.format(21) + "actions[0].header: unknown key (did you mean 'headers'?)",
+            where.format(22) + "actions[0].paylod: unknown key (did you mean 'payload'?)",
+            where.format(23) + "actions[0].secrett: unknown key (did you mean 'secret'?)",
+            where.format(25) + "actions[1].url: unknown key; a do-nothing action has: type",
+        ]
+    )
+    assert "whsec_not_shown" not in "\n".join(problems)
+
+
+def test_an_unknown_key_with_no_close_match_lists_the_known_ones(tmp_path: Path) -> None:
+    _, [problem] = load_problems(
+        tmp_path, "name: x\ntrigger: {posture: Reactive, zzz: 1}\nactions: []\n"
+    )
+    assert problem.endswith(
+        ":2: automation 'x': trigger.zzz: unknown key; an event trigger has: type, id, match, "
+        "match_related, after, expect, for_each, posture, threshold, within"
+    )
+
+
+def test_an_unknown_key_in_a_trigger_built_in_code_is_refused() -> None:
+    with pytest.raises(ValidationError, match="expcet"):
+        parse_trigger({"posture": "Reactive", "expcet": ["a"]})
+    with pytest.raises(ValidationError, match="paylod"):
+        CallWebhook.model_validate({"url": "https://e.com/h", "paylod": "x"})
+
+
+def test_prefect_automations_wrapper_loads_every_automation(tmp_path: Path) -> None:
+    file = tmp_path / "prefect.yaml"
+    file.write_text(
+        "automations:\n"
+        "  - name: one\n"
+        "    trigger: {posture: Reactive, expect: [a]}\n"
+        "    actions: [{type: do-nothing}]\n"
+        "  - name: two\n"
+        "    trigger: {posture: Proactive, expect: [b], within: 5m}\n"
+        "    actions: [{type: do-nothing}]\n"
+    )
+    one, two = load_automation_files([file])
+    assert (one.name, two.name) == ("one", "two")
+    assert two.trigger.within == timedelta(minutes=5)
+    json_file = tmp_path / "prefect.json"
+    json_file.write_text(json.dumps({"automations": [automation_doc()]}))
+    assert [a.name for a in load_automation_files([json_file])] == ["pump pressure burst"]
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "automations: []\nname: x\n",
+            ":2: name: unknown key; a file with an 'automations' list holds only it",
+        ),
+        ("automations: {name: x}\n", ":1: automations: must be a list"),
+        (
+            "- name: x\n  trigger: {posture: Reactive}\n  actions: []\n- 2\n",
+            ":4: automation #1: (automation): Input should be a valid dictionary",
+        ),
+        ("just text\n", ":1: a file must hold an automation, a list of automations or "),
+    ],
+)
+def test_file_shapes_that_are_not_automations(tmp_path: Path, text: str, problem: str) -> None:
+    file, [reported] = load_problems(tmp_path, text)
+    assert reported.startswith(f"{file}{problem}"), reported
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("5m", 300),
+        ("1h30m", 5400),
+        ("PT15M", 900),
+        ("90", 90),
+        (90, 90),
+        (0.5, 0.5),
+        ("00:05:00", 300),  # pydantic's form, accepted before durations were
+    ],
+)
+def test_within_takes_durations_as_the_config_does(written: str | float, seconds: float) -> None:
+    trigger = event_trigger(within=written)
+    assert trigger.within == timedelta(seconds=seconds)
+    composite = parse_trigger({"type": "sequence", "within": written, "triggers": []})
+    assert composite.within == timedelta(seconds=seconds)
+
+
+def test_a_bad_within_says_which_forms_are_accepted(tmp_path: Path) -> None:
+    _, problems = load_problems(
+        tmp_path,
+        "name: x\n"
+        "trigger:\n"
+        "  posture: Proactive\n"
+        "  within: 5 minutes\n"
+        "  triggers2: []\n"
+        "actions: []\n",
+    )
+    assert any(
+        ":4: automation 'x': trigger.within: expected a duration such as '90s', '15m' or "
+        "'1h30m', got '5 minutes'" in p
+        for p in problems
+    ), problems
+    _, [short] = load_problems(tmp_path, "name: x\ntrigger: {posture: Proactive, within: 5s}\n"
+                               "actions: []\n")  # fmt: skip
+    assert short.endswith(
+        ":2: automation 'x': trigger.within: "
+        "`within` for Proactive triggers must be greater than or equal to 10 seconds"
+    )
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    file, [problem] = load_problems(
+        tmp_path, "name: x\ntrigger:\n  posture: [Reactive\nactions: []\n"
+    )
+    assert problem.startswith(f"{file}:4: invalid YAML: while parsing a flow sequence from line 3")
+    assert "<unicode string>" not in problem
+
+
+def test_json_errors_name_the_line(tmp_path: Path) -> None:
+    file, [problem] = load_problems(tmp_path, '{"name": "x",\n "trigger": }\n', "a.json")
+    assert problem == f"{file}:2: invalid JSON: Expecting value (column 13)"
+
+
+def test_a_file_that_is_not_utf8_names_the_line(tmp_path: Path) -> None:
+    file = tmp_path / "a.yaml"
+    file.write_bytes(b"name: x\ndescription: caf\xe9\n")
+    with pytest.raises(AutomationFileError) as exc:
+        load_automation_files([file])
+    assert exc.value.problems == (f"{file}:2: not UTF-8: invalid continuation byte at byte 24",)
+
+
+@pytest.mark.parametrize("name", ["a.yaml", "a.json"])
+def test_a_key_written_twice_is_an_error(tmp_path: Path, name: str) -> None:
+    text = (
+        '{"name": "x", "trigger": {"posture": "Reactive",\n'
+        '  "expect": ["a"],\n  "expect": ["b"]}, "actions": []}\n'
+    )
+    file, [problem] = load_problems(tmp_path, text, name)
+    assert problem == f"{file}:3: trigger.expect: duplicate key (first at line 2)"
+
+
+def test_yaml_merge_keys_are_not_duplicates(tmp_path: Path) -> None:
+    file = tmp_path / "a.yaml"
+    file.write_text(
+        "automations:\n"
+        "  - name: x\n"
+        "    trigger: &t {posture: Reactive, expect: [a]}\n"
+        "    actions: []\n"
+        "  - name: y\n"
+        "    trigger: {<<: *t, expect: [b]}\n"
+        "    actions: []\n"
+    )
+    _, y = load_automation_files([file])
+    assert isinstance(y.trigger, EventTrigger)
+    assert y.trigger.expect == frozenset({"b"})
+
+
+def test_every_problem_of_a_valid_file_has_a_line(tmp_path: Path) -> None:
+    """Problems found after validation (names, ids, references) carry a line too."""
+    file = tmp_path / "a.yaml"
+    file.write_text(
+        "- name: x\n  trigger: {posture: Reactive}\n  actions: []\n"
+        "- name: x\n  trigger: {posture: Reactive}\n  actions:\n"
+        "    - {type: call-webhook, url: 'https://e.com/', secret: 'env:TRIGD_TEST_UNSET'}\n"
+        "- name: y\n  id: " + str(automation_id_for("x")) + "\n"
+        "  trigger: {posture: Reactive}\n  actions: []\n"
+    )
+    with pytest.raises(AutomationFileError) as exc:
+        load_automation_files([file], environ={})
+    assert [p.split(": ")[0:3] for p in exc.value.problems] == [
+        [f"{file}:7", "automation 'x'", "actions[0].secret"],
+        [f"{file}:9", "automation 'y'", "id"],
+    ]

@@ -125,7 +125,7 @@ def test_loading_keeps_references_as_written_and_checks_they_resolve(tmp_path: P
     with pytest.raises(AutomationFileError) as exc:
         load_automation_files([file], environ={"KEY": VALUE})
     assert exc.value.problems == (
-        f"{file}: automation 'hooked': actions_on_resolve[0].secret: "
+        f"{file}:1: automation 'hooked': actions_on_resolve[0].secret: "
         "'env:HOOK': the environment variable HOOK is not set",
     )
 
@@ -139,7 +139,7 @@ def test_check_resolves_references_in_its_own_environment(
     out, err = io.StringIO(), io.StringIO()
     assert check_command([str(file)], out, err) == 1
     assert err.getvalue() == (
-        f"{file}: automation 'hooked': actions_on_resolve[0].headers.Authorization: "
+        f"{file}:1: automation 'hooked': actions_on_resolve[0].headers.Authorization: "
         "'credential:api': $CREDENTIALS_DIRECTORY is not set (systemd sets it for a service "
         "with LoadCredential=)\n"
     )
