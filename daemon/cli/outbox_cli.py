@@ -98,7 +98,7 @@ def format_row(row: outbox.OutboxRow) -> str:
             str(row.attempts),
             shown["next_attempt"] or "-",
             shown["automation"] or row.automation_id,
-            shown["url"] or row.action_type,
+            shown["url"] or row.endpoint or row.action_type,
             error,
         ]
     )
