@@ -29,12 +29,12 @@ from daemon.core.delivery import (
     RetryAt,
     Slots,
     advance,
-    sources,
     backoff,
     decide,
     endpoint_answered,
     parse_retry_after,
     share_slots,
+    sources,
 )
 from store import outbox
 from store.db import Store
