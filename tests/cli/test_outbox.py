@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,42 @@ async def test_an_unknown_id_is_an_error_and_changes_nothing(tmp_path: Path) -> 
                     result.stderr == f"trigd outbox {action}: no delivery id starts with 'nope'\n"
                 )
             assert await daemon.stop() == 0
+
+
+async def test_a_dead_delivery_retried_after_its_automation_was_fixed_is_sent_as_fixed(
+    tmp_path: Path,
+) -> None:
+    broken = burst_automation("http://127.0.0.1:9/x", threshold=1, payload='{"v": "broken"}')
+    with trio.fail_after(90):
+        async with trio.open_nursery() as nursery:
+            receiver: Receiver = await nursery.start(run_receiver, answer(410))
+            broken["actions"][0]["url"] = receiver.url("/old")
+            automations = write_automations(tmp_path, [broken])
+            config = write_config(tmp_path, [automations])
+            async with running_daemon(config) as daemon:
+                emitted = await trigd("emit", "--url", daemon.url, stdin=pressure("pump.1") + "\n")
+                assert emitted.returncode == 0
+                first = await receiver.next_request()
+                dead_id = first.headers["webhook-id"]
+                while True:  # polled: the daemon is another process
+                    if (await rows(config, tmp_path))[dead_id]["status"] == "dead":
+                        break
+                    await trio.sleep(0.1)
+
+                fixed = burst_automation(
+                    receiver.url("/fixed"), threshold=1, payload='{"v": "{{ event.resource.id }}"}'
+                )
+                automations.write_text(json.dumps([fixed]))
+                daemon.send(signal.SIGHUP)
+                await daemon.wait_for_log("reloaded 1 automations")
+                receiver.handler = answer(200)
+                retried = await trigd("outbox", "retry", dead_id[:-4], "--config", str(config))
+                assert retried.returncode == 0, retried.stderr
+                # the next firing wakes the sender, which claims the revived row with it
+                await trigd("emit", "--url", daemon.url, stdin=pressure("pump.2") + "\n")
+                again = [await receiver.next_request(), await receiver.next_request()]
+                [resent] = [r for r in again if r.headers["webhook-id"] == dead_id]
+                assert resent.target == "/fixed"
+                assert json.loads(resent.body) == {"v": "pump.1"}  # the fixed template
+                assert await daemon.stop() == 0
+            nursery.cancel_scope.cancel()
