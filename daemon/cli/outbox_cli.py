@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, Final, TextIO
 from urllib.parse import parse_qsl, urlsplit
 
@@ -123,25 +124,27 @@ def _list(path: str, args: argparse.Namespace, out: TextIO) -> int:
 
 Change = Callable[[apsw.Connection, str, int], None]
 
-_CHANGES: Final[dict[str, tuple[Change, str, str]]] = {
-    # action: (store function, done message, why a row in another state is refused)
-    "retry": (
-        outbox.revive,
-        "put back to pending",
-        "only dead deliveries are retried (the sender retries the others itself)",
-    ),
-    "cancel": (
-        outbox.cancel,
-        "cancelled: it will not be sent",
-        "only pending and dead deliveries are cancelled; one in flight may be reaching the "
-        "endpoint now: cancel it once its attempt ends, if it is pending again",
-    ),
-    "send-now": (
-        outbox.send_now,
-        "due now: the running daemon sends it within a minute",
-        "only pending deliveries are sent now (retry a dead one)",
-    ),
-}
+_CHANGES: Final[Mapping[str, tuple[Change, str, str]]] = MappingProxyType(
+    {
+        # action: (store function, done message, why a row in another state is refused)
+        "retry": (
+            outbox.revive,
+            "put back to pending",
+            "only dead deliveries are retried (the sender retries the others itself)",
+        ),
+        "cancel": (
+            outbox.cancel,
+            "cancelled: it will not be sent",
+            "only pending and dead deliveries are cancelled; one in flight may be reaching the "
+            "endpoint now: cancel it once its attempt ends, if it is pending again",
+        ),
+        "send-now": (
+            outbox.send_now,
+            "due now: the running daemon sends it within a minute",
+            "only pending deliveries are sent now (retry a dead one)",
+        ),
+    }
+)
 
 
 def _change(
