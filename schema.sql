@@ -122,14 +122,14 @@ CREATE TABLE outbox (
     action_index  INTEGER NOT NULL,
     action_type   TEXT NOT NULL,
     endpoint      TEXT,                -- scheme://host:port of a webhook, for fairness
-    status        TEXT NOT NULL CHECK (status IN ('pending', 'in_flight', 'delivered', 'dead')),
+    status        TEXT NOT NULL CHECK (status IN ('pending', 'in_flight', 'delivered', 'dead', 'cancelled')),
     document      TEXT NOT NULL,       -- TriggeredAction JSON
     created_us    INTEGER NOT NULL,
     next_attempt_us INTEGER NOT NULL,
     lease_until_us  INTEGER,           -- set while in_flight; past it the row is reclaimed
     attempts      INTEGER NOT NULL DEFAULT 0,
     last_error    TEXT,
-    finished_us   INTEGER,             -- when it became delivered or dead
+    finished_us   INTEGER,             -- when it became delivered, dead or cancelled
     revived_us    INTEGER              -- last `trigd outbox retry`
 ) WITHOUT ROWID;
 CREATE INDEX outbox_due ON outbox (status, next_attempt_us);

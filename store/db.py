@@ -39,7 +39,7 @@ from store.connection import Connection
 if TYPE_CHECKING:  # an annotation only: opening the store does not load the configuration
     from daemon.core.config import Synchronous
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT_MS: Final = 5_000
 WRITER_CACHE_KIB: Final = 32_768  # KiB of page cache for the writer connection (default 2 MiB)
 """Big enough for the hot pages (index tails, open buckets) of a busy database: at 100,000
@@ -107,9 +107,41 @@ trigger is Proactive is not in the database, so every existing row is marked as 
 were: a proactive pass still finds all of its buckets, and a reactive row leaves the
 index the next time it is written (each write sets the trigger's real posture)."""
 
+_V3_CANCELLED_DELIVERIES: Final = """
+CREATE TABLE outbox_v3 (
+    id            TEXT PRIMARY KEY,
+    automation_id TEXT NOT NULL,
+    action_index  INTEGER NOT NULL,
+    action_type   TEXT NOT NULL,
+    endpoint      TEXT,
+    status        TEXT NOT NULL
+        CHECK (status IN ('pending', 'in_flight', 'delivered', 'dead', 'cancelled')),
+    document      TEXT NOT NULL,
+    created_us    INTEGER NOT NULL,
+    next_attempt_us INTEGER NOT NULL,
+    lease_until_us  INTEGER,
+    attempts      INTEGER NOT NULL DEFAULT 0,
+    last_error    TEXT,
+    finished_us   INTEGER,
+    revived_us    INTEGER
+) WITHOUT ROWID;
+INSERT INTO outbox_v3 SELECT id, automation_id, action_index, action_type, endpoint, status,
+    document, created_us, next_attempt_us, lease_until_us, attempts, last_error, finished_us,
+    revived_us FROM outbox;
+DROP TABLE outbox;
+ALTER TABLE outbox_v3 RENAME TO outbox;
+CREATE INDEX outbox_due ON outbox (status, next_attempt_us);
+CREATE INDEX outbox_endpoint_due ON outbox (status, endpoint, next_attempt_us);
+CREATE INDEX outbox_finished ON outbox (finished_us);
+"""
+"""Version 3 adds the `cancelled` status (`trigd outbox cancel`). SQLite cannot change a
+CHECK in place, so the outbox table is rebuilt, its rows and indexes as they were."""
+
 # A new database gets schema.sql (the current version) in one step; an older one climbs
 # one step per version: MIGRATIONS[N] takes it from N-1 to N.
-MIGRATIONS: Final[Mapping[int, str]] = MappingProxyType({2: _V2_PROACTIVE_BUCKETS})
+MIGRATIONS: Final[Mapping[int, str]] = MappingProxyType(
+    {2: _V2_PROACTIVE_BUCKETS, 3: _V3_CANCELLED_DELIVERIES}
+)
 
 _best_practice_applied = False
 

@@ -64,6 +64,23 @@ class UnknownDelivery(LookupError):
     """No outbox row has this id."""
 
 
+class AmbiguousDelivery(LookupError):
+    """More than one outbox row has an id starting with this prefix."""
+
+    def __init__(self, prefix: str, candidates: Sequence[str]) -> None:
+        shown = ", ".join(candidates[:AMBIGUOUS_SHOWN])
+        more = len(candidates) > AMBIGUOUS_SHOWN
+        super().__init__(
+            f"{prefix!r} is the start of more than one delivery id: {shown}"
+            + (", ..." if more else "")
+            + "; give more of the id"
+        )
+        self.candidates = list(candidates)
+
+
+AMBIGUOUS_SHOWN: Final = 10
+
+
 @attrs.frozen
 class OutboxRow:
     id: str
@@ -386,6 +403,52 @@ def revive(conn: apsw.Connection, row_id: str, now_us: int) -> None:
     )
 
 
+def resolve_id(conn: apsw.Connection, prefix: str) -> str:
+    """The one row id that is `prefix` or starts with it; UnknownDelivery when none,
+    AmbiguousDelivery (naming the candidates) when several and none is exactly `prefix`."""
+    if not prefix:
+        raise UnknownDelivery("an empty delivery id matches nothing")
+    found = [
+        str(r[0])
+        for r in conn.execute(
+            "SELECT id FROM outbox WHERE substr(id, 1, ?) = ? ORDER BY id LIMIT ?",
+            (len(prefix), prefix, AMBIGUOUS_SHOWN + 1),
+        )
+    ]
+    if prefix in found:
+        return prefix
+    if not found:
+        raise UnknownDelivery(f"no delivery id starts with {prefix!r}")
+    if len(found) > 1:
+        raise AmbiguousDelivery(prefix, found)
+    return found[0]
+
+
+def cancel(conn: apsw.Connection, row_id: str, now_us: int) -> None:
+    """A pending or dead row becomes cancelled, final: never claimed or revived again.
+    IllegalMove otherwise (in flight: its attempt may be reaching the endpoint)."""
+    _move(
+        conn,
+        row_id,
+        Move.CANCEL,
+        "lease_until_us = NULL, finished_us = ?, last_error = ?",
+        now_us,
+        "cancelled by an operator",
+    )
+
+
+def send_now(conn: apsw.Connection, row_id: str, now_us: int) -> None:
+    """A pending row falls due at `now_us` (its backoff wait cut short); the sender takes it
+    at its next claim. IllegalMove (as a claim would be refused) when it is not pending."""
+    conn.execute(
+        "UPDATE outbox SET next_attempt_us = min(next_attempt_us, ?) "
+        "WHERE id = ? AND status = 'pending'",
+        (now_us, row_id),
+    )
+    if conn.changes() == 0:
+        raise IllegalMove(get(conn, row_id).status, Move.CLAIM)
+
+
 def revive_all_dead(conn: apsw.Connection, now_us: int) -> int:
     ids = [str(r[0]) for r in conn.execute("SELECT id FROM outbox WHERE status = 'dead'")]
     for row_id in ids:
@@ -394,15 +457,15 @@ def revive_all_dead(conn: apsw.Connection, now_us: int) -> int:
 
 
 def prune_finished(conn: apsw.Connection, finished_before_us: int) -> int:
-    """Outbox retention: forget delivered and dead rows (and their attempts) finished before
-    the cutoff; returns how many rows."""
+    """Outbox retention: forget delivered, dead and cancelled rows (and their attempts)
+    finished before the cutoff; returns how many rows."""
     conn.execute(
         "DELETE FROM delivery_attempts WHERE outbox_id IN (SELECT id FROM outbox "
-        "WHERE status IN ('delivered', 'dead') AND finished_us < ?)",
+        "WHERE status IN ('delivered', 'dead', 'cancelled') AND finished_us < ?)",
         (finished_before_us,),
     )
     conn.execute(
-        "DELETE FROM outbox WHERE status IN ('delivered', 'dead') AND finished_us < ?",
+        "DELETE FROM outbox WHERE status IN ('delivered', 'dead', 'cancelled') AND finished_us < ?",
         (finished_before_us,),
     )
     return conn.changes()

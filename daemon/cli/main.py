@@ -15,6 +15,7 @@ from typing import Final
 from urllib.parse import urlsplit
 
 from daemon import __version__
+from daemon.core.delivery import DeliveryState
 
 DEFAULT_URL: Final = "ws://127.0.0.1:4280/api/events/in"
 
@@ -103,18 +104,25 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", metavar="FILE", help="TOML configuration file")
     status.add_argument("--json", action="store_true", help="print the summary as JSON")
 
-    outbox = sub.add_parser("outbox", help="inspect and retry webhook deliveries")
+    outbox = sub.add_parser("outbox", help="inspect, retry, cancel or hurry webhook deliveries")
     _outbox_options(outbox)
     osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
-    olist = osub.add_parser("list", help="list deliveries")
+    olist = osub.add_parser("list", help="list deliveries, newest first")
     _outbox_options(olist, default=argparse.SUPPRESS)
-    olist.add_argument("--status", choices=["pending", "in_flight", "delivered", "dead"])
+    olist.add_argument("--status", choices=[state.value for state in DeliveryState])
     olist.add_argument("--limit", type=int, default=50)
+    olist.add_argument("--json", action="store_true", help="print the rows as JSON")
     oretry = osub.add_parser("retry", help="put dead deliveries back to pending")
     _outbox_options(oretry, default=argparse.SUPPRESS)
     target = oretry.add_mutually_exclusive_group(required=True)
-    target.add_argument("id", nargs="?", metavar="ID")
+    target.add_argument("id", nargs="?", metavar="ID", help="a delivery id or a unique prefix")
     target.add_argument("--dead", action="store_true", help="every dead delivery")
+    ocancel = osub.add_parser("cancel", help="never send a pending or dead delivery")
+    _outbox_options(ocancel, default=argparse.SUPPRESS)
+    ocancel.add_argument("id", metavar="ID", help="a delivery id or a unique prefix")
+    onow = osub.add_parser("send-now", help="make a pending delivery due now")
+    _outbox_options(onow, default=argparse.SUPPRESS)
+    onow.add_argument("id", metavar="ID", help="a delivery id or a unique prefix")
     return parser
 
 

@@ -32,7 +32,7 @@ def _time(us: int | None) -> str | None:
 
 
 def summarise(conn: apsw.Connection) -> dict[str, Any]:
-    outbox = {"pending": 0, "in_flight": 0, "delivered": 0, "dead": 0}
+    outbox = {"pending": 0, "in_flight": 0, "delivered": 0, "dead": 0, "cancelled": 0}
     for status, count in conn.execute("SELECT status, count(*) FROM outbox GROUP BY status"):
         outbox[str(status)] = int(count)
     automations = [
@@ -65,7 +65,8 @@ def render(summary: dict[str, Any]) -> str:
         f"last event: received {summary['last_event_received'] or '-'}, "
         f"occurred {summary['last_event_occurred'] or '-'}",
         f"outbox: {outbox['pending']} pending, {outbox['in_flight']} in flight, "
-        f"{outbox['delivered']} delivered, {outbox['dead']} dead",
+        f"{outbox['delivered']} delivered, {outbox['dead']} dead, "
+        f"{outbox['cancelled']} cancelled",
     ]
     daemon = summary["daemon"]
     lines += describe_counters(daemon) if daemon else ["daemon: no counters stored yet"]

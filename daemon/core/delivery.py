@@ -16,6 +16,10 @@ makes one attempt, and in one transaction records the attempt and moves the row 
 A lease that runs out means the sender stopped mid-attempt (crash, SIGKILL): the row goes
 back to `pending` and is sent again with the same `webhook-id` — at least once, never
 "at most once". `delivered` is final; `dead` is final until an operator revives it.
+An operator may cancel a `pending` or `dead` row (`trigd outbox cancel`): `cancelled` is
+final, the row is never sent again. A row `in_flight` cannot be cancelled: its request may
+already have reached the endpoint, so its outcome is recorded first (cancel it again once
+it is back to `pending`, or see it `delivered`/`dead`).
 
 The retry policy is pure: it takes the attempt's outcome, the row's age, `now` and a
 random source, and answers "delivered", "retry at T" or "dead because R". 2xx succeeds;
@@ -59,6 +63,7 @@ class DeliveryState(StrEnum):
     IN_FLIGHT = "in_flight"
     DELIVERED = "delivered"
     DEAD = "dead"
+    CANCELLED = "cancelled"
 
 
 class Move(StrEnum):
@@ -68,6 +73,7 @@ class Move(StrEnum):
     DIE = "die"
     LEASE_EXPIRED = "lease expired"
     REVIVE = "revive"
+    CANCEL = "cancel"
 
 
 TRANSITIONS: Final[Mapping[tuple[DeliveryState, Move], DeliveryState]] = MappingProxyType(
@@ -78,6 +84,8 @@ TRANSITIONS: Final[Mapping[tuple[DeliveryState, Move], DeliveryState]] = Mapping
         (DeliveryState.IN_FLIGHT, Move.DIE): DeliveryState.DEAD,
         (DeliveryState.IN_FLIGHT, Move.LEASE_EXPIRED): DeliveryState.PENDING,
         (DeliveryState.DEAD, Move.REVIVE): DeliveryState.PENDING,
+        (DeliveryState.PENDING, Move.CANCEL): DeliveryState.CANCELLED,
+        (DeliveryState.DEAD, Move.CANCEL): DeliveryState.CANCELLED,
     }
 )
 """Every legal move; anything else is a bug (or, for REVIVE, an operator mistake)."""

@@ -242,3 +242,42 @@ def _log_firing(automation: Automation, firing: Firing, actions: int) -> None:
             "actions": actions,
         },
     )
+
+
+# --- a revived delivery, made again from the automation loaded now -------------------------
+
+
+def action_place(triggered: TriggeredAction) -> tuple[str, int] | None:
+    """Which action list of its automation, and where in it, `triggered.action_index` came
+    from, as `act` laid them out: `actions`, then `actions_on_trigger` when the firing
+    triggered, then `actions_on_resolve` when it resolved. None when out of range."""
+    states = triggered.firing.trigger_states if triggered.firing else frozenset()
+    fields = ["actions"]
+    if TriggerState.Triggered in states:
+        fields.append("actions_on_trigger")
+    if TriggerState.Resolved in states:
+        fields.append("actions_on_resolve")
+    index = triggered.action_index
+    for field in fields:
+        actions: list[ActionTypes] = getattr(triggered.automation, field)
+        if index < len(actions):
+            return field, index
+        index -= len(actions)
+    return None
+
+
+def refreshed(triggered: TriggeredAction, current: Automation | None) -> TriggeredAction:
+    """`triggered` as `current` (its automation as loaded now, fixed since, perhaps) would
+    make it: the action at the same place, of the same type, and the automation templates
+    see; same id, firing and events. `triggered` itself when `current` is None (the
+    automation is gone) or has no such action."""
+    place = action_place(triggered)
+    if current is None or place is None:
+        return triggered
+    field, position = place
+    actions: list[ActionTypes] = getattr(current, field)
+    if position >= len(actions) or actions[position].type != triggered.action.type:
+        return triggered
+    return triggered.model_copy(
+        update={"automation": current.redacted(), "action": actions[position]}
+    )

@@ -55,6 +55,7 @@ from pydantic import ValidationError
 
 from daemon import __version__
 from daemon.core.action_models import CallWebhook, UnresolvedReferences
+from daemon.core.automations import Automation
 from daemon.core.clock import from_us, to_us, wall_clock
 from daemon.core.config import LEASE_MARGIN, DeliveryConfig
 from daemon.core.delivery import (
@@ -75,7 +76,7 @@ from daemon.core.delivery import (
 from daemon.core.events import ReceivedEvent, uuid7
 from daemon.core.firings import TriggeredAction
 from daemon.core.templates import RenderFailed, webhook_request
-from daemon.engine.acting import action_event
+from daemon.engine.acting import action_event, refreshed
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from store import outbox
@@ -127,6 +128,10 @@ class SleepingClock(Protocol):
     def __call__(self) -> datetime: ...
 
     async def sleep_until(self, when: datetime) -> None: ...
+
+
+def _no_automation(automation_id: str) -> None:
+    return None
 
 
 def _no_emit(events: Sequence[ReceivedEvent]) -> None:
@@ -290,8 +295,10 @@ class Sender:
         clock: Callable[[], datetime],
         emit: Callable[[Sequence[ReceivedEvent]], None],
         random: Random,
+        current: Callable[[str], Automation | None] = _no_automation,
     ) -> None:
         self._gateway = gateway
+        self._current = current
         self._settings = settings
         self._client = client
         self._clock = clock
@@ -403,6 +410,8 @@ class Sender:
             outcome = AttemptOutcome(error=reason)
             await self._finish(row, None, _Result(self._clock(), outcome, Dead(reason), None))
             return None
+        if row.revived_us is not None:  # retried by an operator: as the automation is now
+            triggered = refreshed(triggered, self._current(row.automation_id))
         action = triggered.action
         if isinstance(action, CallWebhook):
             held = await self._hold_for(row, self._timeout(action))
@@ -568,12 +577,15 @@ async def run_sender(
     clock: Callable[[], datetime] = wall_clock,
     emit: Callable[[Sequence[ReceivedEvent]], None] = _no_emit,
     random: Random | None = None,
+    current: Callable[[str], Automation | None] = _no_automation,
     task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Deliver outbox rows until cancelled. `nursery.start` returns the `Sender`, whose
     `notify()` the evaluator calls after committing new rows. `emit` receives each
     executed/failed event after its transaction commits (to wake the evaluator).
-    `clock` is the wall clock; one that is a `SleepingClock` also decides how to wait."""
+    `current` gives an automation as loaded now, by id (a revived row is sent as it would
+    make it: `acting.refreshed`). `clock` is the wall clock; one that is a `SleepingClock`
+    also decides how to wait."""
     limits = httpx.Limits(
         max_connections=settings.concurrency,
         max_keepalive_connections=settings.concurrency,
@@ -588,5 +600,6 @@ async def run_sender(
             clock=clock,
             emit=emit,
             random=random if random is not None else _StdRandom().random,
+            current=current,
         )
         await sender.run(task_status=task_status)

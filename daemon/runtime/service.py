@@ -31,6 +31,7 @@ from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Final
+from uuid import UUID
 
 import apsw
 import trio
@@ -64,6 +65,15 @@ def engine_for(config: Config) -> Engine:
         seen_expiration=config.ordering.seen_expiration,
         max_depth=config.ordering.max_depth,
     )
+
+
+def loaded_automation(engine: Engine, automation_id: str) -> Automation | None:
+    """The automation the daemon has loaded now under this id, if any (the sender's
+    `current`: a revived delivery is made again from it)."""
+    try:
+        return engine.automations.get(UUID(automation_id))
+    except ValueError:
+        return None
 
 
 class InboxPump:
@@ -223,6 +233,7 @@ async def _run(
                     config.delivery,
                     clock=clock,
                     emit=lambda events: pump.wake(),
+                    current=partial(loaded_automation, engine),
                     task_status=task_status,
                 )
             )

@@ -34,6 +34,7 @@ from daemon.core.delivery import (
     endpoint_answered,
     parse_retry_after,
     share_slots,
+    sources,
 )
 from store import outbox
 from store.db import Store
@@ -55,6 +56,16 @@ def test_every_move_has_one_target_and_final_states_stay_final() -> None:
                 with pytest.raises(IllegalMove, match=f"cannot {move.value}"):
                     advance(state, move)
     assert not any(s is DeliveryState.DELIVERED for s, _ in TRANSITIONS)
+    assert not any(s is DeliveryState.CANCELLED for s, _ in TRANSITIONS)
+
+
+def test_only_pending_and_dead_deliveries_can_be_cancelled() -> None:
+    assert sources(Move.CANCEL) == {DeliveryState.PENDING, DeliveryState.DEAD}
+    assert advance(DeliveryState.DEAD, Move.CANCEL) is DeliveryState.CANCELLED
+    with pytest.raises(IllegalMove, match="cannot cancel a delivery that is in_flight"):
+        advance(DeliveryState.IN_FLIGHT, Move.CANCEL)
+    with pytest.raises(IllegalMove, match="it is final"):
+        advance(DeliveryState.CANCELLED, Move.REVIVE)
 
 
 @pytest.mark.parametrize(

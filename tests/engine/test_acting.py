@@ -14,7 +14,7 @@ import pytest
 from daemon.core.automations import Automation, CallWebhook, DoNothing
 from daemon.core.delivery import action_triggered_event_id
 from daemon.core.firings import Firing, TriggeredAction, TriggerState
-from daemon.engine.acting import act, endpoint_of
+from daemon.engine.acting import act, action_place, endpoint_of, refreshed
 from store.db import Store
 from tests.support.engine_harness import ARACHNOPHOBIA, CHONK_SADNESS, T, spider_walked
 
@@ -219,3 +219,39 @@ def test_a_firing_is_logged_at_info_with_automation_trigger_and_bucket(
         "actions": 1,
     }
     assert (record.firing, record.triggering_event) == (str(firing.id), str(walked.id))  # type: ignore[attr-defined]
+
+
+def test_a_revived_delivery_is_refreshed_from_the_same_place_of_the_automation_now(
+    tmp_path: Path,
+) -> None:
+    hook = {"type": "call-webhook", "url": "https://hooks.example.com/x", "payload": "old"}
+    old = {
+        **ARACHNOPHOBIA.model_dump(mode="json"),
+        "actions": [{"type": "do-nothing"}, hook],
+        "actions_on_trigger": [{**hook, "url": "http://127.0.0.1:9000/y"}],
+    }
+    automation = Automation.model_validate(old)
+    outbox, _ = _act(tmp_path, automation, _firing(automation, spider_walked()))
+    on_trigger = TriggeredAction.model_validate_json(outbox[2][6])
+    assert action_place(on_trigger) == ("actions_on_trigger", 0)
+    assert action_place(on_trigger.model_copy(update={"action_index": 3})) is None
+
+    fixed = Automation.model_validate(
+        {
+            **old,
+            "name": "spiders, fixed",
+            "actions": [{"type": "do-nothing"}],  # the list before it shrank
+            "actions_on_trigger": [{**hook, "url": "http://127.0.0.1:9000/z", "payload": "new"}],
+        }
+    )
+    again = refreshed(on_trigger, fixed)
+    assert isinstance(again.action, CallWebhook)
+    assert (again.action.url, again.action.payload) == ("http://127.0.0.1:9000/z", "new")
+    assert again.automation.name == "spiders, fixed"
+    assert (again.id, again.firing) == (on_trigger.id, on_trigger.firing)
+    assert refreshed(on_trigger, None) is on_trigger  # the automation is gone
+    other_type = Automation.model_validate({**old, "actions_on_trigger": [{"type": "do-nothing"}]})
+    assert refreshed(on_trigger, other_type) is on_trigger
+    assert refreshed(on_trigger, Automation.model_validate({**old, "actions_on_trigger": []})) is (
+        on_trigger
+    )

@@ -14,6 +14,8 @@ import apsw
 import attrs
 import pytest
 
+from daemon.core.delivery import DeliveryState
+from store import outbox
 from store.buckets import iter_buckets, read_bucket, write_bucket
 from store.db import (
     SCHEMA_VERSION,
@@ -215,6 +217,39 @@ def test_version_1_database_is_migrated_and_keeps_its_buckets(tmp_path: Path) ->
         store.close()
     # Migrated once: reopening changes nothing.
     Store.open(path).close()
+
+
+def test_an_older_outbox_is_rebuilt_to_take_cancelled_rows_and_keeps_them(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "t.db"
+    _version_1_database(path)
+    conn = apsw.Connection(str(path))
+    with conn:
+        conn.execute(
+            "INSERT INTO outbox (id, automation_id, action_index, action_type, endpoint, status, "
+            "document, created_us, next_attempt_us, attempts, last_error) VALUES "
+            "('row-1', 'a', 0, 'call-webhook', 'http://h:80', 'pending', '{}', 5, 9, 2, 'HTTP 503')"
+        )
+        with pytest.raises(apsw.ConstraintError):  # version 1 refuses the new status
+            conn.execute("UPDATE outbox SET status = 'cancelled'")
+    conn.close()
+    store = Store.open(path)
+    try:
+        row = outbox.get(store.conn, "row-1")
+        assert (row.status, row.next_attempt_us, row.attempts, row.last_error) == (
+            DeliveryState.PENDING,
+            9,
+            2,
+            "HTTP 503",
+        )
+        with store.conn:
+            outbox.cancel(store.conn, "row-1", 10)
+        assert outbox.get(store.conn, "row-1").status is DeliveryState.CANCELLED
+        with pytest.raises(apsw.ConstraintError):  # the CHECK is still there
+            store.conn.execute("UPDATE outbox SET status = 'lost'")
+    finally:
+        store.close()
 
 
 def test_fresh_and_migrated_databases_have_the_same_schema(tmp_path: Path) -> None:

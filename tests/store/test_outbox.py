@@ -224,6 +224,67 @@ def test_prune_forgets_finished_rows_only(store: Store) -> None:
     assert outbox.attempts(store.conn, "done") == []
 
 
+def test_ids_resolve_exactly_or_by_a_unique_prefix(store: Store) -> None:
+    for row_id in ("0190aa-1", "0190aa-10", "0190ab-2"):
+        add(store, row_id, None)
+    assert outbox.resolve_id(store.conn, "0190ab") == "0190ab-2"
+    assert outbox.resolve_id(store.conn, "0190aa-1") == "0190aa-1"  # exact, though a prefix
+    assert outbox.resolve_id(store.conn, "0190aa-10") == "0190aa-10"
+    with pytest.raises(outbox.AmbiguousDelivery) as ambiguous:
+        outbox.resolve_id(store.conn, "0190a")
+    assert ambiguous.value.candidates == ["0190aa-1", "0190aa-10", "0190ab-2"]
+    assert "give more of the id" in str(ambiguous.value)
+    with pytest.raises(outbox.UnknownDelivery, match="no delivery id starts with 'x'"):
+        outbox.resolve_id(store.conn, "x")
+    with pytest.raises(outbox.UnknownDelivery):
+        outbox.resolve_id(store.conn, "")
+    with pytest.raises(outbox.UnknownDelivery):
+        outbox.resolve_id(store.conn, "0190a%")  # no pattern matching: % is a character
+
+
+def test_a_cancelled_row_is_never_claimed_revived_or_hurried(store: Store) -> None:
+    for row_id in ("waiting", "dead"):
+        add(store, row_id, "http://a:80")
+    add(store, "busy", "http://a:80", NOW + 1)  # not due yet for the first claim
+    claim(store)
+    with store.conn:
+        assert {r.id for r in outbox.list_rows(store.conn, status=DeliveryState.IN_FLIGHT)} == {
+            "waiting",
+            "dead",
+        }
+        outbox.mark_retry(store.conn, "waiting", NOW + 3600 * SECOND, "HTTP 503")
+        outbox.mark_dead(store.conn, "dead", NOW, "HTTP 410")
+        outbox.cancel(store.conn, "waiting", NOW + 1)
+        outbox.cancel(store.conn, "dead", NOW + 2)
+        for row_id in ("waiting", "dead"):
+            with pytest.raises(IllegalMove, match="cancelled"):
+                outbox.revive(store.conn, row_id, NOW)
+            with pytest.raises(IllegalMove, match="cancelled"):
+                outbox.send_now(store.conn, row_id, NOW)
+    cancelled = outbox.get(store.conn, "waiting")
+    assert (cancelled.status, cancelled.finished_us) == (DeliveryState.CANCELLED, NOW + 1)
+    assert cancelled.last_error == "cancelled by an operator"
+    assert [r.id for r in claim(store, NOW + 7200 * SECOND)] == ["busy"]
+    with store.conn, pytest.raises(IllegalMove, match="cannot cancel a delivery that is in_flight"):
+        outbox.cancel(store.conn, "busy", NOW)
+    with store.conn:  # finished rows, cancelled ones too, go with retention
+        assert outbox.prune_finished(store.conn, NOW + 3) == 2
+
+
+def test_send_now_makes_a_pending_row_due_at_once(store: Store) -> None:
+    add(store, "later", "http://a:80")
+    claim(store)
+    with store.conn:
+        outbox.mark_retry(store.conn, "later", NOW + 3600 * SECOND, "HTTP 503")
+    assert claim(store, NOW + 10 * SECOND) == []
+    with store.conn:
+        outbox.send_now(store.conn, "later", NOW + 5 * SECOND)
+    assert outbox.get(store.conn, "later").attempts == 0  # the schedule is not reset
+    assert [r.id for r in claim(store, NOW + 10 * SECOND)] == ["later"]
+    with store.conn, pytest.raises(IllegalMove, match="in_flight"):
+        outbox.send_now(store.conn, "later", NOW)
+
+
 # --- the commands --------------------------------------------------------------------------
 
 
@@ -263,9 +324,9 @@ def test_list_and_retry_commands(store: Store, tmp_path: Path) -> None:
 
     code, _, err = run(db, "retry", id="ok")
     assert code == 1
-    assert "trigd outbox retry: ok is delivered, not dead: only dead deliveries" in err
+    assert "trigd outbox retry: ok is delivered: only dead deliveries" in err
     code, _, err = run(db, "retry", id="missing")
-    assert (code, err.strip()) == (1, "trigd outbox retry: no delivery with id 'missing'")
+    assert (code, err.strip()) == (1, "trigd outbox retry: no delivery id starts with 'missing'")
 
     code, out, _ = run(db, "retry", id="broken")
     assert code == 0
