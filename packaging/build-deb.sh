@@ -44,6 +44,9 @@ install -D -m 0644 "$here/debian/copyright" "$doc/copyright"
 for page in "$root"/docs/*.md; do  # the reference the config and the README point at
     install -D -m 0644 "$page" "$doc/docs/$(basename "$page")"
 done
+for example in "$root"/docs/examples/*; do  # the files docs/AUTOMATIONS.md links
+    install -D -m 0644 "$example" "$doc/docs/examples/$(basename "$example")"
+done
 
 install -d -m 0755 "$pkg/DEBIAN"
 for script in postinst prerm postrm; do

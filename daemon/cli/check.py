@@ -54,9 +54,11 @@ def check_command(paths: Sequence[str], out: TextIO, err: TextIO) -> int:
     if problems:
         for problem in problems:
             print(problem, file=err)
+        print("see docs/AUTOMATIONS.md for what automation files may say", file=err)
         return ExitCode.FAILURE
     for summary in summaries:
         print(summary, file=out)
+    print("reference: docs/AUTOMATIONS.md", file=out)
     return ExitCode.OK
 
 

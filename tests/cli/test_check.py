@@ -18,6 +18,11 @@ from daemon.core.automations import automation_id_for
 from tests.support.paths import REPO
 from tests.support.samples import PUMP_YAML
 
+REFERENCE = "reference: docs/AUTOMATIONS.md"
+"""The last line of a successful check."""
+SEE_REFERENCE = "see docs/AUTOMATIONS.md for what automation files may say"
+"""The last line of a failed check."""
+
 COMPOSITE_ID = UUID("9b2e3c1a-0d4f-4c55-8e6a-2f1b7c9d0e11")
 COMPOSITE: dict[str, Any] = {
     "id": str(COMPOSITE_ID),
@@ -56,6 +61,7 @@ def test_valid_yaml_prints_one_line_per_automation(tmp_path: Path) -> None:
     assert out == (
         f"{file}: pump pressure burst ({burst_id}): event Reactive threshold 3 within 1m "
         "for_each prefect.resource.id expect pump.pressure.high, 1 action\n"
+        f"{REFERENCE}\n"
     )
 
 
@@ -69,6 +75,7 @@ def test_valid_json_with_composite_triggers(tmp_path: Path) -> None:
         "[event Reactive threshold 1 within 0s expect door.opened; compound require any of 1 "
         "within unlimited [event Proactive threshold 1 within 30s expect door.closed]], "
         "1 action, 1 on resolve (disabled)\n"
+        f"{REFERENCE}\n"
     )
 
 
@@ -117,6 +124,7 @@ def test_missing_file_and_empty_glob(tmp_path: Path) -> None:
     assert err.splitlines() == [
         f"{tmp_path / 'absent.yaml'}: no such file",
         f"{tmp_path / 'none-*.json'}: no files match",
+        SEE_REFERENCE,
     ]
 
 
@@ -148,7 +156,7 @@ def test_good_config_file_and_its_automations(tmp_path: Path) -> None:
     lines = out.splitlines()
     assert lines[0] == f"{config}: ok (listen 0.0.0.0:4280, 1 automation path)"
     assert lines[1].startswith(f"{tmp_path / 'auto' / 'pumps.yaml'}: pump pressure burst (")
-    assert len(lines) == 2
+    assert lines[2:] == [REFERENCE]
 
 
 def test_config_naming_a_broken_automation_file_fails(tmp_path: Path) -> None:
@@ -170,6 +178,7 @@ def test_bad_config_file_is_named(tmp_path: Path) -> None:
         f"{config}: [server] unknown key 'lissen' (did you mean 'listen'?)",
         f"{config}: [delivery] concurrency: must be at least 1, got 0",
         f"{tmp_path / 'absent.toml'}: no such file",
+        SEE_REFERENCE,
     ]
 
 
@@ -178,7 +187,10 @@ def test_check_ignores_the_environment(tmp_path: Path, monkeypatch: pytest.Monke
     config = tmp_path / "trigd.toml"
     config.write_text("")
     code, out, _ = run(config)
-    assert (code, out) == (0, f"{config}: ok (listen 127.0.0.1:4280, 0 automation paths)\n")
+    assert (code, out) == (
+        0,
+        f"{config}: ok (listen 127.0.0.1:4280, 0 automation paths)\n{REFERENCE}\n",
+    )
 
 
 def test_python_m_daemon_check_subprocess(tmp_path: Path) -> None:
@@ -216,7 +228,8 @@ def test_check_refuses_a_header_that_would_break_the_request(tmp_path: Path) -> 
     )
     code, out, err = run(file)
     assert (code, out) == (1, "")
-    [problem] = err.splitlines()
+    [problem, pointer] = err.splitlines()
+    assert pointer == SEE_REFERENCE
     assert problem.startswith(f"{file}:6: automation 'smuggler': actions[0].headers: ")
     assert "header 'Transfer-Encoding' cannot be set by an automation" in problem
     assert "header 'X-Key': the value must be printable ASCII" in problem
@@ -244,6 +257,7 @@ def test_check_refuses_a_misspelt_key_with_file_line_and_suggestion(tmp_path: Pa
         "(did you mean 'expect'?)",
         f"{file}:15: automation 'pump pressure burst': actions[0].header: unknown key "
         "(did you mean 'headers'?)",
+        SEE_REFERENCE,
     ]
     assert "whsec_abc" not in result.stderr
 
@@ -267,6 +281,7 @@ def test_check_reads_prefects_automations_file_and_durations(tmp_path: Path) -> 
         f"{file}: pump silent ({automation_id_for('pump silent')}): event Proactive threshold 1 "
         "within 1h30m for_each prefect.resource.id after pump.heartbeat expect pump.heartbeat, "
         "1 action\n"
+        f"{REFERENCE}\n"
     )
 
 

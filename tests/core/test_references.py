@@ -142,6 +142,7 @@ def test_check_resolves_references_in_its_own_environment(
         f"{file}:1: automation 'hooked': actions_on_resolve[0].headers.Authorization: "
         "'credential:api': $CREDENTIALS_DIRECTORY is not set (systemd sets it for a service "
         "with LoadCredential=)\n"
+        "see docs/AUTOMATIONS.md for what automation files may say\n"
     )
     (tmp_path / "api").write_text(f"Bearer {VALUE}\n")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))

@@ -260,8 +260,10 @@ def test_deb_layout_around_a_stand_in_executable(tmp_path: Path) -> None:
     assert os.access(root / "usr/bin/trigd", os.X_OK)
     assert (root / "lib/systemd/system/trigd.service").read_text() == UNIT.read_text()
     assert (root / "usr/share/doc/trigd/examples/example.yaml").read_text() == EXAMPLE.read_text()
-    shipped = {p.name for p in (root / "usr/share/doc/trigd/docs").iterdir()}
+    shipped = {p.name for p in (root / "usr/share/doc/trigd/docs").glob("*.md")}
     assert shipped == {p.name for p in (ROOT / "docs").glob("*.md")}  # the reference too
+    examples = {p.name for p in (root / "usr/share/doc/trigd/docs/examples").iterdir()}
+    assert examples == {p.name for p in (ROOT / "docs/examples").iterdir()}  # what it links
     assert (root / "etc/trigd/automations").is_dir()
     assert (control / "conffiles").read_text().split() == ["/etc/trigd/trigd.toml"]
     # Nothing is enabled or started by the package (a running daemon is only restarted).
