@@ -37,7 +37,8 @@ def test_proactive_for_each_without_after_is_a_warning() -> None:
     lints = lint_automation(automation({**PROACTIVE, "for_each": ["prefect.resource.id"]}))
     assert lints == [Lint(("trigger", "for_each"), PROACTIVE_FOR_EACH_WITHOUT_AFTER)]
     assert lints[0].field == "trigger.for_each"
-    assert "never fires" in lints[0].message and "add `after`" in lints[0].message
+    assert "never fires" in lints[0].message
+    assert "add `after`" in lints[0].message
 
 
 @pytest.mark.parametrize(
@@ -88,8 +89,9 @@ def problems(*payloads: str, event: dict[str, Any] | None = None) -> list[str]:
 
 
 GOOD = (
-    '{"a": "{{ automation.name }}", "e": {{ event | tojson }}, "l": "{{ labels.prefect.resource.id }}",'
-    ' "f": "{{ firing.id }}", "n": {{ events | length }}, "d": "{{ event.payload.x | default(1) }}",'
+    '{"a": "{{ automation.name }}", "e": {{ event | tojson }},'
+    ' "l": "{{ labels.prefect.resource.id }}", "f": "{{ firing.id }}",'
+    ' "n": {{ events | length }}, "d": "{{ event.payload.x | default(1) }}",'
     ' "r": "{{ event.resource.id }} {{ event.occurred }}", "p": "{{ event.payload.temperature }}"}'
 )
 

@@ -184,7 +184,8 @@ def test_the_trial_is_strict_where_deliveries_are_not() -> None:
     triggered = make_triggered({"type": "call-webhook", "url": URL, "payload": "{{ event.nope }}"})
     assert webhook_body(triggered) == ""  # deliveries keep Prefect's ChainableUndefined
     error = trial_render("{{ event.nope }}", triggered, sample=False)
-    assert error is not None and "has no attribute 'nope'" in error
+    assert error is not None
+    assert "has no attribute 'nope'" in error
     assert trial_render("{{ event.nope is defined }}", triggered, sample=False) is None
     assert trial_render("{{ event.payload.nope }}", triggered, sample=True) is None
     assert trial_render("no template", triggered, sample=False) is None
