@@ -40,9 +40,8 @@ async def test_serve_logs_lints_at_warning_on_load_and_reload(tmp_path: Path) ->
             await daemon.wait_for_log("reloaded 1 automations")
             assert daemon.log.count(WARNING) == 2
             silent["trigger"]["after"] = ["pump.heartbeat"]  # type: ignore[index]
-            write_automations(tmp_path, [silent])
+            write_automations(tmp_path, [silent, {**silent, "name": "pump quiet"}])
             daemon.send(signal.SIGHUP)
-            while daemon.log.count("reloaded 1 automations") < 2:
-                await trio.sleep(0.05)
+            await daemon.wait_for_log("reloaded 2 automations")
             assert daemon.log.count(WARNING) == 2
             assert await daemon.stop() == 0
