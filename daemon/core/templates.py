@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
 import jinja2
@@ -227,10 +228,12 @@ def _trial_environment(undefined: type[_StrictTrialUndefined]) -> ImmutableSandb
     return env
 
 
-_TRIAL_ENVIRONMENTS: Final = {
-    True: _trial_environment(_SampleTrialUndefined),
-    False: _trial_environment(_StrictTrialUndefined),
-}
+_TRIAL_ENVIRONMENTS: Final = MappingProxyType(
+    {
+        True: _trial_environment(_SampleTrialUndefined),
+        False: _trial_environment(_StrictTrialUndefined),
+    }
+)
 
 
 def trial_render(source: str, triggered: TriggeredAction, *, sample: bool) -> str | None:
