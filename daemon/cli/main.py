@@ -79,6 +79,12 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check", help="validate automation files and configuration files")
     check.add_argument("paths", metavar="PATH", nargs="+")
+    check.add_argument(
+        "--event",
+        metavar="FILE",
+        help="one event as JSON to trial-render templates with (default: a built-in sample)",
+    )
+    check.add_argument("--strict", action="store_true", help="make warnings errors (exit 1)")
 
     emit = sub.add_parser("emit", help="send events to a running daemon and wait for acks")
     emit.add_argument(
@@ -136,7 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command == "check":
         from daemon.cli.check import check_command
 
-        return check_command(args.paths, sys.stdout, sys.stderr)
+        return check_command(
+            args.paths, sys.stdout, sys.stderr, event=args.event, strict=args.strict
+        )
     if command == "emit":
         from daemon.cli.emit import emit_command
 

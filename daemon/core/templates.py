@@ -12,6 +12,10 @@ Missing attributes render as empty strings (`ChainableUndefined`), as in Prefect
 failure while rendering is a `RenderFailed`, which makes the delivery dead: a template that
 fails once fails on every retry.
 
+`trigd check` trial-renders every payload against a sample event (`trial_render`), with
+undefined names and attributes as errors instead (docs/DELIVERY.md#templates); deliveries
+keep `ChainableUndefined`.
+
 Not carried over from Prefect: the humanize extension, the `ui_url` family of filters and
 the lazily fetched `flow_run`, `deployment`, ... variables, which need a Prefect API.
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
 import jinja2
@@ -29,7 +34,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic_core import to_jsonable_python
 
 from daemon.core.action_models import CallWebhook, maybe_template, resolve_webhook
-from daemon.core.events import LabelDiver
+from daemon.core.events import LabelDiver, Resource
 from daemon.core.firings import TriggeredAction
 
 MAX_TEMPLATE_RANGE: Final = 100
@@ -73,8 +78,10 @@ def tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(_jsonable(value), indent=indent, ensure_ascii=False)
 
 
-def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(undefined=ChainableUndefined, autoescape=False)
+def _environment(
+    undefined: type[jinja2.Undefined] = ChainableUndefined,
+) -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(undefined=undefined, autoescape=False)
     env.globals["range"] = _capped_range
     env.filters["tojson"] = tojson
     return env
@@ -141,3 +148,106 @@ def webhook_request(triggered: TriggeredAction, environ: Mapping[str, str]) -> W
     body = webhook_body(triggered)
     headers, secret = resolve_webhook(action, environ)
     return WebhookRequest(body, headers, secret)
+
+
+class _UnknownSampleData(jinja2.UndefinedError):
+    """The trial reached data the built-in sample cannot know (a payload key, a label)."""
+
+
+class _StrictTrialUndefined(ChainableUndefined):
+    """An undefined that fails when used, not only when printed: `evnt.id`, `event.ocurred`
+    and `automation.nmae` are errors. `is defined` and `default(...)` still work."""
+
+    __slots__ = ()
+    open_types: tuple[type, ...] = ()
+    """Containers whose missing keys the sample cannot know: tolerated as at delivery."""
+
+    def _is_open(self) -> bool:
+        obj = self._undefined_obj
+        return isinstance(obj, self.open_types) or (
+            isinstance(obj, _StrictTrialUndefined) and obj._is_open()
+        )
+
+    def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> Any:
+        if self._is_open():
+            raise _UnknownSampleData(self._undefined_message)
+        return super()._fail_with_undefined_error(*args, **kwargs)
+
+    def _strict(self, *args: Any, **kwargs: Any) -> Any:
+        if self._is_open():
+            return ChainableUndefined.__str__(self)
+        return self._fail_with_undefined_error()
+
+    def __getattr__(self, name: str) -> Any:
+        if name[:2] == "__" or not self._is_open():
+            return self._fail_with_undefined_error()
+        return self
+
+    def __getitem__(self, name: Any) -> Any:
+        return self.__getattr__(str(name))
+
+    __str__ = _strict
+    # Undefined binds its operators to its own method; these go through ours.
+    __add__ = __radd__ = __sub__ = __rsub__ = _fail_with_undefined_error
+    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _fail_with_undefined_error
+    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = _fail_with_undefined_error
+    __pos__ = __neg__ = __call__ = __pow__ = __rpow__ = _fail_with_undefined_error
+    __lt__ = __le__ = __gt__ = __ge__ = _fail_with_undefined_error
+    __int__ = __float__ = __complex__ = _fail_with_undefined_error
+
+    def __iter__(self) -> Any:
+        if self._is_open():
+            return iter(())
+        return self._fail_with_undefined_error()
+
+    def __bool__(self) -> bool:
+        if self._is_open():
+            return False
+        return bool(self._fail_with_undefined_error())
+
+    def __len__(self) -> int:
+        if self._is_open():
+            return 0
+        return int(self._fail_with_undefined_error())
+
+
+class _SampleTrialUndefined(_StrictTrialUndefined):
+    __slots__ = ()
+    open_types = (dict, list, LabelDiver, Resource)
+
+
+def _trial_tojson(value: Any, indent: int | None = None) -> str:
+    if isinstance(value, _StrictTrialUndefined):
+        str(value)  # an error unless the sample cannot know it
+    return tojson(value, indent)
+
+
+def _trial_environment(undefined: type[_StrictTrialUndefined]) -> ImmutableSandboxedEnvironment:
+    env = _environment(undefined)
+    env.filters["tojson"] = _trial_tojson
+    return env
+
+
+_TRIAL_ENVIRONMENTS: Final = MappingProxyType(
+    {
+        True: _trial_environment(_SampleTrialUndefined),
+        False: _trial_environment(_StrictTrialUndefined),
+    }
+)
+
+
+def trial_render(source: str, triggered: TriggeredAction, *, sample: bool) -> str | None:
+    """Render `source` for `triggered` as a delivery would, but with undefined names and
+    attributes as errors: None when it renders, else the template error. With `sample`
+    (the built-in sample event), keys of the event's payload, resources and labels, which
+    the sample cannot know, render as at delivery (empty) and end the trial without error;
+    with the user's own event every name must resolve."""
+    if not maybe_template(source):
+        return None
+    try:
+        _TRIAL_ENVIRONMENTS[sample].from_string(source).render(template_context(triggered))
+    except _UnknownSampleData:
+        return None
+    except Exception as exc:  # any error a user template can raise, sandbox ones included
+        return f"{type(exc).__name__}: {exc}"
+    return None

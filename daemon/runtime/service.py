@@ -41,6 +41,7 @@ from daemon.core.clock import wall_clock
 from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
 from daemon.core.counters import CounterSource
 from daemon.core.exit_codes import ExitCode
+from daemon.core.lints import lint_automation
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
 from daemon.runtime.gateway import StoreGateway
@@ -133,8 +134,16 @@ async def reload_automations(
             exc,
         )
         return False
+    log_lints(automations)
     log.info("reloaded %d automations", report.automations)
     return True
+
+
+def log_lints(automations: Sequence[Automation]) -> None:
+    """Each lint (docs/TRIGGERS.md#lints) at WARNING; a warning never refuses a load."""
+    for automation in automations:
+        for lint in lint_automation(automation):
+            log.warning("automation %r: %s: %s", automation.name, lint.field, lint.message)
 
 
 async def serve(
@@ -341,6 +350,7 @@ def serve_command(args: argparse.Namespace) -> int:
         print(f"trigd serve: {exc}", file=sys.stderr)
         return ExitCode.USAGE
     configure_logging(args.log_level or config.log.level, config.log.format)
+    log_lints(automations)
     tune_garbage_collector()
     try:
         trio.run(serve, config, automations)

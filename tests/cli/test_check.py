@@ -292,3 +292,89 @@ def test_check_names_the_file_of_a_yaml_error(tmp_path: Path) -> None:
     assert (code, out) == (1, "")
     assert err.startswith(f"{file}:10: invalid YAML: while parsing a flow sequence from line 9")
     assert "<unicode string>" not in err
+
+
+LINTED = """\
+- name: pump silent
+  trigger:
+    type: event
+    expect: ["pump.heartbeat"]
+    for_each: ["prefect.resource.id"]
+    posture: Proactive
+    within: 60
+  actions:
+    - type: call-webhook
+      url: http://127.0.0.1:9000/hooks/pager
+      payload: '{"pump": "{{ event.resource.id }}", "t": "{{ event.payload.temperature }}"}'
+"""
+
+
+def trigd_check(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "daemon", "check", *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, check=False, cwd=REPO)
+
+
+def test_warnings_do_not_fail_check_but_strict_makes_them_errors(tmp_path: Path) -> None:
+    file = tmp_path / "silent.yaml"
+    file.write_text(LINTED)
+    warned = trigd_check(file)
+    assert warned.returncode == 0, warned.stderr
+    assert "pump silent" in warned.stdout
+    assert warned.stderr.startswith(
+        f"{file}:5: automation 'pump silent': trigger.for_each: warning: Proactive with "
+        "for_each and no after"
+    )
+    strict = trigd_check("--strict", file)
+    assert (strict.returncode, strict.stdout) == (1, "")
+    assert strict.stderr == warned.stderr
+    fixed = tmp_path / "fixed.yaml"
+    fixed.write_text(LINTED.replace("    posture:", '    after: ["pump.heartbeat"]\n    posture:'))
+    assert trigd_check("--strict", fixed).returncode == 0
+
+
+def test_a_template_with_an_undefined_name_fails_check(tmp_path: Path) -> None:
+    file = tmp_path / "typo.yaml"
+    file.write_text(
+        LINTED.replace("event.resource.id", "event.resource.idd").replace(
+            "{{ event.payload", "{{ evnt.payload"
+        )
+    )
+    result = trigd_check(file)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert (
+        f"{file}:11: automation 'pump silent': actions[0].payload: template fails: "
+        "UndefinedError: 'evnt' is undefined (rendered with the built-in sample event; "
+        "--event FILE for yours)"
+    ) in result.stderr
+
+
+def test_event_file_renders_templates_with_your_event(tmp_path: Path) -> None:
+    file = tmp_path / "silent.yaml"
+    file.write_text(LINTED)
+    event = tmp_path / "event.json"
+    event.write_text(
+        json.dumps({"event": "pump.heartbeat", "resource": {"prefect.resource.id": "pump.7"}})
+    )
+    result = trigd_check("--event", event, file)
+    assert result.returncode == 1
+    assert (
+        "actions[0].payload: template fails: UndefinedError: 'dict object' has no attribute"
+        in result.stderr
+    )
+    assert "rendered with your event" in result.stderr
+    event.write_text(
+        json.dumps(
+            {
+                "event": "pump.heartbeat",
+                "resource": {"prefect.resource.id": "pump.7"},
+                "payload": {"temperature": 20},
+            }
+        )
+    )
+    assert trigd_check("--event", event, file).returncode == 0
+    event.write_text('{"event": "x"}')
+    bad = trigd_check("--event", event, file)
+    assert bad.returncode == 1
+    assert bad.stderr.startswith(f"--event {event}: not a valid event: resource")
+    missing = trigd_check("--event", tmp_path / "none.json", file)
+    assert missing.stderr == f"--event {tmp_path / 'none.json'}: No such file or directory\n"

@@ -13,6 +13,7 @@ from daemon.core.templates import (
     render_template,
     template_context,
     tojson,
+    trial_render,
     webhook_body,
 )
 from tests.support.webhook_receiver import make_triggered
@@ -177,3 +178,14 @@ def test_the_default_body_keeps_prefects_shape() -> None:
     }
     # what a receiver parses back is still a valid document
     assert TriggeredAction.model_validate(sent).redacted() == TriggeredAction.model_validate(sent)
+
+
+def test_the_trial_is_strict_where_deliveries_are_not() -> None:
+    triggered = make_triggered({"type": "call-webhook", "url": URL, "payload": "{{ event.nope }}"})
+    assert webhook_body(triggered) == ""  # deliveries keep Prefect's ChainableUndefined
+    error = trial_render("{{ event.nope }}", triggered, sample=False)
+    assert error is not None
+    assert "has no attribute 'nope'" in error
+    assert trial_render("{{ event.nope is defined }}", triggered, sample=False) is None
+    assert trial_render("{{ event.payload.nope }}", triggered, sample=True) is None
+    assert trial_render("no template", triggered, sample=False) is None
