@@ -326,7 +326,8 @@ def test_warnings_do_not_fail_check_but_strict_makes_them_errors(tmp_path: Path)
     )
     strict = trigd_check("--strict", file)
     assert (strict.returncode, strict.stdout) == (1, "")
-    assert strict.stderr == warned.stderr
+    pointer = "see docs/AUTOMATIONS.md for what automation files may say\n"
+    assert strict.stderr == warned.stderr + pointer  # the same lines, now failing the check
     fixed = tmp_path / "fixed.yaml"
     fixed.write_text(LINTED.replace("    posture:", '    after: ["pump.heartbeat"]\n    posture:'))
     assert trigd_check("--strict", fixed).returncode == 0
