@@ -242,6 +242,13 @@ class _Ingest:
             trio.current_time(), logging.WARNING, "refused a connection from %s: %s", peer, text
         )
 
+    def _refused_handshake(self, session: _Session, why: str) -> None:
+        """Count and log (rate-limited) an upgrade or auth message refused by the rules."""
+        self.stats.handshakes_refused += 1
+        self.refused_handshakes.log(
+            trio.current_time(), logging.INFO, "refused websocket from %s: %s", session.peer, why
+        )
+
     def _gauges(self) -> None:
         self.stats.connections = self.slots.established
         self.stats.handshakes = self.slots.pending
@@ -296,14 +303,7 @@ class _Ingest:
                     request.path, request.proposed_subprotocols, request.headers, token
                 )
                 if not isinstance(decision, Accept):
-                    self.stats.handshakes_refused += 1
-                    self.refused_handshakes.log(
-                        trio.current_time(),
-                        logging.INFO,
-                        "refused websocket from %s: %s",
-                        session.peer,
-                        decision.why,
-                    )
+                    self._refused_handshake(session, decision.why)
                     await request.reject(decision.status, body=decision.why.encode())
                     return False
                 waiting = request  # not upgraded while there would be no slot after it
@@ -342,14 +342,7 @@ class _Ingest:
             return False
         refusal = session.refusal
         if refusal is not None:
-            self.stats.handshakes_refused += 1
-            self.refused_handshakes.log(
-                trio.current_time(),
-                logging.INFO,
-                "refused websocket from %s: %s",
-                session.peer,
-                refusal.reason,
-            )
+            self._refused_handshake(session, refusal.reason)
             await _close_within(conn, refusal.code, refusal.reason)
             return False
         return True
