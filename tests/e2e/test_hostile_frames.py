@@ -42,6 +42,7 @@ from wsproto.events import (
 )
 
 from tests.support.daemon_process import LISTENING, write_config
+from tests.support.raw_frames import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, frame
 
 EXAMPLES: Final = int(os.environ.get("HOSTILE_EXAMPLES", "200"))  # sessions per run
 MAX_EVENT_BYTES: Final = 4096  # frames past 2 x this close 1009: large inputs stay cheap
@@ -51,8 +52,6 @@ CLOSE_CODES: Final = frozenset({1000, 1002, 1007, 1008, 1009})
 """What trigd may close a misbehaving connection with: normal, protocol error, bad
 payload, policy (auth), too big. Never 1011 (internal error)."""
 INTERNAL_ERROR: Final = 1011
-
-CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 
 
 # --- the daemon, as a subprocess for the whole module --------------------------------------
@@ -131,32 +130,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 
 # --- a raw client ---------------------------------------------------------------------------
-
-
-def frame(
-    opcode: int,
-    payload: bytes,
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    masked: bool = True,
-    length_form: str = "minimal",
-    declared: int | None = None,
-) -> bytes:
-    """One websocket frame as a client would send it, or as a hostile one could."""
-    size = len(payload) if declared is None else declared
-    head = bytes([(0x80 if fin else 0) | (rsv << 4) | opcode])
-    mask_bit = 0x80 if masked else 0
-    if length_form == "minimal" and size <= 125:
-        head += bytes([mask_bit | size])
-    elif length_form in ("minimal", "16") and size <= 0xFFFF:
-        head += bytes([mask_bit | 126]) + size.to_bytes(2, "big")
-    else:
-        head += bytes([mask_bit | 127]) + size.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
 def receive_until(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from uuid import UUID, uuid4
@@ -29,9 +28,8 @@ from wsproto.events import (
 from daemon.core.events import parse_incoming_event
 from daemon.wire.handshake import Nack, encode_reply, reply_frame
 from daemon.wire.submission import Submission
-from daemon.wire.wsframes import FrameSplitter, text_frame, unmask
-
-TEXT, BINARY, CONTINUATION, CLOSE, PING, PONG = 0x1, 0x2, 0x0, 0x8, 0x9, 0xA
+from daemon.wire.wsframes import FrameSplitter, text_frame
+from tests.support.raw_frames import BINARY, CLOSE, CONTINUATION, PING, PONG, TEXT, frame
 
 
 def open_pair() -> tuple[WSConnection, WSConnection]:
@@ -43,31 +41,6 @@ def open_pair() -> tuple[WSConnection, WSConnection]:
     client.receive_data(server.send(AcceptConnection()))
     assert isinstance(next(iter(client.events())), AcceptConnection)
     return client, server
-
-
-def frame(
-    opcode: int,
-    payload: bytes,
-    *,
-    fin: bool = True,
-    rsv: int = 0,
-    masked: bool = True,
-    wide: bool = False,
-) -> bytes:
-    """A client frame as given, right or wrong; ``wide`` uses a needlessly long length."""
-    size = len(payload)
-    head = bytes([(0x80 if fin else 0) | rsv << 4 | opcode])
-    mask_bit = 0x80 if masked else 0
-    if size <= 125 and not wide:
-        head += bytes([mask_bit | size])
-    elif size <= 0xFFFF:
-        head += bytes([mask_bit | 126]) + size.to_bytes(2, "big")
-    else:
-        head += bytes([mask_bit | 127]) + size.to_bytes(8, "big")
-    if not masked:
-        return head + payload
-    key = os.urandom(4)
-    return head + key + bytes(unmask(key, payload))
 
 
 def joined(parts: list[str | bytes]) -> str | bytes:
@@ -180,7 +153,7 @@ texts = st.text(max_size=80)
 small = st.binary(max_size=60)
 frames_strategy = st.one_of(
     texts.map(lambda t: frame(TEXT, t.encode())),
-    texts.map(lambda t: frame(TEXT, t.encode(), wide=True)),
+    texts.map(lambda t: frame(TEXT, t.encode(), length_form="16")),
     small.map(lambda b: frame(BINARY, b)),
     small.map(lambda b: frame(PING, b)),
     small.map(lambda b: frame(PONG, b)),
