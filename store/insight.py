@@ -37,6 +37,7 @@ class BucketRow(NamedTuple):
 class StoredEvent(NamedTuple):
     id: str
     event: str
+    resource_id: str
     occurred_us: int
     received_us: int
     data: str  # ReceivedEvent JSON
@@ -94,7 +95,7 @@ def recent_events(conn: apsw.Connection, limit: int) -> list[StoredEvent]:
     return [
         StoredEvent(*row)
         for row in conn.execute(
-            "SELECT id, event, occurred_us, received_us, data FROM events "
+            "SELECT id, event, resource_id, occurred_us, received_us, data FROM events "
             "ORDER BY received_us DESC, rowid DESC LIMIT ?",
             (limit,),
         )
@@ -175,7 +176,7 @@ def events_since(
     `occurred` (ingest would pay for it on every event), so SQLite sorts once and the
     caller's read transaction keeps one snapshot until the last page."""
     cursor = conn.execute(
-        "SELECT id, event, occurred_us, received_us, data FROM events "
+        "SELECT id, event, resource_id, occurred_us, received_us, data FROM events "
         "WHERE occurred_us >= ? AND occurred_us < ? ORDER BY occurred_us, id",
         (since_us, until_us),
     )

@@ -117,6 +117,17 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--config", metavar="FILE", help="TOML configuration file")
     explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
 
+    backtest = sub.add_parser(
+        "backtest", help="replay stored events through automations from a file (read-only)"
+    )
+    backtest.add_argument("file", metavar="FILE", nargs="+", help="automation files or globs")
+    backtest.add_argument(
+        "--since", metavar="DURATION", default="24h", help="replay events this recent (24h)"
+    )
+    backtest.add_argument("--db", metavar="PATH", help="database file (default: as trigd serve)")
+    backtest.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    backtest.add_argument("--json", action="store_true", help="print the firings as JSON")
+
     outbox = sub.add_parser("outbox", help="inspect, retry, cancel or hurry webhook deliveries")
     _outbox_options(outbox)
     osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
@@ -164,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.cli.explain import explain_command
 
         return explain_command(args, sys.stdout, sys.stderr)
+    if command == "backtest":
+        from daemon.cli.backtest import backtest_command
+
+        return backtest_command(args, sys.stdout, sys.stderr)
     if command == "outbox":
         from daemon.cli.outbox_cli import outbox_command
 
