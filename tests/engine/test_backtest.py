@@ -32,7 +32,7 @@ def backtest(
     scratch = Store.open(scratch_dir / "scratch.db")
     try:
         with live.conn:
-            return replay(
+            result = replay(
                 live.conn,
                 scratch.conn,
                 Engine(),
@@ -45,6 +45,7 @@ def backtest(
     finally:
         scratch.close()
         live.close()
+    return result
 
 
 def really(db: Path, automations: Sequence[Automation]) -> list[Firing]:
