@@ -34,7 +34,7 @@ from daemon.core.events import parse_incoming_event
 from daemon.engine.backtest import replay
 from daemon.engine.engine import Engine
 from store.db import Store
-from store.events import insert_new_events
+from store.events import EventRow, insert_new_events
 
 
 def cpu() -> float:
@@ -50,7 +50,7 @@ def write_live(path: Path, count: int, unseen: float) -> tuple[datetime, datetim
         chunk = 10_000
         done = 0
         while done < count:
-            rows = []
+            rows: list[EventRow] = []
             for _, frame in frames(done, min(chunk, count - done), 10_000.0):
                 now = datetime.now(UTC)
                 event = parse_incoming_event(frame.encode(), now)
