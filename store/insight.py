@@ -171,13 +171,14 @@ def parked_followers(conn: apsw.Connection, scope: str, limit: int) -> list[Foll
 def events_since(
     conn: apsw.Connection, since_us: int, until_us: int, page: int
 ) -> Iterator[list[StoredEvent]]:
-    """Events that occurred in [since_us, until_us), in (occurred, id) order, `page` at a
+    """Events that occurred in [since_us, until_us), in `occurred` order (ties in the order
+    they arrived: rowid order, how the events table is appended), `page` at a
     time. One statement, stepped as the caller goes: the events table has no index by
     `occurred` (ingest would pay for it on every event), so SQLite sorts once and the
     caller's read transaction keeps one snapshot until the last page."""
     cursor = conn.execute(
         "SELECT id, event, resource_id, occurred_us, received_us, data FROM events "
-        "WHERE occurred_us >= ? AND occurred_us < ? ORDER BY occurred_us, id",
+        "WHERE occurred_us >= ? AND occurred_us < ? ORDER BY occurred_us, rowid",
         (since_us, until_us),
     )
     rows: list[StoredEvent] = []

@@ -7,7 +7,8 @@ through a real `Engine` on a scratch store, in batches (one transaction each), w
 replayed events' time as the wall clock: `now` is the newest `occurred` of the batch, so
 the events clock, causal ordering's seen marks and proactive evaluation all run on the
 replayed events' clock. A proactive pass runs whenever event time reaches the time the
-previous pass asked to run again, and a last pass at `until`.
+previous pass asked to run again, and a last pass at `until`; the periodic pass (lost
+followers, the bucket sweep) runs after every batch and at `until`.
 
 What is not replayed: events that no trigger's `expect`/`after` names and that no
 replayed event `follows` (they change nothing a trigger sees), and the events trigd made
@@ -184,6 +185,13 @@ class _Runner:
         with self.conn:
             self.engine.process_batch(self.conn, events, now)
         self.replayed += len(events)
+        self._periodic(now)
+
+    def _periodic(self, now: datetime) -> None:
+        """What the sweeper does beside proactive passes: followers whose leader never
+        came are evaluated once lost, closed buckets are swept."""
+        with self.conn:
+            self.engine.periodic(self.conn, now)
 
     def _passes_until(self, when: datetime) -> None:
         """Every pass due up to `when` (inclusive): a pass at an event's own time runs
@@ -197,6 +205,7 @@ class _Runner:
         """The proactive passes up to `until` and one at `until`, then the events the
         firings queued, until none are left (automations reacting to automations)."""
         self._passes_until(until)
+        self._periodic(until)
         for _ in range(_INBOX_ROUNDS):
             with self.conn:
                 outcome = self.engine.process_batch(self.conn, [], until)
