@@ -14,7 +14,8 @@ import os
 import tempfile
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from types import MappingProxyType
+from typing import Any, Final, TextIO
 
 import apsw
 
@@ -123,7 +124,7 @@ def report(
     return {"since": iso(since), "until": iso(until), "automations": entries}
 
 
-_MARK = {"same": "=", "backtest only": "+", "live only": "-"}
+_MARK: Final = MappingProxyType({"same": "=", "backtest only": "+", "live only": "-"})
 
 
 def render(document: dict[str, Any]) -> str:
