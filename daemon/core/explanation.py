@@ -93,11 +93,10 @@ def judge_bucket(trigger: EventTrigger, bucket: Bucket, as_of: datetime) -> Buck
         if state == "open":
             missing = max(threshold - count, 1)
             until = "" if trigger.immediate else f" before {end}"
-            noun = "event" if missing == 1 else "events"
+            more = "1 more matching event" if missing == 1 else f"{missing} more matching events"
+            verb = "fires" if missing == 1 else "fire"
             return BucketView(
-                state,
-                missing == 1,
-                f"{count} of {threshold} counted: {missing} more matching {noun}{until} fire it",
+                state, missing == 1, f"{count} of {threshold} counted: {more}{until} {verb} it"
             )
         again = (
             "a new `after` event starts a new window"

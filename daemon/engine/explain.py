@@ -219,10 +219,13 @@ class _Context:
         if not buckets:
             if trigger.reactive:
                 fires = trigger.threshold <= 1
-                why.append(
-                    "no open window: the next matching event opens one"
-                    + (" and fires it" if fires else "")
-                )
+                if fires and trigger.immediate:
+                    why.append("every matching event fires it")
+                else:
+                    why.append(
+                        "no open window: the next matching event opens one"
+                        + (" and fires it" if fires else "")
+                    )
                 return fires, why
             why.append("no window yet: the next proactive pass opens one")
             return True, why

@@ -84,7 +84,7 @@ def test_a_bucket_below_threshold_says_how_many_more_and_until_when(harness: Har
     assert (bucket["count"], bucket["threshold"], bucket["state"]) == (2, 3, "open")
     assert bucket["end"] == "2026-08-21T16:01:01Z"
     assert bucket["why"] == (
-        "2 of 3 counted: 1 more matching event before 2026-08-21T16:01:01Z fire it"
+        "2 of 3 counted: 1 more matching event before 2026-08-21T16:01:01Z fires it"
     )
     assert bucket["last_event"]["event"] == "pump.pressure.high"
     assert [m["why"] for m in node["matched"]] == ["an expected event"] * 2
@@ -166,6 +166,7 @@ def test_a_composite_half_done(harness: HarnessMaker) -> None:
         "fires on every door.opened",
         "fires on every alarm.armed",
     ]
+    assert node["children"][1]["why"] == ["every matching event fires it"]
     assert doc["firings"] == []
 
 
