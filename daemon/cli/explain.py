@@ -18,7 +18,7 @@ import apsw
 from daemon.core.clock import wall_clock
 from daemon.core.exit_codes import ExitCode
 from daemon.core.explanation import parse_key
-from daemon.engine.explain import Limits, UnknownAutomation, explain
+from daemon.engine.explain import Limits, UnknownAutomation, UnreadableAutomation, explain
 from store.db import Store, StoreError
 
 
@@ -47,6 +47,9 @@ def explain_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         with store.conn:  # one snapshot: a serving daemon's commits land before or after
             document = explain(store.conn, args.automation, wall_clock(), key=key, limits=limits)
+    except UnreadableAutomation as exc:
+        print(f"trigd explain: {exc}", file=err)
+        return ExitCode.FAILURE
     except UnknownAutomation as exc:
         print(f"trigd explain: {exc} (trigd status lists them)", file=err)
         return ExitCode.FAILURE

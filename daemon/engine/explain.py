@@ -50,6 +50,10 @@ class UnknownAutomation(LookupError):
     """No loaded automation has this id or name."""
 
 
+class UnreadableAutomation(UnknownAutomation):
+    """The automation is loaded but its stored definition does not parse."""
+
+
 @attrs.frozen
 class Limits:
     """How much one explanation reads and lists ([insight] in the configuration)."""
@@ -74,7 +78,14 @@ def explain(
     if found is None:
         raise UnknownAutomation(f"no loaded automation has the id or name {id_or_name!r}")
     automation_id, name, enabled, definition = found
-    trigger = parse_trigger(from_json(definition)["trigger"])
+    try:
+        document = from_json(definition)
+        trigger = parse_trigger(document["trigger"])
+    except (ValueError, KeyError, TypeError) as exc:  # ValidationError is a ValueError
+        raise UnreadableAutomation(
+            f"automation {name!r}: its stored definition does not parse ({type(exc).__name__}); "
+            "reload the daemon with this trigd to store it again"
+        ) from None
     clock = EventsClock.from_json(read_meta(conn, META_KEY))
     as_of = clock.as_of(now)
     recent = [_event(row.data) for row in insight.recent_events(conn, limits.recent_events)]

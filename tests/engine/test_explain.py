@@ -225,3 +225,11 @@ def test_an_unknown_automation_is_named(harness: HarnessMaker) -> None:
     h = harness([PRESSURE])
     with pytest.raises(UnknownAutomation, match="'nope'"):
         explain(h.conn, "nope", T)
+
+
+def test_a_stored_definition_that_does_not_parse_is_named(harness: HarnessMaker) -> None:
+    h = harness([PRESSURE])
+    with h.conn:
+        h.conn.execute('UPDATE automations SET definition = \'{"trigger": {"type": 1}}\'')
+    with pytest.raises(UnknownAutomation, match="'pressure': its stored definition does not parse"):
+        explain(h.conn, "pressure", T)
