@@ -110,6 +110,24 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--config", metavar="FILE", help="TOML configuration file")
     status.add_argument("--json", action="store_true", help="print the summary as JSON")
 
+    explain = sub.add_parser("explain", help="why an automation did or did not fire (read-only)")
+    explain.add_argument("automation", metavar="NAME|ID", help="a loaded automation")
+    explain.add_argument("--key", metavar="KEY", help="one bucketing key: a value, or a JSON array")
+    explain.add_argument("--db", metavar="PATH", help="database file (default: as trigd serve)")
+    explain.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+
+    backtest = sub.add_parser(
+        "backtest", help="replay stored events through automations from a file (read-only)"
+    )
+    backtest.add_argument("file", metavar="FILE", nargs="+", help="automation files or globs")
+    backtest.add_argument(
+        "--since", metavar="DURATION", default="24h", help="replay events this recent (24h)"
+    )
+    backtest.add_argument("--db", metavar="PATH", help="database file (default: as trigd serve)")
+    backtest.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    backtest.add_argument("--json", action="store_true", help="print the firings as JSON")
+
     outbox = sub.add_parser("outbox", help="inspect, retry, cancel or hurry webhook deliveries")
     _outbox_options(outbox)
     osub = outbox.add_subparsers(dest="outbox_command", required=True, metavar="ACTION")
@@ -153,6 +171,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.cli.status import status_command
 
         return status_command(args, sys.stdout, sys.stderr)
+    if command == "explain":
+        from daemon.cli.explain import explain_command
+
+        return explain_command(args, sys.stdout, sys.stderr)
+    if command == "backtest":
+        from daemon.cli.backtest import backtest_command
+
+        return backtest_command(args, sys.stdout, sys.stderr)
     if command == "outbox":
         from daemon.cli.outbox_cli import outbox_command
 

@@ -386,6 +386,15 @@ class LogConfig(Section):
         return LogLimits(self.burst, self.window.total_seconds())
 
 
+class InsightConfig(Section):
+    """How much `trigd explain` reads and lists, and how `trigd backtest` replays
+    (docs/INSIGHT.md)."""
+
+    recent_events: Count = 1_000  # stored events explain scans, newest first
+    listed: Count = 10  # entries per list in an explanation
+    backtest_batch: Count = 2_000  # events a backtest replays per transaction
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -395,6 +404,7 @@ class Config(BaseModel):
     triggers: TriggersConfig = TriggersConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
+    insight: InsightConfig = InsightConfig()
 
 
 SECTIONS: Final[Mapping[str, type[Section]]] = MappingProxyType(
@@ -405,6 +415,7 @@ SECTIONS: Final[Mapping[str, type[Section]]] = MappingProxyType(
         "triggers": TriggersConfig,
         "delivery": DeliveryConfig,
         "log": LogConfig,
+        "insight": InsightConfig,
     }
 )
 

@@ -1,0 +1,153 @@
+"""``trigd backtest FILE [--since 24h]``: the firings automations from a file would have made
+on the stored events, beside those the loaded ones really made (docs/INSIGHT.md#backtest).
+
+The live database is opened read-only (safe while the daemon serves); the replay runs on
+a scratch store in a temporary directory, removed afterwards, with `synchronous = off`
+(it is thrown away: nothing there needs to survive a crash).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, TextIO
+
+import apsw
+
+from daemon.core.automations import Automation, AutomationFileError, load_automation_files
+from daemon.core.clock import wall_clock
+from daemon.core.durations import parse_duration
+from daemon.core.exit_codes import ExitCode
+from daemon.core.explanation import iso
+from daemon.engine.backtest import Firing, diff, live_firings, loaded_ids, replay
+from daemon.engine.engine import Engine
+from store.db import Store, StoreError
+
+SCRATCH_NAME = "backtest.db"
+
+
+def backtest_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from daemon.core.config import ConfigError, load_config
+
+    try:
+        config = load_config(
+            Path(args.config) if args.config else None,
+            os.environ,
+            {"db": args.db} if args.db else {},
+        )
+        span = parse_duration(args.since)
+    except ConfigError as exc:
+        print(f"trigd backtest: {exc}", file=err)
+        return ExitCode.USAGE
+    except ValueError as exc:
+        print(f"trigd backtest: --since: {exc}", file=err)
+        return ExitCode.USAGE
+    try:
+        automations = load_automation_files(args.file)
+    except AutomationFileError as exc:
+        for problem in exc.problems:
+            print(problem, file=err)
+        return ExitCode.USAGE
+    until = wall_clock()
+    since = until - span
+    engine = Engine(
+        expired_bucket_buffer=config.triggers.expired_bucket_buffer,
+        preceding_event_lookback=config.ordering.preceding_event_lookback,
+        seen_expiration=config.ordering.seen_expiration,
+        max_depth=config.ordering.max_depth,
+    )
+    try:
+        live = Store.open_readonly(config.store.path)
+    except (StoreError, apsw.Error) as exc:
+        print(f"trigd backtest: {exc}", file=err)
+        return ExitCode.FAILURE
+    try:
+        with tempfile.TemporaryDirectory(prefix="trigd-backtest-") as scratch_dir:
+            scratch = Store.open(Path(scratch_dir) / SCRATCH_NAME, synchronous="normal")
+            try:
+                scratch.conn.execute("PRAGMA synchronous = OFF")
+                with live.conn:  # one read snapshot of the live database
+                    result = replay(
+                        live.conn,
+                        scratch.conn,
+                        engine,
+                        automations,
+                        since,
+                        until,
+                        batch=config.insight.backtest_batch,
+                        granularity=config.triggers.proactive_granularity,
+                    )
+                    loaded = loaded_ids(live.conn, automations)
+                    really = live_firings(live.conn, loaded, since, until)
+            finally:
+                scratch.close()
+    finally:
+        live.close()
+    document = report(automations, result.firings, really, loaded, since, until)
+    document["replayed"] = result.replayed
+    document["skipped"] = result.skipped
+    if args.json:
+        print(json.dumps(document, indent=2, ensure_ascii=False), file=out)
+    else:
+        print(render(document), file=out)
+    return ExitCode.OK
+
+
+def report(
+    automations: list[Automation],
+    firings: list[Firing],
+    really: list[Firing],
+    loaded: list[str],
+    since: datetime,
+    until: datetime,
+) -> dict[str, Any]:
+    """The backtest as a document: per automation of the file, its firings, each marked
+    "same", "backtest only" or "live only" when the automation is loaded live."""
+    names = {str(a.id): a.name for a in automations}
+    entries = []
+    for automation in automations:
+        aid = str(automation.id)
+        mine = [f for f in firings if f.automation_id == aid]
+        if aid in loaded:
+            rows = diff(mine, [f for f in really if f.automation_id == aid]).rows
+            listed = [{**f.document(names), "diff": kind} for kind, f in rows]
+        else:
+            listed = [f.document(names) for f in mine]
+        entries.append(
+            {"id": aid, "name": automation.name, "loaded": aid in loaded, "firings": listed}
+        )
+    return {"since": iso(since), "until": iso(until), "automations": entries}
+
+
+_MARK: Final = MappingProxyType({"same": "=", "backtest only": "+", "live only": "-"})
+
+
+def render(document: dict[str, Any]) -> str:
+    lines = [
+        f"replayed {document['replayed']} events that occurred from {document['since']} "
+        f"to {document['until']} ({document['skipped']} no trigger sees were skipped)"
+    ]
+    for entry in document["automations"]:
+        firings = entry["firings"]
+        head = f"{entry['name']} ({entry['id']}): {len(firings)} firing(s)"
+        if entry["loaded"]:
+            kinds = [f["diff"] for f in firings]
+            would = len(firings) - kinds.count("live only")
+            fired = len(firings) - kinds.count("backtest only")
+            head = (
+                f"{entry['name']} ({entry['id']}): would fire {would}, fired live {fired} "
+                "(= same, + backtest only, - live only)"
+            )
+        lines.append(head)
+        for f in firings:
+            mark = _MARK.get(f.get("diff", ""), " ")
+            labels = json.dumps(f["labels"], ensure_ascii=False) if f["labels"] else "(all)"
+            by = f["triggering_event"]
+            by_text = "no event" if by is None else f"{f['triggering_event_name']} {by}"
+            lines.append(f"  {mark} {f['fired']}  key {labels}  by {by_text}")
+    return "\n".join(lines)

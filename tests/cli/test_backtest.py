@@ -1,0 +1,81 @@
+"""`trigd backtest FILE` as users run it: on a database the real engine wrote (and still
+holds open), with a changed threshold in the file: the firings beside the live ones."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemon.cli.main import main
+from tests.support.daemon_process import write_automations
+from tests.support.engine_harness import HarnessMaker, automation, event, trigger
+
+
+def burst(threshold: int) -> dict[str, Any]:
+    return {
+        "name": "burst",
+        "trigger": trigger(
+            expect=["pump.high"], for_each=["prefect.resource.id"], threshold=threshold, within=60
+        ),
+        "actions": [{"type": "do-nothing"}],
+    }
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(["backtest", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_changed_threshold_beside_the_live_firings(
+    harness: HarnessMaker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h = harness([automation("burst", burst(3)["trigger"])])
+    start = datetime.now(UTC) - timedelta(hours=1)  # inside the default --since 24h
+    events = [event("pump.high", start + timedelta(seconds=s), "pump-1") for s in range(1, 5)]
+    h.batch(events, now=start + timedelta(seconds=5))
+    h.batch([], now=start + timedelta(seconds=5))
+    db = str(h.store.path)
+    file = write_automations(tmp_path, [burst(2)])
+    code, out, err = run(capsys, str(file), "--db", db, "--json")
+    assert code == 0, err
+    document = json.loads(out)
+    # the live firing's own events are not replayed: the scratch engine makes its own
+    assert (document["replayed"], document["skipped"]) == (4, 2)
+    [entry] = document["automations"]
+    assert entry["loaded"] is True
+    assert [(f["diff"], f["triggering_event"]) for f in entry["firings"]] == [
+        ("backtest only", str(events[1].id)),
+        ("live only", str(events[2].id)),
+    ]
+    code, out, err = run(capsys, str(file), "--db", db)
+    assert code == 0, err
+    assert "burst (" in out
+    assert "would fire 1, fired live 1" in out
+    assert f"  + {events[1].occurred.isoformat().replace('+00:00', 'Z')}" in out
+    # nothing older than --since is replayed
+    code, out, err = run(capsys, str(file), "--db", db, "--since", "10m", "--json")
+    assert json.loads(out)["replayed"] == 0
+
+
+def test_errors_name_what_is_wrong(
+    harness: HarnessMaker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    h = harness([])
+    db = str(h.store.path)
+    file = write_automations(tmp_path, [burst(2)])
+    code, _, err = run(capsys, str(file), "--db", db, "--since", "yesterday")
+    assert code == 2
+    assert "--since: expected a duration" in err
+    (tmp_path / "bad").mkdir()
+    bad = write_automations(tmp_path / "bad", [{"name": "x", "trigger": {"threshold": "many"}}])
+    code, _, err = run(capsys, str(bad), "--db", db)
+    assert code == 2
+    assert "threshold" in err
+    code, _, err = run(capsys, str(file), "--db", str(tmp_path / "missing.db"))
+    assert code == 1
+    assert "no such database" in err
