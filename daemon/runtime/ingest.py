@@ -40,7 +40,7 @@ import logging
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Final
 
@@ -54,6 +54,15 @@ from daemon.core.durations import format_duration
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.core.slots import ConnectionSlots, Refused, Slot, Why, idle_deadline, peer_of
 from daemon.runtime.connection import CheckpointConnection, Frame, PingMarker
+from daemon.runtime.http_server import (
+    BadHead,
+    HttpLimits,
+    HttpStats,
+    RequestHead,
+    answer_bad_head,
+    read_head,
+    serve_http,
+)
 from daemon.wire.handshake import (
     AUTH_SUCCESS,
     EXPECTED_AUTH,
@@ -66,6 +75,7 @@ from daemon.wire.handshake import (
     reply_frame,
 )
 from daemon.wire.handshake import decide as decide_handshake
+from daemon.wire.http import Route, is_websocket_upgrade
 from daemon.wire.submission import Submission
 from store.db import os_reason
 
@@ -199,6 +209,9 @@ class _Ingest:
     bad_frames: LogThrottle
     refusals: LogThrottle  # sockets refused for want of a slot
     refused_handshakes: LogThrottle  # upgrades refused (path, auth)
+    routes: Sequence[Route] = ()  # plain HTTP (daemon.runtime.http_routes)
+    http_limits: HttpLimits = attrs.field(kw_only=True)
+    http_stats: HttpStats = attrs.Factory(HttpStats)
     room: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) when one is freed
     scopes: dict[Slot, trio.CancelScope] = attrs.Factory(dict)  # to drop an evicted one
 
@@ -263,6 +276,18 @@ class _Ingest:
     ) -> None:
         try:
             with scope:  # cancelled when the slot is taken for another peer's handshake
+                deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
+                head = None
+                with trio.move_on_at(deadline):
+                    head = await read_head(stream, self.settings.max_request_head_bytes)
+                if isinstance(head, BadHead):
+                    self.http_stats.count(head.reply.status)
+                    await answer_bad_head(stream, head, self.http_limits)
+                if not isinstance(head, RequestHead):
+                    return
+                if not is_websocket_upgrade(head.request.headers):
+                    await serve_http(stream, head, self.routes, self.http_limits, self.http_stats)
+                    return
                 session = _Session(self, name)
                 conn = CheckpointConnection(
                     stream,
@@ -270,9 +295,10 @@ class _Ingest:
                     max_message_size=FRAME_BUFFER_FACTOR * self.settings.max_event_bytes,
                     receive_buffer_size=RECEIVE_BYTES,
                 )
+                conn._wsproto.receive_data(head.raw)  # the reader's first pass takes the upgrade
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(session.read, conn)
-                    if await self.handshake(conn, session, slot):
+                    if await self.handshake(conn, session, slot, deadline):
                         await self.serve(conn, session)
                     with trio.CancelScope(shield=True) as closing:
                         closing.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -287,13 +313,15 @@ class _Ingest:
                 self.room = trio.Event()
             self._gauges()
 
-    async def handshake(self, conn: CheckpointConnection, session: _Session, slot: Slot) -> bool:
-        """Upgrade, authenticate and move ``slot`` to the established pool; False when the
-        client was refused (and told why) or went away."""
+    async def handshake(
+        self, conn: CheckpointConnection, session: _Session, slot: Slot, deadline: float
+    ) -> bool:
+        """Upgrade, authenticate and move ``slot`` to the established pool by ``deadline``
+        (``handshake_timeout`` after accept); False when the client was refused (and told
+        why) or went away."""
         token = self.settings.auth_token
         accepted = False
         waiting: WebSocketRequest | None = None  # an upgrade waiting for an established slot
-        deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
         try:
             with trio.move_on_at(deadline) as session.handshake_scope:
                 if session.reader_done.is_set():
@@ -606,9 +634,12 @@ async def run_ingest(
     stats: IngestStats | None = None,
     tls: ssl.SSLContext | None = None,
     log_limits: LogLimits = DEFAULT_LIMITS,
+    routes: Sequence[Route] = (),
+    http_stats: HttpStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/events/in`` until cancelled; ``task_status`` gets the bound port.
+    """Serve ``/events/in`` and the plain HTTP ``routes`` until cancelled; ``task_status``
+    gets the bound port.
 
     ``tls`` is ``tls_context(settings)`` loaded beforehand; without it, it is loaded here.
     A listen address that cannot be used raises UnusableSetting (``listen_problem``)."""
@@ -628,6 +659,9 @@ async def run_ingest(
         bad_frames=log_limits.throttle(log, "bad frames"),
         refusals=log_limits.throttle(log, "sockets refused for want of a slot"),
         refused_handshakes=log_limits.throttle(log, "refused websocket upgrades"),
+        routes=routes,
+        http_limits=HttpLimits.of(settings),
+        http_stats=http_stats if http_stats is not None else HttpStats(),
     )
     port = _port_of(listeners[0])
     async with submit, trio.open_nursery() as nursery:
