@@ -1,0 +1,136 @@
+"""HTTP on the daemon's one port, as an operator and a script use it: health, version,
+readiness while the store refuses writes, Prometheus' scrape, events posted with plain
+HTTP, and malformed requests beside a websocket client that must not notice.
+
+The real daemon runs as a subprocess on 127.0.0.1; the clients are httpx, trio-websocket
+and raw sockets; /metrics is read with prometheus-client's own parser.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from uuid import uuid4
+
+import apsw
+import httpx
+import trio
+from prometheus_client.parser import text_string_to_metric_families
+from trio_websocket import open_websocket_url
+
+from daemon import __version__
+from tests.support.daemon_process import running_daemon, write_config
+
+TOKEN = "tok-3c1f0e5b"
+
+
+def received_total(text: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "trigd_events_received_total":
+                return sample.value
+    raise AssertionError("no trigd_events_received_total in /metrics")
+
+
+def event(**overrides: object) -> dict[str, object]:
+    return {
+        "id": str(uuid4()),
+        "event": "pump.started",
+        "resource": {"prefect.resource.id": "pump.7"},
+        **overrides,
+    }
+
+
+async def test_routes_of_a_running_daemon_with_a_token(tmp_path: Path) -> None:
+    config = write_config(tmp_path, server={"listen": "127.0.0.1:0", "auth_token": TOKEN})
+    with trio.fail_after(60):
+        async with running_daemon(config) as daemon:
+            base = f"http://127.0.0.1:{daemon.port}"
+            bearer = {"Authorization": f"Bearer {TOKEN}"}
+            async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+                assert (await http.get("/api/health")).json() is True
+                assert (await http.get("/api/ready")).status_code == 200
+                version = await http.get("/api/admin/version", headers=bearer)
+                assert version.json() == __version__
+                assert (await http.get("/api/admin/version")).status_code == 401
+                before = received_total((await http.get("/metrics")).text)
+                posted = [event(), event()]
+                reply = await http.post("/api/events", json=posted, headers=bearer)
+                assert reply.status_code == 204
+                bad = await http.post("/api/events", json=[event(), {"id": 1}], headers=bearer)
+                assert bad.status_code == 422
+                assert bad.json()["detail"].startswith("event [1]: ")
+                after = received_total((await http.get("/metrics")).text)
+            assert after == before + 2
+            assert TOKEN not in daemon.log
+            assert await daemon.stop() == 0
+    conn = apsw.Connection(str(tmp_path / "trigd.db"), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        stored = {row[0] for row in conn.execute("SELECT id FROM events")}
+    finally:
+        conn.close()
+    assert stored == {e["id"] for e in posted}
+
+
+async def test_bad_http_never_disturbs_a_websocket_client(tmp_path: Path) -> None:
+    config = write_config(tmp_path)
+    garbage = [
+        b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 64,  # a TLS hello
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"POST /api/events HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n[{]}x",
+        b"GET /api/health HTTP/1.1\r\nHost: x\r\n" + b"X: y\r\n" * 5000 + b"\r\n",
+    ]
+    with trio.fail_after(60):
+        async with running_daemon(config) as daemon:
+            url = f"ws://127.0.0.1:{daemon.port}/api/events/in"
+            async with open_websocket_url(url, subprotocols=["trigd.v1"]) as ws:
+                await ws.send_message(json.dumps({"type": "auth", "token": None}))
+                assert json.loads(await ws.get_message()) == {"type": "auth_success"}
+                for data in garbage:
+                    stream = await trio.open_tcp_stream("127.0.0.1", daemon.port)
+                    async with stream:
+                        await stream.send_all(data)
+                        answer = b""
+                        while chunk := await stream.receive_some(65536):
+                            answer += chunk
+                    assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 422 ", b"HTTP/1.1 431 "))
+                    sent = event()
+                    await ws.send_message(json.dumps(sent))
+                    assert json.loads(await ws.get_message()) == {"type": "ack", "id": sent["id"]}
+            assert await daemon.stop() == 0
+
+
+async def test_ready_is_503_while_the_store_refuses_writes(tmp_path: Path) -> None:
+    """Another process holds the write lock past the busy timeout (5 s): the evaluator
+    waits it out, and /api/ready says so until the lock is let go."""
+    config = write_config(tmp_path)
+    with trio.fail_after(60):
+        async with running_daemon(config) as daemon:
+            base = f"http://127.0.0.1:{daemon.port}"
+            locker = apsw.Connection(str(tmp_path / "trigd.db"))
+            try:
+                locker.execute("BEGIN IMMEDIATE")
+                async with httpx.AsyncClient(base_url=base, timeout=30) as http:
+                    assert (await http.get("/api/ready")).status_code == 200
+                    url = f"ws://127.0.0.1:{daemon.port}/api/events/in"
+                    async with open_websocket_url(url, subprotocols=["trigd.v1"]) as ws:
+                        await ws.send_message(json.dumps({"type": "auth", "token": None}))
+                        assert json.loads(await ws.get_message()) == {"type": "auth_success"}
+                        sent = event()
+                        await ws.send_message(json.dumps(sent))
+                        while (ready := await http.get("/api/ready")).status_code == 200:  # noqa: ASYNC110
+                            await trio.sleep(0.2)
+                        assert ready.status_code == 503
+                        reasons = ready.json()["reasons"]
+                        assert any(
+                            r.startswith("store: the store refuses committing received events")
+                            and "BusyError" in r
+                            for r in reasons
+                        ), reasons
+                        locker.execute("ROLLBACK")
+                        ack = json.loads(await ws.get_message())
+                        assert ack == {"type": "ack", "id": sent["id"]}
+                        assert (await http.get("/api/ready")).status_code == 200
+            finally:
+                locker.close()
+            assert await daemon.stop() == 0
