@@ -6,7 +6,9 @@ scrape time, so a scrape is always live and an event costs nothing more. Counts 
 in the store (parked followers, open buckets, outbox rows per status) are read through the
 gateway when a scrape comes (``store.gauges``). The histograms (events per batch, commit
 time, ack latency) are observed once per committed batch by the evaluator's ``on_batch``
-hook, not per event. Each daemon has its own registry: nothing is registered globally.
+hook, not per event; deliveries by the sender's ``on_attempt`` once each is recorded;
+the sweeper's pass time by its ``on_pass``. Each daemon has its own registry: nothing
+is registered globally.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from datetime import datetime
 from typing import Final
 
 import attrs
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from daemon.core.delivery import Decision, Delivered, RetryAt
 from daemon.runtime.evaluator import EvaluatorStats
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.http_server import HttpStats
@@ -176,6 +179,40 @@ class Metrics:
             buckets=SECONDS_BUCKETS,
             registry=self.registry,
         )
+        self.deliveries = Counter(
+            "trigd_deliveries",
+            "Webhook delivery attempts recorded, by outcome (delivered, retry, dead)",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in ("delivered", "retry", "dead"):
+            self.deliveries.labels(outcome)
+        self.delivery_seconds = Histogram(
+            "trigd_delivery_seconds",
+            "Webhook request latency, of the attempts that reached their endpoint",
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+        self.sweep_seconds = Histogram(
+            "trigd_proactive_pass_seconds",
+            "One sweeper pass: the proactive and periodic passes and housekeeping",
+            buckets=SECONDS_BUCKETS,
+            registry=self.registry,
+        )
+
+    def observe_attempt(self, decision: Decision, latency_us: int | None) -> None:
+        """The sender recorded a delivery attempt; ``latency_us`` when the request went
+        out (None: it never reached the endpoint)."""
+        outcome = (
+            "delivered"
+            if isinstance(decision, Delivered)
+            else "retry"
+            if isinstance(decision, RetryAt)
+            else "dead"
+        )
+        self.deliveries.labels(outcome).inc()
+        if latency_us is not None:
+            self.delivery_seconds.observe(latency_us / 1e6)
 
     def observe_batch(self, batch: Sequence[Submission], seconds: float, now: datetime) -> None:
         """The evaluator settled ``batch`` in ``seconds``, at ``now`` (the wall clock its
@@ -185,6 +222,9 @@ class Metrics:
         if batch:
             waited = (now - batch[0].event.received).total_seconds()
             self.ack_latency_seconds.observe(max(0.0, waited))
+
+    def observe_sweep(self, seconds: float) -> None:
+        self.sweep_seconds.observe(seconds)
 
     async def render(self) -> bytes:
         """The exposition text, the store's counts read just now."""

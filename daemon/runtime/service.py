@@ -254,6 +254,7 @@ async def _run(
                     clock=clock,
                     emit=lambda events: pump.wake(),
                     current=partial(loaded_automation, engine),
+                    on_attempt=metrics.observe_attempt,
                     task_status=task_status,
                 )
             )
@@ -275,6 +276,7 @@ async def _run(
                     clock=clock,
                     on_commit=committed,
                     counters=counters,
+                    on_pass=metrics.observe_sweep,
                     task_status=task_status,
                 )
             )
