@@ -1,8 +1,12 @@
 """The ingest task: Prefect's ``/events/in`` websocket, feeding the evaluator
 (docs/PROTOCOL.md#endpoint-and-paths).
 
-Theory of operation. trio-websocket does the HTTP upgrade and the close handshake; what
-comes in between is handled chunk by chunk. Each connection runs two tasks over one
+Theory of operation. Every socket's first request head is read with h11
+(``daemon.runtime.http_server.read_head``, within ``handshake_timeout``): one that is not a
+websocket upgrade is served as plain HTTP on the same slot (``serve_http``, the routes of
+``daemon.runtime.http_routes``); an upgrade is handed, with the bytes already read, to
+trio-websocket, which does the upgrade and the close handshake; what comes in between is
+handled chunk by chunk. Each connection runs two tasks over one
 ``ReplyQueue``:
 
 * the reader (``daemon.runtime.connection.CheckpointConnection``'s reader task) reads the socket
