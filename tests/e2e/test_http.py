@@ -9,12 +9,14 @@ and raw sockets; /metrics is read with prometheus-client's own parser.
 from __future__ import annotations
 
 import json
+import ssl
 from pathlib import Path
 from uuid import uuid4
 
 import apsw
 import httpx
 import trio
+import trustme
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
@@ -175,3 +177,21 @@ async def test_metrics_count_a_firing_s_delivery_and_the_sweeper_s_passes(tmp_pa
                 assert values[("trigd_open_buckets", ())] >= 1
                 assert await daemon.stop() == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_https_on_a_tls_port(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    chain, key = tmp_path / "chain.pem", tmp_path / "key.pem"
+    leaf.private_key_pem.write_to_path(str(key))
+    chain.write_bytes(b"".join(blob.bytes() for blob in leaf.cert_chain_pems))
+    config = write_config(tmp_path, server={"tls_cert": str(chain), "tls_key": str(key)})
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    with trio.fail_after(60):
+        async with running_daemon(config) as daemon:
+            base = f"https://127.0.0.1:{daemon.port}"
+            async with httpx.AsyncClient(base_url=base, verify=context, timeout=10) as http:
+                assert (await http.get("/api/health")).json() is True
+                assert (await http.post("/api/events", json=[event()])).status_code == 204
+            assert await daemon.stop() == 0

@@ -20,8 +20,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import WebSocketConnection
 
 from daemon import __version__
+from daemon.engine.engine import Engine
 from daemon.wire.handshake import ACKS_SUBPROTOCOL
-from tests.support.evaluator_doubles import stored_ids
+from tests.support.evaluator_doubles import GatedEngine, stored_ids
 from tests.support.ingest_client import (
     Daemon,
     Starter,
@@ -174,6 +175,29 @@ async def test_a_body_over_max_request_bytes_is_413_before_it_is_read(start: Sta
         status, _ = status_and_body(await raw(daemon, chunked))
         assert status == 413
         assert stored_ids(daemon.db_path) == set()
+
+
+async def test_post_events_not_committed_within_request_timeout_is_503_and_commits_later(
+    start: Starter,
+) -> None:
+    """The store holds the batch (a gated engine): the client is told to retry rather
+    than kept waiting, and the events are still committed once the store goes on."""
+    with trio.fail_after(LIMIT):
+        engine = GatedEngine(Engine())
+        daemon = await start(engine=engine, request_timeout=timedelta(seconds=0.3))
+        event = event_dict()
+        try:
+            async with client(daemon) as http:
+                refused = await http.post("/api/events", json=[event])
+                assert refused.status_code == 503
+                assert refused.json() == {
+                    "detail": "no answer within 0.3s (request_timeout); try again"
+                }
+        finally:
+            engine.gate.set()
+        async with websocket(daemon) as ws:
+            await acked(ws)  # committed after the one that waited
+        assert event["id"] in stored_ids(daemon.db_path)
 
 
 async def test_expect_100_continue_is_answered_before_the_body(start: Starter) -> None:
