@@ -27,6 +27,7 @@ from daemon.runtime.evaluator import EvaluatorStats
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.http_server import HttpStats
 from daemon.runtime.ingest import IngestStats
+from daemon.runtime.store_trouble import STORE_TROUBLE
 from daemon.wire.submission import Submission
 from store.gauges import StoreGauges, read_gauges
 
@@ -227,7 +228,11 @@ class Metrics:
         self.sweep_seconds.observe(seconds)
 
     async def render(self) -> bytes:
-        """The exposition text, the store's counts read just now."""
+        """The exposition text, the store's counts read just now (left out while the
+        store refuses the read: a scrape never waits out store trouble)."""
         if self._gateway is not None:
-            self._live.store = await self._gateway.run(read_gauges)
+            try:
+                self._live.store = await self._gateway.run(read_gauges)
+            except STORE_TROUBLE:
+                self._live.store = None
         return generate_latest(self.registry)
