@@ -3,13 +3,14 @@ readiness while the store refuses writes, Prometheus' scrape, events posted with
 HTTP, and malformed requests beside a websocket client that must not notice.
 
 The real daemon runs as a subprocess on 127.0.0.1; the clients are httpx, trio-websocket
-and raw sockets; /metrics is read with prometheus-client's own parser.
+and raw sockets, and Prefect's own client; /metrics is read with prometheus-client's parser.
 """
 
 from __future__ import annotations
 
 import json
 import ssl
+import textwrap
 from pathlib import Path
 from uuid import uuid4
 
@@ -27,6 +28,8 @@ from tests.support.daemon_process import (
     write_automations,
     write_config,
 )
+from tests.support.prefect_venv import TOKEN as PREFECT_TOKEN
+from tests.support.prefect_venv import VENV_TIMEOUT, prefect_python, script_env
 from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
 TOKEN = "tok-3c1f0e5b"
@@ -194,4 +197,43 @@ async def test_https_on_a_tls_port(tmp_path: Path) -> None:
             async with httpx.AsyncClient(base_url=base, verify=context, timeout=10) as http:
                 assert (await http.get("/api/health")).json() is True
                 assert (await http.post("/api/events", json=[event()])).status_code == 204
+            assert await daemon.stop() == 0
+
+
+PREFECT_CLIENT = textwrap.dedent(
+    """
+    import asyncio, json
+    from prefect.client.orchestration import get_client
+
+    async def main():
+        async with get_client() as client:
+            health = await client.api_healthcheck()
+            version = await client.api_version()
+        print(json.dumps({"health": repr(health), "version": version}))
+
+    asyncio.run(main())
+    """
+)
+
+
+async def test_prefect_s_client_reads_health_and_version_with_its_auth_string(
+    tmp_path: Path,
+) -> None:
+    """Prefect's own client (its auth string, sent as Basic, is trigd's token)."""
+    config = write_config(tmp_path, server={"auth_token": PREFECT_TOKEN})
+    with trio.fail_after(VENV_TIMEOUT + 60):
+        python = await trio.to_thread.run_sync(prefect_python)
+    with trio.fail_after(90):
+        async with running_daemon(config) as daemon:
+            api = f"http://127.0.0.1:{daemon.port}/api"
+            ran = await trio.run_process(
+                [str(python), "-c", PREFECT_CLIENT],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=script_env(tmp_path, api),
+            )
+            assert ran.returncode == 0, ran.stderr.decode()
+            seen = json.loads(ran.stdout.decode().strip().splitlines()[-1])
+            assert seen == {"health": "None", "version": __version__}
             assert await daemon.stop() == 0
