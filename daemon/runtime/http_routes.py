@@ -96,7 +96,7 @@ class HttpApp:
             request.body, self.clock(), settings.max_event_bytes, settings.max_json_depth
         )
         if isinstance(parsed, HttpReply):
-            self.stats.rejected += 1
+            self.stats.reject(parsed.reason or "invalid")
             return parsed
         sink = _Committed(len(parsed))
         for event in parsed:

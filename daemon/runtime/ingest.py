@@ -201,6 +201,11 @@ class IngestStats:
     refused_per_peer: int = 0  # closed unread: the address held max_connections_per_peer
     refused_busy: int = 0  # no pending slot, or no established one within handshake_timeout
     idle_closed: int = 0  # websockets closed after idle_timeout without a frame
+    rejected_by: dict[str, int] = attrs.Factory(dict)  # ``rejected`` per Nack.reason
+
+    def reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.rejected_by[reason] = self.rejected_by.get(reason, 0) + 1
 
 
 @attrs.define
@@ -514,7 +519,7 @@ class _Session:
                 continue
             for item in decode_frame(frame, received, max_bytes, max_depth):
                 if isinstance(item, Nack):
-                    stats.rejected += 1
+                    stats.reject(item.reason)
                     if replies.acks:
                         await replies.put(item)
                     else:

@@ -69,7 +69,8 @@ class _Live(Collector):
         rejected = CounterMetricFamily(
             "trigd_events_rejected", "Events refused, by reason", labels=["reason"]
         )
-        rejected.add_metric(["invalid"], ingest.rejected)
+        for reason in ("invalid", "too_large", "binary"):
+            rejected.add_metric([reason], ingest.rejected_by.get(reason, 0))
         rejected.add_metric(["internal_error"], evaluator.internal_errors)
         yield rejected
         yield _counter(

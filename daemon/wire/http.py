@@ -68,6 +68,7 @@ class HttpReply:
     content_type: bytes = JSON
     headers: Headers = ()
     close: bool = False  # close the connection after this reply (the body was not read)
+    reason: str = ""  # a 422's kind of bad event (``Nack.reason``), for the metrics
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpReply]]
@@ -155,6 +156,7 @@ def parse_events_body(
         if isinstance(item, Nack):
             if item.error == EMPTY_ARRAY:
                 return []  # nothing to do, as Prefect's route
-            return error_reply(422, item.error.replace("frame: ", "body: ", 1))
+            reply = error_reply(422, item.error.replace("frame: ", "body: ", 1))
+            return attrs.evolve(reply, reason=item.reason)
         events.append(item)
     return events

@@ -244,7 +244,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 async def test_metrics_are_live_and_move_after_events(start: Starter) -> None:
     with trio.fail_after(LIMIT):
-        daemon = await start()
+        daemon = await start(max_event_bytes=2_000)
         async with client(daemon) as http:
             before = samples((await http.get("/metrics")).text)
             assert before[("trigd_events_received_total", ())] == 0
@@ -254,10 +254,18 @@ async def test_metrics_are_live_and_move_after_events(start: Starter) -> None:
                 during = samples((await http.get("/metrics")).text)
                 assert during[("trigd_connections", ())] == 1
             assert (await http.post("/api/events", json=[event_dict()])).status_code == 204
+            assert (await http.post("/api/events", json=[{"id": 1}])).status_code == 422
+            big = [event_dict(payload={"x": "y" * 3_000})]
+            assert (await http.post("/api/events", json=big)).status_code == 422
+            async with websocket(daemon) as ws:
+                await ws.send_message(b"binary")
+                assert (await replies(ws, 1))[0]["type"] == "nack"
             after = await http.get("/metrics")
             assert after.headers["content-type"].startswith("text/plain; version=0.0.4")
             values = samples(after.text)
         assert values[("trigd_events_received_total", ())] == 3
+        for reason in ("invalid", "too_large", "binary"):
+            assert values[("trigd_events_rejected_total", (("reason", reason),))] == 1, reason
         assert values[("trigd_events_committed_total", ())] == 3
         assert values[("trigd_batch_events_count", ())] == daemon.evaluator.batches
         assert values[("trigd_batch_events_sum", ())] == 3
