@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
+from typing import Final
 
 import attrs
 import trio
@@ -32,6 +33,12 @@ from daemon.wire.http import (
     parse_events_body,
 )
 from daemon.wire.submission import Submission
+
+VERSION: Final = f"trigd {__version__}"
+"""What ``GET /api/admin/version`` answers: not a bare version number on purpose. Prefect's
+clients (its events client, the subscriber) read this route and compare a version they can
+parse with their own: another major version is refused, an older one warned about. One
+they cannot parse they skip, which is right: trigd is not a Prefect server release."""
 
 
 class _Committed:
@@ -77,7 +84,7 @@ class HttpApp:
         return json_reply(200, True)
 
     async def version(self, request: HttpRequest) -> HttpReply:
-        return json_reply(200, __version__)
+        return json_reply(200, VERSION)
 
     async def ready(self, request: HttpRequest) -> HttpReply:
         reasons = self.readiness.reasons()

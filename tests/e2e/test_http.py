@@ -21,7 +21,7 @@ import trustme
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import open_websocket_url
 
-from daemon import __version__
+from daemon.runtime.http_routes import VERSION
 from tests.support.daemon_process import (
     burst_automation,
     running_daemon,
@@ -66,7 +66,7 @@ async def test_routes_of_a_running_daemon_with_a_token(tmp_path: Path) -> None:
                 assert (await http.get("/api/health")).json() is True
                 assert (await http.get("/api/ready")).status_code == 200
                 version = await http.get("/api/admin/version", headers=bearer)
-                assert version.json() == __version__
+                assert version.json() == VERSION
                 assert (await http.get("/api/admin/version")).status_code == 401
                 before = received_total((await http.get("/metrics")).text)
                 posted = [event(), event()]
@@ -235,5 +235,5 @@ async def test_prefect_s_client_reads_health_and_version_with_its_auth_string(
             )
             assert ran.returncode == 0, ran.stderr.decode()
             seen = json.loads(ran.stdout.decode().strip().splitlines()[-1])
-            assert seen == {"health": "None", "version": __version__}
+            assert seen == {"health": "None", "version": VERSION}
             assert await daemon.stop() == 0

@@ -19,8 +19,8 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from trio_websocket import WebSocketConnection
 
-from daemon import __version__
 from daemon.engine.engine import Engine
+from daemon.runtime.http_routes import VERSION
 from daemon.wire.handshake import ACKS_SUBPROTOCOL
 from tests.support.evaluator_doubles import GatedEngine, stored_ids
 from tests.support.ingest_client import (
@@ -85,7 +85,7 @@ async def test_health_version_and_errors_answer_json_on_one_keep_alive_connectio
             assert (health.status_code, health.json()) == (200, True)
             assert health.headers["content-type"] == "application/json"
             version = await http.get("/api/admin/version")
-            assert (version.status_code, version.json()) == (200, __version__)
+            assert (version.status_code, version.json()) == (200, VERSION)
             missing = await http.get("/api/nothing")
             assert (missing.status_code, missing.json()) == (
                 404,
