@@ -250,6 +250,11 @@ class ServerConfig(Section):
     handshake_timeout: PositiveDuration = timedelta(seconds=10)  # to finish websocket + auth
     idle_timeout: PositiveDuration = timedelta(minutes=5)  # no frame for this long: closed
     shutdown_timeout: PositiveDuration = timedelta(seconds=5)  # to commit in-flight work
+    # plain HTTP on the same port (docs/PROTOCOL.md#http)
+    max_request_head_bytes: Count = 16_384  # request line and headers of one request
+    max_request_bytes: Count = 4_000_000  # body of one request (POST /api/events): else 413
+    request_timeout: PositiveDuration = timedelta(seconds=10)  # to read a body, answer, reply
+    keepalive_timeout: PositiveDuration = timedelta(seconds=5)  # idle between requests
 
     @property
     def host(self) -> str:

@@ -135,6 +135,7 @@ class _Evaluator:
     stats: EvaluatorStats
     on_commit: Callable[[], None]
     throttles: dict[str, LogThrottle]
+    on_batch: Callable[[Sequence[Submission], float], None] | None  # committed, in seconds
     # one episode of store trouble per batch: logged when it starts, and as over once
     # every event of the batch is committed
     backoff: Backoff = attrs.field(
@@ -172,8 +173,11 @@ class _Evaluator:
             return None
 
     async def settle(self, batch: Sequence[Submission]) -> None:
+        started = trio.current_time()
         await self._commit(batch)
         self.backoff.cleared()
+        if self.on_batch is not None:
+            self.on_batch(batch, trio.current_time() - started)
         self.stats.batches += 1
         self.stats.events += len(batch)
         self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
@@ -230,11 +234,13 @@ async def run_evaluator(
     stats: EvaluatorStats | None = None,
     on_commit: Callable[[], None] = lambda: None,
     log_limits: LogLimits = DEFAULT_LIMITS,
+    on_batch: Callable[[Sequence[Submission], float], None] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit submissions in batches until every sender has closed the channel;
     ``on_commit`` runs after each commit (it wakes the sender and the inbox pump); a line
-    one event can cause is logged within ``log_limits``."""
+    one event can cause is logged within ``log_limits``; ``on_batch`` gets each batch once
+    it is settled, with the seconds that took (``/metrics``)."""
     if batch_max < 1:
         raise ValueError(f"batch_max must be at least 1, got {batch_max}")
     evaluator = _Evaluator(
@@ -244,6 +250,7 @@ async def run_evaluator(
         stats if stats is not None else EvaluatorStats(),
         on_commit,
         _throttles(log_limits),
+        on_batch,
     )
     async with receive:
         task_status.started()

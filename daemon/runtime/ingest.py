@@ -1,8 +1,12 @@
 """The ingest task: Prefect's ``/events/in`` websocket, feeding the evaluator
 (docs/PROTOCOL.md#endpoint-and-paths).
 
-Theory of operation. trio-websocket does the HTTP upgrade and the close handshake; what
-comes in between is handled chunk by chunk. Each connection runs two tasks over one
+Theory of operation. Every socket's first request head is read with h11
+(``daemon.runtime.http_server.read_head``, within ``handshake_timeout``): one that is not a
+websocket upgrade is served as plain HTTP on the same slot (``serve_http``, the routes of
+``daemon.runtime.http_routes``); an upgrade is handed, with the bytes already read, to
+trio-websocket, which does the upgrade and the close handshake; what comes in between is
+handled chunk by chunk. Each connection runs two tasks over one
 ``ReplyQueue``:
 
 * the reader (``daemon.runtime.connection.CheckpointConnection``'s reader task) reads the socket
@@ -40,7 +44,7 @@ import logging
 import socket
 import ssl
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Final
 
@@ -54,6 +58,15 @@ from daemon.core.durations import format_duration
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.core.slots import ConnectionSlots, Refused, Slot, Why, idle_deadline, peer_of
 from daemon.runtime.connection import CheckpointConnection, Frame, PingMarker
+from daemon.runtime.http_server import (
+    BadHead,
+    HttpLimits,
+    HttpStats,
+    RequestHead,
+    answer_bad_head,
+    read_head,
+    serve_http,
+)
 from daemon.wire.handshake import (
     AUTH_SUCCESS,
     EXPECTED_AUTH,
@@ -66,6 +79,7 @@ from daemon.wire.handshake import (
     reply_frame,
 )
 from daemon.wire.handshake import decide as decide_handshake
+from daemon.wire.http import Route, is_websocket_upgrade
 from daemon.wire.submission import Submission
 from store.db import os_reason
 
@@ -187,6 +201,11 @@ class IngestStats:
     refused_per_peer: int = 0  # closed unread: the address held max_connections_per_peer
     refused_busy: int = 0  # no pending slot, or no established one within handshake_timeout
     idle_closed: int = 0  # websockets closed after idle_timeout without a frame
+    rejected_by: dict[str, int] = attrs.Factory(dict)  # ``rejected`` per Nack.reason
+
+    def reject(self, reason: str) -> None:
+        self.rejected += 1
+        self.rejected_by[reason] = self.rejected_by.get(reason, 0) + 1
 
 
 @attrs.define
@@ -199,6 +218,9 @@ class _Ingest:
     bad_frames: LogThrottle
     refusals: LogThrottle  # sockets refused for want of a slot
     refused_handshakes: LogThrottle  # upgrades refused (path, auth)
+    routes: Sequence[Route] = ()  # plain HTTP (daemon.runtime.http_routes)
+    http_limits: HttpLimits = attrs.field(kw_only=True)
+    http_stats: HttpStats = attrs.Factory(HttpStats)
     room: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) when one is freed
     scopes: dict[Slot, trio.CancelScope] = attrs.Factory(dict)  # to drop an evicted one
 
@@ -263,6 +285,18 @@ class _Ingest:
     ) -> None:
         try:
             with scope:  # cancelled when the slot is taken for another peer's handshake
+                deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
+                head = None
+                with trio.move_on_at(deadline):
+                    head = await read_head(stream, self.settings.max_request_head_bytes)
+                if isinstance(head, BadHead):
+                    self.http_stats.count(head.reply.status)
+                    await answer_bad_head(stream, head, self.http_limits)
+                if not isinstance(head, RequestHead):
+                    return
+                if not is_websocket_upgrade(head.request.headers):
+                    await serve_http(stream, head, self.routes, self.http_limits, self.http_stats)
+                    return
                 session = _Session(self, name)
                 conn = CheckpointConnection(
                     stream,
@@ -270,9 +304,10 @@ class _Ingest:
                     max_message_size=FRAME_BUFFER_FACTOR * self.settings.max_event_bytes,
                     receive_buffer_size=RECEIVE_BYTES,
                 )
+                conn._wsproto.receive_data(head.raw)  # the reader's first pass takes the upgrade
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(session.read, conn)
-                    if await self.handshake(conn, session, slot):
+                    if await self.handshake(conn, session, slot, deadline):
                         await self.serve(conn, session)
                     with trio.CancelScope(shield=True) as closing:
                         closing.deadline = trio.current_time() + CLOSE_TIMEOUT
@@ -287,13 +322,15 @@ class _Ingest:
                 self.room = trio.Event()
             self._gauges()
 
-    async def handshake(self, conn: CheckpointConnection, session: _Session, slot: Slot) -> bool:
-        """Upgrade, authenticate and move ``slot`` to the established pool; False when the
-        client was refused (and told why) or went away."""
+    async def handshake(
+        self, conn: CheckpointConnection, session: _Session, slot: Slot, deadline: float
+    ) -> bool:
+        """Upgrade, authenticate and move ``slot`` to the established pool by ``deadline``
+        (``handshake_timeout`` after accept); False when the client was refused (and told
+        why) or went away."""
         token = self.settings.auth_token
         accepted = False
         waiting: WebSocketRequest | None = None  # an upgrade waiting for an established slot
-        deadline = trio.current_time() + self.settings.handshake_timeout.total_seconds()
         try:
             with trio.move_on_at(deadline) as session.handshake_scope:
                 if session.reader_done.is_set():
@@ -482,7 +519,7 @@ class _Session:
                 continue
             for item in decode_frame(frame, received, max_bytes, max_depth):
                 if isinstance(item, Nack):
-                    stats.rejected += 1
+                    stats.reject(item.reason)
                     if replies.acks:
                         await replies.put(item)
                     else:
@@ -606,9 +643,12 @@ async def run_ingest(
     stats: IngestStats | None = None,
     tls: ssl.SSLContext | None = None,
     log_limits: LogLimits = DEFAULT_LIMITS,
+    routes: Sequence[Route] = (),
+    http_stats: HttpStats | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/events/in`` until cancelled; ``task_status`` gets the bound port.
+    """Serve ``/events/in`` and the plain HTTP ``routes`` until cancelled; ``task_status``
+    gets the bound port.
 
     ``tls`` is ``tls_context(settings)`` loaded beforehand; without it, it is loaded here.
     A listen address that cannot be used raises UnusableSetting (``listen_problem``)."""
@@ -628,6 +668,9 @@ async def run_ingest(
         bad_frames=log_limits.throttle(log, "bad frames"),
         refusals=log_limits.throttle(log, "sockets refused for want of a slot"),
         refused_handshakes=log_limits.throttle(log, "refused websocket upgrades"),
+        routes=routes,
+        http_limits=HttpLimits.of(settings),
+        http_stats=http_stats if http_stats is not None else HttpStats(),
     )
     port = _port_of(listeners[0])
     async with submit, trio.open_nursery() as nursery:

@@ -138,6 +138,10 @@ def _no_emit(events: Sequence[ReceivedEvent]) -> None:
     pass
 
 
+def _no_attempt(decision: Decision, latency_us: int | None) -> None:
+    pass
+
+
 @attrs.frozen
 class _Result:
     """What one attempt produced, ready to be committed."""
@@ -296,7 +300,9 @@ class Sender:
         emit: Callable[[Sequence[ReceivedEvent]], None],
         random: Random,
         current: Callable[[str], Automation | None] = _no_automation,
+        on_attempt: Callable[[Decision, int | None], None] = _no_attempt,
     ) -> None:
+        self._on_attempt = on_attempt  # each recorded attempt: its decision, its latency
         self._gateway = gateway
         self._current = current
         self._settings = settings
@@ -464,6 +470,7 @@ class Sender:
             log.warning("delivery %s: lease expired during the attempt; it will be retried", row.id)
             return
         _log_outcome(row, triggered, result)
+        self._on_attempt(result.decision, result.latency_us)
         if event is not None:
             self._emit([event])
 
@@ -578,6 +585,7 @@ async def run_sender(
     emit: Callable[[Sequence[ReceivedEvent]], None] = _no_emit,
     random: Random | None = None,
     current: Callable[[str], Automation | None] = _no_automation,
+    on_attempt: Callable[[Decision, int | None], None] = _no_attempt,
     task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Deliver outbox rows until cancelled. `nursery.start` returns the `Sender`, whose
@@ -585,7 +593,8 @@ async def run_sender(
     executed/failed event after its transaction commits (to wake the evaluator).
     `current` gives an automation as loaded now, by id (a revived row is sent as it would
     make it: `acting.refreshed`). `clock` is the wall clock; one that is a `SleepingClock`
-    also decides how to wait."""
+    also decides how to wait. `on_attempt` hears of each attempt once it is recorded
+    (``/metrics``)."""
     limits = httpx.Limits(
         max_connections=settings.concurrency,
         max_keepalive_connections=settings.concurrency,
@@ -601,5 +610,6 @@ async def run_sender(
             emit=emit,
             random=random if random is not None else _StdRandom().random,
             current=current,
+            on_attempt=on_attempt,
         )
         await sender.run(task_status=task_status)

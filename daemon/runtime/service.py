@@ -45,10 +45,14 @@ from daemon.core.lints import lint_automation
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
 from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.http_routes import HttpApp
+from daemon.runtime.http_server import HttpStats
 from daemon.runtime.ingest import IngestStats, run_ingest, tls_context
 from daemon.runtime.logs import configure_logging
+from daemon.runtime.metrics import Metrics
+from daemon.runtime.readiness import Readiness
 from daemon.runtime.sender import Sender, run_sender
-from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
+from daemon.runtime.store_trouble import CURRENT_BOARD, STORE_TROUBLE, Backoff, TroubleBoard
 from daemon.runtime.sweeper import SweepSettings, run_sweeper
 from daemon.runtime.systemd import Notifier
 from daemon.wire.submission import Submission
@@ -230,6 +234,13 @@ async def _run(
 ) -> None:
     send, receive = trio.open_memory_channel[Submission](config.server.queue_depth)
     ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
+    # HTTP on the listen port: /metrics reads the counters live, /api/ready the registry
+    http_stats, trouble = HttpStats(), TroubleBoard()
+    CURRENT_BOARD.set(trouble)  # every Backoff of the tasks started below reports to it
+    metrics = Metrics(ingest_stats, evaluator_stats, http_stats, gateway)
+    readiness = Readiness()
+    readiness.add("store", trouble.reasons)
+    http = HttpApp(config.server, send, clock, ingest_stats, readiness, metrics)
     counters = CounterSource(
         os.getpid(), clock(), {"ingest": ingest_stats, "evaluator": evaluator_stats}
     )
@@ -243,6 +254,7 @@ async def _run(
                     clock=clock,
                     emit=lambda events: pump.wake(),
                     current=partial(loaded_automation, engine),
+                    on_attempt=metrics.observe_attempt,
                     task_status=task_status,
                 )
             )
@@ -264,6 +276,7 @@ async def _run(
                     clock=clock,
                     on_commit=committed,
                     counters=counters,
+                    on_pass=metrics.observe_sweep,
                     task_status=task_status,
                 )
             )
@@ -281,12 +294,18 @@ async def _run(
                         stats=evaluator_stats,
                         on_commit=committed,
                         log_limits=config.log.limits,
+                        on_batch=lambda batch, seconds: metrics.observe_batch(
+                            batch, seconds, clock()
+                        ),
                         task_status=task_status,
                     )
                 finally:
                     evaluator_done.set()
 
             await nursery.start(evaluate)
+            readiness.add(
+                "tasks", lambda: ["the evaluator has stopped"] if evaluator_done.is_set() else []
+            )
             ingest_scope = trio.CancelScope()
 
             async def ingest(*, task_status: trio.TaskStatus[int]) -> None:
@@ -298,6 +317,8 @@ async def _run(
                         tls=tls,
                         stats=ingest_stats,
                         log_limits=config.log.limits,
+                        routes=http.routes(),
+                        http_stats=http_stats,
                         task_status=task_status,
                     )
 

@@ -12,6 +12,7 @@ exception is a bug and is the caller's to handle.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
@@ -42,6 +43,21 @@ STORE_TROUBLE: Final = (
 
 
 @attrs.define
+class TroubleBoard:
+    """Which Backoffs are waiting out store trouble now, and why: what ``/api/ready``
+    reports. The service sets one in ``CURRENT_BOARD`` before it starts its tasks, so
+    every Backoff they make reports to it without being handed it."""
+
+    _causes: dict[int, str] = attrs.Factory(dict)
+
+    def reasons(self) -> list[str]:
+        return sorted(set(self._causes.values()))
+
+
+CURRENT_BOARD: Final = contextvars.ContextVar[TroubleBoard | None]("trouble_board", default=None)
+
+
+@attrs.define
 class Backoff:
     """One task waiting out store trouble while doing `what` ("claiming due deliveries");
     reusable: `cleared` starts the next episode afresh."""
@@ -68,6 +84,9 @@ class Backoff:
                 cause,
             )
             self._cause = cause
+        board = CURRENT_BOARD.get()
+        if board is not None:
+            board._causes[id(self)] = f"the store refuses {self.what}: {cause}"
         self.retries += 1
         if self.on_wait is not None:
             await self.on_wait(self.delay)
@@ -76,6 +95,9 @@ class Backoff:
 
     def cleared(self) -> None:
         """The work went through: say so if there was trouble, and reset."""
+        board = CURRENT_BOARD.get()
+        if board is not None:
+            board._causes.pop(id(self), None)
         if self.retries:
             self.logger.warning(
                 "store trouble over: %s went through after %d retries (%.3gs)",

@@ -88,10 +88,12 @@ async def run_sweeper(
     clock: Callable[[], datetime],
     on_commit: Callable[[], None] = lambda: None,
     counters: CounterSource | None = None,
+    on_pass: Callable[[float], None] = lambda seconds: None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the passes forever; `on_commit` wakes the sender after firings were written;
-    each pass stores a snapshot of `counters`. Store trouble is waited out with a
+    each pass stores a snapshot of `counters`; `on_pass` gets each pass's seconds
+    (``/metrics``). Store trouble is waited out with a
     backoff (logged once); any other failure is logged and the next pass comes on time."""
     task_status.started()
     period = settings.granularity.total_seconds()
@@ -99,6 +101,7 @@ async def run_sweeper(
     while True:
         now = clock()
         snapshot = None if counters is None else counters.snapshot(now)
+        started = trio.current_time()
         try:
             report = await gateway.run(sweep, engine, settings, now, snapshot)
         except STORE_TROUBLE as exc:
@@ -107,6 +110,7 @@ async def run_sweeper(
         except Exception:
             log.exception("periodic pass failed; trying again in %.3gs", period)
         else:
+            on_pass(trio.current_time() - started)
             trouble.cleared()
             if counters is not None:
                 counters.stored()

@@ -181,14 +181,17 @@ def check_auth(message: str | bytes, auth_token: str, authenticated: bool) -> Cl
 
 @attrs.frozen(slots=True)
 class Nack:
-    """An event refused before evaluation; ``id`` when the frame had a readable one."""
+    """An event refused before evaluation; ``id`` when the frame had a readable one;
+    ``reason`` its kind, for the metrics: ``invalid``, ``too_large`` or ``binary``."""
 
     id: str | None
     error: str
+    reason: str = "invalid"
 
 
 BINARY_FRAME: Final = "frame: binary frames are not accepted; send each event as a JSON text frame"
 EMPTY_ARRAY: Final = "frame: an empty array carries no event"
+TOO_LARGE: Final = "too_large"  # a Nack's reason: past max_event_bytes
 
 
 def _utf8_size(text: str) -> int:
@@ -238,7 +241,11 @@ def _decode_array(
             item_size = _utf8_size(json.dumps(value, ensure_ascii=False, separators=(",", ":")))
             if item_size > max_event_bytes:
                 out.append(
-                    Nack(_event_id(value), f"{where}: {_too_big(item_size, max_event_bytes)}")
+                    Nack(
+                        _event_id(value),
+                        f"{where}: {_too_big(item_size, max_event_bytes)}",
+                        TOO_LARGE,
+                    )
                 )
                 continue
         try:
@@ -257,12 +264,12 @@ def decode_frame(
     """The events in one text frame, stamped ``received``, and a ``Nack`` per bad one;
     each event may nest ``max_json_depth`` levels, whether alone or in an array."""
     if not isinstance(frame, str):
-        return [Nack(None, BINARY_FRAME)]
+        return [Nack(None, BINARY_FRAME, "binary")]
     size = _utf8_size(frame)
     if frame.lstrip().startswith("["):
         return _decode_array(frame, size, received, max_event_bytes, max_json_depth)
     if size > max_event_bytes:
-        return [Nack(_id_in_text(frame), _too_big(size, max_event_bytes))]
+        return [Nack(_id_in_text(frame), _too_big(size, max_event_bytes), TOO_LARGE)]
     try:
         return [parse_incoming_event(frame, received, max_json_depth)]
     except EventRejected as exc:

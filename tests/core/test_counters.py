@@ -38,6 +38,7 @@ def test_a_snapshot_is_taken_only_when_a_counter_changed_since_the_last_one_stor
             "refused_per_peer": 0,
             "refused_busy": 0,
             "idle_closed": 0,
+            "rejected_by": {},  # per reason, counted by IngestStats.reject (/metrics)
         },
     }
 

@@ -31,6 +31,7 @@ from daemon.core.clock import to_us
 from daemon.engine.engine import Engine
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.service import InboxPump, reload_automations
+from daemon.runtime.store_trouble import CURRENT_BOARD, Backoff, TroubleBoard
 from store import outbox
 from store.automations import loaded_automations
 from store.connection import Connection
@@ -457,3 +458,31 @@ async def test_sweeper_waits_out_a_locked_store_and_stores_its_counters_after(
     assert stored is not None
     snapshot = json.loads(stored)
     assert (snapshot["pid"], snapshot["ingest"]["rejected"]) == (4242, 3)
+
+
+async def test_a_backoff_reports_its_trouble_to_the_board_until_it_clears(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """What /api/ready reads: every Backoff of the tasks, through the board the service
+    sets in CURRENT_BOARD before starting them; none set, a Backoff reports nothing."""
+    unseen = Backoff(logging.getLogger("test"), "before any board")
+    await unseen.wait(apsw.BusyError("database is locked"))
+    board = TroubleBoard()
+    token = CURRENT_BOARD.set(board)
+    try:
+        first = Backoff(logging.getLogger("test"), "committing received events")
+        second = Backoff(logging.getLogger("test"), "claiming due deliveries")
+        await first.wait(apsw.FullError("database or disk is full"))
+        await second.wait(apsw.BusyError("database is locked"))
+        assert board.reasons() == [
+            "the store refuses claiming due deliveries: BusyError: database is locked",
+            "the store refuses committing received events: FullError: database or disk is full",
+        ]
+        first.cleared()
+        assert board.reasons() == [
+            "the store refuses claiming due deliveries: BusyError: database is locked"
+        ]
+        second.cleared()
+        assert board.reasons() == []
+    finally:
+        CURRENT_BOARD.reset(token)

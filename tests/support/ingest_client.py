@@ -20,7 +20,10 @@ from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import BatchEngine, EvaluatorStats, run_evaluator
 from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.http_routes import HttpApp
+from daemon.runtime.http_server import HttpStats
 from daemon.runtime.ingest import IngestStats, run_ingest
+from daemon.runtime.metrics import Metrics
 from daemon.wire.submission import Submission
 from store.db import Store
 from tests.support.evaluator_doubles import fixed_clock
@@ -46,6 +49,10 @@ class Daemon:
     ingest: IngestStats
     evaluator: EvaluatorStats
     submit: trio.MemorySendChannel[Submission]
+    http: HttpApp  # its routes, readiness and metrics
+
+    def http_url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
 
     def url(self, path: str = "/api/events/in") -> str:
         return f"ws://127.0.0.1:{self.port}{path}"
@@ -69,14 +76,21 @@ class Starter:
         config = ServerConfig(listen="127.0.0.1:0", **settings)
         send, receive = trio.open_memory_channel[Submission](queue)
         ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
+        gateway = StoreGateway(self.store)
+        http_stats = HttpStats()
+        metrics = Metrics(ingest_stats, evaluator_stats, http_stats, gateway)
+        http = HttpApp(config, send, fixed_clock, ingest_stats, metrics=metrics)
         await self.nursery.start(
             lambda task_status: run_evaluator(
-                StoreGateway(self.store),
+                gateway,
                 engine if engine is not None else Engine(),
                 receive,
                 clock=fixed_clock,
                 batch_max=batch_max,
                 stats=evaluator_stats,
+                on_batch=lambda batch, seconds: metrics.observe_batch(
+                    batch, seconds, fixed_clock()
+                ),
                 task_status=task_status,
             )
         )
@@ -87,10 +101,12 @@ class Starter:
                 clock=fixed_clock,
                 stats=ingest_stats,
                 log_limits=log_limits,
+                routes=http.routes(),
+                http_stats=http_stats,
                 task_status=task_status,
             )
         )
-        return Daemon(port, self.db_path, ingest_stats, evaluator_stats, send)
+        return Daemon(port, self.db_path, ingest_stats, evaluator_stats, send, http)
 
 
 @asynccontextmanager

@@ -1,0 +1,115 @@
+"""The daemon's HTTP routes (docs/PROTOCOL.md#http): the table, and the handlers that need
+the running daemon (the evaluator's channel, readiness, metrics).
+
+A route is one line of ``HttpApp.routes``; a handler is an async function of a parsed
+``HttpRequest`` returning an ``HttpReply`` (``daemon.wire.http``).
+
+``POST /api/events`` takes the websocket's path into the store: every event of the body
+is validated first (one invalid: 422, none sent on), then each becomes a ``Submission``
+into the evaluator's channel, and the reply (204) waits until the evaluator has resolved
+them all, i.e. committed; duplicates are committed as on the websocket (a no-op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Final
+
+import attrs
+import trio
+
+from daemon import __version__
+from daemon.core.config import ServerConfig
+from daemon.runtime.ingest import IngestStats
+from daemon.runtime.metrics import CONTENT_TYPE, Metrics
+from daemon.runtime.readiness import Readiness
+from daemon.wire.http import (
+    HttpReply,
+    HttpRequest,
+    Route,
+    error_reply,
+    json_reply,
+    parse_events_body,
+)
+from daemon.wire.submission import Submission
+
+VERSION: Final = f"trigd {__version__}"
+"""What ``GET /api/admin/version`` answers: not a bare version number on purpose. Prefect's
+clients (its events client, the subscriber) read this route and compare a version they can
+parse with their own: another major version is refused, an older one warned about. One
+they cannot parse they skip, which is right: trigd is not a Prefect server release."""
+
+
+class _Committed:
+    """A ``ReplySink`` for one request's submissions: done once all are resolved."""
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+        self.errors: list[str] = []
+        self.done = trio.Event()
+        if count == 0:
+            self.done.set()
+
+    def resolved(self, submission: Submission, error: str | None) -> None:
+        submission.error = error
+        submission.done = True
+        if error is not None:
+            self.errors.append(f"{submission.event.id}: {error}")
+        self.left -= 1
+        if self.left == 0:
+            self.done.set()
+
+
+@attrs.define
+class HttpApp:
+    settings: ServerConfig
+    submit: trio.MemorySendChannel[Submission]
+    clock: Callable[[], datetime]
+    stats: IngestStats
+    readiness: Readiness = attrs.Factory(Readiness)
+    metrics: Metrics | None = None
+
+    def routes(self) -> tuple[Route, ...]:
+        """The route table: method, path, handler, public (no token needed)."""
+        return (
+            Route("GET", "/api/health", self.health, public=True),
+            Route("GET", "/api/ready", self.ready, public=True),
+            Route("GET", "/metrics", self.metrics_text, public=True),
+            Route("GET", "/api/admin/version", self.version),
+            Route("POST", "/api/events", self.post_events),
+        )
+
+    async def health(self, request: HttpRequest) -> HttpReply:
+        return json_reply(200, True)
+
+    async def version(self, request: HttpRequest) -> HttpReply:
+        return json_reply(200, VERSION)
+
+    async def ready(self, request: HttpRequest) -> HttpReply:
+        reasons = self.readiness.reasons()
+        if reasons:
+            return error_reply(503, "not ready: " + "; ".join(reasons), reasons=reasons)
+        return json_reply(200, {"ready": True, "reasons": []})
+
+    async def metrics_text(self, request: HttpRequest) -> HttpReply:
+        if self.metrics is None:
+            return error_reply(404, "no metrics in this server")
+        return HttpReply(200, await self.metrics.render(), content_type=CONTENT_TYPE)
+
+    async def post_events(self, request: HttpRequest) -> HttpReply:
+        settings = self.settings
+        parsed = parse_events_body(
+            request.body, self.clock(), settings.max_event_bytes, settings.max_json_depth
+        )
+        if isinstance(parsed, HttpReply):
+            self.stats.reject(parsed.reason or "invalid")
+            return parsed
+        sink = _Committed(len(parsed))
+        for event in parsed:
+            self.stats.events += 1
+            await self.submit.send(Submission(event, sink))
+        await sink.done.wait()
+        if sink.errors:
+            return error_reply(500, "not all events were committed", errors=sink.errors)
+        return HttpReply(204)
