@@ -398,6 +398,7 @@ class InsightConfig(Section):
     recent_events: Count = 1_000  # stored events explain scans, newest first
     listed: Count = 10  # entries per list in an explanation
     backtest_batch: Count = 2_000  # events a backtest replays per transaction
+    http_explains: Count = 2  # explanations GET /api/automations/{id}/explain reads at once
 
 
 class Config(BaseModel):

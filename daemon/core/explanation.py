@@ -173,10 +173,10 @@ def _has_related(trigger: EventTrigger) -> bool:
     return any(len(spec.root) for spec in (related if isinstance(related, list) else [related]))
 
 
-def parse_key(text: str) -> tuple[str, ...]:
-    """`--key`: the bucketing key, as a JSON array of the `for_each` values (in the order of
-    their sorted labels), or a bare value for a trigger with one `for_each` label.
-    ValueError says which form is wanted."""
+def parse_key(text: str, name: str = "--key") -> tuple[str, ...]:
+    """`--key` (or the HTTP route's `key`: `name`): the bucketing key, as a JSON array of
+    the `for_each` values (in the order of their sorted labels), or a bare value for a
+    trigger with one `for_each` label. ValueError says which form is wanted."""
     if not text.startswith("["):
         return (text,)
     try:
@@ -185,7 +185,7 @@ def parse_key(text: str) -> tuple[str, ...]:
         values = None
     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
         raise ValueError(
-            f"--key: {text!r} is not a JSON array of strings; give one value, or the "
+            f"{name}: {text!r} is not a JSON array of strings; give one value, or the "
             'values of every for_each label as ["a", "b"] in the order of the sorted labels'
         )
     return tuple(values)

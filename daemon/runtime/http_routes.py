@@ -14,13 +14,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Final
+from pathlib import Path
+from typing import Any, Final
 
+import apsw
 import attrs
 import trio
 
 from daemon import __version__
-from daemon.core.config import ServerConfig
+from daemon.core.config import InsightConfig, ServerConfig
+from daemon.core.explanation import parse_key
+from daemon.engine.explain import Limits, UnknownAutomation, UnreadableAutomation, explain
 from daemon.runtime.ingest import IngestStats
 from daemon.runtime.metrics import CONTENT_TYPE, Metrics
 from daemon.runtime.readiness import Readiness
@@ -31,8 +35,13 @@ from daemon.wire.http import (
     error_reply,
     json_reply,
     parse_events_body,
+    path_params,
+    query_params,
 )
 from daemon.wire.submission import Submission
+from store.db import Store, StoreError
+
+EXPLAIN_PATH: Final = "/api/automations/{id}/explain"
 
 VERSION: Final = f"trigd {__version__}"
 """What ``GET /api/admin/version`` answers: not a bare version number on purpose. Prefect's
@@ -69,6 +78,12 @@ class HttpApp:
     stats: IngestStats
     readiness: Readiness = attrs.Factory(Readiness)
     metrics: Metrics | None = None
+    database: Path | None = None  # read by the explain route, on a connection of its own
+    insight: InsightConfig = attrs.Factory(InsightConfig)
+    _explaining: trio.CapacityLimiter = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self._explaining = trio.CapacityLimiter(self.insight.http_explains)
 
     def routes(self) -> tuple[Route, ...]:
         """The route table: method, path, handler, public (no token needed)."""
@@ -78,6 +93,7 @@ class HttpApp:
             Route("GET", "/metrics", self.metrics_text, public=True),
             Route("GET", "/api/admin/version", self.version),
             Route("POST", "/api/events", self.post_events),
+            Route("GET", EXPLAIN_PATH, self.explain_automation),
         )
 
     async def health(self, request: HttpRequest) -> HttpReply:
@@ -113,3 +129,40 @@ class HttpApp:
         if sink.errors:
             return error_reply(500, "not all events were committed", errors=sink.errors)
         return HttpReply(204)
+
+    async def explain_automation(self, request: HttpRequest) -> HttpReply:
+        """``trigd explain`` over HTTP: the same document as ``--json``. It reads on a
+        read-only connection in a worker thread (at most ``[insight] http_explains`` at
+        once), never through the store gateway, so a large explanation does not hold up
+        the evaluator's commits."""
+        if self.database is None:
+            return error_reply(404, "no database to explain from in this server")
+        params = path_params(EXPLAIN_PATH, request.path) or {}
+        automation = params.get("id", "")
+        query = query_params(request.target)
+        try:
+            key = parse_key(query["key"], "key") if "key" in query else None
+        except ValueError as exc:
+            return error_reply(422, str(exc))
+        now = self.clock()
+        try:
+            document = await trio.to_thread.run_sync(
+                self._explain, automation, key, now, limiter=self._explaining
+            )
+        except UnknownAutomation as exc:
+            return error_reply(404, str(exc))
+        except UnreadableAutomation as exc:
+            return error_reply(409, str(exc))
+        except (StoreError, apsw.Error) as exc:
+            return error_reply(503, f"the store cannot be read: {exc}")
+        return json_reply(200, document)
+
+    def _explain(self, automation: str, key: tuple[str, ...] | None, now: datetime) -> Any:
+        assert self.database is not None
+        limits = Limits(self.insight.recent_events, self.insight.listed)
+        store = Store.open_readonly(self.database)
+        try:
+            with store.conn:  # one snapshot, as trigd explain reads it
+                return explain(store.conn, automation, now, key=key, limits=limits)
+        finally:
+            store.close()

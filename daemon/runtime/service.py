@@ -240,7 +240,16 @@ async def _run(
     metrics = Metrics(ingest_stats, evaluator_stats, http_stats, gateway)
     readiness = Readiness()
     readiness.add("store", trouble.reasons)
-    http = HttpApp(config.server, send, clock, ingest_stats, readiness, metrics)
+    http = HttpApp(
+        config.server,
+        send,
+        clock,
+        ingest_stats,
+        readiness,
+        metrics,
+        database=Path(config.store.path),
+        insight=config.insight,
+    )
     counters = CounterSource(
         os.getpid(), clock(), {"ingest": ingest_stats, "evaluator": evaluator_stats}
     )

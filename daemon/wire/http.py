@@ -22,6 +22,7 @@ import json
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import datetime
 from typing import Any, Final
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import attrs
 
@@ -94,10 +95,34 @@ def error_reply(status: int, detail: str, **extra: Any) -> HttpReply:
     return json_reply(status, {"detail": detail, **extra})
 
 
+def path_params(template: str, path: str) -> dict[str, str] | None:
+    """The values of ``template``'s ``{name}`` segments in ``path`` (percent-decoded), or
+    None when ``path`` does not have its shape; a template without them matches itself."""
+    if "{" not in template:
+        return {} if template == path else None
+    wanted, given = template.split("/"), path.split("/")
+    if len(wanted) != len(given):
+        return None
+    params: dict[str, str] = {}
+    for pattern, segment in zip(wanted, given, strict=True):
+        if pattern.startswith("{") and pattern.endswith("}"):
+            if not segment:
+                return None
+            params[pattern[1:-1]] = unquote(segment)
+        elif pattern != segment:
+            return None
+    return params
+
+
+def query_params(target: str) -> dict[str, str]:
+    """The query string's parameters, the first value of each."""
+    return {name: values[0] for name, values in parse_qs(urlsplit(target).query).items()}
+
+
 def resolve(routes: Sequence[Route], request: HttpRequest, auth_token: str) -> Route | HttpReply:
     """The route that answers ``request``, or why none does."""
     path = request.path
-    methods = [route for route in routes if route.path == path]
+    methods = [route for route in routes if path_params(route.path, path) is not None]
     if not methods:
         return error_reply(404, f"no route {path!r}")
     for route in methods:

@@ -17,6 +17,8 @@ from daemon.wire.http import (
     Route,
     is_websocket_upgrade,
     parse_events_body,
+    path_params,
+    query_params,
     resolve,
 )
 from tests.support.ingest_client import event_dict
@@ -48,6 +50,21 @@ def test_a_route_is_found_by_method_and_path_ignoring_the_query() -> None:
     assert resolve(ROUTES, request("GET", "/api/health?x=1"), "") is ROUTES[0]
     assert resolve(ROUTES, request("HEAD", "/api/health"), "") is ROUTES[0]
     assert resolve(ROUTES, request("POST", "/api/events"), "") is ROUTES[2]
+
+
+def test_a_template_route_matches_its_shape_and_gives_its_segments_decoded() -> None:
+    template = "/api/automations/{id}/explain"
+    routes = (*ROUTES, Route("GET", template, _ok))
+    assert resolve(routes, request("GET", "/api/automations/a%20b/explain?key=x"), "") is routes[3]
+    assert path_params(template, "/api/automations/a%20b/explain") == {"id": "a b"}
+    assert path_params(template, "/api/automations//explain") is None
+    assert path_params(template, "/api/automations/a/b/explain") is None
+    assert path_params(template, "/api/automations/a/other") is None
+    assert path_params("/api/health", "/api/health") == {}
+    missing = resolve(routes, request("GET", "/api/automations/a"), "")
+    assert isinstance(missing, HttpReply)
+    assert missing.status == 404
+    assert query_params("/x?key=%5B%22a%22%5D&key=2&b=") == {"key": '["a"]'}
 
 
 def test_an_unknown_path_is_404_and_a_wrong_method_405_with_allow() -> None:
