@@ -386,6 +386,17 @@ class LogConfig(Section):
         return LogLimits(self.burst, self.window.total_seconds())
 
 
+class EventsOutConfig(Section):
+    """Subscribers of `/api/events/out` (`trigd tail`, Prefect's event subscriber): how far
+    back their backfill reaches, and the bounds that keep one too slow from holding
+    memory or a connection."""
+
+    backfill: PositiveDuration = timedelta(minutes=15)  # stored events sent first, at most this old
+    backfill_max_events: Count = 1_000  # and at most this many (the newest)
+    queue_depth: Count = 1_000  # events waiting for one subscriber; past it: closed (1013)
+    send_timeout: PositiveDuration = timedelta(seconds=30)  # one frame to a subscriber
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -395,6 +406,7 @@ class Config(BaseModel):
     triggers: TriggersConfig = TriggersConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
+    events_out: EventsOutConfig = EventsOutConfig()
 
 
 SECTIONS: Final[Mapping[str, type[Section]]] = MappingProxyType(
@@ -405,6 +417,7 @@ SECTIONS: Final[Mapping[str, type[Section]]] = MappingProxyType(
         "triggers": TriggersConfig,
         "delivery": DeliveryConfig,
         "log": LogConfig,
+        "events_out": EventsOutConfig,
     }
 )
 

@@ -51,6 +51,7 @@ import trio
 from daemon.core.events import ReceivedEvent
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.engine.engine import BatchOutcome, Outcome
+from daemon.runtime.events_hub import EventsHub
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.wire.submission import Submission
@@ -101,6 +102,14 @@ def process_in_transaction(
         return engine.process_batch(conn, events, now)
 
 
+def publish_committed(hub: EventsHub, events: Sequence[ReceivedEvent], done: BatchOutcome) -> None:
+    """Hand what a batch committed to events out: its events that were not duplicates,
+    then trigd's own events it drained from the inbox."""
+    outcomes = done.outcomes
+    hub.publish(e for e, o in zip(events, outcomes, strict=True) if o is not Outcome.duplicate)
+    hub.publish(done.own_events)
+
+
 @attrs.define
 class EvaluatorStats:
     """Counters for ``trigd status`` and the tests."""
@@ -135,6 +144,7 @@ class _Evaluator:
     stats: EvaluatorStats
     on_commit: Callable[[], None]
     throttles: dict[str, LogThrottle]
+    hub: EventsHub | None = None  # events out: committed events go to its subscribers
     # one episode of store trouble per batch: logged when it starts, and as over once
     # every event of the batch is committed
     backoff: Backoff = attrs.field(
@@ -164,6 +174,8 @@ class _Evaluator:
             # only when the batch left them work.
             if done.handed_off:
                 self.on_commit()
+            if self.hub:  # only while events out has subscribers
+                publish_committed(self.hub, events, done)
             for outcome in done.outcomes:
                 if outcome is Outcome.duplicate:
                     self.stats.duplicates += 1
@@ -230,6 +242,7 @@ async def run_evaluator(
     stats: EvaluatorStats | None = None,
     on_commit: Callable[[], None] = lambda: None,
     log_limits: LogLimits = DEFAULT_LIMITS,
+    hub: EventsHub | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit submissions in batches until every sender has closed the channel;
@@ -244,6 +257,7 @@ async def run_evaluator(
         stats if stats is not None else EvaluatorStats(),
         on_commit,
         _throttles(log_limits),
+        hub,
     )
     async with receive:
         task_status.started()

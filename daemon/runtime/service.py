@@ -40,10 +40,13 @@ from daemon.core.automations import Automation, AutomationFileError, load_automa
 from daemon.core.clock import wall_clock
 from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
 from daemon.core.counters import CounterSource
+from daemon.core.events import ReceivedEvent
 from daemon.core.exit_codes import ExitCode
 from daemon.core.lints import lint_automation
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
+from daemon.runtime.events_hub import EventsHub
+from daemon.runtime.events_out import events_out_service
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.ingest import IngestStats, run_ingest, tls_context
 from daemon.runtime.logs import configure_logging
@@ -83,20 +86,31 @@ class InboxPump:
     Store trouble is waited out with backoff; a bug is logged and retried a second later."""
 
     def __init__(
-        self, gateway: StoreGateway, engine: Engine, clock: Callable[[], datetime]
+        self,
+        gateway: StoreGateway,
+        engine: Engine,
+        clock: Callable[[], datetime],
+        hub: EventsHub | None = None,
     ) -> None:
         self._gateway = gateway
         self._engine = engine
         self._clock = clock
+        self._hub = hub  # events out: the events it commits go to its subscribers
         self._wake = trio.Event()
         self._backoff = Backoff(log, "evaluating trigd's own events")
 
     def wake(self) -> None:
         self._wake.set()
 
-    def _drain(self, conn: Connection) -> int:
-        process_in_transaction(conn, self._engine, [], self._clock())
-        return inbox_size(conn)
+    def _drain(self, conn: Connection) -> tuple[int, Sequence[ReceivedEvent]]:
+        done = process_in_transaction(conn, self._engine, [], self._clock())
+        return inbox_size(conn), done.own_events
+
+    async def _drain_once(self) -> int:
+        left, committed = await self._backoff.call(lambda: self._gateway.run(self._drain))
+        if self._hub:
+            self._hub.publish(committed)
+        return left
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -104,7 +118,7 @@ class InboxPump:
             await self._wake.wait()
             self._wake = trio.Event()
             try:
-                while await self._backoff.call(lambda: self._gateway.run(self._drain)) > 0:
+                while await self._drain_once() > 0:
                     await trio.lowlevel.checkpoint()
             except Exception:
                 log.exception("evaluating trigd's own events failed; will retry")
@@ -235,7 +249,8 @@ async def _run(
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            pump = InboxPump(gateway, engine, clock)
+            events_out = events_out_service(config.store.path, config.events_out, clock)
+            pump = InboxPump(gateway, engine, clock, events_out.hub)
             sender: Sender = await nursery.start(
                 lambda *, task_status: run_sender(
                     gateway,
@@ -281,6 +296,7 @@ async def _run(
                         stats=evaluator_stats,
                         on_commit=committed,
                         log_limits=config.log.limits,
+                        hub=events_out.hub,
                         task_status=task_status,
                     )
                 finally:
@@ -298,6 +314,7 @@ async def _run(
                         tls=tls,
                         stats=ingest_stats,
                         log_limits=config.log.limits,
+                        events_out=events_out,
                         task_status=task_status,
                     )
 

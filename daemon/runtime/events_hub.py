@@ -1,0 +1,87 @@
+"""The publish hub of events out: every committed event, handed to each subscriber whose
+filter it matches (docs/PROTOCOL.md#events-out).
+
+Theory of operation. Whoever commits events (the evaluator for a batch, the inbox pump
+for trigd's own events) calls ``publish`` after the commit returns, so a subscriber only
+ever sees events that are on disk. ``publish`` never waits: each subscriber has a queue
+of at most ``queue_depth`` events; one that would overflow is marked ``overflowed``, gets
+nothing more, and its connection task closes it (1013). So a slow subscriber costs ingest
+one flag, never a wait. With no subscribers, the committing task checks ``bool(hub)`` and
+builds nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import trio
+
+from daemon.core.event_filter import EventFilter, matches
+from daemon.core.events import ReceivedEvent
+
+
+class Subscriber:
+    """One subscriber's filter and its queue of matching events not yet sent."""
+
+    def __init__(self, flt: EventFilter, queue_depth: int) -> None:
+        self.filter = flt
+        self.queue_depth = queue_depth
+        self.queue: deque[ReceivedEvent] = deque()
+        self.overflowed = False
+        self._wake = trio.Event()
+
+    def offer(self, event: ReceivedEvent) -> None:
+        if self.overflowed or not matches(self.filter, event):
+            return
+        if len(self.queue) >= self.queue_depth:
+            self.overflowed = True
+            self.queue.clear()
+        else:
+            self.queue.append(event)
+        self._wake.set()
+
+    async def wait(self) -> None:
+        """Until there is something to send, or the subscriber overflowed."""
+        while not self.queue and not self.overflowed:
+            if self._wake.is_set():
+                self._wake = trio.Event()
+            await self._wake.wait()
+
+    def take(self) -> list[ReceivedEvent]:
+        events = list(self.queue)
+        self.queue.clear()
+        return events
+
+
+class EventsHub:
+    """The subscribers of events out; falsy when there is none."""
+
+    def __init__(self) -> None:
+        self._subscribers: set[Subscriber] = set()
+        self.published = 0  # events offered to at least one subscriber
+        self.slow_closed = 0  # subscribers closed for overflowing
+
+    def __bool__(self) -> bool:
+        return bool(self._subscribers)
+
+    def __len__(self) -> int:
+        return len(self._subscribers)
+
+    def subscribe(self, flt: EventFilter, queue_depth: int) -> Subscriber:
+        subscriber = Subscriber(flt, queue_depth)
+        self._subscribers.add(subscriber)
+        return subscriber
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        self._subscribers.discard(subscriber)
+
+    def publish(self, events: Iterable[ReceivedEvent]) -> None:
+        """Committed events, in commit order; never waits."""
+        subscribers = tuple(self._subscribers)
+        if not subscribers:
+            return
+        for event in events:
+            self.published += 1
+            for subscriber in subscribers:
+                subscriber.offer(event)

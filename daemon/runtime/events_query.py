@@ -1,0 +1,62 @@
+"""Stored events for readers: ``POST /api/events/filter`` (and its next pages) and an
+events-out subscriber's backfill (docs/PROTOCOL.md#events-out).
+
+Synchronous functions of a read connection (``store.db.Store.open_readonly``), run in a
+worker thread by their caller so that a long query never holds the writer's thread: WAL
+lets them read while batches commit.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+
+import apsw
+
+from daemon.core.event_filter import EventFilter, FilterRejected, Order
+from daemon.wire.events_out import encode_page, parse_page_request, parse_page_token
+from store.events import count_events, query_event_rows, query_events
+
+Reply = tuple[int, bytes]
+"""An HTTP status and its JSON body."""
+
+
+def _detail(status: int, text: str) -> Reply:
+    return status, json.dumps({"detail": text}).encode()
+
+
+def read_events(conn: apsw.Connection, body: bytes | None, now: datetime, base_url: str) -> Reply:
+    """``POST /api/events/filter``: 200 with Prefect's ``EventPage``, newest first unless
+    the filter says ``ASC``; 422 naming the field of a body that is not a query."""
+    try:
+        request = parse_page_request(body, now)
+    except FilterRejected as exc:
+        return _detail(422, str(exc))
+    with conn:  # one read transaction: the count and the page see the same events
+        total = count_events(conn, request.filter)
+        events = query_events(conn, request.filter, request.limit)
+    return 200, encode_page(request, events, total, base_url)
+
+
+def read_next_page(conn: apsw.Connection, token: str, base_url: str) -> Reply:
+    """``GET /api/events/filter/next?page-token=...``; 403 for a token not ours, as
+    Prefect."""
+    try:
+        request = parse_page_token(token)
+    except FilterRejected as exc:
+        return _detail(403, str(exc))
+    total = request.total if request.total is not None else 0
+    events = query_events(conn, request.filter, request.limit, request.offset)
+    return 200, encode_page(request, events, total, base_url)
+
+
+def read_backfill(
+    conn: apsw.Connection, flt: EventFilter, now: datetime, window: timedelta, max_events: int
+) -> list[tuple[str, str]]:
+    """A subscriber's backfill: the newest ``max_events`` stored events that match
+    ``flt`` and occurred within ``window`` before ``now``, oldest first (ReceivedEvent
+    JSON, with its id)."""
+    newest_first = flt.resolve(now).clamp(now - window).model_copy(update={"order": Order.DESC})
+    events = query_event_rows(conn, newest_first, max_events)
+    events.reverse()
+    return events
