@@ -5,7 +5,9 @@ channel. This task waits for the first one, then takes whatever else is already 
 to ``batch_max`` (group commit: a lone event is committed at once, a flood is committed a
 few hundred at a time, and the fsync cost is shared). The engine runs over the batch in the
 store thread inside one ``BEGIN IMMEDIATE`` transaction; only after ``COMMIT`` returns is
-each submission resolved, so an ack (or a pong) always means "on disk".
+each submission resolved, so an ack (or a pong) always means "on disk". Then, only while
+events out has subscribers, what the batch committed (its new events and trigd's own
+events it drained from the inbox) goes to the hub (``daemon.runtime.events_hub``).
 
 Failures:
 
