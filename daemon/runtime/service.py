@@ -244,12 +244,14 @@ async def _run(
 ) -> None:
     send, receive = trio.open_memory_channel[Submission](config.server.queue_depth)
     ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
+    events_out = events_out_service(config.store.path, config.events_out, clock)
     counters = CounterSource(
-        os.getpid(), clock(), {"ingest": ingest_stats, "evaluator": evaluator_stats}
+        os.getpid(),
+        clock(),
+        {"ingest": ingest_stats, "evaluator": evaluator_stats, "events_out": events_out.stats},
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            events_out = events_out_service(config.store.path, config.events_out, clock)
             pump = InboxPump(gateway, engine, clock, events_out.hub)
             sender: Sender = await nursery.start(
                 lambda *, task_status: run_sender(
