@@ -6,12 +6,13 @@ Functions of a connection, called inside the caller's transaction.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import apsw
 
 from daemon.core.clock import to_us
 from daemon.core.event_filter import EventFilter, Order
+from daemon.core.events import ReceivedEvent
 from store.connection import Connection
 
 EventRow = tuple[str, str, str, int, int, str | None, str]
@@ -133,7 +134,25 @@ def filter_sql(flt: EventFilter) -> tuple[str, list[object]]:
             clauses.append(_any_prefix("resource_id", resources.id_prefix, params))
     if flt.id.id:
         clauses.append(_one_of("id", [str(i) for i in flt.id.id], params))
+    if flt.needs_whole_event():
+        clauses.append(f"{BEYOND_COLUMNS}(data)")
     return (" AND ".join(clauses) or "1"), params
+
+
+BEYOND_COLUMNS: Final = "trigd_filter_beyond_columns"
+"""The SQL function for the criteria the columns do not hold (labels, related resources):
+the filter's own Python test of the stored event, registered for each query."""
+
+
+def _register(conn: apsw.Connection, flt: EventFilter) -> None:
+    if not flt.needs_whole_event():
+        return
+
+    def beyond(*values: Any) -> int:
+        (data,) = values
+        return int(flt.matches_beyond_columns(ReceivedEvent.model_validate_json(data)))
+
+    conn.create_scalar_function(BEYOND_COLUMNS, beyond, 1, deterministic=True)
 
 
 def query_event_rows(
@@ -141,6 +160,7 @@ def query_event_rows(
 ) -> list[tuple[str, str]]:
     """(id, ReceivedEvent JSON) of the stored events ``flt`` (resolved) matches, in its
     ``order`` of ``occurred`` (ties in arrival order), ``limit`` of them from ``offset``."""
+    _register(conn, flt)
     where, params = filter_sql(flt)
     direction = "ASC" if flt.order is Order.ASC else "DESC"
     sql = (
@@ -157,6 +177,7 @@ def query_events(conn: apsw.Connection, flt: EventFilter, limit: int, offset: in
 
 def count_events(conn: apsw.Connection, flt: EventFilter) -> int:
     """How many stored events ``flt`` (resolved) matches."""
+    _register(conn, flt)
     where, params = filter_sql(flt)
     row = conn.execute(f"SELECT count(*) FROM events WHERE {where}", params).fetchone()
     return 0 if row is None else int(row[0])

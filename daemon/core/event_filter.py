@@ -3,9 +3,10 @@
 
 The JSON shape is the one Prefect's client sends (``EventFilter.model_dump(mode="json")``):
 every key it writes is accepted, including the empty forms of the criteria trigd does not
-evaluate (``related``, ``any_resource``, ``text``, ``resource.labels``,
-``resource.distinct``), so an unchanged Prefect client works; a non-empty one is refused
-by name rather than silently ignored, as is any key Prefect does not have.
+evaluate (``related``, ``text``, ``resource.distinct``), so an unchanged Prefect client
+works; a non-empty one is refused by name rather than silently ignored, as is any key
+Prefect does not have. Labels (``resource.labels``, ``any_resource``) are matched with
+trigd's label patterns (``daemon.core.matching``), as triggers match them.
 
 ``occurred`` is resolved against ``now`` by the caller (``resolve``): Prefect's defaults
 depend on the clock (``since`` 180 days before the start of today, ``until`` now), and a
@@ -19,12 +20,21 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime, time, timedelta
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from uuid import UUID
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
-from daemon.core.events import Event, format_loc
+from daemon.core.events import Event, Resource, format_loc
+from daemon.core.matching import ResourceSpecification
 
 DEFAULT_LOOKBACK: Final = timedelta(days=180)
 """Prefect's default ``occurred.since``: this long before the start of today (UTC)."""
@@ -58,6 +68,11 @@ def _bounded(value: list[str] | None) -> list[str] | None:
     return value
 
 
+def _as_list(value: Any) -> Any:
+    """Prefect takes one filter or a list of them (all to hold): trigd keeps a list."""
+    return [value] if isinstance(value, dict) else value
+
+
 def _absent(value: Any) -> Any:
     """Prefect's client writes criteria trigd does not evaluate as null (or empty)."""
     if value is None or value == [] or value == {}:
@@ -82,14 +97,59 @@ class NameFilter(_Part):
     _bounds = field_validator("prefix", "exclude_prefix", "name", "exclude_name")(_bounded)
 
 
+def _few_labels(value: ResourceSpecification | None) -> ResourceSpecification | None:
+    if value is None:
+        return None
+    if len(value) > MAX_LIST:
+        raise ValueError(f"at most {MAX_LIST} labels, got {len(value)}")
+    for _, patterns in value.items():
+        _bounded(patterns)
+    return value
+
+
 class ResourceFilter(_Part):
     id: Values = None
     id_prefix: Values = None
-    labels: dict[str, Any] | None = None
+    labels: ResourceSpecification | None = None
     distinct: Literal[False] = False
 
     _bounds = field_validator("id", "id_prefix")(_bounded)
-    _labels = field_validator("labels")(_absent)
+    _labels = field_validator("labels")(_few_labels)
+
+    def matches(self, resource: Resource) -> bool:
+        return _passes(self.id, self.id_prefix, self.labels, resource)
+
+    @property
+    def needs_labels(self) -> bool:
+        """Whether matching reads more than the resource id (SQL cannot index it)."""
+        return bool(self.labels)
+
+
+class AnyResourceFilter(_Part):
+    """Holds when the event's resource or one of its related resources passes."""
+
+    id: Values = None
+    id_prefix: Values = None
+    labels: ResourceSpecification | None = None
+
+    _bounds = field_validator("id", "id_prefix")(_bounded)
+    _labels = field_validator("labels")(_few_labels)
+
+    def matches(self, event: Event) -> bool:
+        ids, prefixes, labels = self.id, self.id_prefix, self.labels
+        return any(_passes(ids, prefixes, labels, r) for r in event.involved_resources)
+
+
+def _passes(
+    ids: Values, prefixes: Values, labels: ResourceSpecification | None, resource: Resource
+) -> bool:
+    """Prefect's resource criteria: each one given must hold."""
+    resource_id = resource.id
+    if ids and resource_id not in ids:
+        return False
+    if prefixes and not any(resource_id.startswith(p) for p in prefixes):
+        return False
+    return not labels or labels.matches(resource)
 
 
 class IdFilter(_Part):
@@ -116,12 +176,40 @@ class EventFilter(_Part):
     event: NameFilter | None = None
     resource: ResourceFilter | None = None
     related: Any = None
-    any_resource: Any = None
+    any_resource: Annotated[list[AnyResourceFilter] | None, BeforeValidator(_as_list)] = None
     id: IdFilter = Field(default_factory=IdFilter)
     text: Any = None
     order: Order = Order.DESC
 
-    _unsupported = field_validator("related", "any_resource", "text")(_absent)
+    _unsupported = field_validator("related", "text")(_absent)
+
+    @field_validator("any_resource")
+    @classmethod
+    def _few_any(cls, value: list[AnyResourceFilter] | None) -> list[AnyResourceFilter] | None:
+        if value is not None and len(value) > MAX_LIST:
+            raise ValueError(f"at most {MAX_LIST} filters, got {len(value)}")
+        return value
+
+    @property
+    def any_resources(self) -> list[AnyResourceFilter]:
+        """``any_resource``, every one of which must hold."""
+        return self.any_resource or []
+
+    def needs_whole_event(self) -> bool:
+        """Whether matching reads more than the indexed columns (the stored JSON too)."""
+        resources = self.resource
+        return bool(self.any_resources) or (resources is not None and resources.needs_labels)
+
+    def matches_beyond_columns(self, event: Event) -> bool:
+        """The criteria of ``needs_whole_event``: labels and any resource."""
+        resources = self.resource
+        if (
+            resources is not None
+            and resources.labels
+            and not resources.labels.matches(event.resource)
+        ):
+            return False
+        return all(part.matches(event) for part in self.any_resources)
 
     def resolve(self, now: datetime) -> EventFilter:
         """This filter with Prefect's clock-dependent defaults filled in."""
@@ -155,11 +243,15 @@ def parse_filter(value: Any, where: str = "filter") -> EventFilter:
         raise FilterRejected(describe_errors(exc, where)) from None
 
 
+_UNION_TAGS: Final = frozenset({"str", "list[str]"})
+"""What pydantic adds to an error's location for the member of a label's union."""
+
+
 def describe_errors(exc: ValidationError, where: str) -> str:
     """Pydantic's errors as ``where.field: why`` (the first three)."""
     shown = []
     for error in exc.errors()[:3]:
-        path = format_loc([where, *error["loc"]])
+        path = format_loc([where, *(p for p in error["loc"] if p not in _UNION_TAGS)])
         shown.append(f"{path}: {error['msg'].removeprefix('Value error, ')}")
     more = len(exc.errors()) - len(shown)
     return "; ".join(shown) + (f" (and {more} more)" if more > 0 else "")
@@ -184,17 +276,16 @@ def matches(flt: EventFilter, event: Event) -> bool:
         if names.exclude_name and name in names.exclude_name:
             return False
     resources = flt.resource
-    if resources is not None:
-        resource_id = event.resource.id
-        if resources.id and resource_id not in resources.id:
-            return False
-        if resources.id_prefix and not any(resource_id.startswith(p) for p in resources.id_prefix):
-            return False
+    if resources is not None and not resources.matches(event.resource):
+        return False
+    if flt.any_resource is not None and not all(p.matches(event) for p in flt.any_resources):
+        return False
     ids = flt.id.id
     return not ids or event.id in ids
 
 
 __all__ = [
+    "AnyResourceFilter",
     "EventFilter",
     "FilterRejected",
     "IdFilter",

@@ -68,9 +68,15 @@ def test_the_shape_prefects_client_sends_is_read_whole() -> None:
         ({"id": {"id": ["nope"]}}, "filter.id.id[0]: Input should be a valid UUID"),
         ({"order": "SIDEWAYS"}, "filter.order: Input should be 'ASC' or 'DESC'"),
         ({"related": {"id": ["x"]}}, "filter.related: not supported by trigd"),
-        ({"any_resource": [{"id": ["x"]}]}, "filter.any_resource: not supported by trigd"),
+        ({"any_resource": [{"ids": ["x"]}]}, "filter.any_resource[0].ids: Extra inputs are not"),
+        ({"any_resource": {"ids": ["x"]}}, "filter.any_resource[0].ids: Extra inputs are not"),
+        ({"any_resource": "site"}, "filter.any_resource: Input should be a valid list"),
         ({"text": {"query": "error"}}, "filter.text: not supported by trigd"),
-        ({"resource": {"labels": {"a": "b"}}}, "filter.resource.labels: not supported by trigd"),
+        ({"resource": {"labels": {"a": 1}}}, "filter.resource.labels.a: Input should be a valid"),
+        (
+            {"resource": {"labels": {str(i): "x" for i in range(101)}}},
+            "filter.resource.labels: at most 100 labels, got 101",
+        ),
         ({"resource": {"distinct": True}}, "filter.resource.distinct: Input should be False"),
         ({"event": {"prefix": ["p"] * 101}}, "filter.event.prefix: at most 100 values, got 101"),
         ({"resource": {"id": ["x" * 1025]}}, "filter.resource.id: a value is longer than 1024"),
@@ -133,6 +139,45 @@ def test_unresolved_open_bounds_match_any_time() -> None:
 )
 def test_matches(criteria: dict[str, Any], name: str, resource: str, expected: bool) -> None:
     assert matches(parse_filter(criteria), event(name, resource)) is expected
+
+
+def labelled(resource: dict[str, str], related: list[dict[str, str]]) -> ReceivedEvent:
+    return ReceivedEvent.model_validate(
+        {
+            "occurred": NOW,
+            "event": "pump.pressure.high",
+            "resource": resource,
+            "related": related,
+            "id": uuid4(),
+            "received": NOW,
+        }
+    )
+
+
+SITE = {"prefect.resource.id": "site.north", "prefect.resource.role": "site", "zone": "z1"}
+PUMP = {"prefect.resource.id": "pump.7", "kind": "pump", "site": "north"}
+
+
+@pytest.mark.parametrize(
+    ("criteria", "expected"),
+    [
+        ({"resource": {"labels": {"kind": "pump"}}}, True),
+        ({"resource": {"labels": {"kind": "pu*"}}}, True),  # trigd's label patterns
+        ({"resource": {"labels": {"kind": ["valve", "pump"]}}}, True),
+        ({"resource": {"labels": {"kind": "!pump"}}}, False),
+        ({"resource": {"labels": {"zone": "z1"}}}, False),  # a related resource's label
+        ({"resource": {"labels": {}}}, True),
+        ({"any_resource": {"id": ["site.north"]}}, True),
+        ({"any_resource": {"labels": {"zone": "z1"}}}, True),
+        ({"any_resource": {"id_prefix": ["site."], "labels": {"kind": "pump"}}}, False),
+        ({"any_resource": [{"id": ["pump.7"]}, {"id_prefix": ["site."]}]}, True),  # both hold
+        ({"any_resource": [{"id": ["pump.7"]}, {"id": ["site.south"]}]}, False),
+        ({"any_resource": []}, True),
+    ],
+)
+def test_labels_and_any_resource(criteria: dict[str, Any], expected: bool) -> None:
+    flt = parse_filter(criteria)
+    assert matches(flt, labelled(PUMP, [SITE])) is expected
 
 
 def test_matches_by_id() -> None:

@@ -128,3 +128,14 @@ def test_the_backfill_is_the_newest_within_the_window_oldest_first(
         10,
     )
     assert [event_id for event_id, _ in everything] == [ids[1], ids[2], ids[3], ids[4]]
+
+
+def test_labels_and_related_resources_are_read_from_the_stored_event(
+    store: Store, reader: Store
+) -> None:
+    ids = store_events(store, [("pump.a", 1), ("pump.b", 2)])
+    body = b'{"filter": {"any_resource": {"id": ["r.pump.b"]}, "resource": {"labels": {}}}}'
+    status, reply = read_events(reader.conn, body, NOW, BASE_URL)
+    assert status == 200
+    assert [e["id"] for e in json.loads(reply)["events"]] == [ids[1]]
+    assert json.loads(reply)["total"] == 1

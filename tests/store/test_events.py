@@ -36,13 +36,39 @@ def stored_events(draw: st.DrawFn) -> list[ReceivedEvent]:
             {
                 "occurred": BASE + timedelta(minutes=draw(minutes)),
                 "event": draw(WORD.filter(bool)),
-                "resource": {"prefect.resource.id": draw(WORD.filter(bool))},
+                "resource": {"prefect.resource.id": draw(WORD.filter(bool)), **draw(LABELS)},
+                "related": draw(st.lists(related(), max_size=2)),
                 "id": event_id,
                 "received": BASE,
             }
         )
         for event_id in ids
     ]
+
+
+LABELS = st.dictionaries(st.sampled_from(["k", "z"]), WORD, max_size=2)
+PATTERNS = st.dictionaries(
+    st.sampled_from(["k", "z"]),
+    st.text(alphabet="ab*!", max_size=3)
+    | st.lists(st.text(alphabet="ab*", max_size=2), max_size=2),
+    max_size=2,
+)
+
+
+@st.composite
+def related(draw: st.DrawFn) -> dict[str, str]:
+    return {
+        "prefect.resource.id": draw(WORD.filter(bool)),
+        "prefect.resource.role": draw(st.sampled_from(["site", "flow"])),
+        **draw(LABELS),
+    }
+
+
+@st.composite
+def any_resource(draw: st.DrawFn) -> dict[str, Any]:
+    part: dict[str, Any] = {k: draw(words()) for k in ("id", "id_prefix")}
+    part["labels"] = draw(st.none() | PATTERNS)
+    return part
 
 
 def words() -> st.SearchStrategy[list[str] | None]:
@@ -63,6 +89,9 @@ def filters(draw: st.DrawFn, known_ids: list[UUID]) -> EventFilter:
         }
     if draw(st.booleans()):
         value["resource"] = {k: draw(words()) for k in ("id", "id_prefix")}
+        value["resource"]["labels"] = draw(st.none() | PATTERNS)
+    if draw(st.booleans()):
+        value["any_resource"] = draw(any_resource() | st.lists(any_resource(), max_size=2))
     by_id: bool = draw(st.booleans())
     if known_ids and by_id:
         chosen = draw(st.lists(st.sampled_from(known_ids), max_size=2))
