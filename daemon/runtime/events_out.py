@@ -10,7 +10,8 @@ and hands over the subscriber's first message. ``EventsOut.serve`` then:
    is either in the backfill, or queued live, or both: none is lost between the two;
 3. sends the backfill (stored events that match, oldest first, within ``backfill`` of
    now and the newest ``backfill_max_events`` of them), read on a read-only connection
-   in a worker thread so the writer never waits for it;
+   in worker threads so the writer never waits for it, a page at a time within one read
+   transaction, so a backfill of large events is never all in memory;
 4. sends each newly committed matching event, skipping the ids the backfill already sent.
 
 Bounds: the hub queues at most ``queue_depth`` events for a subscriber; past that it is
@@ -20,8 +21,9 @@ send has ``send_timeout``: a client that takes no data at all is dropped.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Final
@@ -35,18 +37,20 @@ from daemon.core.durations import format_duration
 from daemon.core.event_filter import EventFilter
 from daemon.runtime.connection import CheckpointConnection
 from daemon.runtime.events_hub import EventsHub, Subscriber
-from daemon.runtime.events_query import read_backfill
+from daemon.runtime.events_query import backfill_plan
 from daemon.wire.events_out import Refusal, Subscription, event_message, parse_subscription
 from daemon.wire.wsframes import text_frame
 from store.db import Store
+from store.events import query_event_rows
 
 log = logging.getLogger(__name__)
 
 TRY_AGAIN_LATER: Final = 1013  # close code: too slow to keep up
 CLOSE_TIMEOUT: Final = 1.0  # seconds for the client to answer a close
 
-Backfill = Callable[[EventFilter, datetime], Awaitable[list[tuple[str, str]]]]
-"""(filter, now) -> the stored events to send first, oldest first, as (id, JSON)."""
+Backfill = Callable[[EventFilter, datetime], AsyncGenerator[list[tuple[str, str]], None]]
+"""(filter, now) -> the stored events to send first, oldest first, as (id, JSON), a page
+at a time: a backfill of large events is never all in memory at once."""
 
 
 @attrs.define
@@ -91,13 +95,13 @@ class EventsOut:
     ) -> None:
         sent: set[str] = set()
         if subscription.backfill:
-            stored = await self.backfill(subscription.filter, self.clock())
-            for start in range(0, len(stored), BACKFILL_CHUNK):
-                chunk = stored[start : start + BACKFILL_CHUNK]
-                sent.update(event_id for event_id, _ in chunk)
-                frames = [text_frame(event_message(data).encode()) for _, data in chunk]
-                if not await self._send(conn, frames):
-                    return
+            pages = self.backfill(subscription.filter, self.clock())
+            async with contextlib.aclosing(pages):
+                async for page in pages:
+                    sent.update(event_id for event_id, _ in page)
+                    frames = [text_frame(event_message(data).encode()) for _, data in page]
+                    if not await self._send(conn, frames):
+                        return
         while True:
             await subscriber.wait()
             if subscriber.overflowed:
@@ -136,7 +140,7 @@ class EventsOut:
         return True
 
 
-BACKFILL_CHUNK: Final = 100  # backfill frames per write
+BACKFILL_PAGE: Final = 100  # stored events read, and written, at a time
 
 
 async def _close(conn: CheckpointConnection, code: int, reason: str) -> None:
@@ -148,18 +152,35 @@ async def _close(conn: CheckpointConnection, code: int, reason: str) -> None:
 def events_out_service(
     db_path: Path, settings: EventsOutConfig, clock: Callable[[], datetime]
 ) -> EventsOut:
-    """Events out for the daemon whose database is ``db_path``: backfills are read on a
-    read-only connection of their own, in a worker thread."""
+    """Events out for the daemon whose database is ``db_path``: each backfill is read on a
+    read-only connection of its own, in worker threads, in one read transaction (one
+    snapshot however many pages), a page at a time."""
 
-    def read(flt: EventFilter, now: datetime) -> list[tuple[str, str]]:
-        store = Store.open_readonly(db_path)
+    async def backfill(
+        flt: EventFilter, now: datetime
+    ) -> AsyncGenerator[list[tuple[str, str]], None]:
+        store = await trio.to_thread.run_sync(Store.open_readonly, db_path)
         try:
-            window, most = settings.backfill, settings.backfill_max_events
-            return read_backfill(store.conn, flt, now, window, most)
-        finally:
-            store.close()
 
-    async def backfill(flt: EventFilter, now: datetime) -> list[tuple[str, str]]:
-        return await trio.to_thread.run_sync(read, flt, now)
+            def plan() -> tuple[EventFilter, int]:
+                store.conn.execute("BEGIN")
+                window, most = settings.backfill, settings.backfill_max_events
+                return backfill_plan(store.conn, flt, now, window, most)
+
+            oldest_first, offset = await trio.to_thread.run_sync(plan)
+            left = settings.backfill_max_events
+            while left > 0:
+                size = min(BACKFILL_PAGE, left)
+                page = await trio.to_thread.run_sync(
+                    query_event_rows, store.conn, oldest_first, size, offset
+                )
+                if not page:
+                    return
+                yield page
+                offset += len(page)
+                left -= len(page)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(store.close)
 
     return EventsOut(EventsHub(), settings, backfill, clock)

@@ -50,13 +50,21 @@ def read_next_page(conn: apsw.Connection, token: str, base_url: str) -> Reply:
     return 200, encode_page(request, events, total, base_url)
 
 
+def backfill_plan(
+    conn: apsw.Connection, flt: EventFilter, now: datetime, window: timedelta, max_events: int
+) -> tuple[EventFilter, int]:
+    """A subscriber's backfill is the newest ``max_events`` stored events that match
+    ``flt`` and occurred within ``window`` before ``now``, sent oldest first: the filter
+    that reads them in that order, and how many of its first events to skip."""
+    oldest_first = flt.resolve(now).clamp(now - window).model_copy(update={"order": Order.ASC})
+    return oldest_first, max(0, count_events(conn, oldest_first) - max_events)
+
+
 def read_backfill(
     conn: apsw.Connection, flt: EventFilter, now: datetime, window: timedelta, max_events: int
 ) -> list[tuple[str, str]]:
-    """A subscriber's backfill: the newest ``max_events`` stored events that match
-    ``flt`` and occurred within ``window`` before ``now``, oldest first (ReceivedEvent
-    JSON, with its id)."""
-    newest_first = flt.resolve(now).clamp(now - window).model_copy(update={"order": Order.DESC})
-    events = query_event_rows(conn, newest_first, max_events)
-    events.reverse()
-    return events
+    """The whole backfill at once (``backfill_plan``), as (id, ReceivedEvent JSON)."""
+    with conn:  # one snapshot for the count and the rows
+        oldest_first, skip = backfill_plan(conn, flt, now, window, max_events)
+        rows = query_event_rows(conn, oldest_first, max_events, skip)
+    return rows

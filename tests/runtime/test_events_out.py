@@ -5,8 +5,10 @@ up closed with 1013 while ingest goes on."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+from collections.abc import AsyncGenerator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -125,6 +127,21 @@ async def test_backfill_is_bounded_by_window_and_count(start: Starter) -> None:
             assert (await next_event(ws))["id"] == fresh["id"]  # live right after
 
 
+async def test_a_backfill_of_several_pages_is_the_newest_oldest_first(start: Starter) -> None:
+    out = EventsOutConfig(backfill_max_events=230)  # three pages of at most 100
+    with trio.fail_after(LIMIT):
+        daemon = await start(events_out=out)
+        stored = [
+            event_dict(occurred=f"2026-11-23T09:5{i % 10}:{i // 10:02d}Z") for i in range(250)
+        ]
+        await send_events(daemon, stored)
+        async with connect(daemon.url("/api/events/out")) as ws:
+            await ws.send_message(subscribe_message())
+            got = [await next_event(ws) for _ in range(230)]
+        newest = sorted(stored, key=lambda e: str(e["occurred"]))[20:]
+        assert [e["id"] for e in got] == [e["id"] for e in newest]
+
+
 async def test_events_committed_around_the_backfill_read_come_once_each(start: Starter) -> None:
     """The subscriber is on the hub before the backfill is read: an event committed just
     before the read is in both (sent once), one committed just after is live (no gap)."""
@@ -136,11 +153,15 @@ async def test_events_committed_around_the_backfill_read_come_once_each(start: S
         await send_events(daemon, stored)
         read_backfill = daemon.events_out.backfill
 
-        async def backfill_with_commits_around(flt: EventFilter, now: datetime) -> Any:
+        async def backfill_with_commits_around(
+            flt: EventFilter, now: datetime
+        ) -> AsyncGenerator[list[tuple[str, str]], None]:
             await send_events(daemon, before)
-            rows = await read_backfill(flt, now)
-            await send_events(daemon, after)
-            return rows
+            pages = read_backfill(flt, now)
+            async with contextlib.aclosing(pages):
+                async for page in pages:  # the snapshot is taken: commit more
+                    await send_events(daemon, after)
+                    yield page
 
         daemon.events_out.backfill = backfill_with_commits_around
         async with connect(daemon.url("/api/events/out")) as ws:
