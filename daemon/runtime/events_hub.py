@@ -7,7 +7,8 @@ ever sees events that are on disk. ``publish`` never waits: each subscriber has 
 of at most ``queue_depth`` events; one that would overflow is marked ``overflowed``, gets
 nothing more, and its connection task closes it (1013). So a slow subscriber costs ingest
 one flag, never a wait. With no subscribers, the committing task checks ``bool(hub)`` and
-builds nothing.
+builds nothing. An event is encoded into its websocket frame once, by the first
+subscriber's writer that sends it (``Published``), however many subscribers get it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,24 @@ import trio
 
 from daemon.core.event_filter import EventFilter, matches
 from daemon.core.events import ReceivedEvent
+from daemon.wire.events_out import event_message
+from daemon.wire.wsframes import text_frame
+
+
+class Published:
+    """A committed event, and its frame for subscribers once one of them encoded it."""
+
+    __slots__ = ("_frame", "event")
+
+    def __init__(self, event: ReceivedEvent) -> None:
+        self.event = event
+        self._frame: bytes | None = None
+
+    def frame(self) -> bytes:
+        """``{"type":"event","event":...}`` as a websocket text frame."""
+        if self._frame is None:
+            self._frame = text_frame(event_message(self.event.model_dump_json()).encode())
+        return self._frame
 
 
 class Subscriber:
@@ -27,18 +46,18 @@ class Subscriber:
     def __init__(self, flt: EventFilter, queue_depth: int) -> None:
         self.filter = flt
         self.queue_depth = queue_depth
-        self.queue: deque[ReceivedEvent] = deque()
+        self.queue: deque[Published] = deque()
         self.overflowed = False
         self._wake = trio.Event()
 
-    def offer(self, event: ReceivedEvent) -> None:
-        if self.overflowed or not matches(self.filter, event):
+    def offer(self, published: Published) -> None:
+        if self.overflowed or not matches(self.filter, published.event):
             return
         if len(self.queue) >= self.queue_depth:
             self.overflowed = True
             self.queue.clear()
         else:
-            self.queue.append(event)
+            self.queue.append(published)
         self._wake.set()
 
     async def wait(self) -> None:
@@ -48,7 +67,7 @@ class Subscriber:
                 self._wake = trio.Event()
             await self._wake.wait()
 
-    def take(self) -> list[ReceivedEvent]:
+    def take(self) -> list[Published]:
         events = list(self.queue)
         self.queue.clear()
         return events
@@ -83,5 +102,6 @@ class EventsHub:
             return
         for event in events:
             self.published += 1
+            published = Published(event)
             for subscriber in subscribers:
-                subscriber.offer(event)
+                subscriber.offer(published)

@@ -114,12 +114,13 @@ class EventsOut:
                 await _close(conn, TRY_AGAIN_LATER, reason)
                 return
             frames = []
-            for event in subscriber.take():
-                event_id = str(event.id)
-                if sent and event_id in sent:
-                    sent.discard(event_id)
-                    continue
-                frames.append(text_frame(event_message(event.model_dump_json()).encode()))
+            for published in subscriber.take():
+                if sent:
+                    event_id = str(published.event.id)
+                    if event_id in sent:
+                        sent.discard(event_id)
+                        continue
+                frames.append(published.frame())
             if frames and not await self._send(conn, frames):
                 return
 
