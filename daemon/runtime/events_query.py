@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta
+from pathlib import Path
 
 import apsw
 
 from daemon.core.event_filter import EventFilter, FilterRejected, Order
 from daemon.wire.events_out import encode_page, parse_page_request, parse_page_token
+from store.db import Store
 from store.events import count_events, query_event_rows, query_events
 
 Reply = tuple[int, bytes]
@@ -68,3 +70,22 @@ def read_backfill(
         oldest_first, skip = backfill_plan(conn, flt, now, window, max_events)
         rows = query_event_rows(conn, oldest_first, max_events, skip)
     return rows
+
+
+def read_events_from(db_path: Path, body: bytes | None, now: datetime, base_url: str) -> Reply:
+    """``read_events`` on a read-only connection of its own (run it in a worker thread:
+    ``trio.to_thread.run_sync``), as the HTTP route does."""
+    store = Store.open_readonly(db_path)
+    try:
+        return read_events(store.conn, body, now, base_url)
+    finally:
+        store.close()
+
+
+def read_next_page_from(db_path: Path, token: str, base_url: str) -> Reply:
+    """``read_next_page`` on a read-only connection of its own (in a worker thread)."""
+    store = Store.open_readonly(db_path)
+    try:
+        return read_next_page(store.conn, token, base_url)
+    finally:
+        store.close()

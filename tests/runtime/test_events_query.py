@@ -15,7 +15,13 @@ import pytest
 from daemon.core.clock import to_us
 from daemon.core.event_filter import parse_filter
 from daemon.core.events import ReceivedEvent
-from daemon.runtime.events_query import read_backfill, read_events, read_next_page
+from daemon.runtime.events_query import (
+    read_backfill,
+    read_events,
+    read_events_from,
+    read_next_page,
+    read_next_page_from,
+)
 from store.db import Store
 from store.events import insert_new_events
 
@@ -106,6 +112,19 @@ def test_an_invalid_body_is_422_naming_the_field(reader: Store) -> None:
     assert json.loads(body) == {
         "detail": "filter.resource.ids: Extra inputs are not permitted",
     }
+
+
+def test_the_route_functions_open_their_own_read_only_connection(
+    store: Store, db_path: Path
+) -> None:
+    ids = store_events(store, [(f"e{i}", i) for i in range(3)])
+    status, body = read_events_from(db_path, b'{"limit": 2}', NOW, BASE_URL)
+    assert status == 200
+    page = json.loads(body)
+    assert [e["id"] for e in page["events"]] == ids[:2]
+    token = parse_qs(urlsplit(page["next_page"]).query)["page-token"][0]
+    status, body = read_next_page_from(db_path, token, BASE_URL)
+    assert (status, [e["id"] for e in json.loads(body)["events"]]) == (200, ids[2:])
 
 
 def test_a_token_not_ours_is_403(reader: Store) -> None:
