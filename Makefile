@@ -38,7 +38,7 @@ bench: $(VENV)/.installed-test
 # runtime dependency). The CLI imports its subcommands lazily, so they are named here.
 PYINSTALLER := pyinstaller>=6,<7
 BUNDLE_IMPORTS := daemon.runtime.service daemon.cli.check daemon.cli.emit daemon.cli.status \
-	daemon.cli.outbox_cli daemon.cli.explain daemon.cli.backtest \
+	daemon.cli.outbox_cli daemon.cli.explain daemon.cli.backtest daemon.cli.tail \
 	apsw apsw.bestpractice trio trio_websocket httpx jinja2 yaml pendulum uuid6 pydantic
 # Development tools in the venv that hooks would otherwise drag in (pydantic.mypy, trio.testing).
 BUNDLE_EXCLUDES := mypy pydantic.mypy pytest _pytest hypothesis tkinter setuptools pkg_resources

@@ -1,4 +1,4 @@
--- trigd schema, version 2 (store/db.py SCHEMA_VERSION).
+-- trigd schema, version 4 (store/db.py SCHEMA_VERSION).
 --
 -- Applied whole by store/db.py inside one transaction when PRAGMA user_version is 0; an
 -- older database climbs user_version one step at a time (store/db.py MIGRATIONS). All times are
@@ -24,6 +24,8 @@ CREATE TABLE events (
     data        TEXT NOT NULL          -- ReceivedEvent JSON
 );
 CREATE INDEX events_received ON events (received_us);
+-- Events out and events queries read an `occurred` window newest (or oldest) first.
+CREATE INDEX events_occurred ON events (occurred_us);
 
 -- Events trigd made itself (automation state changes, action results) wait here, durably,
 -- to be evaluated by the next batch like any received event.

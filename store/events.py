@@ -6,10 +6,13 @@ Functions of a connection, called inside the caller's transaction.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Final
+from typing import Any, Final
 
 import apsw
 
+from daemon.core.clock import to_us
+from daemon.core.event_filter import EventFilter, Order
+from daemon.core.events import ReceivedEvent
 from store.connection import Connection
 
 EventRow = tuple[str, str, str, int, int, str | None, str]
@@ -82,3 +85,99 @@ def write_meta(conn: apsw.Connection, key: str, value: str) -> None:
         "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
         (key, value),
     )
+
+
+# --- events queries (events out, POST /api/events/filter) --------------------------------
+
+
+def _any_prefix(column: str, prefixes: Sequence[str], params: list[object]) -> str:
+    """SQL for "``column`` starts with one of ``prefixes``", case-sensitive (LIKE is not)."""
+    tests = []
+    for prefix in prefixes:
+        tests.append(f"substr({column}, 1, ?) = ?")
+        params += [len(prefix), prefix]
+    return "(" + " OR ".join(tests) + ")"
+
+
+def _one_of(column: str, values: Sequence[str], params: list[object]) -> str:
+    params += values
+    return f"{column} IN ({', '.join('?' * len(values))})"
+
+
+def filter_sql(flt: EventFilter) -> tuple[str, list[object]]:
+    """The WHERE clause (and its parameters) of ``flt``, resolved: what
+    ``daemon.core.event_filter.matches`` says of one event, for the stored ones."""
+    clauses: list[str] = []
+    params: list[object] = []
+    occurred = flt.occurred
+    if occurred.since is not None:
+        clauses.append("occurred_us >= ?")
+        params.append(to_us(occurred.since))
+    if occurred.until is not None:
+        clauses.append("occurred_us <= ?")
+        params.append(to_us(occurred.until))
+    names = flt.event
+    if names is not None:
+        if names.prefix:
+            clauses.append(_any_prefix("event", names.prefix, params))
+        if names.exclude_prefix:
+            clauses.append("NOT " + _any_prefix("event", names.exclude_prefix, params))
+        if names.name:
+            clauses.append(_one_of("event", names.name, params))
+        if names.exclude_name:
+            clauses.append("NOT " + _one_of("event", names.exclude_name, params))
+    resources = flt.resource
+    if resources is not None:
+        if resources.id:
+            clauses.append(_one_of("resource_id", resources.id, params))
+        if resources.id_prefix:
+            clauses.append(_any_prefix("resource_id", resources.id_prefix, params))
+    if flt.id.id:
+        clauses.append(_one_of("id", [str(i) for i in flt.id.id], params))
+    if flt.needs_whole_event():
+        clauses.append(f"{BEYOND_COLUMNS}(data)")
+    return (" AND ".join(clauses) or "1"), params
+
+
+BEYOND_COLUMNS: Final = "trigd_filter_beyond_columns"
+"""The SQL function for the criteria the columns do not hold (labels, related resources):
+the filter's own Python test of the stored event, registered for each query."""
+
+
+def _register(conn: apsw.Connection, flt: EventFilter) -> None:
+    if not flt.needs_whole_event():
+        return
+
+    def beyond(*values: Any) -> int:
+        (data,) = values
+        return int(flt.matches_beyond_columns(ReceivedEvent.model_validate_json(data)))
+
+    conn.create_scalar_function(BEYOND_COLUMNS, beyond, 1, deterministic=True)
+
+
+def query_event_rows(
+    conn: apsw.Connection, flt: EventFilter, limit: int, offset: int = 0
+) -> list[tuple[str, str]]:
+    """(id, ReceivedEvent JSON) of the stored events ``flt`` (resolved) matches, in its
+    ``order`` of ``occurred`` (ties in arrival order), ``limit`` of them from ``offset``."""
+    _register(conn, flt)
+    where, params = filter_sql(flt)
+    direction = "ASC" if flt.order is Order.ASC else "DESC"
+    sql = (
+        f"SELECT id, data FROM events WHERE {where} "
+        f"ORDER BY occurred_us {direction}, rowid {direction} LIMIT ? OFFSET ?"
+    )
+    return [(str(i), str(d)) for i, d in conn.execute(sql, (*params, limit, offset))]
+
+
+def query_events(conn: apsw.Connection, flt: EventFilter, limit: int, offset: int = 0) -> list[str]:
+    """``query_event_rows`` without the ids."""
+    return [data for _, data in query_event_rows(conn, flt, limit, offset)]
+
+
+def count_events(conn: apsw.Connection, flt: EventFilter) -> int:
+    """How many stored events ``flt`` (resolved) matches."""
+    _register(conn, flt)
+    where, params = filter_sql(flt)
+    row = conn.execute(f"SELECT count(*) FROM events WHERE {where}", params).fetchone()
+    return 0 if row is None else int(row[0])

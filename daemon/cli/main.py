@@ -11,13 +11,16 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Final
 from urllib.parse import urlsplit
 
 from daemon import __version__
 from daemon.core.delivery import DeliveryState
+from daemon.core.durations import parse_duration
 
 DEFAULT_URL: Final = "ws://127.0.0.1:4280/api/events/in"
+TAIL_URL: Final = "ws://127.0.0.1:4280/api/events/out"
 
 
 def websocket_url(text: str) -> str:
@@ -35,6 +38,17 @@ def websocket_url(text: str) -> str:
     if not url.hostname:
         raise argparse.ArgumentTypeError(f"{text!r} has no host, such as {DEFAULT_URL}")
     return text
+
+
+def duration(text: str) -> timedelta:
+    """``--since``: a duration as the configuration writes them (``10m``, ``1h30m``, ``90``)."""
+    try:
+        value = parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value < timedelta(0):
+        raise argparse.ArgumentTypeError(f"must not be negative, got {text!r}")
+    return value
 
 
 def positive_seconds(text: str) -> float:
@@ -105,6 +119,25 @@ def _parser() -> argparse.ArgumentParser:
         "file", metavar="FILE", nargs="?", help="JSON lines or a JSON array; - or absent: stdin"
     )
 
+    tail = sub.add_parser("tail", help="print the events a running daemon commits, as they come")
+    tail.add_argument(
+        "--url",
+        type=websocket_url,
+        default=TAIL_URL,
+        help=f"events-out websocket URL, or the daemon's ws://HOST:PORT (default {TAIL_URL})",
+    )
+    tail.add_argument("--token", default=None, help="auth token (default: as emit)")
+    tail.add_argument("--event", metavar="PREFIX", help="only events whose name starts so")
+    tail.add_argument("--resource", metavar="ID", help="only events of this resource id")
+    tail.add_argument(
+        "--since",
+        type=duration,
+        default=timedelta(minutes=10),
+        help="first the stored events this recent (default 10m; the daemon's [events_out] "
+        "backfill bounds it; 0: none)",
+    )
+    tail.add_argument("--json", action="store_true", help="one JSON object per event")
+
     status = sub.add_parser("status", help="summarise the database (read-only)")
     status.add_argument("--db", metavar="PATH", help="database file (default: as trigd serve)")
     status.add_argument("--config", metavar="FILE", help="TOML configuration file")
@@ -167,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from daemon.cli.emit import emit_command
 
         return emit_command(args, sys.stdin, sys.stdout, sys.stderr)
+    if command == "tail":
+        from daemon.cli.tail import tail_command
+
+        return tail_command(args, sys.stdout, sys.stderr)
     if command == "status":
         from daemon.cli.status import status_command
 

@@ -255,6 +255,7 @@ class ServerConfig(Section):
     max_request_bytes: Count = 4_000_000  # body of one request (POST /api/events): else 413
     request_timeout: PositiveDuration = timedelta(seconds=10)  # to read a body, answer, reply
     keepalive_timeout: PositiveDuration = timedelta(seconds=5)  # idle between requests
+    http_readers: Count = 2  # requests reading the database at once (explain, events query)
 
     @property
     def host(self) -> str:
@@ -398,7 +399,17 @@ class InsightConfig(Section):
     recent_events: Count = 1_000  # stored events explain scans, newest first
     listed: Count = 10  # entries per list in an explanation
     backtest_batch: Count = 2_000  # events a backtest replays per transaction
-    http_explains: Count = 2  # explanations GET /api/automations/{id}/explain reads at once
+
+
+class EventsOutConfig(Section):
+    """Subscribers of `/api/events/out` (`trigd tail`, Prefect's event subscriber): how far
+    back their backfill reaches, and the bounds that keep one too slow from holding
+    memory or a connection."""
+
+    backfill: PositiveDuration = timedelta(minutes=15)  # stored events sent first, at most this old
+    backfill_max_events: Count = 1_000  # and at most this many (the newest)
+    queue_depth: Count = 1_000  # events waiting for one subscriber; past it: closed (1013)
+    send_timeout: PositiveDuration = timedelta(seconds=30)  # one frame to a subscriber
 
 
 class Config(BaseModel):
@@ -411,6 +422,7 @@ class Config(BaseModel):
     delivery: DeliveryConfig = DeliveryConfig()
     log: LogConfig = LogConfig()
     insight: InsightConfig = InsightConfig()
+    events_out: EventsOutConfig = EventsOutConfig()
 
 
 SECTIONS: Final[Mapping[str, type[Section]]] = MappingProxyType(
@@ -422,6 +434,7 @@ SECTIONS: Final[Mapping[str, type[Section]]] = MappingProxyType(
         "delivery": DeliveryConfig,
         "log": LogConfig,
         "insight": InsightConfig,
+        "events_out": EventsOutConfig,
     }
 )
 

@@ -75,6 +75,13 @@ _SHOWN: Final = MappingProxyType(
             ("internal_errors", "internal errors"),
             ("store_retries", "store retries"),
         ),
+        "events_out": (
+            ("subscribers", "subscribers"),
+            ("subscribers_total", "subscribers in all"),
+            ("sent", "events sent"),
+            ("slow_closed", "closed too slow"),
+            ("stalled", "dropped stalled"),
+        ),
     }
 )
 """The counters `trigd status` prints, per group, in order, with their nouns."""

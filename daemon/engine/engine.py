@@ -157,7 +157,7 @@ class _Call:
     in µs), the ordering and the handler that re-enters the engine for followers; and
     what the call found out for its caller (`handed_off`)."""
 
-    __slots__ = ("conn", "handed_off", "handler", "now", "now_us", "ordering")
+    __slots__ = ("conn", "handed_off", "handler", "now", "now_us", "ordering", "own_events")
 
     def __init__(
         self, conn: Connection, now: datetime, now_us: int, ordering: CausalOrdering
@@ -169,6 +169,8 @@ class _Call:
         self.handler: EventHandler = _no_handler
         self.handed_off = False
         """Whether the call left work for the sender or the inbox pump."""
+        self.own_events: list[ReceivedEvent] = []
+        """Events trigd made itself that the call stored (drained from the inbox)."""
 
 
 def _no_handler(event: ReceivedEvent, depth: int, /) -> None:
@@ -184,6 +186,9 @@ class BatchOutcome:
     handed_off: bool
     """Whether the batch left work for the sender or the inbox pump (outbox rows, or
     events still in the inbox): the evaluator wakes them only then."""
+    own_events: Sequence[ReceivedEvent] = ()
+    """Events trigd made itself that the batch stored, from the inbox, in order: with
+    the input events not `duplicate`, what the batch committed (for events out)."""
 
 
 _NO_IDS: Final[frozenset[UUID]] = frozenset()
@@ -305,7 +310,7 @@ class Engine:
             self._restore_clock(conn, before)
             conn.state.inbox_empty_at = None
             raise
-        return BatchOutcome(outcomes, call.handed_off)
+        return BatchOutcome(outcomes, call.handed_off, call.own_events)
 
     def _process(
         self, call: _Call, events: Sequence[ReceivedEvent], store_only: frozenset[UUID]
@@ -421,7 +426,11 @@ class Engine:
             events_store.drop_inbox(conn, queued[-1][0])
             parsed = [p for _, data in queued if (p := _inbox_event(data)) is not None]
             store_only = frozenset(e.id for e, evaluate in parsed if not evaluate)
-            self._process(call, [e for e, _ in parsed], store_only)
+            drained = [e for e, _ in parsed]
+            outcomes = self._process(call, drained, store_only)
+            call.own_events += [
+                e for e, o in zip(drained, outcomes, strict=True) if o is not Outcome.duplicate
+            ]
 
     def reactive_evaluation(
         self, conn: Connection, event: ReceivedEvent, depth: int, now: datetime

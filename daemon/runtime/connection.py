@@ -206,6 +206,11 @@ class CheckpointConnection(WebSocketConnection):
         for event in self._wsproto.events():
             await self._dispatch(event)
 
+    async def abort(self) -> None:
+        """Drop the connection without a close handshake (a client that takes no data)."""
+        await self._abort_web_socket()
+        await trio.aclose_forcefully(self._stream)
+
     async def send_frames(self, frames: list[bytes]) -> None:
         """Several encoded frames (``daemon.wire.wsframes``) in one write; acks come in runs."""
         if self._close_reason or self._wsproto.state != ConnectionState.OPEN:

@@ -5,7 +5,9 @@ channel. This task waits for the first one, then takes whatever else is already 
 to ``batch_max`` (group commit: a lone event is committed at once, a flood is committed a
 few hundred at a time, and the fsync cost is shared). The engine runs over the batch in the
 store thread inside one ``BEGIN IMMEDIATE`` transaction; only after ``COMMIT`` returns is
-each submission resolved, so an ack (or a pong) always means "on disk".
+each submission resolved, so an ack (or a pong) always means "on disk". Then, only while
+events out has subscribers, what the batch committed (its new events and trigd's own
+events it drained from the inbox) goes to the hub (``daemon.runtime.events_hub``).
 
 Failures:
 
@@ -51,6 +53,7 @@ import trio
 from daemon.core.events import ReceivedEvent
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.engine.engine import BatchOutcome, Outcome
+from daemon.runtime.events_hub import EventsHub
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.wire.submission import Submission
@@ -101,6 +104,14 @@ def process_in_transaction(
         return engine.process_batch(conn, events, now)
 
 
+def publish_committed(hub: EventsHub, events: Sequence[ReceivedEvent], done: BatchOutcome) -> None:
+    """Hand what a batch committed to events out: its events that were not duplicates,
+    then trigd's own events it drained from the inbox."""
+    outcomes = done.outcomes
+    hub.publish(e for e, o in zip(events, outcomes, strict=True) if o is not Outcome.duplicate)
+    hub.publish(done.own_events)
+
+
 @attrs.define
 class EvaluatorStats:
     """Counters for ``trigd status`` and the tests."""
@@ -136,6 +147,7 @@ class _Evaluator:
     on_commit: Callable[[], None]
     throttles: dict[str, LogThrottle]
     on_batch: Callable[[Sequence[Submission], float], None] | None  # committed, in seconds
+    hub: EventsHub | None = None  # events out: committed events go to its subscribers
     # one episode of store trouble per batch: logged when it starts, and as over once
     # every event of the batch is committed
     backoff: Backoff = attrs.field(
@@ -165,6 +177,8 @@ class _Evaluator:
             # only when the batch left them work.
             if done.handed_off:
                 self.on_commit()
+            if self.hub:  # only while events out has subscribers
+                publish_committed(self.hub, events, done)
             for outcome in done.outcomes:
                 if outcome is Outcome.duplicate:
                     self.stats.duplicates += 1
@@ -235,6 +249,7 @@ async def run_evaluator(
     on_commit: Callable[[], None] = lambda: None,
     log_limits: LogLimits = DEFAULT_LIMITS,
     on_batch: Callable[[Sequence[Submission], float], None] | None = None,
+    hub: EventsHub | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit submissions in batches until every sender has closed the channel;
@@ -251,6 +266,7 @@ async def run_evaluator(
         on_commit,
         _throttles(log_limits),
         on_batch,
+        hub,
     )
     async with receive:
         task_status.started()

@@ -12,6 +12,7 @@ them all, i.e. committed; duplicates are committed as on the websocket (a no-op)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -25,6 +26,7 @@ from daemon import __version__
 from daemon.core.config import InsightConfig, ServerConfig
 from daemon.core.explanation import parse_key
 from daemon.engine.explain import Limits, UnknownAutomation, UnreadableAutomation, explain
+from daemon.runtime.events_query import Reply, read_events_from, read_next_page_from
 from daemon.runtime.ingest import IngestStats
 from daemon.runtime.metrics import CONTENT_TYPE, Metrics
 from daemon.runtime.readiness import Readiness
@@ -80,10 +82,10 @@ class HttpApp:
     metrics: Metrics | None = None
     database: Path | None = None  # read by the explain route, on a connection of its own
     insight: InsightConfig = attrs.Factory(InsightConfig)
-    _explaining: trio.CapacityLimiter = attrs.field(init=False)
+    _readers: trio.CapacityLimiter = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
-        self._explaining = trio.CapacityLimiter(self.insight.http_explains)
+        self._readers = trio.CapacityLimiter(self.settings.http_readers)
 
     def routes(self) -> tuple[Route, ...]:
         """The route table: method, path, handler, public (no token needed)."""
@@ -93,6 +95,8 @@ class HttpApp:
             Route("GET", "/metrics", self.metrics_text, public=True),
             Route("GET", "/api/admin/version", self.version),
             Route("POST", "/api/events", self.post_events),
+            Route("POST", "/api/events/filter", self.filter_events),
+            Route("GET", "/api/events/filter/next", self.next_events_page),
             Route("GET", EXPLAIN_PATH, self.explain_automation),
         )
 
@@ -132,8 +136,8 @@ class HttpApp:
 
     async def explain_automation(self, request: HttpRequest) -> HttpReply:
         """``trigd explain`` over HTTP: the same document as ``--json``. It reads on a
-        read-only connection in a worker thread (at most ``[insight] http_explains`` at
-        once), never through the store gateway, so a large explanation does not hold up
+        read-only connection in a worker thread (at most ``[server] http_readers`` reads
+        at once), never through the store gateway, so a large explanation does not hold up
         the evaluator's commits."""
         if self.database is None:
             return error_reply(404, "no database to explain from in this server")
@@ -147,7 +151,7 @@ class HttpApp:
         now = self.clock()
         try:
             document = await trio.to_thread.run_sync(
-                self._explain, automation, key, now, limiter=self._explaining
+                self._explain, automation, key, now, limiter=self._readers
             )
         except UnknownAutomation as exc:
             return error_reply(404, str(exc))
@@ -156,6 +160,39 @@ class HttpApp:
         except (StoreError, apsw.Error) as exc:
             return error_reply(503, f"the store cannot be read: {exc}")
         return json_reply(200, document)
+
+    async def filter_events(self, request: HttpRequest) -> HttpReply:
+        """Prefect's events query: stored events, newest first, a page at a time
+        (``daemon/runtime/events_query.py``), read as the explain route reads."""
+        if self.database is None:
+            return error_reply(404, "no database to query in this server")
+        status, body = await self._read(
+            read_events_from, self.database, request.body, self.clock(), self._base_url(request)
+        )
+        return HttpReply(status, body)
+
+    async def next_events_page(self, request: HttpRequest) -> HttpReply:
+        if self.database is None:
+            return error_reply(404, "no database to query in this server")
+        token = query_params(request.target).get("page-token")
+        if token is None:
+            return error_reply(422, "page-token: missing (the next_page URL of a query)")
+        status, body = await self._read(
+            read_next_page_from, self.database, token, self._base_url(request)
+        )
+        return HttpReply(status, body)
+
+    async def _read(self, read: Callable[..., Reply], *args: Any) -> Reply:
+        try:
+            return await trio.to_thread.run_sync(read, *args, limiter=self._readers)
+        except (StoreError, apsw.Error) as exc:
+            return 503, json.dumps({"detail": f"the store cannot be read: {exc}"}).encode()
+
+    def _base_url(self, request: HttpRequest) -> str:
+        """Where this server is, as the client named it: the root of ``next_page`` URLs."""
+        scheme = "https" if self.settings.tls_cert is not None else "http"
+        host = (request.header(b"host") or self.settings.listen.encode()).decode("latin-1")
+        return f"{scheme}://{host}"
 
     def _explain(self, automation: str, key: tuple[str, ...] | None, now: datetime) -> Any:
         assert self.database is not None

@@ -58,6 +58,7 @@ from daemon.core.durations import format_duration
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.core.slots import ConnectionSlots, Refused, Slot, Why, idle_deadline, peer_of
 from daemon.runtime.connection import CheckpointConnection, Frame, PingMarker
+from daemon.runtime.events_out import EventsOut
 from daemon.runtime.http_server import (
     BadHead,
     HttpLimits,
@@ -67,6 +68,7 @@ from daemon.runtime.http_server import (
     read_head,
     serve_http,
 )
+from daemon.wire.events_out import EXPECTED_FILTER
 from daemon.wire.handshake import (
     AUTH_SUCCESS,
     EXPECTED_AUTH,
@@ -74,6 +76,7 @@ from daemon.wire.handshake import (
     Accept,
     Close,
     Nack,
+    Reject,
     check_auth,
     decode_frame,
     reply_frame,
@@ -223,6 +226,7 @@ class _Ingest:
     http_stats: HttpStats = attrs.Factory(HttpStats)
     room: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) when one is freed
     scopes: dict[Slot, trio.CancelScope] = attrs.Factory(dict)  # to drop an evicted one
+    events_out: EventsOut | None = None  # serves /api/events/out subscribers when set
 
     async def accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
         """Accept without waiting for a slot, so that every socket is either admitted or
@@ -339,6 +343,8 @@ class _Ingest:
                 decision = decide_handshake(
                     request.path, request.proposed_subprotocols, request.headers, token
                 )
+                if isinstance(decision, Accept) and decision.out and self.events_out is None:
+                    decision = Reject(404, "events out is not served here")
                 if not isinstance(decision, Accept):
                     self._refused_handshake(session, decision.why)
                     await request.reject(decision.status, body=decision.why.encode())
@@ -391,7 +397,10 @@ class _Ingest:
 
             async def write() -> None:
                 with contextlib.suppress(ConnectionClosed):
-                    await replies.run_writer(conn)
+                    if session.out:
+                        await self.serve_subscriber(conn, session)
+                    else:
+                        await replies.run_writer(conn)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(write)
@@ -404,6 +413,20 @@ class _Ingest:
                 await _close_within(conn, GOING_AWAY, "trigd is shutting down")
                 raise
             nursery.cancel_scope.cancel()
+
+    async def serve_subscriber(self, conn: CheckpointConnection, session: _Session) -> None:
+        """An events-out subscriber: its first message (within ``handshake_timeout``),
+        then ``EventsOut`` until it is done."""
+        events_out = self.events_out
+        assert events_out is not None
+        with trio.move_on_after(self.settings.handshake_timeout.total_seconds()):
+            await session.subscribed.wait()
+        message = session.first_message
+        if message is None:
+            if not session.reader_done.is_set():
+                await _close_within(conn, POLICY_VIOLATION, EXPECTED_FILTER)
+            return
+        await events_out.serve(conn, message, session.peer)
 
     async def until_idle(self, conn: CheckpointConnection, session: _Session) -> bool:
         """Until the reader is done (False), or the client has sent nothing for
@@ -473,8 +496,12 @@ class _Session:
     # the handshake's wait, cut short when the reader ends: a client that is gone (or
     # spoke plain TCP to a TLS port) does not hold a connection slot until the timeout
     handshake_scope: trio.CancelScope | None = None
+    out: bool = False  # an events-out subscriber: one message (its filter), then pings
+    first_message: str | bytes | None = None  # a subscriber's filter message
+    subscribed: trio.Event = attrs.Factory(trio.Event)  # first_message has come
 
     def open(self, decision: Accept) -> None:
+        self.out = decision.out
         self.replies = ReplyQueue(decision.acks)
         self.awaiting_auth = decision.expects_auth_message
         self.authenticated = decision.authenticated
@@ -507,6 +534,9 @@ class _Session:
             await self.decided.wait()
             if not self.established:
                 return
+        if self.out:
+            await self._subscriber_frames(conn, frames, start)
+            return
         ingest = self.ingest
         stats, submit = ingest.stats, ingest.submit
         max_bytes, max_depth = ingest.settings.max_event_bytes, ingest.settings.max_json_depth
@@ -540,6 +570,18 @@ class _Session:
                     submit.send_nowait(submission)
                 except trio.WouldBlock:
                     await submit.send(submission)
+
+    async def _subscriber_frames(
+        self, conn: CheckpointConnection, frames: list[Frame], start: int
+    ) -> None:
+        """A subscriber sends its filter, then nothing but pings (answered at once) and
+        messages that are ignored, as Prefect's server ignores them."""
+        for frame in frames[start:]:
+            if isinstance(frame, PingMarker):
+                await conn.pong(frame.payload)
+            elif self.first_message is None:
+                self.first_message = frame
+                self.subscribed.set()
 
     async def _authenticate(self, conn: CheckpointConnection, frames: list[Frame]) -> int:
         """Answer pings until the auth message and judge it; the index after it."""
@@ -645,10 +687,11 @@ async def run_ingest(
     log_limits: LogLimits = DEFAULT_LIMITS,
     routes: Sequence[Route] = (),
     http_stats: HttpStats | None = None,
+    events_out: EventsOut | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve ``/events/in`` and the plain HTTP ``routes`` until cancelled; ``task_status``
-    gets the bound port.
+    """Serve ``/events/in`` (and ``/events/out`` with ``events_out``) and the plain HTTP
+    ``routes`` until cancelled; ``task_status`` gets the bound port.
 
     ``tls`` is ``tls_context(settings)`` loaded beforehand; without it, it is loaded here.
     A listen address that cannot be used raises UnusableSetting (``listen_problem``)."""
@@ -671,6 +714,7 @@ async def run_ingest(
         routes=routes,
         http_limits=HttpLimits.of(settings),
         http_stats=http_stats if http_stats is not None else HttpStats(),
+        events_out=events_out,
     )
     port = _port_of(listeners[0])
     async with submit, trio.open_nursery() as nursery:

@@ -40,10 +40,13 @@ from daemon.core.automations import Automation, AutomationFileError, load_automa
 from daemon.core.clock import wall_clock
 from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
 from daemon.core.counters import CounterSource
+from daemon.core.events import ReceivedEvent
 from daemon.core.exit_codes import ExitCode
 from daemon.core.lints import lint_automation
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
+from daemon.runtime.events_hub import EventsHub
+from daemon.runtime.events_out import events_out_service
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.http_routes import HttpApp
 from daemon.runtime.http_server import HttpStats
@@ -87,20 +90,31 @@ class InboxPump:
     Store trouble is waited out with backoff; a bug is logged and retried a second later."""
 
     def __init__(
-        self, gateway: StoreGateway, engine: Engine, clock: Callable[[], datetime]
+        self,
+        gateway: StoreGateway,
+        engine: Engine,
+        clock: Callable[[], datetime],
+        hub: EventsHub | None = None,
     ) -> None:
         self._gateway = gateway
         self._engine = engine
         self._clock = clock
+        self._hub = hub  # events out: the events it commits go to its subscribers
         self._wake = trio.Event()
         self._backoff = Backoff(log, "evaluating trigd's own events")
 
     def wake(self) -> None:
         self._wake.set()
 
-    def _drain(self, conn: Connection) -> int:
-        process_in_transaction(conn, self._engine, [], self._clock())
-        return inbox_size(conn)
+    def _drain(self, conn: Connection) -> tuple[int, Sequence[ReceivedEvent]]:
+        done = process_in_transaction(conn, self._engine, [], self._clock())
+        return inbox_size(conn), done.own_events
+
+    async def _drain_once(self) -> int:
+        left, committed = await self._backoff.call(lambda: self._gateway.run(self._drain))
+        if self._hub:
+            self._hub.publish(committed)
+        return left
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -108,7 +122,7 @@ class InboxPump:
             await self._wake.wait()
             self._wake = trio.Event()
             try:
-                while await self._backoff.call(lambda: self._gateway.run(self._drain)) > 0:
+                while await self._drain_once() > 0:
                     await trio.lowlevel.checkpoint()
             except Exception:
                 log.exception("evaluating trigd's own events failed; will retry")
@@ -250,12 +264,15 @@ async def _run(
         database=Path(config.store.path),
         insight=config.insight,
     )
+    events_out = events_out_service(config.store.path, config.events_out, clock)
     counters = CounterSource(
-        os.getpid(), clock(), {"ingest": ingest_stats, "evaluator": evaluator_stats}
+        os.getpid(),
+        clock(),
+        {"ingest": ingest_stats, "evaluator": evaluator_stats, "events_out": events_out.stats},
     )
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            pump = InboxPump(gateway, engine, clock)
+            pump = InboxPump(gateway, engine, clock, events_out.hub)
             sender: Sender = await nursery.start(
                 lambda *, task_status: run_sender(
                     gateway,
@@ -306,6 +323,7 @@ async def _run(
                         on_batch=lambda batch, seconds: metrics.observe_batch(
                             batch, seconds, clock()
                         ),
+                        hub=events_out.hub,
                         task_status=task_status,
                     )
                 finally:
@@ -328,6 +346,7 @@ async def _run(
                         log_limits=config.log.limits,
                         routes=http.routes(),
                         http_stats=http_stats,
+                        events_out=events_out,
                         task_status=task_status,
                     )
 

@@ -7,7 +7,8 @@ sockets.
 Theory of operation. Prefect's server (``accept_prefect_socket``, docs/PROTOCOL.md#authentication)
 decides in two steps, and so do we:
 
-1. On the HTTP upgrade request (``decide``): the path must be an events-in path; a client
+1. On the HTTP upgrade request (``decide``): the path must be an events-in path (or an
+   events-out one, ``Accept.out``: a subscriber, with the same rules); a client
    offering ``trigd.v1`` or ``prefect`` is accepted with it and owes us an auth message; a
    client offering neither is a legacy client, accepted straight into the event stream
    only when no token is configured (or when its ``Authorization`` header carries the
@@ -58,6 +59,8 @@ from daemon.wire.wsframes import text_frame, text_header
 PREFECT_SUBPROTOCOL: Final = "prefect"
 ACKS_SUBPROTOCOL: Final = "trigd.v1"
 EVENTS_IN_PATHS: Final = frozenset({"/api/events/in", "/events/in"})
+EVENTS_OUT_PATHS: Final = frozenset({"/api/events/out", "/events/out"})
+"""Events out (``daemon.wire.events_out``): the same handshake, then a subscriber."""
 
 POLICY_VIOLATION: Final = 1008  # websocket close code
 EXPECTED_AUTH: Final = "Expected 'auth' message"
@@ -81,6 +84,8 @@ class Accept:
     subprotocol: str | None
     authenticated: bool
     """True when no token is configured or the Authorization header carried it."""
+    out: bool = False
+    """An events-out subscriber (``EVENTS_OUT_PATHS``), not a client sending events."""
 
     @property
     def expects_auth_message(self) -> bool:
@@ -138,20 +143,21 @@ def decide(
 ) -> Accept | Reject:
     """Step 1: accept or refuse the upgrade request."""
     path = request_path(target)
-    if path not in EVENTS_IN_PATHS:
-        return Reject(404, f"no websocket at {path!r}; use /api/events/in")
+    out = path in EVENTS_OUT_PATHS
+    if path not in EVENTS_IN_PATHS and not out:
+        return Reject(404, f"no websocket at {path!r}; use /api/events/in or /api/events/out")
     if not auth_token:
         authenticated = True
     else:
         offered = header_token(headers)
         authenticated = offered is not None and token_matches(offered, auth_token)
-    if ACKS_SUBPROTOCOL in subprotocols:
+    if ACKS_SUBPROTOCOL in subprotocols and not out:
         return Accept(ACKS_SUBPROTOCOL, authenticated)
     if PREFECT_SUBPROTOCOL in subprotocols:
-        return Accept(PREFECT_SUBPROTOCOL, authenticated)
+        return Accept(PREFECT_SUBPROTOCOL, authenticated, out)
     if not authenticated:
         return Reject(403, "auth is configured and the client offered no 'prefect' subprotocol")
-    return Accept(None, authenticated)
+    return Accept(None, authenticated, out)
 
 
 def check_auth(message: str | bytes, auth_token: str, authenticated: bool) -> Close | None:

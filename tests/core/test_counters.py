@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 from daemon.core.counters import CounterSource, describe
 from daemon.runtime.evaluator import EvaluatorStats
+from daemon.runtime.events_out import EventsOutStats
 from daemon.runtime.ingest import IngestStats
 
 T0 = datetime(2026, 12, 3, 8, 0, tzinfo=UTC)
@@ -56,4 +57,14 @@ def test_status_lines_name_every_counter() -> None:
         "0 refused over max_connections_per_peer, 0 refused for want of a slot, 0 closed idle",
         "  evaluator: 3 batches, 0 events in the largest, 0 events, 0 duplicates, 0 parked, "
         "0 internal errors, 0 store retries",
+    ]
+
+
+def test_status_lines_show_events_out_subscribers() -> None:
+    stats = EventsOutStats(subscribers=1, subscribers_total=4, sent=120, slow_closed=2)
+    snapshot = CounterSource(7, T0, {"events_out": stats}).snapshot(T0)
+    assert snapshot is not None
+    assert describe(json.loads(snapshot))[1:] == [
+        "  events_out: 1 subscribers, 4 subscribers in all, 120 events sent, "
+        "2 closed too slow, 0 dropped stalled",
     ]

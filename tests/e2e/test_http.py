@@ -237,3 +237,41 @@ async def test_prefect_s_client_reads_health_and_version_with_its_auth_string(
             seen = json.loads(ran.stdout.decode().strip().splitlines()[-1])
             assert seen == {"health": "None", "version": VERSION}
             assert await daemon.stop() == 0
+
+
+async def test_events_query_pages_newest_first_through_next_page(tmp_path: Path) -> None:
+    config = write_config(tmp_path, server={"listen": "127.0.0.1:0", "auth_token": TOKEN})
+    pumps = [
+        event(occurred=f"2026-12-04T10:00:0{n}Z", event=f"pump.reading.{n}") for n in range(5)
+    ]
+    valve = event(occurred="2026-12-04T10:00:09Z", event="valve.opened")
+    query = {
+        "filter": {
+            "occurred": {"since": "2026-12-04T00:00:00Z", "until": "2026-12-05T00:00:00Z"},
+            "event": {"prefix": ["pump."]},
+        },
+        "limit": 2,
+    }
+    with trio.fail_after(60):
+        async with running_daemon(config) as daemon:
+            base = f"http://127.0.0.1:{daemon.port}"
+            bearer = {"Authorization": f"Bearer {TOKEN}"}
+            async with httpx.AsyncClient(base_url=base, timeout=10, headers=bearer) as http:
+                posted = await http.post("/api/events", json=[*pumps, valve])
+                assert posted.status_code == 204
+                pages = [await http.post("/api/events/filter", json=query)]
+                while (following := pages[-1].json()["next_page"]) is not None:
+                    assert following.startswith(f"{base}/api/events/filter/next?page-token=")
+                    pages.append(await http.get(following))
+                async with httpx.AsyncClient(base_url=base, timeout=10) as stranger:
+                    anonymous = await stranger.post("/api/events/filter", json=query)
+                bad = await http.post("/api/events/filter", json={"filter": {"evnt": {}}})
+                forged = await http.get("/api/events/filter/next?page-token=bm90LW91cnM=")
+    assert [page.status_code for page in pages] == [200, 200, 200]
+    assert [page.json()["total"] for page in pages] == [5, 5, 5]
+    got = [e["id"] for page in pages for e in page.json()["events"]]
+    assert got == [e["id"] for e in reversed(pumps)]  # newest first, the valve left out
+    assert anonymous.status_code == 401
+    assert bad.status_code == 422
+    assert "evnt" in bad.json()["detail"]
+    assert forged.status_code == 403

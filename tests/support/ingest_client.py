@@ -5,8 +5,9 @@ trio-websocket's, and wsproto by hand for the handshake and raw frames."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -15,10 +16,11 @@ import attrs
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from daemon.core.config import ServerConfig
+from daemon.core.config import EventsOutConfig, ServerConfig
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import BatchEngine, EvaluatorStats, run_evaluator
+from daemon.runtime.events_out import EventsOut, events_out_service
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.http_routes import HttpApp
 from daemon.runtime.http_server import HttpStats
@@ -50,6 +52,7 @@ class Daemon:
     evaluator: EvaluatorStats
     submit: trio.MemorySendChannel[Submission]
     http: HttpApp  # its routes, readiness and metrics
+    events_out: EventsOut | None = None
 
     def http_url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -71,9 +74,15 @@ class Starter:
         queue: int = 100,
         batch_max: int = 50,
         log_limits: LogLimits = DEFAULT_LIMITS,
+        events_out: EventsOutConfig | None = None,
+        clock: Callable[[], datetime] = fixed_clock,
         **settings: Any,
     ) -> Daemon:
+        """``events_out``: serve /api/events/out with these settings."""
         config = ServerConfig(listen="127.0.0.1:0", **settings)
+        out = None
+        if events_out is not None:
+            out = events_out_service(self.db_path, events_out, clock)
         send, receive = trio.open_memory_channel[Submission](queue)
         ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
         gateway = StoreGateway(self.store)
@@ -91,6 +100,7 @@ class Starter:
                 on_batch=lambda batch, seconds: metrics.observe_batch(
                     batch, seconds, fixed_clock()
                 ),
+                hub=None if out is None else out.hub,
                 task_status=task_status,
             )
         )
@@ -103,10 +113,11 @@ class Starter:
                 log_limits=log_limits,
                 routes=http.routes(),
                 http_stats=http_stats,
+                events_out=out,
                 task_status=task_status,
             )
         )
-        return Daemon(port, self.db_path, ingest_stats, evaluator_stats, send, http)
+        return Daemon(port, self.db_path, ingest_stats, evaluator_stats, send, http, out)
 
 
 @asynccontextmanager
