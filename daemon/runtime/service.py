@@ -278,6 +278,8 @@ async def _run(
                         receive,
                         clock=clock,
                         batch_max=config.server.batch_max_events,
+                        linger=config.store.commit_linger,
+                        linger_events=config.store.commit_linger_events,
                         stats=evaluator_stats,
                         on_commit=committed,
                         log_limits=config.log.limits,
