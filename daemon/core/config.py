@@ -270,6 +270,7 @@ class ServerConfig(Section):
 COMMIT_LINGER: Final = timedelta(milliseconds=5)
 COMMIT_LINGER_EVENTS: Final = 64
 MAX_COMMIT_LINGER: Final = timedelta(seconds=1)
+PAGE_CACHE_MIB: Final = 8
 
 
 def _short_linger(value: timedelta) -> timedelta:
@@ -290,6 +291,7 @@ class StoreConfig(Section):
     # event, wait up to this long for more; "0s" = off
     commit_linger: Annotated[Duration, AfterValidator(_short_linger)] = COMMIT_LINGER
     commit_linger_events: Count = COMMIT_LINGER_EVENTS  # a batch this large stops lingering
+    page_cache_mib: Count = PAGE_CACHE_MIB  # SQLite's page cache of the writer connection
 
 
 class OrderingConfig(Section):
