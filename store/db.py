@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # an annotation only: opening the store does not load the con
 
 SCHEMA_VERSION: Final = 3
 BUSY_TIMEOUT_MS: Final = 5_000
-WRITER_CACHE_KIB: Final = 8_192  # KiB of page cache for the writer ([store] page_cache_mib)
+WRITER_CACHE_KIB: Final = 2_048  # KiB of page cache for the writer ([store] page_cache_mib)
 """Big enough for the hot pages (index tails, open buckets) of a busy database: at 100,000
 events and as many open buckets the default cache missed about once per event."""
 WAL_AUTOCHECKPOINT_PAGES: Final = 4_000  # WAL frames before a COMMIT checkpoints (default 1,000)

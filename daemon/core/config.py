@@ -270,7 +270,7 @@ class ServerConfig(Section):
 COMMIT_LINGER: Final = timedelta(milliseconds=5)
 COMMIT_LINGER_EVENTS: Final = 64
 MAX_COMMIT_LINGER: Final = timedelta(seconds=1)
-PAGE_CACHE_MIB: Final = 8
+PAGE_CACHE_MIB: Final = 2
 
 
 def _short_linger(value: timedelta) -> timedelta:

@@ -135,7 +135,7 @@ def test_defaults_are_spec_section_3(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert config.store.event_retention == timedelta(days=7)
     assert config.store.commit_linger == timedelta(milliseconds=5)
     assert config.store.commit_linger_events == 64
-    assert config.store.page_cache_mib == 8
+    assert config.store.page_cache_mib == 2
     assert config.ordering.preceding_event_lookback == timedelta(minutes=15)
     assert config.ordering.seen_expiration == timedelta(hours=1)
     assert config.ordering.max_depth == 20
