@@ -41,7 +41,7 @@ if TYPE_CHECKING:  # an annotation only: opening the store does not load the con
 
 SCHEMA_VERSION: Final = 4
 BUSY_TIMEOUT_MS: Final = 5_000
-WRITER_CACHE_KIB: Final = 32_768  # KiB of page cache for the writer connection (default 2 MiB)
+WRITER_CACHE_KIB: Final = 2_048  # KiB of page cache for the writer ([store] page_cache_mib)
 """Big enough for the hot pages (index tails, open buckets) of a busy database: at 100,000
 events and as many open buckets the default cache missed about once per event."""
 WAL_AUTOCHECKPOINT_PAGES: Final = 4_000  # WAL frames before a COMMIT checkpoints (default 1,000)
@@ -316,7 +316,13 @@ class Store:
     lock: LockFile | None
 
     @classmethod
-    def open(cls, path: str | Path, *, synchronous: Synchronous = "full") -> Store:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        synchronous: Synchronous = "full",
+        cache_kib: int = WRITER_CACHE_KIB,
+    ) -> Store:
         _apply_best_practice()
         db_path = Path(path)
         if db_path.parent and not db_path.parent.exists():
@@ -343,7 +349,7 @@ class Store:
             conn = _connect(db_path)
             conn.set_busy_timeout(BUSY_TIMEOUT_MS)
             conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
-            conn.execute(f"PRAGMA cache_size = -{WRITER_CACHE_KIB:d}")
+            conn.execute(f"PRAGMA cache_size = -{cache_kib:d}")
             conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES:d}")
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":

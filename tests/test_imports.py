@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import ast
 import itertools
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import grimp
@@ -102,3 +105,25 @@ def test_no_test_module_imports_another() -> None:
     }
     in_support = sorted(p.name for p in (TESTS / "support").rglob("test_*.py"))
     assert (offenders, in_support) == ({}, [])
+
+
+NOT_LOADED_BY_SERVE = ("click", "rich", "pygments", "pendulum", "jinja2", "hypothesis")
+"""Packages `trigd serve` does not import until a path needs them (docs/PERFORMANCE.md#memory):
+httpx's own command line (click, rich, pygments), pendulum (ISO-8601 durations only), jinja2
+(payload templates only: the bench's automations have none), and test-only libraries."""
+
+
+def test_serve_does_not_import_what_it_does_not_use() -> None:
+    """In a fresh interpreter, as `trigd serve` starts: its modules are imported and a
+    configuration without ISO durations is loaded."""
+    script = (
+        "import sys, json\n"
+        "import daemon.cli.main, daemon.runtime.service\n"
+        "from daemon.core.config import load_config\n"
+        "load_config(None, {'TRIGD_STORE_COMMIT_LINGER': '5ms'}, {})\n"
+        f"print(json.dumps([m for m in {NOT_LOADED_BY_SERVE!r} if m in sys.modules]))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout) == []

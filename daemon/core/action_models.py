@@ -15,12 +15,9 @@ import json
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Annotated, Any, Final, Literal, NamedTuple
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, NamedTuple
 from urllib.parse import urlsplit
 
-import jinja2
-from jinja2 import ChainableUndefined, nodes
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -33,11 +30,22 @@ from pydantic import (
 
 from daemon.core.references import UnresolvedReference, resolve
 
+if TYPE_CHECKING:
+    from jinja2 import nodes
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
 MAX_TEMPLATE_LOOPS: Final = 10
 MAX_TEMPLATE_LOOP_DEPTH: Final = 2
 
 
-_TEMPLATE_ENVIRONMENT: Final = ImmutableSandboxedEnvironment(undefined=ChainableUndefined)
+@functools.cache
+def _template_environment() -> ImmutableSandboxedEnvironment:
+    """Made on first use: jinja2 (a few MB) is imported only when an automation has a
+    template (docs/PERFORMANCE.md#memory)."""
+    from jinja2 import ChainableUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    return ImmutableSandboxedEnvironment(undefined=ChainableUndefined)
 
 
 def maybe_template(text: str) -> bool:
@@ -46,6 +54,8 @@ def maybe_template(text: str) -> bool:
 
 
 def _loop_depth(node: nodes.Node, depth: int = 0) -> int:
+    from jinja2 import nodes
+
     if isinstance(node, nodes.For):
         depth += 1
     return max((_loop_depth(child, depth) for child in node.iter_child_nodes()), default=depth)
@@ -55,9 +65,11 @@ def _loop_depth(node: nodes.Node, depth: int = 0) -> int:
 def validate_user_template(template: str) -> None:
     """Syntax plus Prefect's loop limits, checked when the automation is loaded so a bad
     template is a load error rather than a failed delivery. Raises ValueError."""
+    from jinja2 import TemplateSyntaxError, nodes
+
     try:
-        root = _TEMPLATE_ENVIRONMENT.parse(template)
-    except jinja2.TemplateSyntaxError as exc:
+        root = _template_environment().parse(template)
+    except TemplateSyntaxError as exc:
         raise ValueError(f"'payload' is not a valid template: {exc}") from None
     loops = list(root.find_all(nodes.For))
     if len(loops) > MAX_TEMPLATE_LOOPS:

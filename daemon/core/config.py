@@ -273,11 +273,31 @@ class ServerConfig(Section):
         return self
 
 
+COMMIT_LINGER: Final = timedelta(milliseconds=5)
+COMMIT_LINGER_EVENTS: Final = 64
+MAX_COMMIT_LINGER: Final = timedelta(seconds=1)
+PAGE_CACHE_MIB: Final = 2
+
+
+def _short_linger(value: timedelta) -> timedelta:
+    if value > MAX_COMMIT_LINGER:
+        raise ValueError(
+            f"must be at most {format_duration(MAX_COMMIT_LINGER)} (every ack waits up to "
+            f"this long), got {format_duration(value)}"
+        )
+    return value
+
+
 class StoreConfig(Section):
     path: Annotated[Path, BeforeValidator(_path)] = Path("trigd.db")
     synchronous: Annotated[Synchronous, BeforeValidator(_lowercase)] = "full"
     event_retention: PositiveDuration = timedelta(days=7)
     outbox_retention: PositiveDuration = timedelta(days=7)  # delivered and dead rows
+    # group commit's linger (docs/PERFORMANCE.md#commit-linger): after a batch's first
+    # event, wait up to this long for more; "0s" = off
+    commit_linger: Annotated[Duration, AfterValidator(_short_linger)] = COMMIT_LINGER
+    commit_linger_events: Count = COMMIT_LINGER_EVENTS  # a batch this large stops lingering
+    page_cache_mib: Count = PAGE_CACHE_MIB  # SQLite's page cache of the writer connection
 
 
 class OrderingConfig(Section):

@@ -17,9 +17,6 @@ from datetime import timedelta
 from types import MappingProxyType
 from typing import Final
 
-import pendulum
-from pendulum.parsing.exceptions import ParserError
-
 EXAMPLE: Final = "expected a duration such as '90s', '15m' or '1h30m'"
 
 UNITS: Final[Mapping[str, timedelta]] = MappingProxyType(
@@ -96,6 +93,10 @@ def _parse_compact(text: str, original: str) -> timedelta:
 
 
 def _parse_iso(text: str, original: str) -> timedelta:
+    # imported here: most configurations have no ISO duration, and pendulum costs memory
+    import pendulum
+    from pendulum.parsing.exceptions import ParserError
+
     problem = f"{EXAMPLE} or ISO-8601 'PT15M', got {original!r}"
     if not any(character.isdigit() for character in text):
         raise ValueError(problem)  # pendulum reads a bare "PT" as zero

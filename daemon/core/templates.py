@@ -26,16 +26,17 @@ import functools
 import json
 from collections.abc import Mapping
 from types import MappingProxyType
-from typing import Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
-import jinja2
-from jinja2 import ChainableUndefined
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from pydantic_core import to_jsonable_python
 
 from daemon.core.action_models import CallWebhook, maybe_template, resolve_webhook
 from daemon.core.events import LabelDiver, Resource
 from daemon.core.firings import TriggeredAction
+
+if TYPE_CHECKING:
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 MAX_TEMPLATE_RANGE: Final = 100
 """Items `range()` may produce inside a template."""
@@ -63,7 +64,9 @@ def _capped_range(*args: int) -> range:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, LabelDiver):
         return dict(iter(value))
-    if isinstance(value, jinja2.Undefined):
+    from jinja2 import Undefined  # loaded already: only templates reach here
+
+    if isinstance(value, Undefined):
         return None
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -78,16 +81,25 @@ def tojson(value: Any, indent: int | None = None) -> str:
     return json.dumps(_jsonable(value), indent=indent, ensure_ascii=False)
 
 
-def _environment(
-    undefined: type[jinja2.Undefined] = ChainableUndefined,
-) -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(undefined=undefined, autoescape=False)
+def _environment(undefined: type[jinja2.Undefined] | None = None) -> ImmutableSandboxedEnvironment:
+    """jinja2 (a few MB) is imported here, when a payload is a template, not when trigd
+    starts (docs/PERFORMANCE.md#memory)."""
+    from jinja2 import ChainableUndefined
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(
+        undefined=ChainableUndefined if undefined is None else undefined, autoescape=False
+    )
     env.globals["range"] = _capped_range
     env.filters["tojson"] = tojson
     return env
 
 
-_ENVIRONMENT: Final = _environment()
+@functools.cache
+def _delivery_environment() -> ImmutableSandboxedEnvironment:
+    return _environment()
+
+
 COMPILED_TEMPLATES: Final = 256  # distinct payload templates kept compiled
 
 
@@ -95,7 +107,7 @@ COMPILED_TEMPLATES: Final = 256  # distinct payload templates kept compiled
 def _compiled(source: str) -> jinja2.Template:
     """A template compiled once: every delivery of an action renders the same source, and
     compiling costs far more than rendering. A source that fails to compile is not kept."""
-    return _ENVIRONMENT.from_string(source)
+    return _delivery_environment().from_string(source)
 
 
 def template_context(triggered: TriggeredAction) -> dict[str, Any]:
@@ -150,90 +162,100 @@ def webhook_request(triggered: TriggeredAction, environ: Mapping[str, str]) -> W
     return WebhookRequest(body, headers, secret)
 
 
-class _UnknownSampleData(jinja2.UndefinedError):
-    """The trial reached data the built-in sample cannot know (a payload key, a label)."""
+class _TrialKit(NamedTuple):
+    environments: Mapping[bool, ImmutableSandboxedEnvironment]  # by `sample`
+    unknown: type[Exception]  # raised when the sample cannot know a value
 
 
-class _StrictTrialUndefined(ChainableUndefined):
-    """An undefined that fails when used, not only when printed: `evnt.id`, `event.ocurred`
-    and `automation.nmae` are errors. `is defined` and `default(...)` still work."""
+@functools.cache
+def _trial_kit() -> _TrialKit:
+    """The trial's environments and the undefined types behind them, made on the first
+    trial (they subclass jinja2's, which is imported only when a template exists)."""
+    import jinja2
+    from jinja2 import ChainableUndefined
 
-    __slots__ = ()
-    open_types: tuple[type, ...] = ()
-    """Containers whose missing keys the sample cannot know: tolerated as at delivery."""
+    class _UnknownSampleData(jinja2.UndefinedError):
+        """The trial reached data the built-in sample cannot know (a payload key, a label)."""
 
-    def _is_open(self) -> bool:
-        obj = self._undefined_obj
-        return isinstance(obj, self.open_types) or (
-            isinstance(obj, _StrictTrialUndefined) and obj._is_open()
-        )
+    class _StrictTrialUndefined(ChainableUndefined):
+        """An undefined that fails when used, not only when printed: `evnt.id`, `event.ocurred`
+        and `automation.nmae` are errors. `is defined` and `default(...)` still work."""
 
-    def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> Any:
-        if self._is_open():
-            raise _UnknownSampleData(self._undefined_message)
-        return super()._fail_with_undefined_error(*args, **kwargs)
+        __slots__ = ()
+        open_types: tuple[type, ...] = ()
+        """Containers whose missing keys the sample cannot know: tolerated as at delivery."""
 
-    def _strict(self, *args: Any, **kwargs: Any) -> Any:
-        if self._is_open():
-            return ChainableUndefined.__str__(self)
-        return self._fail_with_undefined_error()
+        def _is_open(self) -> bool:
+            obj = self._undefined_obj
+            return isinstance(obj, self.open_types) or (
+                isinstance(obj, _StrictTrialUndefined) and obj._is_open()
+            )
 
-    def __getattr__(self, name: str) -> Any:
-        if name[:2] == "__" or not self._is_open():
+        def _fail_with_undefined_error(self, *args: Any, **kwargs: Any) -> Any:
+            if self._is_open():
+                raise _UnknownSampleData(self._undefined_message)
+            return super()._fail_with_undefined_error(*args, **kwargs)
+
+        def _strict(self, *args: Any, **kwargs: Any) -> Any:
+            if self._is_open():
+                return ChainableUndefined.__str__(self)
             return self._fail_with_undefined_error()
-        return self
 
-    def __getitem__(self, name: Any) -> Any:
-        return self.__getattr__(str(name))
+        def __getattr__(self, name: str) -> Any:
+            if name[:2] == "__" or not self._is_open():
+                return self._fail_with_undefined_error()
+            return self
 
-    __str__ = _strict
-    # Undefined binds its operators to its own method; these go through ours.
-    __add__ = __radd__ = __sub__ = __rsub__ = _fail_with_undefined_error
-    __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _fail_with_undefined_error
-    __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = _fail_with_undefined_error
-    __pos__ = __neg__ = __call__ = __pow__ = __rpow__ = _fail_with_undefined_error
-    __lt__ = __le__ = __gt__ = __ge__ = _fail_with_undefined_error
-    __int__ = __float__ = __complex__ = _fail_with_undefined_error
+        def __getitem__(self, name: Any) -> Any:
+            return self.__getattr__(str(name))
 
-    def __iter__(self) -> Any:
-        if self._is_open():
-            return iter(())
-        return self._fail_with_undefined_error()
+        __str__ = _strict
+        # Undefined binds its operators to its own method; these go through ours.
+        __add__ = __radd__ = __sub__ = __rsub__ = _fail_with_undefined_error
+        __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _fail_with_undefined_error
+        __floordiv__ = __rfloordiv__ = __mod__ = __rmod__ = _fail_with_undefined_error
+        __pos__ = __neg__ = __call__ = __pow__ = __rpow__ = _fail_with_undefined_error
+        __lt__ = __le__ = __gt__ = __ge__ = _fail_with_undefined_error
+        __int__ = __float__ = __complex__ = _fail_with_undefined_error
 
-    def __bool__(self) -> bool:
-        if self._is_open():
-            return False
-        return bool(self._fail_with_undefined_error())
+        def __iter__(self) -> Any:
+            if self._is_open():
+                return iter(())
+            return self._fail_with_undefined_error()
 
-    def __len__(self) -> int:
-        if self._is_open():
-            return 0
-        return int(self._fail_with_undefined_error())
+        def __bool__(self) -> bool:
+            if self._is_open():
+                return False
+            return bool(self._fail_with_undefined_error())
 
+        def __len__(self) -> int:
+            if self._is_open():
+                return 0
+            return int(self._fail_with_undefined_error())
 
-class _SampleTrialUndefined(_StrictTrialUndefined):
-    __slots__ = ()
-    open_types = (dict, list, LabelDiver, Resource)
+    class _SampleTrialUndefined(_StrictTrialUndefined):
+        __slots__ = ()
+        open_types = (dict, list, LabelDiver, Resource)
 
+    def _trial_tojson(value: Any, indent: int | None = None) -> str:
+        if isinstance(value, _StrictTrialUndefined):
+            str(value)  # an error unless the sample cannot know it
+        return tojson(value, indent)
 
-def _trial_tojson(value: Any, indent: int | None = None) -> str:
-    if isinstance(value, _StrictTrialUndefined):
-        str(value)  # an error unless the sample cannot know it
-    return tojson(value, indent)
+    def _trial_environment(undefined: type[_StrictTrialUndefined]) -> ImmutableSandboxedEnvironment:
+        env = _environment(undefined)
+        env.filters["tojson"] = _trial_tojson
+        return env
 
-
-def _trial_environment(undefined: type[_StrictTrialUndefined]) -> ImmutableSandboxedEnvironment:
-    env = _environment(undefined)
-    env.filters["tojson"] = _trial_tojson
-    return env
-
-
-_TRIAL_ENVIRONMENTS: Final = MappingProxyType(
-    {
-        True: _trial_environment(_SampleTrialUndefined),
-        False: _trial_environment(_StrictTrialUndefined),
-    }
-)
+    return _TrialKit(
+        MappingProxyType(
+            {
+                True: _trial_environment(_SampleTrialUndefined),
+                False: _trial_environment(_StrictTrialUndefined),
+            }
+        ),
+        _UnknownSampleData,
+    )
 
 
 def trial_render(source: str, triggered: TriggeredAction, *, sample: bool) -> str | None:
@@ -244,9 +266,10 @@ def trial_render(source: str, triggered: TriggeredAction, *, sample: bool) -> st
     with the user's own event every name must resolve."""
     if not maybe_template(source):
         return None
+    kit = _trial_kit()
     try:
-        _TRIAL_ENVIRONMENTS[sample].from_string(source).render(template_context(triggered))
-    except _UnknownSampleData:
+        kit.environments[sample].from_string(source).render(template_context(triggered))
+    except kit.unknown:
         return None
     except Exception as exc:  # any error a user template can raise, sandbox ones included
         return f"{type(exc).__name__}: {exc}"

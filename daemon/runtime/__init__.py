@@ -12,3 +12,10 @@ Rules (``make lint`` enforces the imports, see ``[tool.importlinter]``):
 * may import ``daemon.engine``, ``daemon.wire``, ``store`` and ``daemon.core``; never
   ``daemon.cli``.
 """
+
+import sys as _sys
+
+# httpx imports its own command line (click, rich, pygments: about 4 MB of memory) whenever
+# those happen to be installed, and trigd never runs it. None in sys.modules makes that
+# import fail, a case httpx handles (its command line is the optional extra httpx[cli]).
+_sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]  # None: "not importable"

@@ -2,12 +2,14 @@
 
 Theory of operation. Ingest sends one ``Submission`` per parsed event into a bounded
 channel. This task waits for the first one, then takes whatever else is already queued, up
-to ``batch_max`` (group commit: a lone event is committed at once, a flood is committed a
-few hundred at a time, and the fsync cost is shared). The engine runs over the batch in the
-store thread inside one ``BEGIN IMMEDIATE`` transaction; only after ``COMMIT`` returns is
-each submission resolved, so an ack (or a pong) always means "on disk". Then, only while
-events out has subscribers, what the batch committed (its new events and trigd's own
-events it drained from the inbox) goes to the hub (``daemon.runtime.events_hub``).
+to ``batch_max`` (group commit: a flood is committed a few hundred at a time, and the fsync
+cost is shared), and lingers a few milliseconds for more when the batch is small
+(``daemon.core.commit_linger``), so that events arriving one at a time share it too.
+The engine runs over the batch in the store thread inside one ``BEGIN IMMEDIATE``
+transaction; only after ``COMMIT`` returns is each submission resolved, so an ack (or a
+pong) always means "on disk". Then, only while events out has subscribers, what the batch
+committed (its new events and trigd's own events it drained from the inbox) goes to the
+hub (``daemon.runtime.events_hub``).
 
 Failures:
 
@@ -43,13 +45,15 @@ import contextlib
 import enum
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Protocol
 
 import apsw
 import attrs
 import trio
 
+from daemon.core.commit_linger import CommitLinger
+from daemon.core.config import COMMIT_LINGER_EVENTS
 from daemon.core.events import ReceivedEvent
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.engine.engine import BatchOutcome, Outcome
@@ -250,12 +254,16 @@ async def run_evaluator(
     log_limits: LogLimits = DEFAULT_LIMITS,
     on_batch: Callable[[Sequence[Submission], float], None] | None = None,
     hub: EventsHub | None = None,
+    linger: timedelta = timedelta(0),
+    linger_events: int = COMMIT_LINGER_EVENTS,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit submissions in batches until every sender has closed the channel;
     ``on_commit`` runs after each commit (it wakes the sender and the inbox pump); a line
-    one event can cause is logged within ``log_limits``; ``on_batch`` gets each batch once
-    it is settled, with the seconds that took (``/metrics``)."""
+    one event can cause is logged within ``log_limits``; after a batch's first event, more
+    are awaited as ``daemon.core.commit_linger`` says (``linger`` at most, until
+    ``linger_events``); ``on_batch`` gets each batch once it is settled, with the seconds
+    that took (``/metrics``)."""
     if batch_max < 1:
         raise ValueError(f"batch_max must be at least 1, got {batch_max}")
     evaluator = _Evaluator(
@@ -268,13 +276,50 @@ async def run_evaluator(
         on_batch,
         hub,
     )
+    policy = CommitLinger(linger.total_seconds(), linger_events, batch_max)
+    last_batch = 0
     async with receive:
         task_status.started()
         async for first in receive:
-            batch = [first]
-            while len(batch) < batch_max:
-                try:
-                    batch.append(receive.receive_nowait())
-                except (trio.WouldBlock, trio.EndOfChannel):
-                    break
+            batch = await _gather(receive, first, policy, last_batch)
             await evaluator.settle(batch)
+            last_batch = len(batch)
+
+
+def _take_queued(
+    receive: trio.MemoryReceiveChannel[Submission], batch: list[Submission], batch_max: int
+) -> None:
+    while len(batch) < batch_max:
+        try:
+            batch.append(receive.receive_nowait())
+        except (trio.WouldBlock, trio.EndOfChannel):
+            return
+
+
+async def _gather(
+    receive: trio.MemoryReceiveChannel[Submission],
+    first: Submission,
+    policy: CommitLinger,
+    last_batch: int,
+) -> list[Submission]:
+    """A batch: ``first``, what is queued behind it, and what arrived while ``policy``
+    said to linger (``last_batch``: the size of the batch before). The linger is shielded
+    from cancellation, so the events already taken are committed; it is bounded anyway."""
+    first_at = trio.current_time()
+    batch = [first]
+    _take_queued(receive, batch, policy.batch_max)
+    while len(batch) < policy.batch_max:
+        wait = policy.wait(
+            batch=len(batch),
+            queued=receive.statistics().current_buffer_used,
+            last_batch=last_batch,
+            first_at=first_at,
+            now=trio.current_time(),
+        )
+        if wait <= 0:
+            break
+        # one wake-up at the end of the window, not one per event arriving in it
+        with trio.CancelScope(shield=True):
+            await trio.sleep(wait)
+        _take_queued(receive, batch, policy.batch_max)
+    return batch

@@ -194,7 +194,11 @@ def open_store(settings: StoreConfig) -> Store:
     """The writer store; a path that cannot hold a database is the ``[store] path`` setting
     at fault. (A database in use by another trigd, or too new, stays a StoreError.)"""
     try:
-        return Store.open(settings.path, synchronous=settings.synchronous)
+        return Store.open(
+            settings.path,
+            synchronous=settings.synchronous,
+            cache_kib=settings.page_cache_mib * 1024,
+        )
     except UnusableDatabase as exc:
         raise UnusableSetting("store", "path", exc.path, exc.why) from exc
 
@@ -317,6 +321,8 @@ async def _run(
                         receive,
                         clock=clock,
                         batch_max=config.server.batch_max_events,
+                        linger=config.store.commit_linger,
+                        linger_events=config.store.commit_linger_events,
                         stats=evaluator_stats,
                         on_commit=committed,
                         log_limits=config.log.limits,

@@ -133,6 +133,9 @@ def test_defaults_are_spec_section_3(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert config.store.path == tmp_path / "trigd.db"
     assert config.store.synchronous == "full"
     assert config.store.event_retention == timedelta(days=7)
+    assert config.store.commit_linger == timedelta(milliseconds=5)
+    assert config.store.commit_linger_events == 64
+    assert config.store.page_cache_mib == 2
     assert config.ordering.preceding_event_lookback == timedelta(minutes=15)
     assert config.ordering.seen_expiration == timedelta(hours=1)
     assert config.ordering.max_depth == 20
@@ -275,6 +278,14 @@ def test_client_and_foreign_variables_are_ignored(tmp_path: Path) -> None:
         ),
         ("[delivery]\nprobe_concurrency = 0", "[delivery] probe_concurrency: must be at least 1"),
         ('[server]\ntls_cert = "c.pem"', "[server] tls_key: tls_cert and tls_key must be set"),
+        (
+            '[store]\ncommit_linger = "2s"',
+            "[store] commit_linger: must be at most 1s (every ack waits up to this long), got 2s",
+        ),
+        ('[store]\ncommit_linger = "-1ms"', "[store] commit_linger: a duration cannot be"),
+        ('[store]\ncommit_linger = "0s"', None),
+        ("[store]\ncommit_linger_events = 0", "[store] commit_linger_events: must be at least 1"),
+        ("[store]\npage_cache_mib = 0", "[store] page_cache_mib: must be at least 1"),
     ],
 )
 def test_bad_values_name_file_section_key_and_why(

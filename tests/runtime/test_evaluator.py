@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -435,3 +435,178 @@ async def test_lines_one_event_causes_are_rate_limited(
         "internal error: RuntimeError('boom " + "x" * 200 + "')"
     ] * 13
     assert stats.internal_errors == 13
+
+
+# --- the commit linger ---------------------------------------------------------------------
+
+
+@attrs.define
+class TimedEngine:
+    """The real engine, recording each batch's size and the (virtual) time it was taken, in
+    microseconds."""
+
+    inner: Engine
+    batches: list[tuple[int, int]] = attrs.Factory(list)
+
+    def process_batch(
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome:
+        self.batches.append((len(events), (now - NOW) // timedelta(microseconds=1)))
+        return self.inner.process_batch(conn, events, now)
+
+    def rolled_back(self) -> None:
+        self.inner.rolled_back()
+
+
+def us(seconds: float) -> int:
+    return round(seconds * 1e6)
+
+
+def virtual_clock() -> datetime:
+    """The wall clock the engine gets: NOW plus trio's (mock) time."""
+    return NOW + timedelta(seconds=trio.current_time())
+
+
+@pytest.fixture
+def frozen_clock() -> trio.testing.MockClock:
+    """Virtual time that only moves when a test jumps it."""
+    return trio.testing.MockClock()
+
+
+async def settle_until(sink: Recorder, count: int) -> None:
+    """Until ``count`` submissions are resolved (the store thread takes real time, the
+    frozen clock does not move meanwhile)."""
+    while len(sink.outcomes) < count:
+        sink.changed = trio.Event()
+        await sink.changed.wait()
+
+
+async def test_events_arriving_within_the_linger_share_one_commit(
+    gateway: StoreGateway, db_path: Path, frozen_clock: trio.testing.MockClock
+) -> None:
+    """The first event opens a 5 ms window; the events arriving in it join its batch, which
+    commits when the window ends. The next batch's window is shorter by the share of
+    `linger_events` the last batch filled (3 of 64)."""
+    sink = Recorder()
+    engine = TimedEngine(Engine())
+    send, receive = trio.open_memory_channel[Submission](10)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run_evaluator(
+                    gateway,
+                    engine,
+                    receive,
+                    clock=virtual_clock,
+                    batch_max=100,
+                    linger=timedelta(milliseconds=5),
+                    linger_events=64,
+                )
+            )
+            start = trio.current_time()
+            for _ in range(3):  # events at 0, 2 and 4 ms
+                send.send_nowait(Submission(make_event(), sink))
+                await trio.testing.wait_all_tasks_blocked()
+                frozen_clock.jump(0.002)
+            # the window ended at 5 ms, while the clock stood still at 4: the batch is
+            # taken when it next moves, at 6
+            await settle_until(sink, 3)
+            assert engine.batches == [(3, us(start + 0.006))]
+            second = trio.current_time()
+            send.send_nowait(Submission(make_event(), sink))
+            await trio.testing.wait_all_tasks_blocked()
+            frozen_clock.jump(0.0047)  # short of 5 ms * (1 - 3/64) = 4.77 ms
+            await trio.testing.wait_all_tasks_blocked()
+            frozen_clock.jump(0.0001)
+            await trio.testing.wait_all_tasks_blocked()
+            frozen_clock.jump(0.001)  # past any window: the batch's time tells which ended it
+            await settle_until(sink, 4)
+            assert engine.batches[1:] == [(1, us(second + 0.0048))]
+            await send.aclose()
+    assert len(stored_ids(db_path)) == 4
+
+
+async def test_no_linger_once_a_batch_holds_linger_events(
+    gateway: StoreGateway, frozen_clock: trio.testing.MockClock
+) -> None:
+    """Under load the queue makes the batches: a batch that already holds `linger_events`
+    commits at once, and so does the one after it, however small."""
+    sink = Recorder()
+    engine = TimedEngine(Engine())
+    send, receive = trio.open_memory_channel[Submission](10)
+    start = trio.current_time()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run_evaluator(
+                    gateway,
+                    engine,
+                    receive,
+                    clock=virtual_clock,
+                    batch_max=100,
+                    linger=timedelta(milliseconds=5),
+                    linger_events=3,
+                )
+            )
+            for _ in range(3):
+                send.send_nowait(Submission(make_event(), sink))
+            await settle_until(sink, 3)
+            send.send_nowait(Submission(make_event(), sink))
+            await settle_until(sink, 4)
+            await send.aclose()
+    assert engine.batches == [(3, us(start)), (1, us(start))]
+
+
+async def test_the_linger_never_makes_a_batch_longer_than_batch_max(
+    gateway: StoreGateway, frozen_clock: trio.testing.MockClock
+) -> None:
+    sink = Recorder()
+    engine = TimedEngine(Engine())
+    send, receive = trio.open_memory_channel[Submission](10)
+    start = trio.current_time()
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run_evaluator(
+                    gateway,
+                    engine,
+                    receive,
+                    clock=virtual_clock,
+                    batch_max=3,
+                    linger=timedelta(milliseconds=5),
+                    linger_events=64,
+                )
+            )
+            for _ in range(5):
+                send.send_nowait(Submission(make_event(), sink))
+                await trio.testing.wait_all_tasks_blocked()
+                frozen_clock.jump(0.001)
+            await settle_until(sink, 5)
+            await send.aclose()
+    # the second batch follows a full one: no linger
+    assert engine.batches == [(3, us(start + 0.005)), (2, us(start + 0.005))]
+
+
+async def test_cancellation_during_the_linger_commits_the_events_taken(
+    gateway: StoreGateway, db_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    sink = Recorder()
+    send, receive = trio.open_memory_channel[Submission](10)
+    event = make_event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_evaluator(
+                gateway,
+                Engine(),
+                receive,
+                clock=fixed_clock,
+                batch_max=100,
+                linger=timedelta(milliseconds=5),
+            )
+        )
+        send.send_nowait(Submission(event, sink))
+        await trio.testing.wait_all_tasks_blocked()
+        assert sink.outcomes == []  # lingering
+        nursery.cancel_scope.cancel()
+    assert sink.outcomes == [(event.id, None)]
+    assert stored_ids(db_path) == {str(event.id)}
