@@ -241,9 +241,7 @@ async def test_prefect_s_client_reads_health_and_version_with_its_auth_string(
 
 async def test_events_query_pages_newest_first_through_next_page(tmp_path: Path) -> None:
     config = write_config(tmp_path, server={"listen": "127.0.0.1:0", "auth_token": TOKEN})
-    pumps = [
-        event(occurred=f"2026-12-04T10:00:0{n}Z", event=f"pump.reading.{n}") for n in range(5)
-    ]
+    pumps = [event(occurred=f"2026-12-04T10:00:0{n}Z", event=f"pump.reading.{n}") for n in range(5)]
     valve = event(occurred="2026-12-04T10:00:09Z", event="valve.opened")
     query = {
         "filter": {
