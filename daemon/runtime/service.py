@@ -42,6 +42,7 @@ from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting
 from daemon.core.counters import CounterSource
 from daemon.core.exit_codes import ExitCode
 from daemon.core.lints import lint_automation
+from daemon.core.upstream import UpstreamStats
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
 from daemon.runtime.gateway import StoreGateway
@@ -51,6 +52,7 @@ from daemon.runtime.sender import Sender, run_sender
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.runtime.sweeper import SweepSettings, run_sweeper
 from daemon.runtime.systemd import Notifier
+from daemon.runtime.upstream import Forwarder, Subscriber, resolve_credentials
 from daemon.wire.submission import Submission
 from store.connection import Connection
 from store.db import Store, StoreError, StoreUnavailable, UnusableDatabase
@@ -230,9 +232,12 @@ async def _run(
 ) -> None:
     send, receive = trio.open_memory_channel[Submission](config.server.queue_depth)
     ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
+    upstream_stats = UpstreamStats()
+    groups = {"ingest": ingest_stats, "evaluator": evaluator_stats}
     counters = CounterSource(
-        os.getpid(), clock(), {"ingest": ingest_stats, "evaluator": evaluator_stats}
+        os.getpid(), clock(), groups | ({"upstream": upstream_stats} if config.upstream.url else {})
     )
+    credentials = resolve_credentials(config.upstream, os.environ)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             pump = InboxPump(gateway, engine, clock)
@@ -247,14 +252,27 @@ async def _run(
                 )
             )
 
+            forwarder = Forwarder(
+                config.upstream,
+                credentials,
+                gateway.store.path,
+                gateway,
+                upstream_stats,
+                clock=clock,
+            )
+            if config.upstream.forwarding:
+                await nursery.start(forwarder.run)
+
             def committed() -> None:
                 sender.notify()
                 pump.wake()
+                forwarder.notify()
 
             settings = SweepSettings(
                 config.triggers.proactive_granularity,
                 config.store.event_retention,
                 config.store.outbox_retention,
+                config.upstream.backlog if config.upstream.forwarding else None,
             )
             await nursery.start(
                 lambda *, task_status: run_sweeper(
@@ -264,6 +282,7 @@ async def _run(
                     clock=clock,
                     on_commit=committed,
                     counters=counters,
+                    upstream=upstream_stats,
                     task_status=task_status,
                 )
             )
@@ -302,6 +321,25 @@ async def _run(
                     )
 
             await nursery.start(ingest)
+            upstream_scope = trio.CancelScope()
+            if config.upstream.subscribing:
+                subscriber = Subscriber(
+                    config.upstream,
+                    credentials,
+                    gateway,
+                    send.clone(),
+                    upstream_stats,
+                    clock=clock,
+                    max_event_bytes=config.server.max_event_bytes,
+                    max_json_depth=config.server.max_json_depth,
+                    log_limits=config.log.limits,
+                )
+
+                async def subscribe(*, task_status: trio.TaskStatus[None]) -> None:
+                    with upstream_scope:
+                        await subscriber.run(task_status=task_status)
+
+                await nursery.start(subscribe)
             await notifier.notify("READY=1")
             nursery.start_soon(notifier.run_watchdog, partial(gateway.run, _store_alive))
 
@@ -313,6 +351,7 @@ async def _run(
                 break
             await notifier.notify("STOPPING=1")
             ingest_scope.cancel()
+            upstream_scope.cancel()
             with trio.move_on_after(config.server.shutdown_timeout.total_seconds()):
                 await evaluator_done.wait()
             nursery.cancel_scope.cancel()

@@ -1,0 +1,222 @@
+"""`[upstream]` against a real Prefect server (README.md#trigd-beside-your-prefect-server):
+events sent to trigd reach the server's `POST /api/events/filter`, each id once, across a
+server outage and a SIGKILL of trigd mid-stream; a real `@flow`'s state events, taken from
+the server through `subscribe`, fire a trigd automation; forwarding and subscribing together
+do not loop.
+
+One Prefect server (tests/support/prefect_server.py) serves the whole module.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import apsw
+import pytest
+import trio
+
+from tests.support.daemon_process import (
+    run_trigd,
+    running_daemon,
+    write_automations,
+    write_config,
+)
+from tests.support.ingest_client import connect, event_dict
+from tests.support.paths import SUPPORT
+from tests.support.prefect_server import AUTH_STRING, PrefectServer
+from tests.support.webhook_receiver import Receiver, answer, run_receiver
+
+pytestmark = pytest.mark.slow
+
+FLOW_SCRIPT: Final = SUPPORT / "prefect_flow_script.py"
+SINCE: Final = "2026-01-01T00:00:00Z"
+WAIT: Final = 60.0  # seconds for events to show up upstream
+AUTH_ENV: Final = "UPSTREAM_AUTH_FOR_TEST"  # the auth string reaches trigd as env:NAME
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def upstream_config(server: PrefectServer, **more: Any) -> dict[str, Any]:
+    return {"url": server.api_url, "auth_string": f"env:{AUTH_ENV}", **more}
+
+
+async def upstream_ids(server: PrefectServer, ids: list[str]) -> list[str]:
+    """The ids among `ids` the server answers, as often as it answers each."""
+    events = await trio.to_thread.run_sync(
+        server.query_events, {"id": {"id": ids}, "occurred": {"since": SINCE}}
+    )
+    return [e["id"] for e in events]
+
+
+async def until_upstream(server: PrefectServer, ids: list[str]) -> list[str]:
+    with trio.fail_after(WAIT):
+        while True:
+            found = await upstream_ids(server, ids)
+            if set(found) == set(ids):
+                return found
+            await trio.sleep(0.5)
+
+
+async def send_events(url: str, count: int, **fields: Any) -> list[str]:
+    """`count` events sent to trigd and committed (the pong comes after the commit)."""
+    ids = []
+    async with connect(url) as ws:
+        for _ in range(count):
+            event = event_dict(**{"occurred": "2026-12-01T10:00:00Z", **fields})
+            ids.append(event["id"])
+            await ws.send_message(json.dumps(event))
+        await ws.ping()
+    return ids
+
+
+def stored_ids(db: Path) -> list[str]:
+    conn = apsw.Connection(str(db), flags=apsw.SQLITE_OPEN_READONLY)
+    try:
+        return [str(row[0]) for row in conn.execute("SELECT id FROM events")]
+    finally:
+        conn.close()
+
+
+async def status(config: Path) -> dict[str, Any]:
+    ran = await run_trigd("status", "--config", str(config), "--json")
+    assert ran.returncode == 0, ran.stderr
+    result: dict[str, Any] = json.loads(ran.stdout)
+    return result
+
+
+async def test_forward_reaches_prefect_once_across_an_outage_and_a_sigkill(
+    tmp_path: Path, prefect_server: PrefectServer
+) -> None:
+    env = {AUTH_ENV: AUTH_STRING}
+    config = write_config(tmp_path, upstream=upstream_config(prefect_server, page_events=7))
+    async with running_daemon(config, env=env) as daemon:
+        first = await send_events(daemon.url, 20)
+        assert sorted(await until_upstream(prefect_server, first)) == sorted(first)
+
+        # the server goes away for a while: trigd keeps taking events, and says so
+        await trio.to_thread.run_sync(prefect_server.stop)
+        during = await send_events(daemon.url, 20)
+        with trio.fail_after(WAIT):
+            await daemon.wait_for_log("retrying with backoff")
+            while (await status(config))["upstream"]["unforwarded"] < len(during):  # noqa: ASYNC110
+                await trio.sleep(0.5)
+        await trio.to_thread.run_sync(prefect_server.start)
+        assert sorted(await until_upstream(prefect_server, during)) == sorted(during)
+        await daemon.wait_for_log("upstream forward: connected to http")
+
+        # SIGKILL while a stream of events is being forwarded, in pages of 7
+        killed = await send_events(daemon.url, 600)
+        daemon.send(signal.SIGKILL)
+        await daemon.stop()
+    assert (await status(config))["upstream"]["unforwarded"] > 0  # killed mid-stream
+    async with running_daemon(config, env=env) as again:
+        everything = first + during + killed
+        found = await until_upstream(prefect_server, everything)
+    assert sorted(found) == sorted(everything)  # each id exactly once in the server's answer
+    assert sorted(stored_ids(tmp_path / "trigd.db")) == sorted(everything)
+    summary = await status(config)
+    assert summary["upstream"]["unforwarded"] == 0
+    assert AUTH_STRING not in json.dumps(summary)
+    assert AUTH_STRING not in daemon.log + again.log
+
+
+async def counters(config: Path) -> dict[str, Any]:
+    """The daemon's counters as its sweeper last stored them (`trigd status`)."""
+    with trio.fail_after(WAIT):
+        while (snapshot := (await status(config))["daemon"]) is None:  # noqa: ASYNC110
+            await trio.sleep(0.5)
+    return dict(snapshot)
+
+
+def flow_automation(url: str) -> dict[str, Any]:
+    return {
+        "name": "edge flow completed",
+        "trigger": {
+            "type": "event",
+            "match": {"prefect.resource.id": "prefect.flow-run.*"},
+            "expect": ["prefect.flow-run.Completed"],
+            "posture": "Reactive",
+            "threshold": 1,
+            "within": 0,
+        },
+        "actions": [
+            {
+                "type": "call-webhook",
+                "url": url,
+                "payload": '{"flow_run": "{{ event.resource.id }}"}',
+            }
+        ],
+    }
+
+
+async def run_flow(server: PrefectServer) -> str:
+    ran = await trio.run_process(
+        [str(server.python()), str(FLOW_SCRIPT)],
+        env=server.env(),
+        cwd=server.home,
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert ran.returncode == 0, ran.stderr.decode(errors="replace")
+    return str(json.loads(ran.stdout.decode().strip().splitlines()[-1])["flow_run_id"])
+
+
+async def test_subscribe_fires_an_automation_on_a_real_flow_run_and_does_not_loop(
+    tmp_path: Path, prefect_server: PrefectServer
+) -> None:
+    subscribe = {"event": {"prefix": ["prefect.flow-run.", "edge."]}}
+    env = {AUTH_ENV: AUTH_STRING}
+    async with trio.open_nursery() as nursery:
+        receiver: Receiver = await nursery.start(run_receiver, answer(204))
+        automations = write_automations(tmp_path, [flow_automation(receiver.url())])
+        config = write_config(
+            tmp_path,
+            [automations],
+            upstream=upstream_config(prefect_server, subscribe=json.dumps(subscribe)),
+        )
+        async with running_daemon(config, env=env) as daemon:
+            with trio.fail_after(WAIT):
+                await daemon.wait_for_log("upstream subscribe: connected to")
+            flow_run_id = await run_flow(prefect_server)
+            with trio.move_on_after(WAIT):
+                hook = await receiver.next_request()
+            assert receiver.requests, daemon.log
+            assert json.loads(hook.body) == {"flow_run": f"prefect.flow-run.{flow_run_id}"}
+
+            # an event sent to trigd goes up, matches the subscription, comes back: dropped
+            now = datetime.now(UTC).isoformat()  # the subscription wants recent events
+            sent = await send_events(daemon.url, 3, event="edge.reading", occurred=now)
+            await until_upstream(prefect_server, sent)
+            with trio.fail_after(WAIT):
+                while (await counters(config))["evaluator"]["duplicates"] < len(sent):  # noqa: ASYNC110
+                    await trio.sleep(0.5)
+            settled = await counters(config)
+            await trio.sleep(3)  # a loop would keep sending them round: 3 sweeper snapshots
+            assert (await counters(config))["evaluator"] == settled["evaluator"]
+            assert await daemon.stop() == 0, daemon.log
+        nursery.cancel_scope.cancel()
+    stored = stored_ids(tmp_path / "trigd.db")
+    assert len(stored) == len(set(stored))
+    assert set(sent) <= set(stored)
+    assert sorted(await upstream_ids(prefect_server, sent)) == sorted(sent)
+    summary = await status(config)
+    upstream = summary["daemon"]["upstream"]
+    assert upstream["taken"] >= 3 + len(sent)  # the flow run's states, and ours back
+    assert upstream["rejected"] == 0
+    assert summary["daemon"]["evaluator"]["duplicates"] >= len(sent)  # ours came back
+    assert summary["upstream"]["subscribe_position"] is not None
+    assert len(receiver.requests) == 1
