@@ -118,7 +118,8 @@ def prune_events_sparing(
             (received_before_us,),
         )
         return Pruned(conn.changes(), 0)
-    bound = min(received_before_us, backlog_before_us or received_before_us)
+    bound = received_before_us if backlog_before_us is None else backlog_before_us
+    bound = min(bound, received_before_us)
     row = conn.execute(
         f"SELECT count(*) FROM events WHERE received_us < ? AND rowid > ? AND rowid < {_NEWEST}",
         (bound, cursor),

@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 import apsw
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -20,6 +21,7 @@ from daemon.engine.engine import ORDERING_SCOPE, Engine
 from daemon.engine.ordering import CausalOrdering
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.sweeper import SweepSettings, run_sweeper, sweep
+from store import upstream as upstream_store
 from store.db import Store
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -212,3 +214,25 @@ def outbox_rows(conn: apsw.Connection) -> int:
     row = conn.execute("SELECT count(*) FROM outbox").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def test_retention_spares_events_not_forwarded_upstream_up_to_the_backlog(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With [upstream] forwarding on, an event past the forward cursor outlives
+    event_retention until it is older than the backlog bound; then it is dropped and
+    counted, and run_sweeper logs it (docs/OPERATIONS.md)."""
+    conn = store.conn
+    for event_id, days in (("sent", 9), ("unsent-10d", 10), ("unsent-8d", 8)):
+        received = NOW - timedelta(days=days)
+        conn.execute(
+            "INSERT INTO events (id, event, resource_id, occurred_us, received_us, data)"
+            " VALUES (?, 'e', 'r', ?, ?, '{}')",
+            (event_id, to_us(received), to_us(received)),
+        )
+        if event_id == "sent":
+            upstream_store.set_forward_cursor(conn, conn.last_insert_rowid())
+    settings = attrs.evolve(SETTINGS, forward_backlog=timedelta(days=9))
+    report = sweep(conn, Engine(), settings, NOW)
+    assert (report.pruned_events, report.dropped_unforwarded) == (2, 1)
+    assert [r[0] for r in conn.execute("SELECT id FROM events")] == ["unsent-8d"]
