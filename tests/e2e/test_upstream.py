@@ -220,3 +220,38 @@ async def test_subscribe_fires_an_automation_on_a_real_flow_run_and_does_not_loo
     assert summary["daemon"]["evaluator"]["duplicates"] >= len(sent)  # ours came back
     assert summary["upstream"]["subscribe_position"] is not None
     assert len(receiver.requests) == 1
+
+
+async def test_a_refused_auth_string_is_reported_and_never_shown(
+    tmp_path: Path, prefect_server: PrefectServer
+) -> None:
+    wrong = "trigd-upstream:not-the-password-4711"
+    config = write_config(
+        tmp_path, upstream={"url": prefect_server.api_url, "auth_string": f"env:{AUTH_ENV}"}
+    )
+    async with running_daemon(config, env={AUTH_ENV: wrong}) as daemon:
+        with trio.fail_after(WAIT):
+            await daemon.wait_for_log("upstream forward: ")
+            while "last_error" not in json.dumps((await counters(config)).get("upstream")):  # noqa: ASYNC110
+                await trio.sleep(0.5)
+        upstream = (await counters(config))["upstream"]
+        assert await daemon.stop() == 0
+    assert upstream["forward_connected"] is False
+    assert upstream["last_error"].startswith("forward: ")
+    assert "retrying with backoff" in daemon.log
+    ran = await run_trigd("status", "--config", str(config))
+    for shown in (daemon.log, json.dumps(upstream), ran.stdout.decode()):
+        assert "not-the-password" not in shown
+
+
+async def test_an_auth_string_reference_that_does_not_resolve_stops_start_up(
+    tmp_path: Path,
+) -> None:
+    config = write_config(
+        tmp_path, upstream={"url": "http://127.0.0.1:9/api", "auth_string": f"env:{AUTH_ENV}"}
+    )
+    async with running_daemon(config, wait_ready=False) as daemon:
+        with trio.fail_after(WAIT):
+            assert await daemon.process.wait() == 2
+        await daemon.wait_for_log("trigd serve:")
+    assert f"[upstream] auth_string (reference): 'env:{AUTH_ENV}': the environment" in daemon.log
