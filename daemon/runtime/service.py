@@ -2,9 +2,11 @@
 #signals, #durability).
 
 Theory of operation. Start-up opens the store (taking its lock), loads the automation
-files, and starts the tasks in dependency order with ``nursery.start``: sender, sweeper,
-inbox pump, evaluator, and last the ingest server, whose start logs
-``trigd listening on ws://HOST:PORT``. Only then is ``READY=1`` sent to systemd.
+files, and starts the tasks in dependency order with ``nursery.start``: sender, the
+upstream forwarder (with ``[upstream]`` forwarding), sweeper, inbox pump, evaluator, the
+ingest server, whose start logs ``trigd listening on ws://HOST:PORT``, and the upstream
+subscriber (with ``[upstream] subscribe``), which feeds the evaluator as ingest does. Only
+then is ``READY=1`` sent to systemd. The subscriber is stopped with ingest.
 
 Signals: SIGHUP reloads the automation files (all valid: swapped in; any invalid, or a
 store that refuses the new set: the old set stays and the error is logged). SIGTERM and
