@@ -50,6 +50,14 @@ class UpstreamStats:
         return reasons
 
 
+def next_position(current: datetime | None, occurred: datetime, received: datetime) -> datetime:
+    """The subscribe position after an event was committed: the latest `occurred` taken,
+    but never past when it was received, so that one event stamped in the future cannot
+    make every reconnect ask for events from then on."""
+    taken = min(occurred, received)
+    return taken if current is None or taken > current else current
+
+
 def describe(values: dict[str, object]) -> list[str]:
     """`trigd status` lines for the `upstream` group of a counters snapshot."""
 

@@ -39,7 +39,7 @@ from daemon.core.config import UnusableSetting, UpstreamConfig
 from daemon.core.events import EventRejected
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
 from daemon.core.references import UnresolvedReference, resolve
-from daemon.core.upstream import UpstreamStats
+from daemon.core.upstream import UpstreamStats, next_position
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.wire.submission import Submission
@@ -341,9 +341,9 @@ class Subscriber:
 
     def resolved(self, submission: Submission, error: str | None) -> None:
         """The evaluator settled one of our events (called from its task: no blocking)."""
-        occurred = submission.event.occurred
-        if error is None and (self._committed is None or occurred > self._committed):
-            self._committed = occurred
+        if error is None:
+            event = submission.event
+            self._committed = next_position(self._committed, event.occurred, event.received)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with self._send:

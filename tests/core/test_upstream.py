@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 import attrs
 
 from daemon.core.clock import to_us
-from daemon.core.upstream import UpstreamStats, describe
+from daemon.core.upstream import UpstreamStats, describe, next_position
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
@@ -39,3 +39,11 @@ def test_status_lines() -> None:
     assert "backlog 3 events" in lines[1]
     assert "9 forwarded" in lines[2]
     assert lines[3] == "    last error: x"
+
+
+def test_the_subscribe_position_is_the_latest_occurred_but_never_past_its_arrival() -> None:
+    earlier, later = NOW - timedelta(minutes=5), NOW - timedelta(minutes=1)
+    assert next_position(None, earlier, NOW) == earlier
+    assert next_position(earlier, later, NOW) == later
+    assert next_position(later, earlier, NOW) == later  # a backfilled event
+    assert next_position(later, NOW + timedelta(days=365), NOW) == NOW  # stamped ahead

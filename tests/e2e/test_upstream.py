@@ -133,6 +133,11 @@ async def test_forward_reaches_prefect_once_across_an_outage_and_a_sigkill(
     assert AUTH_STRING not in daemon.log + again.log
 
 
+async def automation_events(server: PrefectServer) -> list[dict[str, Any]]:
+    filter_ = {"event": {"name": ["prefect.automation.triggered"]}, "occurred": {"since": SINCE}}
+    return await trio.to_thread.run_sync(server.query_events, filter_)
+
+
 async def counters(config: Path) -> dict[str, Any]:
     """The daemon's counters as its sweeper last stored them (`trigd status`)."""
     with trio.fail_after(WAIT):
@@ -196,6 +201,11 @@ async def test_subscribe_fires_an_automation_on_a_real_flow_run_and_does_not_loo
                 hook = await receiver.next_request()
             assert receiver.requests, daemon.log
             assert json.loads(hook.body) == {"flow_run": f"prefect.flow-run.{flow_run_id}"}
+            # the firing's own event, made by trigd, reaches the server too
+            with trio.fail_after(WAIT):
+                while not (fired := await automation_events(prefect_server)):  # noqa: ASYNC110
+                    await trio.sleep(0.5)
+            assert fired[0]["resource"]["prefect.resource.name"] == "edge flow completed"
 
             # an event sent to trigd goes up, matches the subscription, comes back: dropped
             now = datetime.now(UTC).isoformat()  # the subscription wants recent events
