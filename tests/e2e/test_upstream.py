@@ -138,6 +138,15 @@ async def automation_events(server: PrefectServer) -> list[dict[str, Any]]:
     return await trio.to_thread.run_sync(server.query_events, filter_)
 
 
+async def flow_run_completed(server: PrefectServer, flow_run_id: str) -> bool:
+    filter_ = {
+        "event": {"name": ["prefect.flow-run.Completed"]},
+        "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+        "occurred": {"since": SINCE},
+    }
+    return bool(await trio.to_thread.run_sync(server.query_events, filter_))
+
+
 async def counters(config: Path) -> dict[str, Any]:
     """The daemon's counters as its sweeper last stored them (`trigd status`)."""
     with trio.fail_after(WAIT):
@@ -218,6 +227,20 @@ async def test_subscribe_fires_an_automation_on_a_real_flow_run_and_does_not_loo
             await trio.sleep(3)  # a loop would keep sending them round: 3 sweeper snapshots
             assert (await counters(config))["evaluator"] == settled["evaluator"]
             assert await daemon.stop() == 0, daemon.log
+
+        # a flow runs while trigd is stopped: it catches up from its position on restart
+        missed = await run_flow(prefect_server)
+        with trio.fail_after(WAIT):  # a backfill reads what the server has stored
+            while not await flow_run_completed(prefect_server, missed):  # noqa: ASYNC110
+                await trio.sleep(0.5)
+        async with running_daemon(config, env=env) as again:
+            with trio.fail_after(WAIT):
+                hook = await receiver.next_request()
+            assert json.loads(hook.body) == {"flow_run": f"prefect.flow-run.{missed}"}
+            with trio.fail_after(WAIT):  # the missed run's states, counted since the restart
+                while (await counters(config))["upstream"]["taken"] < 3:  # noqa: ASYNC110
+                    await trio.sleep(0.5)
+            assert await again.stop() == 0, again.log
         nursery.cancel_scope.cancel()
     stored = stored_ids(tmp_path / "trigd.db")
     assert len(stored) == len(set(stored))
@@ -225,11 +248,9 @@ async def test_subscribe_fires_an_automation_on_a_real_flow_run_and_does_not_loo
     assert sorted(await upstream_ids(prefect_server, sent)) == sorted(sent)
     summary = await status(config)
     upstream = summary["daemon"]["upstream"]
-    assert upstream["taken"] >= 3 + len(sent)  # the flow run's states, and ours back
     assert upstream["rejected"] == 0
-    assert summary["daemon"]["evaluator"]["duplicates"] >= len(sent)  # ours came back
     assert summary["upstream"]["subscribe_position"] is not None
-    assert len(receiver.requests) == 1
+    assert len(receiver.requests) == 2
 
 
 async def test_a_refused_auth_string_is_reported_and_never_shown(
@@ -242,7 +263,7 @@ async def test_a_refused_auth_string_is_reported_and_never_shown(
     async with running_daemon(config, env={AUTH_ENV: wrong}) as daemon:
         with trio.fail_after(WAIT):
             await daemon.wait_for_log("upstream forward: ")
-            while "last_error" not in json.dumps((await counters(config)).get("upstream")):  # noqa: ASYNC110
+            while not (await counters(config)).get("upstream", {}).get("last_error"):  # noqa: ASYNC110
                 await trio.sleep(0.5)
         upstream = (await counters(config))["upstream"]
         assert await daemon.stop() == 0
