@@ -131,12 +131,21 @@ class _Link:
         self.stats = stats
         self.delay = FIRST_RETRY
         self.failures = 0
+        self.logged_connected = False
 
     def connected(self) -> None:
+        """Authenticated. The episode is not over yet: a server that takes the connection
+        and then closes it at once (an invalid filter, say) keeps backing off, with one
+        warning, until the connection is `proven`."""
+        if self.failures == 0 and not self.logged_connected:
+            log.info("upstream %s: connected to %s", self.name, self.url)
+            self.logged_connected = True
+
+    def proven(self) -> None:
+        """The connection did its work (a checkpoint answered, an event or a quiet interval
+        received): the outage, if any, is over."""
         if self.failures:
             log.info("upstream %s: connected to %s again", self.name, self.url)
-        else:
-            log.info("upstream %s: connected to %s", self.name, self.url)
         self.failures = 0
         self.delay = FIRST_RETRY
         self.stats.last_error = None
@@ -278,6 +287,7 @@ class Forwarder:
                 self._wake = trio.Event()
                 page = await trio.to_thread.run_sync(self._read, cursor, self._config.page_events)
                 if not page:
+                    self._link.proven()
                     self._backlog_counted = -BACKLOG_SECONDS
                     await self._count_backlog(cursor)
                     with trio.move_on_after(POLL_SECONDS):
@@ -288,6 +298,7 @@ class Forwarder:
                 checkpoint += 1
                 with trio.fail_after(timeout):
                     await ws.ping(checkpoint.to_bytes(8, "big"))
+                self._link.proven()
                 await self._move_cursor(page[-1].seq)
                 cursor = page[-1].seq
                 self._stats.forwarded += len(page)
@@ -390,6 +401,7 @@ class Subscriber:
                 message: str | bytes | None = None
                 with trio.move_on_after(POSITION_SECONDS):  # get_message is safe to cancel
                     message = await ws.get_message()
+                self._link.proven()  # an event, or a quiet interval with the socket open
                 if message is not None:
                     submission = self._take(message)
                     if submission is not None:
