@@ -16,6 +16,10 @@ tests start it: tests/support/prefect_server.py) on 127.0.0.1. Each round, alter
    emits N events of the same shape, checkpointing every 500, then a last checkpoint.
    Measured from its first emit to its last pong, with its own CPU and the server's.
 
+3. trigd ingest: N events committed from one client (frames of 500, a ping after each),
+   once without `[upstream]` and once while the forwarder sends them on: the cost of
+   forwarding to ingest (wall time: both share the machine with the Prefect server).
+
 Both paths end at the same place (Prefect's `/events/in`, confirmed by a pong), so the
 server's own ingest is what bounds either; the CPU columns show who spends what. CPU times
 are read from /proc (utime + stime of every process of the server's session).
@@ -131,6 +135,15 @@ def cursor_and_last(db: Path) -> tuple[int, int]:
         conn.close()
 
 
+def ingest_round(server: PrefectServer, count: int, work: Path, upstream: bool) -> float:
+    """Events/s trigd commits from one client, with forwarding running or not."""
+    work.mkdir()
+    with daemon(write_config(work, server.api_url if upstream else None)) as (_, port):
+        start = time.perf_counter()
+        trio.run(fill, port, count)
+        return count / (time.perf_counter() - start)
+
+
 def trigd_round(server: PrefectServer, count: int, work: Path) -> dict[str, float]:
     work.mkdir()
     with daemon(write_config(work, None)) as (_, port):
@@ -203,6 +216,13 @@ def main() -> None:
                     args.events,
                 )
                 show("Prefect client", prefect_round(server, args.events), args.events)
+                off = ingest_round(server, args.events, Path(tmp) / f"off{round_}", False)
+                on = ingest_round(server, args.events, Path(tmp) / f"on{round_}", True)
+                print(
+                    f"trigd ingest     {off:8.0f} events/s without [upstream], "
+                    f"{on:.0f} while forwarding them",
+                    flush=True,
+                )
         finally:
             server.stop()
 
