@@ -1,7 +1,7 @@
 """`[upstream]` forward rate beside Prefect's own ingest rate, to the same local Prefect server.
 
-    .venv/bin/python bench/bench_upstream.py                  # 20,000 events, 2 rounds
-    .venv/bin/python bench/bench_upstream.py --events 5000 --rounds 1
+    .venv/bin/python bench/bench_upstream.py                  # 5,000 events, 2 rounds
+    .venv/bin/python bench/bench_upstream.py --events 20000 --rounds 2   # docs/PERFORMANCE.md
 
 Set-up: a real Prefect server (`prefect server start`, SQLite, from `.venv-prefect`, as the
 tests start it: tests/support/prefect_server.py) on 127.0.0.1. Each round, alternating:
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Final
 
 import apsw
+import pytest
 import trio
 
 ROOT: Final = Path(__file__).resolve().parent.parent
@@ -201,12 +202,16 @@ def show(name: str, result: dict[str, float], count: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--events", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-upstream-") as tmp:
         server = PrefectServer(Path(tmp) / "prefect")
-        server.start()
+        try:
+            server.start()
+        except pytest.skip.Exception as skipped:  # Prefect could not be installed
+            print(f"skipped: {skipped}")
+            return
         try:
             print(f"{args.events} events to a local Prefect server, per round:")
             for round_ in range(args.rounds):
