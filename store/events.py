@@ -33,12 +33,6 @@ def insert_new_events(conn: apsw.Connection, rows: Sequence[EventRow]) -> set[st
     return {row[0] for row in conn.executemany(_INSERT_NEW, rows)} if rows else set()
 
 
-def prune_events(conn: apsw.Connection, received_before_us: int) -> int:
-    """Event retention: forget events received before the cutoff; returns how many."""
-    conn.execute("DELETE FROM events WHERE received_us < ?", (received_before_us,))
-    return conn.changes()
-
-
 def push_inbox(conn: Connection, event_json: Iterable[str]) -> None:
     """Queue events trigd produced, to be evaluated by a later batch (counted in
     `conn.state.inbox_pushes`)."""

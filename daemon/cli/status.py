@@ -10,14 +10,16 @@ from typing import Any, TextIO
 
 import apsw
 
-from daemon.core.clock import from_us
+from daemon.core.clock import from_us, to_us
 from daemon.core.counters import META_KEY as COUNTERS_KEY
 from daemon.core.counters import describe as describe_counters
 from daemon.core.exit_codes import ExitCode
+from daemon.core.upstream import describe as describe_upstream
 from store.automations import loaded_automations
 from store.db import Store, StoreError
 from store.events import inbox_size, read_meta
 from store.ordering import parked_count
+from store.upstream import FORWARD_CURSOR_KEY, backlog, forward_cursor, subscribe_position
 
 
 def _scalar(conn: apsw.Connection, sql: str) -> int:
@@ -50,6 +52,21 @@ def summarise(conn: apsw.Connection) -> dict[str, Any]:
         "last_event_occurred": _time(last[1] if last else None),
         "outbox": outbox,
         "daemon": None if counters is None else json.loads(counters),
+        "upstream": _upstream(conn),
+    }
+
+
+def _upstream(conn: apsw.Connection) -> dict[str, Any] | None:
+    """What the database says of `[upstream]`, true even while the daemon is down: the
+    events not yet forwarded (once forwarding ever ran) and the subscribe position."""
+    position = subscribe_position(conn)
+    if read_meta(conn, FORWARD_CURSOR_KEY) is None and position is None:
+        return None
+    waiting = backlog(conn, forward_cursor(conn))
+    return {
+        "unforwarded": waiting.count,
+        "oldest_unforwarded_received": _time(waiting.oldest_received_us),
+        "subscribe_position": None if position is None else _time(to_us(position)),
     }
 
 
@@ -68,8 +85,17 @@ def render(summary: dict[str, Any]) -> str:
         f"{outbox['delivered']} delivered, {outbox['dead']} dead, "
         f"{outbox['cancelled']} cancelled",
     ]
+    upstream = summary.get("upstream")
+    if upstream:
+        lines.append(
+            f"upstream: {upstream['unforwarded']} events not forwarded yet (oldest received "
+            f"{upstream['oldest_unforwarded_received'] or '-'}), subscribed up to "
+            f"{upstream['subscribe_position'] or '-'}"
+        )
     daemon = summary["daemon"]
     lines += describe_counters(daemon) if daemon else ["daemon: no counters stored yet"]
+    if daemon and isinstance(daemon.get("upstream"), dict):
+        lines += describe_upstream(daemon["upstream"])
     return "\n".join(lines)
 
 

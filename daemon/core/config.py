@@ -432,6 +432,105 @@ class EventsOutConfig(Section):
     send_timeout: PositiveDuration = timedelta(seconds=30)  # one frame to a subscriber
 
 
+# --- [upstream] ------------------------------------------------------------------------------
+
+EVENT_FILTER_KEYS: Final = frozenset({"event", "resource", "related", "any_resource", "id", "text"})
+"""The keys of Prefect's EventFilter that `[upstream] subscribe` may set. `occurred` and
+`order` are not among them: trigd sets them from the persisted position (ascending)."""
+
+
+def _api_url(value: Any) -> str:
+    """A Prefect API URL (http or https, no query or fragment), or "" for off."""
+    if not isinstance(value, str):
+        raise ValueError(
+            f"expected an http(s) URL such as 'http://prefect:4200/api', got {value!r}"
+        )
+    text = value.strip().rstrip("/")
+    if not text:
+        return ""
+    scheme, sep, rest = text.partition("://")
+    host = rest.split("/", 1)[0].rpartition("@")[2]
+    if not sep or scheme.lower() not in ("http", "https") or not host:
+        raise ValueError(
+            f"expected an http(s) URL such as 'http://prefect:4200/api', got {value!r}"
+        )
+    if "?" in rest or "#" in rest:
+        raise ValueError("the API URL takes no query or fragment")
+    if "@" in rest.split("/", 1)[0]:
+        raise ValueError("credentials go in auth_string or api_key, not in the URL")
+    return text
+
+
+def _event_filter(value: Any) -> dict[str, Any]:
+    """A JSON object in the shape of Prefect's EventFilter (given as a TOML table, or as a
+    JSON string from the environment); {} = off."""
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            value = json.loads(text) if text else {}
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not a JSON object: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(
+            "expected an EventFilter table such as "
+            f'{{event = {{prefix = ["prefect.flow-run."]}}}}, got {value!r}'
+        )
+    unknown = sorted(set(value) - EVENT_FILTER_KEYS)
+    if unknown:
+        fixed = (
+            " (trigd sets it from the position it keeps)"
+            if {"occurred", "order"} & set(unknown)
+            else ""
+        )
+        raise ValueError(
+            f"unknown EventFilter key {unknown[0]!r}{fixed}; expected some of "
+            + ", ".join(sorted(EVENT_FILTER_KEYS))
+        )
+    for key, part in value.items():
+        if key == "related" and isinstance(part, list):
+            if not all(isinstance(item, dict) for item in part):
+                raise ValueError("related: expected a table or a list of tables")
+        elif not isinstance(part, dict):
+            raise ValueError(f"{key}: expected a table, got {part!r}")
+    return dict(value)
+
+
+class UpstreamConfig(Section):
+    """`[upstream]`: trigd beside a Prefect server (README.md#trigd-beside-your-prefect-server).
+    `auth_string` and `api_key` may be references (`env:NAME`, `file:PATH`,
+    `credential:NAME`, `literal:...`, as in daemon/core/references.py), resolved at start;
+    neither is ever shown. The keys after `backlog` are limits, extensions of the contract."""
+
+    url: Annotated[str, BeforeValidator(_api_url)] = ""  # the Prefect API URL; "" = off
+    auth_string: str = Field("", repr=False)  # a self-hosted server's auth string
+    api_key: str = Field("", repr=False)  # Prefect Cloud's API key, sent as Bearer
+    forward: bool = True  # send committed events upstream (when url is set)
+    subscribe: Annotated[dict[str, Any], BeforeValidator(_event_filter)] = Field(
+        default_factory=dict
+    )  # an EventFilter; {} = off
+    backlog: PositiveDuration = timedelta(days=7)  # keep unforwarded events at most this long
+    page_events: Count = 500  # events sent between two checkpoints (one cursor write each)
+    timeout: PositiveDuration = timedelta(seconds=30)  # connect, auth and each checkpoint
+    retry_max: PositiveDuration = timedelta(seconds=60)  # longest wait between reconnects
+
+    @property
+    def forwarding(self) -> bool:
+        return bool(self.url) and self.forward
+
+    @property
+    def subscribing(self) -> bool:
+        return bool(self.url) and bool(self.subscribe)
+
+    @model_validator(mode="after")
+    def _one_credential(self) -> Self:
+        if self.auth_string and self.api_key:
+            raise _field_problem(
+                "api_key",
+                "set auth_string (a self-hosted server) or api_key (Prefect Cloud), not both",
+            )
+        return self
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -443,6 +542,7 @@ class Config(BaseModel):
     log: LogConfig = LogConfig()
     insight: InsightConfig = InsightConfig()
     events_out: EventsOutConfig = EventsOutConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
 
 
 SECTIONS: Final[Mapping[str, type[Section]]] = MappingProxyType(
@@ -455,6 +555,7 @@ SECTIONS: Final[Mapping[str, type[Section]]] = MappingProxyType(
         "log": LogConfig,
         "insight": InsightConfig,
         "events_out": EventsOutConfig,
+        "upstream": UpstreamConfig,
     }
 )
 

@@ -107,10 +107,10 @@ class HttpApp:
         return json_reply(200, VERSION)
 
     async def ready(self, request: HttpRequest) -> HttpReply:
-        reasons = self.readiness.reasons()
+        reasons, notes = self.readiness.reasons(), self.readiness.notes()
         if reasons:
-            return error_reply(503, "not ready: " + "; ".join(reasons), reasons=reasons)
-        return json_reply(200, {"ready": True, "reasons": []})
+            return error_reply(503, "not ready: " + "; ".join(reasons), reasons=reasons + notes)
+        return json_reply(200, {"ready": True, "reasons": notes})
 
     async def metrics_text(self, request: HttpRequest) -> HttpReply:
         if self.metrics is None:

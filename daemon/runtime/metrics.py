@@ -23,7 +23,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from daemon.core.delivery import Decision, Delivered, RetryAt
+from daemon.core.upstream import UpstreamStats
 from daemon.runtime.evaluator import EvaluatorStats
+from daemon.runtime.events_out import EventsOutStats
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.http_server import HttpStats
 from daemon.runtime.ingest import IngestStats
@@ -59,6 +61,8 @@ class _Live(Collector):
     ingest: IngestStats
     evaluator: EvaluatorStats
     http: HttpStats
+    events_out: EventsOutStats | None = None
+    upstream: UpstreamStats | None = None  # with [upstream] url set
     store: StoreGauges | None = None
 
     def collect(self) -> Iterator[Metric]:
@@ -139,6 +143,55 @@ class _Live(Collector):
             yield _gauge(
                 "trigd_outbox_dead", "Webhook deliveries given up", store.outbox.get("dead", 0)
             )
+        if self.events_out is not None:
+            yield from self._events_out(self.events_out)
+        if self.upstream is not None:
+            yield from self._upstream(self.upstream)
+
+    def _events_out(self, stats: EventsOutStats) -> Iterator[Metric]:
+        yield _gauge(
+            "trigd_events_out_subscribers", "Subscribers of /events/out", stats.subscribers
+        )
+        yield _counter("trigd_events_out_sent", "Events sent to subscribers", stats.sent)
+        closed = CounterMetricFamily(
+            "trigd_events_out_closed", "Subscribers closed for falling behind", labels=["why"]
+        )
+        closed.add_metric(["queue_full"], stats.slow_closed)
+        closed.add_metric(["send_timeout"], stats.stalled)
+        yield closed
+
+    def _upstream(self, stats: UpstreamStats) -> Iterator[Metric]:
+        connected = GaugeMetricFamily(
+            "trigd_upstream_connected",
+            "1 while the connection to the upstream Prefect server is up",
+            labels=["direction"],
+        )
+        connected.add_metric(["forward"], int(stats.forward_connected))
+        connected.add_metric(["subscribe"], int(stats.subscribe_connected))
+        yield connected
+        yield _gauge(
+            "trigd_upstream_backlog_events", "Committed events not yet forwarded", stats.backlog
+        )
+        yield _gauge(
+            "trigd_upstream_backlog_age_seconds",
+            "How long the oldest event not yet forwarded has waited",
+            stats.backlog_age_seconds,
+        )
+        yield _gauge(
+            "trigd_upstream_lag_seconds",
+            "Now minus the occurred time of the latest event taken from the upstream",
+            stats.lag_seconds,
+        )
+        yield _counter("trigd_upstream_forwarded", "Events the upstream confirmed", stats.forwarded)
+        yield _counter("trigd_upstream_taken", "Events taken from the upstream", stats.taken)
+        yield _counter(
+            "trigd_upstream_rejected", "Events from the upstream trigd refused", stats.rejected
+        )
+        yield _counter(
+            "trigd_upstream_dropped",
+            "Unforwarded events deleted past [upstream] backlog",
+            stats.dropped,
+        )
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:
@@ -158,9 +211,12 @@ class Metrics:
         evaluator: EvaluatorStats,
         http: HttpStats,
         gateway: StoreGateway | None = None,
+        *,
+        events_out: EventsOutStats | None = None,
+        upstream: UpstreamStats | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self._live = _Live(ingest, evaluator, http)
+        self._live = _Live(ingest, evaluator, http, events_out, upstream)
         self._gateway = gateway
         self.registry.register(self._live)
         self.batch_events = Histogram(

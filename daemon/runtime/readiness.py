@@ -18,10 +18,22 @@ Source = Callable[[], Sequence[str]]
 @attrs.define
 class Readiness:
     _sources: dict[str, Source] = attrs.Factory(dict)
+    _notes: dict[str, Source] = attrs.Factory(dict)
 
-    def add(self, name: str, source: Source) -> None:
-        """Register ``source`` under ``name`` (a reason reads ``name: reason``)."""
-        self._sources[name] = source
+    def add(self, name: str, source: Source, *, failing: bool = True) -> None:
+        """Register ``source`` under ``name`` (a reason reads ``name: reason``). A source
+        that is not ``failing`` is reported among the reasons without making the daemon
+        unready: the upstream bridge, whose outage does not stop local work."""
+        (self._sources if failing else self._notes)[name] = source
 
     def reasons(self) -> list[str]:
-        return [f"{name}: {why}" for name, source in self._sources.items() for why in source()]
+        """The reasons not to be ready."""
+        return _read(self._sources)
+
+    def notes(self) -> list[str]:
+        """The reasons reported that do not fail readiness."""
+        return _read(self._notes)
+
+
+def _read(sources: dict[str, Source]) -> list[str]:
+    return [f"{name}: {why}" for name, source in sources.items() for why in source()]

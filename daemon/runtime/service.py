@@ -2,9 +2,11 @@
 #signals, #durability).
 
 Theory of operation. Start-up opens the store (taking its lock), loads the automation
-files, and starts the tasks in dependency order with ``nursery.start``: sender, sweeper,
-inbox pump, evaluator, and last the ingest server, whose start logs
-``trigd listening on ws://HOST:PORT``. Only then is ``READY=1`` sent to systemd.
+files, and starts the tasks in dependency order with ``nursery.start``: sender, the
+upstream forwarder (with ``[upstream]`` forwarding), sweeper, inbox pump, evaluator, the
+ingest server, whose start logs ``trigd listening on ws://HOST:PORT``, and the upstream
+subscriber (with ``[upstream] subscribe``), which feeds the evaluator as ingest does. Only
+then is ``READY=1`` sent to systemd. The subscriber is stopped with ingest.
 
 Signals: SIGHUP reloads the automation files (all valid: swapped in; any invalid, or a
 store that refuses the new set: the old set stays and the error is logged). SIGTERM and
@@ -43,6 +45,7 @@ from daemon.core.counters import CounterSource
 from daemon.core.events import ReceivedEvent
 from daemon.core.exit_codes import ExitCode
 from daemon.core.lints import lint_automation
+from daemon.core.upstream import UpstreamStats
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
 from daemon.runtime.events_hub import EventsHub
@@ -58,6 +61,7 @@ from daemon.runtime.sender import Sender, run_sender
 from daemon.runtime.store_trouble import CURRENT_BOARD, STORE_TROUBLE, Backoff, TroubleBoard
 from daemon.runtime.sweeper import SweepSettings, run_sweeper
 from daemon.runtime.systemd import Notifier
+from daemon.runtime.upstream import Forwarder, Subscriber, resolve_credentials
 from daemon.wire.submission import Submission
 from store.connection import Connection
 from store.db import Store, StoreError, StoreUnavailable, UnusableDatabase
@@ -255,9 +259,27 @@ async def _run(
     # HTTP on the listen port: /metrics reads the counters live, /api/ready the registry
     http_stats, trouble = HttpStats(), TroubleBoard()
     CURRENT_BOARD.set(trouble)  # every Backoff of the tasks started below reports to it
-    metrics = Metrics(ingest_stats, evaluator_stats, http_stats, gateway)
+    events_out = events_out_service(config.store.path, config.events_out, clock)
+    upstream_stats = UpstreamStats()
+    metrics = Metrics(
+        ingest_stats,
+        evaluator_stats,
+        http_stats,
+        gateway,
+        events_out=events_out.stats,
+        upstream=upstream_stats if config.upstream.url else None,
+    )
     readiness = Readiness()
     readiness.add("store", trouble.reasons)
+    readiness.add(  # reported, not failing: local work goes on while the upstream is away
+        "upstream",
+        partial(
+            upstream_stats.ready_reasons,
+            forwarding=config.upstream.forwarding,
+            subscribing=config.upstream.subscribing,
+        ),
+        failing=False,
+    )
     http = HttpApp(
         config.server,
         send,
@@ -268,12 +290,11 @@ async def _run(
         database=Path(config.store.path),
         insight=config.insight,
     )
-    events_out = events_out_service(config.store.path, config.events_out, clock)
+    groups = {"ingest": ingest_stats, "evaluator": evaluator_stats, "events_out": events_out.stats}
     counters = CounterSource(
-        os.getpid(),
-        clock(),
-        {"ingest": ingest_stats, "evaluator": evaluator_stats, "events_out": events_out.stats},
+        os.getpid(), clock(), groups | ({"upstream": upstream_stats} if config.upstream.url else {})
     )
+    credentials = resolve_credentials(config.upstream, os.environ)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             pump = InboxPump(gateway, engine, clock, events_out.hub)
@@ -289,14 +310,27 @@ async def _run(
                 )
             )
 
+            forwarder = Forwarder(
+                config.upstream,
+                credentials,
+                gateway.store.path,
+                gateway,
+                upstream_stats,
+                clock=clock,
+            )
+            if config.upstream.forwarding:
+                await nursery.start(forwarder.run)
+
             def committed() -> None:
                 sender.notify()
                 pump.wake()
+                forwarder.notify()
 
             settings = SweepSettings(
                 config.triggers.proactive_granularity,
                 config.store.event_retention,
                 config.store.outbox_retention,
+                config.upstream.backlog if config.upstream.forwarding else None,
             )
             await nursery.start(
                 lambda *, task_status: run_sweeper(
@@ -307,6 +341,7 @@ async def _run(
                     on_commit=committed,
                     counters=counters,
                     on_pass=metrics.observe_sweep,
+                    upstream=upstream_stats,
                     task_status=task_status,
                 )
             )
@@ -357,6 +392,25 @@ async def _run(
                     )
 
             await nursery.start(ingest)
+            upstream_scope = trio.CancelScope()
+            if config.upstream.subscribing:
+                subscriber = Subscriber(
+                    config.upstream,
+                    credentials,
+                    gateway,
+                    send.clone(),
+                    upstream_stats,
+                    clock=clock,
+                    max_event_bytes=config.server.max_event_bytes,
+                    max_json_depth=config.server.max_json_depth,
+                    log_limits=config.log.limits,
+                )
+
+                async def subscribe(*, task_status: trio.TaskStatus[None]) -> None:
+                    with upstream_scope:
+                        await subscriber.run(task_status=task_status)
+
+                await nursery.start(subscribe)
             await notifier.notify("READY=1")
             nursery.start_soon(notifier.run_watchdog, partial(gateway.run, _store_alive))
 
@@ -368,6 +422,7 @@ async def _run(
                 break
             await notifier.notify("STOPPING=1")
             ingest_scope.cancel()
+            upstream_scope.cancel()
             with trio.move_on_after(config.server.shutdown_timeout.total_seconds()):
                 await evaluator_done.wait()
             nursery.cancel_scope.cancel()

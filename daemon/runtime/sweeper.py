@@ -2,7 +2,8 @@
 
 Every ``proactive_granularity`` (and at once on start, as Prefect's periodic task does): the
 proactive pass over due Proactive triggers, the periodic pass (lost followers re-evaluated,
-closed buckets swept), expiry of seen ids, event retention and outbox retention. The
+closed buckets swept), expiry of seen ids, event retention (sparing events `[upstream]`
+has not forwarded yet, up to its `backlog`) and outbox retention. The
 proactive and periodic passes run in one transaction so their firings are atomic with their
 bucket changes; the housekeeping deletes run in a second one, bounded per pass so that a
 huge backlog of expired rows never holds the writer for long.
@@ -23,14 +24,18 @@ import trio
 from daemon.core.clock import to_us
 from daemon.core.counters import META_KEY as COUNTERS_KEY
 from daemon.core.counters import CounterSource
+from daemon.core.durations import format_duration
+from daemon.core.upstream import UpstreamStats
 from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import engine_transaction
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from store import events as events_store
 from store import outbox as outbox_store
+from store import upstream as upstream_store
 from store.connection import Connection
 from store.db import write_transaction
+from store.upstream import Pruned
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +45,8 @@ class SweepSettings:
     granularity: timedelta  # the sweeper's period
     event_retention: timedelta  # events received longer ago are deleted
     outbox_retention: timedelta  # delivered and dead rows finished longer ago are deleted
+    # [upstream] forwarding on: events not yet forwarded outlive event_retention up to this
+    forward_backlog: timedelta | None = None
 
 
 @attrs.define
@@ -49,6 +56,7 @@ class SweepReport:
     expired_seen: int = 0
     pruned_events: int = 0
     pruned_outbox: int = 0
+    dropped_unforwarded: int = 0  # past the forward backlog bound, never forwarded
 
 
 def sweep(
@@ -69,15 +77,29 @@ def sweep(
     report = SweepReport(next_proactive, swept_buckets=swept)
     with write_transaction(conn):
         report.expired_seen = engine.ordering(conn).expire_seen(now)
-        report.pruned_events = events_store.prune_events(
-            conn, to_us(now - settings.event_retention)
-        )
+        pruned = _prune_events(conn, settings, now)
+        report.pruned_events = pruned.events
+        report.dropped_unforwarded = pruned.unforwarded
         report.pruned_outbox = outbox_store.prune_finished(
             conn, to_us(now - settings.outbox_retention)
         )
         if counters is not None:
             events_store.write_meta(conn, COUNTERS_KEY, counters)
     return report
+
+
+def _prune_events(conn: Connection, settings: SweepSettings, now: datetime) -> Pruned:
+    """Event retention; with forwarding on, sparing what the upstream has not confirmed
+    until it is older than the backlog bound (store/upstream.py)."""
+    cutoff = to_us(now - settings.event_retention)
+    if settings.forward_backlog is None:
+        return upstream_store.prune_events_sparing(conn, cutoff)
+    return upstream_store.prune_events_sparing(
+        conn,
+        cutoff,
+        cursor=upstream_store.forward_cursor(conn),
+        backlog_before_us=to_us(now - settings.forward_backlog),
+    )
 
 
 async def run_sweeper(
@@ -89,11 +111,13 @@ async def run_sweeper(
     on_commit: Callable[[], None] = lambda: None,
     counters: CounterSource | None = None,
     on_pass: Callable[[float], None] = lambda seconds: None,
+    upstream: UpstreamStats | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the passes forever; `on_commit` wakes the sender after firings were written;
     each pass stores a snapshot of `counters`; `on_pass` gets each pass's seconds
-    (``/metrics``). Store trouble is waited out with a
+    (``/metrics``); unforwarded events dropped past the backlog bound are logged and
+    counted in `upstream`. Store trouble is waited out with a
     backoff (logged once); any other failure is logged and the next pass comes on time."""
     task_status.started()
     period = settings.granularity.total_seconds()
@@ -115,6 +139,15 @@ async def run_sweeper(
             if counters is not None:
                 counters.stored()
             on_commit()
+            if report.dropped_unforwarded:
+                log.warning(
+                    "upstream backlog: dropped %d events never forwarded, received more "
+                    "than [upstream] backlog (%s) ago",
+                    report.dropped_unforwarded,
+                    format_duration(settings.forward_backlog or timedelta(0)),
+                )
+                if upstream is not None:
+                    upstream.dropped += report.dropped_unforwarded
             if report.swept_buckets or report.pruned_events or report.pruned_outbox:
                 log.debug("periodic pass: %s", report)
         await trio.sleep(period)

@@ -221,7 +221,7 @@ async def test_ready_is_503_with_the_reasons_any_source_reports(start: Starter) 
     with trio.fail_after(LIMIT):
         daemon = await start()
         trouble: list[str] = []
-        daemon.http.readiness.add("upstream", lambda: trouble)
+        daemon.http.readiness.add("store", lambda: trouble)
         async with client(daemon) as http:
             ready = await http.get("/api/ready")
             assert (ready.status_code, ready.json()) == (200, {"ready": True, "reasons": []})
@@ -229,9 +229,30 @@ async def test_ready_is_503_with_the_reasons_any_source_reports(start: Starter) 
             refused = await http.get("/api/ready")
             assert refused.status_code == 503
             assert refused.json() == {
-                "detail": "not ready: upstream: not connected",
-                "reasons": ["upstream: not connected"],
+                "detail": "not ready: store: not connected",
+                "reasons": ["store: not connected"],
             }
+
+
+async def test_a_source_that_is_not_failing_is_reported_while_ready(start: Starter) -> None:
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        away, trouble = ["forward not connected"], []
+        daemon.http.readiness.add("upstream", lambda: away, failing=False)
+        daemon.http.readiness.add("store", lambda: trouble)
+        async with client(daemon) as http:
+            ready = await http.get("/api/ready")
+            assert (ready.status_code, ready.json()) == (
+                200,
+                {"ready": True, "reasons": ["upstream: forward not connected"]},
+            )
+            trouble.append("disk full")
+            refused = await http.get("/api/ready")
+            assert refused.status_code == 503
+            assert refused.json()["reasons"] == [
+                "store: disk full",
+                "upstream: forward not connected",
+            ]
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

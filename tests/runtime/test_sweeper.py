@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 import apsw
+import attrs
 import pytest
 import trio
 import trio.testing
@@ -16,10 +17,12 @@ import trio.testing
 from daemon.core.automations import Automation
 from daemon.core.clock import to_us
 from daemon.core.events import ReceivedEvent
+from daemon.core.upstream import UpstreamStats
 from daemon.engine.engine import ORDERING_SCOPE, Engine
 from daemon.engine.ordering import CausalOrdering
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.sweeper import SweepSettings, run_sweeper, sweep
+from store import upstream as upstream_store
 from store.db import Store
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
@@ -212,3 +215,57 @@ def outbox_rows(conn: apsw.Connection) -> int:
     row = conn.execute("SELECT count(*) FROM outbox").fetchone()
     assert row is not None
     return int(row[0])
+
+
+def add_unforwarded(store: Store) -> None:
+    """A forwarded event 9 days old, then two never forwarded: 10 and 8 days old."""
+    conn = store.conn
+    for event_id, days in (("sent", 9), ("unsent-10d", 10), ("unsent-8d", 8)):
+        received = NOW - timedelta(days=days)
+        conn.execute(
+            "INSERT INTO events (id, event, resource_id, occurred_us, received_us, data)"
+            " VALUES (?, 'e', 'r', ?, ?, '{}')",
+            (event_id, to_us(received), to_us(received)),
+        )
+        if event_id == "sent":
+            upstream_store.set_forward_cursor(conn, conn.last_insert_rowid())
+
+
+async def test_unforwarded_events_dropped_past_the_backlog_are_logged_and_counted(
+    store: Store, mock_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    add_unforwarded(store)
+    stats = UpstreamStats()
+    settings = attrs.evolve(SETTINGS, forward_backlog=timedelta(days=9))
+    first_pass = trio.Event()
+    with trio.fail_after(30):  # real seconds: the mock clock does not move by itself
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run_sweeper(
+                    StoreGateway(store),
+                    Engine(),
+                    settings,
+                    clock=lambda: NOW,
+                    on_commit=first_pass.set,
+                    upstream=stats,
+                )
+            )
+            await first_pass.wait()
+            nursery.cancel_scope.cancel()
+    assert stats.dropped == 1
+    assert (
+        "upstream backlog: dropped 1 events never forwarded, received more than "
+        "[upstream] backlog (9d) ago" in caplog.text
+    )
+
+
+def test_retention_spares_events_not_forwarded_upstream_up_to_the_backlog(store: Store) -> None:
+    """With [upstream] forwarding on, an event past the forward cursor outlives
+    event_retention until it is older than the backlog bound; then it is dropped and
+    counted, and run_sweeper logs it (docs/OPERATIONS.md)."""
+    add_unforwarded(store)
+    conn = store.conn
+    settings = attrs.evolve(SETTINGS, forward_backlog=timedelta(days=9))
+    report = sweep(conn, Engine(), settings, NOW)
+    assert (report.pruned_events, report.dropped_unforwarded) == (2, 1)
+    assert [r[0] for r in conn.execute("SELECT id FROM events")] == ["unsent-8d"]
