@@ -237,7 +237,7 @@ async def test_ready_is_503_with_the_reasons_any_source_reports(start: Starter) 
 async def test_a_source_that_is_not_failing_is_reported_while_ready(start: Starter) -> None:
     with trio.fail_after(LIMIT):
         daemon = await start()
-        away, trouble = ["forward not connected"], []
+        away, trouble = ["forward not connected"], list[str]()
         daemon.http.readiness.add("upstream", lambda: away, failing=False)
         daemon.http.readiness.add("store", lambda: trouble)
         async with client(daemon) as http:
