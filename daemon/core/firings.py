@@ -10,7 +10,7 @@ file wrote it (secret and header references, not their values), which the sender
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from enum import StrEnum
 from types import MappingProxyType
 from typing import Annotated, Any, Final
@@ -19,7 +19,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, field_validator
 
 from daemon.core.automations import AnyAction, AnyTrigger, Automation
-from daemon.core.events import ReceivedEvent, UTCDateTime, uuid7
+from daemon.core.events import Event, ReceivedEvent, UTCDateTime, uuid7
 
 
 class TriggerState(StrEnum):
@@ -102,3 +102,17 @@ class TriggeredAction(BaseModel):
 
     def all_events(self) -> Sequence[ReceivedEvent]:
         return self.firing.all_events() if self.firing else []
+
+
+TRIGGERED_EVENT: Final = "prefect.automation.triggered"
+
+
+def count_firings(counts: dict[str, int], committed: Iterable[Event]) -> None:
+    """Add the firings among trigd's own committed events to `counts`, by automation
+    name: every firing commits one `prefect.automation.triggered` event, whether the
+    reactive path, a proactive pass or a composite made it (`/metrics`)."""
+    for event in committed:
+        if event.event == TRIGGERED_EVENT:
+            resource = event.resource.root
+            name = resource.get("prefect.resource.name") or resource["prefect.resource.id"]
+            counts[name] = counts.get(name, 0) + 1

@@ -55,6 +55,7 @@ import trio
 from daemon.core.commit_linger import CommitLinger
 from daemon.core.config import COMMIT_LINGER_EVENTS
 from daemon.core.events import ReceivedEvent
+from daemon.core.firings import count_firings
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.engine.engine import BatchOutcome, Outcome
 from daemon.runtime.events_hub import EventsHub
@@ -127,6 +128,7 @@ class EvaluatorStats:
     internal_errors: int = 0
     store_retries: int = 0
     largest_batch: int = 0
+    firings: dict[str, int] = attrs.Factory(dict)  # by automation name, as committed
 
 
 class _Full(enum.Enum):
@@ -183,6 +185,8 @@ class _Evaluator:
                 self.on_commit()
             if self.hub:  # only while events out has subscribers
                 publish_committed(self.hub, events, done)
+            if done.own_events:
+                count_firings(self.stats.firings, done.own_events)
             for outcome in done.outcomes:
                 if outcome is Outcome.duplicate:
                     self.stats.duplicates += 1

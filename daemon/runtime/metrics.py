@@ -81,6 +81,12 @@ class _Live(Collector):
             "trigd_events_duplicate", "Events already stored (by id)", evaluator.duplicates
         )
         yield _counter("trigd_events_committed", "Events committed", evaluator.events)
+        firings = CounterMetricFamily(
+            "trigd_firings", "Automation firings committed, by automation", labels=["automation"]
+        )
+        for name, count in sorted(evaluator.firings.items()):
+            firings.add_metric([name], count)
+        yield firings
         yield _counter(
             "trigd_batches", "Transactions committing received events", evaluator.batches
         )

@@ -44,6 +44,7 @@ from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting
 from daemon.core.counters import CounterSource
 from daemon.core.events import ReceivedEvent
 from daemon.core.exit_codes import ExitCode
+from daemon.core.firings import count_firings
 from daemon.core.lints import lint_automation
 from daemon.core.upstream import UpstreamStats
 from daemon.engine.engine import Engine
@@ -99,11 +100,13 @@ class InboxPump:
         engine: Engine,
         clock: Callable[[], datetime],
         hub: EventsHub | None = None,
+        firings: dict[str, int] | None = None,
     ) -> None:
         self._gateway = gateway
         self._engine = engine
         self._clock = clock
         self._hub = hub  # events out: the events it commits go to its subscribers
+        self._firings = firings if firings is not None else {}  # by automation (/metrics)
         self._wake = trio.Event()
         self._backoff = Backoff(log, "evaluating trigd's own events")
 
@@ -118,6 +121,7 @@ class InboxPump:
         left, committed = await self._backoff.call(lambda: self._gateway.run(self._drain))
         if self._hub:
             self._hub.publish(committed)
+        count_firings(self._firings, committed)
         return left
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -297,7 +301,7 @@ async def _run(
     credentials = resolve_credentials(config.upstream, os.environ)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            pump = InboxPump(gateway, engine, clock, events_out.hub)
+            pump = InboxPump(gateway, engine, clock, events_out.hub, evaluator_stats.firings)
             sender: Sender = await nursery.start(
                 lambda *, task_status: run_sender(
                     gateway,

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from daemon.core.automations import Automation, CompoundTrigger, DoNothing, EventTrigger
 from daemon.core.events import ReceivedEvent
-from daemon.core.firings import Firing, TriggeredAction, TriggerState
+from daemon.core.firings import Firing, TriggeredAction, TriggerState, count_firings
 
 T = datetime(2026, 8, 21, 16, 27, 33, 123456, tzinfo=UTC)
 
@@ -234,3 +234,29 @@ def test_firing_round_trip(
         triggering_value=value,
     )
     assert Firing.model_validate_json(one.model_dump_json()) == one
+
+
+def test_firings_are_counted_by_automation_name_from_the_triggered_events() -> None:
+    def own(event: str, **resource: str) -> ReceivedEvent:
+        return ReceivedEvent.model_validate(
+            {
+                "id": str(uuid4()),
+                "occurred": "2026-12-04T12:00:00Z",
+                "received": "2026-12-04T12:00:00Z",
+                "event": event,
+                "resource": {"prefect.resource.id": f"prefect.automation.{uuid4()}", **resource},
+            }
+        )
+
+    counts = {"pumps": 1}
+    nameless = own("prefect.automation.triggered")
+    count_firings(
+        counts,
+        [
+            own("prefect.automation.triggered", **{"prefect.resource.name": "pumps"}),
+            own("prefect.automation.resolved", **{"prefect.resource.name": "pumps"}),
+            own("prefect.automation.triggered", **{"prefect.resource.name": "valves"}),
+            nameless,
+        ],
+    )
+    assert counts == {"pumps": 2, "valves": 1, nameless.resource.id: 1}

@@ -178,6 +178,8 @@ async def test_metrics_count_a_firing_s_delivery_and_the_sweeper_s_passes(tmp_pa
                 assert values[("trigd_delivery_seconds_count", ())] == 1
                 assert values[("trigd_proactive_pass_seconds_count", ())] >= 1
                 assert values[("trigd_open_buckets", ())] >= 1
+                fired = ("trigd_firings_total", (("automation", "pump pressure burst"),))
+                assert values[fired] == 1
                 assert await daemon.stop() == 0
             nursery.cancel_scope.cancel()
 
