@@ -26,6 +26,7 @@ import h11
 import trio
 
 from daemon.core.config import ServerConfig
+from daemon.core.log_throttle import DEFAULT_LIMITS, LogThrottle
 from daemon.wire.http import HttpReply, HttpRequest, Route, error_reply, resolve, too_large
 
 log = logging.getLogger(__name__)
@@ -56,9 +57,11 @@ class HttpLimits:
 
 @attrs.define
 class HttpStats:
-    """Requests answered, per status code (``/metrics``)."""
+    """Requests answered, per status code (``/metrics``); the lines a handler's bug logs,
+    rate limited (a client could repeat the request that causes it)."""
 
     by_status: dict[int, int] = attrs.Factory(dict)
+    bugs: LogThrottle = attrs.Factory(lambda: DEFAULT_LIMITS.throttle(log, "HTTP handler errors"))
 
     def count(self, status: int) -> None:
         self.by_status[status] = self.by_status.get(status, 0) + 1
@@ -145,7 +148,7 @@ async def serve_http(
     """Answer requests on this connection until it closes, idles or errs."""
     conn, event = head.conn, head.request
     while True:
-        reply = await _answer(stream, conn, event, routes, limits)
+        reply = await _answer(stream, conn, event, routes, limits, stats)
         if reply is None:
             return
         stats.count(reply.status)
@@ -192,9 +195,12 @@ async def _answer(
     event: h11.Request,
     routes: Sequence[Route],
     limits: HttpLimits,
+    stats: HttpStats,
 ) -> HttpReply | None:
     """The reply to ``event``: its body read, its route's handler run (each within
-    ``request_timeout``); None when the client went away."""
+    ``request_timeout``); None when the client went away. A handler's bug is a 500 for
+    this request only, logged with its traceback: it ends neither the connection's
+    neighbours nor the daemon."""
     with trio.move_on_after(limits.request_timeout) as reading:
         body = await _read_body(stream, conn, event, limits)
     if reading.cancelled_caught:
@@ -212,7 +218,18 @@ async def _answer(
     if isinstance(route, HttpReply):
         return route
     with trio.move_on_after(limits.request_timeout) as handling:
-        return await route.handler(request)
+        try:
+            return await route.handler(request)
+        except Exception:
+            stats.bugs.log(
+                trio.current_time(),
+                logging.ERROR,
+                "%s %s failed",
+                request.method,
+                request.path,
+                exc_info=True,
+            )
+            return attrs.evolve(error_reply(500, "internal error (logged)"), close=True)
     assert handling.cancelled_caught
     detail = f"no answer within {limits.request_timeout:g}s (request_timeout); try again"
     return error_reply(503, detail)

@@ -234,6 +234,29 @@ async def test_ready_is_503_with_the_reasons_any_source_reports(start: Starter) 
             }
 
 
+async def test_a_handler_s_bug_is_a_500_for_that_request_only(
+    start: Starter, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken() -> list[str]:
+        raise KeyError("a bug")
+
+    with trio.fail_after(LIMIT):
+        daemon = await start()
+        daemon.http.readiness.add("store", broken)
+        async with client(daemon) as http:
+            failed = await http.get("/api/ready")
+            assert (failed.status_code, failed.json()) == (
+                500,
+                {"detail": "internal error (logged)"},
+            )
+            assert "KeyError" not in failed.text
+            assert (await http.get("/api/health")).json() is True
+        async with websocket(daemon) as ws:  # the websocket side serves on
+            await acked(ws)
+    assert "GET /api/ready failed" in caplog.text
+    assert "KeyError: 'a bug'" in caplog.text
+
+
 async def test_a_source_that_is_not_failing_is_reported_while_ready(start: Starter) -> None:
     with trio.fail_after(LIMIT):
         daemon = await start()
