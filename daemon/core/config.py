@@ -280,10 +280,17 @@ class OrderingConfig(Section):
     max_depth: Count = MAX_DEPTH_OF_PRECEDING_EVENT
 
 
+PROACTIVE_CHUNK: Final = 100
+"""Default `[triggers] proactive_chunk`: a firing costs about 0.3 ms of store time, so a
+step of 100 due buckets holds the store thread some 30 ms here."""
+
+
 class TriggersConfig(Section):
     automations: Annotated[tuple[str, ...], BeforeValidator(_globs)] = ()
     proactive_granularity: PositiveDuration = timedelta(seconds=5)
     expired_bucket_buffer: Duration = timedelta(seconds=60)
+    # buckets a proactive pass reads or deletes per transaction (acks wait at most one)
+    proactive_chunk: Count = PROACTIVE_CHUNK
 
 
 LEASE_FLOOR: Final = timedelta(seconds=60)

@@ -255,6 +255,7 @@ async def _run(
                 config.triggers.proactive_granularity,
                 config.store.event_retention,
                 config.store.outbox_retention,
+                config.triggers.proactive_chunk,
             )
             await nursery.start(
                 lambda *, task_status: run_sweeper(
