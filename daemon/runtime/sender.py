@@ -47,7 +47,7 @@ import hmac
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from functools import partial
 from random import Random as _StdRandom
@@ -230,11 +230,21 @@ def _record(
     return True
 
 
-def _commit(conn: Connection, batch: Sequence[_Finished]) -> list[bool]:
-    """Record a batch of attempts in one transaction (one COMMIT, one fsync, for all):
-    whether each row was still ours."""
+def _commit(
+    conn: Connection,
+    batch: Sequence[_Finished],
+    now_us: int,
+    lease_until_us: int,
+    slots: Slots,
+) -> tuple[list[bool], list[outbox.OutboxRow]]:
+    """Record a batch of attempts and claim rows for the free `slots`, in one transaction
+    (one COMMIT, one fsync, for all): whether each row was still ours, and the rows
+    claimed."""
     with write_transaction(conn):
-        return [_record(conn, f.row, f.result, f.event, f.now_us) for f in batch]
+        outbox.release_leases(conn, now_us)  # as every claim does: a stale result finds out
+        ours = [_record(conn, f.row, f.result, f.event, f.now_us) for f in batch]
+        claimed = outbox.claim_slots(conn, now_us, lease_until_us, slots) if slots.free else []
+    return ours, claimed
 
 
 class _Recorder:
@@ -243,11 +253,19 @@ class _Recorder:
     lease until its result is committed (its slot went back when the attempt ended);
     store trouble is waited out with a backoff, the batch kept whole."""
 
-    def __init__(self, gateway: StoreGateway, limit: int) -> None:
-        self._gateway = gateway
+    def __init__(
+        self, limit: int, record: Callable[[Sequence[_Finished]], Awaitable[list[bool]]]
+    ) -> None:
         self._limit = limit
+        self._record = record  # commits a batch (`Sender._record_batch`)
         self._waiting: list[_Finished] = []
         self._wake = trio.Event()
+        self._committing = False
+
+    @property
+    def busy(self) -> bool:
+        """Results wait or are being committed: that commit will claim for the free slots."""
+        return self._committing or bool(self._waiting)
 
     async def commit(self, finished: _Finished) -> bool:
         self._waiting.append(finished)
@@ -264,9 +282,13 @@ class _Recorder:
             while self._waiting:
                 batch = self._waiting[: self._limit]
                 del self._waiting[: self._limit]
-                # the requests were made: their results are worth waiting for the store
-                # (holding their leases), rather than a send again after the leases run out
-                outcome = await trouble.call(partial(self._gateway.run, _commit, batch))
+                self._committing = True
+                try:
+                    # the requests were made: their results are worth waiting for the store
+                    # (holding their leases), rather than a send again after the leases run out
+                    outcome = await trouble.call(partial(self._record, batch))
+                finally:
+                    self._committing = False
                 for finished, ours in zip(batch, outcome, strict=True):
                     finished.ours = ours
                     finished.done.set()
@@ -376,7 +398,9 @@ class Sender:
         self._emit = emit
         self._random = random
         self._wake = trio.Event()
-        self._recorder = _Recorder(gateway, RESULTS_PER_COMMIT)
+        self._recorder = _Recorder(RESULTS_PER_COMMIT, self._record_batch)
+        self._claiming = trio.Lock()  # a slots snapshot is good until its claim has started
+        self._nursery: trio.Nursery | None = None
         self._endpoints = Endpoints(
             concurrency=settings.concurrency,
             per_endpoint=settings.per_endpoint_concurrency,
@@ -444,25 +468,48 @@ class Sender:
         settings = self._settings
         claiming = Backoff(log, "claiming due deliveries")
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
             nursery.start_soon(self._recorder.run)
             while True:
                 self._wake = trio.Event()
-                now = self._clock()
-                slots = self._endpoints.slots()
                 next_due_us: int | None = None
-                if slots.free > 0:
-                    try:
-                        rows, next_due_us = await self._gateway.run(
-                            _claim, to_us(now), to_us(now + settings.lease), slots
-                        )
-                    except STORE_TROUBLE as exc:
-                        await claiming.wait(exc)  # nothing was claimed: try again afresh
-                        continue
-                    claiming.cleared()
-                    self._endpoints.started(row.endpoint for row in rows)
-                    for row in rows:
-                        nursery.start_soon(self._deliver, row)
+                # results waiting for their commit: it claims for the slots they freed
+                if not self._recorder.busy:
+                    async with self._claiming:
+                        now = self._clock()
+                        slots = self._endpoints.slots()
+                        if slots.free > 0:
+                            try:
+                                rows, next_due_us = await self._gateway.run(
+                                    _claim, to_us(now), to_us(now + settings.lease), slots
+                                )
+                            except STORE_TROUBLE as exc:
+                                await claiming.wait(exc)  # nothing claimed: try again afresh
+                                continue
+                            claiming.cleared()
+                            self._start(rows)
                 await self._wait(None if next_due_us is None else from_us(next_due_us))
+
+    def _start(self, rows: Sequence[outbox.OutboxRow]) -> None:
+        assert self._nursery is not None
+        self._endpoints.started(row.endpoint for row in rows)
+        for row in rows:
+            self._nursery.start_soon(self._deliver, row)
+
+    async def _record_batch(self, batch: Sequence[_Finished]) -> list[bool]:
+        """Commit a batch of results, claiming in the same transaction for the free slots."""
+        async with self._claiming:
+            now = self._clock()
+            ours, rows = await self._gateway.run(
+                _commit,
+                batch,
+                to_us(now),
+                to_us(now + self._settings.lease),
+                self._endpoints.slots(),
+            )
+            self._start(rows)
+        self._wake.set()  # rows not due yet, or new ones: the loop looks again
+        return ours
 
     async def _deliver(self, row: outbox.OutboxRow) -> None:
         slot = _Slot(row.endpoint)
