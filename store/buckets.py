@@ -219,7 +219,14 @@ def remove_met_buckets(
     return conn.changes()
 
 
-def due_buckets(
+_DUE_TABLE: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS proactive_due ("
+    " start_us INTEGER NOT NULL, bucketing_key TEXT NOT NULL, bucket INTEGER NOT NULL,"
+    " PRIMARY KEY (start_us, bucketing_key, bucket)) WITHOUT ROWID"
+)
+
+
+def snapshot_due(
     conn: apsw.Connection,
     trigger_id: str,
     as_of_us: int,
@@ -227,11 +234,15 @@ def due_buckets(
     proactive: bool,
     after: tuple[int, int] | None,
     limit: int,
-) -> tuple[list[Bucket], tuple[int, int] | None]:
-    """At most `limit` of the trigger's buckets whose window ended at or before `as_of_us`,
-    in (end, rowid) order after the keyset `after`, and the keyset of the last one: a
-    proactive pass reads them a page at a time, from `buckets_due` for a Proactive trigger
-    (the index's own order, so nothing is sorted)."""
+) -> tuple[int, tuple[int, int] | None]:
+    """Note at most `limit` more of the trigger's buckets whose window ended at or before
+    `as_of_us` in the connection's temp table `proactive_due`, which keeps them in start
+    order for `read_due` (`after` None: start afresh). They are found through
+    `buckets_due` for a Proactive trigger, in (end, rowid) order after the keyset `after`;
+    returns how many, and the keyset of the last."""
+    conn.execute(_DUE_TABLE)
+    if after is None:
+        conn.execute("DELETE FROM temp.proactive_due")
     trigger = "trigger_id = ? AND proactive" if proactive else "trigger_id = ?"
     params: tuple[object, ...]
     if after is None:
@@ -240,16 +251,60 @@ def due_buckets(
         keyset = "AND (end_us, rowid) > (?, ?) "
         params = (trigger_id, as_of_us, after[0], after[1], limit)
     rows = conn.execute(
-        f"SELECT rowid, {_COLUMNS} FROM buckets WHERE {trigger} AND end_us <= ? {keyset}"
-        "ORDER BY end_us, rowid LIMIT ?",
+        f"SELECT rowid, end_us, start_us, bucketing_key FROM buckets WHERE {trigger} "
+        f"AND end_us <= ? {keyset}ORDER BY end_us, rowid LIMIT ?",
         params,
     ).fetchall()
     if not rows:
-        return [], after
-    rowid, end_us = rows[-1][0], rows[-1][3]
+        return 0, after
+    conn.executemany(
+        "INSERT INTO temp.proactive_due (start_us, bucketing_key, bucket) VALUES (?, ?, ?)",
+        [(start_us, key, rowid) for rowid, _end, start_us, key in rows],
+    )
+    rowid, end_us = rows[-1][0], rows[-1][1]
     assert isinstance(rowid, int)
     assert isinstance(end_us, int)
-    return [_bucket(row[1:]) for row in rows], (end_us, rowid)
+    return len(rows), (end_us, rowid)
+
+
+def read_due(
+    conn: apsw.Connection,
+    trigger_id: str,
+    as_of_us: int,
+    *,
+    after: tuple[int, str, int] | None,
+    limit: int,
+) -> tuple[list[Bucket], tuple[int, str, int] | None, int]:
+    """The buckets `snapshot_due` noted, in (start, key) order after the keyset `after`,
+    as they are now: one changed meanwhile so that it is no longer due, or gone, is left
+    out. At most `limit` noted rows are looked at; returns the buckets, the keyset of the
+    last row looked at, and how many were looked at (fewer than `limit`: the end)."""
+    params: tuple[object, ...]
+    if after is None:
+        keyset, params = "", (limit,)
+    else:
+        keyset, params = "WHERE (start_us, bucketing_key, bucket) > (?, ?, ?) ", (*after, limit)
+    noted = conn.execute(
+        "SELECT start_us, bucketing_key, bucket FROM temp.proactive_due "
+        f"{keyset}ORDER BY start_us, bucketing_key, bucket LIMIT ?",
+        params,
+    ).fetchall()
+    if not noted:
+        return [], after, 0
+    found: dict[int, tuple[object, ...]] = {
+        int(row[0]): row[1:]
+        for row in conn.executemany(
+            f"SELECT rowid, {_COLUMNS} FROM buckets "
+            "WHERE rowid = ? AND trigger_id = ? AND end_us <= ?",
+            [(row[2], trigger_id, as_of_us) for row in noted],
+        )
+    }
+    buckets = [_bucket(found[int(str(row[2]))]) for row in noted if int(str(row[2])) in found]
+    start_us, key, rowid = noted[-1]
+    assert isinstance(start_us, int)
+    assert isinstance(key, str)
+    assert isinstance(rowid, int)
+    return buckets, (start_us, key, rowid), len(noted)
 
 
 def next_end_us(

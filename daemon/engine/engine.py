@@ -211,8 +211,9 @@ class _TriggerCursor:
     loaded: _Loaded
     as_of: datetime
     run_again_at: datetime
-    phase: str = "ensure"  # then "remove" (step 3), then "due" (step 4)
-    after: tuple[int, int] | None = None  # (end_us, rowid) of the last due bucket read
+    phase: str = "ensure"  # then "remove" (step 3), "note" and "due" (step 4)
+    noted: tuple[int, int] | None = None  # (end_us, rowid) of the last due bucket noted
+    after: tuple[int, str, int] | None = None  # (start_us, key, rowid) of the last evaluated
 
 
 @attrs.define(eq=False)
@@ -679,12 +680,15 @@ class Engine:
         """docs/TRIGGERS.md#proactive-evaluation steps 2-4 for one trigger, from where
         `cursor` stands, over at most about `budget` buckets: (buckets used, finished).
 
-        Only due buckets (window ended at `as_of`) are evaluated, in (end, row) order: a
+        Only due buckets (window ended at `as_of`) are evaluated, in start order: a
         bucket whose window is still open (or not begun) is left as it is by the
         evaluation, and only its end can move `run_again_at`, so the earliest such end
-        stands for all of them."""
+        stands for all of them. The due buckets are found by end (`buckets_due`) and
+        noted in start order first, a page at a time (`snapshot_due`); between steps a
+        noted bucket may stop being due (a heartbeat came): it is skipped."""
         loaded, trigger = cursor.loaded, cursor.loaded.trigger
         as_of = cursor.as_of
+        as_of_us = to_us(as_of)
         used = 0
         if cursor.phase == "ensure":
             if not trigger.for_each:
@@ -706,17 +710,26 @@ class Engine:
             used += removed
             if removed >= budget:
                 return used, False
-            cursor.phase = "due"
-        as_of_us = to_us(as_of)
-        while used < budget:
+            cursor.phase = "note"
+        while cursor.phase == "note":
+            if used >= budget:
+                return used, False
             wanted = min(buckets_store.PAGE_SIZE, budget - used)
-            page, cursor.after = buckets_store.due_buckets(
+            noted, cursor.noted = buckets_store.snapshot_due(
                 conn,
                 loaded.trigger_id,
                 as_of_us,
                 proactive=loaded.proactive,
-                after=cursor.after,
+                after=cursor.noted,
                 limit=wanted,
+            )
+            used += noted
+            if noted < wanted:
+                cursor.phase = "due"
+        while used < budget:
+            wanted = min(buckets_store.PAGE_SIZE, budget - used)
+            page, cursor.after, looked = buckets_store.read_due(
+                conn, loaded.trigger_id, as_of_us, after=cursor.after, limit=wanted
             )
             for bucket in page:
                 result = evaluate(trigger, bucket, as_of, None)
@@ -726,8 +739,8 @@ class Engine:
                 following = result.returned
                 if following is not None and as_of < following.end < cursor.run_again_at:
                     cursor.run_again_at = following.end
-            used += len(page)
-            if len(page) < wanted:
+            used += looked
+            if looked < wanted:
                 open_end = buckets_store.next_end_us(
                     conn, loaded.trigger_id, as_of_us, proactive=loaded.proactive
                 )

@@ -563,7 +563,7 @@ def test_a_pass_reads_only_the_due_buckets(harness: HarnessMaker) -> None:
     with h.conn:
         wake = h.engine.proactive(h.conn, T)
     h.conn.row_trace = None
-    assert read.rows <= 3 + 1  # the due rows, and the earliest open end
+    assert read.rows <= 2 * 3 + 1  # the due rows (noted, then read), the earliest open end
     assert len(fired(h)) == 3
     assert wake == T + 1 * S  # the earliest open window's end
 
@@ -603,7 +603,7 @@ def test_a_pass_in_steps_leaves_what_one_pass_leaves(
                 with stepped.conn:
                     stepped.engine.proactive_step(stepped.conn, pass_, limit)
                 steps += 1
-                assert steps <= len(buckets) + 2
+                assert steps <= 2 * len(buckets) + 3  # each due bucket noted, then evaluated
                 assert read.rows <= limit + 1  # and the earliest open end
             stepped.conn.row_trace = None
             assert pass_.next_run == wake
@@ -621,13 +621,14 @@ def test_a_reload_between_steps_skips_the_rest_of_the_trigger(harness: HarnessMa
     h = harness([a])
     put_buckets(h, a, [(-5, 0, 60)] * 4)
     pass_ = h.engine.begin_proactive(T)
-    with h.conn:
-        assert not h.engine.proactive_step(h.conn, pass_, 2)
+    with h.conn:  # 4 due buckets noted, 2 evaluated
+        assert not h.engine.proactive_step(h.conn, pass_, 6)
+    assert len(fired(h)) == 2
     with h.conn:
         h.engine.load_automations(h.conn, [a], T)  # unchanged: keeps its buckets
     with h.conn:
-        assert h.engine.proactive_step(h.conn, pass_, 2)
-    assert len(fired(h)) == 2
+        assert h.engine.proactive_step(h.conn, pass_, 6)
+    assert fired(h) == []
     with h.conn:
         h.engine.proactive(h.conn, T)  # due again after the reload: the rest fire now
     assert len(fired(h)) == 2
