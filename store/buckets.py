@@ -6,7 +6,7 @@ microseconds; the bucketing key is a compact JSON array of strings, compared by 
 
 Every row says whether its trigger is Proactive: only those rows are in the partial
 indexes a proactive pass reads, so reactive rows never pay for them: `buckets_due`, by
-window end, finds the windows that are over (`due_buckets`, `next_end_us`), and
+window end, finds the windows that are over (`snapshot_due`, `next_end_us`), and
 `buckets_met`, by count, the windows that already saw an event (`remove_met_buckets`). A
 pass therefore costs what is due, not what is open: a million devices whose heartbeats
 keep their windows open cost it nothing.
@@ -168,7 +168,7 @@ def iter_buckets(conn: apsw.Connection, trigger_id: str, *, proactive: bool) -> 
     Keyset paging, so rows changed while the caller iterates are neither skipped nor (the
     caller is told by key) visited twice: a bucket moved to a later start by the caller is
     not yielded again. Rows are sorted per page (no index is in start order): only tests
-    and one-off reads ask for this; a proactive pass reads `due_buckets`.
+    and one-off reads ask for this; a proactive pass reads `snapshot_due` and `read_due`.
     """
     trigger = "trigger_id = ? AND proactive" if proactive else "trigger_id = ?"
     first = (
