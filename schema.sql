@@ -1,4 +1,4 @@
--- trigd schema, version 4 (store/db.py SCHEMA_VERSION).
+-- trigd schema, version 5 (store/db.py SCHEMA_VERSION).
 --
 -- Applied whole by store/db.py inside one transaction when PRAGMA user_version is 0; an
 -- older database climbs user_version one step at a time (store/db.py MIGRATIONS). All times are
@@ -81,9 +81,12 @@ CREATE TABLE triggers (
 -- arrive in random order; new rows are appended and only the key index is random (keyed
 -- by (trigger_id, bucketing_key) WITHOUT ROWID, the rows themselves split pages: measured
 -- 3.1 instead of 1.3 pages written per event).
--- Only a proactive pass reads buckets in start order, so only a Proactive trigger's rows
--- are in buckets_start: the reactive rows (nearly all) spare a second random index write
--- per insert or moved window (about a third of the pages a flood writes at commit).
+-- Only a proactive pass reads buckets by window end or count, so only a Proactive
+-- trigger's rows are in buckets_due and buckets_met: the reactive rows (nearly all) spare
+-- a second random index write per insert or moved window (about a third of the pages a
+-- flood writes at commit). A pass looks up the windows that are over (buckets_due) and
+-- those that counted an event (buckets_met: a heartbeat's restarted window counts 0, so
+-- it is not there), never every open bucket.
 -- `proactive` is the trigger's posture; a posture change is a new fingerprint, so a
 -- trigger's rows never disagree about it.
 CREATE TABLE buckets (
@@ -98,7 +101,8 @@ CREATE TABLE buckets (
     last_operation TEXT,
     UNIQUE (trigger_id, bucketing_key)
 );
-CREATE INDEX buckets_start ON buckets (trigger_id, start_us, bucketing_key) WHERE proactive;
+CREATE INDEX buckets_due ON buckets (trigger_id, end_us) WHERE proactive;
+CREATE INDEX buckets_met ON buckets (trigger_id, count) WHERE proactive AND count > 0;
 CREATE INDEX buckets_end ON buckets (end_us);
 
 -- Composite triggers (docs/TRIGGERS.md#composite-triggers): the latest firing of each direct

@@ -4,8 +4,12 @@ Functions of a connection, called inside the caller's transaction. Times are int
 microseconds; the bucketing key is a compact JSON array of strings, compared by equality;
 `last_event` is the ReceivedEvent JSON and is parsed only when somebody asks for it.
 
-Every row says whether its trigger is Proactive: only those rows are in the start-ordered
-index a proactive pass pages through (`iter_buckets`), so reactive rows never pay for it.
+Every row says whether its trigger is Proactive: only those rows are in the partial
+indexes a proactive pass reads, so reactive rows never pay for them: `buckets_due`, by
+window end, finds the windows that are over (`snapshot_due`, `next_end_us`), and
+`buckets_met`, by count, the windows that already saw an event (`remove_met_buckets`). A
+pass therefore costs what is due, not what is open: a million devices whose heartbeats
+keep their windows open cost it nothing.
 
 `PendingBuckets` is the reactive path's write-back: within one transaction each bucket is
 read at most once and written at most once, when the engine ends its unit of work, by one
@@ -26,7 +30,7 @@ from daemon.core.buckets import Bucket, EventRef
 from daemon.core.clock import from_us, to_us
 
 PAGE_SIZE: Final = 500
-"""Buckets read per query by a proactive pass (rows), as Prefect's batch size."""
+"""Buckets read per query by `iter_buckets` (rows), as Prefect's batch size."""
 
 _COLUMNS: Final = "bucketing_key, start_us, end_us, count, last_event, last_operation"
 
@@ -163,9 +167,8 @@ def iter_buckets(conn: apsw.Connection, trigger_id: str, *, proactive: bool) -> 
 
     Keyset paging, so rows changed while the caller iterates are neither skipped nor (the
     caller is told by key) visited twice: a bucket moved to a later start by the caller is
-    not yielded again. A Proactive trigger's rows come from the start-ordered partial index
-    (the statement must say `proactive` for SQLite to use it); any other trigger's are
-    sorted per page, which only tests and one-off evaluations ask for.
+    not yielded again. Rows are sorted per page (no index is in start order): only tests
+    and one-off reads ask for this; a proactive pass reads `snapshot_due` and `read_due`.
     """
     trigger = "trigger_id = ? AND proactive" if proactive else "trigger_id = ?"
     first = (
@@ -198,11 +201,121 @@ def iter_buckets(conn: apsw.Connection, trigger_id: str, *, proactive: bool) -> 
             yield _bucket(row)
 
 
-def remove_buckets_exceeding_threshold(
-    conn: apsw.Connection, trigger_id: str, threshold: int
+def remove_met_buckets(
+    conn: apsw.Connection, trigger_id: str, threshold: int, *, proactive: bool, limit: int
 ) -> int:
-    conn.execute("DELETE FROM buckets WHERE trigger_id = ? AND count >= ?", (trigger_id, threshold))
+    """Delete at most `limit` of the trigger's buckets with `count >= threshold`; returns
+    how many. A Proactive trigger's with a positive threshold come from `buckets_met`,
+    which only holds rows that counted something (a heartbeat's restarted window holds 0),
+    so finding none costs a lookup, not a scan."""
+    if proactive and threshold > 0:
+        where = "trigger_id = ? AND proactive AND count > 0 AND count >= ?"
+    else:
+        where = "trigger_id = ? AND count >= ?"
+    conn.execute(
+        f"DELETE FROM buckets WHERE rowid IN (SELECT rowid FROM buckets WHERE {where} LIMIT ?)",
+        (trigger_id, threshold, limit),
+    )
     return conn.changes()
+
+
+_DUE_TABLE: Final = (
+    "CREATE TEMP TABLE IF NOT EXISTS proactive_due ("
+    " start_us INTEGER NOT NULL, bucketing_key TEXT NOT NULL, bucket INTEGER NOT NULL,"
+    " PRIMARY KEY (start_us, bucketing_key, bucket)) WITHOUT ROWID"
+)
+
+
+def snapshot_due(
+    conn: apsw.Connection,
+    trigger_id: str,
+    as_of_us: int,
+    *,
+    proactive: bool,
+    after: tuple[int, int] | None,
+    limit: int,
+) -> tuple[int, tuple[int, int] | None]:
+    """Note at most `limit` more of the trigger's buckets whose window ended at or before
+    `as_of_us` in the connection's temp table `proactive_due`, which keeps them in start
+    order for `read_due` (`after` None: start afresh). They are found through
+    `buckets_due` for a Proactive trigger, in (end, rowid) order after the keyset `after`;
+    returns how many, and the keyset of the last."""
+    conn.execute(_DUE_TABLE)
+    if after is None:
+        conn.execute("DELETE FROM temp.proactive_due")
+    trigger = "trigger_id = ? AND proactive" if proactive else "trigger_id = ?"
+    params: tuple[object, ...]
+    if after is None:
+        keyset, params = "", (trigger_id, as_of_us, limit)
+    else:
+        keyset = "AND (end_us, rowid) > (?, ?) "
+        params = (trigger_id, as_of_us, after[0], after[1], limit)
+    rows = conn.execute(
+        f"SELECT rowid, end_us, start_us, bucketing_key FROM buckets WHERE {trigger} "
+        f"AND end_us <= ? {keyset}ORDER BY end_us, rowid LIMIT ?",
+        params,
+    ).fetchall()
+    if not rows:
+        return 0, after
+    conn.executemany(
+        "INSERT INTO temp.proactive_due (start_us, bucketing_key, bucket) VALUES (?, ?, ?)",
+        [(start_us, key, rowid) for rowid, _end, start_us, key in rows],
+    )
+    rowid, end_us = rows[-1][0], rows[-1][1]
+    assert isinstance(rowid, int)
+    assert isinstance(end_us, int)
+    return len(rows), (end_us, rowid)
+
+
+def read_due(
+    conn: apsw.Connection,
+    trigger_id: str,
+    as_of_us: int,
+    *,
+    after: tuple[int, str, int] | None,
+    limit: int,
+) -> tuple[list[Bucket], tuple[int, str, int] | None, int]:
+    """The buckets `snapshot_due` noted, in (start, key) order after the keyset `after`,
+    as they are now: one changed meanwhile so that it is no longer due, or gone, is left
+    out. At most `limit` noted rows are looked at; returns the buckets, the keyset of the
+    last row looked at, and how many were looked at (fewer than `limit`: the end)."""
+    params: tuple[object, ...]
+    if after is None:
+        keyset, params = "", (limit,)
+    else:
+        keyset, params = "WHERE (start_us, bucketing_key, bucket) > (?, ?, ?) ", (*after, limit)
+    noted = conn.execute(
+        "SELECT start_us, bucketing_key, bucket FROM temp.proactive_due "
+        f"{keyset}ORDER BY start_us, bucketing_key, bucket LIMIT ?",
+        params,
+    ).fetchall()
+    if not noted:
+        return [], after, 0
+    found: dict[int, tuple[object, ...]] = {
+        int(row[0]): row[1:]
+        for row in conn.executemany(
+            f"SELECT rowid, {_COLUMNS} FROM buckets "
+            "WHERE rowid = ? AND trigger_id = ? AND end_us <= ?",
+            [(row[2], trigger_id, as_of_us) for row in noted],
+        )
+    }
+    buckets = [_bucket(found[int(str(row[2]))]) for row in noted if int(str(row[2])) in found]
+    start_us, key, rowid = noted[-1]
+    assert isinstance(start_us, int)
+    assert isinstance(key, str)
+    assert isinstance(rowid, int)
+    return buckets, (start_us, key, rowid), len(noted)
+
+
+def next_end_us(
+    conn: apsw.Connection, trigger_id: str, after_us: int, *, proactive: bool
+) -> int | None:
+    """The earliest window end of the trigger's buckets later than `after_us` (None: none)."""
+    trigger = "trigger_id = ? AND proactive" if proactive else "trigger_id = ?"
+    row = conn.execute(
+        f"SELECT min(end_us) FROM buckets WHERE {trigger} AND end_us > ?", (trigger_id, after_us)
+    ).fetchone()
+    return None if row is None or row[0] is None else int(row[0])
 
 
 def sweep_closed_buckets(conn: apsw.Connection, older_than_us: int) -> int:

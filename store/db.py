@@ -39,7 +39,7 @@ from store.connection import Connection
 if TYPE_CHECKING:  # an annotation only: opening the store does not load the configuration
     from daemon.core.config import Synchronous
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 BUSY_TIMEOUT_MS: Final = 5_000
 WRITER_CACHE_KIB: Final = 2_048  # KiB of page cache for the writer ([store] page_cache_mib)
 """Big enough for the hot pages (index tails, open buckets) of a busy database: at 100,000
@@ -143,10 +143,24 @@ CREATE INDEX events_occurred ON events (occurred_us);
 """Version 4 indexes events by when they occurred: an events-out subscriber's backfill and
 an events query read them newest (or oldest) first within an `occurred` window."""
 
+_V5_DUE_BUCKETS: Final = """
+DROP INDEX buckets_start;
+CREATE INDEX buckets_due ON buckets (trigger_id, end_us) WHERE proactive;
+CREATE INDEX buckets_met ON buckets (trigger_id, count) WHERE proactive AND count > 0;
+"""
+"""Version 5: a proactive pass reads only the windows that are over (`buckets_due`, by
+end) and those that already counted an event (`buckets_met`), instead of paging through
+every open bucket in start order (`buckets_start`, dropped)."""
+
 # A new database gets schema.sql (the current version) in one step; an older one climbs
 # one step per version: MIGRATIONS[N] takes it from N-1 to N.
 MIGRATIONS: Final[Mapping[int, str]] = MappingProxyType(
-    {2: _V2_PROACTIVE_BUCKETS, 3: _V3_CANCELLED_DELIVERIES, 4: _V4_EVENTS_BY_OCCURRED}
+    {
+        2: _V2_PROACTIVE_BUCKETS,
+        3: _V3_CANCELLED_DELIVERIES,
+        4: _V4_EVENTS_BY_OCCURRED,
+        5: _V5_DUE_BUCKETS,
+    }
 )
 
 _best_practice_applied = False

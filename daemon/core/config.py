@@ -306,10 +306,17 @@ class OrderingConfig(Section):
     max_depth: Count = MAX_DEPTH_OF_PRECEDING_EVENT
 
 
+PROACTIVE_CHUNK: Final = 100
+"""Default `[triggers] proactive_chunk`: a firing costs about 0.3 ms of store time, so a
+step of 100 due buckets holds the store thread some 30 ms here."""
+
+
 class TriggersConfig(Section):
     automations: Annotated[tuple[str, ...], BeforeValidator(_globs)] = ()
     proactive_granularity: PositiveDuration = timedelta(seconds=5)
     expired_bucket_buffer: Duration = timedelta(seconds=60)
+    # buckets a proactive pass reads or deletes per transaction (acks wait at most one)
+    proactive_chunk: Count = PROACTIVE_CHUNK
 
 
 LEASE_FLOOR: Final = timedelta(seconds=60)
@@ -322,6 +329,16 @@ def derived_probe_concurrency(concurrency: int) -> int:
     """`probe_concurrency` when none is set: 2, and always a slot short of `concurrency` so
     failing endpoints leave one to the others (1 when there is only one slot)."""
     return max(1, min(PROBE_CONCURRENCY, concurrency - 1))
+
+
+MAX_PER_ENDPOINT: Final = 32
+FAST_ANSWER: Final = timedelta(milliseconds=250)
+
+
+def derived_max_per_endpoint(concurrency: int, per_endpoint: int) -> int:
+    """`max_per_endpoint` when none is set: 32, a slot short of `concurrency` so that one
+    fast endpoint leaves a slot to the others, and never under `per_endpoint`."""
+    return max(per_endpoint, min(MAX_PER_ENDPOINT, concurrency - 1))
 
 
 def derived_lease(timeout: timedelta) -> timedelta:
@@ -346,6 +363,19 @@ class DeliveryConfig(Section):
     probe_concurrency: Count = Field(None, validate_default=True)
     # a claimed row is owned this long; unset: derived_lease(timeout)
     lease: PositiveDuration = Field(None, validate_default=True)
+    # the window of an endpoint answering within fast_answer grows up to this;
+    # unset: min(32, concurrency - 1), at least per_endpoint_concurrency
+    max_per_endpoint: Count = Field(None, validate_default=True)
+    fast_answer: PositiveDuration = FAST_ANSWER  # quicker answers widen the window
+
+    @field_validator("max_per_endpoint", mode="before")
+    @classmethod
+    def _max_per_endpoint_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        # an invalid key is absent from info.data, and reported
+        per_endpoint = info.data.get("per_endpoint_concurrency", PER_ENDPOINT_CONCURRENCY)
+        return derived_max_per_endpoint(info.data.get("concurrency", per_endpoint), per_endpoint)
 
     @field_validator("per_endpoint_concurrency", mode="before")
     @classmethod
@@ -385,6 +415,12 @@ class DeliveryConfig(Section):
                 "per_endpoint_concurrency",
                 f"must not exceed concurrency ({self.concurrency}), "
                 f"got {self.per_endpoint_concurrency}",
+            )
+        if not self.per_endpoint_concurrency <= self.max_per_endpoint <= self.concurrency:
+            raise _field_problem(
+                "max_per_endpoint",
+                f"must be from per_endpoint_concurrency ({self.per_endpoint_concurrency}) "
+                f"to concurrency ({self.concurrency}), got {self.max_per_endpoint}",
             )
         if self.probe_concurrency > max(1, self.concurrency - 1):
             bound = (

@@ -40,6 +40,14 @@ failing ones) together hold at most `concurrency - 1`: one slot is always left t
 endpoints that answer, even while new endpoints that turn out dead hang for their first
 `timeout`. So however many endpoints are dead, a working endpoint waits for nothing but
 its turn.
+
+The per-endpoint window (`Window`, `next_window`, pure, with `now`): an endpoint that
+answers starts with `per_endpoint_concurrency` slots. Each answer faster than `fast_answer`
+widens its window by one, up to `max_per_endpoint`; a slower answer or a failure halves it,
+down to `per_endpoint_concurrency`, at most once per `fast_answer` (the attempts in flight
+when an endpoint slows down all end alike: one halving, not one per attempt). So a fast
+local endpoint soon has many requests in flight on kept-alive connections, and one that
+slows down or fails gives its slots back at once.
 """
 
 from __future__ import annotations
@@ -264,11 +272,54 @@ def endpoint_answered(outcome: AttemptOutcome) -> bool:
 
 
 @attrs.frozen
+class WindowPolicy:
+    """How an endpoint's window moves (`[delivery]` settings)."""
+
+    floor: int  # per_endpoint_concurrency: where a window starts, and its least
+    ceiling: int  # max_per_endpoint: its most
+    fast: timedelta  # fast_answer: an answer quicker than this widens it
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.floor <= self.ceiling:
+            raise ValueError("WindowPolicy: needs 1 <= floor <= ceiling")
+
+
+@attrs.frozen
+class Window:
+    """How many attempts one endpoint may have in flight, and when it last shrank."""
+
+    size: int
+    shrunk: datetime | None = None
+
+
+def next_window(
+    window: Window,
+    policy: WindowPolicy,
+    *,
+    answered: bool | None,
+    latency: timedelta | None,
+    now: datetime,
+) -> Window:
+    """The window after an attempt ended at `now`: +1 for an answer (`endpoint_answered`)
+    within `policy.fast`; halved for a slower answer or a failure, unless it already
+    halved less than `policy.fast` ago; unchanged when the attempt never reached the
+    endpoint (None). Always within the policy's floor and ceiling."""
+    size = min(max(window.size, policy.floor), policy.ceiling)
+    if answered is None:
+        return Window(size, window.shrunk)
+    if answered and latency is not None and latency <= policy.fast:
+        return Window(min(policy.ceiling, size + 1), window.shrunk)
+    if window.shrunk is not None and now - window.shrunk < policy.fast:
+        return Window(size, window.shrunk)
+    return Window(max(policy.floor, size // 2), now)
+
+
+@attrs.frozen
 class Slots:
     """What one claim may hand out: a snapshot of the sender's `Endpoints`."""
 
     free: int  # slots free, all endpoints
-    per_endpoint: int
+    per_endpoint: int  # an endpoint's window, unless `windows` says otherwise
     probes_free: int = 0  # of those, how many failing endpoints may take
     busy: Mapping[Endpoint, int] = attrs.field(factory=dict)  # in flight per endpoint
     failing: Collection[Endpoint] = frozenset()
@@ -276,6 +327,7 @@ class Slots:
     # endpoints that answered and are not failing; None: trust every endpoint
     trusted: Collection[Endpoint] | None = None
     untrusted_free: int = 0  # slots free for the endpoints not trusted
+    windows: Mapping[Endpoint, int] = attrs.field(factory=dict)  # widened per endpoint
 
     def room(self, endpoint: Endpoint) -> int:
         """How many more this endpoint may have in flight, leaving the others aside."""
@@ -283,7 +335,8 @@ class Slots:
             return 0 if self.probes_free <= 0 else max(0, 1 - self.busy.get(endpoint, 0))
         if not self.is_trusted(endpoint) and self.untrusted_free <= 0:
             return 0
-        return max(0, self.per_endpoint - self.busy.get(endpoint, 0))
+        window = self.windows.get(endpoint, self.per_endpoint)
+        return max(0, window - self.busy.get(endpoint, 0))
 
     def is_trusted(self, endpoint: Endpoint) -> bool:
         return self.trusted is None or endpoint in self.trusted
@@ -336,10 +389,14 @@ class Endpoints:
         per_endpoint: int,
         probes: int,
         failing: Iterable[Endpoint] = (),
+        window: WindowPolicy | None = None,
     ) -> None:
+        """`window` None: every endpoint keeps `per_endpoint` slots (no widening)."""
         self.concurrency = concurrency
         self.per_endpoint = per_endpoint
         self.probes = probes
+        self._policy = window or WindowPolicy(per_endpoint, per_endpoint, timedelta(0))
+        self._windows: dict[Endpoint, Window] = {}
         self._busy: Counter[Endpoint] = Counter()
         self._failing: set[Endpoint] = set(failing)
         self._answered: set[Endpoint] = {None}  # actions without a request always "answer"
@@ -378,7 +435,13 @@ class Endpoints:
             turns=dict(self._turns),
             trusted=self.trusted(),
             untrusted_free=max(1, self.concurrency - 1) - self.untrusted_in_flight(),
+            windows={endpoint: w.size for endpoint, w in self._windows.items()},
         )
+
+    def window(self, endpoint: Endpoint) -> int:
+        """The endpoint's window now (`per_endpoint` until an attempt moved it)."""
+        found = self._windows.get(endpoint)
+        return self.per_endpoint if found is None else found.size
 
     def started(self, endpoints: Iterable[Endpoint]) -> None:
         """Attempts began for these endpoints, one entry each, in the order `share_slots`
@@ -392,13 +455,26 @@ class Endpoints:
         """Known to be failing already (the store says so at start-up)."""
         self._failing.add(endpoint)
 
-    def finished(self, endpoint: Endpoint, answered: bool | None) -> bool:
+    def finished(
+        self,
+        endpoint: Endpoint,
+        answered: bool | None,
+        *,
+        latency: timedelta | None = None,
+        now: datetime | None = None,
+    ) -> bool:
         """An attempt ended: its slot frees up, and the endpoint is failing or not as the
-        attempt showed (`endpoint_answered`; None: it never reached the endpoint). True when
-        this changed whether the endpoint is failing."""
+        attempt showed (`endpoint_answered`; None: it never reached the endpoint); with
+        `now`, its window moves (`next_window`, `latency` the answer's). True when this
+        changed whether the endpoint is failing."""
         self._busy[endpoint] -= 1
         if self._busy[endpoint] <= 0:
             del self._busy[endpoint]
+        if now is not None and endpoint is not None:
+            before = self._windows.get(endpoint, Window(self.per_endpoint))
+            self._windows[endpoint] = next_window(
+                before, self._policy, answered=answered, latency=latency, now=now
+            )
         if answered:
             self._answered.add(endpoint)
         if answered is None or answered == (endpoint not in self._failing):

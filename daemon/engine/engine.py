@@ -22,10 +22,14 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
   kept: the database stays the only state. What is cached about a connection (its events
   clock, whether its inbox is known empty, the ordering's marks) is in the connection's
-  `store.connection.ConnectionState`, never on the engine. `proactive` pages through the
-  table and so
-  writes each change at once.
+  `store.connection.ConnectionState`, never on the engine. The proactive pass reads the
+  table page by page and so writes each change at once.
 * `proactive` runs docs/TRIGGERS.md#proactive-evaluation for each due Proactive EventTrigger.
+  It reads only the buckets a pass can change: those that counted an event (deleted) and
+  those whose window is over (evaluated); an open window cannot fire, so the earliest
+  open end is all the schedule needs of the rest. The same pass can run in steps of at
+  most N buckets (`begin_proactive`, `proactive_step`), one transaction each, so a pass
+  over many due buckets never holds the store for long.
 * `periodic` re-evaluates lost followers and sweeps closed buckets.
 * `load_automations` swaps the loaded set; triggers whose fingerprint changed, that
   vanished, or whose automation is disabled lose their buckets and child firings.
@@ -61,7 +65,7 @@ from daemon.core.buckets import (
     ensure,
     evaluate,
 )
-from daemon.core.clock import META_KEY, EventsClock, to_us
+from daemon.core.clock import META_KEY, EventsClock, from_us, to_us
 from daemon.core.config import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
@@ -99,6 +103,8 @@ PROACTIVE_IDLE: Final = timedelta(seconds=60)
 """How long `proactive` says it can sleep when no proactive trigger is loaded."""
 
 _TRIGGERED: Final = frozenset({TriggerState.Triggered})
+_UNBOUNDED: Final = 2**62
+"""The step of a pass run whole (`proactive`, `proactive_evaluation`): no limit."""
 
 
 def _inbox_event(data: str) -> tuple[ReceivedEvent, bool] | None:
@@ -201,6 +207,33 @@ class LoadReport:
     event_triggers: int
     reset_triggers: frozenset[UUID]
     """Triggers whose buckets and child firings were dropped."""
+
+
+@attrs.define(eq=False)
+class _TriggerCursor:
+    """Where the proactive evaluation of one trigger stands between steps."""
+
+    loaded: _Loaded
+    as_of: datetime
+    run_again_at: datetime
+    phase: str = "ensure"  # then "remove" (step 3), "note" and "due" (step 4)
+    noted: tuple[int, int] | None = None  # (end_us, rowid) of the last due bucket noted
+    after: tuple[int, str, int] | None = None  # (start_us, key, rowid) of the last evaluated
+
+
+@attrs.define(eq=False)
+class ProactivePass:
+    """A proactive pass under way (`Engine.begin_proactive`), run by `proactive_step`:
+    the due triggers left, the one being evaluated, and, when over, when to run again."""
+
+    now: datetime
+    todo: list[_Loaded]
+    cursor: _TriggerCursor | None = None
+    next_run: datetime | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.next_run is not None
 
 
 class Engine:
@@ -579,56 +612,151 @@ class Engine:
     def proactive(self, conn: Connection, now: datetime) -> datetime:
         """Evaluate every due Proactive EventTrigger; return when to run again (wall
         clock as Prefect compares it: the earliest `next_proactive_runs` entry)."""
+        pass_ = self.begin_proactive(now)
+        self.proactive_step(conn, pass_, _UNBOUNDED)
+        assert pass_.next_run is not None
+        return pass_.next_run
+
+    def begin_proactive(self, now: datetime) -> ProactivePass:
+        """A pass at wall time `now` over the Proactive triggers due then; run it with
+        `proactive_step` until `done`."""
+        due = [
+            lt for lt in self._proactive if self.next_proactive_runs.get(lt.trigger.id, now) <= now
+        ]
+        return ProactivePass(now, due)
+
+    def proactive_step(self, conn: Connection, pass_: ProactivePass, limit: int) -> bool:
+        """Go on with `pass_` in the caller's transaction, reading or deleting about
+        `limit` buckets at most (each trigger counts at least one); True when the pass is
+        over (`pass_.next_run` set). A trigger that raises is logged and skipped (its
+        part of this step rolled back); one that was reloaded since the pass began is
+        skipped (a reload makes every trigger due again)."""
+        if limit < 1:
+            raise ValueError("limit: must be at least 1")
         self._ensure_clock(conn)
         before = self.clock.copy()
-        for loaded in self._proactive:
-            trigger_id = loaded.trigger.id
-            if self.next_proactive_runs.get(trigger_id, now) > now:
+        budget = limit
+        while budget > 0 and (pass_.cursor is not None or pass_.todo):
+            cursor = pass_.cursor
+            if cursor is None:
+                cursor = pass_.cursor = self._cursor(pass_.todo.pop(0), pass_.now)
+            if self._loaded.get(cursor.loaded.trigger.id) is not cursor.loaded:
+                pass_.cursor = None  # reloaded since the pass began
                 continue
             try:
                 with conn:
-                    run_again = self._proactive_evaluation(conn, loaded, now)
+                    used, finished = self._advance(conn, cursor, pass_.now, budget)
             except Exception:
                 logger.exception(
                     "Error evaluating automation %s trigger %s proactively",
-                    loaded.automation_id,
-                    loaded.trigger_id,
+                    cursor.loaded.automation_id,
+                    cursor.loaded.trigger_id,
                 )
+                pass_.cursor = None
+                budget -= 1
                 continue
-            self.next_proactive_runs[trigger_id] = run_again
+            budget -= max(1, used)
+            if finished:
+                self.next_proactive_runs[cursor.loaded.trigger.id] = cursor.run_again_at
+                pass_.cursor = None
         self._save_clock(conn, before)
+        if pass_.cursor is not None or pass_.todo:
+            return False
+        now = pass_.now
         if not self._proactive:
-            return now + PROACTIVE_IDLE
-        return min(self.next_proactive_runs.get(lt.trigger.id, now) for lt in self._proactive)
+            pass_.next_run = now + PROACTIVE_IDLE
+        else:
+            pass_.next_run = min(
+                self.next_proactive_runs.get(lt.trigger.id, now) for lt in self._proactive
+            )
+        return True
 
     def proactive_evaluation(self, conn: Connection, trigger_id: UUID, now: datetime) -> datetime:
         """docs/TRIGGERS.md#proactive-evaluation for one loaded trigger at wall time `now` (the
         `P(t)` of the scenarios); returns `run_again_at`, in event time."""
-        return self._proactive_evaluation(conn, self._loaded[trigger_id], now)
+        cursor = self._cursor(self._loaded[trigger_id], now)
+        while not self._advance(conn, cursor, now, _UNBOUNDED)[1]:
+            pass
+        return cursor.run_again_at
 
-    def _proactive_evaluation(self, conn: Connection, loaded: _Loaded, now: datetime) -> datetime:
-        trigger = loaded.trigger
+    def _cursor(self, loaded: _Loaded, now: datetime) -> _TriggerCursor:
         as_of = self.clock.as_of(now)
-        run_again_at = as_of + trigger.within
-        if not trigger.for_each:
-            existing = buckets_store.read_bucket(conn, loaded.trigger_id, ())
-            if existing is None:
-                fresh = ensure(None, (), as_of, as_of + trigger.within, None)
-                buckets_store.write_bucket(
-                    conn, loaded.trigger_id, loaded.automation_id, fresh, proactive=loaded.proactive
+        return _TriggerCursor(loaded, as_of, as_of + loaded.trigger.within)
+
+    def _advance(
+        self, conn: Connection, cursor: _TriggerCursor, now: datetime, budget: int
+    ) -> tuple[int, bool]:
+        """docs/TRIGGERS.md#proactive-evaluation steps 2-4 for one trigger, from where
+        `cursor` stands, over at most about `budget` buckets: (buckets used, finished).
+
+        Only due buckets (window ended at `as_of`) are evaluated, in start order: a
+        bucket whose window is still open (or not begun) is left as it is by the
+        evaluation, and only its end can move `run_again_at`, so the earliest such end
+        stands for all of them. The due buckets are found by end (`buckets_due`) and
+        noted in start order first, a page at a time (`snapshot_due`); between steps a
+        noted bucket may stop being due (a heartbeat came): it is skipped."""
+        loaded, trigger = cursor.loaded, cursor.loaded.trigger
+        as_of = cursor.as_of
+        as_of_us = to_us(as_of)
+        used = 0
+        if cursor.phase == "ensure":
+            if not trigger.for_each:
+                existing = buckets_store.read_bucket(conn, loaded.trigger_id, ())
+                if existing is None:
+                    fresh = ensure(None, (), as_of, as_of + trigger.within, None)
+                    buckets_store.write_bucket(
+                        conn,
+                        loaded.trigger_id,
+                        loaded.automation_id,
+                        fresh,
+                        proactive=loaded.proactive,
+                    )
+            cursor.phase = "remove"
+        if cursor.phase == "remove":
+            removed = buckets_store.remove_met_buckets(
+                conn, loaded.trigger_id, trigger.threshold, proactive=loaded.proactive, limit=budget
+            )
+            used += removed
+            if removed >= budget:
+                return used, False
+            cursor.phase = "note"
+        while cursor.phase == "note":
+            if used >= budget:
+                return used, False
+            wanted = min(buckets_store.PAGE_SIZE, budget - used)
+            noted, cursor.noted = buckets_store.snapshot_due(
+                conn,
+                loaded.trigger_id,
+                as_of_us,
+                proactive=loaded.proactive,
+                after=cursor.noted,
+                limit=wanted,
+            )
+            used += noted
+            if noted < wanted:
+                cursor.phase = "due"
+        while used < budget:
+            wanted = min(buckets_store.PAGE_SIZE, budget - used)
+            page, cursor.after, looked = buckets_store.read_due(
+                conn, loaded.trigger_id, as_of_us, after=cursor.after, limit=wanted
+            )
+            for bucket in page:
+                result = evaluate(trigger, bucket, as_of, None)
+                self._persist(conn, loaded, bucket, result.stored)
+                for fire in result.fires:
+                    self._fire(conn, loaded, fire, now)
+                following = result.returned
+                if following is not None and as_of < following.end < cursor.run_again_at:
+                    cursor.run_again_at = following.end
+            used += looked
+            if looked < wanted:
+                open_end = buckets_store.next_end_us(
+                    conn, loaded.trigger_id, as_of_us, proactive=loaded.proactive
                 )
-        buckets_store.remove_buckets_exceeding_threshold(conn, loaded.trigger_id, trigger.threshold)
-        for bucket in buckets_store.iter_buckets(
-            conn, loaded.trigger_id, proactive=loaded.proactive
-        ):
-            result = evaluate(trigger, bucket, as_of, None)
-            self._persist(conn, loaded, bucket, result.stored)
-            for fire in result.fires:
-                self._fire(conn, loaded, fire, now)
-            following = result.returned
-            if following is not None and as_of < following.end < run_again_at:
-                run_again_at = following.end
-        return run_again_at
+                if open_end is not None and open_end < to_us(cursor.run_again_at):
+                    cursor.run_again_at = from_us(open_end)
+                return used, True
+        return used, False
 
     def periodic(self, conn: Connection, now: datetime) -> int:
         """periodic_evaluation (docs/TRIGGERS.md#scheduling-and-the-sweeper): re-evaluate lost

@@ -3,8 +3,10 @@
 
 Theory of operation. One loop claims due rows through the store gateway (a claim is one
 transaction that also releases expired leases), and starts one task per claimed row. A row
-holds a slot until its attempt is recorded: at most `concurrency` in flight overall,
-`per_endpoint_concurrency` per endpoint (scheme://host:port), handed out round-robin
+holds a slot until its attempt is over: at most `concurrency` in flight overall, an
+endpoint's window per endpoint (scheme://host:port: `per_endpoint_concurrency`, widened
+up to `max_per_endpoint` while it answers within `fast_answer`, halved when it slows down
+or fails, `daemon/core/delivery.py: next_window`), handed out round-robin
 across endpoints; an endpoint whose last attempt failed (network error, timeout, 408, 429,
 5xx) gets one at a time until it answers, and failing endpoints together at most
 `probe_concurrency`, fewer than `concurrency`; endpoints that have not answered since
@@ -17,6 +19,8 @@ Each attempt ends in one transaction: the attempt row, the move in the state tab
 (`daemon/core/delivery.py`), and — when the delivery is finished — its
 `prefect.automation.action.executed` or `.failed` event pushed to the inbox, so the event
 exists if and only if the status change does. `emit` is then told about those events.
+Results are group-committed (`_Recorder`): those that finish while a COMMIT runs share the
+next one, so a storm of fast deliveries costs one transaction per batch, not per row.
 
 Rows left `in_flight` by a previous process (crash, SIGKILL) are released when the sender
 starts — the lock file guarantees no other sender owns them — and are sent again with the
@@ -26,7 +30,8 @@ start out failing, so a restart does not trust a dead endpoint with every slot a
 Store trouble (docs/OPERATIONS.md#store-trouble; disk full, I/O error, the write lock held
 elsewhere) never ends the sender: the release, each claim and each attempt's commit are
 retried with the backoff of `daemon.runtime.store_trouble`, the cause logged once. A
-delivery whose result cannot be committed keeps its slot and its lease while it retries, and
+delivery whose result cannot be committed keeps its lease while it retries (and the
+claims, which need the store too, wait as well), and
 commits only while the row is still in flight under that lease: if the lease ran out and the
 row was released (and perhaps claimed and sent again) meanwhile, the stale result is
 dropped, never written over the newer attempt's row. Any other exception is a bug and still
@@ -42,8 +47,9 @@ import hmac
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from random import Random as _StdRandom
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -67,6 +73,7 @@ from daemon.core.delivery import (
     Random,
     RetryAt,
     Slots,
+    WindowPolicy,
     action_triggered_event_id,
     decide,
     describe,
@@ -90,6 +97,9 @@ USER_AGENT: Final = f"trigd/{__version__}"
 RESPONSE_BODY_CHARS: Final = 1000  # of the response kept in the executed/failed event
 RESPONSE_READ_BYTES: Final = 16_384  # read at most this much of a response body
 MAX_IDLE: Final = timedelta(seconds=60)  # re-check the outbox at least this often
+RESULTS_PER_COMMIT: Final = 256
+"""Attempts' results recorded per transaction at most (rows): a batch's COMMIT holds the
+store thread about 10 ms here, inbox events included."""
 SECRET_PREFIX: Final = "whsec_"
 
 REDACTED_HEADERS: Final = frozenset({"authorization", "traceparent", "via"})
@@ -172,37 +182,120 @@ def _finished_event(
     )
 
 
-def _commit(
+@attrs.define(eq=False)
+class _Slot:
+    """The slot one attempt holds, freed once."""
+
+    endpoint: str | None
+    freed: bool = False
+
+
+@attrs.define(eq=False)
+class _Finished:
+    """One attempt's result waiting for the commit of its batch (`_Recorder`)."""
+
+    row: outbox.OutboxRow
+    result: _Result
+    event: ReceivedEvent | None
+    now_us: int
+    ours: bool | None = None  # set by the commit: False when the row was no longer ours
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+def _record(
     conn: Connection,
     row: outbox.OutboxRow,
     result: _Result,
     event: ReceivedEvent | None,
     now_us: int,
 ) -> bool:
-    """Record the attempt and move the row, in one transaction. False when the row is no
-    longer ours: its lease expired and it was released (and perhaps claimed again)
-    meanwhile, which a commit retried through store trouble can find."""
-    with write_transaction(conn):
-        if not outbox.holds_lease(conn, row.id, row.lease_until_us):
-            return False
-        outbox.record_attempt(
-            conn,
-            row.id,
-            attempted_us=to_us(result.attempted),
-            latency_us=result.latency_us,
-            status_code=result.outcome.status_code,
-            error=None if isinstance(result.decision, Delivered) else _error(result),
-        )
-        decision = result.decision
-        if isinstance(decision, Delivered):
-            outbox.mark_delivered(conn, row.id, now_us)
-        elif isinstance(decision, RetryAt):
-            outbox.mark_retry(conn, row.id, to_us(decision.at), decision.reason)
-        else:
-            outbox.mark_dead(conn, row.id, now_us, decision.reason)
-        if event is not None:
-            push_inbox(conn, [event.model_dump_json()])
+    """Record the attempt and move the row, inside the caller's transaction. False when
+    the row is no longer ours: its lease expired and it was released (and perhaps claimed
+    again) meanwhile, which a commit retried through store trouble can find."""
+    if not outbox.holds_lease(conn, row.id, row.lease_until_us):
+        return False
+    outbox.record_attempt(
+        conn,
+        row.id,
+        attempted_us=to_us(result.attempted),
+        latency_us=result.latency_us,
+        status_code=result.outcome.status_code,
+        error=None if isinstance(result.decision, Delivered) else _error(result),
+    )
+    decision = result.decision
+    if isinstance(decision, Delivered):
+        outbox.mark_delivered(conn, row.id, now_us)
+    elif isinstance(decision, RetryAt):
+        outbox.mark_retry(conn, row.id, to_us(decision.at), decision.reason)
+    else:
+        outbox.mark_dead(conn, row.id, now_us, decision.reason)
+    if event is not None:
+        push_inbox(conn, [event.model_dump_json()])
     return True
+
+
+def _commit(
+    conn: Connection,
+    batch: Sequence[_Finished],
+    now_us: int,
+    lease_until_us: int,
+    slots: Slots,
+) -> tuple[list[bool], list[outbox.OutboxRow]]:
+    """Record a batch of attempts and claim rows for the free `slots`, in one transaction
+    (one COMMIT, one fsync, for all): whether each row was still ours, and the rows
+    claimed."""
+    with write_transaction(conn):
+        outbox.release_leases(conn, now_us)  # as every claim does: a stale result finds out
+        ours = [_record(conn, f.row, f.result, f.event, f.now_us) for f in batch]
+        claimed = outbox.claim_slots(conn, now_us, lease_until_us, slots) if slots.free else []
+    return ours, claimed
+
+
+class _Recorder:
+    """Group commit of attempts' results: the results that finish while a commit runs
+    wait for the next one, which takes them all (at most `limit`). A delivery keeps its
+    lease until its result is committed (its slot went back when the attempt ended);
+    store trouble is waited out with a backoff, the batch kept whole."""
+
+    def __init__(
+        self, limit: int, record: Callable[[Sequence[_Finished]], Awaitable[list[bool]]]
+    ) -> None:
+        self._limit = limit
+        self._record = record  # commits a batch (`Sender._record_batch`)
+        self._waiting: list[_Finished] = []
+        self._wake = trio.Event()
+        self._committing = False
+
+    @property
+    def busy(self) -> bool:
+        """Results wait or are being committed: that commit will claim for the free slots."""
+        return self._committing or bool(self._waiting)
+
+    async def commit(self, finished: _Finished) -> bool:
+        self._waiting.append(finished)
+        self._wake.set()
+        await finished.done.wait()
+        assert finished.ours is not None
+        return finished.ours
+
+    async def run(self) -> None:
+        trouble = Backoff(log, "recording the results of deliveries")
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._waiting:
+                batch = self._waiting[: self._limit]
+                del self._waiting[: self._limit]
+                self._committing = True
+                try:
+                    # the requests were made: their results are worth waiting for the store
+                    # (holding their leases), rather than a send again after the leases run out
+                    outcome = await trouble.call(partial(self._record, batch))
+                finally:
+                    self._committing = False
+                for finished, ours in zip(batch, outcome, strict=True):
+                    finished.ours = ours
+                    finished.done.set()
 
 
 def _error(result: _Result) -> str:
@@ -311,10 +404,18 @@ class Sender:
         self._emit = emit
         self._random = random
         self._wake = trio.Event()
+        self._recorder = _Recorder(RESULTS_PER_COMMIT, self._record_batch)
+        self._claiming = trio.Lock()  # a slots snapshot is good until its claim has started
+        self._nursery: trio.Nursery | None = None
         self._endpoints = Endpoints(
             concurrency=settings.concurrency,
             per_endpoint=settings.per_endpoint_concurrency,
             probes=settings.probe_concurrency,
+            window=WindowPolicy(
+                settings.per_endpoint_concurrency,
+                settings.max_per_endpoint,
+                settings.fast_answer,
+            ),
         )
 
     def notify(self) -> None:
@@ -373,49 +474,84 @@ class Sender:
         settings = self._settings
         claiming = Backoff(log, "claiming due deliveries")
         async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self._recorder.run)
             while True:
                 self._wake = trio.Event()
-                now = self._clock()
-                slots = self._endpoints.slots()
                 next_due_us: int | None = None
-                if slots.free > 0:
-                    try:
-                        rows, next_due_us = await self._gateway.run(
-                            _claim, to_us(now), to_us(now + settings.lease), slots
-                        )
-                    except STORE_TROUBLE as exc:
-                        await claiming.wait(exc)  # nothing was claimed: try again afresh
-                        continue
-                    claiming.cleared()
-                    self._endpoints.started(row.endpoint for row in rows)
-                    for row in rows:
-                        nursery.start_soon(self._deliver, row)
+                # results waiting for their commit: it claims for the slots they freed
+                if not self._recorder.busy:
+                    async with self._claiming:
+                        now = self._clock()
+                        slots = self._endpoints.slots()
+                        if slots.free > 0:
+                            try:
+                                rows, next_due_us = await self._gateway.run(
+                                    _claim, to_us(now), to_us(now + settings.lease), slots
+                                )
+                            except STORE_TROUBLE as exc:
+                                await claiming.wait(exc)  # nothing claimed: try again afresh
+                                continue
+                            claiming.cleared()
+                            self._start(rows)
                 await self._wait(None if next_due_us is None else from_us(next_due_us))
 
-    async def _deliver(self, row: outbox.OutboxRow) -> None:
-        answered: bool | None = None
-        try:
-            answered = await self._deliver_row(row)
-        finally:
-            if self._endpoints.finished(row.endpoint, answered):
-                if answered:
-                    log.warning("endpoint %s answers again", row.endpoint)
-                else:
-                    log.warning(
-                        "endpoint %s is failing; one delivery at a time until it answers",
-                        row.endpoint,
-                    )
-            self._wake.set()
+    def _start(self, rows: Sequence[outbox.OutboxRow]) -> None:
+        assert self._nursery is not None
+        self._endpoints.started(row.endpoint for row in rows)
+        for row in rows:
+            self._nursery.start_soon(self._deliver, row)
 
-    async def _deliver_row(self, row: outbox.OutboxRow) -> bool | None:
-        """Attempt the row; whether the endpoint answered (None: it was not reached)."""
+    async def _record_batch(self, batch: Sequence[_Finished]) -> list[bool]:
+        """Commit a batch of results, claiming in the same transaction for the free slots."""
+        async with self._claiming:
+            now = self._clock()
+            ours, rows = await self._gateway.run(
+                _commit,
+                batch,
+                to_us(now),
+                to_us(now + self._settings.lease),
+                self._endpoints.slots(),
+            )
+            self._start(rows)
+        self._wake.set()  # rows not due yet, or new ones: the loop looks again
+        return ours
+
+    async def _deliver(self, row: outbox.OutboxRow) -> None:
+        slot = _Slot(row.endpoint)
+        try:
+            await self._deliver_row(row, slot)
+        finally:
+            self._free(slot, None, None)
+
+    def _free(self, slot: _Slot, answered: bool | None, latency: timedelta | None) -> None:
+        """The attempt is over: its slot goes back (once), the endpoint's window and
+        failing state move as it showed, and the loop may claim again. The result may
+        still be waiting for its commit: its row stays in flight under its lease."""
+        if slot.freed:
+            return
+        slot.freed = True
+        endpoint = slot.endpoint
+        if self._endpoints.finished(endpoint, answered, latency=latency, now=self._clock()):
+            if answered:
+                log.warning("endpoint %s answers again", endpoint)
+            else:
+                log.warning(
+                    "endpoint %s is failing; one delivery at a time until it answers", endpoint
+                )
+        self._wake.set()
+
+    async def _deliver_row(self, row: outbox.OutboxRow, slot: _Slot) -> None:
+        """Attempt the row, free its slot (`_free`) as soon as the attempt is over, then
+        record the result."""
         try:
             triggered = TriggeredAction.model_validate_json(row.document)
         except ValidationError as exc:
             reason = f"invalid outbox document: {exc.errors()[0]['msg']}"
             outcome = AttemptOutcome(error=reason)
+            self._free(slot, None, None)
             await self._finish(row, None, _Result(self._clock(), outcome, Dead(reason), None))
-            return None
+            return
         if row.revived_us is not None:  # retried by an operator: as the automation is now
             triggered = refreshed(triggered, self._current(row.automation_id))
         action = triggered.action
@@ -425,13 +561,19 @@ class Sender:
                 log.warning(
                     "delivery %s: lease lost before the attempt; it will be retried", row.id
                 )
-                return None
+                return
             row = held
             result = await self._call(row, triggered, action)
         else:
             result = _Result(self._clock(), AttemptOutcome(status_code=200), Delivered(), 0)
+        if result.reached:
+            latency = (
+                None if result.latency_us is None else timedelta(microseconds=result.latency_us)
+            )
+            self._free(slot, endpoint_answered(result.outcome), latency)
+        else:
+            self._free(slot, None, None)
         await self._finish(row, triggered, result)
-        return endpoint_answered(result.outcome) if result.reached else None
 
     def _timeout(self, action: CallWebhook) -> float:
         """Seconds one attempt may take: the action's own `timeout`, else the config's."""
@@ -461,11 +603,7 @@ class Sender:
         event = None
         if triggered is not None and isinstance(decision, Delivered | Dead):
             event = _finished_event(triggered, decision, result.details, now)
-        # the request was made: its result is worth waiting for the store (holding the
-        # slot), rather than a send again after the lease runs out
-        ours = await Backoff(log, f"recording the result of delivery {row.id}").call(
-            lambda: self._gateway.run(_commit, row, result, event, to_us(now))
-        )
+        ours = await self._recorder.commit(_Finished(row, result, event, to_us(now)))
         if not ours:
             log.warning("delivery %s: lease expired during the attempt; it will be retried", row.id)
             return

@@ -334,7 +334,8 @@ async def _run(
                 config.triggers.proactive_granularity,
                 config.store.event_retention,
                 config.store.outbox_retention,
-                config.upstream.backlog if config.upstream.forwarding else None,
+                forward_backlog=config.upstream.backlog if config.upstream.forwarding else None,
+                proactive_chunk=config.triggers.proactive_chunk,
             )
             await nursery.start(
                 lambda *, task_status: run_sweeper(

@@ -4,9 +4,11 @@ Every ``proactive_granularity`` (and at once on start, as Prefect's periodic tas
 proactive pass over due Proactive triggers, the periodic pass (lost followers re-evaluated,
 closed buckets swept), expiry of seen ids, event retention (sparing events `[upstream]`
 has not forwarded yet, up to its `backlog`) and outbox retention. The
-proactive and periodic passes run in one transaction so their firings are atomic with their
-bucket changes; the housekeeping deletes run in a second one, bounded per pass so that a
-huge backlog of expired rows never holds the writer for long.
+proactive pass runs in steps of at most ``proactive_chunk`` buckets, one gateway call and
+one transaction each, so that acks interleave with a pass over many due buckets instead of
+waiting for all of it; the step that ends the pass also runs the periodic pass. Firings are
+atomic with their bucket changes. The housekeeping deletes run in a last transaction,
+bounded per pass so that a huge backlog of expired rows never holds the writer for long.
 
 A failing pass is logged and the loop goes on (scenario 89): a bug in one trigger must not
 stop every other automation's proactive evaluation.
@@ -22,11 +24,12 @@ import attrs
 import trio
 
 from daemon.core.clock import to_us
+from daemon.core.config import PROACTIVE_CHUNK
 from daemon.core.counters import META_KEY as COUNTERS_KEY
 from daemon.core.counters import CounterSource
 from daemon.core.durations import format_duration
 from daemon.core.upstream import UpstreamStats
-from daemon.engine.engine import Engine
+from daemon.engine.engine import Engine, ProactivePass
 from daemon.runtime.evaluator import engine_transaction
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
@@ -47,6 +50,7 @@ class SweepSettings:
     outbox_retention: timedelta  # delivered and dead rows finished longer ago are deleted
     # [upstream] forwarding on: events not yet forwarded outlive event_retention up to this
     forward_backlog: timedelta | None = None
+    proactive_chunk: int = PROACTIVE_CHUNK  # buckets per transaction of a proactive pass
 
 
 @attrs.define
@@ -59,22 +63,30 @@ class SweepReport:
     dropped_unforwarded: int = 0  # past the forward backlog bound, never forwarded
 
 
-def sweep(
-    conn: Connection,
-    engine: Engine,
-    settings: SweepSettings,
-    now: datetime,
-    counters: str | None = None,
-) -> SweepReport:
-    """One pass of everything periodic, as two transactions; `now` is the wall clock;
-    `counters` is a snapshot of the daemon's counters to store (``daemon.core.counters``)."""
-    # if the firings of this pass roll back, so must the schedule that counted on them
+def proactive_step(
+    conn: Connection, engine: Engine, pass_: ProactivePass, limit: int
+) -> int | None:
+    """One transaction of a pass: up to `limit` buckets of proactive evaluation and, if
+    that ends the pass, the periodic pass too. Returns how many buckets the periodic pass
+    swept when the pass is over, else None."""
+    # if the firings of this step roll back, so must the schedule that counted on them
     # (engine_transaction), or an alarm would wait a whole `within` more (an early
     # proactive run is harmless)
     with engine_transaction(conn, engine):
-        next_proactive = engine.proactive(conn, now)
-        swept = engine.periodic(conn, now)
-    report = SweepReport(next_proactive, swept_buckets=swept)
+        if not engine.proactive_step(conn, pass_, limit):
+            return None
+        return engine.periodic(conn, pass_.now)
+
+
+def housekeeping(
+    conn: Connection,
+    engine: Engine,
+    report: SweepReport,
+    settings: SweepSettings,
+    now: datetime,
+    counters: str | None = None,
+) -> None:
+    """The deletes of a pass and the counters' snapshot, in one transaction."""
     with write_transaction(conn):
         report.expired_seen = engine.ordering(conn).expire_seen(now)
         pruned = _prune_events(conn, settings, now)
@@ -85,6 +97,42 @@ def sweep(
         )
         if counters is not None:
             events_store.write_meta(conn, COUNTERS_KEY, counters)
+
+
+def sweep(
+    conn: Connection,
+    engine: Engine,
+    settings: SweepSettings,
+    now: datetime,
+    counters: str | None = None,
+) -> SweepReport:
+    """One whole pass, step after step, then housekeeping; `now` is the wall clock;
+    `counters` is a snapshot of the daemon's counters to store (``daemon.core.counters``)."""
+    pass_ = engine.begin_proactive(now)
+    swept = None
+    while swept is None:
+        swept = proactive_step(conn, engine, pass_, settings.proactive_chunk)
+    assert pass_.next_run is not None
+    report = SweepReport(pass_.next_run, swept_buckets=swept)
+    housekeeping(conn, engine, report, settings, now, counters)
+    return report
+
+
+async def _sweep_in_steps(
+    gateway: StoreGateway,
+    engine: Engine,
+    settings: SweepSettings,
+    now: datetime,
+    counters: str | None,
+) -> SweepReport:
+    """`sweep` as one gateway call per step, so other store work runs in between."""
+    pass_ = engine.begin_proactive(now)
+    swept = None
+    while swept is None:
+        swept = await gateway.run(proactive_step, engine, pass_, settings.proactive_chunk)
+    assert pass_.next_run is not None
+    report = SweepReport(pass_.next_run, swept_buckets=swept)
+    await gateway.run(housekeeping, engine, report, settings, now, counters)
     return report
 
 
@@ -127,7 +175,7 @@ async def run_sweeper(
         snapshot = None if counters is None else counters.snapshot(now)
         started = trio.current_time()
         try:
-            report = await gateway.run(sweep, engine, settings, now, snapshot)
+            report = await _sweep_in_steps(gateway, engine, settings, now, snapshot)
         except STORE_TROUBLE as exc:
             await trouble.wait(exc)
             continue

@@ -160,6 +160,7 @@ def test_example_file_lists_every_key_with_its_default(
     commented = re.findall(r"^# ([a-z_]+ = .*)$", text, flags=re.MULTILINE)
     assert [line.split(" =")[0] for line in commented] == [
         "per_endpoint_concurrency",
+        "max_per_endpoint",
         "probe_concurrency",
         "lease",
     ]
@@ -564,3 +565,18 @@ def test_log_level_and_format_default_to_info_text_and_read_any_case(tmp_path: P
     assert (config.log.level, config.log.format) == ("DEBUG", "json")
     from_env = load_config(None, {"TRIGD_LOG_LEVEL": "warning", "TRIGD_LOG_FORMAT": "json"}, {})
     assert (from_env.log.level, from_env.log.format) == ("WARNING", "json")
+
+
+def test_max_per_endpoint_follows_concurrency_unless_set(tmp_path: Path) -> None:
+    assert Config().delivery.max_per_endpoint == 7  # concurrency 8, a slot left over
+    wide = load_config(write(tmp_path, "[delivery]\nconcurrency = 100\n"), {}, {})
+    assert wide.delivery.max_per_endpoint == 32
+    one = load_config(write(tmp_path, "[delivery]\nconcurrency = 1\n"), {}, {})
+    assert one.delivery.max_per_endpoint == 1
+    fixed = load_config(
+        write(tmp_path, "[delivery]\nconcurrency = 4\nmax_per_endpoint = 2\n"), {}, {}
+    )
+    assert fixed.delivery.max_per_endpoint == 2
+    for bad in ("max_per_endpoint = 1", "max_per_endpoint = 9"):
+        with pytest.raises(ConfigError, match=r"\[delivery\] max_per_endpoint: must be from"):
+            load_config(write(tmp_path, f"[delivery]\n{bad}\n"), {}, {})

@@ -28,10 +28,13 @@ from daemon.core.delivery import (
     Move,
     RetryAt,
     Slots,
+    Window,
+    WindowPolicy,
     advance,
     backoff,
     decide,
     endpoint_answered,
+    next_window,
     parse_retry_after,
     share_slots,
     sources,
@@ -474,3 +477,76 @@ OutboxMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestOutboxMachine = OutboxMachine.TestCase
+
+
+# --- the per-endpoint window ----------------------------------------------------------------
+
+WINDOW = WindowPolicy(floor=2, ceiling=6, fast=timedelta(milliseconds=250))
+AT = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
+FAST = timedelta(milliseconds=5)
+SLOW = timedelta(seconds=1)
+
+
+def test_fast_answers_widen_the_window_one_by_one_up_to_the_ceiling() -> None:
+    window = Window(2)
+    sizes = []
+    for _ in range(6):
+        window = next_window(window, WINDOW, answered=True, latency=FAST, now=AT)
+        sizes.append(window.size)
+    assert sizes == [3, 4, 5, 6, 6, 6]
+
+
+def test_a_slow_answer_or_a_failure_halves_it_once_per_fast_answer_period() -> None:
+    window = Window(6)
+    window = next_window(window, WINDOW, answered=True, latency=SLOW, now=AT)
+    assert window == Window(3, AT)
+    # the other attempts of the same slowdown end within the period: no second halving
+    later = AT + timedelta(milliseconds=100)
+    assert next_window(window, WINDOW, answered=False, latency=None, now=later) == window
+    after = AT + timedelta(milliseconds=250)
+    assert next_window(window, WINDOW, answered=False, latency=None, now=after) == Window(2, after)
+    # never under the floor
+    assert next_window(Window(2), WINDOW, answered=False, latency=None, now=AT).size == 2
+
+
+def test_an_attempt_that_never_reached_the_endpoint_leaves_the_window() -> None:
+    window = Window(4, AT)
+    assert next_window(window, WINDOW, answered=None, latency=None, now=AT) == window
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.sampled_from([True, False, None]),
+            st.integers(0, 2_000),  # latency, ms
+            st.integers(0, 1_000),  # ms since the previous attempt ended
+        ),
+        max_size=40,
+    ),
+    start=st.integers(0, 10),
+)
+def test_the_window_stays_between_floor_and_ceiling(
+    steps: list[tuple[bool | None, int, int]], start: int
+) -> None:
+    window, now = Window(start), AT
+    for answered, latency_ms, gap_ms in steps:
+        now += timedelta(milliseconds=gap_ms)
+        window = next_window(
+            window, WINDOW, answered=answered, latency=timedelta(milliseconds=latency_ms), now=now
+        )
+        assert WINDOW.floor <= window.size <= WINDOW.ceiling
+
+
+def test_endpoints_hand_a_fast_endpoint_the_slots_of_its_window() -> None:
+    book = Endpoints(concurrency=8, per_endpoint=2, probes=2, window=WINDOW)
+    fast = "http://fast:80"
+    book.started([fast, fast])
+    assert book.slots().room(fast) == 0  # its window of 2 is full
+    book.finished(fast, True, latency=FAST, now=AT)
+    book.finished(fast, True, latency=FAST, now=AT)
+    assert book.window(fast) == 4
+    assert book.slots().room(fast) == 4
+    book.started([fast] * 4)
+    book.finished(fast, False, latency=None, now=AT)  # a timeout: failing, window halved
+    assert book.window(fast) == 2
+    assert fast in book.failing

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import apsw
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daemon.core.automations import Automation
+from daemon.core.buckets import Bucket
 from daemon.engine.engine import Outcome
+from store.buckets import write_bucket
 from tests.support.engine_harness import (
     CHONK_SADNESS,
     EFFECTIVE,
+    Harness,
     HarnessMaker,
     T,
     automation,
@@ -492,3 +503,132 @@ def test_proactive_returns_next_run_and_skips_until_due(harness: HarnessMaker) -
     with h.conn:
         h.engine.proactive(h.conn, T + 30 * S)
     assert [x.automation.id for x in fired(h)] == [CHONK_SADNESS.id]
+
+
+# --- a pass reads what is due, and runs the same in steps ---------------------------------
+
+
+def watchdog(*, after: bool, threshold: int = 1) -> Automation:
+    return automation(
+        "watchdog",
+        trigger(
+            posture="Proactive",
+            after=["device.heartbeat"] if after else [],
+            expect=["device.heartbeat"],
+            for_each=["prefect.resource.id"],
+            threshold=threshold,
+            within=60,
+        ),
+    )
+
+
+def put_buckets(h: Harness, a: Automation, buckets: Sequence[tuple[int, int, int]]) -> None:
+    """Buckets `(end offset s from T, count, length s)` of keys k0, k1, ..."""
+    with h.conn:
+        for i, (end, count, length) in enumerate(buckets):
+            stop = T + end * S
+            bucket = Bucket((f"k{i}",), stop - length * S, stop, count)
+            write_bucket(h.conn, str(a.trigger.id), str(a.id), bucket, proactive=True)
+
+
+def table(h: Harness) -> list[tuple[object, ...]]:
+    return h.conn.execute(
+        "SELECT bucketing_key, start_us, end_us, count FROM buckets ORDER BY bucketing_key"
+    ).fetchall()
+
+
+def fired_keys(h: Harness) -> list[str]:
+    return sorted(str(x.firing and x.firing.triggering_labels) for x in h.actions())
+
+
+class BucketRowsRead:
+    """A row tracer counting the rows read from the buckets table."""
+
+    def __init__(self) -> None:
+        self.rows = 0
+
+    def __call__(self, cursor: apsw.Cursor, row: tuple[object, ...]) -> tuple[object, ...]:
+        if "FROM buckets" in (cursor.expanded_sql or ""):
+            self.rows += 1
+        return row
+
+
+def test_a_pass_reads_only_the_due_buckets(harness: HarnessMaker) -> None:
+    """1,000 open windows and 3 over: the pass reads 3 bucket rows, and fires 3 times."""
+    a = watchdog(after=True)
+    h = harness([a])
+    put_buckets(h, a, [(1 + i, 0, 60) for i in range(1_000)] + [(-5, 0, 60)] * 3)
+    read = BucketRowsRead()
+    h.conn.row_trace = read
+    with h.conn:
+        wake = h.engine.proactive(h.conn, T)
+    h.conn.row_trace = None
+    assert read.rows <= 2 * 3 + 1  # the due rows (noted, then read), the earliest open end
+    assert len(fired(h)) == 3
+    assert wake == T + 1 * S  # the earliest open window's end
+
+
+bucket_rows = st.lists(
+    st.tuples(st.integers(-90, 90), st.integers(-1, 3), st.sampled_from([0, 30, 60, 600])),
+    max_size=25,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    buckets=bucket_rows,
+    limit=st.integers(1, 8),
+    after=st.booleans(),
+    threshold=st.integers(1, 3),
+)
+def test_a_pass_in_steps_leaves_what_one_pass_leaves(
+    buckets: list[tuple[int, int, int]], limit: int, after: bool, threshold: int
+) -> None:
+    """`proactive_step` with any limit ends where `proactive` does: the same buckets,
+    the same firings, the same next run; each step reads or deletes at most about `limit`."""
+    a = watchdog(after=after, threshold=threshold)
+    with tempfile.TemporaryDirectory() as tmp:
+        whole, stepped = Harness(Path(tmp) / "w.db", [a]), Harness(Path(tmp) / "s.db", [a])
+        try:
+            for h in (whole, stepped):
+                put_buckets(h, a, buckets)
+            with whole.conn:
+                wake = whole.engine.proactive(whole.conn, T)
+            pass_ = stepped.engine.begin_proactive(T)
+            steps = 0
+            read = BucketRowsRead()
+            stepped.conn.row_trace = read
+            while not pass_.done:
+                read.rows = 0
+                with stepped.conn:
+                    stepped.engine.proactive_step(stepped.conn, pass_, limit)
+                steps += 1
+                assert steps <= 2 * len(buckets) + 3  # each due bucket noted, then evaluated
+                assert read.rows <= limit + 1  # and the earliest open end
+            stepped.conn.row_trace = None
+            assert pass_.next_run == wake
+            assert table(stepped) == table(whole)
+            assert fired_keys(stepped) == fired_keys(whole)
+            # the next pass is scheduled alike
+            assert stepped.engine.next_proactive_runs == whole.engine.next_proactive_runs
+        finally:
+            whole.close()
+            stepped.close()
+
+
+def test_a_reload_between_steps_skips_the_rest_of_the_trigger(harness: HarnessMaker) -> None:
+    a = watchdog(after=True)
+    h = harness([a])
+    put_buckets(h, a, [(-5, 0, 60)] * 4)
+    pass_ = h.engine.begin_proactive(T)
+    with h.conn:  # 4 due buckets noted, 2 evaluated
+        assert not h.engine.proactive_step(h.conn, pass_, 6)
+    assert len(fired(h)) == 2
+    with h.conn:
+        h.engine.load_automations(h.conn, [a], T)  # unchanged: keeps its buckets
+    with h.conn:
+        assert h.engine.proactive_step(h.conn, pass_, 6)
+    assert fired(h) == []
+    with h.conn:
+        h.engine.proactive(h.conn, T)  # due again after the reload: the rest fire now
+    assert len(fired(h)) == 2

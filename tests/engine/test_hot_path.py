@@ -504,7 +504,7 @@ WATCHDOG = Automation.model_validate(
 )
 
 
-def test_only_proactive_buckets_are_in_the_start_index_and_the_pass_reads_it(
+def test_only_proactive_buckets_are_in_the_due_index_and_the_pass_reads_it(
     store: Store,
 ) -> None:
     conn = store.conn
@@ -518,7 +518,7 @@ def test_only_proactive_buckets_are_in_the_start_index_and_the_pass_reads_it(
     }
     assert by_trigger == {(str(COUNTER.trigger.id), 0), (str(WATCHDOG.trigger.id), 1)}
     indexed = conn.execute(
-        "SELECT count(*) FROM buckets INDEXED BY buckets_start WHERE proactive"
+        "SELECT count(*) FROM buckets INDEXED BY buckets_due WHERE proactive"
     ).fetchone()
     assert indexed == (3,)  # one per resource, the watchdog's only
     for proactive in (True, False):
@@ -526,17 +526,35 @@ def test_only_proactive_buckets_are_in_the_start_index_and_the_pass_reads_it(
             buckets_store.iter_buckets(conn, str(WATCHDOG.trigger.id), proactive=proactive)
         )
         assert [b.key for b in pages] == [("r0",), ("r1",), ("r2",)], proactive
-    plan = " | ".join(
-        str(row[3])
-        for row in conn.execute(
-            "EXPLAIN QUERY PLAN SELECT bucketing_key FROM buckets "
-            "WHERE trigger_id = ? AND proactive AND (start_us, bucketing_key) > (?, ?) "
-            "ORDER BY start_us, bucketing_key LIMIT ?",
-            ("t", 0, "", 500),
-        )
-    )
-    assert "buckets_start" in plan
-    assert "TEMP B-TREE" not in plan
+
+
+def query_plan(conn: Connection, sql: str, params: tuple[object, ...]) -> str:
+    return " | ".join(str(row[3]) for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+
+
+def test_the_pass_looks_up_due_and_counted_buckets_without_a_scan(store: Store) -> None:
+    """What a proactive pass asks the table costs what is due, not what is open."""
+    conn = store.conn
+    traced: list[str] = []
+
+    def trace(_cursor: apsw.Cursor, sql: str, _bindings: object) -> bool:
+        traced.append(sql)
+        return True
+
+    conn.exec_trace = trace
+    engine = Engine()
+    with conn:
+        engine.load_automations(conn, [WATCHDOG], NOW)
+        engine.proactive(conn, NOW)
+    conn.exec_trace = None
+    statements = [sql for sql in traced if "buckets" in sql and "proactive" in sql]
+    assert statements
+    for sql in statements:
+        params = (str(WATCHDOG.trigger.id),) + (0,) * (sql.count("?") - 1)
+        plan = query_plan(conn, sql, params)
+        assert "buckets_due" in plan or "buckets_met" in plan, (sql, plan)
+        assert "SCAN buckets" not in plan, (sql, plan)
+        assert "TEMP B-TREE" not in plan, (sql, plan)
 
 
 # --- the inbox is only looked into when something can be in it -----------------------------

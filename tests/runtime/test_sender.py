@@ -6,12 +6,15 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import apsw
 import pytest
 import trio
+import trio.testing
 from standardwebhooks.webhooks import Webhook
 
 from daemon import __version__
@@ -568,3 +571,110 @@ async def test_a_dead_delivery_is_logged_as_a_warning(
         400,
         "HTTP 400: not retried",
     )
+
+
+# --- storms: the window of a fast endpoint, results committed together --------------------
+
+
+class Gate:
+    """A handler that answers the first `free` requests at once and holds the others
+    until `held` of them are waiting together, then answers them all."""
+
+    def __init__(self, free: int, held: int) -> None:
+        self.free, self.held = free, held
+        self.seen = 0
+        self.waiting = 0
+        self.open = trio.Event()
+        self.changed = trio.Event()  # set (and replaced) whenever one more waits
+
+    async def __call__(self, request: Request) -> Reply:
+        self.seen += 1
+        if self.seen <= self.free:
+            return Reply(200)
+        self.waiting += 1
+        self.changed.set()
+        self.changed = trio.Event()
+        if self.waiting >= self.held:
+            self.open.set()
+        await self.open.wait()
+        return Reply(200)
+
+
+async def test_a_fast_endpoint_gets_a_wider_window(
+    timed_nursery: trio.Nursery, store: Store
+) -> None:
+    """Six fast answers widen the endpoint's window from 2 to its ceiling of 6: then four
+    requests are in flight to it at once (with 2 per endpoint the gate would never open)."""
+    gate = Gate(free=6, held=4)
+    receiver = await timed_nursery.start(run_receiver, gate)
+    harness = await start(
+        timed_nursery,
+        store,
+        concurrency=8,
+        per_endpoint_concurrency=2,
+        max_per_endpoint=6,
+        fast_answer=timedelta(seconds=30),
+    )
+    rows = [webhook(receiver) for _ in range(10)]
+    await harness.enqueue(*rows)
+    done = {(await harness.next_event()).payload["invocation"] for _ in rows}
+    assert done == {str(t.id) for t in rows}
+    assert harness.sender.endpoints.window(endpoint_of(rows[0].action)) == 6
+
+
+async def test_results_that_end_together_are_committed_together(
+    timed_nursery: trio.Nursery, store: Store
+) -> None:
+    """Three answers arriving while the store is busy are recorded by fewer transactions
+    than three: one COMMIT for the batch, not one per delivery. (A new endpoint gets at
+    most concurrency - 1 slots until it has answered.)"""
+    gate = Gate(free=0, held=1_000)  # opened by the test
+    receiver = await timed_nursery.start(run_receiver, gate)
+    harness = await start(
+        timed_nursery,
+        store,
+        clock=JumpingClock(auto=False),  # leases never run out while the answers wait
+        concurrency=4,
+        per_endpoint_concurrency=4,
+    )
+    attempts_at_commit: list[int] = []
+    attempts = 0
+
+    def update(kind: int, _db: str, table: str, _rowid: int) -> None:
+        nonlocal attempts
+        if table == "delivery_attempts" and kind == apsw.SQLITE_INSERT:
+            attempts += 1
+
+    def commit() -> bool:
+        attempts_at_commit.append(attempts)
+        return False
+
+    def hooks(conn: apsw.Connection, on: bool) -> None:
+        conn.set_update_hook(update if on else None)
+        conn.set_commit_hook(commit if on else None)
+
+    await harness.gateway.run(hooks, True)
+    busy, go_on = threading.Event(), threading.Event()
+
+    def hold_the_store(conn: Any) -> None:
+        busy.set()
+        go_on.wait(timeout=5)
+
+    rows = [webhook(receiver) for _ in range(3)]
+    await harness.enqueue(*rows)
+    while gate.waiting < len(rows):
+        await gate.changed.wait()
+    async with trio.open_nursery() as holding:
+        holding.start_soon(harness.gateway.run, hold_the_store)
+        await trio.to_thread.run_sync(busy.wait)
+        gate.open.set()  # the answers come while the store thread is held
+        await trio.testing.wait_all_tasks_blocked(0.2)
+        go_on.set()
+    done = {(await harness.next_event()).payload["invocation"] for _ in rows}
+    assert done == {str(t.id) for t in rows}
+    await harness.gateway.run(hooks, False)
+    per_commit = [
+        b - a for a, b in zip([0, *attempts_at_commit[:-1]], attempts_at_commit, strict=True)
+    ]
+    assert attempts == len(rows)
+    assert max(per_commit) >= 2, per_commit

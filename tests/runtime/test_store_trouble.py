@@ -291,7 +291,8 @@ async def test_a_result_the_store_refused_is_committed_once_it_clears(
     timed_nursery: trio.Nursery, store: Store, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The request was made and answered 200 while the store is locked: the delivery keeps
-    its slot and lease and commits its result when the lock goes, not a send again."""
+    its lease (its slot went back when the answer came) and commits its result when the
+    lock goes, not a send again."""
     locked = ExitStack()
 
     async def lock_then_answer(request: Request) -> Reply:
@@ -303,10 +304,10 @@ async def test_a_result_the_store_refused_is_committed_once_it_clears(
     triggered = webhook(receiver)
     with locked:
         await harness.enqueue(triggered)
-        await until_logged(caplog, "store trouble while recording the result of delivery")
+        await until_logged(caplog, "store trouble while recording the results of deliveries")
         await trio.sleep(0.5)
         assert statuses(store.path) == ["in_flight"]
-        assert harness.sender.in_flight == 1
+        assert harness.sender.in_flight == 0
     event = await harness.next_event()
     assert event.event == EXECUTED
     assert len(receiver.requests) == 1
@@ -315,7 +316,7 @@ async def test_a_result_the_store_refused_is_committed_once_it_clears(
     assert harness.sender.in_flight == 0
     # once for the result; the claim loop, if it ran while locked, logs its own episode once
     logged = errors(caplog)
-    assert len([e for e in logged if "recording the result of delivery" in e]) == 1
+    assert len([e for e in logged if "recording the results of deliveries" in e]) == 1
     assert len([e for e in logged if "claiming due deliveries" in e]) <= 1
     assert len(logged) <= 2
 
@@ -346,7 +347,7 @@ async def test_a_stale_result_never_overwrites_the_row_sent_again(
     triggered = webhook(receiver)
     with locked:
         await harness.enqueue(triggered)
-        await until_logged(caplog, "store trouble while recording the result of delivery")
+        await until_logged(caplog, "store trouble while recording the results of deliveries")
         await trio.sleep(0.4)  # the stale commit is refused again and backs off 0.5 s
     harness.sender.notify()  # a claim comes first: releases the row and sends it again
     await until_logged(caplog, "lease expired during the attempt")

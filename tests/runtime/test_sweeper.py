@@ -269,3 +269,103 @@ def test_retention_spares_events_not_forwarded_upstream_up_to_the_backlog(store:
     report = sweep(conn, Engine(), settings, NOW)
     assert (report.pruned_events, report.dropped_unforwarded) == (2, 1)
     assert [r[0] for r in conn.execute("SELECT id FROM events")] == ["unsent-8d"]
+
+
+WATCHDOG = Automation.model_validate(
+    {
+        "name": "device watchdog",
+        "trigger": {
+            "type": "event",
+            "posture": "Proactive",
+            "after": ["device.heartbeat"],
+            "expect": ["device.heartbeat"],
+            "for_each": ["prefect.resource.id"],
+            "threshold": 1,
+            "within": 60,
+        },
+        "actions": [{"type": "do-nothing"}],
+    }
+)
+
+
+def dead_devices(conn: apsw.Connection, count: int) -> None:
+    """`count` buckets of WATCHDOG whose window ended before NOW."""
+    with conn:
+        for i in range(count):
+            end = NOW - timedelta(seconds=1 + i)
+            conn.execute(
+                "INSERT INTO buckets (trigger_id, bucketing_key, automation_id, proactive,"
+                " start_us, end_us, count) VALUES (?, ?, ?, 1, ?, ?, 0)",
+                (
+                    str(WATCHDOG.trigger.id),
+                    f'["device.{i}"]',
+                    str(WATCHDOG.id),
+                    to_us(end - timedelta(seconds=60)),
+                    to_us(end),
+                ),
+            )
+
+
+def closed_per_commit(conn: apsw.Connection) -> list[int]:
+    """Starts recording how many buckets were deleted by the time of each commit (a
+    watchdog's bucket is deleted when it fires; the outbox has no rowid to hook)."""
+    inserted = 0
+    seen: list[int] = []
+
+    def update(kind: int, _db: str, table: str, _rowid: int) -> None:
+        nonlocal inserted
+        if table == "buckets" and kind == apsw.SQLITE_DELETE:
+            inserted += 1
+
+    def commit() -> bool:
+        seen.append(inserted)
+        return False  # go on with the commit
+
+    conn.set_update_hook(update)
+    conn.set_commit_hook(commit)
+    return seen
+
+
+def assert_steps(committed: list[int], total: int, chunk: int) -> None:
+    """The firings went out over several commits, at most `chunk` per commit."""
+    per_commit = [b - a for a, b in zip([0, *committed[:-1]], committed, strict=True)]
+    assert committed[-1] == total
+    assert max(per_commit) <= chunk, per_commit
+    assert sum(1 for n in per_commit if n) >= -(-total // chunk), per_commit
+
+
+async def test_a_pass_over_many_due_buckets_commits_in_steps(store: Store) -> None:
+    """35 dead devices, 10 buckets per step: the firings are committed 10 at a time, in
+    separate gateway calls (acks wait for one step), and all of them go out."""
+    conn = store.conn
+    engine = Engine()
+    engine.load_automations(conn, [WATCHDOG], NOW)
+    dead_devices(conn, 35)
+    committed = closed_per_commit(conn)
+    settings = attrs.evolve(SETTINGS, proactive_chunk=10)
+    passed = trio.Event()
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run_sweeper(
+                    StoreGateway(store), engine, settings, clock=lambda: NOW, on_commit=passed.set
+                )
+            )
+            await passed.wait()
+            nursery.cancel_scope.cancel()
+    conn.set_commit_hook(None)
+    conn.set_update_hook(None)
+    assert_steps(committed, 35, 10)
+    assert outbox_rows(conn) == 35
+
+
+def test_a_whole_sweep_also_commits_in_steps(store: Store) -> None:
+    conn = store.conn
+    engine = Engine()
+    engine.load_automations(conn, [WATCHDOG], NOW)
+    dead_devices(conn, 25)
+    committed = closed_per_commit(conn)
+    sweep(conn, engine, attrs.evolve(SETTINGS, proactive_chunk=10), NOW)
+    conn.set_commit_hook(None)
+    conn.set_update_hook(None)
+    assert_steps(committed, 25, 10)

@@ -202,6 +202,11 @@ def test_version_1_database_is_migrated_and_keeps_its_buckets(tmp_path: Path) ->
     try:
         conn = store.conn
         assert conn.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+        indexes = {str(row[1]) for row in conn.execute("PRAGMA index_list(buckets)")}
+        assert {"buckets_due", "buckets_met", "buckets_end"} <= indexes
+        assert "buckets_start" not in indexes
+        due = conn.execute("SELECT count(*) FROM buckets INDEXED BY buckets_due WHERE proactive")
+        assert due.fetchone() == (2,)  # every old row (version 2 marks them all proactive)
         # A proactive pass reads through the partial index: the old row must be in it.
         [proactive] = iter_buckets(conn, "proactive", proactive=True)
         assert (proactive.key, proactive.count) == (("x",), 0)

@@ -112,7 +112,10 @@ class Receiver:
         start: h11.Request | None = None
         body = bytearray()
         while True:
-            event = conn.next_event()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:  # e.g. the sender was killed mid-request
+                return None
             if event is h11.NEED_DATA:
                 try:
                     data = await stream.receive_some(65536)
