@@ -44,8 +44,10 @@ from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.wire.submission import Submission
 from daemon.wire.upstream import (
+    ENVELOPE_BYTES,
     PREFECT_SUBPROTOCOL,
     Credentials,
+    OversizedEvent,
     UpstreamRefused,
     auth_message,
     check_auth_reply,
@@ -65,7 +67,6 @@ POLL_SECONDS: Final = 1.0  # caught up: look for new events at least this often
 POSITION_SECONDS: Final = 1.0  # the subscribe position is written at most this often
 BACKLOG_SECONDS: Final = 1.0  # the backlog is counted at most this often
 REPLY_BYTES: Final = 65_536  # the largest message /events/in may send us (its auth reply)
-ENVELOPE_BYTES: Final = 4_096  # room for {"type":"event","event":...} around an event
 
 TROUBLE: Final = (
     OSError,
@@ -351,7 +352,11 @@ class Subscriber:
         self._send = send
         self._stats = stats
         self._clock = clock
-        self._max_bytes = max_event_bytes + ENVELOPE_BYTES
+        self._max_event_bytes = max_event_bytes
+        # read past max_event_bytes, so that a larger event is refused and passed over: a
+        # message past the socket's limit would close it (1009), and each reconnect would
+        # backfill the same event again
+        self._max_bytes = max(config.max_message_bytes, max_event_bytes + ENVELOPE_BYTES)
         self._max_depth = max_json_depth
         self._link = _Link("subscribe", config, stats)
         self._rejected = log_limits.throttle(log, "events from the upstream refused")
@@ -421,8 +426,10 @@ class Subscriber:
     def _take(self, message: str | bytes) -> Submission | None:
         now = self._clock()
         try:
-            event = event_from_message(message, now, self._max_depth)
+            event = event_from_message(message, now, self._max_depth, self._max_event_bytes)
         except EventRejected as exc:
+            if isinstance(exc, OversizedEvent) and exc.occurred is not None:
+                self._committed = next_position(self._committed, exc.occurred, now)
             self._stats.rejected += 1
             self._rejected.log(
                 trio.current_time(), logging.WARNING, "upstream event refused: %s", exc

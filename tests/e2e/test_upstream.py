@@ -321,3 +321,69 @@ async def test_an_auth_string_reference_that_does_not_resolve_stops_start_up(
             assert await daemon.process.wait() == 2
         await daemon.wait_for_log("trigd serve:")
     assert f"[upstream] auth_string (reference): 'env:{AUTH_ENV}': the environment" in daemon.log
+
+
+async def test_a_subscribed_event_past_max_event_bytes_is_refused_and_passed_over(
+    tmp_path: Path, prefect_server: PrefectServer
+) -> None:
+    subscribe = {"event": {"prefix": ["edge.big."]}}
+    async with trio.open_nursery() as nursery:
+        receiver: Receiver = await nursery.start(run_receiver, answer(204))
+        automation = {
+            "name": "edge big ok",
+            "trigger": {
+                "type": "event",
+                "match": {"prefect.resource.id": "edge.big.*"},
+                "expect": ["edge.big.ok"],
+                "posture": "Reactive",
+                "threshold": 1,
+                "within": 0,
+            },
+            "actions": [
+                {
+                    "type": "call-webhook",
+                    "url": receiver.url(),
+                    "payload": '{"id": "{{ event.id }}"}',
+                }
+            ],
+        }
+        config = write_config(
+            tmp_path,
+            [write_automations(tmp_path, [automation])],
+            server={"max_event_bytes": 2_000},
+            upstream=upstream_config(
+                prefect_server, forward=False, subscribe=json.dumps(subscribe)
+            ),
+        )
+        async with running_daemon(config, env={AUTH_ENV: AUTH_STRING}) as daemon:
+            with trio.fail_after(WAIT):
+                await daemon.wait_for_log("upstream subscribe: connected to")
+            now = datetime.now(UTC).isoformat()
+            big = event_dict(
+                event="edge.big.blob",
+                occurred=now,
+                resource={"prefect.resource.id": "edge.big.1"},
+                payload={"blob": "x" * 20_000},  # past max_event_bytes and the envelope's room
+            )
+            ok = event_dict(
+                event="edge.big.ok", occurred=now, resource={"prefect.resource.id": "edge.big.1"}
+            )
+            await prefect_server.emit([big, ok])
+            with trio.move_on_after(WAIT):
+                hook = await receiver.next_request()
+            assert receiver.requests, daemon.log
+            assert json.loads(hook.body) == {"id": ok["id"]}
+            with trio.fail_after(WAIT):
+                while (await counters(config))["upstream"]["rejected"] < 1:  # noqa: ASYNC110
+                    await trio.sleep(0.5)
+            upstream = (await counters(config))["upstream"]
+            assert await daemon.stop() == 0, daemon.log
+        nursery.cancel_scope.cancel()
+    assert (upstream["rejected"], upstream["taken"]) == (1, 1)
+    assert f"upstream event refused: event {big['id']}: " in daemon.log
+    assert "larger than max_event_bytes (2000)" in daemon.log
+    assert "1009" not in daemon.log
+    assert "retrying with backoff" not in daemon.log
+    stored = stored_ids(tmp_path / "trigd.db")
+    assert ok["id"] in stored
+    assert big["id"] not in stored
