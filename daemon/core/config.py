@@ -513,6 +513,7 @@ class UpstreamConfig(Section):
     timeout: PositiveDuration = timedelta(seconds=30)  # connect, auth and each checkpoint
     retry_max: PositiveDuration = timedelta(seconds=60)  # longest wait between reconnects
     max_message_bytes: Count = 4_194_304  # largest /events/out message read (then refused)
+    settle: PositiveDuration = timedelta(milliseconds=500)  # open this long after a pong
 
     @property
     def forwarding(self) -> bool:
