@@ -36,6 +36,7 @@ class ForwardRow:
     seq: int  # the rowid: commit order
     received_us: int
     data: str  # the ReceivedEvent JSON, as stored
+    id: str  # the event's id (to name one the upstream refuses)
 
 
 @attrs.frozen
@@ -61,9 +62,10 @@ def set_forward_cursor(conn: apsw.Connection, seq: int) -> None:
 def unforwarded_page(conn: apsw.Connection, after: int, limit: int) -> list[ForwardRow]:
     """The next events in commit order after rowid `after`, at most `limit`."""
     return [
-        ForwardRow(int(seq), int(received), str(data))
-        for seq, received, data in conn.execute(
-            "SELECT rowid, received_us, data FROM events WHERE rowid > ? ORDER BY rowid LIMIT ?",
+        ForwardRow(int(seq), int(received), str(data), str(event_id))
+        for seq, received, data, event_id in conn.execute(
+            "SELECT rowid, received_us, data, id FROM events WHERE rowid > ? "
+            "ORDER BY rowid LIMIT ?",
             (after, limit),
         )
     ]

@@ -548,6 +548,8 @@ class UpstreamConfig(Section):
     page_events: Count = 500  # events sent between two checkpoints (one cursor write each)
     timeout: PositiveDuration = timedelta(seconds=30)  # connect, auth and each checkpoint
     retry_max: PositiveDuration = timedelta(seconds=60)  # longest wait between reconnects
+    max_message_bytes: Count = 4_194_304  # largest /events/out message read (then refused)
+    settle: PositiveDuration = timedelta(milliseconds=500)  # open this long after a pong
 
     @property
     def forwarding(self) -> bool:

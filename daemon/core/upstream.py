@@ -10,6 +10,7 @@ upstream's reason), never a credential.
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Final
 
 import attrs
 
@@ -28,6 +29,7 @@ class UpstreamStats:
     taken: int = 0  # events received from the upstream's /events/out since start
     rejected: int = 0  # of those, events trigd could not accept
     dropped: int = 0  # unforwarded events deleted past `backlog` since start
+    refused: int = 0  # events skipped because the upstream refused them (PoisonHunt)
 
     def backlog_seen(self, count: int, oldest_received_us: int | None, now: datetime) -> None:
         self.backlog = count
@@ -50,6 +52,51 @@ class UpstreamStats:
         return reasons
 
 
+STRIKES: Final = 3
+"""Connections in a row the upstream closes on the same unconfirmed events before trigd
+looks for the one it refuses, and then before it skips that one."""
+
+
+@attrs.define
+class PoisonHunt:
+    """Finds the event the upstream refuses, without I/O.
+
+    Prefect's server closes `/events/in` when one message fails its validation, after
+    having answered the checkpoint of the frames it had read: so a page that keeps
+    failing holds an event it refuses, somewhere. After `strikes` connections in a row
+    closed by the server from the same cursor with events sent, the forwarder sends the
+    events it had sent one at a time (`limit` 1) up to the last of them; an event whose own
+    connection is then closed `strikes` times in a row is the one refused (`ended` returns
+    its seq, to skip). A failure that is not a close by the server after authentication
+    (the upstream down, a connect error, a timeout), or with nothing sent, is no evidence.
+    """
+
+    strikes: int = STRIKES
+    failures: int = 0  # closes in a row from cursor `at`
+    at: int = -1
+    probe_through: int = 0  # one event at a time up to this seq
+
+    def limit(self, cursor: int, page_events: int) -> int:
+        """How many events to send from `cursor` before the next checkpoint."""
+        return 1 if cursor < self.probe_through else page_events
+
+    def ended(self, cursor: int, sent_through: int, *, closed_by_server: bool) -> int | None:
+        """A connection ended with the cursor at `cursor` and events up to `sent_through`
+        sent and unconfirmed. Returns the seq of the event to skip as refused, or None."""
+        if not closed_by_server or sent_through <= cursor:
+            return None
+        if cursor != self.at:
+            self.at, self.failures = cursor, 0
+        self.failures += 1
+        if self.failures < self.strikes:
+            return None
+        self.failures = 0
+        if cursor < self.probe_through:  # one event was sent: it is the one
+            return sent_through
+        self.probe_through = sent_through
+        return None
+
+
 def next_position(current: datetime | None, occurred: datetime, received: datetime) -> datetime:
     """The subscribe position after an event was committed: the latest `occurred` taken,
     but never past when it was received, so that one event stamped in the future cannot
@@ -69,8 +116,9 @@ def describe(values: dict[str, object]) -> list[str]:
         f"subscribe {state('subscribe_connected')}",
         f"    backlog {values.get('backlog', 0)} events, oldest "
         f"{values.get('backlog_age_seconds', 0)}s; lag {values.get('lag_seconds', 0)}s",
-        f"    {values.get('forwarded', 0)} forwarded, {values.get('taken', 0)} taken, "
-        f"{values.get('rejected', 0)} refused, {values.get('dropped', 0)} dropped past backlog",
+        f"    {values.get('forwarded', 0)} forwarded, {values.get('refused', 0)} refused upstream, "
+        f"{values.get('taken', 0)} taken, {values.get('rejected', 0)} rejected, "
+        f"{values.get('dropped', 0)} dropped past backlog",
     ]
     if values.get("last_error"):
         lines.append(f"    last error: {values['last_error']}")

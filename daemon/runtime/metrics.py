@@ -189,6 +189,11 @@ class _Live(Collector):
             stats.lag_seconds,
         )
         yield _counter("trigd_upstream_forwarded", "Events the upstream confirmed", stats.forwarded)
+        yield _counter(
+            "trigd_upstream_refused",
+            "Events the upstream refused, skipped and never forwarded",
+            stats.refused,
+        )
         yield _counter("trigd_upstream_taken", "Events taken from the upstream", stats.taken)
         yield _counter(
             "trigd_upstream_rejected", "Events from the upstream trigd refused", stats.rejected

@@ -6,8 +6,12 @@ store/upstream.py) past a cursor kept in `meta`, a page at a time, through a rea
 connection of its own in a worker thread: the writer connection and its gateway are only
 used to move the cursor, so forwarding never waits behind, or holds up, a batch. Each page
 is sent on one websocket to the upstream's `/events/in`, then confirmed with Prefect's own
-checkpoint: a ping, whose pong says the server has read every frame sent before it. Only
-then does the cursor move. A crash or an outage at any point re-sends at most the
+checkpoint: a ping, whose pong says the server has read every frame sent before it. Prefect's
+server validates the frames after answering, and drops the connection on one it refuses, so
+the page counts once the connection has stayed open `settle` longer; only then does the
+cursor move. A page the server keeps closing the connection on is sent one event at a time
+to find the event it refuses, which is skipped and counted (`PoisonHunt`,
+daemon/core/upstream.py). A crash or an outage at any point re-sends at most the
 unconfirmed page (at least once; Prefect keeps one event per id). While caught up, the task
 waits for the next commit (`notify`) or `POLL_SECONDS`, whichever comes first.
 
@@ -39,13 +43,15 @@ from daemon.core.config import UnusableSetting, UpstreamConfig
 from daemon.core.events import EventRejected
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
 from daemon.core.references import UnresolvedReference, resolve
-from daemon.core.upstream import UpstreamStats, next_position
+from daemon.core.upstream import PoisonHunt, UpstreamStats, next_position
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.wire.submission import Submission
 from daemon.wire.upstream import (
+    ENVELOPE_BYTES,
     PREFECT_SUBPROTOCOL,
     Credentials,
+    OversizedEvent,
     UpstreamRefused,
     auth_message,
     check_auth_reply,
@@ -65,7 +71,9 @@ POLL_SECONDS: Final = 1.0  # caught up: look for new events at least this often
 POSITION_SECONDS: Final = 1.0  # the subscribe position is written at most this often
 BACKLOG_SECONDS: Final = 1.0  # the backlog is counted at most this often
 REPLY_BYTES: Final = 65_536  # the largest message /events/in may send us (its auth reply)
-ENVELOPE_BYTES: Final = 4_096  # room for {"type":"event","event":...} around an event
+
+NOT_REFUSAL_CODES: Final = frozenset({1001, 1012, 1013})
+"""Closes that say the server is going away or restarting, not that it refused a message."""
 
 TROUBLE: Final = (
     OSError,
@@ -108,6 +116,16 @@ def describe_trouble(exc: BaseException) -> str:
     if isinstance(exc, OSError):
         return f"cannot reach the upstream: {exc.strerror or exc}"
     return str(exc) or type(exc).__name__
+
+
+def closed_by_server(trouble: BaseException | None) -> bool:
+    """Whether a failure may be the upstream refusing what was sent: it closed the
+    connection (Prefect's server ends `/events/in` on a message it cannot validate, with
+    no close frame: 1006), not for going away or restarting, not a timeout or a
+    connect error."""
+    if not isinstance(trouble, trio_websocket.ConnectionClosed):
+        return False
+    return trouble.reason is None or trouble.reason.code not in NOT_REFUSAL_CODES
 
 
 def _trouble_in(exc: BaseException) -> BaseException | None:
@@ -231,6 +249,10 @@ class Forwarder:
         self._reader: Store | None = None
         self._backlog_counted = -BACKLOG_SECONDS
         self._store_backoff = Backoff(log, "moving the upstream forward cursor")
+        self._hunt = PoisonHunt()
+        self._at = 0  # the cursor of the current connection
+        self._sent: dict[int, str] = {}  # seq -> id of the events sent and not confirmed
+        self._authenticated = False
 
     def notify(self) -> None:
         """Events were committed: look for them now rather than at the next poll."""
@@ -241,7 +263,7 @@ class Forwarder:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._count_while_down)
-                await self._link.run(self._session, self._down)
+                await self._link.run(self._attempt, self._down)
         finally:
             if self._reader is not None:
                 self._reader.close()
@@ -283,19 +305,57 @@ class Forwarder:
         counted = await trio.to_thread.run_sync(self._count, cursor)
         self._stats.backlog_seen(counted.count, counted.oldest_received_us, self._clock())
 
+    async def _attempt(self) -> None:
+        """One connection; when the server ends it after events were sent, what the
+        `PoisonHunt` makes of it (an event it refuses is skipped here, before the backoff)."""
+        self._authenticated = False
+        self._sent = {}
+        try:
+            await self._session()
+        except BaseException as exc:
+            trouble = _trouble_in(exc)
+            if trouble is not None and self._sent:
+                closed = self._authenticated and closed_by_server(trouble)
+                refused = self._hunt.ended(self._at, max(self._sent), closed_by_server=closed)
+                if refused is not None:
+                    await self._skip(refused, self._sent[refused], describe_trouble(trouble))
+            raise
+
+    async def _skip(self, seq: int, event_id: str, why: str) -> None:
+        log.warning(
+            "upstream forward: the upstream refused event %s (%s, %d times with it sent "
+            "alone); skipped, it will not be forwarded",
+            event_id,
+            why,
+            self._hunt.strikes,
+        )
+        await self._move_cursor(seq)
+        self._stats.refused += 1
+
+    async def _settled(self, ws: trio_websocket.WebSocketConnection) -> None:
+        """The checkpoint's pong only says the server has read the frames: it validates them
+        after. A page counts as taken once the connection has stayed open `settle` longer;
+        a close meanwhile raises ConnectionClosed. (`/events/in` sends no messages.)"""
+        with trio.move_on_after(self._config.settle.total_seconds()):
+            while True:
+                await ws.get_message()
+
     async def _session(self) -> None:
         cursor = await self._cursor()
+        self._at = cursor
         await self._count_backlog(cursor)
         timeout = self._config.timeout.total_seconds()
         async with _open_socket(self._config, self._credentials, "/events/in", REPLY_BYTES) as ws:
             with trio.fail_after(timeout):
                 await _authenticate(ws, self._credentials, events_out=False)
+            self._authenticated = True
             self._stats.forward_connected = True
             self._link.connected()
             checkpoint = 0
             while True:
                 self._wake = trio.Event()
-                page = await trio.to_thread.run_sync(self._read, cursor, self._config.page_events)
+                limit = self._hunt.limit(cursor, self._config.page_events)
+                page = await trio.to_thread.run_sync(self._read, cursor, limit)
                 if not page:
                     self._link.proven()
                     self._backlog_counted = -BACKLOG_SECONDS
@@ -303,14 +363,17 @@ class Forwarder:
                     with trio.move_on_after(POLL_SECONDS):
                         await self._wake.wait()
                     continue
+                self._sent = {row.seq: row.id for row in page}
                 for row in page:
                     await ws.send_message(row.data)
                 checkpoint += 1
                 with trio.fail_after(timeout):
                     await ws.ping(checkpoint.to_bytes(8, "big"))
+                await self._settled(ws)
                 self._link.proven()
                 await self._move_cursor(page[-1].seq)
-                cursor = page[-1].seq
+                cursor = self._at = page[-1].seq
+                self._sent = {}
                 self._stats.forwarded += len(page)
                 await self._count_backlog(cursor)
 
@@ -351,7 +414,11 @@ class Subscriber:
         self._send = send
         self._stats = stats
         self._clock = clock
-        self._max_bytes = max_event_bytes + ENVELOPE_BYTES
+        self._max_event_bytes = max_event_bytes
+        # read past max_event_bytes, so that a larger event is refused and passed over: a
+        # message past the socket's limit would close it (1009), and each reconnect would
+        # backfill the same event again
+        self._max_bytes = max(config.max_message_bytes, max_event_bytes + ENVELOPE_BYTES)
         self._max_depth = max_json_depth
         self._link = _Link("subscribe", config, stats)
         self._rejected = log_limits.throttle(log, "events from the upstream refused")
@@ -421,8 +488,10 @@ class Subscriber:
     def _take(self, message: str | bytes) -> Submission | None:
         now = self._clock()
         try:
-            event = event_from_message(message, now, self._max_depth)
+            event = event_from_message(message, now, self._max_depth, self._max_event_bytes)
         except EventRejected as exc:
+            if isinstance(exc, OversizedEvent) and exc.occurred is not None:
+                self._committed = next_position(self._committed, exc.occurred, now)
             self._stats.rejected += 1
             self._rejected.log(
                 trio.current_time(), logging.WARNING, "upstream event refused: %s", exc

@@ -104,9 +104,46 @@ def filter_message(
     return json.dumps({"type": "filter", "filter": body, "backfill": True})
 
 
-def event_from_message(message: str | bytes, received: datetime, max_depth: int) -> ReceivedEvent:
+ENVELOPE_BYTES: Final = 4_096
+"""Room for `{"type": "event", "event": ...}` around an event of `max_event_bytes`."""
+
+
+class OversizedEvent(EventRejected):
+    """An `/events/out` message larger than trigd takes; `event_id` and `occurred` are
+    those it names, when it does (to log it, and to move the position past it)."""
+
+    def __init__(
+        self, size: int, limit: int, event_id: str | None, occurred: datetime | None
+    ) -> None:
+        named = f"event {event_id}: " if event_id else ""
+        super().__init__(f"{named}{size} bytes, larger than max_event_bytes ({limit})")
+        self.event_id = event_id
+        self.occurred = occurred
+
+
+def _oversized(message: str | bytes, max_event_bytes: int) -> OversizedEvent:
+    """Read the id and `occurred` of a message too large to take as an event (the socket's
+    own limit bounds this parse)."""
+    event_id: str | None = None
+    occurred: datetime | None = None
+    try:
+        event = from_json(message).get("event")
+        event_id = str(event["id"])[:64] if isinstance(event.get("id"), str) else None
+        occurred = datetime.fromisoformat(event["occurred"])
+        occurred = occurred if occurred.tzinfo is not None else None
+    except (ValueError, TypeError, KeyError, AttributeError):
+        pass
+    return OversizedEvent(len(message), max_event_bytes, event_id, occurred)
+
+
+def event_from_message(
+    message: str | bytes, received: datetime, max_depth: int, max_event_bytes: int
+) -> ReceivedEvent:
     """One `/events/out` message as an event received now, held to what trigd accepts from
-    any client; EventRejected names what is wrong."""
+    any client; EventRejected names what is wrong (OversizedEvent past `max_event_bytes`
+    and the envelope's room)."""
+    if len(message) > max_event_bytes + ENVELOPE_BYTES:
+        raise _oversized(message, max_event_bytes)
     try:
         envelope = from_json(message)
     except ValueError as exc:

@@ -5,9 +5,11 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import attrs
+from hypothesis import given
+from hypothesis import strategies as st
 
 from daemon.core.clock import to_us
-from daemon.core.upstream import UpstreamStats, describe, next_position
+from daemon.core.upstream import PoisonHunt, UpstreamStats, describe, next_position
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
@@ -37,7 +39,9 @@ def test_status_lines() -> None:
     lines = describe(attrs.asdict(stats))
     assert lines[0] == "  upstream: forward connected, subscribe not connected"
     assert "backlog 3 events" in lines[1]
-    assert "9 forwarded" in lines[2]
+    assert lines[2] == (
+        "    9 forwarded, 0 refused upstream, 0 taken, 0 rejected, 0 dropped past backlog"
+    )
     assert lines[3] == "    last error: x"
 
 
@@ -47,3 +51,63 @@ def test_the_subscribe_position_is_the_latest_occurred_but_never_past_its_arriva
     assert next_position(earlier, later, NOW) == later
     assert next_position(later, earlier, NOW) == later  # a backfilled event
     assert next_position(later, NOW + timedelta(days=365), NOW) == NOW  # stamped ahead
+
+
+def test_a_page_the_upstream_keeps_closing_on_is_sent_one_event_at_a_time_to_find_the_one() -> None:
+    hunt = PoisonHunt(strikes=3)
+    assert hunt.limit(10, 7) == 7
+    # events 11..17 sent from cursor 10, the server closes: twice is not yet evidence
+    assert hunt.ended(10, 17, closed_by_server=True) is None
+    assert hunt.ended(10, 17, closed_by_server=True) is None
+    assert hunt.limit(10, 7) == 7
+    assert hunt.ended(10, 17, closed_by_server=True) is None  # the third: one at a time
+    assert [hunt.limit(c, 7) for c in (10, 13, 16, 17)] == [1, 1, 1, 7]
+    # 11 and 12 confirmed one by one; 13 is closed on, three times: it is refused
+    assert hunt.ended(12, 13, closed_by_server=True) is None
+    assert hunt.ended(12, 13, closed_by_server=True) is None
+    assert hunt.ended(12, 13, closed_by_server=True) == 13
+    # the forwarder moves past 13; 14..17 still one at a time, then full pages
+    assert hunt.limit(13, 7) == 1
+    assert hunt.limit(17, 7) == 7
+
+
+def test_closes_from_different_cursors_are_not_in_a_row() -> None:
+    hunt = PoisonHunt(strikes=2)
+    assert hunt.ended(10, 17, closed_by_server=True) is None
+    assert hunt.ended(17, 24, closed_by_server=True) is None  # progress in between
+    assert hunt.limit(17, 7) == 7
+    assert hunt.ended(17, 24, closed_by_server=True) is None
+    assert hunt.limit(17, 7) == 1
+
+
+def test_no_evidence_from_an_upstream_down_or_from_a_close_with_nothing_sent() -> None:
+    hunt = PoisonHunt(strikes=2)
+    for _ in range(10):
+        # a connect error, a refusal before auth, a timeout: not closed by the server
+        assert hunt.ended(10, 17, closed_by_server=False) is None
+        assert hunt.ended(10, 10, closed_by_server=True) is None  # closed before sending
+    assert hunt.limit(10, 7) == 7
+    # and they do not break a run of closes either
+    assert hunt.ended(10, 17, closed_by_server=True) is None
+    assert hunt.ended(10, 17, closed_by_server=False) is None
+    assert hunt.ended(10, 17, closed_by_server=True) is None
+    assert hunt.limit(10, 7) == 1
+
+
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 50), st.integers(0, 20), st.booleans()),
+        max_size=60,
+    )
+)
+def test_only_an_event_sent_alone_and_closed_on_is_ever_skipped(
+    endings: list[tuple[int, int, bool]],
+) -> None:
+    hunt = PoisonHunt(strikes=2)
+    for cursor, more, by_server in endings:
+        alone = hunt.limit(cursor, 7) == 1
+        skipped = hunt.ended(cursor, cursor + more, closed_by_server=by_server)
+        if skipped is not None:
+            assert by_server
+            assert alone
+            assert skipped == cursor + more

@@ -41,9 +41,17 @@ WAIT: Final = 60.0  # seconds for events to show up upstream
 AUTH_ENV: Final = "UPSTREAM_AUTH_FOR_TEST"  # the auth string reaches trigd as env:NAME
 
 
+UPSTREAM_MAX_LABELS: Final = 50
+"""The server's PREFECT_SERVER_EVENTS_MAXIMUM_LABELS_PER_RESOURCE: lower than trigd's (500),
+so that an event trigd takes can be one the server refuses."""
+
+
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
-    server = PrefectServer(tmp_path_factory.mktemp("prefect"))
+    server = PrefectServer(
+        tmp_path_factory.mktemp("prefect"),
+        settings={"PREFECT_SERVER_EVENTS_MAXIMUM_LABELS_PER_RESOURCE": str(UPSTREAM_MAX_LABELS)},
+    )
     server.start()
     try:
         yield server
@@ -151,6 +159,7 @@ async def test_forward_reaches_prefect_once_across_an_outage_and_a_sigkill(
         back = metric_samples((await http_get(daemon.port, "/metrics")).text)
         assert back[("trigd_upstream_connected", (("direction", "forward"),))] == 1
         assert back[("trigd_upstream_forwarded_total", ())] >= len(first) + len(during)
+        assert back[("trigd_upstream_refused_total", ())] == 0  # an outage refuses nothing
 
         # SIGKILL while a stream of events is being forwarded, in pages of 7
         killed = await send_events(daemon.url, 600)
@@ -166,6 +175,42 @@ async def test_forward_reaches_prefect_once_across_an_outage_and_a_sigkill(
     assert summary["upstream"]["unforwarded"] == 0
     assert AUTH_STRING not in json.dumps(summary)
     assert AUTH_STRING not in daemon.log + again.log
+
+
+async def test_an_event_the_upstream_refuses_is_found_skipped_and_counted_and_the_rest_go_on(
+    tmp_path: Path, prefect_server: PrefectServer
+) -> None:
+    env = {AUTH_ENV: AUTH_STRING}
+    upstream = upstream_config(prefect_server, page_events=5, retry_max="2s")
+    config = write_config(tmp_path, upstream=upstream)
+    labels = {f"label-{n}": "refused-label-value" for n in range(UPSTREAM_MAX_LABELS + 10)}
+    poison = event_dict(resource={"prefect.resource.id": "pump.9", **labels})
+    async with running_daemon(config, env=env) as daemon:
+        before = await send_events(daemon.url, 7)
+        async with connect(daemon.url) as ws:  # the 8th of 12, in the second page of 5
+            await ws.send_message(json.dumps(poison))
+            await ws.ping()
+        after = await send_events(daemon.url, 4)
+        assert sorted(await until_upstream(prefect_server, before + after)) == sorted(
+            before + after
+        )
+        with trio.fail_after(WAIT):
+            while (await counters(config))["upstream"]["refused"] < 1:  # noqa: ASYNC110
+                await trio.sleep(0.5)
+        # back to full pages: more events go up
+        later = await send_events(daemon.url, 12)
+        assert sorted(await until_upstream(prefect_server, later)) == sorted(later)
+        metrics = metric_samples((await http_get(daemon.port, "/metrics")).text)
+        ran = await run_trigd("status", "--config", str(config))
+        assert await daemon.stop() == 0, daemon.log
+    assert await upstream_ids(prefect_server, [poison["id"]]) == []
+    assert metrics[("trigd_upstream_refused_total", ())] == 1
+    assert "1 refused upstream" in ran.stdout.decode()
+    assert (await status(config))["upstream"]["unforwarded"] == 0
+    refusals = [line for line in daemon.log.splitlines() if "refused event" in line]
+    assert len(refusals) == 1
+    assert f"the upstream refused event {poison['id']} (the upstream closed" in refusals[0]
+    assert "refused-label-value" not in daemon.log
 
 
 async def automation_events(server: PrefectServer) -> list[dict[str, Any]]:
@@ -321,3 +366,69 @@ async def test_an_auth_string_reference_that_does_not_resolve_stops_start_up(
             assert await daemon.process.wait() == 2
         await daemon.wait_for_log("trigd serve:")
     assert f"[upstream] auth_string (reference): 'env:{AUTH_ENV}': the environment" in daemon.log
+
+
+async def test_a_subscribed_event_past_max_event_bytes_is_refused_and_passed_over(
+    tmp_path: Path, prefect_server: PrefectServer
+) -> None:
+    subscribe = {"event": {"prefix": ["edge.big."]}}
+    async with trio.open_nursery() as nursery:
+        receiver: Receiver = await nursery.start(run_receiver, answer(204))
+        automation = {
+            "name": "edge big ok",
+            "trigger": {
+                "type": "event",
+                "match": {"prefect.resource.id": "edge.big.*"},
+                "expect": ["edge.big.ok"],
+                "posture": "Reactive",
+                "threshold": 1,
+                "within": 0,
+            },
+            "actions": [
+                {
+                    "type": "call-webhook",
+                    "url": receiver.url(),
+                    "payload": '{"id": "{{ event.id }}"}',
+                }
+            ],
+        }
+        config = write_config(
+            tmp_path,
+            [write_automations(tmp_path, [automation])],
+            server={"max_event_bytes": 2_000},
+            upstream=upstream_config(
+                prefect_server, forward=False, subscribe=json.dumps(subscribe)
+            ),
+        )
+        async with running_daemon(config, env={AUTH_ENV: AUTH_STRING}) as daemon:
+            with trio.fail_after(WAIT):
+                await daemon.wait_for_log("upstream subscribe: connected to")
+            now = datetime.now(UTC).isoformat()
+            big = event_dict(
+                event="edge.big.blob",
+                occurred=now,
+                resource={"prefect.resource.id": "edge.big.1"},
+                payload={"blob": "x" * 20_000},  # past max_event_bytes and the envelope's room
+            )
+            ok = event_dict(
+                event="edge.big.ok", occurred=now, resource={"prefect.resource.id": "edge.big.1"}
+            )
+            await prefect_server.emit([big, ok])
+            with trio.move_on_after(WAIT):
+                hook = await receiver.next_request()
+            assert receiver.requests, daemon.log
+            assert json.loads(hook.body) == {"id": ok["id"]}
+            with trio.fail_after(WAIT):
+                while (await counters(config))["upstream"]["rejected"] < 1:  # noqa: ASYNC110
+                    await trio.sleep(0.5)
+            upstream = (await counters(config))["upstream"]
+            assert await daemon.stop() == 0, daemon.log
+        nursery.cancel_scope.cancel()
+    assert (upstream["rejected"], upstream["taken"]) == (1, 1)
+    assert f"upstream event refused: event {big['id']}: " in daemon.log
+    assert "larger than max_event_bytes (2000)" in daemon.log
+    assert "1009" not in daemon.log
+    assert "retrying with backoff" not in daemon.log
+    stored = stored_ids(tmp_path / "trigd.db")
+    assert ok["id"] in stored
+    assert big["id"] not in stored

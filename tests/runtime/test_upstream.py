@@ -14,7 +14,12 @@ import trio_websocket
 
 from daemon.core.config import UnusableSetting, UpstreamConfig
 from daemon.core.upstream import UpstreamStats
-from daemon.runtime.upstream import _Link, describe_trouble, resolve_credentials
+from daemon.runtime.upstream import (
+    _Link,
+    closed_by_server,
+    describe_trouble,
+    resolve_credentials,
+)
 
 CONFIG = UpstreamConfig(url="http://prefect:4200/api", retry_max=timedelta(seconds=8))
 
@@ -76,3 +81,18 @@ def test_references_resolve_and_a_broken_one_names_the_key(tmp_path: object) -> 
         resolve_credentials(config, {})
     assert str(caught.value).startswith("[upstream] auth_string (reference): 'env:PREFECT_AUTH'")
     assert resolve_credentials(UpstreamConfig(api_key="literal:env:x"), {}).api_key == "env:x"
+
+
+def test_only_a_close_by_the_server_may_be_a_refusal() -> None:
+    def closed(code: int) -> trio_websocket.ConnectionClosed:
+        return trio_websocket.ConnectionClosed(trio_websocket.CloseReason(code, None))
+
+    assert closed_by_server(closed(1006))  # Prefect's handler failed: no close frame
+    assert closed_by_server(closed(1011))
+    assert closed_by_server(trio_websocket.ConnectionClosed(None))
+    for going_away in (1001, 1012, 1013):  # the server stopping or restarting
+        assert not closed_by_server(closed(going_away))
+    assert not closed_by_server(trio.TooSlowError())  # no answer in time
+    assert not closed_by_server(ConnectionRefusedError(111, "Connection refused"))
+    assert not closed_by_server(trio_websocket.ConnectionRejected(503, (), b""))
+    assert not closed_by_server(None)

@@ -38,6 +38,7 @@ def test_pages_follow_commit_order_past_the_cursor(store: Store) -> None:
     assert upstream_store.forward_cursor(conn) == 0
     page = upstream_store.unforwarded_page(conn, 0, 2)
     assert [(r.seq, r.data) for r in page] == [(seqs[0], '{"id": "e0"}'), (seqs[1], '{"id": "e1"}')]
+    assert [r.id for r in page] == ["e0", "e1"]  # to name an event the upstream refuses
     with write_transaction(conn):
         upstream_store.set_forward_cursor(conn, page[-1].seq)
     assert upstream_store.forward_cursor(conn) == seqs[1]

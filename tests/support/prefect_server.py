@@ -5,13 +5,15 @@ tests exercise Prefect's authenticated protocol.
 
 `PrefectServer.start()` waits for `/api/health`; `stop()` ends the process (it can be started
 again on the same port and database, as after an outage). `query_events` reads the server's
-`POST /api/events/filter`, following its pages.
+`POST /api/events/filter`, following its pages; `emit` sends events to its `/api/events/in`
+(Prefect's protocol: the `prefect` subprotocol, the auth message, a ping after the events).
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -22,6 +24,7 @@ from typing import Any, Final
 
 import attrs
 import httpx
+import trio_websocket
 
 from tests.support.prefect_venv import prefect_python
 
@@ -67,6 +70,7 @@ def server_env(home: Path, port: int) -> dict[str, str]:
 class PrefectServer:
     home: Path
     port: int = attrs.field(factory=free_port)
+    settings: dict[str, str] = attrs.field(factory=dict)  # more PREFECT_* for the server
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -84,7 +88,7 @@ class PrefectServer:
         return prefect_python()
 
     def env(self) -> dict[str, str]:
-        return server_env(self.home, self.port)
+        return {**server_env(self.home, self.port), **self.settings}
 
     def start(self) -> None:
         python = prefect_python()  # skips the test when Prefect cannot be installed
@@ -142,3 +146,13 @@ class PrefectServer:
             page = reply.json()
             events.extend(page["events"])
         return events
+
+    async def emit(self, events: list[dict[str, Any]]) -> None:
+        """Send `events` to the server's `/api/events/in`, then wait for a ping's pong."""
+        url = f"ws://127.0.0.1:{self.port}/api/events/in"
+        async with trio_websocket.open_websocket_url(url, subprotocols=["prefect"]) as ws:
+            await ws.send_message(json.dumps({"type": "auth", "token": AUTH_STRING}))
+            assert json.loads(await ws.get_message())["type"] == "auth_success"
+            for event in events:
+                await ws.send_message(json.dumps(event))
+            await ws.ping()

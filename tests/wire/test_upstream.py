@@ -11,6 +11,7 @@ import pytest
 from daemon.core.events import EventRejected
 from daemon.wire.upstream import (
     Credentials,
+    OversizedEvent,
     UpstreamRefused,
     auth_message,
     check_auth_reply,
@@ -81,7 +82,7 @@ def test_an_event_message_becomes_a_received_event() -> None:
         "resource": {"prefect.resource.id": "prefect.flow-run.1"},
         "received": "2020-01-01T00:00:00Z",
     }
-    received = event_from_message(json.dumps({"type": "event", "event": event}), NOW, 64)
+    received = event_from_message(json.dumps({"type": "event", "event": event}), NOW, 64, 10_000)
     assert str(received.id) == event["id"]
     assert received.received == NOW  # trigd stamps its own arrival time
 
@@ -97,4 +98,27 @@ def test_an_event_message_becomes_a_received_event() -> None:
 )
 def test_bad_event_messages_are_refused_with_the_reason(message: str, expected: str) -> None:
     with pytest.raises(EventRejected, match=expected):
-        event_from_message(message, NOW, 64)
+        event_from_message(message, NOW, 64, 10_000)
+
+
+def test_an_event_past_max_event_bytes_is_refused_naming_its_id_and_when_it_occurred() -> None:
+    event = {
+        "occurred": "2026-12-04T11:59:00Z",
+        "event": "big",
+        "resource": {"prefect.resource.id": "r"},
+        "payload": {"blob": "x" * 20_000},
+        "id": "01a24334-17d5-70b4-a75a-e03d5d2e30a4",
+    }
+    message = json.dumps({"type": "event", "event": event})
+    assert event_from_message(message, NOW, 64, 20_000).event == "big"  # the envelope's room
+    with pytest.raises(OversizedEvent) as caught:
+        event_from_message(message, NOW, 64, 10_000)
+    assert str(caught.value) == (
+        f"event {event['id']}: {len(message)} bytes, larger than max_event_bytes (10000)"
+    )
+    assert caught.value.occurred == datetime(2026, 12, 4, 11, 59, tzinfo=UTC)
+    nameless = json.dumps({"type": "event", "event": {"payload": "x" * 20_000}})
+    with pytest.raises(OversizedEvent) as caught:
+        event_from_message(nameless, NOW, 64, 10_000)
+    assert (caught.value.event_id, caught.value.occurred) == (None, None)
+    assert str(caught.value).startswith(f"{len(nameless)} bytes")
