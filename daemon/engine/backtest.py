@@ -133,6 +133,7 @@ def replay(
     skipped = 0
     for page in insight.events_since(source, since_us, until_us, batch):
         events: list[ReceivedEvent] = []
+        texts: list[str] = []
         for row in page:
             if row.resource_id in own or (
                 row.id not in leaders and not engine.index.for_name(row.event)
@@ -145,7 +146,8 @@ def replay(
                 skipped += 1  # stored by an older trigd and no longer read: live skips it too
                 continue
             events.append(event)
-        runner.run(events)
+            texts.append(row.data)
+        runner.run(events, texts)
     runner.finish(until)
     return Replay(read_firings(scratch, [str(a.id) for a in automations]), runner.replayed, skipped)
 
@@ -169,21 +171,23 @@ class _Runner:
         """How often the daemon's sweeper would pass at most."""
         self.replayed = 0
 
-    def run(self, events: Sequence[ReceivedEvent]) -> None:
+    def run(self, events: Sequence[ReceivedEvent], texts: Sequence[str]) -> None:
+        """Evaluate `events` (stored as `texts`, their JSON as read) in batches cut
+        where a proactive pass falls due."""
         start = 0
         for i, event in enumerate(events):
             if self.next_pass is not None and event.occurred >= self.next_pass:
-                self._batch(events[start:i])
+                self._batch(events[start:i], texts[start:i])
                 start = i
                 self._passes_until(event.occurred)
-        self._batch(events[start:])
+        self._batch(events[start:], texts[start:])
 
-    def _batch(self, events: Sequence[ReceivedEvent]) -> None:
+    def _batch(self, events: Sequence[ReceivedEvent], texts: Sequence[str]) -> None:
         if not events:
             return
         now = max(e.occurred for e in events)
         with self.conn:
-            self.engine.process_batch(self.conn, events, now)
+            self.engine.process_batch(self.conn, events, now, texts)
         self.replayed += len(events)
         self._periodic(now)
 

@@ -326,16 +326,24 @@ class Engine:
     # --- reactive --------------------------------------------------------------------
 
     def process_batch(
-        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+        self,
+        conn: Connection,
+        events: Sequence[ReceivedEvent],
+        now: datetime,
+        texts: Sequence[str] | None = None,
     ) -> BatchOutcome:
         """Store and evaluate a batch inside the caller's transaction; one outcome per
-        input event. Then drain (a bounded part of) the inbox."""
+        input event. Then drain (a bounded part of) the inbox.
+
+        `texts`, when given, are the events as stored JSON already (a backtest replays
+        stored events): they are stored as they are instead of serialising each event
+        again."""
         self._ensure_clock(conn)
         before = self.clock.copy()
         call = self._call(conn, now)
         try:
             with call.ordering.batch(), self._bucket_unit(conn):
-                outcomes = self._process(call, events, _NO_IDS)
+                outcomes = self._process(call, events, _NO_IDS, texts)
                 self._drain_inbox(call)
             self._save_clock(conn, before)
         except BaseException:
@@ -346,16 +354,23 @@ class Engine:
         return BatchOutcome(outcomes, call.handed_off, call.own_events)
 
     def _process(
-        self, call: _Call, events: Sequence[ReceivedEvent], store_only: frozenset[UUID]
+        self,
+        call: _Call,
+        events: Sequence[ReceivedEvent],
+        store_only: frozenset[UUID],
+        texts: Sequence[str] | None = None,
     ) -> list[Outcome]:
-        """Store and evaluate `events`; those in `store_only` (events trigd made nested
-        too deep, from the inbox) are stored but not evaluated."""
+        """Store and evaluate `events` (stored as `texts` when given); those in
+        `store_only` (events trigd made nested too deep, from the inbox) are stored but
+        not evaluated."""
         rows: list[events_store.EventRow] = []
         refs: list[tuple[EventRef, int]] = []
         received: datetime | None = None
         received_us = 0
-        for event in events:
-            ref = EventRef.of(event)
+        if texts is not None and len(texts) != len(events):
+            raise ValueError("texts: one per event")
+        for i, event in enumerate(events):
+            ref = EventRef.of(event, None if texts is None else texts[i])
             occurred_us = to_us(event.occurred)
             if event.received is not received:  # a batch often shares one stamp
                 received = event.received

@@ -326,3 +326,31 @@ def test_the_latest_occurred_fits_the_longest_within(harness: HarnessMaker, post
     assert h.batch([last], now=OCCURRED_MAX) == [Outcome.processed]
     h.P(longest, OCCURRED_MAX)  # a proactive pass at that time too
     h.PER(OCCURRED_MAX)  # and the sweep of buckets past their window
+
+
+def test_a_batch_given_its_stored_json_stores_that_text_and_evaluates_the_events(
+    harness: HarnessMaker,
+) -> None:
+    """A replay hands the engine events with the JSON it read them from: stored as it is,
+    not serialised again; the events are evaluated as without it."""
+    burst = automation("burst", trigger(expect=["pump.high"], threshold=2, within=60))
+    h = harness([burst])
+    events = [event("pump.high", T + s * S, "pump-1") for s in (1, 2)]
+    texts = [json.dumps(e.model_dump(mode="json"), indent=1, sort_keys=True) for e in events]
+    assert texts[0] != events[0].model_dump_json()  # what the engine would store otherwise
+    with h.conn:
+        outcome = h.engine.process_batch(h.conn, events, T + 3 * S, texts)
+    assert outcome.outcomes == [Outcome.processed, Outcome.processed]
+    stored = {str(i): str(d) for i, d in h.conn.execute("SELECT id, data FROM events")}
+    assert [stored[str(e.id)] for e in events] == texts
+    assert len(fired(h, burst)) == 1
+
+
+def test_a_batch_given_texts_that_are_not_one_per_event_is_refused(
+    harness: HarnessMaker,
+) -> None:
+    h = harness([])
+    events = [event("pump.high", T + S, "pump-1")]
+    with pytest.raises(ValueError, match="texts: one per event"), h.conn:
+        h.engine.process_batch(h.conn, events, T + S, [])
+    assert _count(h, "events") == 0
