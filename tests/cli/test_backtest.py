@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from daemon.cli.backtest import REPLAY_YOUNG_COLLECTIONS, replay_gc
+from daemon.cli.backtest import REPLAY_YOUNG_COLLECTIONS, open_scratch, replay_gc
 from daemon.cli.main import main
 from tests.support.daemon_process import write_automations
 from tests.support.engine_harness import HarnessMaker, automation, event, trigger
@@ -102,3 +102,25 @@ def test_the_replay_collects_less_often_and_as_before_afterwards() -> None:
     assert frozen_inside > frozen
     assert gc.get_threshold() == before
     assert gc.get_freeze_count() == frozen
+
+
+def test_the_scratch_store_keeps_no_wal_and_never_syncs(tmp_path: Path) -> None:
+    """Thrown away after the replay: pages written once (rollback journal in memory, no
+    WAL), no fsync; a failed transaction still rolls back."""
+    scratch = open_scratch(tmp_path / "scratch.db")
+    try:
+        conn = scratch.conn
+        assert conn.execute("PRAGMA journal_mode").fetchall() == [("memory",)]
+        assert conn.execute("PRAGMA synchronous").fetchall() == [(0,)]
+
+        def failing_transaction() -> None:
+            with conn:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+                raise RuntimeError("rolled back")
+
+        with pytest.raises(RuntimeError, match="rolled back"):
+            failing_transaction()
+        assert conn.execute("SELECT count(*) FROM meta WHERE key = 'k'").fetchall() == [(0,)]
+    finally:
+        scratch.close()
+    assert not (tmp_path / "scratch.db-wal").exists()
