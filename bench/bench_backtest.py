@@ -7,9 +7,10 @@ A live database is written first (not measured) with the daemon benchmark's work
 (bench_daemon.py: 100 reactive automations over 1,000 resources, 5 proactive ones; a
 stamp every 1/10,000 s), plus `--unseen` as a share of events no trigger names (0 by
 default: every event is evaluated, the worst case). Then `replay` (daemon/engine/backtest.py)
-runs over it on a scratch store (`synchronous = off`, batches of `--batch`), as `trigd
-backtest` does, and its CPU time (user + system of this process, `resource.getrusage`:
-the replay is single-threaded) is divided into the events in the window.
+runs over it as `trigd backtest` runs it (its scratch store, `open_scratch`, and its GC
+settings, `replay_gc`), in batches of `--batch`, and its CPU time (user + system of this
+process, `resource.getrusage`: the replay is single-threaded) is divided into the events
+in the window.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench_daemon import automations, frames  # this directory, first on sys.path
 
+from daemon.cli.backtest import open_scratch, replay_gc
 from daemon.core.automations import Automation
 from daemon.core.clock import to_us
 from daemon.core.events import parse_incoming_event
@@ -83,13 +85,12 @@ def run_once(
     live_path: Path, loaded: list[Automation], since: datetime, until: datetime, batch: int
 ) -> tuple[float, int, int]:
     with tempfile.TemporaryDirectory(prefix="bench-backtest-") as tmp:
-        scratch = Store.open(Path(tmp) / "scratch.db", synchronous="normal")
-        scratch.conn.execute("PRAGMA synchronous = OFF")
+        scratch = open_scratch(Path(tmp) / "scratch.db")
         live = Store.open_readonly(live_path)
         gc.collect()
         before = cpu()
         try:
-            with live.conn:
+            with live.conn, replay_gc():  # as `trigd backtest` runs it
                 result = replay(
                     live.conn,
                     scratch.conn,

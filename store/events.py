@@ -5,7 +5,8 @@ Functions of a connection, called inside the caller's transaction.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Final
 
 import apsw
@@ -31,6 +32,23 @@ def insert_new_events(conn: apsw.Connection, rows: Sequence[EventRow]) -> set[st
     earlier in `rows`, is skipped (the unique index finds it) and is not returned.
     """
     return {row[0] for row in conn.executemany(_INSERT_NEW, rows)} if rows else set()
+
+
+def rows_in_occurred_order(
+    conn: apsw.Connection, since_us: int, until_us: int, page: int
+) -> Iterator[list[EventRow]]:
+    """The rows of the events that occurred in [since_us, until_us), as stored (every
+    column of an `EventRow`, for another events table), in `occurred` order (ties in
+    arrival order: rowid), `page` at a time. One statement stepped as the caller goes:
+    there is no index by `occurred` to walk, so SQLite sorts once, and the caller's read
+    transaction keeps one snapshot until the last page."""
+    cursor = conn.execute(
+        "SELECT id, event, resource_id, occurred_us, received_us, follows, data FROM events "
+        "WHERE occurred_us >= ? AND occurred_us < ? ORDER BY occurred_us, rowid",
+        (since_us, until_us),
+    )
+    while rows := list(itertools.islice(cursor, page)):
+        yield rows
 
 
 def push_inbox(conn: Connection, event_json: Iterable[str]) -> None:

@@ -1,7 +1,7 @@
 """`trigd backtest` (docs/INSIGHT.md#backtest): what automations would have fired on the
 stored events, and how that differs from what the loaded ones really fired.
 
-Theory of operation. The live database is only read (`store/insight.py: events_since`,
+Theory of operation. The live database is only read (`store/events.py: rows_in_occurred_order`,
 on the caller's read-only connection). Its events are replayed in `occurred` order
 through a real `Engine` on a scratch store, in batches (one transaction each), with the
 replayed events' time as the wall clock: `now` is the newest `occurred` of the batch, so
@@ -35,6 +35,7 @@ from daemon.core.clock import to_us
 from daemon.core.events import ReceivedEvent
 from daemon.core.explanation import iso
 from daemon.engine.engine import Engine
+from store import events as events_store
 from store import insight
 from store.connection import Connection
 
@@ -131,21 +132,22 @@ def replay(
     own = {insight.automation_resource_id(str(a.id)) for a in automations}
     runner = _Runner(scratch, engine, since, granularity)
     skipped = 0
-    for page in insight.events_since(source, since_us, until_us, batch):
+    for page in events_store.rows_in_occurred_order(source, since_us, until_us, batch):
         events: list[ReceivedEvent] = []
+        rows: list[events_store.EventRow] = []
         for row in page:
-            if row.resource_id in own or (
-                row.id not in leaders and not engine.index.for_name(row.event)
-            ):
+            event_id, name, resource_id, _, _, _, data = row
+            if resource_id in own or (event_id not in leaders and not engine.index.for_name(name)):
                 skipped += 1
                 continue
             try:
-                event = ReceivedEvent.model_validate_json(row.data)
+                event = ReceivedEvent.model_validate_json(data)
             except ValidationError:
                 skipped += 1  # stored by an older trigd and no longer read: live skips it too
                 continue
             events.append(event)
-        runner.run(events)
+            rows.append(row)
+        runner.run(events, rows)
     runner.finish(until)
     return Replay(read_firings(scratch, [str(a.id) for a in automations]), runner.replayed, skipped)
 
@@ -169,21 +171,25 @@ class _Runner:
         """How often the daemon's sweeper would pass at most."""
         self.replayed = 0
 
-    def run(self, events: Sequence[ReceivedEvent]) -> None:
+    def run(self, events: Sequence[ReceivedEvent], rows: Sequence[events_store.EventRow]) -> None:
+        """Evaluate `events` (stored as `rows`, as read) in batches cut where a
+        proactive pass falls due."""
         start = 0
         for i, event in enumerate(events):
             if self.next_pass is not None and event.occurred >= self.next_pass:
-                self._batch(events[start:i])
+                self._batch(events[start:i], rows[start:i])
                 start = i
                 self._passes_until(event.occurred)
-        self._batch(events[start:])
+        self._batch(events[start:], rows[start:])
 
-    def _batch(self, events: Sequence[ReceivedEvent]) -> None:
+    def _batch(
+        self, events: Sequence[ReceivedEvent], rows: Sequence[events_store.EventRow]
+    ) -> None:
         if not events:
             return
         now = max(e.occurred for e in events)
         with self.conn:
-            self.engine.process_batch(self.conn, events, now)
+            self.engine.process_batch(self.conn, events, now, rows)
         self.replayed += len(events)
         self._periodic(now)
 

@@ -134,6 +134,37 @@ def _inbox_event(data: str) -> tuple[ReceivedEvent, bool] | None:
     return event, True
 
 
+def _event_rows(
+    events: Sequence[ReceivedEvent],
+) -> tuple[list[events_store.EventRow], list[tuple[EventRef, int]]]:
+    """The events as rows of the events table, and each with its `EventRef` and
+    `occurred` in µs (what evaluating it needs again)."""
+    rows: list[events_store.EventRow] = []
+    refs: list[tuple[EventRef, int]] = []
+    received: datetime | None = None
+    received_us = 0
+    for event in events:
+        ref = EventRef.of(event)
+        occurred_us = to_us(event.occurred)
+        if event.received is not received:  # a batch often shares one stamp
+            received = event.received
+            received_us = to_us(received)
+        follows = event.follows
+        rows.append(
+            (
+                str(event.id),
+                event.event,
+                event.resource.id,
+                occurred_us,
+                received_us,
+                None if follows is None else str(follows),
+                ref.json(),
+            )
+        )
+        refs.append((ref, occurred_us))
+    return rows, refs
+
+
 class Outcome(StrEnum):
     processed = "processed"
     parked = "parked"
@@ -326,16 +357,24 @@ class Engine:
     # --- reactive --------------------------------------------------------------------
 
     def process_batch(
-        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+        self,
+        conn: Connection,
+        events: Sequence[ReceivedEvent],
+        now: datetime,
+        stored: Sequence[events_store.EventRow] | None = None,
     ) -> BatchOutcome:
         """Store and evaluate a batch inside the caller's transaction; one outcome per
-        input event. Then drain (a bounded part of) the inbox."""
+        input event. Then drain (a bounded part of) the inbox.
+
+        `stored`, when given, holds each event as a row of an events table already (a
+        backtest replays the rows it read): the rows are stored as they are, instead of
+        being made again from the events (their JSON, id, times)."""
         self._ensure_clock(conn)
         before = self.clock.copy()
         call = self._call(conn, now)
         try:
             with call.ordering.batch(), self._bucket_unit(conn):
-                outcomes = self._process(call, events, _NO_IDS)
+                outcomes = self._process(call, events, _NO_IDS, stored)
                 self._drain_inbox(call)
             self._save_clock(conn, before)
         except BaseException:
@@ -346,33 +385,25 @@ class Engine:
         return BatchOutcome(outcomes, call.handed_off, call.own_events)
 
     def _process(
-        self, call: _Call, events: Sequence[ReceivedEvent], store_only: frozenset[UUID]
+        self,
+        call: _Call,
+        events: Sequence[ReceivedEvent],
+        store_only: frozenset[UUID],
+        stored: Sequence[events_store.EventRow] | None = None,
     ) -> list[Outcome]:
-        """Store and evaluate `events`; those in `store_only` (events trigd made nested
-        too deep, from the inbox) are stored but not evaluated."""
-        rows: list[events_store.EventRow] = []
-        refs: list[tuple[EventRef, int]] = []
-        received: datetime | None = None
-        received_us = 0
-        for event in events:
-            ref = EventRef.of(event)
-            occurred_us = to_us(event.occurred)
-            if event.received is not received:  # a batch often shares one stamp
-                received = event.received
-                received_us = to_us(received)
-            follows = event.follows
-            rows.append(
-                (
-                    str(event.id),
-                    event.event,
-                    event.resource.id,
-                    occurred_us,
-                    received_us,
-                    None if follows is None else str(follows),
-                    ref.json(),
-                )
-            )
-            refs.append((ref, occurred_us))
+        """Store and evaluate `events` (as the rows `stored` when given); those in
+        `store_only` (events trigd made nested too deep, from the inbox) are stored but
+        not evaluated."""
+        if stored is None:
+            rows, refs = _event_rows(events)
+        elif len(stored) != len(events):
+            raise ValueError("stored: one row per event")
+        else:
+            rows = list(stored)
+            refs = [
+                (EventRef.of(event, row[6]), row[3])
+                for event, row in zip(events, stored, strict=True)
+            ]
         # the duplicate check is the insert: a stored id (or one met earlier) is skipped
         inserted = events_store.insert_new_events(call.conn, rows)
         fresh: list[tuple[ReceivedEvent, EventRef, str, int]] = []

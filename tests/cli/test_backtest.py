@@ -3,6 +3,7 @@ holds open), with a changed threshold in the file: the firings beside the live o
 
 from __future__ import annotations
 
+import gc
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from daemon.cli.backtest import REPLAY_YOUNG_COLLECTIONS, open_scratch, replay_gc
 from daemon.cli.main import main
 from tests.support.daemon_process import write_automations
 from tests.support.engine_harness import HarnessMaker, automation, event, trigger
@@ -79,3 +81,46 @@ def test_errors_name_what_is_wrong(
     code, _, err = run(capsys, str(file), "--db", str(tmp_path / "missing.db"))
     assert code == 1
     assert "no such database" in err
+
+
+def test_the_replay_collects_less_often_and_as_before_afterwards() -> None:
+    """Young collections every REPLAY_YOUNG_COLLECTIONS new objects while replaying, what
+    start-up built frozen; the process's settings come back after, even on an error."""
+    before = gc.get_threshold()
+    frozen = gc.get_freeze_count()
+    inside: list[tuple[tuple[int, int, int], int]] = []
+
+    def failing_replay() -> None:
+        with replay_gc():
+            inside.append((gc.get_threshold(), gc.get_freeze_count()))
+            raise RuntimeError("the replay failed")
+
+    with pytest.raises(RuntimeError, match="the replay failed"):
+        failing_replay()
+    ((threshold, frozen_inside),) = inside
+    assert threshold == (REPLAY_YOUNG_COLLECTIONS, *before[1:])
+    assert frozen_inside > frozen
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == frozen
+
+
+def test_the_scratch_store_keeps_no_wal_and_never_syncs(tmp_path: Path) -> None:
+    """Thrown away after the replay: pages written once (rollback journal in memory, no
+    WAL), no fsync; a failed transaction still rolls back."""
+    scratch = open_scratch(tmp_path / "scratch.db")
+    try:
+        conn = scratch.conn
+        assert conn.execute("PRAGMA journal_mode").fetchall() == [("memory",)]
+        assert conn.execute("PRAGMA synchronous").fetchall() == [(0,)]
+
+        def failing_transaction() -> None:
+            with conn:
+                conn.execute("INSERT INTO meta (key, value) VALUES ('k', 'v')")
+                raise RuntimeError("rolled back")
+
+        with pytest.raises(RuntimeError, match="rolled back"):
+            failing_transaction()
+        assert conn.execute("SELECT count(*) FROM meta WHERE key = 'k'").fetchall() == [(0,)]
+    finally:
+        scratch.close()
+    assert not (tmp_path / "scratch.db-wal").exists()

@@ -4,6 +4,7 @@ automation shows its difference."""
 
 from __future__ import annotations
 
+import json
 import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
@@ -15,10 +16,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from daemon.core.automations import Automation
+from daemon.core.clock import to_us
 from daemon.core.events import ReceivedEvent
 from daemon.engine.backtest import Firing, Replay, diff, live_firings, replay
 from daemon.engine.engine import Engine
 from store.db import Store
+from store.events import insert_new_events
 from tests.support.engine_harness import Harness, T, automation, event, trigger
 
 UNTIL = T + timedelta(days=1)
@@ -181,3 +184,41 @@ def test_a_follower_whose_leader_never_came_is_evaluated_once_lost(tmp_path: Pat
     h.close()
     result = backtest(tmp_path / "live.db", [chosen], tmp_path)
     assert [f.triggering_event for f in result.firings] == [str(orphan.id)]
+
+
+def test_replayed_events_are_stored_as_read_not_serialised_again(tmp_path: Path) -> None:
+    """An event stored by an older trigd (another key order, spacing) is stored in the
+    scratch database with the live database's text."""
+    chosen = burst(threshold=1, within=0)
+    Harness(tmp_path / "live.db", []).close()
+    old = event("pump.high", T + timedelta(seconds=1), "pump-1")
+    text = json.dumps(old.model_dump(mode="json"), indent=1, sort_keys=True)
+    live = Store.open(tmp_path / "live.db")
+    with live.conn:
+        insert_new_events(
+            live.conn,
+            [(str(old.id), old.event, old.resource.id, to_us(old.occurred), to_us(T), None, text)],
+        )
+    live.close()
+    source = Store.open_readonly(tmp_path / "live.db")
+    scratch = Store.open(tmp_path / "scratch.db")
+    try:
+        with source.conn:
+            result = replay(
+                source.conn,
+                scratch.conn,
+                Engine(),
+                [chosen],
+                T,
+                UNTIL,
+                batch=7,
+                granularity=GRANULARITY,
+            )
+        stored = scratch.conn.execute(
+            "SELECT data FROM events WHERE id = ?", (str(old.id),)
+        ).fetchone()
+    finally:
+        scratch.close()
+        source.close()
+    assert stored == (text,)
+    assert [f.triggering_event for f in result.firings] == [str(old.id)]

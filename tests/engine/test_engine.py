@@ -14,6 +14,7 @@ import apsw
 import pytest
 
 from daemon.core.automations import Automation
+from daemon.core.clock import to_us
 from daemon.core.events import (
     MAX_JSON_DEPTH_CEILING,
     OCCURRED_MAX,
@@ -326,3 +327,46 @@ def test_the_latest_occurred_fits_the_longest_within(harness: HarnessMaker, post
     assert h.batch([last], now=OCCURRED_MAX) == [Outcome.processed]
     h.P(longest, OCCURRED_MAX)  # a proactive pass at that time too
     h.PER(OCCURRED_MAX)  # and the sweep of buckets past their window
+
+
+def test_a_batch_given_its_stored_rows_stores_them_as_they_are_and_evaluates_the_events(
+    harness: HarnessMaker,
+) -> None:
+    """A replay hands the engine events with the rows it read them from (JSON written by
+    an older trigd, another receipt time): stored as they are, not made again; the
+    events are evaluated as without them."""
+    burst = automation("burst", trigger(expect=["pump.high"], threshold=2, within=60))
+    h = harness([burst])
+    events = [event("pump.high", T + s * S, "pump-1") for s in (1, 2)]
+    rows = [
+        (
+            str(e.id),
+            e.event,
+            e.resource.id,
+            to_us(e.occurred),
+            to_us(T - 5 * S),
+            None,
+            json.dumps(e.model_dump(mode="json"), indent=1, sort_keys=True),
+        )
+        for e in events
+    ]
+    assert rows[0][6] != events[0].model_dump_json()  # what the engine would store otherwise
+    with h.conn:
+        outcome = h.engine.process_batch(h.conn, events, T + 3 * S, rows)
+    assert outcome.outcomes == [Outcome.processed, Outcome.processed]
+    columns = "id, event, resource_id, occurred_us, received_us, follows, data"
+    stored = h.conn.execute(
+        f"SELECT {columns} FROM events WHERE event = ? ORDER BY rowid", ("pump.high",)
+    )
+    assert stored.fetchall() == rows
+    assert len(fired(h, burst)) == 1
+
+
+def test_a_batch_given_rows_that_are_not_one_per_event_is_refused(
+    harness: HarnessMaker,
+) -> None:
+    h = harness([])
+    events = [event("pump.high", T + S, "pump-1")]
+    with pytest.raises(ValueError, match="stored: one row per event"), h.conn:
+        h.engine.process_batch(h.conn, events, T + S, [])
+    assert _count(h, "events") == 0

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -18,7 +18,13 @@ from daemon.core.clock import to_us
 from daemon.core.event_filter import EventFilter, matches, parse_filter
 from daemon.core.events import ReceivedEvent
 from store.db import Store
-from store.events import count_events, filter_sql, insert_new_events, query_event_rows
+from store.events import (
+    count_events,
+    filter_sql,
+    insert_new_events,
+    query_event_rows,
+    rows_in_occurred_order,
+)
 
 BASE = datetime(2026, 11, 23, 10, 0, tzinfo=UTC)
 # few letters, so that prefixes and names collide often; non-ASCII too (substr counts
@@ -156,3 +162,23 @@ def test_an_occurred_window_is_read_through_its_index(conn: Any) -> None:
         params,
     ).fetchall()
     assert any("events_occurred" in str(row) for row in plan), plan
+
+
+def test_rows_in_occurred_order_are_the_stored_rows_ties_in_arrival_order_paged(
+    tmp_path: Path,
+) -> None:
+    """What a backtest replays: every column as stored, in `occurred` order, paged."""
+    opened = Store.open(tmp_path / "events.db")
+    try:
+        rows = []
+        for name, minute in (("c", 3), ("a", 1), ("b2", 2), ("b1", 2), ("old", -5), ("late", 99)):
+            occurred = to_us(BASE + timedelta(minutes=minute))
+            rows.append((str(uuid4()), name, "pump-1", occurred, to_us(BASE), name, f"{name}!"))
+        with opened.conn:
+            insert_new_events(opened.conn, rows)
+        pages = list(
+            rows_in_occurred_order(opened.conn, to_us(BASE), to_us(BASE + timedelta(minutes=50)), 2)
+        )
+    finally:
+        opened.close()
+    assert pages == [[rows[1], rows[2]], [rows[3], rows[0]]]
