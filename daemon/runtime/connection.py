@@ -174,7 +174,9 @@ class CheckpointConnection(WebSocketConnection):
                     if pacing is not None:
                         if held:
                             pacing.handed_over()
-                        held = self._reader_running and small and await pacing.hold()
+                            held = False
+                        if self._reader_running and small:
+                            held = await pacing.hold()
                     size = await self._read()
                     if size is None:
                         break
