@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 import attrs
@@ -93,6 +94,7 @@ class CheckpointConnection(WebSocketConnection):
         # set once the connection may submit events: its reader then holds off between
         # small reads while the evaluator lingers (``daemon.runtime.read_pacing``)
         self.pacing: ReadPacing | None = None
+        self._owed: Callable[[], int] = lambda: 0  # events whose acks the client waits for
 
     async def _flush(self) -> None:
         """Hand the frames collected so far to the consumer (none once closing)."""
@@ -159,7 +161,8 @@ class CheckpointConnection(WebSocketConnection):
         """trio-websocket's reader task, except that once the connection is open the bytes
         go through a ``FrameSplitter`` first, and the frames collected from each chunk are
         handed to the consumer in one call; and that, with ``pacing``, a chunk that did not
-        fill the buffer is followed by a wait while the evaluator lingers."""
+        fill the buffer, with events of the client still unresolved, is followed by a wait
+        while the evaluator lingers or commits."""
         held = False  # woken by the pacing: tell it once this read's frames are handed over
         small = True  # the last read did not fill the buffer: no more is waiting in it
         try:
@@ -175,7 +178,7 @@ class CheckpointConnection(WebSocketConnection):
                         if held:
                             pacing.handed_over()
                             held = False
-                        if self._reader_running and small:
+                        if self._reader_running and small and self._owed():
                             held = await pacing.hold()
                     size = await self._read()
                     if size is None:
@@ -184,6 +187,13 @@ class CheckpointConnection(WebSocketConnection):
         finally:
             if held and self.pacing is not None:
                 self.pacing.handed_over()
+
+    def pace(self, pacing: ReadPacing, owed: Callable[[], int]) -> None:
+        """Hold off between small reads while ``pacing`` says so and ``owed()`` (events
+        of the client not committed yet): a client waiting for none, whose next frame may
+        be a ping, is read at once."""
+        self.pacing = pacing
+        self._owed = owed
 
     async def _read(self) -> int | None:
         """Read the next chunk into wsproto or the splitter; its size, or None when the

@@ -114,6 +114,11 @@ class ReplyQueue:
         self._items: deque[Reply] = deque()
         self._head_ready = trio.Event()
         self._room = trio.Event()
+        self.unresolved = 0  # submissions the evaluator has not resolved yet
+
+    def owes_acks(self) -> int:
+        """How many of its events the client waits for (the reader's pacing)."""
+        return self.unresolved
 
     def __len__(self) -> int:
         return len(self._items)
@@ -137,6 +142,7 @@ class ReplyQueue:
         """``append`` for the common case: an unresolved submission never makes the head
         ready."""
         self._items.append(submission)
+        self.unresolved += 1
 
     async def wait_empty(self) -> None:
         """Until every item queued so far has been answered (the writer makes room)."""
@@ -153,6 +159,7 @@ class ReplyQueue:
     def resolved(self, submission: Submission, error: str | None) -> None:
         submission.error = error
         submission.done = True
+        self.unresolved -= 1
         if self._items and self._items[0] is submission:
             self._head_ready.set()
 
@@ -395,8 +402,8 @@ class _Ingest:
     async def serve(self, conn: CheckpointConnection, session: _Session) -> None:
         replies = session.replies
         assert replies is not None
-        if not session.out:
-            conn.pacing = self.pacing
+        if not session.out and self.pacing is not None:
+            conn.pace(self.pacing, replies.owes_acks)
         async with trio.open_nursery() as nursery:
 
             async def write() -> None:

@@ -4,11 +4,13 @@ Why: events arriving one at a time each cost the trio thread a wake-up and a soc
 (one that finds the frame, one that finds nothing), more than the rest of their handling.
 While the evaluator holds a batch open waiting for more events (``daemon.core.commit_linger``),
 reading them the moment they arrive gains nothing: they are committed when the window
-closes anyway. So a connection reader that has handed its frames over and finds the
-evaluator lingering waits until the window closes before its next read; meanwhile the
-kernel gathers that connection's frames, and they are read in one go, just before the
-evaluator takes what is queued. The same holds while it commits a batch: what arrives
-meanwhile can only join the next batch, so it is read, in one go, when the commit is over.
+closes anyway. So a connection reader that has handed its frames over, some of them events
+still waiting for their commit, and finds the evaluator lingering waits until the window
+closes before its next read; meanwhile the kernel gathers that connection's frames, and
+they are read in one go, just before the evaluator takes what is queued. The same holds
+while it commits a batch: what arrives meanwhile can only join the next batch, so it is
+read, in one go, when the commit is over. A client waiting for no ack (all its events
+answered; it may be pinging) is read at once.
 
 Bounds: a reader waits at most until the window it saw open closes (the evaluator closes
 it after ``commit_linger`` at most, and always, even when cancelled), or the commit it saw

@@ -33,7 +33,6 @@ from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import run_evaluator
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.ingest import run_ingest
-from daemon.runtime.read_pacing import ReadPacing
 from daemon.wire.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
 from daemon.wire.submission import Submission
 from store.db import Store
@@ -869,9 +868,7 @@ async def test_frames_arriving_while_the_evaluator_lingers_are_read_together(
     commit. (Virtual time stands still until the test moves it.)"""
     events = [event_dict() for _ in range(4)]
     with trio.fail_after(LIMIT):
-        daemon = await start(
-            linger=timedelta(milliseconds=5), pacing=ReadPacing() if paced else None
-        )
+        daemon = await start(linger=timedelta(milliseconds=5), paced=paced)
         async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
             await authenticate(ws, None)
             read = await _trickle(daemon, ws, events)
@@ -893,7 +890,7 @@ async def test_frames_arriving_during_a_commit_are_read_together_after_it(
     engine = GatedEngine(Engine())
     events = [event_dict() for _ in range(4)]
     with trio.fail_after(LIMIT):
-        daemon = await start(engine=engine, pacing=ReadPacing())
+        daemon = await start(engine=engine, paced=True)
         async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
             await authenticate(ws, None)
             await ws.send_message(json.dumps(events[0]))
@@ -905,3 +902,33 @@ async def test_frames_arriving_during_a_commit_are_read_together_after_it(
         assert [a["id"] for a in acks] == [e["id"] for e in events]
         assert daemon.evaluator.batches == 2
         assert stored_ids(db_path) == {e["id"] for e in events}
+
+
+async def test_a_client_waiting_for_no_ack_is_read_at_once_during_a_commit(
+    start: Starter, db_path: Path
+) -> None:
+    """Only a reader whose client waits for acks holds off: one whose events are all
+    answered (here it only pings) is read, and its pings answered, while another
+    client's batch is being committed."""
+    engine = GatedEngine(Engine())
+    with trio.fail_after(LIMIT):
+        daemon = await start(engine=engine, paced=True)
+        async with (
+            connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as busy,
+            connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as pinging,
+        ):
+            await authenticate(busy, None)
+            await authenticate(pinging, None)
+            event = event_dict()
+            await busy.send_message(json.dumps(event))
+            await trio.to_thread.run_sync(engine.entered.wait)  # its batch is in the store
+            ponged = []
+            try:
+                for payload in (b"one", b"two"):
+                    await pinging.ping(payload)  # returns once the pong came
+                    ponged.append(payload)
+            finally:
+                engine.gate.set()
+            assert json.loads(await busy.get_message()) == {"type": "ack", "id": event["id"]}
+        assert ponged == [b"one", b"two"]
+        assert stored_ids(db_path) == {event["id"]}

@@ -78,16 +78,18 @@ class Starter:
         events_out: EventsOutConfig | None = None,
         clock: Callable[[], datetime] = fixed_clock,
         linger: timedelta = timedelta(0),
-        pacing: ReadPacing | None = None,
+        paced: bool = False,
         **settings: Any,
     ) -> Daemon:
         """``events_out``: serve /api/events/out with these settings; ``linger``: the
-        evaluator's commit linger, ``pacing`` shared by the evaluator and the readers."""
+        evaluator's commit linger; ``paced``: readers hold off while the evaluator lingers or
+        commits, as in the daemon (``daemon.runtime.read_pacing``)."""
         config = ServerConfig(listen="127.0.0.1:0", **settings)
         out = None
         if events_out is not None:
             out = events_out_service(self.db_path, events_out, clock)
         send, receive = trio.open_memory_channel[Submission](queue)
+        pacing = ReadPacing() if paced else None
         ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
         gateway = StoreGateway(self.store)
         http_stats = HttpStats()
