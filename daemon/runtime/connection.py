@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
 from typing import Final, Protocol, cast
 
 import attrs
@@ -37,6 +38,7 @@ from wsproto.events import (
 )
 from wsproto.utilities import RemoteProtocolError
 
+from daemon.runtime.read_pacing import ReadPacing
 from daemon.wire.wsframes import FrameSplitter
 
 log = logging.getLogger(__name__)
@@ -89,6 +91,10 @@ class CheckpointConnection(WebSocketConnection):
         # stopped by backpressure): what an idle timeout is measured from
         self.waiting_since: float | None = None
         self._splitter = FrameSplitter(min(max_message_size, receive_buffer_size))
+        # set once the connection may submit events: its reader then holds off between
+        # small reads while the evaluator lingers (``daemon.runtime.read_pacing``)
+        self.pacing: ReadPacing | None = None
+        self._owed: Callable[[], int] = lambda: 0  # events whose acks the client waits for
 
     async def _flush(self) -> None:
         """Hand the frames collected so far to the consumer (none once closing)."""
@@ -154,37 +160,68 @@ class CheckpointConnection(WebSocketConnection):
     async def _reader_task(self) -> None:
         """trio-websocket's reader task, except that once the connection is open the bytes
         go through a ``FrameSplitter`` first, and the frames collected from each chunk are
-        handed to the consumer in one call."""
-        async with self._send_channel:
-            while self._reader_running:
-                try:
-                    await self._handle_events()
-                    await self._flush()
-                except ConnectionClosed:
-                    self._reader_running = False
-                self.waiting_since = trio.current_time()
-                try:
-                    data = await self._stream.receive_some(self._receive_buffer_size)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
-                    await self._abort_web_socket()
-                    break
-                finally:
-                    self.waiting_since = None
-                if len(data) == 0:
-                    # TCP closed before the websocket did: an abnormal closure.
-                    if self._wsproto.state != ConnectionState.CLOSED:
-                        await self._abort_web_socket()
-                    break
-                if not isinstance(data, bytes):
-                    data = bytes(data)  # trio's sockets give bytes; other streams might not
-                if self._wsproto.state == ConnectionState.OPEN:
-                    pieces = self._splitter.feed(data)
-                else:  # upgrading or closing: all of it is wsproto's
-                    pieces = [self._splitter.rest() + data]
-                try:
-                    await self._receive(pieces)
-                except ConnectionClosed:
-                    self._reader_running = False
+        handed to the consumer in one call; and that, with ``pacing``, a chunk that did not
+        fill the buffer, with events of the client still unresolved, is followed by a wait
+        while the evaluator lingers or commits."""
+        held = False  # woken by the pacing: tell it once this read's frames are handed over
+        small = True  # the last read did not fill the buffer: no more is waiting in it
+        try:
+            async with self._send_channel:
+                while self._reader_running:
+                    try:
+                        await self._handle_events()
+                        await self._flush()
+                    except ConnectionClosed:
+                        self._reader_running = False
+                    pacing = self.pacing
+                    if pacing is not None:
+                        if held:
+                            pacing.handed_over()
+                            held = False
+                        if self._reader_running and small and self._owed():
+                            held = await pacing.hold()
+                    size = await self._read()
+                    if size is None:
+                        break
+                    small = size < (self._receive_buffer_size or 0)
+        finally:
+            if held and self.pacing is not None:
+                self.pacing.handed_over()
+
+    def pace(self, pacing: ReadPacing, owed: Callable[[], int]) -> None:
+        """Hold off between small reads while ``pacing`` says so and ``owed()`` (events
+        of the client not committed yet): a client waiting for none, whose next frame may
+        be a ping, is read at once."""
+        self.pacing = pacing
+        self._owed = owed
+
+    async def _read(self) -> int | None:
+        """Read the next chunk into wsproto or the splitter; its size, or None when the
+        stream is over."""
+        self.waiting_since = trio.current_time()
+        try:
+            data = await self._stream.receive_some(self._receive_buffer_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            await self._abort_web_socket()
+            return None
+        finally:
+            self.waiting_since = None
+        if len(data) == 0:
+            # TCP closed before the websocket did: an abnormal closure.
+            if self._wsproto.state != ConnectionState.CLOSED:
+                await self._abort_web_socket()
+            return None
+        if not isinstance(data, bytes):
+            data = bytes(data)  # trio's sockets give bytes; other streams might not
+        if self._wsproto.state == ConnectionState.OPEN:
+            pieces = self._splitter.feed(data)
+        else:  # upgrading or closing: all of it is wsproto's
+            pieces = [self._splitter.rest() + data]
+        try:
+            await self._receive(pieces)
+        except ConnectionClosed:
+            self._reader_running = False
+        return len(data)
 
     async def _receive(self, pieces: list[str | bytes]) -> None:
         last = len(pieces) - 1

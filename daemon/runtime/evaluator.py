@@ -60,6 +60,7 @@ from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.engine.engine import BatchOutcome, Outcome
 from daemon.runtime.events_hub import EventsHub
 from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.read_pacing import ReadPacing
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.wire.submission import Submission
 from store.connection import Connection
@@ -154,6 +155,7 @@ class _Evaluator:
     throttles: dict[str, LogThrottle]
     on_batch: Callable[[Sequence[Submission], float], None] | None  # committed, in seconds
     hub: EventsHub | None = None  # events out: committed events go to its subscribers
+    pacing: ReadPacing | None = None  # readers hold off while a batch is committed
     # one episode of store trouble per batch: logged when it starts, and as over once
     # every event of the batch is committed
     backoff: Backoff = attrs.field(
@@ -170,7 +172,19 @@ class _Evaluator:
             now = self.clock()
             try:
                 with trio.CancelScope(shield=True):
-                    done = await self.gateway.run(process_in_transaction, self.engine, events, now)
+                    pacing = self.pacing
+                    if pacing is None:
+                        done = await self.gateway.run(
+                            process_in_transaction, self.engine, events, now
+                        )
+                    else:
+                        pacing.open()
+                        try:
+                            done = await self.gateway.run(
+                                process_in_transaction, self.engine, events, now
+                            )
+                        finally:
+                            await pacing.close()
             except STORE_TROUBLE as exc:
                 self.stats.store_retries += 1
                 if isinstance(exc, apsw.FullError) and len(events) > 1:
@@ -260,14 +274,16 @@ async def run_evaluator(
     hub: EventsHub | None = None,
     linger: timedelta = timedelta(0),
     linger_events: int = COMMIT_LINGER_EVENTS,
+    pacing: ReadPacing | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit submissions in batches until every sender has closed the channel;
     ``on_commit`` runs after each commit (it wakes the sender and the inbox pump); a line
     one event can cause is logged within ``log_limits``; after a batch's first event, more
     are awaited as ``daemon.core.commit_linger`` says (``linger`` at most, until
-    ``linger_events``); ``on_batch`` gets each batch once it is settled, with the seconds
-    that took (``/metrics``)."""
+    ``linger_events``), with ``pacing`` telling connection readers while it lingers;
+    ``on_batch`` gets each batch once it is settled, with the seconds that took
+    (``/metrics``)."""
     if batch_max < 1:
         raise ValueError(f"batch_max must be at least 1, got {batch_max}")
     evaluator = _Evaluator(
@@ -279,13 +295,14 @@ async def run_evaluator(
         _throttles(log_limits),
         on_batch,
         hub,
+        pacing,
     )
     policy = CommitLinger(linger.total_seconds(), linger_events, batch_max)
     last_batch = 0
     async with receive:
         task_status.started()
         async for first in receive:
-            batch = await _gather(receive, first, policy, last_batch)
+            batch = await _gather(receive, first, policy, last_batch, pacing)
             await evaluator.settle(batch)
             last_batch = len(batch)
 
@@ -305,10 +322,12 @@ async def _gather(
     first: Submission,
     policy: CommitLinger,
     last_batch: int,
+    pacing: ReadPacing | None,
 ) -> list[Submission]:
     """A batch: ``first``, what is queued behind it, and what arrived while ``policy``
-    said to linger (``last_batch``: the size of the batch before). The linger is shielded
-    from cancellation, so the events already taken are committed; it is bounded anyway."""
+    said to linger (``last_batch``: the size of the batch before), ``pacing`` open the
+    while. The linger is shielded from cancellation, so the events already taken are
+    committed; it is bounded anyway."""
     first_at = trio.current_time()
     batch = [first]
     _take_queued(receive, batch, policy.batch_max)
@@ -324,6 +343,13 @@ async def _gather(
             break
         # one wake-up at the end of the window, not one per event arriving in it
         with trio.CancelScope(shield=True):
-            await trio.sleep(wait)
+            if pacing is None:
+                await trio.sleep(wait)
+            else:
+                pacing.open()
+                try:
+                    await trio.sleep(wait)
+                finally:
+                    await pacing.close()  # the readers held off read now, before the take
         _take_queued(receive, batch, policy.batch_max)
     return batch

@@ -68,6 +68,7 @@ from daemon.runtime.http_server import (
     read_head,
     serve_http,
 )
+from daemon.runtime.read_pacing import ReadPacing
 from daemon.wire.events_out import EXPECTED_FILTER
 from daemon.wire.handshake import (
     AUTH_SUCCESS,
@@ -113,6 +114,11 @@ class ReplyQueue:
         self._items: deque[Reply] = deque()
         self._head_ready = trio.Event()
         self._room = trio.Event()
+        self.unresolved = 0  # submissions the evaluator has not resolved yet
+
+    def owes_acks(self) -> int:
+        """How many of its events the client waits for (the reader's pacing)."""
+        return self.unresolved
 
     def __len__(self) -> int:
         return len(self._items)
@@ -136,6 +142,7 @@ class ReplyQueue:
         """``append`` for the common case: an unresolved submission never makes the head
         ready."""
         self._items.append(submission)
+        self.unresolved += 1
 
     async def wait_empty(self) -> None:
         """Until every item queued so far has been answered (the writer makes room)."""
@@ -152,6 +159,7 @@ class ReplyQueue:
     def resolved(self, submission: Submission, error: str | None) -> None:
         submission.error = error
         submission.done = True
+        self.unresolved -= 1
         if self._items and self._items[0] is submission:
             self._head_ready.set()
 
@@ -227,6 +235,7 @@ class _Ingest:
     room: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) when one is freed
     scopes: dict[Slot, trio.CancelScope] = attrs.Factory(dict)  # to drop an evicted one
     events_out: EventsOut | None = None  # serves /api/events/out subscribers when set
+    pacing: ReadPacing | None = None  # readers of events hold off while the evaluator lingers
 
     async def accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
         """Accept without waiting for a slot, so that every socket is either admitted or
@@ -393,6 +402,8 @@ class _Ingest:
     async def serve(self, conn: CheckpointConnection, session: _Session) -> None:
         replies = session.replies
         assert replies is not None
+        if not session.out and self.pacing is not None:
+            conn.pace(self.pacing, replies.owes_acks)
         async with trio.open_nursery() as nursery:
 
             async def write() -> None:
@@ -688,13 +699,16 @@ async def run_ingest(
     routes: Sequence[Route] = (),
     http_stats: HttpStats | None = None,
     events_out: EventsOut | None = None,
+    pacing: ReadPacing | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve ``/events/in`` (and ``/events/out`` with ``events_out``) and the plain HTTP
     ``routes`` until cancelled; ``task_status`` gets the bound port.
 
     ``tls`` is ``tls_context(settings)`` loaded beforehand; without it, it is loaded here.
-    A listen address that cannot be used raises UnusableSetting (``listen_problem``)."""
+    A listen address that cannot be used raises UnusableSetting (``listen_problem``).
+    With ``pacing`` (the evaluator's), readers of events hold off between small reads while
+    the evaluator lingers (``daemon.runtime.read_pacing``)."""
     context = tls if tls is not None else tls_context(settings)
     listeners = await _open_listeners(settings, context)
     slots = ConnectionSlots(
@@ -715,6 +729,7 @@ async def run_ingest(
         http_limits=HttpLimits.of(settings),
         http_stats=http_stats if http_stats is not None else HttpStats(),
         events_out=events_out,
+        pacing=pacing,
     )
     port = _port_of(listeners[0])
     async with submit, trio.open_nursery() as nursery:

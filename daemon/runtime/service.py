@@ -57,6 +57,7 @@ from daemon.runtime.http_server import HttpStats
 from daemon.runtime.ingest import IngestStats, run_ingest, tls_context
 from daemon.runtime.logs import configure_logging
 from daemon.runtime.metrics import Metrics
+from daemon.runtime.read_pacing import ReadPacing
 from daemon.runtime.readiness import Readiness
 from daemon.runtime.sender import Sender, run_sender
 from daemon.runtime.store_trouble import CURRENT_BOARD, STORE_TROUBLE, Backoff, TroubleBoard
@@ -352,6 +353,7 @@ async def _run(
             )
             await nursery.start(pump.run)
             evaluator_done = trio.Event()
+            pacing = ReadPacing()  # readers hold off while the evaluator lingers
 
             async def evaluate(*, task_status: trio.TaskStatus[None]) -> None:
                 try:
@@ -370,6 +372,7 @@ async def _run(
                             batch, seconds, clock()
                         ),
                         hub=events_out.hub,
+                        pacing=pacing,
                         task_status=task_status,
                     )
                 finally:
@@ -393,6 +396,7 @@ async def _run(
                         routes=http.routes(),
                         http_stats=http_stats,
                         events_out=events_out,
+                        pacing=pacing,
                         task_status=task_status,
                     )
 

@@ -38,6 +38,7 @@ from daemon.wire.submission import Submission
 from store.db import Store
 from tests.support.evaluator_doubles import NOW, GatedEngine, fixed_clock, stored_ids
 from tests.support.ingest_client import (
+    Daemon,
     Starter,
     authenticate,
     connect,
@@ -839,3 +840,95 @@ async def test_shutdown_closes_connections_with_going_away(store: Store) -> None
                 ingest_scope.cancel()
                 assert await close_reason(ws) == (1001, "trigd is shutting down")
         # ingest closed its sender: the evaluator drained the channel and returned
+
+
+# --- reads paced by the commit linger --------------------------------------------------
+
+
+async def _trickle(
+    daemon: Daemon, ws: WebSocketConnection, events: list[dict[str, Any]]
+) -> list[int]:
+    """Send ``events`` one write each, letting the daemon do all it can after each; how
+    many events ingest had read after each write."""
+    read = []
+    for event in events:
+        await ws.send_message(json.dumps(event))
+        await trio.testing.wait_all_tasks_blocked()
+        read.append(daemon.ingest.events)
+    return read
+
+
+@pytest.mark.parametrize("paced", [True, False])
+async def test_frames_arriving_while_the_evaluator_lingers_are_read_together(
+    start: Starter, db_path: Path, mock_clock: trio.testing.MockClock, paced: bool
+) -> None:
+    """While the evaluator holds a batch open, a reader that read a frame waits for the
+    window to close before reading again: the frames sent meanwhile wait in the socket
+    and are read in one go when it closes, in time to join that same batch and its
+    commit. (Virtual time stands still until the test moves it.)"""
+    events = [event_dict() for _ in range(4)]
+    with trio.fail_after(LIMIT):
+        daemon = await start(linger=timedelta(milliseconds=5), paced=paced)
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            read = await _trickle(daemon, ws, events)
+            mock_clock.jump(0.005)
+            acks = await replies(ws, 4)
+        # the first event opens the window; the reader that read the second holds
+        assert read == ([1, 2, 2, 2] if paced else [1, 2, 3, 4])
+        assert [a["id"] for a in acks] == [e["id"] for e in events]
+        assert (daemon.evaluator.batches, daemon.evaluator.largest_batch) == (1, 4)
+        assert stored_ids(db_path) == {e["id"] for e in events}
+
+
+async def test_frames_arriving_during_a_commit_are_read_together_after_it(
+    start: Starter, db_path: Path
+) -> None:
+    """What arrives while a batch is being committed can only join the next batch: the
+    reader that read such a frame holds off until the commit is over, then reads the rest
+    in one go (no linger here, so nothing else holds it)."""
+    engine = GatedEngine(Engine())
+    events = [event_dict() for _ in range(4)]
+    with trio.fail_after(LIMIT):
+        daemon = await start(engine=engine, paced=True)
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            await ws.send_message(json.dumps(events[0]))
+            await trio.to_thread.run_sync(engine.entered.wait)  # its batch is in the store
+            read = await _trickle(daemon, ws, events[1:])
+            engine.gate.set()
+            acks = await replies(ws, 4)
+        assert read == [2, 2, 2]
+        assert [a["id"] for a in acks] == [e["id"] for e in events]
+        assert daemon.evaluator.batches == 2
+        assert stored_ids(db_path) == {e["id"] for e in events}
+
+
+async def test_a_client_waiting_for_no_ack_is_read_at_once_during_a_commit(
+    start: Starter, db_path: Path
+) -> None:
+    """Only a reader whose client waits for acks holds off: one whose events are all
+    answered (here it only pings) is read, and its pings answered, while another
+    client's batch is being committed."""
+    engine = GatedEngine(Engine())
+    with trio.fail_after(LIMIT):
+        daemon = await start(engine=engine, paced=True)
+        async with (
+            connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as busy,
+            connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as pinging,
+        ):
+            await authenticate(busy, None)
+            await authenticate(pinging, None)
+            event = event_dict()
+            await busy.send_message(json.dumps(event))
+            await trio.to_thread.run_sync(engine.entered.wait)  # its batch is in the store
+            ponged = []
+            try:
+                for payload in (b"one", b"two"):
+                    await pinging.ping(payload)  # returns once the pong came
+                    ponged.append(payload)
+            finally:
+                engine.gate.set()
+            assert json.loads(await busy.get_message()) == {"type": "ack", "id": event["id"]}
+        assert ponged == [b"one", b"two"]
+        assert stored_ids(db_path) == {event["id"]}

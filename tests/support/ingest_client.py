@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from uuid import uuid4
@@ -26,6 +26,7 @@ from daemon.runtime.http_routes import HttpApp
 from daemon.runtime.http_server import HttpStats
 from daemon.runtime.ingest import IngestStats, run_ingest
 from daemon.runtime.metrics import Metrics
+from daemon.runtime.read_pacing import ReadPacing
 from daemon.wire.submission import Submission
 from store.db import Store
 from tests.support.evaluator_doubles import fixed_clock
@@ -76,14 +77,19 @@ class Starter:
         log_limits: LogLimits = DEFAULT_LIMITS,
         events_out: EventsOutConfig | None = None,
         clock: Callable[[], datetime] = fixed_clock,
+        linger: timedelta = timedelta(0),
+        paced: bool = False,
         **settings: Any,
     ) -> Daemon:
-        """``events_out``: serve /api/events/out with these settings."""
+        """``events_out``: serve /api/events/out with these settings; ``linger``: the
+        evaluator's commit linger; ``paced``: readers hold off while the evaluator lingers or
+        commits, as in the daemon (``daemon.runtime.read_pacing``)."""
         config = ServerConfig(listen="127.0.0.1:0", **settings)
         out = None
         if events_out is not None:
             out = events_out_service(self.db_path, events_out, clock)
         send, receive = trio.open_memory_channel[Submission](queue)
+        pacing = ReadPacing() if paced else None
         ingest_stats, evaluator_stats = IngestStats(), EvaluatorStats()
         gateway = StoreGateway(self.store)
         http_stats = HttpStats()
@@ -96,6 +102,8 @@ class Starter:
                 receive,
                 clock=fixed_clock,
                 batch_max=batch_max,
+                linger=linger,
+                pacing=pacing,
                 stats=evaluator_stats,
                 on_batch=lambda batch, seconds: metrics.observe_batch(
                     batch, seconds, fixed_clock()
@@ -114,6 +122,7 @@ class Starter:
                 routes=http.routes(),
                 http_stats=http_stats,
                 events_out=out,
+                pacing=pacing,
                 task_status=task_status,
             )
         )
