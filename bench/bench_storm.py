@@ -36,7 +36,9 @@ import asyncio
 import json
 import multiprocessing
 import os
+import signal
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -285,8 +287,10 @@ def _automations(url: str, count: int) -> list[dict[str, Any]]:
     ]
 
 
-async def storm(directory: Path, receivers: Receivers, events: int, automations: int) -> float:
-    """Run the storm; webhooks/s."""
+async def storm(
+    directory: Path, receivers: Receivers, events: int, automations: int, profile: str | None
+) -> float:
+    """Run the storm; webhooks/s. `profile`: record the daemon with py-spy (raw stacks)."""
     files = write_automations(directory, _automations(receivers.url(), automations))
     config = write_config(
         directory,
@@ -299,6 +303,17 @@ async def storm(directory: Path, receivers: Receivers, events: int, automations:
     base = receivers.count()
     async with running_daemon(config) as daemon:
         pid = daemon.process.pid
+        spy = None
+        if profile is not None:
+            py_spy = Path(sys.executable).parent / "py-spy"  # pip install py-spy
+            spy = await trio.lowlevel.open_process(
+                [
+                    *(str(py_spy), "record", "--pid", str(pid), "--rate", "200"),
+                    *("--format", "raw", "--threads", "--nonblocking", "-o", profile),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            await trio.sleep(1.0)
         cpu = _cpu_seconds(pid)
         started = time.perf_counter()
         async with connect(daemon.url, subprotocols=["trigd.v1"]) as ws:
@@ -317,6 +332,10 @@ async def storm(directory: Path, receivers: Receivers, events: int, automations:
         delivered = await trio.to_thread.run_sync(receivers.until, base + webhooks, 600) - started
         user, system = (b - a for a, b in zip(cpu, _cpu_seconds(pid), strict=True))
         used = user + system
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            with trio.fail_after(30):
+                await spy.wait()
     rate = webhooks / delivered
     print(
         f"trigd:    {webhooks} webhooks from {events} events, each firing "
@@ -336,6 +355,7 @@ def main() -> None:
     parser.add_argument("--automations", type=int, default=100)
     parser.add_argument("--receivers", type=int, default=2, help="receiver processes")
     parser.add_argument("--clients", type=int, default=2, help="load processes (capacity)")
+    parser.add_argument("--profile", metavar="OUT", help="py-spy raw stacks of the daemon to OUT")
     args = parser.parse_args()
     receivers = Receivers(args.receivers)
     try:
@@ -346,7 +366,9 @@ def main() -> None:
             flush=True,
         )
         with tempfile.TemporaryDirectory() as tmp:
-            rate = trio.run(storm, Path(tmp), receivers, args.events, args.automations)
+            rate = trio.run(
+                storm, Path(tmp), receivers, args.events, args.automations, args.profile
+            )
         requests = args.events * args.automations // GROUPS
         size = receivers.body_size()
         elapsed = _in_process(_ceiling, receivers.url(), size, requests)
