@@ -21,6 +21,8 @@ Each attempt ends in one transaction: the attempt row, the move in the state tab
 exists if and only if the status change does. `emit` is then told about those events.
 Results are group-committed (`_Recorder`): those that finish while a COMMIT runs share the
 next one, so a storm of fast deliveries costs one transaction per batch, not per row.
+A request is rendered on the event loop when that is cheaper than a thread hand-off
+(`daemon/core/delivery.py: renders_inline`), else in a worker thread.
 
 Rows left `in_flight` by a previous process (crash, SIGKILL) are released when the sender
 starts — the lock file guarantees no other sender owns them — and are sent again with the
