@@ -1,33 +1,44 @@
 """A webhook storm to one fast local endpoint, beside its ceiling. Prints numbers, asserts nothing.
 
-    .venv/bin/python -m bench.bench_storm [--events 2000] [--automations 100]
+    .venv/bin/python bench/bench_storm.py [--events 2000] [--automations 100] [--receivers 2]
 
-A real `trigd serve` (default settings but for the port and the database's path) loads
-AUTOMATIONS reactive automations, automation i firing on every `storm.tick` event of
+The receiver runs in RECEIVERS processes of their own sharing one port (SO_REUSEPORT), each
+an asyncio protocol that reads a request's head and Content-Length and answers 200 at once:
+a few tens of microseconds a request, so that it is not what bounds the rate. Its capacity
+is measured first, alone: CLIENTS processes of raw keep-alive sockets (8 each, one request
+in flight per socket) post requests of the storm's size for a few seconds.
+
+Then a real `trigd serve` (default settings but for the port and the database's path)
+loads AUTOMATIONS reactive automations, automation i firing on every `storm.tick` event of
 resource `pump.(i % 10)` (threshold 1, within 0) and calling a signed webhook with a
-rendered payload at one receiver on 127.0.0.1 (trio + h11, in this process, answering 200
-at once). One websocket client (subprotocol `trigd.v1`) sends EVENTS events over the ten
-pumps and waits for their acks: EVENTS x AUTOMATIONS / 10 webhooks to deliver (20,000 by
-default). Printed:
+rendered payload at the receiver. One websocket client (subprotocol `trigd.v1`) sends
+EVENTS events over the ten pumps and waits for their acks: EVENTS x AUTOMATIONS / 10
+webhooks to deliver (20,000 by default). Printed:
 
 * commit: from the first event sent to the last ack;
 * delivered: from the first event sent to the last webhook received, and webhooks/s;
 * the daemon's CPU time (/proc) per webhook over the whole run;
 * ceiling: the same receiver, in the same run, taking the same number of POSTs of a body of
-  the same size from a bare httpx loop (one AsyncClient, 8 tasks, keep-alive): what one
-  Python client gets out of this receiver, trigd's bound.
+  the same size from a bare httpx loop in a process of its own (one AsyncClient, 8 trio
+  tasks, keep-alive): what one Python process gets out of httpx, trigd's bound, and
+  trigd's rate against it.
 
 Run the old code beside the new one with a worktree of the older commit:
 
-    git worktree add --detach /tmp/base-a <commit>
-    (cd /tmp/base-a && /work/wt-perfa/.venv/bin/python /work/wt-perfa/bench/bench_storm.py)
+    git worktree add --detach /tmp/base-j <commit>
+    (cd /tmp/base-j && /work/wt-storm/.venv/bin/python /work/wt-storm/bench/bench_storm.py)
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import multiprocessing
 import os
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -43,12 +54,16 @@ sys.path.insert(0, os.getcwd())
 
 from tests.support.daemon_process import running_daemon, write_automations, write_config
 from tests.support.ingest_client import authenticate, connect
-from tests.support.webhook_receiver import Reply, Request, run_receiver
 
 CEILING_TASKS: Final = 8
+CLIENT_SOCKETS: Final = 8  # per load-client process of the receiver's own measurement
+CAPACITY_SECONDS: Final = 3.0
 GROUPS: Final = 10  # automation i covers pump.(i % 10): each event fires a tenth of them
 SECRET: Final = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 PAYLOAD: Final = '{"text": "{{ automation.name }}: {{ event.resource.id }}", "n": "{{ event.id }}"}'
+STATS: Final = 3  # per receiver process: requests, perf_counter of the last, last body size
+REPLY: Final = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-type: text/plain\r\n\r\nok"
+MAX_HEAD: Final = 65_536
 
 
 def _cpu_seconds(pid: int) -> tuple[float, float]:
@@ -56,6 +71,202 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+# --- the receiver: its own processes -------------------------------------------------------
+
+
+class _Answer(asyncio.Protocol):
+    """HTTP/1.1 keep-alive, requests with a Content-Length body, answered 200 at once."""
+
+    def __init__(self, stats: Any, index: int) -> None:
+        self._stats, self._index = stats, index
+        self._buffer = bytearray()
+        self._transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        buffer = self._buffer
+        buffer += data
+        answers = 0
+        body_size = 0
+        while True:
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > MAX_HEAD:
+                    assert self._transport is not None
+                    self._transport.close()
+                break
+            head = bytes(buffer[:end]).lower()
+            at = head.find(b"content-length:")
+            stop = head.find(b"\r\n", at)
+            length = 0 if at < 0 else int(head[at + 15 : stop if stop >= 0 else None])
+            if len(buffer) < end + 4 + length:
+                break
+            del buffer[: end + 4 + length]
+            answers += 1
+            body_size = length
+        if answers:
+            assert self._transport is not None
+            self._transport.write(REPLY * answers)
+            base = self._index * STATS
+            self._stats[base] += answers
+            self._stats[base + 1] = time.perf_counter()  # CLOCK_MONOTONIC: across processes
+            self._stats[base + 2] = body_size
+
+
+def _receive(port: int, index: int, stats: Any, ready: Any) -> None:
+    async def serve() -> None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind(("127.0.0.1", port))
+        sock.listen(512)
+        server = await asyncio.get_running_loop().create_server(
+            lambda: _Answer(stats, index), sock=sock
+        )
+        ready.release()
+        await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+class Receivers:
+    """RECEIVERS processes answering on one port; their counts in shared memory."""
+
+    def __init__(self, processes: int) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._holder = socket.socket()  # reserves the port until the processes listen
+        self._holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        self._holder.bind(("127.0.0.1", 0))
+        self.port = self._holder.getsockname()[1]
+        self._stats: Any = context.Array("d", processes * STATS, lock=False)
+        ready = context.Semaphore(0)
+        self.processes = [
+            context.Process(target=_receive, args=(self.port, i, self._stats, ready), daemon=True)
+            for i in range(processes)
+        ]
+        for process in self.processes:
+            process.start()
+        for _ in self.processes:
+            ready.acquire()
+        self._holder.close()
+
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/hook"
+
+    def count(self) -> int:
+        return int(sum(self._stats[i * STATS] for i in range(len(self.processes))))
+
+    def last(self) -> float:
+        return float(max(self._stats[i * STATS + 1] for i in range(len(self.processes))))
+
+    def body_size(self) -> int:
+        return int(max(self._stats[i * STATS + 2] for i in range(len(self.processes))))
+
+    def until(self, count: int, seconds: float) -> float:
+        """Wait until `count` requests were answered in all (polled: the counts are in
+        shared memory); when the last one was."""
+        deadline = time.perf_counter() + seconds
+        while self.count() < count:
+            if time.perf_counter() > deadline:
+                raise TimeoutError(f"{self.count()} of {count} requests after {seconds} s")
+            time.sleep(0.01)
+        return self.last()
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+            process.join()
+
+
+# --- load: the receiver alone (raw sockets), and the bare httpx ceiling ----------------------
+
+
+def _load(port: int, body_size: int, seconds: float, done: Any) -> None:
+    """CLIENT_SOCKETS keep-alive sockets posting for `seconds`; how many were answered."""
+    request = (
+        f"POST /hook HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\ncontent-type: application/json\r\n"
+        f"content-length: {body_size}\r\n\r\n"
+    ).encode() + b"x" * body_size
+
+    async def client(deadline: float) -> int:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        answered = 0
+        while time.perf_counter() < deadline:
+            writer.write(request)
+            await reader.readuntil(b"\r\n\r\n")
+            await reader.readexactly(2)  # the receiver's body: "ok"
+            answered += 1
+        writer.close()
+        return answered
+
+    async def run() -> int:
+        deadline = time.perf_counter() + seconds
+        return sum(await asyncio.gather(*(client(deadline) for _ in range(CLIENT_SOCKETS))))
+
+    done.put(asyncio.run(run()))
+
+
+def _ceiling(url: str, body_size: int, requests: int, done: Any) -> None:
+    """The bare httpx loop: one AsyncClient, CEILING_TASKS trio tasks, keep-alive."""
+    body = b"x" * body_size
+
+    async def run() -> float:
+        left = requests
+        limits = httpx.Limits(
+            max_connections=CEILING_TASKS, max_keepalive_connections=CEILING_TASKS
+        )
+        started = time.perf_counter()
+        async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
+
+            async def worker() -> None:
+                nonlocal left
+                while left > 0:
+                    left -= 1
+                    response = await client.post(
+                        url, content=body, headers={"Content-Type": "application/json"}
+                    )
+                    await response.aread()
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(CEILING_TASKS):
+                    nursery.start_soon(worker)
+        return time.perf_counter() - started
+
+    done.put(trio.run(run))
+
+
+def _in_process(target: Any, *args: Any) -> Any:
+    """Run `target(*args, queue)` in a spawned process; what it put in the queue."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def capacity(receivers: Receivers, clients: int, body_size: int) -> float:
+    """Requests/s the receiver answers alone, to `clients` raw-socket load processes."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    processes = [
+        context.Process(target=_load, args=(receivers.port, body_size, CAPACITY_SECONDS, queue))
+        for _ in range(clients)
+    ]
+    for process in processes:
+        process.start()
+    answered: int = sum(queue.get() for _ in processes)
+    for process in processes:
+        process.join()
+    return answered / CAPACITY_SECONDS
+
+
+# --- the storm -------------------------------------------------------------------------------
 
 
 def _automations(url: str, count: int) -> list[dict[str, Any]]:
@@ -76,30 +287,11 @@ def _automations(url: str, count: int) -> list[dict[str, Any]]:
     ]
 
 
-class Counter:
-    def __init__(self) -> None:
-        self.count = 0
-        self.target = 0
-        self.body_bytes = 0
-        self.reached = trio.Event()
-        self.last = 0.0
-
-    async def handle(self, request: Request) -> Reply:
-        self.count += 1
-        self.body_bytes = len(request.body)
-        if self.count >= self.target and not self.reached.is_set():
-            self.last = time.perf_counter()
-            self.reached.set()
-        return Reply(200)
-
-    def expect(self, target: int) -> None:
-        self.count, self.target, self.reached = 0, target, trio.Event()
-
-
-async def _storm(
-    directory: Path, counter: Counter, url: str, events: int, automations: int
-) -> None:
-    files = write_automations(directory, _automations(url, automations))
+async def storm(
+    directory: Path, receivers: Receivers, events: int, automations: int, profile: str | None
+) -> float:
+    """Run the storm; webhooks/s. `profile`: record the daemon with py-spy (raw stacks)."""
+    files = write_automations(directory, _automations(receivers.url(), automations))
     config = write_config(
         directory,
         [files],
@@ -108,9 +300,20 @@ async def _storm(
         delivery={"timeout": "15s"},
     )
     webhooks = events * automations // GROUPS
-    counter.expect(webhooks)
+    base = receivers.count()
     async with running_daemon(config) as daemon:
         pid = daemon.process.pid
+        spy = None
+        if profile is not None:
+            py_spy = Path(sys.executable).parent / "py-spy"  # pip install py-spy
+            spy = await trio.lowlevel.open_process(
+                [
+                    *(str(py_spy), "record", "--pid", str(pid), "--rate", "200"),
+                    *("--format", "raw", "--threads", "--nonblocking", "-o", profile),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+            await trio.sleep(1.0)
         cpu = _cpu_seconds(pid)
         started = time.perf_counter()
         async with connect(daemon.url, subprotocols=["trigd.v1"]) as ws:
@@ -126,69 +329,58 @@ async def _storm(
             for _ in range(events):
                 await ws.get_message()
             committed = time.perf_counter() - started
-        with trio.fail_after(600):
-            await counter.reached.wait()
-        delivered = counter.last - started
+        delivered = await trio.to_thread.run_sync(receivers.until, base + webhooks, 600) - started
         user, system = (b - a for a, b in zip(cpu, _cpu_seconds(pid), strict=True))
         used = user + system
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)
+            with trio.fail_after(30):
+                await spy.wait()
+    rate = webhooks / delivered
     print(
-        f"trigd:   {webhooks} webhooks from {events} events, each firing {automations // GROUPS} "
-        f"of {automations} automations: "
+        f"trigd:    {webhooks} webhooks from {events} events, each firing "
+        f"{automations // GROUPS} of {automations} automations: "
         f"committed in {committed:.2f} s, delivered in {delivered:.2f} s "
-        f"({webhooks / delivered:,.0f} webhooks/s); daemon CPU {used:.1f} s, "
+        f"({rate:,.0f} webhooks/s); daemon CPU {used:.1f} s, "
         f"{used / webhooks * 1e6:.0f} µs/webhook ({user / webhooks * 1e6:.0f} user, "
-        f"{system / webhooks * 1e6:.0f} system)"
+        f"{system / webhooks * 1e6:.0f} system)",
+        flush=True,
     )
-
-
-async def _ceiling(counter: Counter, url: str, requests: int) -> None:
-    counter.expect(requests)
-    body = b"x" * max(1, counter.body_bytes)
-    left = requests
-    started = time.perf_counter()
-    limits = httpx.Limits(max_connections=CEILING_TASKS, max_keepalive_connections=CEILING_TASKS)
-    async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
-
-        async def worker() -> None:
-            nonlocal left
-            while left > 0:
-                left -= 1
-                response = await client.post(
-                    url, content=body, headers={"Content-Type": "application/json"}
-                )
-                await response.aread()
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(CEILING_TASKS):
-                nursery.start_soon(worker)
-    elapsed = time.perf_counter() - started
-    print(
-        f"ceiling: {requests} POSTs of {len(body)} bytes, bare httpx loop ({CEILING_TASKS} "
-        f"tasks, keep-alive): {elapsed:.2f} s ({requests / elapsed:,.0f} requests/s)"
-    )
-
-
-async def main_async(events: int, automations: int) -> None:
-    counter = Counter()
-    async with trio.open_nursery() as nursery:
-
-        async def receive(task_status: Any) -> None:
-            await run_receiver(counter.handle, record=False, task_status=task_status)
-
-        receiver = await nursery.start(receive)
-        url = receiver.url()
-        with tempfile.TemporaryDirectory() as tmp:
-            await _storm(Path(tmp), counter, url, events, automations)
-        await _ceiling(counter, url, events * automations // GROUPS)
-        nursery.cancel_scope.cancel()
+    return rate
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=2_000)
     parser.add_argument("--automations", type=int, default=100)
+    parser.add_argument("--receivers", type=int, default=2, help="receiver processes")
+    parser.add_argument("--clients", type=int, default=2, help="load processes (capacity)")
+    parser.add_argument("--profile", metavar="OUT", help="py-spy raw stacks of the daemon to OUT")
     args = parser.parse_args()
-    trio.run(main_async, args.events, args.automations)
+    receivers = Receivers(args.receivers)
+    try:
+        answered = capacity(receivers, args.clients, 73)  # the storm's body size
+        print(
+            f"receiver: {args.receivers} processes, alone against {args.clients} raw-socket "
+            f"clients x {CLIENT_SOCKETS} keep-alive sockets: {answered:,.0f} requests/s",
+            flush=True,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            rate = trio.run(
+                storm, Path(tmp), receivers, args.events, args.automations, args.profile
+            )
+        requests = args.events * args.automations // GROUPS
+        size = receivers.body_size()
+        elapsed = _in_process(_ceiling, receivers.url(), size, requests)
+        ceiling = requests / elapsed
+        print(
+            f"ceiling:  {requests} POSTs of {size} bytes, bare httpx loop in its own process "
+            f"({CEILING_TASKS} tasks, keep-alive): {elapsed:.2f} s ({ceiling:,.0f} requests/s); "
+            f"trigd / ceiling {rate / ceiling:.2f}",
+            flush=True,
+        )
+    finally:
+        receivers.stop()
 
 
 if __name__ == "__main__":

@@ -63,6 +63,7 @@ from uuid import UUID, uuid5
 
 import attrs
 
+from daemon.core.action_models import CallWebhook
 from daemon.core.durations import format_duration
 
 
@@ -484,3 +485,19 @@ class Endpoints:
         else:
             self._failing.add(endpoint)
         return True
+
+
+READS_FILES: Final = ("file:", "credential:")
+"""References whose resolution reads a file (`daemon.core.references`)."""
+
+
+def renders_inline(action: CallWebhook) -> bool:
+    """Whether a request of `action` is cheap enough to make on the event loop rather than
+    in a worker thread: its payload has no statement (`{%`: no loop, however the sandbox
+    caps it) and no header or secret reads a file. A thread hand-off costs more than such
+    a render; a file read may block on a slow disk, a long loop would hold every
+    delivery."""
+    if action.payload and "{%" in action.payload:
+        return False
+    written = [*action.headers.values(), *([action.secret] if action.secret else [])]
+    return not any(value.startswith(READS_FILES) for value in written)

@@ -21,6 +21,8 @@ Each attempt ends in one transaction: the attempt row, the move in the state tab
 exists if and only if the status change does. `emit` is then told about those events.
 Results are group-committed (`_Recorder`): those that finish while a COMMIT runs share the
 next one, so a storm of fast deliveries costs one transaction per batch, not per row.
+A request is rendered on the event loop when that is cheaper than a thread hand-off
+(`daemon/core/delivery.py: renders_inline`), else in a worker thread.
 
 Rows left `in_flight` by a previous process (crash, SIGKILL) are released when the sender
 starts — the lock file guarantees no other sender owns them — and are sent again with the
@@ -79,6 +81,7 @@ from daemon.core.delivery import (
     describe,
     endpoint_answered,
     is_success,
+    renders_inline,
 )
 from daemon.core.events import ReceivedEvent, uuid7
 from daemon.core.firings import TriggeredAction
@@ -440,14 +443,20 @@ class Sender:
 
     async def _wait(self, until: datetime | None) -> None:
         """Until the next row is due, a slot frees up, or notify(), whichever is first.
-        With nothing scheduled, still look again after MAX_IDLE (of trio's clock)."""
+        With nothing scheduled, still look again after MAX_IDLE (of trio's clock). The
+        loop waits once per attempt in a storm: with the wall clock, a deadline rather
+        than a sleeper task to spawn and cancel each time."""
+        if until is None or not isinstance(self._clock, SleepingClock):
+            delay = MAX_IDLE.total_seconds()
+            if until is not None:
+                delay = min(max(0.0, (until - self._clock()).total_seconds()), delay)
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+            return
         async with trio.open_nursery() as nursery:
 
             async def sleeper() -> None:
-                if until is None:
-                    await trio.sleep(MAX_IDLE.total_seconds())
-                else:
-                    await self._sleep_until(until)
+                await self._sleep_until(until)
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(sleeper)
@@ -627,9 +636,12 @@ class Sender:
     ) -> _Result:
         attempted = self._clock()
         try:  # the body has no secret; the headers and secret do, references resolved
-            body, own_headers, secret = await trio.to_thread.run_sync(
-                webhook_request, triggered, os.environ
-            )
+            if renders_inline(action):
+                body, own_headers, secret = webhook_request(triggered, os.environ)
+            else:
+                body, own_headers, secret = await trio.to_thread.run_sync(
+                    webhook_request, triggered, os.environ
+                )
         except RenderFailed as exc:
             failure = {"template_error": exc.template_error, "template_source": exc.template_source}
             return _Result(

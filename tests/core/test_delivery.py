@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 
+from daemon.core.action_models import CallWebhook
 from daemon.core.clock import to_us
 from daemon.core.delivery import (
     TRANSITIONS,
@@ -36,6 +37,7 @@ from daemon.core.delivery import (
     endpoint_answered,
     next_window,
     parse_retry_after,
+    renders_inline,
     share_slots,
     sources,
 )
@@ -550,3 +552,15 @@ def test_endpoints_hand_a_fast_endpoint_the_slots_of_its_window() -> None:
     book.finished(fast, False, latency=None, now=AT)  # a timeout: failing, window halved
     assert book.window(fast) == 2
     assert fast in book.failing
+
+
+def test_a_request_renders_inline_unless_a_statement_or_a_file_read_could_make_it_slow() -> None:
+    def webhook(**fields: object) -> CallWebhook:
+        return CallWebhook.model_validate({"type": "call-webhook", "url": "http://h/", **fields})
+
+    assert renders_inline(webhook())
+    assert renders_inline(webhook(payload='{"n": "{{ event.id }}"}', secret="env:HOOK_SECRET"))
+    assert renders_inline(webhook(headers={"X-Token": "literal:file:/not/a/reference"}))
+    assert not renders_inline(webhook(payload="{% for x in range(9) %}{{ x }}{% endfor %}"))
+    assert not renders_inline(webhook(secret="file:/etc/trigd/hook.key"))
+    assert not renders_inline(webhook(headers={"Authorization": "credential:token"}))
