@@ -107,10 +107,21 @@ def test_no_test_module_imports_another() -> None:
     assert (offenders, in_support) == ({}, [])
 
 
-NOT_LOADED_BY_SERVE = ("click", "rich", "pygments", "pendulum", "jinja2", "hypothesis")
-"""Packages `trigd serve` does not import until a path needs them (docs/PERFORMANCE.md#memory):
+NOT_LOADED_BY_SERVE = (
+    "click",
+    "rich",
+    "pygments",
+    "pendulum",
+    "jinja2",
+    "hypothesis",
+    "daemon.runtime.upstream",
+    "daemon.engine.explain",
+)
+"""Modules `trigd serve` does not import until a path needs them (docs/PERFORMANCE.md#memory):
 httpx's own command line (click, rich, pygments), pendulum (ISO-8601 durations only), jinja2
-(payload templates only: the bench's automations have none), and test-only libraries."""
+(payload templates only: the bench's automations have none), the upstream bridge (with
+`[upstream] url` only), explanations (on the first explain request), and test-only
+libraries."""
 
 
 def test_serve_does_not_import_what_it_does_not_use() -> None:

@@ -25,7 +25,6 @@ import trio
 from daemon import __version__
 from daemon.core.config import InsightConfig, ServerConfig
 from daemon.core.explanation import parse_key
-from daemon.engine.explain import Limits, UnknownAutomation, UnreadableAutomation, explain
 from daemon.runtime.events_query import Reply, read_events_from, read_next_page_from
 from daemon.runtime.ingest import IngestStats
 from daemon.runtime.metrics import CONTENT_TYPE, Metrics
@@ -149,6 +148,8 @@ class HttpApp:
         except ValueError as exc:
             return error_reply(422, str(exc))
         now = self.clock()
+        from daemon.engine.explain import UnknownAutomation, UnreadableAutomation  # (_explain)
+
         try:
             document = await trio.to_thread.run_sync(
                 self._explain, automation, key, now, limiter=self._readers
@@ -195,6 +196,9 @@ class HttpApp:
         return f"{scheme}://{host}"
 
     def _explain(self, automation: str, key: tuple[str, ...] | None, now: datetime) -> Any:
+        # imported on the first request: a daemon nobody asks for explanations is smaller
+        from daemon.engine.explain import Limits, explain
+
         assert self.database is not None
         limits = Limits(self.insight.recent_events, self.insight.listed)
         store = Store.open_readonly(self.database)

@@ -63,7 +63,6 @@ from daemon.runtime.sender import Sender, run_sender
 from daemon.runtime.store_trouble import CURRENT_BOARD, STORE_TROUBLE, Backoff, TroubleBoard
 from daemon.runtime.sweeper import SweepSettings, run_sweeper
 from daemon.runtime.systemd import Notifier
-from daemon.runtime.upstream import Forwarder, Subscriber, resolve_credentials
 from daemon.wire.submission import Submission
 from store.connection import Connection
 from store.db import Store, StoreError, StoreUnavailable, UnusableDatabase
@@ -299,7 +298,10 @@ async def _run(
     counters = CounterSource(
         os.getpid(), clock(), groups | ({"upstream": upstream_stats} if config.upstream.url else {})
     )
-    credentials = resolve_credentials(config.upstream, os.environ)
+    if config.upstream.url:  # imported only then: a daemon without [upstream] is smaller
+        from daemon.runtime import upstream
+
+        credentials = upstream.resolve_credentials(config.upstream, os.environ)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             pump = InboxPump(gateway, engine, clock, events_out.hub, evaluator_stats.firings)
@@ -315,21 +317,22 @@ async def _run(
                 )
             )
 
-            forwarder = Forwarder(
-                config.upstream,
-                credentials,
-                gateway.store.path,
-                gateway,
-                upstream_stats,
-                clock=clock,
-            )
+            wakes = [sender.notify, pump.wake]
             if config.upstream.forwarding:
+                forwarder = upstream.Forwarder(
+                    config.upstream,
+                    credentials,
+                    gateway.store.path,
+                    gateway,
+                    upstream_stats,
+                    clock=clock,
+                )
                 await nursery.start(forwarder.run)
+                wakes.append(forwarder.notify)
 
             def committed() -> None:
-                sender.notify()
-                pump.wake()
-                forwarder.notify()
+                for wake in wakes:
+                    wake()
 
             settings = SweepSettings(
                 config.triggers.proactive_granularity,
@@ -403,7 +406,7 @@ async def _run(
             await nursery.start(ingest)
             upstream_scope = trio.CancelScope()
             if config.upstream.subscribing:
-                subscriber = Subscriber(
+                subscriber = upstream.Subscriber(
                     config.upstream,
                     credentials,
                     gateway,
