@@ -13,7 +13,6 @@ import argparse
 import contextlib
 import gc
 import json
-import os
 import tempfile
 from collections.abc import Iterator
 from datetime import datetime
@@ -71,14 +70,11 @@ def replay_gc() -> Iterator[None]:
 
 
 def backtest_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from daemon.core.config import ConfigError, load_config
+    from daemon.cli.status import command_config
+    from daemon.core.config import ConfigError
 
     try:
-        config = load_config(
-            Path(args.config) if args.config else None,
-            os.environ,
-            {"db": args.db} if args.db else {},
-        )
+        config = command_config(args)
         span = parse_duration(args.since)
     except ConfigError as exc:
         print(f"trigd backtest: {exc}", file=err)

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from pathlib import Path
 from typing import Any, TextIO
 
 import apsw
@@ -23,14 +21,11 @@ from store.db import Store, StoreError
 
 
 def explain_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
-    from daemon.core.config import ConfigError, load_config
+    from daemon.cli.status import command_config
+    from daemon.core.config import ConfigError
 
     try:
-        config = load_config(
-            Path(args.config) if args.config else None,
-            os.environ,
-            {"db": args.db} if args.db else {},
-        )
+        config = command_config(args)
         key = None if args.key is None else parse_key(args.key)
     except ConfigError as exc:
         print(f"trigd explain: {exc}", file=err)

@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 import apsw
 
@@ -20,6 +20,9 @@ from store.db import Store, StoreError
 from store.events import inbox_size, read_meta
 from store.ordering import parked_count
 from store.upstream import FORWARD_CURSOR_KEY, backlog, forward_cursor, subscribe_position
+
+if TYPE_CHECKING:
+    from daemon.core.config import Config
 
 
 def _scalar(conn: apsw.Connection, sql: str) -> int:
@@ -99,16 +102,21 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def database_path(args: argparse.Namespace) -> Path:
-    """--db, else the configured store path (config file and environment), else the default."""
-    from daemon.core.config import load_config  # the same resolution as `trigd serve`
+def command_config(args: argparse.Namespace) -> Config:
+    """The configuration a command that reads the database resolves as `trigd serve`
+    does: `--config` (else none), the environment, and `--db` over the store path."""
+    from daemon.core.config import load_config
 
-    config = load_config(
+    return load_config(
         Path(args.config) if getattr(args, "config", None) else None,
         os.environ,
-        {"db": args.db} if args.db else {},
+        {"db": args.db} if getattr(args, "db", None) else {},
     )
-    return Path(config.store.path)
+
+
+def database_path(args: argparse.Namespace) -> Path:
+    """--db, else the configured store path (config file and environment), else the default."""
+    return Path(command_config(args).store.path)
 
 
 def status_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
