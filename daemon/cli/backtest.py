@@ -90,12 +90,7 @@ def backtest_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         return ExitCode.USAGE
     until = wall_clock()
     since = until - span
-    engine = Engine(
-        expired_bucket_buffer=config.triggers.expired_bucket_buffer,
-        preceding_event_lookback=config.ordering.preceding_event_lookback,
-        seen_expiration=config.ordering.seen_expiration,
-        max_depth=config.ordering.max_depth,
-    )
+    engine = Engine.configured(config)
     try:
         live = Store.open_readonly(config.store.path)
     except (StoreError, apsw.Error) as exc:

@@ -70,6 +70,7 @@ from daemon.core.config import (
     MAX_DEPTH_OF_PRECEDING_EVENT,
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
+    Config,
 )
 from daemon.core.events import ReceivedEvent
 from daemon.core.firings import Firing, TriggerState
@@ -300,6 +301,17 @@ class Engine:
         """The events clock of the connection last called with (its `state.events_clock`)."""
         self._pending = buckets_store.PendingBuckets(pending_bucket_limit)
         """Bucket changes of the running unit (`_bucket_unit`), empty between calls."""
+
+    @classmethod
+    def configured(cls, config: Config) -> Engine:
+        """An engine with the `[triggers]` and `[ordering]` settings of `config`: the
+        daemon's, and a backtest's, so a replay judges as the daemon would."""
+        return cls(
+            expired_bucket_buffer=config.triggers.expired_bucket_buffer,
+            preceding_event_lookback=config.ordering.preceding_event_lookback,
+            seen_expiration=config.ordering.seen_expiration,
+            max_depth=config.ordering.max_depth,
+        )
 
     # --- loading ---------------------------------------------------------------------
 

@@ -71,15 +71,6 @@ from store.events import inbox_size
 log = logging.getLogger("trigd")
 
 
-def engine_for(config: Config) -> Engine:
-    return Engine(
-        expired_bucket_buffer=config.triggers.expired_bucket_buffer,
-        preceding_event_lookback=config.ordering.preceding_event_lookback,
-        seen_expiration=config.ordering.seen_expiration,
-        max_depth=config.ordering.max_depth,
-    )
-
-
 def loaded_automation(engine: Engine, automation_id: str) -> Automation | None:
     """The automation the daemon has loaded now under this id, if any (the sender's
     `current`: a revived delivery is made again from it)."""
@@ -187,7 +178,7 @@ async def serve(
     store = await _open_store_once_unlocked(config.store, notifier)
     try:
         gateway = StoreGateway(store)
-        engine = engine_for(config)
+        engine = Engine.configured(config)
         # the store may be locked by another process for a while (`trigd outbox retry`),
         # or the disk full: wait, as every writing task does, rather than fail to start
         await _start_up_backoff("loading the automations", notifier).call(
