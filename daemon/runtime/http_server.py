@@ -89,22 +89,10 @@ async def read_head(stream: trio.abc.Stream, max_head_bytes: int) -> RequestHead
     """The first request's head; None when the client went away first."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=max_head_bytes)
     raw = bytearray()
-    while True:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError as exc:
-            return BadHead(conn, _protocol_error(exc, max_head_bytes))
-        if isinstance(event, h11.Request):
-            if head_size(event) > max_head_bytes:
-                return BadHead(conn, _head_too_large(max_head_bytes))
-            return RequestHead(conn, event, bytes(raw))
-        if event is not h11.NEED_DATA:  # ConnectionClosed: nothing to answer
-            return None
-        data = await _receive(stream)
-        if not data:
-            return None
-        raw += data
-        conn.receive_data(data)
+    head = await _next_head(stream, conn, max_head_bytes, raw)
+    if isinstance(head, HttpReply):
+        return BadHead(conn, head)
+    return None if head is None else RequestHead(conn, head, bytes(raw))
 
 
 def head_size(event: h11.Request) -> int:
@@ -161,7 +149,7 @@ async def serve_http(
         conn.start_next_cycle()
         following: h11.Request | HttpReply | None = None
         with trio.move_on_after(limits.keepalive_timeout):  # idle past it: closed
-            following = await _next_request(stream, conn, limits)
+            following = await _next_head(stream, conn, limits.max_head_bytes)
         if isinstance(following, HttpReply):
             stats.count(following.status)
             with trio.move_on_after(limits.request_timeout):
@@ -171,22 +159,31 @@ async def serve_http(
         event = following
 
 
-async def _next_request(
-    stream: trio.abc.Stream, conn: h11.Connection, limits: HttpLimits
+async def _next_head(
+    stream: trio.abc.Stream,
+    conn: h11.Connection,
+    max_head_bytes: int,
+    raw: bytearray | None = None,
 ) -> h11.Request | HttpReply | None:
+    """The next request's head, the error reply to a bad one, or None when the client went
+    away first; every byte read is appended to ``raw`` when given."""
     while True:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError as exc:
-            return _protocol_error(exc, limits.max_head_bytes)
+            return _protocol_error(exc, max_head_bytes)
         if isinstance(event, h11.Request):
-            if head_size(event) > limits.max_head_bytes:
-                return _head_too_large(limits.max_head_bytes)
+            if head_size(event) > max_head_bytes:
+                return _head_too_large(max_head_bytes)
             return event
-        if event is not h11.NEED_DATA:
+        if event is not h11.NEED_DATA:  # ConnectionClosed: nothing to answer
             return None
         data = await _receive(stream)
-        conn.receive_data(data)  # b"": h11 says ConnectionClosed next
+        if raw is not None:  # the first head: a client gone before it sent one gets nothing
+            if not data:
+                return None
+            raw += data
+        conn.receive_data(data)  # b"": h11 says ConnectionClosed (or a cut-off head) next
 
 
 async def _answer(
