@@ -7,7 +7,7 @@ safe while the daemon serves); every read is bounded by a `limit` or pages by ke
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Final, NamedTuple
 
 import apsw
@@ -168,29 +168,6 @@ def parked_followers(conn: apsw.Connection, scope: str, limit: int) -> list[Foll
             (scope, limit),
         )
     ]
-
-
-def events_since(
-    conn: apsw.Connection, since_us: int, until_us: int, page: int
-) -> Iterator[list[StoredEvent]]:
-    """Events that occurred in [since_us, until_us), in `occurred` order (ties in the order
-    they arrived: rowid order, how the events table is appended), `page` at a
-    time. One statement, stepped as the caller goes: the events table has no index by
-    `occurred` (ingest would pay for it on every event), so SQLite sorts once and the
-    caller's read transaction keeps one snapshot until the last page."""
-    cursor = conn.execute(
-        "SELECT id, event, resource_id, occurred_us, received_us, data FROM events "
-        "WHERE occurred_us >= ? AND occurred_us < ? ORDER BY occurred_us, rowid",
-        (since_us, until_us),
-    )
-    rows: list[StoredEvent] = []
-    for row in cursor:
-        rows.append(StoredEvent(*row))
-        if len(rows) >= page:
-            yield rows
-            rows = []
-    if rows:
-        yield rows
 
 
 def leaders_since(conn: apsw.Connection, since_us: int, until_us: int) -> set[str]:

@@ -25,13 +25,6 @@ def store_events(conn: Connection, *specs: tuple[str, int]) -> list[str]:
     return [r[0] for r in rows]
 
 
-def test_events_since_in_occurred_order_ties_in_arrival_order_paged(conn: Connection) -> None:
-    ids = store_events(conn, ("c", 3), ("a", 1), ("b2", 2), ("b1", 2), ("old", -5), ("late", 99))
-    pages = list(insight.events_since(conn, to_us(T), to_us(T + timedelta(seconds=50)), 2))
-    assert [[row.event for row in page] for page in pages] == [["a", "b2"], ["b1", "c"]]
-    assert pages[0][0].id == ids[1]
-
-
 def test_firing_events_of_one_automation_from_the_inbox_and_the_store(conn: Connection) -> None:
     resource = insight.automation_resource_id("a-1")
     mine = event(insight.TRIGGERED_EVENT, T, resource)
