@@ -313,7 +313,6 @@ async def _run(
                 forwarder = upstream.Forwarder(
                     config.upstream,
                     credentials,
-                    gateway.store.path,
                     gateway,
                     upstream_stats,
                     clock=clock,

@@ -33,7 +33,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
-from pathlib import Path
 from typing import Any, Final
 
 import trio
@@ -232,7 +231,6 @@ class Forwarder:
         self,
         config: UpstreamConfig,
         credentials: Credentials,
-        db_path: Path,
         gateway: StoreGateway,
         stats: UpstreamStats,
         *,
@@ -240,7 +238,6 @@ class Forwarder:
     ) -> None:
         self._config = config
         self._credentials = credentials
-        self._db_path = db_path
         self._gateway = gateway
         self._stats = stats
         self._clock = clock
@@ -282,7 +279,7 @@ class Forwarder:
     def _reading(self) -> Connection:
         """The read-only connection of this task (each read is one statement: a snapshot)."""
         if self._reader is None:
-            self._reader = Store.open_readonly(self._db_path)
+            self._reader = Store.open_readonly(self._gateway.store.path)
         return self._reader.conn
 
     def _read(self, after: int, limit: int) -> list[upstream_store.ForwardRow]:
