@@ -54,8 +54,10 @@ def forward_cursor(conn: apsw.Connection) -> int:
 
 
 def set_forward_cursor(conn: apsw.Connection, seq: int) -> None:
-    """Move the cursor forward (never back: a stale writer cannot undo a confirmation)."""
-    if seq > forward_cursor(conn):
+    """Move the cursor forward (never back: a stale writer cannot undo a confirmation).
+    The first call writes it even at 0: forwarding has started (`trigd status`)."""
+    current = read_meta(conn, FORWARD_CURSOR_KEY)
+    if current is None or seq > int(current):
         write_meta(conn, FORWARD_CURSOR_KEY, str(seq))
 
 

@@ -550,6 +550,7 @@ class UpstreamConfig(Section):
     retry_max: PositiveDuration = timedelta(seconds=60)  # longest wait between reconnects
     max_message_bytes: Count = 4_194_304  # largest /events/out message read (then refused)
     settle: PositiveDuration = timedelta(milliseconds=500)  # open this long after a pong
+    resend_window: PositiveDuration = timedelta(seconds=10)  # confirmed pages resent on a close
 
     @property
     def forwarding(self) -> bool:

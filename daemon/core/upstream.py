@@ -9,6 +9,7 @@ upstream's reason), never a credential.
 
 from __future__ import annotations
 
+from collections import deque
 from datetime import datetime
 from typing import Final
 
@@ -65,20 +66,26 @@ class PoisonHunt:
     having answered the checkpoint of the frames it had read: so a page that keeps
     failing holds an event it refuses, somewhere. After `strikes` connections in a row
     closed by the server from the same cursor with events sent, the forwarder sends the
-    events it had sent one at a time (`limit` 1) up to the last of them; an event whose own
-    connection is then closed `strikes` times in a row is the one refused (`ended` returns
-    its seq, to skip). A failure that is not a close by the server after authentication
-    (the upstream down, a connect error, a timeout), or with nothing sent, is no evidence.
+    events it had sent one at a time (`limit` 1) from that cursor up to the last of them;
+    an event whose own connection is then closed `strikes` times in a row is the one
+    refused (`ended` returns its seq, to skip). A failure that is not a close by the server
+    after authentication (the upstream down, a connect error, a timeout), or with nothing
+    sent, is no evidence. A connection may start before the cursor of the closes (pages
+    held by the `ResendWindow`): those pages go in full, as before.
     """
 
     strikes: int = STRIKES
     failures: int = 0  # closes in a row from cursor `at`
     at: int = -1
-    probe_through: int = 0  # one event at a time up to this seq
+    probe_from: int = 0  # one event at a time from this cursor ...
+    probe_through: int = 0  # ... up to this seq
+
+    def probing(self, cursor: int) -> bool:
+        return self.probe_from <= cursor < self.probe_through
 
     def limit(self, cursor: int, page_events: int) -> int:
         """How many events to send from `cursor` before the next checkpoint."""
-        return 1 if cursor < self.probe_through else page_events
+        return 1 if self.probing(cursor) else page_events
 
     def ended(self, cursor: int, sent_through: int, *, closed_by_server: bool) -> int | None:
         """A connection ended with the cursor at `cursor` and events up to `sent_through`
@@ -91,10 +98,49 @@ class PoisonHunt:
         if self.failures < self.strikes:
             return None
         self.failures = 0
-        if cursor < self.probe_through:  # one event was sent: it is the one
+        if self.probing(cursor):  # one event was sent: it is the one
             return sent_through
-        self.probe_through = sent_through
+        self.probe_from, self.probe_through = cursor, sent_through
         return None
+
+
+@attrs.define
+class ResendWindow:
+    """Pages the upstream confirmed, kept out of the stored cursor for `seconds`.
+
+    Prefect's server answers a checkpoint before it validates the frames, so `settle` is a
+    bet that it validates within that time. When it loses (a server stalled for a moment
+    past `settle`), the server drops the connection on a refused event after the page that
+    held it was counted, and the events after it in that page were never taken. So the
+    cursor stored in `meta`, where every new connection starts, only moves to a page once
+    it has been confirmed `seconds` ago: a connection that ends sooner, for whatever
+    reason, sends those pages again (Prefect keeps one event per id). A page of one event
+    sent while looking for a refused one (`alone`) is stored at once: the `PoisonHunt`
+    must move past it, and nothing followed it in its page."""
+
+    seconds: float
+    _pending: deque[tuple[float, int]] = attrs.field(factory=deque)
+
+    def clear(self) -> None:
+        """A new connection starts from the stored cursor: nothing it sends is confirmed."""
+        self._pending.clear()
+
+    def counted(self, seq: int, now: float, *, alone: bool) -> int | None:
+        """The page through `seq` was confirmed at `now` (seconds, monotonic). Returns the
+        cursor to store now, if any."""
+        if alone:
+            self._pending.clear()
+            return seq
+        self._pending.append((now, seq))
+        return self.due(now)
+
+    def due(self, now: float) -> int | None:
+        """The last seq confirmed at least `seconds` before `now`, to store; None if no
+        page came of age since the last call."""
+        through = None
+        while self._pending and now - self._pending[0][0] >= self.seconds:
+            through = self._pending.popleft()[1]
+        return through
 
 
 def next_position(current: datetime | None, occurred: datetime, received: datetime) -> datetime:

@@ -9,10 +9,12 @@ is sent on one websocket to the upstream's `/events/in`, then confirmed with Pre
 checkpoint: a ping, whose pong says the server has read every frame sent before it. Prefect's
 server validates the frames after answering, and drops the connection on one it refuses, so
 the page counts once the connection has stayed open `settle` longer; only then does the
-cursor move. A page the server keeps closing the connection on is sent one event at a time
-to find the event it refuses, which is skipped and counted (`PoisonHunt`,
-daemon/core/upstream.py). A crash or an outage at any point re-sends at most the
-unconfirmed page (at least once; Prefect keeps one event per id). While caught up, the task
+cursor move, and the stored cursor only once the page has been confirmed `resend_window`
+ago (`ResendWindow`, daemon/core/upstream.py: a server that validated past `settle`). A
+page the server keeps closing the connection on is sent one event at a time to find the
+event it refuses, which is skipped and counted (`PoisonHunt`). A crash or an outage at any
+point re-sends at most the pages of the window and the unconfirmed one (at least once;
+Prefect keeps one event per id). While caught up, the task
 waits for the next commit (`notify`) or `POLL_SECONDS`, whichever comes first.
 
 Subscribe (`Subscriber`). A websocket to the upstream's `/events/out` with the configured
@@ -33,6 +35,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 from datetime import datetime
+from functools import partial
 from typing import Any, Final
 
 import trio
@@ -42,7 +45,7 @@ from daemon.core.config import UnusableSetting, UpstreamConfig
 from daemon.core.events import EventRejected
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits
 from daemon.core.references import UnresolvedReference, resolve
-from daemon.core.upstream import PoisonHunt, UpstreamStats, next_position
+from daemon.core.upstream import PoisonHunt, ResendWindow, UpstreamStats, next_position
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.wire.submission import Submission
@@ -224,6 +227,25 @@ async def _authenticate(
         check_auth_reply(await ws.get_message())
 
 
+async def _or_closed(ws: trio_websocket.WebSocketConnection, wait: Callable[[], Any]) -> None:
+    """`await wait()`, or ConnectionClosed as soon as the connection closes. trio-websocket
+    notices a close only in a read, and its `ping` waits for the pong even after one; a
+    server that refuses an event closes without answering (uvicorn reads a ping only once
+    the app has taken the frames before it), or while the forwarder waits for new events.
+    Unnoticed, the close would look like a timeout (no evidence of a refused event) or
+    pass for good news while the resend window runs out. `/events/in` sends no messages,
+    so a read ends only with the close."""
+
+    async def closed() -> None:
+        while True:
+            await ws.get_message()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(closed)
+        await wait()
+        nursery.cancel_scope.cancel()
+
+
 class Forwarder:
     """Sends every committed event to the upstream's `/events/in` (the module docstring)."""
 
@@ -247,6 +269,7 @@ class Forwarder:
         self._backlog_counted = -BACKLOG_SECONDS
         self._store_backoff = Backoff(log, "moving the upstream forward cursor")
         self._hunt = PoisonHunt()
+        self._window = ResendWindow(config.resend_window.total_seconds())
         self._at = 0  # the cursor of the current connection
         self._sent: dict[int, str] = {}  # seq -> id of the events sent and not confirmed
         self._authenticated = False
@@ -258,6 +281,7 @@ class Forwarder:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         try:
+            await self._move_cursor(0)  # forwarding has started: `trigd status` counts it
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._count_while_down)
                 await self._link.run(self._attempt, self._down)
@@ -293,6 +317,11 @@ class Forwarder:
 
     async def _move_cursor(self, seq: int) -> None:
         await self._store_backoff.call(lambda: self._gateway.run(_write_cursor, seq))
+
+    async def _store_due(self) -> None:
+        due = self._window.due(trio.current_time())
+        if due is not None:
+            await self._move_cursor(due)
 
     async def _count_backlog(self, cursor: int) -> None:
         now = trio.current_time()
@@ -340,6 +369,7 @@ class Forwarder:
     async def _session(self) -> None:
         cursor = await self._cursor()
         self._at = cursor
+        self._window.clear()
         await self._count_backlog(cursor)
         timeout = self._config.timeout.total_seconds()
         async with _open_socket(self._config, self._credentials, "/events/in", REPLY_BYTES) as ws:
@@ -354,21 +384,25 @@ class Forwarder:
                 limit = self._hunt.limit(cursor, self._config.page_events)
                 page = await trio.to_thread.run_sync(self._read, cursor, limit)
                 if not page:
+                    await self._store_due()
                     self._link.proven()
                     self._backlog_counted = -BACKLOG_SECONDS
                     await self._count_backlog(cursor)
                     with trio.move_on_after(POLL_SECONDS):
-                        await self._wake.wait()
+                        await _or_closed(ws, self._wake.wait)
                     continue
                 self._sent = {row.seq: row.id for row in page}
                 for row in page:
                     await ws.send_message(row.data)
                 checkpoint += 1
                 with trio.fail_after(timeout):
-                    await ws.ping(checkpoint.to_bytes(8, "big"))
+                    await _or_closed(ws, partial(ws.ping, checkpoint.to_bytes(8, "big")))
                 await self._settled(ws)
                 self._link.proven()
-                await self._move_cursor(page[-1].seq)
+                alone = limit == 1 and self._hunt.probing(cursor)
+                due = self._window.counted(page[-1].seq, trio.current_time(), alone=alone)
+                if due is not None:
+                    await self._move_cursor(due)
                 cursor = self._at = page[-1].seq
                 self._sent = {}
                 self._stats.forwarded += len(page)

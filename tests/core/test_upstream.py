@@ -9,7 +9,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from daemon.core.clock import to_us
-from daemon.core.upstream import PoisonHunt, UpstreamStats, describe, next_position
+from daemon.core.upstream import (
+    PoisonHunt,
+    ResendWindow,
+    UpstreamStats,
+    describe,
+    next_position,
+)
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 
@@ -111,3 +117,32 @@ def test_only_an_event_sent_alone_and_closed_on_is_ever_skipped(
             assert by_server
             assert alone
             assert skipped == cursor + more
+
+
+def test_a_connection_that_starts_before_the_closes_sends_those_pages_in_full() -> None:
+    hunt = PoisonHunt(strikes=2)
+    assert hunt.ended(17, 24, closed_by_server=True) is None
+    assert hunt.ended(17, 24, closed_by_server=True) is None  # from 17, one at a time
+    # the stored cursor is 10 (pages held back): 11..17 go as a page, then 18..24 alone
+    assert [hunt.limit(c, 7) for c in (10, 17, 20, 24)] == [7, 1, 1, 7]
+    assert hunt.ended(20, 21, closed_by_server=True) is None
+    assert hunt.ended(20, 21, closed_by_server=True) == 21
+
+
+def test_a_page_is_stored_once_it_has_been_confirmed_for_the_window() -> None:
+    window = ResendWindow(10.0)
+    assert window.counted(7, now=100.0, alone=False) is None
+    assert window.counted(14, now=104.0, alone=False) is None
+    assert window.due(109.9) is None
+    assert window.due(110.0) == 7
+    assert window.due(110.0) is None  # stored once
+    assert window.counted(21, now=115.0, alone=False) == 14  # 14 came of age meanwhile
+    window.clear()  # a new connection: what was held is sent again
+    assert window.due(1000.0) is None
+
+
+def test_an_event_sent_alone_while_hunting_is_stored_at_once() -> None:
+    window = ResendWindow(10.0)
+    assert window.counted(7, now=100.0, alone=False) is None
+    assert window.counted(8, now=101.0, alone=True) == 8
+    assert window.due(1000.0) is None  # 7 is behind the stored 8

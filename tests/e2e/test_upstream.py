@@ -9,8 +9,12 @@ One Prefect server (tests/support/prefect_server.py) serves the whole module.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
+import socket
+import subprocess
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +35,7 @@ from tests.support.daemon_process import (
 from tests.support.ingest_client import connect, event_dict
 from tests.support.paths import SUPPORT
 from tests.support.prefect_server import AUTH_STRING, PrefectServer
+from tests.support.prefect_venv import prefect_python
 from tests.support.webhook_receiver import Receiver, answer, run_receiver
 
 pytestmark = pytest.mark.slow
@@ -111,6 +116,14 @@ async def status(config: Path) -> dict[str, Any]:
     return result
 
 
+async def until_stored(config: Path) -> None:
+    """Until the stored forward cursor is past every event (`resend_window` after the
+    upstream confirmed the last page)."""
+    with trio.fail_after(WAIT):
+        while (await status(config))["upstream"]["unforwarded"]:  # noqa: ASYNC110
+            await trio.sleep(0.5)
+
+
 async def http_get(port: int, path: str) -> httpx.Response:
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
         return await client.get(path)
@@ -173,6 +186,7 @@ async def test_forward_reaches_prefect_once_across_an_outage_and_a_sigkill(
     async with running_daemon(config, env=env) as again:
         everything = first + during + killed
         found = await until_upstream(prefect_server, everything)
+        await until_stored(config)  # the stored cursor follows `resend_window` later
     assert sorted(found) == sorted(everything)  # each id exactly once in the server's answer
     assert sorted(stored_ids(tmp_path / "trigd.db")) == sorted(everything)
     summary = await status(config)
@@ -205,6 +219,7 @@ async def test_an_event_the_upstream_refuses_is_found_skipped_and_counted_and_th
         later = await send_events(daemon.url, 12)
         assert sorted(await until_upstream(prefect_server, later)) == sorted(later)
         metrics = metric_samples((await http_get(daemon.port, "/metrics")).text)
+        await until_stored(config)
         ran = await run_trigd("status", "--config", str(config))
         assert await daemon.stop() == 0, daemon.log
     assert await upstream_ids(prefect_server, [poison["id"]]) == []
@@ -215,6 +230,71 @@ async def test_an_event_the_upstream_refuses_is_found_skipped_and_counted_and_th
     assert len(refusals) == 1
     assert f"the upstream refused event {poison['id']} (the upstream closed" in refusals[0]
     assert "refused-label-value" not in daemon.log
+
+
+@contextlib.contextmanager
+def late_upstream(directory: Path, stall: float, ws: str) -> Iterator[tuple[int, Path, Path]]:
+    """tests/support/late_upstream_app.py under uvicorn with its websocket implementation
+    `ws`, on a free port: (port, the file of the ids it took, the file that opens it)."""
+    taken, opened = directory / "taken.txt", directory / "open"
+    taken.touch()
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "LATE_UPSTREAM_TAKEN": str(taken),
+        "LATE_UPSTREAM_OPEN": str(opened),
+        "LATE_UPSTREAM_STALL": str(stall),
+    }
+    command = [str(prefect_python()), "-m", "uvicorn", "--app-dir", str(SUPPORT)]
+    command += ["late_upstream_app:app", "--fd", str(sock.fileno()), "--ws", ws]
+    command += ["--log-level", "critical"]
+    process = subprocess.Popen(command, env=env, pass_fds=[sock.fileno()])
+    try:
+        yield int(sock.getsockname()[1]), taken, opened
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        sock.close()
+
+
+@pytest.mark.parametrize("ws", ["websockets-sansio", "websockets"])
+async def test_a_server_that_stalls_on_a_refused_event_loses_none_of_the_events_after_it(
+    tmp_path: Path, ws: str
+) -> None:
+    """The server stalls past `settle` before closing on the refused event in the middle of
+    a page. With Prefect's own stack (uvicorn's `websockets-sansio`, which reads a ping
+    only once the app has taken the frames before it) the checkpoint is never answered
+    and the close must end it at once, not after `timeout`: otherwise each close looks
+    like a timeout, no evidence, and the event is never found. With a server that answers
+    pings as it reads them (uvicorn's legacy `websockets`, a proxy) the page was counted
+    and the events after the refused one were never taken: the resend window sends it
+    again."""
+    with late_upstream(tmp_path, stall=1.5, ws=ws) as (port, taken, opened):
+        upstream = {
+            "url": f"http://127.0.0.1:{port}/api",
+            "page_events": 5,
+            "settle": "200ms",
+            "retry_max": "1s",
+        }
+        config = write_config(tmp_path, upstream=upstream)
+        refused = event_dict(resource={"prefect.resource.id": "pump.9", "refuse": "yes"})
+        async with running_daemon(config) as daemon:
+            # all committed before the upstream opens: pages of 5, the refused event the
+            # 8th, in the middle of its page
+            before = await send_events(daemon.url, 7)
+            async with connect(daemon.url) as client:
+                await client.send_message(json.dumps(refused))
+                await client.ping()
+            after = await send_events(daemon.url, 4)
+            opened.touch()
+            with trio.fail_after(WAIT):
+                while set(taken.read_text().split()) != set(before + after):  # noqa: ASYNC110
+                    await trio.sleep(0.2)
+                await daemon.wait_for_log(f"the upstream refused event {refused['id']}")
+            await until_stored(config)
+    assert refused["id"] not in taken.read_text()
 
 
 async def automation_events(server: PrefectServer) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from daemon.core.clock import to_us
 from store import upstream as upstream_store
 from store.db import Store, write_transaction
+from store.events import read_meta
 
 NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -51,6 +52,10 @@ def test_pages_follow_commit_order_past_the_cursor(store: Store) -> None:
 
 def test_the_cursor_never_moves_back(store: Store) -> None:
     conn = store.conn
+    assert read_meta(conn, upstream_store.FORWARD_CURSOR_KEY) is None
+    with write_transaction(conn):
+        upstream_store.set_forward_cursor(conn, 0)  # forwarding started, nothing confirmed
+    assert read_meta(conn, upstream_store.FORWARD_CURSOR_KEY) == "0"
     with write_transaction(conn):
         upstream_store.set_forward_cursor(conn, 7)
         upstream_store.set_forward_cursor(conn, 3)
