@@ -7,8 +7,11 @@ through a real `Engine` on a scratch store, in batches (one transaction each), w
 replayed events' time as the wall clock: `now` is the newest `occurred` of the batch, so
 the events clock, causal ordering's seen marks and proactive evaluation all run on the
 replayed events' clock. A proactive pass runs whenever event time reaches the time the
-previous pass asked to run again, and a last pass at `until`; the periodic pass (lost
-followers, the bucket sweep) runs after every batch and at `until`.
+previous pass asked to run again, and a last pass at `until`. The periodic pass (lost
+followers, the bucket sweep) runs as the daemon's sweeper does, on its own schedule: at
+the ticks `since + k * granularity` of event time, before the first event past each,
+and at `until`. (A bucket of a `within: 0` trigger without `after` is left to the sweep,
+as in Prefect, so when the sweep runs decides whether a later event counts in it.)
 
 What is not replayed: events that no trigger's `expect`/`after` names and that no
 replayed event `follows` (they change nothing a trigger sees), and the events trigd made
@@ -169,17 +172,22 @@ class _Runner:
         """When the next proactive pass is due (event time); None without Proactive triggers."""
         self.granularity = granularity
         """How often the daemon's sweeper would pass at most."""
+        self.since = since
+        self.next_sweep = since + granularity
+        """The sweeper's next tick (event time)."""
         self.replayed = 0
 
     def run(self, events: Sequence[ReceivedEvent], rows: Sequence[events_store.EventRow]) -> None:
         """Evaluate `events` (stored as `rows`, as read) in batches cut where a
-        proactive pass falls due."""
+        proactive pass or the sweeper's tick falls due."""
         start = 0
         for i, event in enumerate(events):
-            if self.next_pass is not None and event.occurred >= self.next_pass:
+            passes = self.next_pass is not None and event.occurred >= self.next_pass
+            if passes or event.occurred >= self.next_sweep:
                 self._batch(events[start:i], rows[start:i])
                 start = i
                 self._passes_until(event.occurred)
+                self._sweep_until(event.occurred)
         self._batch(events[start:], rows[start:])
 
     def _batch(
@@ -191,7 +199,16 @@ class _Runner:
         with self.conn:
             self.engine.process_batch(self.conn, events, now, rows)
         self.replayed += len(events)
-        self._periodic(now)
+
+    def _sweep_until(self, when: datetime) -> None:
+        """The sweeper's pass at its last tick up to `when`, if one fell due: the ticks
+        before it had no event between them, and each sweep deletes what an earlier one
+        would have (a lost follower is evaluated at that tick, not at the first)."""
+        if when < self.next_sweep:
+            return
+        tick = self.since + (when - self.since) // self.granularity * self.granularity
+        self._periodic(tick)
+        self.next_sweep = tick + self.granularity
 
     def _periodic(self, now: datetime) -> None:
         """What the sweeper does beside proactive passes: followers whose leader never
