@@ -1,25 +1,31 @@
-"""Readers hold off while the evaluator lingers or commits: a trickle is read in runs.
+"""Readers hold off while their events wait for the evaluator: a trickle is read in runs.
 
 Why: events arriving one at a time each cost the trio thread a wake-up and a socket read
 (one that finds the frame, one that finds nothing), more than the rest of their handling.
-While the evaluator holds a batch open waiting for more events (``daemon.core.commit_linger``),
-reading them the moment they arrive gains nothing: they are committed when the window
-closes anyway. So a connection reader that has handed its frames over, some of them events
-still waiting for their commit, and finds the evaluator lingering waits until the window
-closes before its next read; meanwhile the kernel gathers that connection's frames, and
-they are read in one go, just before the evaluator takes what is queued. The same holds
-while it commits a batch: what arrives meanwhile can only join the next batch, so it is
-read, in one go, when the commit is over. A client waiting for no ack (all its events
-answered; it may be pinging) is read at once.
+While a client's events are not committed yet, the evaluator is about to take them,
+lingering for more (``daemon.core.commit_linger``), or committing them; reading that
+client's next frames the moment they arrive gains nothing: they can only join the batch
+the evaluator takes when its window closes, or the next one once the commit is over. So a
+connection reader that has handed its frames over, some of them events still waiting for
+their commit, waits for the evaluator's next close (the end of its window, or of its
+commit) before its next read; meanwhile the kernel gathers that connection's frames, and
+they are read in one go, just before the evaluator takes what is queued. A client waiting
+for no ack (all its events answered; it may be pinging) is read at once.
 
-Bounds: a reader waits at most until the window it saw open closes (the evaluator closes
-it after ``commit_linger`` at most, and always, even when cancelled), or the commit it saw
-start ends (not the waits for store trouble that may follow: readers read meanwhile, up to
-the usual bounds), so an event is never taken into a later batch than before. At the end
-of a window the evaluator gives the readers it woke a few scheduler passes (``ROUNDS``) to
-hand their frames over before it takes them, so they join that same batch unless they are
-held up by a bound (then the next batch takes them). Only the evaluator opens and closes;
-readers only wait.
+The reader waits for the next close even when the evaluator has not opened its window
+yet (it is still being scheduled, after the frame that woke it): otherwise the reader
+would park in the socket and be woken again by each frame arriving in the window. The
+close always comes, since every batch the evaluator takes opens and closes once per
+linger and once per commit attempt.
+
+Bounds: a reader waits at most until that close (the evaluator closes after
+``commit_linger`` at most, and after each commit attempt, even when cancelled), so an
+event is never taken into a later batch than before; while the evaluator waits out store
+trouble, readers read at once, up to the usual bounds (``troubled``). At a close the
+evaluator gives the readers it woke a few scheduler passes (``ROUNDS``) to hand their
+frames over before it takes them, so they join that same batch unless they are held up
+by a bound (then the next batch takes them). Only the evaluator opens and closes; readers
+only wait.
 """
 
 from __future__ import annotations
@@ -34,46 +40,59 @@ one to hand the frames over, one to spare (TLS)."""
 
 
 class ReadPacing:
-    """The evaluator's linger window, as the connection readers see it."""
+    """The evaluator's linger window and commits, as the connection readers see them."""
 
-    __slots__ = ("_closed", "_resumed")
+    __slots__ = ("_next_close", "_open", "_resumed", "_troubled")
 
     def __init__(self) -> None:
-        self._closed: trio.Event | None = None  # set when the open window closes
+        self._next_close = trio.Event()  # set by the evaluator's next close
+        self._open = False
         self._resumed = 0  # readers woken by the last close, not done handing over
+        self._troubled = False  # the evaluator waits out store trouble
 
     @property
     def lingering(self) -> bool:
-        return self._closed is not None
+        return self._open
 
     def open(self) -> None:
         """The evaluator starts waiting for more events, or committing a batch."""
-        if self._closed is None:
-            self._closed = trio.Event()
+        self._open = True
+
+    def _wake(self) -> None:
+        self._next_close.set()
+        self._next_close = trio.Event()
 
     async def close(self) -> None:
         """The evaluator stops waiting, or its commit is over: wake the readers, and give
         them ``ROUNDS`` scheduler passes to hand over what they read (fewer when they are
         done), so it joins the batch the evaluator takes next."""
-        closed, self._closed = self._closed, None
-        if closed is None:
+        if not self._open:
             return
-        closed.set()
+        self._open = False
+        self._wake()
         for _ in range(ROUNDS):
             if self._resumed <= 0:
                 break
             await trio.lowlevel.checkpoint()
         self._resumed = 0  # the late ones join the next batch
 
+    def troubled(self, troubled: bool) -> None:
+        """The evaluator starts (True) or stops waiting out store trouble: meanwhile
+        readers read at once, up to their usual bounds."""
+        self._troubled = troubled
+        if troubled:
+            self._wake()
+            self._resumed = 0  # nothing to wait for: the evaluator takes nothing meanwhile
+
     async def hold(self) -> bool:
-        """For a reader that handed its frames over: if the evaluator is lingering, wait
-        until the window closes, and return True (then call ``handed_over`` once the
-        next read's frames are handed over)."""
-        closed = self._closed
-        if closed is None:
+        """For a reader that handed over frames whose events are not committed yet: wait
+        for the evaluator's next close (the end of its window or of its commit), and
+        return True (then call ``handed_over`` once the next read's frames are handed
+        over); False at once while the evaluator waits out store trouble."""
+        if self._troubled:
             return False
         self._resumed += 1
-        await closed.wait()
+        await self._next_close.wait()
         return True
 
     def handed_over(self) -> None:

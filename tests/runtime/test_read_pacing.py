@@ -9,10 +9,48 @@ import trio.testing
 from daemon.runtime.read_pacing import ROUNDS, ReadPacing
 
 
-async def test_a_reader_does_not_wait_while_nothing_is_open() -> None:
+async def test_a_reader_waits_for_the_next_close_even_before_the_window_opens() -> None:
+    """The evaluator is woken by the frame the reader just handed over, but runs after
+    it: the reader waits for the window it is about to open to close, rather than for
+    the socket (where each next frame would wake it)."""
     pacing = ReadPacing()
-    assert not pacing.lingering
-    assert await pacing.hold() is False
+    queue: list[str] = []
+
+    async def reader() -> None:
+        assert await pacing.hold() is True
+        queue.append("frame")
+        pacing.handed_over()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not pacing.lingering
+        assert queue == []  # held, with nothing open yet
+        pacing.open()
+        await trio.testing.wait_all_tasks_blocked()
+        assert queue == []
+        await pacing.close()
+        assert queue == ["frame"]  # before the take
+
+
+async def test_a_reader_does_not_wait_while_the_evaluator_waits_out_store_trouble() -> None:
+    pacing = ReadPacing()
+    woken: list[bool] = []
+
+    async def reader() -> None:
+        woken.append(await pacing.hold())
+
+    async with trio.open_nursery() as nursery:
+        pacing.open()
+        await pacing.close()  # the commit attempt failed
+        nursery.start_soon(reader)  # held after that close: for the next attempt's
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == []
+        pacing.troubled(True)  # the backoff starts: it reads now
+        await trio.testing.wait_all_tasks_blocked()
+        assert woken == [True]
+        assert await pacing.hold() is False  # and one that comes later reads at once
+        pacing.troubled(False)
 
 
 async def test_a_reader_waits_until_the_window_closes_and_hands_over_before_the_take() -> None:
