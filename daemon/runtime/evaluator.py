@@ -189,7 +189,7 @@ class _Evaluator:
                 self.stats.store_retries += 1
                 if isinstance(exc, apsw.FullError) and len(events) > 1:
                     return _Full.TOO_BIG
-                await self._wait_out(exc)
+                await self.backoff.wait(exc)
                 continue
             except Exception as exc:
                 return exc
@@ -207,19 +207,6 @@ class _Evaluator:
                 elif outcome is Outcome.parked:
                     self.stats.parked += 1
             return None
-
-    async def _wait_out(self, exc: BaseException) -> None:
-        """The backoff after store trouble; connection readers read meanwhile, as far as
-        their bounds let them (they would otherwise wait for this batch's next attempt)."""
-        pacing = self.pacing
-        if pacing is None:
-            await self.backoff.wait(exc)
-            return
-        pacing.troubled(True)
-        try:
-            await self.backoff.wait(exc)
-        finally:
-            pacing.troubled(False)
 
     async def settle(self, batch: Sequence[Submission]) -> None:
         started = trio.current_time()

@@ -12,16 +12,17 @@ commit) before its next read; meanwhile the kernel gathers that connection's fra
 they are read in one go, just before the evaluator takes what is queued. A client waiting
 for no ack (all its events answered; it may be pinging) is read at once.
 
-The reader waits for the next close even when the evaluator has not opened its window
-yet (it is still being scheduled, after the frame that woke it): otherwise the reader
-would park in the socket and be woken again by each frame arriving in the window. The
-close always comes, since every batch the evaluator takes opens and closes once per
-linger and once per commit attempt.
+A reader that finds the evaluator idle gives it a couple of scheduler passes first
+(``SETTLE``): the evaluator, woken by the frames just handed over, takes them and opens
+its window (or its commit) in its next step; without that, the reader would park in the
+socket and be woken again by each frame arriving in the window. If nothing opens (the
+evaluator is still busy after a commit), the reader reads at once, as events read now may
+still join the batch the evaluator takes next.
 
 Bounds: a reader waits at most until that close (the evaluator closes after
 ``commit_linger`` at most, and after each commit attempt, even when cancelled), so an
 event is never taken into a later batch than before; while the evaluator waits out store
-trouble, readers read at once, up to the usual bounds (``troubled``). At a close the
+trouble nothing is open, and readers read at once, up to the usual bounds. At a close the
 evaluator gives the readers it woke a few scheduler passes (``ROUNDS``) to hand their
 frames over before it takes them, so they join that same batch unless they are held up
 by a bound (then the next batch takes them). Only the evaluator opens and closes; readers
@@ -39,60 +40,58 @@ ROUNDS: Final = 4
 one to hand the frames over, one to spare (TLS)."""
 
 
+SETTLE: Final = 2
+"""Scheduler passes a reader that handed frames over gives the evaluator to take them and
+open: one to wake it, one more since trio may run a pass's tasks in either order."""
+
+
 class ReadPacing:
     """The evaluator's linger window and commits, as the connection readers see them."""
 
-    __slots__ = ("_next_close", "_open", "_resumed", "_troubled")
+    __slots__ = ("_closed", "_resumed")
 
     def __init__(self) -> None:
-        self._next_close = trio.Event()  # set by the evaluator's next close
-        self._open = False
+        self._closed: trio.Event | None = None  # set when the open window closes
         self._resumed = 0  # readers woken by the last close, not done handing over
-        self._troubled = False  # the evaluator waits out store trouble
 
     @property
     def lingering(self) -> bool:
-        return self._open
+        return self._closed is not None
 
     def open(self) -> None:
         """The evaluator starts waiting for more events, or committing a batch."""
-        self._open = True
-
-    def _wake(self) -> None:
-        self._next_close.set()
-        self._next_close = trio.Event()
+        if self._closed is None:
+            self._closed = trio.Event()
 
     async def close(self) -> None:
         """The evaluator stops waiting, or its commit is over: wake the readers, and give
         them ``ROUNDS`` scheduler passes to hand over what they read (fewer when they are
         done), so it joins the batch the evaluator takes next."""
-        if not self._open:
+        closed, self._closed = self._closed, None
+        if closed is None:
             return
-        self._open = False
-        self._wake()
+        closed.set()
         for _ in range(ROUNDS):
             if self._resumed <= 0:
                 break
             await trio.lowlevel.checkpoint()
         self._resumed = 0  # the late ones join the next batch
 
-    def troubled(self, troubled: bool) -> None:
-        """The evaluator starts (True) or stops waiting out store trouble: meanwhile
-        readers read at once, up to their usual bounds."""
-        self._troubled = troubled
-        if troubled:
-            self._wake()
-            self._resumed = 0  # nothing to wait for: the evaluator takes nothing meanwhile
-
     async def hold(self) -> bool:
-        """For a reader that handed over frames whose events are not committed yet: wait
-        for the evaluator's next close (the end of its window or of its commit), and
-        return True (then call ``handed_over`` once the next read's frames are handed
-        over); False at once while the evaluator waits out store trouble."""
-        if self._troubled:
+        """For a reader that handed over frames whose events are not committed yet: if
+        the evaluator is lingering or committing, or starts to within ``SETTLE`` scheduler
+        passes, wait until that closes, and return True (then call ``handed_over`` once
+        the next read's frames are handed over). False: read now (nothing opened: the
+        evaluator is busy after a commit, or waits out store trouble)."""
+        for _ in range(SETTLE):
+            if self._closed is not None:
+                break
+            await trio.lowlevel.checkpoint()
+        closed = self._closed
+        if closed is None:
             return False
         self._resumed += 1
-        await self._next_close.wait()
+        await closed.wait()
         return True
 
     def handed_over(self) -> None:

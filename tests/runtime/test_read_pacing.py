@@ -9,10 +9,16 @@ import trio.testing
 from daemon.runtime.read_pacing import ROUNDS, ReadPacing
 
 
-async def test_a_reader_waits_for_the_next_close_even_before_the_window_opens() -> None:
+async def test_a_reader_does_not_wait_when_nothing_opens() -> None:
+    pacing = ReadPacing()
+    assert not pacing.lingering
+    assert await pacing.hold() is False
+
+
+async def test_a_reader_waits_for_a_window_that_opens_just_after_its_hand_over() -> None:
     """The evaluator is woken by the frame the reader just handed over, but runs after
-    it: the reader waits for the window it is about to open to close, rather than for
-    the socket (where each next frame would wake it)."""
+    it: the reader waits for the window it opens to close, rather than for the socket
+    (where each next frame would wake it)."""
     pacing = ReadPacing()
     queue: list[str] = []
 
@@ -21,36 +27,18 @@ async def test_a_reader_waits_for_the_next_close_even_before_the_window_opens() 
         queue.append("frame")
         pacing.handed_over()
 
+    async def evaluator() -> None:
+        await trio.lowlevel.checkpoint()  # woken by the hand-over: runs in the next pass
+        pacing.open()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader)
+        nursery.start_soon(evaluator)
         await trio.testing.wait_all_tasks_blocked()
-        assert not pacing.lingering
-        assert queue == []  # held, with nothing open yet
-        pacing.open()
-        await trio.testing.wait_all_tasks_blocked()
-        assert queue == []
+        assert pacing.lingering
+        assert queue == []  # held
         await pacing.close()
         assert queue == ["frame"]  # before the take
-
-
-async def test_a_reader_does_not_wait_while_the_evaluator_waits_out_store_trouble() -> None:
-    pacing = ReadPacing()
-    woken: list[bool] = []
-
-    async def reader() -> None:
-        woken.append(await pacing.hold())
-
-    async with trio.open_nursery() as nursery:
-        pacing.open()
-        await pacing.close()  # the commit attempt failed
-        nursery.start_soon(reader)  # held after that close: for the next attempt's
-        await trio.testing.wait_all_tasks_blocked()
-        assert woken == []
-        pacing.troubled(True)  # the backoff starts: it reads now
-        await trio.testing.wait_all_tasks_blocked()
-        assert woken == [True]
-        assert await pacing.hold() is False  # and one that comes later reads at once
-        pacing.troubled(False)
 
 
 async def test_a_reader_waits_until_the_window_closes_and_hands_over_before_the_take() -> None:
