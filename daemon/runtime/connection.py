@@ -92,7 +92,7 @@ class CheckpointConnection(WebSocketConnection):
         self.waiting_since: float | None = None
         self._splitter = FrameSplitter(min(max_message_size, receive_buffer_size))
         # set once the connection may submit events: its reader then holds off between
-        # small reads while the evaluator lingers (``daemon.runtime.read_pacing``)
+        # small reads while its events wait for the evaluator (``daemon.runtime.read_pacing``)
         self.pacing: ReadPacing | None = None
         self._owed: Callable[[], int] = lambda: 0  # events whose acks the client waits for
 
@@ -162,7 +162,7 @@ class CheckpointConnection(WebSocketConnection):
         go through a ``FrameSplitter`` first, and the frames collected from each chunk are
         handed to the consumer in one call; and that, with ``pacing``, a chunk that did not
         fill the buffer, with events of the client still unresolved, is followed by a wait
-        while the evaluator lingers or commits."""
+        for the evaluator's next close (its window's end, or its commit's)."""
         held = False  # woken by the pacing: tell it once this read's frames are handed over
         small = True  # the last read did not fill the buffer: no more is waiting in it
         try:
@@ -189,9 +189,9 @@ class CheckpointConnection(WebSocketConnection):
                 self.pacing.handed_over()
 
     def pace(self, pacing: ReadPacing, owed: Callable[[], int]) -> None:
-        """Hold off between small reads while ``pacing`` says so and ``owed()`` (events
-        of the client not committed yet): a client waiting for none, whose next frame may
-        be a ping, is read at once."""
+        """Hold off between small reads until ``pacing``'s next close while ``owed()``
+        (events of the client not committed yet): a client waiting for none, whose next
+        frame may be a ping, is read at once."""
         self.pacing = pacing
         self._owed = owed
 

@@ -235,7 +235,7 @@ class _Ingest:
     room: trio.Event = attrs.Factory(trio.Event)  # set (and replaced) when one is freed
     scopes: dict[Slot, trio.CancelScope] = attrs.Factory(dict)  # to drop an evicted one
     events_out: EventsOut | None = None  # serves /api/events/out subscribers when set
-    pacing: ReadPacing | None = None  # readers of events hold off while the evaluator lingers
+    pacing: ReadPacing | None = None  # readers of events hold off while theirs wait to commit
 
     async def accept_loop(self, listener: trio.abc.Listener[trio.abc.Stream]) -> None:
         """Accept without waiting for a slot, so that every socket is either admitted or
@@ -708,7 +708,7 @@ async def run_ingest(
     ``tls`` is ``tls_context(settings)`` loaded beforehand; without it, it is loaded here.
     A listen address that cannot be used raises UnusableSetting (``listen_problem``).
     With ``pacing`` (the evaluator's), readers of events hold off between small reads while
-    the evaluator lingers (``daemon.runtime.read_pacing``)."""
+    their events wait for the evaluator (``daemon.runtime.read_pacing``)."""
     context = tls if tls is not None else tls_context(settings)
     listeners = await _open_listeners(settings, context)
     slots = ConnectionSlots(

@@ -27,7 +27,13 @@ from daemon.runtime.gateway import StoreGateway
 from daemon.wire.submission import Submission
 from store.connection import Connection
 from store.db import Store
-from tests.support.evaluator_doubles import NOW, GatedEngine, fixed_clock, stored_ids
+from tests.support.evaluator_doubles import (
+    NOW,
+    GatedEngine,
+    TroubledEngine,
+    fixed_clock,
+    stored_ids,
+)
 
 
 def make_event(event_id: UUID | None = None, name: str = "pump.pressure.high") -> ReceivedEvent:
@@ -75,29 +81,6 @@ class PoisonEngine:
         outcomes = self.inner.process_batch(conn, events, now)  # writes, then fails: rollback
         if any(event.id == self.poison for event in events):
             raise RuntimeError("boom")
-        return outcomes
-
-    def rolled_back(self) -> None:
-        self.inner.rolled_back()
-
-
-@attrs.define
-class TroubledEngine:
-    """Raises `trouble` (SQLite's "database is locked" unless told) for the first
-    ``failures`` batches, whatever their size."""
-
-    inner: Engine
-    failures: int
-    trouble: type[apsw.Error] = apsw.BusyError
-    calls: int = 0
-
-    def process_batch(
-        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
-    ) -> BatchOutcome:
-        self.calls += 1
-        outcomes = self.inner.process_batch(conn, events, now)
-        if self.calls <= self.failures:
-            raise self.trouble("the store refuses this batch")
         return outcomes
 
     def rolled_back(self) -> None:

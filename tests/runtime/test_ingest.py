@@ -33,10 +33,17 @@ from daemon.engine.engine import Engine
 from daemon.runtime.evaluator import run_evaluator
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.ingest import run_ingest
+from daemon.runtime.store_trouble import RETRY_FIRST_DELAY
 from daemon.wire.handshake import ACKS_SUBPROTOCOL, PREFECT_SUBPROTOCOL
 from daemon.wire.submission import Submission
 from store.db import Store
-from tests.support.evaluator_doubles import NOW, GatedEngine, fixed_clock, stored_ids
+from tests.support.evaluator_doubles import (
+    NOW,
+    GatedEngine,
+    TroubledEngine,
+    fixed_clock,
+    stored_ids,
+)
 from tests.support.ingest_client import (
     Daemon,
     Starter,
@@ -862,10 +869,11 @@ async def _trickle(
 async def test_frames_arriving_while_the_evaluator_lingers_are_read_together(
     start: Starter, db_path: Path, mock_clock: trio.testing.MockClock, paced: bool
 ) -> None:
-    """While the evaluator holds a batch open, a reader that read a frame waits for the
-    window to close before reading again: the frames sent meanwhile wait in the socket
-    and are read in one go when it closes, in time to join that same batch and its
-    commit. (Virtual time stands still until the test moves it.)"""
+    """A reader that handed over an event waits for the evaluator's window to close
+    before reading again (even before the evaluator, woken by that event, has opened
+    it): the frames sent meanwhile wait in the socket and are read in one go when it
+    closes, in time to join that same batch and its commit. (Virtual time stands still
+    until the test moves it.)"""
     events = [event_dict() for _ in range(4)]
     with trio.fail_after(LIMIT):
         daemon = await start(linger=timedelta(milliseconds=5), paced=paced)
@@ -874,8 +882,8 @@ async def test_frames_arriving_while_the_evaluator_lingers_are_read_together(
             read = await _trickle(daemon, ws, events)
             mock_clock.jump(0.005)
             acks = await replies(ws, 4)
-        # the first event opens the window; the reader that read the second holds
-        assert read == ([1, 2, 2, 2] if paced else [1, 2, 3, 4])
+        # the first event opens the window, and its reader holds
+        assert read == ([1, 1, 1, 1] if paced else [1, 2, 3, 4])
         assert [a["id"] for a in acks] == [e["id"] for e in events]
         assert (daemon.evaluator.batches, daemon.evaluator.largest_batch) == (1, 4)
         assert stored_ids(db_path) == {e["id"] for e in events}
@@ -885,8 +893,8 @@ async def test_frames_arriving_during_a_commit_are_read_together_after_it(
     start: Starter, db_path: Path
 ) -> None:
     """What arrives while a batch is being committed can only join the next batch: the
-    reader that read such a frame holds off until the commit is over, then reads the rest
-    in one go (no linger here, so nothing else holds it)."""
+    reader whose event is being committed holds off until the commit is over, then reads
+    the rest in one go (no linger here, so nothing else holds it)."""
     engine = GatedEngine(Engine())
     events = [event_dict() for _ in range(4)]
     with trio.fail_after(LIMIT):
@@ -898,9 +906,31 @@ async def test_frames_arriving_during_a_commit_are_read_together_after_it(
             read = await _trickle(daemon, ws, events[1:])
             engine.gate.set()
             acks = await replies(ws, 4)
-        assert read == [2, 2, 2]
+        assert read == [1, 1, 1]
         assert [a["id"] for a in acks] == [e["id"] for e in events]
         assert daemon.evaluator.batches == 2
+        assert stored_ids(db_path) == {e["id"] for e in events}
+
+
+async def test_frames_are_read_at_once_while_the_evaluator_waits_out_store_trouble(
+    start: Starter, db_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """While the store refuses a batch, the evaluator waits before it tries again: the
+    readers do not wait for that next attempt, they read (up to their usual bounds)."""
+    engine = TroubledEngine(Engine(), failures=1)
+    events = [event_dict() for _ in range(4)]
+    with trio.fail_after(LIMIT):
+        daemon = await start(engine=engine, paced=True)
+        async with connect(daemon.url(), subprotocols=[ACKS_SUBPROTOCOL]) as ws:
+            await authenticate(ws, None)
+            await ws.send_message(json.dumps(events[0]))
+            while daemon.evaluator.store_retries == 0:  # until the store thread refused it
+                await trio.lowlevel.checkpoint()
+            read = await _trickle(daemon, ws, events[1:])  # during the backoff
+            mock_clock.jump(RETRY_FIRST_DELAY)
+            acks = await replies(ws, 4)
+        assert read == [2, 3, 4]
+        assert [a["id"] for a in acks] == [e["id"] for e in events]
         assert stored_ids(db_path) == {e["id"] for e in events}
 
 

@@ -9,10 +9,36 @@ import trio.testing
 from daemon.runtime.read_pacing import ROUNDS, ReadPacing
 
 
-async def test_a_reader_does_not_wait_while_nothing_is_open() -> None:
+async def test_a_reader_does_not_wait_when_nothing_opens() -> None:
     pacing = ReadPacing()
     assert not pacing.lingering
     assert await pacing.hold() is False
+
+
+async def test_a_reader_waits_for_a_window_that_opens_just_after_its_hand_over() -> None:
+    """The evaluator is woken by the frame the reader just handed over, but runs after
+    it: the reader waits for the window it opens to close, rather than for the socket
+    (where each next frame would wake it)."""
+    pacing = ReadPacing()
+    queue: list[str] = []
+
+    async def reader() -> None:
+        assert await pacing.hold() is True
+        queue.append("frame")
+        pacing.handed_over()
+
+    async def evaluator() -> None:
+        await trio.lowlevel.checkpoint()  # woken by the hand-over: runs in the next pass
+        pacing.open()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reader)
+        nursery.start_soon(evaluator)
+        await trio.testing.wait_all_tasks_blocked()
+        assert pacing.lingering
+        assert queue == []  # held
+        await pacing.close()
+        assert queue == ["frame"]  # before the take
 
 
 async def test_a_reader_waits_until_the_window_closes_and_hands_over_before_the_take() -> None:

@@ -1,5 +1,6 @@
 """Stand-ins around the evaluator, shared by the evaluator, ingest and connection-limit tests:
-a frozen clock, the real engine behind a gate, and the event ids a database file holds."""
+a frozen clock, the real engine behind a gate or refused by the store for a while, and the
+event ids a database file holds."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
+import apsw
 import attrs
 
 from daemon.core.events import ReceivedEvent
@@ -46,6 +48,29 @@ class GatedEngine:
         self.entered.set()
         self.gate.wait()
         return self.inner.process_batch(conn, events, now)
+
+    def rolled_back(self) -> None:
+        self.inner.rolled_back()
+
+
+@attrs.define
+class TroubledEngine:
+    """Raises `trouble` (SQLite's "database is locked" unless told) for the first
+    ``failures`` batches, whatever their size."""
+
+    inner: Engine
+    failures: int
+    trouble: type[apsw.Error] = apsw.BusyError
+    calls: int = 0
+
+    def process_batch(
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome:
+        self.calls += 1
+        outcomes = self.inner.process_batch(conn, events, now)
+        if self.calls <= self.failures:
+            raise self.trouble("the store refuses this batch")
+        return outcomes
 
     def rolled_back(self) -> None:
         self.inner.rolled_back()
