@@ -406,69 +406,42 @@ class Engine:
         """Store and evaluate `events` (as the rows `stored` when given); those in
         `store_only` (events trigd made nested too deep, from the inbox) are stored but
         not evaluated."""
+        refs: list[tuple[EventRef, int]] | None = None
+        rows: Sequence[events_store.EventRow]
         if stored is None:
             rows, refs = _event_rows(events)
         elif len(stored) != len(events):
             raise ValueError("stored: one row per event")
         else:
-            rows = list(stored)
-            refs = [
-                (EventRef.of(event, row[6]), row[3])
-                for event, row in zip(events, stored, strict=True)
-            ]
+            rows = stored
         # the duplicate check is the insert: a stored id (or one met earlier) is skipped
         inserted = events_store.insert_new_events(call.conn, rows)
-        fresh: list[tuple[ReceivedEvent, EventRef, str, int]] = []
         outcomes: list[Outcome] = []
-        for event, row, (ref, occurred_us) in zip(events, rows, refs, strict=True):
+        fresh: list[tuple[int, ReceivedEvent, EventRef, str, int, list[_Interest]]] = []
+        wanted: list[tuple[str, tuple[str, ...]]] = []
+        by_position = self._by_position
+        for i, (event, row) in enumerate(zip(events, rows, strict=True)):
             event_id = row[0]
-            if event_id in inserted:
-                inserted.discard(event_id)  # a second copy later in the batch is a duplicate
-                fresh.append((event, ref, event_id, occurred_us))
-                outcomes.append(Outcome.processed)
-            else:
+            if event_id not in inserted:
                 outcomes.append(Outcome.duplicate)
-        plans = [
-            None
-            if event.event == LOG_WRITE_EVENT or (store_only and event.id in store_only)
-            else self._interests(event)
-            for event, _, _, _ in fresh
-        ]
-        self._pending.prefetch(
-            call.conn,
-            [
-                (self._by_position[candidate.position].trigger_id, key)
-                for plan in plans
-                if plan
-                for candidate, key in plan
-            ],
-        )
-        results = [
-            self._evaluate_new(call, *item, plan) for item, plan in zip(fresh, plans, strict=True)
-        ]
-        position = 0
-        for i, outcome in enumerate(outcomes):
-            if outcome is Outcome.processed:
-                outcomes[i] = results[position]
-                position += 1
+                continue
+            inserted.discard(event_id)  # a second copy later in the batch is a duplicate
+            outcomes.append(Outcome.processed)
+            if event.event == LOG_WRITE_EVENT or (store_only and event.id in store_only):
+                continue  # stored, not evaluated
+            ref, occurred_us = (EventRef.of(event, row[6]), row[3]) if refs is None else refs[i]
+            plan = self._interests(event)
+            for candidate, key in plan:
+                wanted.append((by_position[candidate.position].trigger_id, key))
+            fresh.append((i, event, ref, event_id, occurred_us, plan))
+        # what evaluating them will read, in one statement
+        self._pending.prefetch(call.conn, wanted)
+        for i, event, ref, event_id, occurred_us, plan in fresh:
+            try:
+                self._reactive(call, event, 0, ref, event_id, occurred_us, plan)
+            except EventArrivedEarly:
+                outcomes[i] = Outcome.parked
         return outcomes
-
-    def _evaluate_new(
-        self,
-        call: _Call,
-        event: ReceivedEvent,
-        ref: EventRef,
-        event_id: str,
-        occurred_us: int,
-        plan: list[_Interest] | None,
-    ) -> Outcome:
-        if plan is None:
-            return Outcome.processed
-        try:
-            self._reactive(call, event, 0, ref, event_id, occurred_us, plan)
-        except EventArrivedEarly:
-            return Outcome.parked
-        return Outcome.processed
 
     def _interests(self, event: ReceivedEvent) -> list[_Interest]:
         """The triggers that cover the event, each with the event's bucketing key: what
