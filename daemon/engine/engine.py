@@ -20,8 +20,10 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   and written at most once) and are written back with one `executemany` per kind of
   statement when the unit of work ends (a batch, one `reactive_evaluation`,
   the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
-  kept: the database stays the only state. What is cached about a connection (its events
-  clock, whether its inbox is known empty, the ordering's marks) is in the connection's
+  kept: the database stays the only state (a backtest's engine, alone on its scratch
+  store, keeps the buckets it wrote as the table holds them: `keep_buckets`). What is
+  cached about a connection (its events clock, whether its inbox is known empty, the
+  ordering's marks) is in the connection's
   `store.connection.ConnectionState`, never on the engine. The proactive pass reads the
   table page by page and so writes each change at once.
 * `proactive` runs docs/TRIGGERS.md#proactive-evaluation for each due Proactive EventTrigger.
@@ -300,7 +302,9 @@ class Engine:
         self.clock = EventsClock()
         """The events clock of the connection last called with (its `state.events_clock`)."""
         self._pending = buckets_store.PendingBuckets(pending_bucket_limit)
-        """Bucket changes of the running unit (`_bucket_unit`), empty between calls."""
+        """Bucket changes of the running unit (`_bucket_unit`), empty between calls
+        (unless `keep_buckets`)."""
+        self._keep_buckets = 0
 
     @classmethod
     def configured(cls, config: Config) -> Engine:
@@ -357,6 +361,7 @@ class Engine:
         self._by_position = tuple(self._loaded.values())
         self.index = TriggerIndex(lt.trigger for lt in self._by_position)
         self.next_proactive_runs.clear()
+        self._keep_reactive_buckets(conn)
         report = LoadReport(len(active), len(self._loaded), frozenset(UUID(t) for t in reset))
         logger.info(
             "Loaded %d automations with %d event triggers; %d triggers start fresh",
@@ -365,6 +370,21 @@ class Engine:
             len(reset),
         )
         return report
+
+    def keep_buckets(self, conn: Connection, limit: int) -> None:
+        """Keep up to `limit` buckets of Reactive triggers in memory between calls, as
+        the table holds them after each unit, so a batch reads from the table only those
+        no earlier call read or wrote (0: keep none, the default).
+
+        Only for a store that this engine alone writes, on one connection: the backtest's
+        scratch store. A Proactive trigger's buckets are never kept (its pass reads and
+        writes the table directly); the sweep and a reload go through `_pending`."""
+        self._keep_buckets = limit
+        self._keep_reactive_buckets(conn)
+
+    def _keep_reactive_buckets(self, conn: Connection) -> None:
+        reactive = [lt.trigger_id for lt in self._by_position if not lt.proactive]
+        self._pending.keep(conn, reactive, self._keep_buckets)
 
     # --- reactive --------------------------------------------------------------------
 
@@ -788,9 +808,7 @@ class Engine:
                     # a lost follower proceeds without waiting (its wait is over)
                     with contextlib.suppress(EventArrivedEarly):
                         self._react(call, event, 0)
-            swept = buckets_store.sweep_closed_buckets(
-                conn, to_us(as_of - self.expired_bucket_buffer)
-            )
+            swept = self._pending.sweep(conn, to_us(as_of - self.expired_bucket_buffer))
             self._save_clock(conn, before)
         except BaseException:
             self._restore_clock(conn, before)
