@@ -351,15 +351,6 @@ class _Pending:
         self.proactive = False
 
 
-def _lean(bucket: Bucket | None) -> Bucket | None:
-    """The bucket as its row holds it: `last_event` as JSON only, without the event's
-    model (a few KB each), for what `PendingBuckets` keeps between units."""
-    if bucket is None or bucket.last_event is None:
-        return bucket
-    b, ref = bucket, EventRef.from_json(bucket.last_event.json())
-    return Bucket(b.key, b.start, b.end, b.count, ref, b.last_operation)
-
-
 class PendingBuckets:
     """The buckets one unit of work read and changed, written back by `flush`.
 
@@ -504,7 +495,7 @@ class PendingBuckets:
             if pair[0] not in kept or (complete and entry.current is None):
                 del rows[pair]  # not kept, or known absent anyway
             else:
-                entry.original = entry.current = _lean(entry.current)
+                entry.original = entry.current
                 entry.dirty = False
         self._unit.clear()
         self._dirty = 0

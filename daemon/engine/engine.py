@@ -449,7 +449,9 @@ class Engine:
             outcomes.append(Outcome.processed)
             if event.event == LOG_WRITE_EVENT or (store_only and event.id in store_only):
                 continue  # stored, not evaluated
-            ref, occurred_us = (EventRef.of(event, row[6]), row[3]) if refs is None else refs[i]
+            # a stored row's event is referred to by its JSON alone (a bucket that keeps it
+            # needs no more; the model is parsed again only if a proactive firing asks)
+            ref, occurred_us = (EventRef.from_json(row[6]), row[3]) if refs is None else refs[i]
             plan = self._interests(event)
             for candidate, key in plan:
                 wanted.append((by_position[candidate.position].trigger_id, key))
