@@ -134,8 +134,8 @@ def replay(
     on `engine` over the empty store `scratch`; the firings they made there.
 
     `engine` keeps up to `bucket_cache` buckets in memory between batches
-    (`Engine.keep_buckets`: `scratch` is written by it alone), as it leaves them once
-    the replay is over."""
+    (`Engine.keep_buckets`: `scratch` is written by it alone), and none once the replay
+    is over."""
     engine.keep_buckets(scratch, bucket_cache)
     try:
         return _replay(source, scratch, engine, automations, since, until, batch, granularity)
