@@ -14,7 +14,9 @@ keep their windows open cost it nothing.
 `PendingBuckets` is the reactive path's write-back: within one transaction each bucket is
 read at most once and written at most once, when the engine ends its unit of work, by one
 `executemany` per kind of statement. It lives no longer than the transaction, so the
-database stays the only state between transactions.
+database stays the only state between transactions; except on a backtest's scratch store,
+which one engine writes alone: there it keeps what it wrote (`PendingBuckets.keep`), as
+the table holds it, for the next transactions to read.
 """
 
 from __future__ import annotations
@@ -358,21 +360,57 @@ class PendingBuckets:
     when the unit fails (its transaction is rolled back). What `flush` leaves in the table
     is what writing each change at once (`save_bucket`) would have left: both take their
     statements from `_change`.
+
+    By default nothing is kept past `flush`. `keep` makes it keep, after each flush, the
+    buckets of some triggers as the table now holds them (up to a bound), so a later
+    unit reads them from memory instead of the table; while what is kept is all those
+    triggers have (they had no row when `keep` began, and nothing was forgotten since), a
+    bucket it does not hold has no row, and is not looked for. That is only true to the
+    table on a connection where nothing else changes those triggers' rows, except
+    through `sweep`: the backtest's scratch store, which one engine writes alone.
     """
 
     def __init__(self, limit: int = PENDING_LIMIT) -> None:
         if limit < 1:
             raise ValueError("limit: must be at least 1")
         self._rows: dict[tuple[str, tuple[str, ...]], _Pending] = {}
+        """Every bucket known: those of the running unit, and those kept."""
+        self._unit: dict[tuple[str, tuple[str, ...]], _Pending] = {}
+        """The buckets the running unit read from the table or wrote."""
         self._dirty = 0
         self._limit = limit
+        self._kept: frozenset[str] = frozenset()
+        self._keep_limit = 0
+        self._complete = False
+        """Whether `_rows` holds every row of the `_kept` triggers."""
+
+    def keep(self, conn: apsw.Connection, trigger_ids: Collection[str], limit: int) -> None:
+        """After each flush, keep the buckets of these triggers (at most `limit` buckets:
+        past it, all are forgotten), and forget everything known now. Only for a
+        connection where these triggers' rows change through this object alone (see the
+        class docstring); `keep(conn, (), 0)` stops."""
+        if limit < 0:
+            raise ValueError("limit: must not be negative")
+        self.discard()
+        self._kept = frozenset(trigger_ids) if limit else frozenset()
+        self._keep_limit = limit
+        self._complete = bool(self._kept) and not any(
+            conn.execute("SELECT 1 FROM buckets WHERE trigger_id = ? LIMIT 1", (t,)).fetchone()
+            for t in self._kept
+        )
+
+    def _absent(self, trigger_id: str) -> bool:
+        """Known to have no row without looking: not read, not kept, and all is kept."""
+        return self._complete and trigger_id in self._kept
 
     def read(self, conn: apsw.Connection, trigger_id: str, key: tuple[str, ...]) -> Bucket | None:
         entry = self._rows.get((trigger_id, key))
         if entry is None:
-            if len(self._rows) >= self._limit:
+            if len(self._unit) >= self._limit:
                 self.flush(conn)
-            entry = self._rows[trigger_id, key] = _Pending(read_bucket(conn, trigger_id, key))
+            found = None if self._absent(trigger_id) else read_bucket(conn, trigger_id, key)
+            entry = _Pending(found)
+            self._rows[trigger_id, key] = self._unit[trigger_id, key] = entry
         return entry.current
 
     def prefetch(
@@ -381,10 +419,11 @@ class PendingBuckets:
         """Read these (trigger id, key) buckets now, in one statement: what a batch of
         events is about to `read` one by one. Skipped when it would pass the limit."""
         by_json: dict[tuple[str, str], tuple[str, ...]] = {}
+        rows = self._rows
         for trigger_id, key in wanted:
-            if (trigger_id, key) not in self._rows:
+            if (trigger_id, key) not in rows and not self._absent(trigger_id):
                 by_json[trigger_id, key_json(key)] = key
-        if not by_json or len(self._rows) + len(by_json) > self._limit:
+        if not by_json or len(self._unit) + len(by_json) > self._limit:
             return
         found: dict[tuple[str, str], tuple[object, ...]] = {
             (row[0], row[1]): row[1:]
@@ -394,9 +433,11 @@ class PendingBuckets:
                 list(by_json),
             )
         }
+        unit = self._unit
         for (trigger_id, text), key in by_json.items():
             row = found.get((trigger_id, text))
-            self._rows[trigger_id, key] = _Pending(None if row is None else _bucket(row, key))
+            entry = _Pending(None if row is None else _bucket(row, key))
+            rows[trigger_id, key] = unit[trigger_id, key] = entry
 
     def write(
         self,
@@ -418,16 +459,18 @@ class PendingBuckets:
         if not entry.dirty:
             entry.dirty = True
             self._dirty += 1
+            self._unit[trigger_id, key] = entry
 
     def flush(self, conn: apsw.Connection) -> None:
-        """Write every change, one statement per kind, and forget what was read."""
+        """Write every change, one statement per kind, and forget what was read (but
+        what `keep` asks to keep, now as the table holds it)."""
         if self._dirty:
             batches: dict[str, list[tuple[object, ...]]] = {
                 _DELETE: [],
                 _UPDATE_COUNT: [],
                 _UPSERT: [],
             }
-            for (trigger_id, key), entry in self._rows.items():
+            for (trigger_id, key), entry in self._unit.items():
                 if entry.dirty:
                     change = _change(
                         trigger_id,
@@ -439,12 +482,48 @@ class PendingBuckets:
                     )
                     if change is not None:
                         batches[change[0]].append(change[1])
-            for sql, rows in batches.items():
-                if rows:
-                    conn.executemany(sql, rows)
-        self.discard()
+            for sql, params in batches.items():
+                if params:
+                    conn.executemany(sql, params)
+        kept = self._kept
+        if not kept:
+            self.discard()
+            return
+        rows = self._rows
+        complete = self._complete
+        for pair, entry in self._unit.items():
+            if pair[0] not in kept or (complete and entry.current is None):
+                del rows[pair]  # not kept, or known absent anyway
+            else:
+                entry.original = entry.current
+                entry.dirty = False
+        self._unit.clear()
+        self._dirty = 0
+        if len(rows) > self._keep_limit:
+            rows.clear()
+            self._complete = False
+
+    def sweep(self, conn: apsw.Connection, older_than_us: int) -> int:
+        """`sweep_closed_buckets`, and forget the kept buckets it deleted. Between units
+        (after `flush`)."""
+        if self._unit:
+            raise RuntimeError("sweep: a unit is under way (flush it first)")
+        if not self._rows:
+            return sweep_closed_buckets(conn, older_than_us)
+        deleted = conn.execute(
+            "DELETE FROM buckets WHERE end_us <= ? RETURNING trigger_id, bucketing_key",
+            (older_than_us,),
+        ).fetchall()
+        for trigger_id, key in deleted:
+            assert isinstance(trigger_id, str)
+            assert isinstance(key, str)
+            self._rows.pop((trigger_id, tuple(json.loads(key))), None)
+        return len(deleted)
 
     def discard(self) -> None:
-        """Forget everything, written or not (the transaction is being rolled back)."""
+        """Forget everything, written or not, kept or not (the transaction is being
+        rolled back)."""
         self._rows.clear()
+        self._unit.clear()
         self._dirty = 0
+        self._complete = False

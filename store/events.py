@@ -19,10 +19,12 @@ from store.connection import Connection
 EventRow = tuple[str, str, str, int, int, str | None, str]
 """id, event, resource_id, occurred_us, received_us, follows, data (ReceivedEvent JSON)."""
 
-_INSERT_NEW: Final = (
+_INSERT: Final = (
     "INSERT OR IGNORE INTO events (id, event, resource_id, occurred_us, received_us, "
-    "follows, data) VALUES (?, ?, ?, ?, ?, ?, ?) RETURNING id"
+    "follows, data) VALUES (?, ?, ?, ?, ?, ?, ?)"
 )
+_INSERT_NEW: Final = _INSERT + " RETURNING id"
+_SAVEPOINT: Final = "insert_new_events"
 
 
 def insert_new_events(conn: apsw.Connection, rows: Sequence[EventRow]) -> set[str]:
@@ -30,8 +32,28 @@ def insert_new_events(conn: apsw.Connection, rows: Sequence[EventRow]) -> set[st
 
     The duplicate check and the insert are one statement: an id stored already, or met
     earlier in `rows`, is skipped (the unique index finds it) and is not returned.
+    Duplicates are rare, so the rows are first inserted without `RETURNING` (which costs
+    about 1.5 µs a row) under a savepoint: when every row went in, every id is new;
+    otherwise that insert is rolled back and done again, returning the ids.
     """
-    return {row[0] for row in conn.executemany(_INSERT_NEW, rows)} if rows else set()
+    if not rows:
+        return set()
+    before = conn.total_changes()
+    conn.execute(f"SAVEPOINT {_SAVEPOINT}")
+    try:
+        conn.executemany(_INSERT, rows)
+        if conn.total_changes() - before == len(rows):
+            inserted = {row[0] for row in rows}
+        else:
+            conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
+            inserted = {row[0] for row in conn.executemany(_INSERT_NEW, rows)}
+    except BaseException:
+        if conn.in_transaction:  # an I/O error may have ended the transaction already
+            conn.execute(f"ROLLBACK TO {_SAVEPOINT}")
+            conn.execute(f"RELEASE {_SAVEPOINT}")
+        raise
+    conn.execute(f"RELEASE {_SAVEPOINT}")
+    return inserted
 
 
 def rows_in_occurred_order(

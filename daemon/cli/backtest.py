@@ -109,6 +109,7 @@ def backtest_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         since,
                         until,
                         batch=config.insight.backtest_batch,
+                        bucket_cache=config.insight.backtest_bucket_cache,
                         granularity=config.triggers.proactive_granularity,
                     )
                     loaded = loaded_ids(live.conn, automations)

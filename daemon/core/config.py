@@ -455,6 +455,7 @@ class InsightConfig(Section):
     recent_events: Count = 1_000  # stored events explain scans, newest first
     listed: Count = 10  # entries per list in an explanation
     backtest_batch: Count = 2_000  # events a backtest replays per transaction
+    backtest_bucket_cache: Count = 100_000  # buckets a backtest keeps in memory between batches
 
 
 class EventsOutConfig(Section):

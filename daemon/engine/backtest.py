@@ -27,7 +27,7 @@ import collections
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Final
 
 import apsw
 import attrs
@@ -35,6 +35,7 @@ from pydantic import ValidationError
 
 from daemon.core.automations import Automation, Posture
 from daemon.core.clock import to_us
+from daemon.core.config import InsightConfig
 from daemon.core.events import ReceivedEvent
 from daemon.core.explanation import iso
 from daemon.engine.engine import Engine
@@ -106,6 +107,11 @@ def read_firings(conn: apsw.Connection, automation_ids: Sequence[str]) -> list[F
     return sorted(firings)
 
 
+BUCKET_CACHE: Final[int] = InsightConfig.model_fields["backtest_bucket_cache"].default
+"""Buckets a replay keeps in memory between batches by default (`[insight]
+backtest_bucket_cache`)."""
+
+
 @attrs.frozen
 class Replay:
     firings: list[Firing]
@@ -125,9 +131,31 @@ def replay(
     *,
     batch: int,
     granularity: timedelta,
+    bucket_cache: int = BUCKET_CACHE,
 ) -> Replay:
     """Replay the events of `source` that occurred in [since, until) through `automations`
-    on `engine` over the empty store `scratch`; the firings they made there."""
+    on `engine` over the empty store `scratch`; the firings they made there.
+
+    `engine` keeps up to `bucket_cache` buckets in memory between batches
+    (`Engine.keep_buckets`: `scratch` is written by it alone), and none once the replay
+    is over."""
+    engine.keep_buckets(scratch, bucket_cache)
+    try:
+        return _replay(source, scratch, engine, automations, since, until, batch, granularity)
+    finally:
+        engine.keep_buckets(scratch, 0)
+
+
+def _replay(
+    source: apsw.Connection,
+    scratch: Connection,
+    engine: Engine,
+    automations: Sequence[Automation],
+    since: datetime,
+    until: datetime,
+    batch: int,
+    granularity: timedelta,
+) -> Replay:
     with scratch:
         engine.load_automations(scratch, automations, since)
     since_us, until_us = to_us(since), to_us(until)

@@ -20,8 +20,10 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   and written at most once) and are written back with one `executemany` per kind of
   statement when the unit of work ends (a batch, one `reactive_evaluation`,
   the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
-  kept: the database stays the only state. What is cached about a connection (its events
-  clock, whether its inbox is known empty, the ordering's marks) is in the connection's
+  kept: the database stays the only state (a backtest's engine, alone on its scratch
+  store, keeps the buckets it wrote as the table holds them: `keep_buckets`). What is
+  cached about a connection (its events clock, whether its inbox is known empty, the
+  ordering's marks) is in the connection's
   `store.connection.ConnectionState`, never on the engine. The proactive pass reads the
   table page by page and so writes each change at once.
 * `proactive` runs docs/TRIGGERS.md#proactive-evaluation for each due Proactive EventTrigger.
@@ -300,7 +302,9 @@ class Engine:
         self.clock = EventsClock()
         """The events clock of the connection last called with (its `state.events_clock`)."""
         self._pending = buckets_store.PendingBuckets(pending_bucket_limit)
-        """Bucket changes of the running unit (`_bucket_unit`), empty between calls."""
+        """Bucket changes of the running unit (`_bucket_unit`), empty between calls
+        (unless `keep_buckets`)."""
+        self._keep_buckets = 0
 
     @classmethod
     def configured(cls, config: Config) -> Engine:
@@ -357,6 +361,7 @@ class Engine:
         self._by_position = tuple(self._loaded.values())
         self.index = TriggerIndex(lt.trigger for lt in self._by_position)
         self.next_proactive_runs.clear()
+        self._keep_reactive_buckets(conn)
         report = LoadReport(len(active), len(self._loaded), frozenset(UUID(t) for t in reset))
         logger.info(
             "Loaded %d automations with %d event triggers; %d triggers start fresh",
@@ -365,6 +370,21 @@ class Engine:
             len(reset),
         )
         return report
+
+    def keep_buckets(self, conn: Connection, limit: int) -> None:
+        """Keep up to `limit` buckets of Reactive triggers in memory between calls, as
+        the table holds them after each unit, so a batch reads from the table only those
+        no earlier call read or wrote (0: keep none, the default).
+
+        Only for a store that this engine alone writes, on one connection: the backtest's
+        scratch store. A Proactive trigger's buckets are never kept (its pass reads and
+        writes the table directly); the sweep and a reload go through `_pending`."""
+        self._keep_buckets = limit
+        self._keep_reactive_buckets(conn)
+
+    def _keep_reactive_buckets(self, conn: Connection) -> None:
+        reactive = [lt.trigger_id for lt in self._by_position if not lt.proactive]
+        self._pending.keep(conn, reactive, self._keep_buckets)
 
     # --- reactive --------------------------------------------------------------------
 
@@ -406,69 +426,44 @@ class Engine:
         """Store and evaluate `events` (as the rows `stored` when given); those in
         `store_only` (events trigd made nested too deep, from the inbox) are stored but
         not evaluated."""
+        refs: list[tuple[EventRef, int]] | None = None
+        rows: Sequence[events_store.EventRow]
         if stored is None:
             rows, refs = _event_rows(events)
         elif len(stored) != len(events):
             raise ValueError("stored: one row per event")
         else:
-            rows = list(stored)
-            refs = [
-                (EventRef.of(event, row[6]), row[3])
-                for event, row in zip(events, stored, strict=True)
-            ]
+            rows = stored
         # the duplicate check is the insert: a stored id (or one met earlier) is skipped
         inserted = events_store.insert_new_events(call.conn, rows)
-        fresh: list[tuple[ReceivedEvent, EventRef, str, int]] = []
         outcomes: list[Outcome] = []
-        for event, row, (ref, occurred_us) in zip(events, rows, refs, strict=True):
+        fresh: list[tuple[int, ReceivedEvent, EventRef, str, int, list[_Interest]]] = []
+        wanted: list[tuple[str, tuple[str, ...]]] = []
+        by_position = self._by_position
+        for i, (event, row) in enumerate(zip(events, rows, strict=True)):
             event_id = row[0]
-            if event_id in inserted:
-                inserted.discard(event_id)  # a second copy later in the batch is a duplicate
-                fresh.append((event, ref, event_id, occurred_us))
-                outcomes.append(Outcome.processed)
-            else:
+            if event_id not in inserted:
                 outcomes.append(Outcome.duplicate)
-        plans = [
-            None
-            if event.event == LOG_WRITE_EVENT or (store_only and event.id in store_only)
-            else self._interests(event)
-            for event, _, _, _ in fresh
-        ]
-        self._pending.prefetch(
-            call.conn,
-            [
-                (self._by_position[candidate.position].trigger_id, key)
-                for plan in plans
-                if plan
-                for candidate, key in plan
-            ],
-        )
-        results = [
-            self._evaluate_new(call, *item, plan) for item, plan in zip(fresh, plans, strict=True)
-        ]
-        position = 0
-        for i, outcome in enumerate(outcomes):
-            if outcome is Outcome.processed:
-                outcomes[i] = results[position]
-                position += 1
+                continue
+            inserted.discard(event_id)  # a second copy later in the batch is a duplicate
+            outcomes.append(Outcome.processed)
+            if event.event == LOG_WRITE_EVENT or (store_only and event.id in store_only):
+                continue  # stored, not evaluated
+            # a stored row's event is referred to by its JSON alone (a bucket that keeps it
+            # needs no more; the model is parsed again only if a proactive firing asks)
+            ref, occurred_us = (EventRef.from_json(row[6]), row[3]) if refs is None else refs[i]
+            plan = self._interests(event)
+            for candidate, key in plan:
+                wanted.append((by_position[candidate.position].trigger_id, key))
+            fresh.append((i, event, ref, event_id, occurred_us, plan))
+        # what evaluating them will read, in one statement
+        self._pending.prefetch(call.conn, wanted)
+        for i, event, ref, event_id, occurred_us, plan in fresh:
+            try:
+                self._reactive(call, event, 0, ref, event_id, occurred_us, plan)
+            except EventArrivedEarly:
+                outcomes[i] = Outcome.parked
         return outcomes
-
-    def _evaluate_new(
-        self,
-        call: _Call,
-        event: ReceivedEvent,
-        ref: EventRef,
-        event_id: str,
-        occurred_us: int,
-        plan: list[_Interest] | None,
-    ) -> Outcome:
-        if plan is None:
-            return Outcome.processed
-        try:
-            self._reactive(call, event, 0, ref, event_id, occurred_us, plan)
-        except EventArrivedEarly:
-            return Outcome.parked
-        return Outcome.processed
 
     def _interests(self, event: ReceivedEvent) -> list[_Interest]:
         """The triggers that cover the event, each with the event's bucketing key: what
@@ -815,9 +810,7 @@ class Engine:
                     # a lost follower proceeds without waiting (its wait is over)
                     with contextlib.suppress(EventArrivedEarly):
                         self._react(call, event, 0)
-            swept = buckets_store.sweep_closed_buckets(
-                conn, to_us(as_of - self.expired_bucket_buffer)
-            )
+            swept = self._pending.sweep(conn, to_us(as_of - self.expired_bucket_buffer))
             self._save_clock(conn, before)
         except BaseException:
             self._restore_clock(conn, before)

@@ -15,6 +15,7 @@ Real SQLite files, fixed clocks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -616,3 +617,126 @@ def test_an_inbox_drained_by_a_rolled_back_batch_is_drained_again(store: Store) 
     assert inbox_rows(conn) == 1
     assert inbox_statements(conn, engine, []) > 0
     assert inbox_rows(conn) == 0
+
+
+# --- buckets kept between batches (the backtest's scratch store) ----------------------------
+
+
+def spread_ticks(n: int, resources: int, step: float) -> list[ReceivedEvent]:
+    return [
+        ReceivedEvent(
+            event="tick",
+            resource=Resource({"prefect.resource.id": f"r{i % resources}"}),
+            occurred=S + timedelta(seconds=i * step),
+            received=S + timedelta(seconds=i * step),
+            id=uuid4(),
+        )
+        for i in range(n)
+    ]
+
+
+def run_kept(path: Path, kept: int, events: list[ReceivedEvent]) -> list[Any]:
+    """Batches of 20 with a proactive pass and the periodic one (the sweep) after each,
+    as a backtest runs them; the bucket table after each batch, and the firings."""
+    opened = Store.open(path)
+    conn = opened.conn
+    try:
+        engine = Engine()
+        engine.keep_buckets(conn, kept)
+        with conn:
+            engine.load_automations(conn, [COUNTER, WATCHDOG], S)
+        seen = []
+        for start in range(0, len(events), 20):
+            part = events[start : start + 20]
+            now = part[-1].occurred
+            process_in_transaction(conn, engine, part, now)
+            with conn:
+                engine.proactive(conn, now)
+            with conn:
+                engine.periodic(conn, now)
+            seen.append(table(opened))
+        seen.append(conn.execute("SELECT event, count(*) FROM events GROUP BY event").fetchall())
+    finally:
+        opened.close()
+    return seen
+
+
+@pytest.mark.parametrize("kept", [1, 3, 1_000])
+def test_buckets_kept_between_batches_leave_what_reading_the_table_leaves(
+    tmp_path: Path, kept: int
+) -> None:
+    """`Engine.keep_buckets`: the same batches, proactive passes and sweeps (which delete
+    closed windows) leave the same buckets and firings, whether each batch reads its
+    buckets from the table (0, the daemon's engine) or from what earlier ones kept (a
+    tiny bound forgets them all now and then)."""
+    events = spread_ticks(300, 7, 2.5)
+    reference = run_kept(tmp_path / "table.db", 0, events)
+    assert dict(reference[-1])["prefect.automation.triggered"] > 0
+    tables = reference[:-1]
+    assert any(len(a) > len(b) for a, b in itertools.pairwise(tables))  # the sweep deleted some
+    assert run_kept(tmp_path / "kept.db", kept, events) == reference
+
+
+def bucket_reads(conn: Connection, work: Any) -> int:
+    """How many statements `work()` ran that read the buckets table."""
+    traced: list[str] = []
+
+    def trace(_cursor: apsw.Cursor, sql: str, _bindings: object) -> bool:
+        traced.append(sql)
+        return True
+
+    conn.exec_trace = trace
+    try:
+        work()
+    finally:
+        conn.exec_trace = None
+    return sum(1 for sql in traced if sql.startswith("SELECT") and "FROM buckets" in sql)
+
+
+def test_kept_buckets_are_read_from_the_table_only_while_unknown(store: Store) -> None:
+    """A store whose triggers have rows already: what a batch read or wrote is not read
+    again; a store where they have none: no bucket is read at all."""
+    conn = store.conn
+    engine = Engine()
+    with conn:
+        engine.load_automations(conn, [COUNTER], S)
+    events = ticks(9, 3)
+    process_in_transaction(conn, engine, events[:3], NOW)  # r0, r1, r2 have rows
+    engine.keep_buckets(conn, 100)
+    assert bucket_reads(conn, lambda: process_in_transaction(conn, engine, events[3:6], NOW))
+    assert not bucket_reads(conn, lambda: process_in_transaction(conn, engine, events[6:], NOW))
+    with conn:
+        conn.execute("DELETE FROM buckets")
+    engine.keep_buckets(conn, 100)
+    assert not bucket_reads(conn, lambda: process_in_transaction(conn, engine, ticks(6, 3), NOW))
+    engine.keep_buckets(conn, 0)
+    assert bucket_reads(conn, lambda: process_in_transaction(conn, engine, ticks(3, 3), NOW))
+
+
+def test_a_kept_bucket_the_sweep_deleted_is_forgotten(store: Store) -> None:
+    """A late event for a key whose window the sweep removed starts a new window, as
+    when nothing is kept: it must not count into the old window remembered."""
+    conn = store.conn
+    engine = Engine()
+    engine.keep_buckets(conn, 100)
+    with conn:
+        engine.load_automations(conn, [COUNTER], S)
+
+    def tick(resource: str, seconds: int) -> ReceivedEvent:
+        at = S + timedelta(seconds=seconds)
+        return ReceivedEvent(
+            event="tick",
+            resource=Resource({"prefect.resource.id": resource}),
+            occurred=at,
+            received=at,
+            id=uuid4(),
+        )
+
+    process_in_transaction(conn, engine, [tick("r0", 0)], S)  # r0's window [0 s, 60 s)
+    later = S + timedelta(seconds=200)
+    process_in_transaction(conn, engine, [tick("r1", 200)], later)
+    with conn:
+        assert engine.periodic(conn, later) == 1  # r0's window closed 140 s ago: swept
+    process_in_transaction(conn, engine, [tick("r0", 30)], later)  # late, for r0
+    assert outbox_rows(store) == 0
+    assert [(row[1], row[5]) for row in table(store)] == [('["r0"]', 1), ('["r1"]', 1)]

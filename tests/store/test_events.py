@@ -182,3 +182,51 @@ def test_rows_in_occurred_order_are_the_stored_rows_ties_in_arrival_order_paged(
     finally:
         opened.close()
     assert pages == [[rows[1], rows[2]], [rows[3], rows[0]]]
+
+
+def _row(event_id: str, data: str) -> tuple[str, str, str, int, int, None, str]:
+    return (event_id, "e", "pump-1", to_us(BASE), to_us(BASE), None, data)
+
+
+def test_insert_new_events_returns_the_ids_not_stored_yet_and_keeps_the_first_copy(
+    tmp_path: Path,
+) -> None:
+    """Duplicates, stored already or repeated in the rows, are left out of what is
+    inserted and returned; rows with none are all returned; the caller's transaction
+    goes on (no savepoint is left open)."""
+    opened = Store.open(tmp_path / "events.db")
+    conn = opened.conn
+    a, b, c, d = (str(uuid4()) for _ in range(4))
+    try:
+        with conn:
+            assert insert_new_events(conn, [_row(a, "a1")]) == {a}
+            assert insert_new_events(
+                conn, [_row(b, "b1"), _row(a, "a2"), _row(c, "c1"), _row(b, "b2")]
+            ) == {b, c}
+            assert insert_new_events(conn, [_row(d, "d1")]) == {d}
+            assert insert_new_events(conn, []) == set()
+            assert conn.in_transaction
+        stored = {str(i): str(d) for i, d in conn.execute("SELECT id, data FROM events")}
+        assert not conn.in_transaction
+    finally:
+        opened.close()
+    assert stored == {a: "a1", b: "b1", c: "c1", d: "d1"}
+
+
+def test_insert_new_events_that_fails_raises_its_error_and_inserts_nothing(
+    tmp_path: Path,
+) -> None:
+    opened = Store.open(tmp_path / "events.db")
+    conn = opened.conn
+    good = str(uuid4())
+    try:
+        with conn:
+            unbindable: Any = object()
+            with pytest.raises(TypeError):  # a value SQLite cannot bind
+                insert_new_events(conn, [_row(good, "ok"), _row(str(uuid4()), unbindable)])
+            assert conn.execute("SELECT count(*) FROM events").fetchone() == (0,)
+            assert insert_new_events(conn, [_row(good, "ok")]) == {good}
+        count = conn.execute("SELECT count(*) FROM events").fetchone()
+    finally:
+        opened.close()
+    assert count == (1,)
