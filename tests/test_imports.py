@@ -124,7 +124,7 @@ httpx's own command line (click, rich, pygments), pendulum (ISO-8601 durations o
 (payload templates only: the bench's automations have none), the upstream bridge (with
 `[upstream] url` only), explanations (on the first explain request), prometheus-client and
 the text it writes (on the first `GET /metrics`: its HTTP servers and `urllib.request`, about
-1.4 MB), and test-only libraries."""
+1.1 MB), and test-only libraries."""
 
 
 def test_serve_does_not_import_what_it_does_not_use() -> None:

@@ -2,7 +2,7 @@
 text format, written by prometheus-client.
 
 Imported by the ``/metrics`` route on the first scrape, not at start: prometheus-client
-and what it imports (its HTTP servers, ``urllib.request``) are about 1.4 MB a daemon that
+and what it imports (its HTTP servers, ``urllib.request``) are about 1.1 MB a daemon that
 is never scraped does not carry (docs/PERFORMANCE.md#memory). The output is what
 prometheus-client's own ``Histogram`` and ``Counter`` write, ``_created`` samples
 included: the values are observed without it (``daemon.runtime.metrics``).

@@ -11,7 +11,7 @@ pass time by its ``on_pass``. Each daemon has its own ``Metrics``: nothing is gl
 
 What is observed is kept here in plain Python (``Histogram``, ``Counted``); the text is
 written by ``daemon.runtime.exposition``, which imports prometheus-client and which the
-``/metrics`` route imports when the first scrape comes: about 1.4 MB that a daemon nobody
+``/metrics`` route imports when the first scrape comes: about 1.1 MB that a daemon nobody
 scrapes does not carry (docs/PERFORMANCE.md#memory).
 """
 
@@ -140,7 +140,7 @@ class Metrics:
 
     @property
     def histograms(self) -> tuple[Histogram, ...]:
-        """In the order of the text, the deliveries counter between the last two."""
+        """In the order of the text; the deliveries counter comes after the first three."""
         return (
             self.batch_events,
             self.commit_seconds,
