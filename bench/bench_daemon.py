@@ -22,7 +22,8 @@ Phases on one connection:
    from the first frame sent to the last ack received;
 2. paced: 1,000 events/s for a while, ack latency from send to ack (p50, p99).
 
-Then the daemon's peak RSS (VmHWM) and CPU, and the client alone against a trivial server
+Then the daemon's peak RSS (VmHWM), its RSS idle (read one second after it listens, before
+the first event) and its CPU, and the client alone against a trivial server
 (``bench/peers.py trivial``) to show what the client itself costs on this machine.
 """
 
@@ -63,6 +64,7 @@ THRESHOLD: Final = 10  # events per firing
 WITHIN: Final = 60  # seconds
 START_TIMEOUT: Final = 30.0  # seconds for a process to start listening
 STOP_TIMEOUT: Final = 15.0  # seconds for the daemon to exit after SIGTERM
+IDLE_SETTLE: Final = 1.0  # seconds after it listens before its idle RSS is read
 
 TARGET_EVENTS_PER_S: Final = 10_000
 TARGET_P99_MS: Final = 25.0
@@ -171,11 +173,20 @@ def _thread_cpu(pid: int) -> dict[str, float]:
     return out
 
 
+def _status_mb(pid: int, *fields: str) -> list[float]:
+    """Fields of ``/proc/<pid>/status`` given in kB (``VmHWM``, ``RssAnon``...), in MiB."""
+    found = {
+        name: int(rest.split()[0]) / 1024
+        for name, _, rest in (
+            line.partition(":") for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+        if name in fields
+    }
+    return [found[field] for field in fields]
+
+
 def _vm_hwm_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc status")
+    return _status_mb(pid, "VmHWM")[0]
 
 
 def _self_cpu() -> float:
@@ -465,6 +476,8 @@ def main() -> int:
     try:
         daemon, port, log_path = start_daemon(workdir, receiver_port)
         try:
+            time.sleep(IDLE_SETTLE)  # the tasks started after the listener, then idle
+            idle = _status_mb(daemon.pid, "VmRSS", "RssAnon", "RssFile")
             spy = None
             if args.profile:
                 spy = subprocess.Popen(
@@ -513,6 +526,8 @@ def main() -> int:
                 f"daemon: peak RSS (VmHWM) {hwm:.1f} MB, CPU {daemon_user + daemon_system:.1f} s "
                 f"in total ({daemon_user:.1f} s user, {daemon_system:.1f} s system), "
                 f"exit code {code}, {len(errors)} error lines in its log",
+                f"daemon idle before the first event: RSS {idle[0]:.1f} MB "
+                f"({idle[1]:.1f} anonymous, {idle[2]:.1f} file-backed)",
             ]
         ),
     )

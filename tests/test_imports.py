@@ -116,12 +116,15 @@ NOT_LOADED_BY_SERVE = (
     "hypothesis",
     "daemon.runtime.upstream",
     "daemon.engine.explain",
+    "prometheus_client",
+    "daemon.runtime.exposition",
 )
 """Modules `trigd serve` does not import until a path needs them (docs/PERFORMANCE.md#memory):
 httpx's own command line (click, rich, pygments), pendulum (ISO-8601 durations only), jinja2
 (payload templates only: the bench's automations have none), the upstream bridge (with
-`[upstream] url` only), explanations (on the first explain request), and test-only
-libraries."""
+`[upstream] url` only), explanations (on the first explain request), prometheus-client and
+the text it writes (on the first `GET /metrics`: its HTTP servers and `urllib.request`, about
+1.1 MB), and test-only libraries."""
 
 
 def test_serve_does_not_import_what_it_does_not_use() -> None:

@@ -114,7 +114,10 @@ class HttpApp:
     async def metrics_text(self, request: HttpRequest) -> HttpReply:
         if self.metrics is None:
             return error_reply(404, "no metrics in this server")
-        return HttpReply(200, await self.metrics.render(), content_type=CONTENT_TYPE)
+        from daemon.runtime.exposition import exposition  # prometheus-client: first scrape
+
+        text = exposition(self.metrics, await self.metrics.read_store())
+        return HttpReply(200, text, content_type=CONTENT_TYPE)
 
     async def post_events(self, request: HttpRequest) -> HttpReply:
         settings = self.settings

@@ -435,12 +435,14 @@ def _store_alive(conn: apsw.Connection) -> None:
     conn.execute("SELECT 1").fetchall()
 
 
-YOUNG_COLLECTION_THRESHOLD: Final = 20_000
+YOUNG_COLLECTION_THRESHOLD: Final = 10_000
 """Net new container objects between young collections (CPython's default is 700). At
 thousands of events a second the objects in flight (events, batches, replies) pass 700
 every few dozen events, and each collection walks them all again: about 7% of the daemon's
-CPU under load. Refcounting frees nearly everything here, so collecting less often costs
-little memory, and a collection of this size takes a few milliseconds."""
+CPU under load. Refcounting frees nearly everything here; what it cannot free (a few
+reference cycles per batch) waits for the next young collection, so this is also how much
+garbage a flood carries: at 20,000 the flood's peak RSS was 0.2-0.9 MB higher than at
+10,000, for no CPU per event that could be measured (docs/PERFORMANCE.md#memory)."""
 
 
 def tune_garbage_collector() -> None:
