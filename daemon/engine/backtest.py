@@ -24,8 +24,9 @@ no triggering event.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from typing import Any, Final
 
@@ -139,48 +140,53 @@ def replay(
     `engine` keeps up to `bucket_cache` buckets in memory between batches
     (`Engine.keep_buckets`: `scratch` is written by it alone), and none once the replay
     is over."""
-    engine.keep_buckets(scratch, bucket_cache)
+    with _kept_buckets(engine, scratch, bucket_cache):
+        with scratch:
+            engine.load_automations(scratch, automations, since)
+        since_us, until_us = to_us(since), to_us(until)
+        leaders = insight.leaders_since(source, since_us, until_us)
+        own = {insight.automation_resource_id(str(a.id)) for a in automations}
+        runner = _Runner(scratch, engine, since, granularity)
+        skipped = 0
+        for page in events_store.rows_in_occurred_order(source, since_us, until_us, batch):
+            events, rows, passed_over = _replayable(page, engine, own, leaders)
+            skipped += passed_over
+            runner.run(events, rows)
+        runner.finish(until)
+        return Replay(
+            read_firings(scratch, [str(a.id) for a in automations]), runner.replayed, skipped
+        )
+
+
+def _replayable(
+    page: Sequence[events_store.EventRow], engine: Engine, own: set[str], leaders: set[str]
+) -> tuple[list[ReceivedEvent], list[events_store.EventRow], int]:
+    """The rows of `page` a trigger can see, parsed, and how many were passed over."""
+    events: list[ReceivedEvent] = []
+    rows: list[events_store.EventRow] = []
+    skipped = 0
+    for row in page:
+        event_id, name, resource_id, _, _, _, data = row
+        if resource_id in own or (event_id not in leaders and not engine.index.for_name(name)):
+            skipped += 1
+            continue
+        try:
+            event = ReceivedEvent.model_validate_json(data)
+        except ValidationError:
+            skipped += 1  # stored by an older trigd and no longer read: live skips it too
+            continue
+        events.append(event)
+        rows.append(row)
+    return events, rows, skipped
+
+
+@contextlib.contextmanager
+def _kept_buckets(engine: Engine, scratch: Connection, size: int) -> Iterator[None]:
+    engine.keep_buckets(scratch, size)
     try:
-        return _replay(source, scratch, engine, automations, since, until, batch, granularity)
+        yield
     finally:
         engine.keep_buckets(scratch, 0)
-
-
-def _replay(
-    source: apsw.Connection,
-    scratch: Connection,
-    engine: Engine,
-    automations: Sequence[Automation],
-    since: datetime,
-    until: datetime,
-    batch: int,
-    granularity: timedelta,
-) -> Replay:
-    with scratch:
-        engine.load_automations(scratch, automations, since)
-    since_us, until_us = to_us(since), to_us(until)
-    leaders = insight.leaders_since(source, since_us, until_us)
-    own = {insight.automation_resource_id(str(a.id)) for a in automations}
-    runner = _Runner(scratch, engine, since, granularity)
-    skipped = 0
-    for page in events_store.rows_in_occurred_order(source, since_us, until_us, batch):
-        events: list[ReceivedEvent] = []
-        rows: list[events_store.EventRow] = []
-        for row in page:
-            event_id, name, resource_id, _, _, _, data = row
-            if resource_id in own or (event_id not in leaders and not engine.index.for_name(name)):
-                skipped += 1
-                continue
-            try:
-                event = ReceivedEvent.model_validate_json(data)
-            except ValidationError:
-                skipped += 1  # stored by an older trigd and no longer read: live skips it too
-                continue
-            events.append(event)
-            rows.append(row)
-        runner.run(events, rows)
-    runner.finish(until)
-    return Replay(read_firings(scratch, [str(a.id) for a in automations]), runner.replayed, skipped)
 
 
 class _Runner:
