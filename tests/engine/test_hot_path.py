@@ -561,20 +561,26 @@ def test_the_pass_looks_up_due_and_counted_buckets_without_a_scan(store: Store) 
 # --- the inbox is only looked into when something can be in it -----------------------------
 
 
-def inbox_statements(conn: Connection, engine: Engine, events: list[ReceivedEvent]) -> int:
-    """Run one batch the evaluator's way; how many of its statements read the inbox."""
-    seen: list[str] = []
+def statements(conn: Connection, work: Any) -> list[str]:
+    """The SQL statements `work()` ran on `conn`."""
+    traced: list[str] = []
 
-    def trace(_cursor: apsw.Cursor, sql: str, _bindings: Any) -> bool:
-        seen.append(sql)
+    def trace(_cursor: apsw.Cursor, sql: str, _bindings: object) -> bool:
+        traced.append(sql)
         return True
 
     conn.exec_trace = trace
     try:
-        process_in_transaction(conn, engine, events, NOW)
+        work()
     finally:
         conn.exec_trace = None
-    return sum("FROM inbox" in sql for sql in seen)
+    return traced
+
+
+def inbox_statements(conn: Connection, engine: Engine, events: list[ReceivedEvent]) -> int:
+    """Run one batch the evaluator's way; how many of its statements read the inbox."""
+    ran = statements(conn, lambda: process_in_transaction(conn, engine, events, NOW))
+    return sum("FROM inbox" in sql for sql in ran)
 
 
 def inbox_rows(conn: apsw.Connection) -> int:
@@ -679,18 +685,9 @@ def test_buckets_kept_between_batches_leave_what_reading_the_table_leaves(
 
 def bucket_reads(conn: Connection, work: Any) -> int:
     """How many statements `work()` ran that read the buckets table."""
-    traced: list[str] = []
-
-    def trace(_cursor: apsw.Cursor, sql: str, _bindings: object) -> bool:
-        traced.append(sql)
-        return True
-
-    conn.exec_trace = trace
-    try:
-        work()
-    finally:
-        conn.exec_trace = None
-    return sum(1 for sql in traced if sql.startswith("SELECT") and "FROM buckets" in sql)
+    return sum(
+        1 for sql in statements(conn, work) if sql.startswith("SELECT") and "FROM buckets" in sql
+    )
 
 
 def test_kept_buckets_are_read_from_the_table_only_while_unknown(store: Store) -> None:
