@@ -8,7 +8,7 @@ provoke (a gate that holds the store thread, a failure for one event id, a full 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 from uuid import UUID, uuid4
@@ -464,6 +464,26 @@ async def settle_until(sink: Recorder, count: int) -> None:
         await sink.changed.wait()
 
 
+def lingering(
+    gateway: StoreGateway,
+    engine: TimedEngine,
+    receive: trio.MemoryReceiveChannel[Submission],
+    *,
+    batch_max: int = 100,
+    linger_events: int = 64,
+) -> Callable[[], Awaitable[None]]:
+    """The evaluator with a 5 ms commit linger on the virtual clock, to start in a nursery."""
+    return lambda: run_evaluator(
+        gateway,
+        engine,
+        receive,
+        clock=virtual_clock,
+        batch_max=batch_max,
+        linger=timedelta(milliseconds=5),
+        linger_events=linger_events,
+    )
+
+
 async def test_events_arriving_within_the_linger_share_one_commit(
     gateway: StoreGateway, db_path: Path, frozen_clock: trio.testing.MockClock
 ) -> None:
@@ -475,17 +495,7 @@ async def test_events_arriving_within_the_linger_share_one_commit(
     send, receive = trio.open_memory_channel[Submission](10)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: run_evaluator(
-                    gateway,
-                    engine,
-                    receive,
-                    clock=virtual_clock,
-                    batch_max=100,
-                    linger=timedelta(milliseconds=5),
-                    linger_events=64,
-                )
-            )
+            nursery.start_soon(lingering(gateway, engine, receive))
             start = trio.current_time()
             for _ in range(3):  # events at 0, 2 and 4 ms
                 send.send_nowait(Submission(make_event(), sink))
@@ -520,17 +530,7 @@ async def test_no_linger_once_a_batch_holds_linger_events(
     start = trio.current_time()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: run_evaluator(
-                    gateway,
-                    engine,
-                    receive,
-                    clock=virtual_clock,
-                    batch_max=100,
-                    linger=timedelta(milliseconds=5),
-                    linger_events=3,
-                )
-            )
+            nursery.start_soon(lingering(gateway, engine, receive, linger_events=3))
             for _ in range(3):
                 send.send_nowait(Submission(make_event(), sink))
             await settle_until(sink, 3)
@@ -549,17 +549,7 @@ async def test_the_linger_never_makes_a_batch_longer_than_batch_max(
     start = trio.current_time()
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: run_evaluator(
-                    gateway,
-                    engine,
-                    receive,
-                    clock=virtual_clock,
-                    batch_max=3,
-                    linger=timedelta(milliseconds=5),
-                    linger_events=64,
-                )
-            )
+            nursery.start_soon(lingering(gateway, engine, receive, batch_max=3))
             for _ in range(5):
                 send.send_nowait(Submission(make_event(), sink))
                 await trio.testing.wait_all_tasks_blocked()
