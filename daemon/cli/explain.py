@@ -27,10 +27,7 @@ def explain_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     try:
         config = command_config(args)
         key = None if args.key is None else parse_key(args.key)
-    except ConfigError as exc:
-        print(f"trigd explain: {exc}", file=err)
-        return ExitCode.USAGE
-    except ValueError as exc:
+    except (ConfigError, ValueError) as exc:  # the configuration, or --key
         print(f"trigd explain: {exc}", file=err)
         return ExitCode.USAGE
     limits = Limits(config.insight.recent_events, config.insight.listed)
