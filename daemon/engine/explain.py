@@ -259,13 +259,7 @@ class _Context:
                     "trigger": row.child_trigger_id,
                     "path": paths.get(row.child_trigger_id),
                     "at": iso(from_us(row.child_fired_us)),
-                    "triggering_event": None
-                    if not isinstance(event, dict)
-                    else {
-                        "id": event.get("id"),
-                        "event": event.get("event"),
-                        "occurred": event.get("occurred"),
-                    },
+                    "triggering_event": _brief(event),
                 }
             )
         need = trigger.num_expected_firings
@@ -329,18 +323,22 @@ def _firings(conn: apsw.Connection, automation_id: str, limit: int) -> list[dict
             continue
         payload = event.payload
         triggering = payload.get("triggering_event")
+        brief = _brief(triggering)
+        if brief is not None and isinstance(triggering, dict):
+            brief["resource"] = (triggering.get("resource") or {}).get("prefect.resource.id")
         firings.append(
             {
                 "fired": iso(event.occurred),
                 "labels": payload.get("triggering_labels") or {},
-                "triggering_event": None
-                if not isinstance(triggering, dict)
-                else {
-                    "id": triggering.get("id"),
-                    "event": triggering.get("event"),
-                    "occurred": triggering.get("occurred"),
-                    "resource": (triggering.get("resource") or {}).get("prefect.resource.id"),
-                },
+                "triggering_event": brief,
             }
         )
     return firings
+
+
+def _brief(event: object) -> dict[str, Any] | None:
+    """A firing's triggering event, as stored in its document, in a few words: its id,
+    name and time (None when the firing had none)."""
+    if not isinstance(event, dict):
+        return None
+    return {"id": event.get("id"), "event": event.get("event"), "occurred": event.get("occurred")}
