@@ -221,26 +221,14 @@ def test_replayed_events_are_stored_as_read_not_serialised_again(tmp_path: Path)
             [(str(old.id), old.event, old.resource.id, to_us(old.occurred), to_us(T), None, text)],
         )
     live.close()
-    source = Store.open_readonly(tmp_path / "live.db")
-    scratch = Store.open(tmp_path / "scratch.db")
+    result = backtest(tmp_path / "live.db", [chosen], tmp_path / "replay")
+    scratch = Store.open_readonly(tmp_path / "replay" / "scratch.db")
     try:
-        with source.conn:
-            result = replay(
-                source.conn,
-                scratch.conn,
-                Engine(),
-                [chosen],
-                T,
-                UNTIL,
-                batch=7,
-                granularity=GRANULARITY,
-            )
         stored = scratch.conn.execute(
             "SELECT data FROM events WHERE id = ?", (str(old.id),)
         ).fetchone()
     finally:
         scratch.close()
-        source.close()
     assert stored == (text,)
     assert [f.triggering_event for f in result.firings] == [str(old.id)]
 
