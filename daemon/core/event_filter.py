@@ -19,8 +19,9 @@ same in SQL, and tests hold the two to agreement.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sized
 from datetime import datetime, time, timedelta
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, TypeVar
 from uuid import UUID
 
 from pydantic import (
@@ -55,13 +56,24 @@ class _Part(BaseModel):
 
 
 Values = list[str] | None
+_Sized = TypeVar("_Sized", bound=Sized | None)
+
+
+def _at_most(what: str) -> Callable[[_Sized], _Sized]:
+    """A validator: a list (or mapping) of at most MAX_LIST `what`, or None."""
+
+    def check(value: _Sized) -> _Sized:
+        if value is not None and len(value) > MAX_LIST:
+            raise ValueError(f"at most {MAX_LIST} {what}, got {len(value)}")
+        return value
+
+    return check
 
 
 def _bounded(value: list[str] | None) -> list[str] | None:
     if value is None:
         return None
-    if len(value) > MAX_LIST:
-        raise ValueError(f"at most {MAX_LIST} values, got {len(value)}")
+    _at_most("values")(value)
     for item in value:
         if len(item) > MAX_VALUE_CHARS:
             raise ValueError(f"a value is longer than {MAX_VALUE_CHARS} characters")
@@ -100,8 +112,7 @@ class NameFilter(_Part):
 def _few_labels(value: ResourceSpecification | None) -> ResourceSpecification | None:
     if value is None:
         return None
-    if len(value) > MAX_LIST:
-        raise ValueError(f"at most {MAX_LIST} labels, got {len(value)}")
+    _at_most("labels")(value)
     for _, patterns in value.items():
         _bounded(patterns)
     return value
@@ -155,12 +166,7 @@ def _passes(
 class IdFilter(_Part):
     id: list[UUID] | None = None
 
-    @field_validator("id")
-    @classmethod
-    def _few(cls, value: list[UUID] | None) -> list[UUID] | None:
-        if value is not None and len(value) > MAX_LIST:
-            raise ValueError(f"at most {MAX_LIST} ids, got {len(value)}")
-        return value
+    _few = field_validator("id")(_at_most("ids"))
 
 
 class Order(enum.StrEnum):
@@ -183,12 +189,7 @@ class EventFilter(_Part):
 
     _unsupported = field_validator("related", "text")(_absent)
 
-    @field_validator("any_resource")
-    @classmethod
-    def _few_any(cls, value: list[AnyResourceFilter] | None) -> list[AnyResourceFilter] | None:
-        if value is not None and len(value) > MAX_LIST:
-            raise ValueError(f"at most {MAX_LIST} filters, got {len(value)}")
-        return value
+    _few = field_validator("any_resource")(_at_most("filters"))
 
     @property
     def any_resources(self) -> list[AnyResourceFilter]:

@@ -79,6 +79,11 @@ def test_the_shape_prefects_client_sends_is_read_whole() -> None:
         ),
         ({"resource": {"distinct": True}}, "filter.resource.distinct: Input should be False"),
         ({"event": {"prefix": ["p"] * 101}}, "filter.event.prefix: at most 100 values, got 101"),
+        (
+            {"id": {"id": ["5f1c5d9e-0000-4000-8000-000000000000"] * 101}},
+            "filter.id.id: at most 100 ids, got 101",
+        ),
+        ({"any_resource": [{}] * 101}, "filter.any_resource: at most 100 filters, got 101"),
         ({"resource": {"id": ["x" * 1025]}}, "filter.resource.id: a value is longer than 1024"),
     ],
 )
