@@ -182,11 +182,15 @@ def _replayable(
 
 @contextlib.contextmanager
 def _kept_buckets(engine: Engine, scratch: Connection, size: int) -> Iterator[None]:
-    engine.keep_buckets(scratch, size)
+    """The engine keeps the Reactive buckets in memory and writes them to the table only
+    when the sweep reads it (`Engine.keep_buckets(deferred=True)`); at the end, or on a
+    failure, they are dropped unwritten: nothing reads the scratch store's buckets
+    after the replay (the firings are events), and it is thrown away."""
+    engine.keep_buckets(scratch, size, deferred=True)
     try:
         yield
     finally:
-        engine.keep_buckets(scratch, 0)
+        engine.drop_kept_buckets()
 
 
 class _Runner:
