@@ -392,6 +392,12 @@ class Engine:
         self._defer_buckets = deferred
         self._keep_reactive_buckets(conn)
 
+    def keep_seen_marks(self, conn: Connection, limit: int) -> None:
+        """Hold up to `limit` seen marks of causal ordering in memory instead of writing
+        each batch's (0: stop, dropping them unwritten): only for a store thrown away
+        afterwards and on any failure, the backtest's (`CausalOrdering.keep_seen`)."""
+        self.ordering(conn).keep_seen(limit)
+
     def drop_kept_buckets(self) -> None:
         """Stop keeping buckets, without writing what `deferred` held back: the store is
         about to be thrown away (the end of a replay)."""
