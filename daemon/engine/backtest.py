@@ -229,14 +229,22 @@ class _Runner:
         """Evaluate `events` (stored as `rows`, as read) in batches cut where a
         proactive pass or the sweeper's tick falls due."""
         start = 0
-        for i, event in enumerate(events):
-            passes = self.next_pass is not None and event.occurred >= self.next_pass
-            if passes or event.occurred >= self.next_sweep:
+        due_us = self._due_us()
+        for i, row in enumerate(rows):
+            if row[3] >= due_us:  # the row's `occurred_us` is its event's `occurred`
+                occurred = events[i].occurred
                 self._batch(events[start:i], rows[start:i])
                 start = i
-                self._passes_until(event.occurred)
-                self._sweep_until(event.occurred)
+                self._passes_until(occurred)
+                self._sweep_until(occurred)
+                due_us = self._due_us()
         self._batch(events[start:], rows[start:])
+
+    def _due_us(self) -> int:
+        """When the next proactive pass or sweeper's tick falls due, in µs (compared with
+        each row's `occurred_us`, no datetime per event)."""
+        due = self.next_sweep if self.next_pass is None else min(self.next_pass, self.next_sweep)
+        return to_us(due)
 
     def _batch(
         self, events: Sequence[ReceivedEvent], rows: Sequence[events_store.EventRow]
