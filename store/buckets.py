@@ -521,36 +521,39 @@ class PendingBuckets:
         will once written back)."""
         self._usable()
         kept = self._kept
-        if self._dirty:
-            batches = _batches()
-            deferring = self._deferring
-            deferred = self._deferred
-            low = self._deferred_low
-            for pair, entry in self._unit.items():
-                if not entry.dirty:
-                    continue
-                if deferring and pair[0] in kept:
-                    deferred[pair] = entry
-                    for bucket in (entry.original, entry.current):
-                        if bucket is not None and (low is None or bucket.end < low):
-                            low = bucket.end
-                    continue
-                _add_change(batches, pair, entry)
-            self._deferred_low = low
-            _execute(conn, batches)
+        batches = _batches()
         if not kept:
+            if self._dirty:
+                for pair, entry in self._unit.items():
+                    if entry.dirty:
+                        _add_change(batches, pair, entry)
+                _execute(conn, batches)
             self.discard()
             return
         rows = self._rows
         complete = self._complete
+        deferring = self._deferring
+        deferred = self._deferred
+        low = self._deferred_low
         for pair, entry in self._unit.items():
-            if pair[0] not in kept or (complete and entry.current is None and not entry.dirty):
-                del rows[pair]  # not kept, or known absent anyway
-            elif not entry.dirty or pair not in self._deferred:
-                entry.original = entry.current
-                entry.dirty = False
+            if pair[0] not in kept:
+                if entry.dirty:
+                    _add_change(batches, pair, entry)
+                del rows[pair]
+            elif deferring and entry.dirty:
+                deferred[pair] = entry
+                for bucket in (entry.original, entry.current):
+                    if bucket is not None and (low is None or bucket.end < low):
+                        low = bucket.end
+            else:
+                if entry.dirty:
+                    _add_change(batches, pair, entry)
+                    entry.original = entry.current
+                    entry.dirty = False
                 if complete and entry.current is None:
-                    del rows[pair]
+                    del rows[pair]  # known absent anyway
+        self._deferred_low = low
+        _execute(conn, batches)
         self._unit.clear()
         self._dirty = False
         if len(rows) > self._keep_limit:
