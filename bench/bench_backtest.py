@@ -8,7 +8,8 @@ A live database is written first (not measured) with the daemon benchmark's work
 stamp every 1/10,000 s), plus `--unseen` as a share of events no trigger names (0 by
 default: every event is evaluated, the worst case). Then `replay` (daemon/engine/backtest.py)
 runs over it as `trigd backtest` runs it (its scratch store, `open_scratch`, and its GC
-settings, `replay_gc`, and `[insight] backtest_bucket_cache`, `--bucket-cache`), in batches
+settings, `replay_gc`, and `[insight] backtest_bucket_cache`, `--bucket-cache`, and
+`backtest_seen_cache`, `--seen-cache`), in batches
 of `--batch`, and its CPU time (user + system of this
 process, `resource.getrusage`: the replay is single-threaded) is divided into the events
 in the window.
@@ -34,7 +35,7 @@ from daemon.cli.backtest import open_scratch, replay_gc
 from daemon.core.automations import Automation
 from daemon.core.clock import to_us
 from daemon.core.events import parse_incoming_event
-from daemon.engine.backtest import BUCKET_CACHE, replay
+from daemon.engine.backtest import BUCKET_CACHE, SEEN_CACHE, replay
 from daemon.engine.engine import Engine
 from store.db import Store
 from store.events import EventRow, insert_new_events
@@ -89,6 +90,7 @@ def run_once(
     until: datetime,
     batch: int,
     bucket_cache: int,
+    seen_cache: int,
 ) -> tuple[float, int, int]:
     with tempfile.TemporaryDirectory(prefix="bench-backtest-") as tmp:
         scratch = open_scratch(Path(tmp) / "scratch.db")
@@ -107,6 +109,7 @@ def run_once(
                     batch=batch,
                     granularity=timedelta(seconds=5),
                     bucket_cache=bucket_cache,
+                    seen_cache=seen_cache,
                 )
         finally:
             spent = cpu() - before
@@ -129,6 +132,12 @@ def main() -> None:
         default=BUCKET_CACHE,
         help="buckets kept between batches ([insight] backtest_bucket_cache; 0: none)",
     )
+    parser.add_argument(
+        "--seen-cache",
+        type=int,
+        default=SEEN_CACHE,
+        help="seen marks kept, not written ([insight] backtest_seen_cache; 0: none)",
+    )
     args = parser.parse_args()
     loaded = [Automation.model_validate(a) for a in automations("http://127.0.0.1:9/hook")]
     with tempfile.TemporaryDirectory(prefix="bench-backtest-live-") as tmp:
@@ -138,7 +147,7 @@ def main() -> None:
         rates = []
         for run in range(args.repeat):
             spent, replayed, skipped = run_once(
-                live_path, loaded, since, until, args.batch, args.bucket_cache
+                live_path, loaded, since, until, args.batch, args.bucket_cache, args.seen_cache
             )
             total = replayed + skipped
             rates.append(total / spent)

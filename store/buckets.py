@@ -16,7 +16,8 @@ read at most once and written at most once, when the engine ends its unit of wor
 `executemany` per kind of statement. It lives no longer than the transaction, so the
 database stays the only state between transactions; except on a backtest's scratch store,
 which one engine writes alone: there it keeps what it wrote (`PendingBuckets.keep`), as
-the table holds it, for the next transactions to read.
+the table holds it, for the next transactions to read, and writes it to the table only
+when the sweep is about to read the table (`deferred`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Collection, Iterator, Sequence
+from datetime import datetime
 from typing import Final
 
 import apsw
@@ -339,7 +341,7 @@ PENDING_LIMIT: Final = 20_000
 
 
 class _Pending:
-    """One bucket as the transaction found it and as it must be left."""
+    """One bucket as the table holds it (`original`) and as it must be left (`current`)."""
 
     __slots__ = ("automation_id", "current", "dirty", "original", "proactive")
 
@@ -368,6 +370,17 @@ class PendingBuckets:
     bucket it does not hold has no row, and is not looked for. That is only true to the
     table on a connection where nothing else changes those triggers' rows, except
     through `sweep`: the backtest's scratch store, which one engine writes alone.
+
+    `keep(..., deferred=True)` goes one step further: the kept buckets are the state, and
+    their changes reach the table only when something is about to read it: `sweep`
+    writes first those whose row it would judge (either the row's or the new window
+    ends by its cutoff), and `write_back` (`keep`, a reload) writes all. A bucket that
+    counts many events is then written once. Only the sweep reads those triggers' rows
+    (their buckets are read through this object, and a proactive pass reads only
+    Proactive triggers' rows), so every read gets what writing through would have given.
+    What a committed transaction changed may then be in memory only: a unit that fails
+    (`discard`) loses it, and from then on every call refuses (`RuntimeError`) until
+    `keep` is called again with no limit; the backtest stops at any failure anyway.
     """
 
     def __init__(self, limit: int = PENDING_LIMIT) -> None:
@@ -377,35 +390,75 @@ class PendingBuckets:
         """Every bucket known: those of the running unit, and those kept."""
         self._unit: dict[tuple[str, tuple[str, ...]], _Pending] = {}
         """The buckets the running unit read from the table or wrote."""
-        self._dirty = 0
+        self._dirty = False
         self._limit = limit
         self._kept: frozenset[str] = frozenset()
         self._keep_limit = 0
         self._complete = False
         """Whether `_rows` holds every row of the `_kept` triggers."""
+        self._deferring = False
+        self._deferred: dict[tuple[str, tuple[str, ...]], _Pending] = {}
+        """Kept buckets changed by committed units and not written yet (`deferred`)."""
+        self._deferred_low: datetime | None = None
+        """The earliest window end among the rows and new states of `_deferred`: a sweep
+        whose cutoff is before it has nothing of theirs to judge."""
+        self._lost = False
+        """A unit failed while changes were deferred: the table is behind memory."""
 
-    def keep(self, conn: apsw.Connection, trigger_ids: Collection[str], limit: int) -> None:
+    def keep(
+        self,
+        conn: apsw.Connection,
+        trigger_ids: Collection[str],
+        limit: int,
+        *,
+        deferred: bool = False,
+    ) -> None:
         """After each flush, keep the buckets of these triggers (at most `limit` buckets:
-        past it, all are forgotten), and forget everything known now. Only for a
+        past it, all are forgotten), and forget everything known now (what was deferred
+        is written first, in a transaction of its own or the caller's). Only for a
         connection where these triggers' rows change through this object alone (see the
-        class docstring); `keep(conn, (), 0)` stops."""
+        class docstring); `deferred`: write their changes back only when the table is
+        read; `keep(conn, (), 0)` stops."""
         if limit < 0:
             raise ValueError("limit: must not be negative")
+        if self._lost:
+            if limit:
+                raise RuntimeError("keep: deferred bucket changes were lost; stop keeping first")
+        else:
+            self.write_back(conn)
         self.discard()
+        self._lost = False
         self._kept = frozenset(trigger_ids) if limit else frozenset()
         self._keep_limit = limit
+        self._deferring = deferred and bool(self._kept)
         self._complete = bool(self._kept) and not any(
             conn.execute("SELECT 1 FROM buckets WHERE trigger_id = ? LIMIT 1", (t,)).fetchone()
             for t in self._kept
         )
 
+    def drop(self) -> None:
+        """Stop keeping, without writing back what was deferred: for a store about to be
+        thrown away (the end of a backtest's replay, whose scratch store nobody reads
+        buckets from afterwards)."""
+        self._deferred.clear()
+        self.discard()
+        self._lost = False
+        self._kept = frozenset()
+        self._keep_limit = 0
+        self._deferring = False
+
     def _absent(self, trigger_id: str) -> bool:
         """Known to have no row without looking: not read, not kept, and all is kept."""
         return self._complete and trigger_id in self._kept
 
+    def _usable(self) -> None:
+        if self._lost:
+            raise RuntimeError("buckets: deferred changes were lost with a failed unit")
+
     def read(self, conn: apsw.Connection, trigger_id: str, key: tuple[str, ...]) -> Bucket | None:
         entry = self._rows.get((trigger_id, key))
         if entry is None:
+            self._usable()
             if len(self._unit) >= self._limit:
                 self.flush(conn)
             found = None if self._absent(trigger_id) else read_bucket(conn, trigger_id, key)
@@ -418,6 +471,7 @@ class PendingBuckets:
     ) -> None:
         """Read these (trigger id, key) buckets now, in one statement: what a batch of
         events is about to `read` one by one. Skipped when it would pass the limit."""
+        self._usable()
         by_json: dict[tuple[str, str], tuple[str, ...]] = {}
         rows = self._rows
         for trigger_id, key in wanted:
@@ -450,64 +504,106 @@ class PendingBuckets:
     ) -> None:
         """The bucket's new state (None: removed); `existing` is what `read` returned;
         `automation_id` and `proactive` as `write_bucket` takes them."""
-        entry = self._rows.get((trigger_id, key))
+        pair = (trigger_id, key)
+        entry = self._rows.get(pair)
         if entry is None:  # written out early since it was read: `existing` is in the table
-            entry = self._rows[trigger_id, key] = _Pending(existing)
+            entry = self._rows[pair] = _Pending(existing)
         entry.current = stored
         entry.automation_id = automation_id
         entry.proactive = proactive
-        if not entry.dirty:
-            entry.dirty = True
-            self._dirty += 1
-            self._unit[trigger_id, key] = entry
+        entry.dirty = True
+        self._unit[pair] = entry
+        self._dirty = True
 
     def flush(self, conn: apsw.Connection) -> None:
-        """Write every change, one statement per kind, and forget what was read (but
-        what `keep` asks to keep, now as the table holds it)."""
-        if self._dirty:
-            batches: dict[str, list[tuple[object, ...]]] = {
-                _DELETE: [],
-                _UPDATE_COUNT: [],
-                _UPSERT: [],
-            }
-            for (trigger_id, key), entry in self._unit.items():
-                if entry.dirty:
-                    change = _change(
-                        trigger_id,
-                        key,
-                        entry.automation_id,
-                        entry.proactive,
-                        entry.original,
-                        entry.current,
-                    )
-                    if change is not None:
-                        batches[change[0]].append(change[1])
-            for sql, params in batches.items():
-                if params:
-                    conn.executemany(sql, params)
+        """Write every change, one statement per kind (but those `deferred`), and forget
+        what was read (but what `keep` asks to keep, now as the table holds it, or as it
+        will once written back)."""
+        self._usable()
         kept = self._kept
+        batches = _batches()
         if not kept:
+            if self._dirty:
+                for pair, entry in self._unit.items():
+                    if entry.dirty:
+                        _add_change(batches, pair, entry)
+                _execute(conn, batches)
             self.discard()
             return
         rows = self._rows
         complete = self._complete
+        deferring = self._deferring
+        deferred = self._deferred
+        low = self._deferred_low
         for pair, entry in self._unit.items():
-            if pair[0] not in kept or (complete and entry.current is None):
-                del rows[pair]  # not kept, or known absent anyway
+            if pair[0] not in kept:
+                if entry.dirty:
+                    _add_change(batches, pair, entry)
+                del rows[pair]
+            elif deferring and entry.dirty:
+                deferred[pair] = entry
+                for bucket in (entry.original, entry.current):
+                    if bucket is not None and (low is None or bucket.end < low):
+                        low = bucket.end
             else:
-                entry.original = entry.current
-                entry.dirty = False
+                if entry.dirty:
+                    _add_change(batches, pair, entry)
+                    entry.original = entry.current
+                    entry.dirty = False
+                if complete and entry.current is None:
+                    del rows[pair]  # known absent anyway
+        self._deferred_low = low
+        _execute(conn, batches)
         self._unit.clear()
-        self._dirty = 0
+        self._dirty = False
         if len(rows) > self._keep_limit:
+            self.write_back(conn)
             rows.clear()
             self._complete = False
 
+    def write_back(self, conn: apsw.Connection, cutoff_us: int | None = None) -> None:
+        """Write the deferred changes (those whose row or new state ends by `cutoff_us`
+        when given), inside the caller's transaction or one of its own. Between units."""
+        self._usable()
+        deferred = self._deferred
+        if not deferred:
+            return
+        if cutoff_us is None:
+            due = list(deferred.items())
+        else:
+            low = self._deferred_low
+            if low is None or to_us(low) > cutoff_us:
+                return
+            cutoff = from_us(cutoff_us)
+            due = [
+                (pair, e)
+                for pair, e in deferred.items()
+                if (e.original is not None and e.original.end <= cutoff)
+                or (e.current is not None and e.current.end <= cutoff)
+            ]
+        batches = _batches()
+        for pair, entry in due:
+            _add_change(batches, pair, entry)
+        with conn:
+            _execute(conn, batches)
+        rows = self._rows
+        for pair, entry in due:
+            del deferred[pair]
+            entry.original = entry.current
+            entry.dirty = False
+            if entry.current is None and self._complete:
+                rows.pop(pair, None)
+        self._deferred_low = min(
+            (b.end for e in deferred.values() for b in (e.original, e.current) if b is not None),
+            default=None,
+        )
+
     def sweep(self, conn: apsw.Connection, older_than_us: int) -> int:
         """`sweep_closed_buckets`, and forget the kept buckets it deleted. Between units
-        (after `flush`)."""
+        (after `flush`); deferred changes it would judge are written first."""
         if self._unit:
             raise RuntimeError("sweep: a unit is under way (flush it first)")
+        self.write_back(conn, older_than_us)
         if not self._rows:
             return sweep_closed_buckets(conn, older_than_us)
         deleted = conn.execute(
@@ -522,8 +618,33 @@ class PendingBuckets:
 
     def discard(self) -> None:
         """Forget everything, written or not, kept or not (the transaction is being
-        rolled back)."""
+        rolled back); deferred changes with it (see the class docstring)."""
+        if self._deferred:
+            self._lost = True
+            self._deferred.clear()
+        self._deferred_low = None
         self._rows.clear()
         self._unit.clear()
-        self._dirty = 0
+        self._dirty = False
         self._complete = False
+
+
+_Batches = dict[str, list[tuple[object, ...]]]
+
+
+def _batches() -> _Batches:
+    return {_DELETE: [], _UPDATE_COUNT: [], _UPSERT: []}
+
+
+def _add_change(batches: _Batches, pair: tuple[str, tuple[str, ...]], entry: _Pending) -> None:
+    change = _change(
+        pair[0], pair[1], entry.automation_id, entry.proactive, entry.original, entry.current
+    )
+    if change is not None:
+        batches[change[0]].append(change[1])
+
+
+def _execute(conn: apsw.Connection, batches: _Batches) -> None:
+    for sql, params in batches.items():
+        if params:
+            conn.executemany(sql, params)

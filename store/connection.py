@@ -28,7 +28,7 @@ class OrderingMarks:
     """What every `CausalOrdering` of one scope on one connection shares, in memory
     (`daemon.engine.ordering`: in-flight marks, known leaders, a batch's seen marks)."""
 
-    __slots__ = ("in_flight", "leaders", "pending_seen", "stale")
+    __slots__ = ("in_flight", "kept_seen", "kept_seen_limit", "leaders", "pending_seen", "stale")
 
     def __init__(self) -> None:
         self.in_flight: set[str] = set()
@@ -38,12 +38,18 @@ class OrderingMarks:
         self.stale = True
         self.pending_seen: dict[str, int] | None = None
         """Inside `batch()`: seen marks (id -> seen_us) not yet written; else None."""
+        self.kept_seen: dict[str, int] | None = None
+        """Seen marks of earlier batches held instead of written, up to `kept_seen_limit`
+        (a backtest's scratch store: `CausalOrdering.keep_seen`); None: written."""
+        self.kept_seen_limit = 0
 
     def forget(self) -> None:
         self.in_flight.clear()
         self.leaders.clear()
         if self.pending_seen is not None:
             self.pending_seen.clear()
+        if self.kept_seen is not None:
+            self.kept_seen.clear()
 
 
 class ConnectionState:

@@ -61,9 +61,9 @@ def rows_in_occurred_order(
 ) -> Iterator[list[EventRow]]:
     """The rows of the events that occurred in [since_us, until_us), as stored (every
     column of an `EventRow`, for another events table), in `occurred` order (ties in
-    arrival order: rowid), `page` at a time. One statement stepped as the caller goes:
-    there is no index by `occurred` to walk, so SQLite sorts once, and the caller's read
-    transaction keeps one snapshot until the last page."""
+    arrival order: rowid), `page` at a time. One statement stepped as the caller goes,
+    walking the `events_occurred` index (whose entries end with the rowid, so no sort),
+    and the caller's read transaction keeps one snapshot until the last page."""
     cursor = conn.execute(
         "SELECT id, event, resource_id, occurred_us, received_us, follows, data FROM events "
         "WHERE occurred_us >= ? AND occurred_us < ? ORDER BY occurred_us, rowid",

@@ -110,6 +110,7 @@ def backtest_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                         until,
                         batch=config.insight.backtest_batch,
                         bucket_cache=config.insight.backtest_bucket_cache,
+                        seen_cache=config.insight.backtest_seen_cache,
                         granularity=config.triggers.proactive_granularity,
                     )
                     loaded = loaded_ids(live.conn, automations)

@@ -456,6 +456,7 @@ class InsightConfig(Section):
     listed: Count = 10  # entries per list in an explanation
     backtest_batch: Count = 2_000  # events a backtest replays per transaction
     backtest_bucket_cache: Count = 100_000  # buckets a backtest keeps in memory between batches
+    backtest_seen_cache: Count = 500_000  # seen marks a backtest keeps in memory, not written
 
 
 class EventsOutConfig(Section):

@@ -111,6 +111,9 @@ def read_firings(conn: apsw.Connection, automation_ids: Sequence[str]) -> list[F
 BUCKET_CACHE: Final[int] = InsightConfig.model_fields["backtest_bucket_cache"].default
 """Buckets a replay keeps in memory between batches by default (`[insight]
 backtest_bucket_cache`)."""
+SEEN_CACHE: Final[int] = InsightConfig.model_fields["backtest_seen_cache"].default
+"""Seen marks a replay keeps in memory instead of writing them, by default (`[insight]
+backtest_seen_cache`)."""
 
 
 @attrs.frozen
@@ -133,14 +136,15 @@ def replay(
     batch: int,
     granularity: timedelta,
     bucket_cache: int = BUCKET_CACHE,
+    seen_cache: int = SEEN_CACHE,
 ) -> Replay:
     """Replay the events of `source` that occurred in [since, until) through `automations`
     on `engine` over the empty store `scratch`; the firings they made there.
 
-    `engine` keeps up to `bucket_cache` buckets in memory between batches
-    (`Engine.keep_buckets`: `scratch` is written by it alone), and none once the replay
-    is over."""
-    with _kept_buckets(engine, scratch, bucket_cache):
+    `engine` keeps up to `bucket_cache` buckets and `seen_cache` seen marks in memory
+    between batches (`scratch` is written by it alone, and thrown away after), and none
+    once the replay is over."""
+    with _held_in_memory(engine, scratch, bucket_cache, seen_cache):
         with scratch:
             engine.load_automations(scratch, automations, since)
         since_us, until_us = to_us(since), to_us(until)
@@ -181,12 +185,22 @@ def _replayable(
 
 
 @contextlib.contextmanager
-def _kept_buckets(engine: Engine, scratch: Connection, size: int) -> Iterator[None]:
-    engine.keep_buckets(scratch, size)
+def _held_in_memory(
+    engine: Engine, scratch: Connection, bucket_cache: int, seen_cache: int
+) -> Iterator[None]:
+    """What the replay's engine holds in memory instead of the scratch table: the
+    Reactive buckets, written to the table only when the sweep reads it
+    (`Engine.keep_buckets(deferred=True)`), and causal ordering's seen marks, read back
+    only by an event that follows another (`Engine.keep_seen_marks`). At the end, or on
+    a failure, both are dropped unwritten: after the replay only the firings are read
+    (they are events), and the scratch store is thrown away."""
+    engine.keep_buckets(scratch, bucket_cache, deferred=True)
+    engine.keep_seen_marks(scratch, seen_cache)
     try:
         yield
     finally:
-        engine.keep_buckets(scratch, 0)
+        engine.keep_seen_marks(scratch, 0)
+        engine.drop_kept_buckets()
 
 
 class _Runner:
@@ -215,14 +229,22 @@ class _Runner:
         """Evaluate `events` (stored as `rows`, as read) in batches cut where a
         proactive pass or the sweeper's tick falls due."""
         start = 0
-        for i, event in enumerate(events):
-            passes = self.next_pass is not None and event.occurred >= self.next_pass
-            if passes or event.occurred >= self.next_sweep:
+        due_us = self._due_us()
+        for i, row in enumerate(rows):
+            if row[3] >= due_us:  # the row's `occurred_us` is its event's `occurred`
+                occurred = events[i].occurred
                 self._batch(events[start:i], rows[start:i])
                 start = i
-                self._passes_until(event.occurred)
-                self._sweep_until(event.occurred)
+                self._passes_until(occurred)
+                self._sweep_until(occurred)
+                due_us = self._due_us()
         self._batch(events[start:], rows[start:])
+
+    def _due_us(self) -> int:
+        """When the next proactive pass or sweeper's tick falls due, in µs (compared with
+        each row's `occurred_us`, no datetime per event)."""
+        due = self.next_sweep if self.next_pass is None else min(self.next_pass, self.next_sweep)
+        return to_us(due)
 
     def _batch(
         self, events: Sequence[ReceivedEvent], rows: Sequence[events_store.EventRow]

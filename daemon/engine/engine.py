@@ -21,7 +21,8 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   statement when the unit of work ends (a batch, one `reactive_evaluation`,
   the lost followers of `periodic`), or dropped when it fails. Between calls nothing is
   kept: the database stays the only state (a backtest's engine, alone on its scratch
-  store, keeps the buckets it wrote as the table holds them: `keep_buckets`). What is
+  store, keeps the buckets it wrote, and writes them only when the table is read:
+  `keep_buckets`). What is
   cached about a connection (its events clock, whether its inbox is known empty, the
   ordering's marks) is in the connection's
   `store.connection.ConnectionState`, never on the engine. The proactive pass reads the
@@ -305,6 +306,7 @@ class Engine:
         """Bucket changes of the running unit (`_bucket_unit`), empty between calls
         (unless `keep_buckets`)."""
         self._keep_buckets = 0
+        self._defer_buckets = False
 
     @classmethod
     def configured(cls, config: Config) -> Engine:
@@ -338,6 +340,7 @@ class Engine:
         previous = automations_store.stored_triggers(conn)
         reset = {tid for tid, row in previous.items() if wanted.get(tid) != row}
         with conn:
+            self._pending.write_back(conn)  # what a replay's engine holds back (`keep_buckets`)
             buckets_store.delete_trigger_buckets(conn, reset)
             forget_trigger_state(conn, (UUID(t) for t in reset))
             loaded_us = to_us(now)
@@ -371,20 +374,40 @@ class Engine:
         )
         return report
 
-    def keep_buckets(self, conn: Connection, limit: int) -> None:
+    def keep_buckets(self, conn: Connection, limit: int, *, deferred: bool = False) -> None:
         """Keep up to `limit` buckets of Reactive triggers in memory between calls, as
         the table holds them after each unit, so a batch reads from the table only those
-        no earlier call read or wrote (0: keep none, the default).
+        no earlier call read or wrote (0: keep none, the default; what was held back is
+        written first).
+
+        `deferred`: their changes are written to the table only when it is read (the
+        sweep, a reload, `keep_buckets` again), not after each unit, so a bucket that
+        counts many events is written once; a failed unit then leaves the engine unusable
+        until `keep_buckets(conn, 0)` (`store/buckets.py: PendingBuckets`).
 
         Only for a store that this engine alone writes, on one connection: the backtest's
         scratch store. A Proactive trigger's buckets are never kept (its pass reads and
         writes the table directly); the sweep and a reload go through `_pending`."""
         self._keep_buckets = limit
+        self._defer_buckets = deferred
         self._keep_reactive_buckets(conn)
+
+    def keep_seen_marks(self, conn: Connection, limit: int) -> None:
+        """Hold up to `limit` seen marks of causal ordering in memory instead of writing
+        each batch's (0: stop, dropping them unwritten): only for a store thrown away
+        afterwards and on any failure, the backtest's (`CausalOrdering.keep_seen`)."""
+        self.ordering(conn).keep_seen(limit)
+
+    def drop_kept_buckets(self) -> None:
+        """Stop keeping buckets, without writing what `deferred` held back: the store is
+        about to be thrown away (the end of a replay)."""
+        self._keep_buckets = 0
+        self._defer_buckets = False
+        self._pending.drop()
 
     def _keep_reactive_buckets(self, conn: Connection) -> None:
         reactive = [lt.trigger_id for lt in self._by_position if not lt.proactive]
-        self._pending.keep(conn, reactive, self._keep_buckets)
+        self._pending.keep(conn, reactive, self._keep_buckets, deferred=self._defer_buckets)
 
     # --- reactive --------------------------------------------------------------------
 

@@ -31,6 +31,12 @@ set only ever grows between reloads (parking adds, releasing does not remove), s
 rolled-back transaction can only leave it too large, never missing a leader; it is
 reloaded at the start of the next batch after a release or a failure, when the
 transaction has not changed anything yet.
+
+A backtest's replay goes one step further (`keep_seen`): its seen marks stay in memory
+across batches, up to a bound, and reach the table only past it. A mark is only ever
+read back by an event that follows that one (`_is_seen`), which looks in memory first,
+and by the sweeper's expiry, which the replay does not run; so the table's copy is
+never needed on a store that is thrown away afterwards.
 """
 
 from __future__ import annotations
@@ -164,16 +170,43 @@ class CausalOrdering:
         if state.stale:
             state.leaders = db.leaders(self.conn, self.scope)
             state.stale = False
-        state.pending_seen = {}
+        pending: dict[str, int] = {}
+        state.pending_seen = pending
         try:
             yield
-            if state.pending_seen:
-                db.mark_seen_many(self.conn, self.scope, state.pending_seen.items())
+            if pending:
+                self._write_seen(pending)
         except BaseException:
             state.stale = True  # the transaction will roll back: trust only the database
             raise
         finally:
             state.pending_seen = None
+
+    def keep_seen(self, limit: int) -> None:
+        """Keep the seen marks of the batches (`batch()`) in memory, up to `limit` (past
+        it, they are written to the table in the batch's transaction and forgotten),
+        instead of writing each batch's; 0: stop, dropping what is held unwritten.
+
+        Only for a store that is thrown away afterwards and on any failure (a
+        backtest's scratch store): a batch whose COMMIT then fails leaves its marks in
+        memory, and what is held is never written."""
+        if limit < 0:
+            raise ValueError("limit: must not be negative")
+        state = self._state
+        state.kept_seen = {} if limit else None
+        state.kept_seen_limit = limit
+
+    def _write_seen(self, marks: dict[str, int]) -> None:
+        """A batch's seen marks, into the table or into what `keep_seen` holds."""
+        state = self._state
+        kept = state.kept_seen
+        if kept is None:
+            db.mark_seen_many(self.conn, self.scope, marks.items())
+        elif len(kept) + len(marks) > state.kept_seen_limit:
+            db.mark_seen_many(self.conn, self.scope, [*kept.items(), *marks.items()])
+            kept.clear()
+        else:
+            kept.update(marks)
 
     # --- processing --------------------------------------------------------------------
 
@@ -210,11 +243,12 @@ class CausalOrdering:
         return self._is_seen(_event_id(event), to_us(now) - self._expiration_us)
 
     def _is_seen(self, event_id: str, cutoff_us: int) -> bool:
-        pending = self._state.pending_seen
-        if pending is not None:
-            seen_us = pending.get(event_id)
-            if seen_us is not None:
-                return seen_us > cutoff_us
+        state = self._state
+        for held in (state.pending_seen, state.kept_seen):  # the newest marks first
+            if held is not None:
+                seen_us = held.get(event_id)
+                if seen_us is not None:
+                    return seen_us > cutoff_us
         return db.is_seen(self.conn, self.scope, event_id, cutoff_us)
 
     def record_event_as_seen(self, event: ReceivedEvent, *, now: datetime) -> None:
@@ -225,11 +259,26 @@ class CausalOrdering:
         if pending is not None:
             pending[event_id] = now_us
         else:
-            db.mark_seen(self.conn, self.scope, event_id, now_us)
+            self._mark_seen_now(event_id, now_us)
+
+    def _mark_seen_now(self, event_id: str, now_us: int) -> None:
+        """Outside a batch: into the table at once (an older mark held is dropped)."""
+        kept = self._state.kept_seen
+        if kept is not None:
+            kept.pop(event_id, None)
+        db.mark_seen(self.conn, self.scope, event_id, now_us)
 
     def expire_seen(self, now: datetime) -> int:
         """For the sweeper: drop ids older than `seen_expiration`; returns how many."""
-        return db.expire_seen(self.conn, self.scope, to_us(now) - self._expiration_us)
+        cutoff_us = to_us(now) - self._expiration_us
+        expired = 0
+        kept = self._state.kept_seen
+        if kept:
+            gone = [event_id for event_id, seen_us in kept.items() if seen_us <= cutoff_us]
+            for event_id in gone:
+                del kept[event_id]
+            expired = len(gone)
+        return expired + db.expire_seen(self.conn, self.scope, cutoff_us)
 
     # --- followers ---------------------------------------------------------------------
 
@@ -322,7 +371,7 @@ class CausalOrdering:
                 state.stale = True  # released (or none left): shrink the set next batch
             else:
                 with self._atomic():
-                    db.mark_seen(self.conn, self.scope, event_id, now_us)
+                    self._mark_seen_now(event_id, now_us)
                     rows = db.followers_of(self.conn, self.scope, event_id)
         finally:
             self._in_flight.discard(event_id)  # even if the store failed: retry must work

@@ -251,3 +251,23 @@ def test_a_within_zero_bucket_is_swept_as_the_sweeper_would(tmp_path: Path) -> N
     assert fired == {str(events[i].id) for i in (2, 5, 8, 11, 14)}  # not 17: swept at T + 1 min
     result = backtest(tmp_path / "live.db", [chosen], tmp_path / "scratch")
     assert identities(result.firings) == identities(live)
+
+
+def test_a_follower_finds_its_leader_seen_in_an_earlier_batch(tmp_path: Path) -> None:
+    """The replay holds seen marks in memory across batches: a follower replayed a
+    batch (of 7) after its leader proceeds at once, as live, instead of waiting until it
+    is lost (it would then count after `later` and fire in its place)."""
+    chosen = burst(threshold=2, within=60)
+    leader = event("pump.other", T + timedelta(seconds=1), "pump-1")
+    elsewhere = [event("pump.high", T + timedelta(seconds=1.1), "pump-2") for _ in range(6)]
+    follower = event("pump.high", T + timedelta(seconds=2), "pump-1", follows=leader.id)
+    later = event("pump.high", T + timedelta(seconds=3), "pump-1")
+    h = Harness(tmp_path / "live.db", [chosen])
+    try:
+        h.batch([leader, *elsewhere, follower, later], now=later.occurred)
+    finally:
+        h.close()
+    live = really(tmp_path / "live.db", [chosen])
+    result = backtest(tmp_path / "live.db", [chosen], tmp_path / "scratch")
+    assert identities(result.firings) == identities(live)
+    assert str(later.id) in {f.triggering_event for f in result.firings}

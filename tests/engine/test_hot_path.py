@@ -737,3 +737,148 @@ def test_a_kept_bucket_the_sweep_deleted_is_forgotten(store: Store) -> None:
     process_in_transaction(conn, engine, [tick("r0", 30)], later)  # late, for r0
     assert outbox_rows(store) == 0
     assert [(row[1], row[5]) for row in table(store)] == [('["r0"]', 1), ('["r1"]', 1)]
+
+
+# --- kept buckets written back only when the table is read (the backtest's replay) ----------
+
+
+def run_deferred(path: Path, kept: int, events: list[ReceivedEvent]) -> list[Any]:
+    """`run_kept` with the bucket changes held back (`deferred=True`): what each sweep
+    returned, then the table once written back, and the events the firings made."""
+    opened = Store.open(path)
+    conn = opened.conn
+    try:
+        engine = Engine()
+        engine.keep_buckets(conn, kept, deferred=True)
+        with conn:
+            engine.load_automations(conn, [COUNTER, WATCHDOG], S)
+        swept = []
+        for start in range(0, len(events), 20):
+            part = events[start : start + 20]
+            now = part[-1].occurred
+            process_in_transaction(conn, engine, part, now)
+            with conn:
+                engine.proactive(conn, now)
+            with conn:
+                swept.append(engine.periodic(conn, now))
+        with conn:
+            engine.keep_buckets(conn, 0)  # writes back what was held
+        return [
+            swept,
+            table(opened),
+            conn.execute("SELECT event, count(*) FROM events GROUP BY event").fetchall(),
+        ]
+    finally:
+        opened.close()
+
+
+@pytest.mark.parametrize("kept", [1, 3, 1_000])
+def test_deferred_bucket_writes_leave_what_writing_through_leaves(
+    tmp_path: Path, kept: int
+) -> None:
+    """The same batches, proactive passes and sweeps, with the kept buckets written back
+    only when a sweep would judge them and at the end: each sweep deletes as many rows,
+    the same firings are made, and the table ends up the same."""
+    events = spread_ticks(300, 7, 2.5)
+    events = events[:150] + [e for e in events[150:] if e.resource.id < "r3"]  # r3-r6 stop
+    reference = run_deferred(tmp_path / "table.db", 0, events)
+    assert sum(reference[0]) > 0  # the sweep deleted some
+    assert dict(reference[2])["prefect.automation.triggered"] > 0
+    assert run_deferred(tmp_path / f"deferred-{kept}.db", kept, events) == reference
+
+
+def bucket_writes(conn: Connection, work: Any) -> int:
+    return sum(
+        1
+        for sql in statements(conn, work)
+        if sql.startswith(("INSERT INTO buckets", "UPDATE buckets", "DELETE FROM buckets"))
+    )
+
+
+def test_a_deferred_bucket_counting_many_events_is_written_once(store: Store) -> None:
+    conn = store.conn
+    engine = Engine()
+    engine.keep_buckets(conn, 100, deferred=True)
+    with conn:
+        engine.load_automations(conn, [COUNTER], S)
+    writes = 0
+    for seconds in (0, 1, 60, 61, 120, 121):  # three windows of one key, each fired
+        at = S + timedelta(seconds=seconds)
+        tick = ReceivedEvent(event="tick", resource=RESOURCE, occurred=at, received=at, id=uuid4())
+        writes += bucket_writes(conn, lambda: process_in_transaction(conn, engine, [tick], at))  # noqa: B023
+    assert writes == 0
+    assert table(store) == []
+    assert outbox_rows(store) == 3
+    with conn:
+        assert bucket_writes(conn, lambda: engine.keep_buckets(conn, 0)) == 1
+    assert [row[5] for row in table(store)] == [0]  # the window after the third firing
+
+
+def test_the_sweep_writes_back_the_deferred_buckets_it_judges(store: Store) -> None:
+    """r0's window closed long before the sweep's cutoff (it is deleted, and forgotten);
+    r1's new window is open (written first, so the sweep leaves it); r2's is open and
+    its row is not judged: it stays in memory."""
+    conn = store.conn
+    engine = Engine()
+    engine.keep_buckets(conn, 100, deferred=True)
+    with conn:
+        engine.load_automations(conn, [COUNTER], S)
+
+    def tick(resource: str, seconds: int) -> ReceivedEvent:
+        at = S + timedelta(seconds=seconds)
+        return ReceivedEvent(
+            event="tick",
+            resource=Resource({"prefect.resource.id": resource}),
+            occurred=at,
+            received=at,
+            id=uuid4(),
+        )
+
+    process_in_transaction(conn, engine, [tick("r0", 0), tick("r1", 0)], S)
+    with conn:
+        engine.keep_buckets(conn, 100, deferred=True)  # r0, r1 in the table: [0 s, 60 s)
+    later = S + timedelta(seconds=300)
+    process_in_transaction(conn, engine, [tick("r1", 300), tick("r2", 300)], later)
+    with conn:
+        assert engine.periodic(conn, later) == 1  # r0 only: r1's row now ends at 360 s
+    assert [row[1] for row in table(store)] == ['["r1"]']
+    process_in_transaction(conn, engine, [tick("r0", 310)], later)  # a new window for r0
+    with conn:
+        engine.keep_buckets(conn, 0)
+    assert [(row[1], row[5]) for row in table(store)] == [
+        ('["r0"]', 1),
+        ('["r1"]', 1),
+        ('["r2"]', 1),
+    ]
+
+
+def test_a_failed_unit_while_deferring_stops_the_engine_until_it_stops_keeping(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What earlier batches held back is gone with the failed one: going on would read a
+    table that is behind, so the engine refuses until `keep_buckets(conn, 0)`; dropping
+    the kept buckets writes nothing."""
+    conn = store.conn
+    engine = Engine()
+    engine.keep_buckets(conn, 100, deferred=True)
+    with conn:
+        engine.load_automations(conn, [COUNTER], S)
+    process_in_transaction(conn, engine, ticks(1, 1), NOW)
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("the action could not be written")
+
+    monkeypatch.setattr("daemon.engine.engine.acting.act", broken)
+    with pytest.raises(RuntimeError, match="could not be written"):
+        process_in_transaction(conn, engine, ticks(2, 1)[1:], NOW)
+    monkeypatch.undo()
+    with pytest.raises(RuntimeError, match="lost"):
+        process_in_transaction(conn, engine, ticks(3, 2)[2:], NOW)
+    with pytest.raises(RuntimeError, match="lost"):
+        engine.keep_buckets(conn, 100, deferred=True)
+    engine.keep_buckets(conn, 0)
+    process_in_transaction(conn, engine, ticks(3, 2)[2:], NOW)
+    engine.keep_buckets(conn, 100, deferred=True)
+    process_in_transaction(conn, engine, ticks(4, 2)[3:], NOW)
+    engine.drop_kept_buckets()
+    assert [(row[1], row[5]) for row in table(store)] == [('["r0"]', 1)]

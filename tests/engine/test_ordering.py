@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from uuid import UUID, uuid4
 
 import apsw
@@ -797,3 +798,85 @@ def test_a_store_failure_at_completion_leaves_nothing_in_flight(
         assert recorder.processed == [e1, e1]
     finally:
         store.close()
+
+
+# --- seen marks held in memory (a backtest's scratch store) ---------------------------------
+
+
+def seen_rows(store: Store) -> list[tuple[object, ...]]:
+    return store.conn.execute("SELECT id, seen_us FROM ordering_seen ORDER BY id").fetchall()
+
+
+def run_batch(store: Store, ordering: CausalOrdering, *events: ReceivedEvent) -> list[str]:
+    """One transaction, one batch, as the engine runs them: what proceeded."""
+    done: list[str] = []
+
+    def handler(event: ReceivedEvent, depth: int) -> None:
+        with ordering.preceding_event_confirmed(handler, event, depth, now=S):
+            done.append(event.event)
+
+    with store.conn, ordering.batch():
+        for event in events:
+            try:
+                handler(event, 0)
+            except EventArrivedEarly:
+                done.append(f"parked {event.event}")
+    return done
+
+
+def test_kept_seen_marks_are_not_written_and_are_read_back_by_later_batches(
+    store: Store, ordering: CausalOrdering
+) -> None:
+    leader = received_event("leader", S, S)
+    follower = received_event("follower", S, S, follows=leader.id)
+    ordering.keep_seen(10)
+    assert run_batch(store, ordering, leader) == ["leader"]
+    assert seen_rows(store) == []
+    assert ordering.event_has_been_seen(leader, now=S)
+    assert not ordering.event_has_been_seen(leader, now=S + SEEN_EXPIRATION)
+    assert run_batch(store, ordering, follower) == ["follower"]  # not parked
+    ordering.keep_seen(0)  # dropped unwritten
+    assert seen_rows(store) == []
+    assert not ordering.event_has_been_seen(leader, now=S)
+
+
+def test_kept_seen_marks_past_the_limit_are_written_and_forgotten(
+    store: Store, ordering: CausalOrdering
+) -> None:
+    ordering.keep_seen(3)
+    first = [received_event(f"e{i}", S, S) for i in range(2)]
+    run_batch(store, ordering, *first)
+    assert seen_rows(store) == []
+    second = [received_event(f"e{i}", S, S) for i in range(2, 4)]
+    run_batch(store, ordering, *second)  # 4 > 3: all four written
+    assert seen_rows(store) == sorted((str(e.id), to_us(S)) for e in first + second)
+    assert state_of(ordering).kept_seen == {}
+    follower = received_event("follower", S, S, follows=first[0].id)
+    assert run_batch(store, ordering, follower) == ["follower"]
+
+
+def state_of(ordering: CausalOrdering) -> Any:
+    return ordering.conn.state.marks(ordering.scope)
+
+
+def test_a_mark_made_outside_a_batch_replaces_the_one_held(
+    store: Store, ordering: CausalOrdering, e1: ReceivedEvent
+) -> None:
+    """The statement path writes the newer stamp to the table: the older one held must
+    not hide it; expiry and clear reach what is held too."""
+    ordering.keep_seen(10)
+    run_batch(store, ordering, e1)
+    later = S + SEEN_EXPIRATION
+    with store.conn:
+        ordering.record_event_as_seen(e1, now=later)
+    assert ordering.event_has_been_seen(e1, now=later + timedelta(seconds=1))
+    other = received_event("other", S, S)
+    run_batch(store, ordering, other)
+    with store.conn:
+        assert ordering.expire_seen(S + SEEN_EXPIRATION) == 1  # `other`, held
+    assert not ordering.event_has_been_seen(other, now=S)
+    run_batch(store, ordering, other)
+    ordering.clear()
+    assert not ordering.event_has_been_seen(other, now=S)
+    with pytest.raises(ValueError, match="limit"):
+        ordering.keep_seen(-1)
