@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,9 @@ from store.db import (
     Store,
     StoreError,
     UnusableDatabase,
+    checkpoint,
+    checkpoint_in_background,
+    open_checkpointer,
     write_transaction,
 )
 
@@ -373,3 +377,64 @@ def test_a_database_left_readable_by_others_is_made_private_when_opened(
             conn.close()
     assert f"{db} was readable by others (mode 0644); now 0600" in caplog.text
     assert f"{db}-shm was readable by others (mode 0666); now 0600" in caplog.text
+
+
+# --- WAL checkpoints beside the writer (store.db.WalCheckpoints) ------------------------
+
+
+def _wal_pages(store: Store) -> int:
+    """The most frames the WAL file held since it was created (SQLite does not shrink it)."""
+    return os.path.getsize(f"{store.path}-wal") // 4096
+
+
+def _commit_rows(conn: apsw.Connection, first: int, count: int) -> None:
+    for n in range(first, first + count):
+        with write_transaction(conn):
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (f"row {n}", "x" * 6_000))
+
+
+def test_past_the_threshold_the_writer_asks_and_does_not_checkpoint(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "t.db")
+    asked: list[int] = []
+    try:
+        hook = checkpoint_in_background(store.conn, 64, 100_000, lambda: asked.append(1))
+        _commit_rows(store.conn, 0, 300)
+        assert _wal_pages(store) > 1_000  # every frame is still in the WAL
+        assert len(asked) > 250
+        assert hook.inline == hook.tails == 0
+    finally:
+        store.close()
+
+
+def test_past_its_bound_the_writer_checkpoints_inline(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "t.db")
+    try:
+        hook = checkpoint_in_background(store.conn, 64, 200, lambda: None)  # nobody answers
+        _commit_rows(store.conn, 0, 300)
+        assert _wal_pages(store) < 220  # the bound, and one commit's frames
+        assert hook.inline > 5
+    finally:
+        store.close()
+
+
+def test_a_checkpoint_beside_the_writer_never_blocks_its_commits(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "t.db")
+    try:
+        checkpoint_in_background(store.conn, 100_000, 1_000_000, lambda: None)
+        _commit_rows(store.conn, 0, 3_000)  # a WAL of some 15,000 frames to copy
+        store.conn.set_busy_timeout(0)  # a commit that had to wait would fail at once
+        checkpointer = open_checkpointer(store.path)
+        result: list[tuple[int, int]] = []
+        copying = threading.Thread(target=lambda: result.append(checkpoint(checkpointer)))
+        copying.start()
+        during = 0
+        while copying.is_alive():
+            _commit_rows(store.conn, 3_000 + during, 1)
+            during += 1
+        copying.join()
+        frames, copied = result[0]
+        assert during > 0
+        assert copied == frames > 10_000
+        checkpointer.close()
+    finally:
+        store.close()
