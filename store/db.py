@@ -283,9 +283,10 @@ class WalCheckpoints:
             self.caught_up = False  # the WAL started over, or has not grown yet
         elif self.caught_up or pages >= self.inline_at:
             tail, self.caught_up = self.caught_up, False
-            # PASSIVE: waits for nobody; busy if the checkpointer is at it (the COMMIT
-            # has succeeded either way, and must not report an error)
-            with contextlib.suppress(apsw.BusyError):
+            # PASSIVE: waits for nobody. Busy if the checkpointer is at it; a full or
+            # failing disk leaves the WAL as it was. The COMMIT has succeeded either way
+            # and must not report an error (SQLite's own autocheckpoint ignores them too).
+            with contextlib.suppress(apsw.Error):
                 conn.wal_checkpoint(dbname)
                 if tail:
                     self.tails += 1

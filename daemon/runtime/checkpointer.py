@@ -90,7 +90,10 @@ class Checkpointer:
         self._asked = True
         # trio gone: the daemon is stopping, and the writer's close checkpoints
         with contextlib.suppress(trio.RunFinishedError):
-            self._token.run_sync_soon(self._wake.set)
+            self._token.run_sync_soon(self._wake_up)
+
+    def _wake_up(self) -> None:
+        self._wake.set()  # in trio's thread: the event the task waits on now
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Install the hook, then take checkpoints when asked, until cancelled."""
