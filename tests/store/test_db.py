@@ -6,6 +6,7 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,6 +15,8 @@ from pathlib import Path
 import apsw
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemon.core.delivery import DeliveryState
 from store import outbox
@@ -440,3 +443,38 @@ def test_a_checkpoint_beside_the_writer_never_blocks_nor_fails_its_commits(tmp_p
         checkpointer.close()
     finally:
         store.close()
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(1, 12), st.booleans()),  # rows of 6 KB in a commit; answered?
+        min_size=1,
+        max_size=120,
+    )
+)
+def test_whoever_checkpoints_the_wal_stays_under_its_bound(steps: list[tuple[int, bool]]) -> None:
+    """Whatever the commits' sizes and whether the checkpointer answers each request or
+    not, every COMMIT succeeds and the WAL never holds more than its bound and one
+    commit's frames."""
+    with tempfile.TemporaryDirectory() as directory:
+        store = Store.open(Path(directory) / "t.db")
+        checkpointer = open_checkpointer(store.path)
+        asked: list[bool] = []
+        try:
+            hook = checkpoint_in_background(store.conn, 40, 120, lambda: asked.append(True))
+            largest, n = 0, 0
+            for rows, answered in steps:
+                asked.clear()
+                _commit_rows(store.conn, n, rows)
+                n += rows
+                largest = max(largest, rows * 3)  # a 6 KB row: two overflow pages and a leaf
+                if asked and answered:
+                    frames, copied = checkpoint(checkpointer)
+                    hook.caught_up = copied >= frames
+            assert _wal_pages(store) <= 120 + largest + 10  # the bound, a commit, b-tree pages
+            count = store.conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'row %'")
+            assert count.fetchone() == (n,)
+        finally:
+            checkpointer.close()
+            store.close()
