@@ -268,6 +268,7 @@ class WalCheckpoints:
     inline_at: int
     request: Callable[[], None]
     caught_up: bool = False  # set by the checkpointer: every frame was copied
+    retry_at: int = 0  # a reader kept frames: ask again once the WAL holds this many
     tails: int = 0  # checkpoints of a tail the writer ran
     inline: int = 0  # checkpoints the writer ran because the WAL reached its bound
 
@@ -278,9 +279,20 @@ class WalCheckpoints:
                 f"below its bound ({self.inline_at})"
             )
 
+    def checkpointed(self, frames: int, copied: int) -> None:
+        """What the checkpointer's checkpoint did (``checkpoint``'s answer): all of the
+        WAL's ``frames`` copied, the writer may copy the tail; some kept for a reader,
+        asking again before the WAL has grown by ``request_at`` would copy nothing."""
+        if copied >= frames:
+            self.caught_up = True
+        else:
+            self.retry_at = frames + self.request_at
+
     def __call__(self, conn: apsw.Connection, dbname: str, pages: int) -> int:
         if pages < self.request_at:
-            self.caught_up = False  # the WAL started over, or has not grown yet
+            # the WAL started over, or has not grown yet
+            self.caught_up = False
+            self.retry_at = 0
         elif self.caught_up or pages >= self.inline_at:
             tail, self.caught_up = self.caught_up, False
             # PASSIVE: waits for nobody. Busy if the checkpointer is at it; a full or
@@ -292,7 +304,7 @@ class WalCheckpoints:
                     self.tails += 1
                 else:
                     self.inline += 1
-        else:
+        elif pages >= self.retry_at:
             self.request()
         return apsw.SQLITE_OK
 

@@ -3,7 +3,7 @@ commits, not inside them.
 
 Why: with SQLite's autocheckpoint, the COMMIT that takes the WAL past its threshold copies
 thousands of pages into the database file and fsyncs it before it returns: in a trickle
-of 1,000 events/s that is a commit of about 8 ms instead of 1 about once a second, and
+of 1,000 events/s that is a commit of 4–9 ms instead of 0.5 about once a second, and
 every acknowledgement waiting on it, or queued behind it, pays for it
 (docs/PERFORMANCE.md#commit-linger).
 
@@ -13,15 +13,17 @@ each COMMIT that leaves ``[store] wal_checkpoint_pages`` frames or more in the W
 hook asks this task for a checkpoint (once until it is taken up); the task runs a PASSIVE
 checkpoint on a connection of its own, in a worker thread, while the writer keeps
 committing. A PASSIVE checkpoint waits for nobody and copies the frames committed when it
-started; commits made meanwhile are copied by up to ``ROUNDS`` more in a row, so the WAL is
-wholly in the database file and the writer's next transaction starts it over from its
-beginning. Frames a reader still needs (an events-out backfill, ``trigd status``) stay;
-the next commit past the threshold asks again.
+started: then the WAL is wholly in the database file, and the writer's next transaction
+starts it over from its beginning (or, if that transaction began before the copy ended,
+the writer copies the tail committed since at its next COMMIT, after which the WAL starts
+over). Frames a reader still needs (an events-out backfill, a backtest, ``trigd status``)
+stay; the writer asks again once the WAL has grown by the threshold.
 
-Bounds: if the checkpoints fall behind (a long reader, this thread starved, the store
-failing here), the writer checkpoints inline once the WAL reaches ``[store]
-wal_max_pages``, as autocheckpoint would, so the WAL never grows past that by more than a
-batch. Crash safety is SQLite's: a checkpoint is the same operation whichever connection
+Bounds: if the checkpoints fall behind (this thread starved, the store failing here),
+the writer checkpoints inline once the WAL reaches ``[store] wal_max_pages``, as
+autocheckpoint would, so the WAL never grows past that by more than a batch. Only a
+reader's snapshot can hold it longer (no checkpoint may copy frames a reader still
+needs, SQLite's own neither), until that reader ends. Crash safety is SQLite's: a checkpoint is the same operation whichever connection
 runs it. When the task ends the writer gets its autocheckpoint back.
 """
 
@@ -141,7 +143,8 @@ class Checkpointer:
             self._failing = False
         self.stats.checkpoints += 1
         self.stats.frames += copied
-        if copied >= frames and self._hook is not None:  # else a reader needs the rest
+        if copied >= frames:  # else a reader needs the rest
             self.stats.complete += 1
-            self._hook.caught_up = True
+        if self._hook is not None:
+            self._hook.checkpointed(frames, copied)
         return conn

@@ -470,11 +470,41 @@ def test_whoever_checkpoints_the_wal_stays_under_its_bound(steps: list[tuple[int
                 n += rows
                 largest = max(largest, rows * 3)  # a 6 KB row: two overflow pages and a leaf
                 if asked and answered:
-                    frames, copied = checkpoint(checkpointer)
-                    hook.caught_up = copied >= frames
+                    hook.checkpointed(*checkpoint(checkpointer))
             assert _wal_pages(store) <= 120 + largest + 10  # the bound, a commit, b-tree pages
             count = store.conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'row %'")
             assert count.fetchone() == (n,)
         finally:
             checkpointer.close()
             store.close()
+
+
+def test_while_a_reader_keeps_frames_the_writer_asks_again_only_as_the_wal_grows(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint that had to leave frames for a reader's snapshot is asked for again
+    once the WAL has grown by the threshold, not at every commit: asking sooner would copy
+    nothing."""
+    store = Store.open(tmp_path / "t.db")
+    checkpointer = open_checkpointer(store.path)
+    reader = apsw.Connection(str(store.path), flags=apsw.SQLITE_OPEN_READONLY)
+    asked: list[bool] = []
+    try:
+        _commit_rows(store.conn, 0, 30)  # something for the reader to read
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM meta").fetchall()  # a snapshot to keep
+        hook = checkpoint_in_background(store.conn, 64, 100_000, lambda: asked.append(True))
+        requests = 0
+        for n in range(30, 330):  # a few frames each: some 1,500 in all
+            asked.clear()
+            _commit_rows(store.conn, n, 1)
+            if asked:
+                requests += 1
+                hook.checkpointed(*checkpoint(checkpointer))
+        assert 5 < requests < 40  # about one per 64 frames, not one per commit (300)
+        assert hook.caught_up is False
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+        checkpointer.close()
+        store.close()
