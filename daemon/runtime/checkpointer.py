@@ -3,7 +3,7 @@ commits, not inside them.
 
 Why: with SQLite's autocheckpoint, the COMMIT that takes the WAL past its threshold copies
 thousands of pages into the database file and fsyncs it before it returns: in a trickle
-of 1,000 events/s that is a commit of 4–9 ms instead of 0.5 about once a second, and
+of 1,000 events/s that is a commit of 4 to 9 ms instead of 0.5 about once a second, and
 every acknowledgement waiting on it, or queued behind it, pays for it
 (docs/PERFORMANCE.md#commit-linger).
 
@@ -23,8 +23,9 @@ Bounds: if the checkpoints fall behind (this thread starved, the store failing h
 the writer checkpoints inline once the WAL reaches ``[store] wal_max_pages``, as
 autocheckpoint would, so the WAL never grows past that by more than a batch. Only a
 reader's snapshot can hold it longer (no checkpoint may copy frames a reader still
-needs, SQLite's own neither), until that reader ends. Crash safety is SQLite's: a checkpoint is the same operation whichever connection
-runs it. When the task ends the writer gets its autocheckpoint back.
+needs, SQLite's own neither), until that reader ends. Crash safety is SQLite's: a
+checkpoint is the same operation whichever connection runs it. When the task ends the
+writer gets its autocheckpoint back.
 """
 
 from __future__ import annotations
