@@ -262,6 +262,7 @@ class Phase:
     events: int
     seconds: float
     latencies_ms: list[float]
+    sent_at: list[float]  # wall-clock time (epoch seconds) each event was sent
     nacks: int
     client_cpu: float
     peer_cpu: float
@@ -290,11 +291,13 @@ class Client:
         self._ws = ws
         self.pending: deque[tuple[str, float]] = deque()
         self.latencies: list[float] = []
+        self.sent: list[float] = []  # perf_counter when each acked event was sent
         self.nacks = 0
         self.last_ack = 0.0
         self._buffer = bytearray()
         self._expected = 0
         self._all_acked = trio.Event()
+        self.wall_offset = time.perf_counter() - time.time()  # perf_counter - epoch
 
     @classmethod
     async def connect(cls, port: int, nursery: trio.Nursery) -> Client:
@@ -318,7 +321,7 @@ class Client:
         return [(event_id, send(TextMessage(data=frame))) for event_id, frame in batch]
 
     async def _read(self) -> None:
-        buffer, pending, latencies = self._buffer, self.pending, self.latencies
+        buffer, pending, latencies, sent = self._buffer, self.pending, self.latencies, self.sent
         clock = time.perf_counter
         ack_len = len(_ACK)
         while True:
@@ -350,6 +353,7 @@ class Client:
                 if acked != event_id:
                     raise RuntimeError(f"reply for {acked} while {event_id} was next")
                 latencies.append((now - started) * 1000)
+                sent.append(started)
             del buffer[:at]
             self.last_ack = now
             if not pending and len(latencies) >= self._expected:
@@ -358,6 +362,7 @@ class Client:
     async def run(self, batch: Sequence[tuple[str, bytes]], rate: float | None, peer: int) -> Phase:
         """Send every frame (paced at `rate` per second, or flat out); wait for every ack."""
         self.latencies.clear()
+        self.sent.clear()
         self.nacks = 0
         self._expected = len(batch)
         self._all_acked = trio.Event()
@@ -379,6 +384,7 @@ class Client:
             len(batch),
             self.last_ack - start,
             list(self.latencies),
+            [at - self.wall_offset for at in self.sent],
             self.nacks,
             _self_cpu() - cpu0,
             _cpu_seconds(peer) - peer0,
@@ -452,6 +458,11 @@ def main() -> int:
     )
     parser.add_argument("--no-client-baseline", action="store_true")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (db, log)")
+    parser.add_argument(
+        "--latencies",
+        metavar="OUT",
+        help="write the paced phase's acks to OUT: send time (epoch s) and latency (ms) a line",
+    )
     parser.add_argument(
         "--profile", metavar="OUT", help="record the daemon with py-spy (collapsed stacks) to OUT"
     )
@@ -555,6 +566,13 @@ def main() -> int:
             f"{_verdict(p99 <= TARGET_P99_MS)}",
         )
     report(out, iter(summary))
+    if args.latencies and steady is not None:
+        Path(args.latencies).write_text(
+            "".join(
+                f"{at:.6f} {ms:.3f}\n"
+                for at, ms in zip(steady.sent_at, steady.latencies_ms, strict=True)
+            )
+        )
     if args.keep:
         print(f"kept {workdir}", file=out)
     else:

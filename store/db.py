@@ -25,7 +25,7 @@ import importlib.resources
 import logging
 import os
 import stat
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Final
@@ -166,11 +166,31 @@ MIGRATIONS: Final[Mapping[int, str]] = MappingProxyType(
 _best_practice_applied = False
 
 
+class _CheckpointConnection(apsw.Connection):
+    """A connection for checkpoints only (``open_checkpointer``): it gets none of
+    apsw.bestpractice's set-up, whose ``PRAGMA optimize`` at open may take the write lock
+    from under the writer, or fail as busy because of it."""
+
+
 def _apply_best_practice() -> None:
+    """apsw.bestpractice's recommended settings for every connection but a checkpointer's
+    (as ``apsw.bestpractice.apply`` does, with that exception)."""
     global _best_practice_applied
-    if not _best_practice_applied:
-        apsw.bestpractice.apply(apsw.bestpractice.recommended)
-        _best_practice_applied = True
+    if _best_practice_applied:
+        return
+    practices = apsw.bestpractice.recommended
+    per_connection = [f for f in practices if f.__name__.startswith("connection_")]
+    for practice in practices:
+        if practice not in per_connection:
+            practice()
+
+    def apply(connection: apsw.Connection) -> None:
+        if not isinstance(connection, _CheckpointConnection):
+            for practice in per_connection:
+                practice(connection)
+
+    apsw.connection_hooks.append(apply)
+    _best_practice_applied = True
 
 
 def in_chunks(ids: Sequence[str]) -> Iterator[tuple[Sequence[str], str]]:
@@ -225,6 +245,104 @@ def migrate(conn: apsw.Connection, path: str) -> None:
         with conn:
             conn.execute(MIGRATIONS[version])
             conn.execute(f"PRAGMA user_version = {version:d}")
+
+
+@attrs.define
+class WalCheckpoints:
+    """Who checkpoints the writer's WAL, decided after each COMMIT by its size in frames.
+
+    Why: SQLite's autocheckpoint copies the WAL into the database file inside the COMMIT
+    that crosses its threshold: that commit, and every acknowledgement waiting on it,
+    takes milliseconds longer about once a second in a trickle. So the daemon replaces it
+    with this hook. Past ``request_at`` frames it calls ``request``: the daemon's
+    checkpointer runs a PASSIVE checkpoint on a connection of its own, in another thread,
+    while the writer goes on committing, and says when it has copied every frame
+    (``caught_up``). A WAL wholly copied starts over from its beginning at the writer's
+    next transaction, unless that transaction began before the copy ended (a busy writer):
+    then the next COMMIT copies the few frames committed since (the tail) itself, which
+    lets the one after start the WAL over. Past ``inline_at`` frames, which only a
+    checkpointer that falls behind lets the WAL reach, the writer checkpoints inline as
+    SQLite's autocheckpoint would, so the WAL stays bounded whatever happens."""
+
+    request_at: int
+    inline_at: int
+    request: Callable[[], None]
+    caught_up: bool = False  # set by the checkpointer: every frame was copied
+    retry_at: int = 0  # a reader kept frames: ask again once the WAL holds this many
+    tails: int = 0  # checkpoints of a tail the writer ran
+    inline: int = 0  # checkpoints the writer ran because the WAL reached its bound
+
+    def __attrs_post_init__(self) -> None:
+        if not 1 <= self.request_at < self.inline_at:
+            raise ValueError(
+                f"the WAL's checkpoint threshold ({self.request_at}) must be at least 1 and "
+                f"below its bound ({self.inline_at})"
+            )
+
+    def checkpointed(self, frames: int, copied: int) -> None:
+        """What the checkpointer's checkpoint did (``checkpoint``'s answer): all of the
+        WAL's ``frames`` copied, the writer may copy the tail; some kept for a reader,
+        asking again before the WAL has grown by ``request_at`` would copy nothing."""
+        if copied >= frames:
+            self.caught_up = True
+        else:
+            self.retry_at = frames + self.request_at
+
+    def __call__(self, conn: apsw.Connection, dbname: str, pages: int) -> int:
+        if pages < self.request_at:
+            # the WAL started over, or has not grown yet
+            self.caught_up = False
+            self.retry_at = 0
+        elif self.caught_up or pages >= self.inline_at:
+            tail, self.caught_up = self.caught_up, False
+            # PASSIVE: waits for nobody. Busy if the checkpointer is at it; a full or
+            # failing disk leaves the WAL as it was. The COMMIT has succeeded either way
+            # and must not report an error (SQLite's own autocheckpoint ignores them too).
+            with contextlib.suppress(apsw.Error):
+                conn.wal_checkpoint(dbname)
+                if tail:
+                    self.tails += 1
+                else:
+                    self.inline += 1
+        elif pages >= self.retry_at:
+            self.request()
+        return apsw.SQLITE_OK
+
+
+def checkpoint_in_background(
+    conn: apsw.Connection, request_at: int, inline_at: int, request: Callable[[], None]
+) -> WalCheckpoints:
+    """Take checkpoints off the writer's COMMIT (``WalCheckpoints``): from now on ``conn``
+    calls ``request`` past ``request_at`` WAL frames, and checkpoints itself only past
+    ``inline_at``. Run it where ``conn`` is used (the store thread)."""
+    hook = WalCheckpoints(request_at, inline_at, request)
+    conn.set_wal_hook(hook)  # in place of SQLite's autocheckpoint
+    return hook
+
+
+def checkpoint_at_commit(conn: apsw.Connection, pages: int = WAL_AUTOCHECKPOINT_PAGES) -> None:
+    """SQLite's autocheckpoint: the COMMIT that takes the WAL past ``pages`` frames
+    checkpoints it (a new store's way, and the daemon's again once its checkpointer
+    stops)."""
+    conn.set_wal_hook(None)
+    conn.execute(f"PRAGMA wal_autocheckpoint = {pages:d}")
+
+
+def open_checkpointer(path: Path) -> apsw.Connection:
+    """A second connection to the database, for checkpoints only (it never writes rows):
+    a checkpoint on it runs beside the writer's transactions instead of inside them."""
+    _apply_best_practice()
+    conn = _CheckpointConnection(str(path), flags=apsw.SQLITE_OPEN_READWRITE)
+    conn.set_busy_timeout(BUSY_TIMEOUT_MS)
+    # reading the header finds the WAL (until then a checkpoint is a no-op answering -1)
+    conn.execute("SELECT 1 FROM sqlite_schema LIMIT 1").fetchall()
+    return conn
+
+
+def checkpoint(conn: apsw.Connection) -> tuple[int, int]:
+    """A PASSIVE checkpoint (it copies what no reader still needs, waits for nobody):
+    frames in the WAL, and how many of them are now in the database file."""
+    return conn.wal_checkpoint(mode=apsw.SQLITE_CHECKPOINT_PASSIVE)
 
 
 @attrs.define
@@ -364,7 +482,7 @@ class Store:
             conn.set_busy_timeout(BUSY_TIMEOUT_MS)
             conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
             conn.execute(f"PRAGMA cache_size = -{cache_kib:d}")
-            conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES:d}")
+            checkpoint_at_commit(conn)
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()
             if mode is None or str(mode[0]).lower() != "wal":
                 raise StoreError(f"{db_path}: could not switch the database to WAL mode")

@@ -42,6 +42,11 @@ class CommitLinger:
     enough: int = attrs.field(validator=_at_least_one)
     batch_max: int = attrs.field(validator=_at_least_one)
 
+    def lingers_after(self, last_batch: int) -> bool:
+        """Whether the batch after one of ``last_batch`` events will wait for more (unless
+        it holds enough at once): then whatever arrives as it starts joins it anyway."""
+        return self.window > 0 and last_batch < min(self.enough, self.batch_max)
+
     def wait(
         self, *, batch: int, queued: int, last_batch: int, first_at: float, now: float
     ) -> float:

@@ -277,6 +277,8 @@ COMMIT_LINGER: Final = timedelta(milliseconds=5)
 COMMIT_LINGER_EVENTS: Final = 64
 MAX_COMMIT_LINGER: Final = timedelta(seconds=1)
 PAGE_CACHE_MIB: Final = 2
+WAL_CHECKPOINT_PAGES: Final = 4_000  # about 16 MiB of WAL with 4 KiB pages
+WAL_MAX_PAGES: Final = 16_000
 
 
 def _short_linger(value: timedelta) -> timedelta:
@@ -298,6 +300,20 @@ class StoreConfig(Section):
     commit_linger: Annotated[Duration, AfterValidator(_short_linger)] = COMMIT_LINGER
     commit_linger_events: Count = COMMIT_LINGER_EVENTS  # a batch this large stops lingering
     page_cache_mib: Count = PAGE_CACHE_MIB  # SQLite's page cache of the writer connection
+    # WAL checkpoints beside the writer (docs/OPERATIONS.md#the-database-file): past this
+    # many WAL frames, a background checkpoint; past the bound, the writer's COMMIT does it
+    wal_checkpoint_pages: Count = WAL_CHECKPOINT_PAGES
+    wal_max_pages: Count = WAL_MAX_PAGES
+
+    @model_validator(mode="after")
+    def _wal_bound_above_checkpoints(self) -> Self:
+        if self.wal_max_pages <= self.wal_checkpoint_pages:
+            raise _field_problem(
+                "wal_max_pages",
+                f"must be larger than wal_checkpoint_pages ({self.wal_checkpoint_pages}), "
+                f"got {self.wal_max_pages}",
+            )
+        return self
 
 
 class OrderingConfig(Section):

@@ -60,7 +60,7 @@ from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
 from daemon.engine.engine import BatchOutcome, Outcome
 from daemon.runtime.events_hub import EventsHub
 from daemon.runtime.gateway import StoreGateway
-from daemon.runtime.read_pacing import ReadPacing
+from daemon.runtime.read_pacing import ROUNDS, ReadPacing
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
 from daemon.wire.submission import Submission
 from store.connection import Connection
@@ -156,6 +156,7 @@ class _Evaluator:
     on_batch: Callable[[Sequence[Submission], float], None] | None  # committed, in seconds
     hub: EventsHub | None = None  # events out: committed events go to its subscribers
     pacing: ReadPacing | None = None  # readers hold off while a batch is committed
+    linger: CommitLinger | None = None  # whether the next batch lingers (pacing's close)
     # one episode of store trouble per batch: logged when it starts, and as over once
     # every event of the batch is committed
     backoff: Backoff = attrs.field(
@@ -184,7 +185,12 @@ class _Evaluator:
                                 process_in_transaction, self.engine, events, now
                             )
                         finally:
-                            await pacing.close()
+                            # a window follows: the woken readers' frames join it,
+                            # no need to wait for them here
+                            lingers = self.linger is not None and self.linger.lingers_after(
+                                len(events)
+                            )
+                            await pacing.close(0 if lingers else ROUNDS)
             except STORE_TROUBLE as exc:
                 self.stats.store_retries += 1
                 if isinstance(exc, apsw.FullError) and len(events) > 1:
@@ -298,6 +304,7 @@ async def run_evaluator(
         pacing,
     )
     policy = CommitLinger(linger.total_seconds(), linger_events, batch_max)
+    evaluator.linger = policy
     last_batch = 0
     async with receive:
         task_status.started()

@@ -25,8 +25,9 @@ event is never taken into a later batch than before; while the evaluator waits o
 trouble nothing is open, and readers read at once, up to the usual bounds. At a close the
 evaluator gives the readers it woke a few scheduler passes (``ROUNDS``) to hand their
 frames over before it takes them, so they join that same batch unless they are held up
-by a bound (then the next batch takes them). Only the evaluator opens and closes; readers
-only wait.
+by a bound (then the next batch takes them); at the end of a commit that the next
+batch's window follows it gives none, since what they read joins that window anyway.
+Only the evaluator opens and closes; readers only wait.
 """
 
 from __future__ import annotations
@@ -63,15 +64,16 @@ class ReadPacing:
         if self._closed is None:
             self._closed = trio.Event()
 
-    async def close(self) -> None:
+    async def close(self, rounds: int = ROUNDS) -> None:
         """The evaluator stops waiting, or its commit is over: wake the readers, and give
-        them ``ROUNDS`` scheduler passes to hand over what they read (fewer when they are
-        done), so it joins the batch the evaluator takes next."""
+        them ``rounds`` scheduler passes to hand over what they read (fewer when they are
+        done), so it joins the batch the evaluator takes next. None after a commit that
+        the next batch's window follows: what they read joins that window anyway."""
         closed, self._closed = self._closed, None
         if closed is None:
             return
         closed.set()
-        for _ in range(ROUNDS):
+        for _ in range(rounds):
             if self._resumed <= 0:
                 break
             await trio.lowlevel.checkpoint()

@@ -48,6 +48,7 @@ from daemon.core.firings import count_firings
 from daemon.core.lints import lint_automation
 from daemon.core.upstream import UpstreamStats
 from daemon.engine.engine import Engine
+from daemon.runtime.checkpointer import Checkpointer
 from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
 from daemon.runtime.events_hub import EventsHub
 from daemon.runtime.events_out import events_out_service
@@ -295,6 +296,13 @@ async def _run(
         credentials = upstream.resolve_credentials(config.upstream, os.environ)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
+            # WAL checkpoints beside the writer's commits, not inside them
+            checkpointer = Checkpointer(
+                gateway,
+                request_at=config.store.wal_checkpoint_pages,
+                inline_at=config.store.wal_max_pages,
+            )
+            await nursery.start(checkpointer.run)
             pump = InboxPump(gateway, engine, clock, events_out.hub, evaluator_stats.firings)
             sender: Sender = await nursery.start(
                 lambda *, task_status: run_sender(

@@ -102,3 +102,12 @@ def test_the_wait_is_bounded_and_ends_the_window_in_time(
         batch=batch, queued=queued, last_batch=last_batch + 1, first_at=first_at, now=now
     )
     assert bigger_last <= wait
+
+
+@given(last_batch=st.integers(0, 1_000))
+def test_the_next_batch_lingers_exactly_when_its_window_is_open(last_batch: int) -> None:
+    """`lingers_after` agrees with `wait` for a lone first event: a window is coming."""
+    for linger in (LINGER, CommitLinger(window=0.005, enough=64, batch_max=10)):
+        wait = linger.wait(batch=1, queued=0, last_batch=last_batch, first_at=0.0, now=0.0)
+        assert linger.lingers_after(last_batch) is (wait > 0)
+    assert CommitLinger(window=0.0, enough=64, batch_max=500).lingers_after(1) is False

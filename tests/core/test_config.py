@@ -136,6 +136,8 @@ def test_defaults_are_spec_section_3(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert config.store.commit_linger == timedelta(milliseconds=5)
     assert config.store.commit_linger_events == 64
     assert config.store.page_cache_mib == 2
+    assert config.store.wal_checkpoint_pages == 4_000
+    assert config.store.wal_max_pages == 16_000
     assert config.ordering.preceding_event_lookback == timedelta(minutes=15)
     assert config.ordering.seen_expiration == timedelta(hours=1)
     assert config.ordering.max_depth == 20
@@ -287,6 +289,12 @@ def test_client_and_foreign_variables_are_ignored(tmp_path: Path) -> None:
         ('[store]\ncommit_linger = "0s"', None),
         ("[store]\ncommit_linger_events = 0", "[store] commit_linger_events: must be at least 1"),
         ("[store]\npage_cache_mib = 0", "[store] page_cache_mib: must be at least 1"),
+        (
+            "[store]\nwal_max_pages = 4000",
+            "[store] wal_max_pages: must be larger than wal_checkpoint_pages (4000), got 4000",
+        ),
+        ("[store]\nwal_checkpoint_pages = 0", "[store] wal_checkpoint_pages: must be at least 1"),
+        ("[store]\nwal_checkpoint_pages = 100\nwal_max_pages = 101", None),
     ],
 )
 def test_bad_values_name_file_section_key_and_why(

@@ -24,6 +24,7 @@ from daemon.core.log_throttle import LogLimits
 from daemon.engine.engine import BatchOutcome, Engine
 from daemon.runtime.evaluator import EvaluatorStats, run_evaluator
 from daemon.runtime.gateway import StoreGateway
+from daemon.runtime.read_pacing import ReadPacing
 from daemon.wire.submission import Submission
 from store.connection import Connection
 from store.db import Store
@@ -583,3 +584,53 @@ async def test_cancellation_during_the_linger_commits_the_events_taken(
         nursery.cancel_scope.cancel()
     assert sink.outcomes == [(event.id, None)]
     assert stored_ids(db_path) == {str(event.id)}
+
+
+@pytest.mark.parametrize(("linger_events", "found_resolved"), [(64, 1), (1, 0)])
+async def test_readers_woken_after_a_commit_are_waited_for_only_when_no_window_follows(
+    gateway: StoreGateway,
+    frozen_clock: trio.testing.MockClock,
+    linger_events: int,
+    found_resolved: int,
+) -> None:
+    """A reader held off during a commit is woken at its end. When the next batch will
+    linger, what it reads joins that window anyway: the evaluator resolves its batch at
+    once, without scheduler passes for the reader. When it will not (the batch held
+    `linger_events`), the evaluator first lets the reader hand its frames over, so they
+    join the next take."""
+    sink = Recorder()
+    engine = GatedEngine(Engine())
+    pacing = ReadPacing()
+    found: list[int] = []
+    send, receive = trio.open_memory_channel[Submission](10)
+
+    async def reader() -> None:  # a connection whose event is being committed
+        assert await pacing.hold() is True
+        found.append(len(sink.outcomes))
+        pacing.handed_over()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run_evaluator(
+                    gateway,
+                    engine,
+                    receive,
+                    clock=virtual_clock,
+                    batch_max=100,
+                    linger=timedelta(milliseconds=5),
+                    linger_events=linger_events,
+                    pacing=pacing,
+                )
+            )
+            send.send_nowait(Submission(make_event(), sink))
+            await trio.testing.wait_all_tasks_blocked()
+            frozen_clock.jump(0.006)  # past the window, if any
+            await trio.to_thread.run_sync(engine.entered.wait)  # committing
+            nursery.start_soon(reader)
+            await trio.testing.wait_all_tasks_blocked()
+            engine.gate.set()
+            await settle_until(sink, 1)
+            await trio.testing.wait_all_tasks_blocked()
+            await send.aclose()
+    assert found == [found_resolved]

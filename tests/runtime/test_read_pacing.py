@@ -81,3 +81,25 @@ async def test_the_evaluator_does_not_wait_long_for_a_reader_held_up_elsewhere()
             await pacing.close()  # returns after ROUNDS passes at most
         stuck.set()
     assert ROUNDS >= 3
+
+
+async def test_a_close_of_no_rounds_wakes_the_readers_without_waiting_for_them() -> None:
+    """After a commit that a linger window follows, the evaluator does not wait for the
+    readers it wakes: what they read joins that window anyway."""
+    pacing = ReadPacing()
+    woken: list[bool] = []
+
+    async def reader() -> None:
+        assert await pacing.hold() is True
+        woken.append(True)
+        pacing.handed_over()
+
+    async with trio.open_nursery() as nursery:
+        pacing.open()
+        nursery.start_soon(reader)
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.testing.assert_no_checkpoints():
+            await pacing.close(0)
+        assert woken == []  # not run yet
+        assert not pacing.lingering
+    assert woken == [True]

@@ -6,6 +6,8 @@ import os
 import stat
 import subprocess
 import sys
+import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,8 @@ from pathlib import Path
 import apsw
 import attrs
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from daemon.core.delivery import DeliveryState
 from store import outbox
@@ -24,6 +28,9 @@ from store.db import (
     Store,
     StoreError,
     UnusableDatabase,
+    checkpoint,
+    checkpoint_in_background,
+    open_checkpointer,
     write_transaction,
 )
 
@@ -373,3 +380,131 @@ def test_a_database_left_readable_by_others_is_made_private_when_opened(
             conn.close()
     assert f"{db} was readable by others (mode 0644); now 0600" in caplog.text
     assert f"{db}-shm was readable by others (mode 0666); now 0600" in caplog.text
+
+
+# --- WAL checkpoints beside the writer (store.db.WalCheckpoints) ------------------------
+
+
+def _wal_pages(store: Store) -> int:
+    """The most frames the WAL file held since it was created (SQLite does not shrink it)."""
+    return os.path.getsize(f"{store.path}-wal") // 4096
+
+
+def _commit_rows(conn: apsw.Connection, first: int, count: int) -> None:
+    for n in range(first, first + count):
+        with write_transaction(conn):
+            conn.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (f"row {n}", "x" * 6_000))
+
+
+def test_past_the_threshold_the_writer_asks_and_does_not_checkpoint(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "t.db")
+    asked: list[int] = []
+    try:
+        hook = checkpoint_in_background(store.conn, 64, 100_000, lambda: asked.append(1))
+        _commit_rows(store.conn, 0, 300)
+        assert _wal_pages(store) > 1_000  # every frame is still in the WAL
+        assert len(asked) > 250
+        assert hook.inline == hook.tails == 0
+    finally:
+        store.close()
+
+
+def test_past_its_bound_the_writer_checkpoints_inline(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "t.db")
+    try:
+        hook = checkpoint_in_background(store.conn, 64, 200, lambda: None)  # nobody answers
+        _commit_rows(store.conn, 0, 300)
+        assert _wal_pages(store) < 220  # the bound, and one commit's frames
+        assert hook.inline > 5
+    finally:
+        store.close()
+
+
+def test_a_checkpoint_beside_the_writer_never_blocks_nor_fails_its_commits(tmp_path: Path) -> None:
+    store = Store.open(tmp_path / "t.db")
+    try:
+        checkpoint_in_background(store.conn, 100_000, 1_000_000, lambda: None)
+        _commit_rows(store.conn, 0, 3_000)  # a WAL of some 15,000 frames to copy
+        store.conn.set_busy_timeout(0)  # a commit that had to wait would fail at once
+        # and each commit's own checkpoint finds the other one at it: busy, not an error
+        checkpoint_in_background(store.conn, 64, 100, lambda: None)
+        checkpointer = open_checkpointer(store.path)
+        result: list[tuple[int, int]] = []
+        copying = threading.Thread(target=lambda: result.append(checkpoint(checkpointer)))
+        copying.start()
+        during = 0
+        while copying.is_alive():
+            _commit_rows(store.conn, 3_000 + during, 1)
+            during += 1
+        copying.join()
+        frames, copied = result[0]
+        assert during > 0
+        assert copied == frames > 10_000
+        checkpointer.close()
+    finally:
+        store.close()
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.integers(1, 12), st.booleans()),  # rows of 6 KB in a commit; answered?
+        min_size=1,
+        max_size=120,
+    )
+)
+def test_whoever_checkpoints_the_wal_stays_under_its_bound(steps: list[tuple[int, bool]]) -> None:
+    """Whatever the commits' sizes and whether the checkpointer answers each request or
+    not, every COMMIT succeeds and the WAL never holds more than its bound and one
+    commit's frames."""
+    with tempfile.TemporaryDirectory() as directory:
+        store = Store.open(Path(directory) / "t.db")
+        checkpointer = open_checkpointer(store.path)
+        asked: list[bool] = []
+        try:
+            hook = checkpoint_in_background(store.conn, 40, 120, lambda: asked.append(True))
+            largest, n = 0, 0
+            for rows, answered in steps:
+                asked.clear()
+                _commit_rows(store.conn, n, rows)
+                n += rows
+                largest = max(largest, rows * 3)  # a 6 KB row: two overflow pages and a leaf
+                if asked and answered:
+                    hook.checkpointed(*checkpoint(checkpointer))
+            assert _wal_pages(store) <= 120 + largest + 10  # the bound, a commit, b-tree pages
+            count = store.conn.execute("SELECT count(*) FROM meta WHERE key LIKE 'row %'")
+            assert count.fetchone() == (n,)
+        finally:
+            checkpointer.close()
+            store.close()
+
+
+def test_while_a_reader_keeps_frames_the_writer_asks_again_only_as_the_wal_grows(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint that had to leave frames for a reader's snapshot is asked for again
+    once the WAL has grown by the threshold, not at every commit: asking sooner would copy
+    nothing."""
+    store = Store.open(tmp_path / "t.db")
+    checkpointer = open_checkpointer(store.path)
+    reader = apsw.Connection(str(store.path), flags=apsw.SQLITE_OPEN_READONLY)
+    asked: list[bool] = []
+    try:
+        _commit_rows(store.conn, 0, 30)  # something for the reader to read
+        reader.execute("BEGIN")
+        reader.execute("SELECT count(*) FROM meta").fetchall()  # a snapshot to keep
+        hook = checkpoint_in_background(store.conn, 64, 100_000, lambda: asked.append(True))
+        requests = 0
+        for n in range(30, 330):  # a few frames each: some 1,500 in all
+            asked.clear()
+            _commit_rows(store.conn, n, 1)
+            if asked:
+                requests += 1
+                hook.checkpointed(*checkpoint(checkpointer))
+        assert 5 < requests < 40  # about one per 64 frames, not one per commit (300)
+        assert hook.caught_up is False
+        reader.execute("COMMIT")
+    finally:
+        reader.close()
+        checkpointer.close()
+        store.close()
