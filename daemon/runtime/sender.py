@@ -72,6 +72,7 @@ from daemon.core.delivery import (
     Decision,
     Delivered,
     Endpoints,
+    Move,
     Random,
     RetryAt,
     Slots,
@@ -215,26 +216,28 @@ def _record(
     """Record the attempt and move the row, inside the caller's transaction. False when
     the row is no longer ours: its lease expired and it was released (and perhaps claimed
     again) meanwhile, which a commit retried through store trouble can find."""
-    if not outbox.holds_lease(conn, row.id, row.lease_until_us):
-        return False
-    outbox.record_attempt(
+    decision = result.decision
+    if isinstance(decision, Delivered):
+        move, at_us, reason = Move.SUCCEED, now_us, None
+    elif isinstance(decision, RetryAt):
+        move, at_us, reason = Move.RETRY, to_us(decision.at), decision.reason
+    else:
+        move, at_us, reason = Move.DIE, now_us, decision.reason
+    ours = outbox.finish(
         conn,
         row.id,
+        row.lease_until_us,
+        move,
+        at_us=at_us,
+        reason=reason,
         attempted_us=to_us(result.attempted),
         latency_us=result.latency_us,
         status_code=result.outcome.status_code,
-        error=None if isinstance(result.decision, Delivered) else _error(result),
+        error=None if isinstance(decision, Delivered) else _error(result),
     )
-    decision = result.decision
-    if isinstance(decision, Delivered):
-        outbox.mark_delivered(conn, row.id, now_us)
-    elif isinstance(decision, RetryAt):
-        outbox.mark_retry(conn, row.id, to_us(decision.at), decision.reason)
-    else:
-        outbox.mark_dead(conn, row.id, now_us, decision.reason)
-    if event is not None:
+    if ours and event is not None:
         push_inbox(conn, [event.model_dump_json()])
-    return True
+    return ours
 
 
 def _commit(
