@@ -394,6 +394,7 @@ class Sender:
         gateway: StoreGateway,
         settings: DeliveryConfig,
         client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         *,
         clock: Callable[[], datetime],
         emit: Callable[[Sequence[ReceivedEvent]], None],
@@ -405,7 +406,8 @@ class Sender:
         self._gateway = gateway
         self._current = current
         self._settings = settings
-        self._client = client
+        self._client = client  # builds requests (its default headers, the timeout)
+        self._transport = transport  # the client's: sends them
         self._clock = clock
         self._emit = emit
         self._random = random
@@ -704,11 +706,14 @@ class Sender:
     async def _request(
         self, action: CallWebhook, headers: httpx.Headers, body: str, http_timeout: float
     ) -> tuple[int, dict[str, str], str, str | None]:
-        """One HTTP exchange; reads at most RESPONSE_READ_BYTES of the answer."""
+        """One HTTP exchange; reads at most RESPONSE_READ_BYTES of the answer. The request
+        is built by the client (its headers: `Accept`, `Accept-Encoding`, `Connection`) and
+        goes straight to its transport: no redirect to follow, no auth, no cookie jar, so
+        the client's `send` would only add work to every delivery."""
         request = self._client.build_request(
             action.method, action.url, content=body.encode(), headers=headers, timeout=http_timeout
         )
-        response = await self._client.send(request, stream=True)
+        response = await self._transport.handle_async_request(request)
         try:
             data = bytearray()
             async for chunk in response.aiter_raw():
@@ -752,13 +757,16 @@ async def run_sender(
         max_connections=settings.concurrency,
         max_keepalive_connections=settings.concurrency,
     )
+    # TLS verified against certifi's CAs, no proxy from the environment: httpx's defaults
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     async with httpx.AsyncClient(
-        limits=limits, follow_redirects=False, trust_env=False, timeout=None
+        transport=transport, follow_redirects=False, trust_env=False, timeout=None
     ) as client:
         sender = Sender(
             gateway,
             settings,
             client,
+            transport,
             clock=clock,
             emit=emit,
             random=random if random is not None else _StdRandom().random,
