@@ -87,6 +87,7 @@ from daemon.core.delivery import (
 from daemon.core.events import ReceivedEvent, uuid7
 from daemon.core.firings import TriggeredAction
 from daemon.core.templates import RenderFailed, webhook_request
+from daemon.core.triggered_documents import read_triggered
 from daemon.engine.acting import action_event, refreshed
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
@@ -559,7 +560,7 @@ class Sender:
         """Attempt the row, free its slot (`_free`) as soon as the attempt is over, then
         record the result."""
         try:
-            triggered = TriggeredAction.model_validate_json(row.document)
+            triggered = read_triggered(row.document)
         except ValidationError as exc:
             reason = f"invalid outbox document: {exc.errors()[0]['msg']}"
             outcome = AttemptOutcome(error=reason)

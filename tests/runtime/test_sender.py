@@ -368,6 +368,32 @@ async def test_template_error_is_dead(timed_nursery: trio.Nursery, store: Store)
     assert harness.row(triggered).status is DeliveryState.DEAD
 
 
+@pytest.mark.parametrize("document", ["not json", "[]", '{"automation": {"name": 1}}'])
+async def test_a_document_that_does_not_parse_is_dead_and_the_rest_go_on(
+    timed_nursery: trio.Nursery, store: Store, document: str
+) -> None:
+    receiver = await timed_nursery.start(run_receiver, answer(200))
+    harness = await start(timed_nursery, store)
+    good = webhook(receiver)
+    bad = outbox_row(good, created=harness.clock())._replace(id="bad", document=document)
+
+    def write(conn: apsw.Connection) -> None:
+        with conn:
+            outbox.enqueue(conn, [bad])
+
+    await harness.gateway.run(write)
+    await harness.enqueue(good)
+    assert (await harness.next_event()).event == "prefect.automation.action.executed"
+    for _ in range(3):  # every task idle, and the store calls they made returned
+        await trio.testing.wait_all_tasks_blocked()
+        await harness.gateway.run(lambda conn: None)
+    row = await harness.gateway.run(outbox.get, "bad")
+    assert row.status is DeliveryState.DEAD
+    assert row.last_error is not None
+    assert row.last_error.startswith("invalid outbox document: ")
+    assert len(receiver.requests) == 1
+
+
 # --- fairness and crashes -------------------------------------------------------------------
 
 
