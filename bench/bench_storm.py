@@ -21,7 +21,10 @@ webhooks to deliver (20,000 by default). Printed:
 * ceiling: the same receiver, in the same run, taking the same number of POSTs of a body of
   the same size from a bare httpx loop in a process of its own (one AsyncClient, 8 trio
   tasks, keep-alive): what one Python process gets out of httpx, trigd's bound, and
-  trigd's rate against it.
+  trigd's rate against it; then the same from a bare loop sending as trigd's sender does
+  (the client builds each request, its transport sends it: no auth, redirect or cookie
+  layers), and from a bare httpcore loop (httpx's transport, one AsyncConnectionPool on
+  trio, the headers prepared once): what the library under httpx gets.
 
 Run the old code beside the new one with a worktree of the older commit:
 
@@ -46,6 +49,7 @@ from pathlib import Path
 from typing import Any, Final
 from uuid import uuid4
 
+import httpcore
 import httpx
 import trio
 
@@ -71,6 +75,19 @@ def _cpu_seconds(pid: int) -> tuple[float, float]:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")
     return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def _thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of a process so far, by thread id."""
+    tick = os.sysconf("SC_CLK_TCK")
+    seconds: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the thread ended meanwhile
+            continue
+        seconds[int(task.name)] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
 
 
 # --- the receiver: its own processes -------------------------------------------------------
@@ -239,6 +256,75 @@ def _ceiling(url: str, body_size: int, requests: int, done: Any) -> None:
     done.put(trio.run(run))
 
 
+def _ceiling_transport(url: str, body_size: int, requests: int, done: Any) -> None:
+    """The bare loop as trigd's sender sends: the client builds each request (its headers,
+    the timeout) and its transport sends it, the response read raw; CEILING_TASKS tasks."""
+    body = b"x" * body_size
+
+    async def run() -> float:
+        left = requests
+        limits = httpx.Limits(
+            max_connections=CEILING_TASKS, max_keepalive_connections=CEILING_TASKS
+        )
+        transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        started = time.perf_counter()
+        async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
+
+            async def worker() -> None:
+                nonlocal left
+                while left > 0:
+                    left -= 1
+                    request = client.build_request(
+                        "POST",
+                        url,
+                        content=body,
+                        headers={"Content-Type": "application/json"},
+                        timeout=15,
+                    )
+                    response = await transport.handle_async_request(request)
+                    async for _ in response.aiter_raw():
+                        pass
+                    await response.aclose()
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(CEILING_TASKS):
+                    nursery.start_soon(worker)
+        return time.perf_counter() - started
+
+    done.put(trio.run(run))
+
+
+def _ceiling_httpcore(url: str, body_size: int, requests: int, done: Any) -> None:
+    """The bare httpcore loop: one AsyncConnectionPool (the transport httpx is built on,
+    on trio), CEILING_TASKS tasks, keep-alive, the headers prepared once."""
+    body = b"x" * body_size
+    headers = [
+        (b"Host", url.split("/")[2].encode()),
+        (b"Content-Type", b"application/json"),
+        (b"Content-Length", str(body_size).encode()),
+    ]
+
+    async def run() -> float:
+        left = requests
+        started = time.perf_counter()
+        async with httpcore.AsyncConnectionPool(
+            max_connections=CEILING_TASKS, max_keepalive_connections=CEILING_TASKS
+        ) as pool:
+
+            async def worker() -> None:
+                nonlocal left
+                while left > 0:
+                    left -= 1
+                    await pool.request("POST", url, headers=headers, content=body)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(CEILING_TASKS):
+                    nursery.start_soon(worker)
+        return time.perf_counter() - started
+
+    done.put(trio.run(run))
+
+
 def _in_process(target: Any, *args: Any) -> Any:
     """Run `target(*args, queue)` in a spawned process; what it put in the queue."""
     context = multiprocessing.get_context("spawn")
@@ -290,7 +376,8 @@ def _automations(url: str, count: int) -> list[dict[str, Any]]:
 async def storm(
     directory: Path, receivers: Receivers, events: int, automations: int, profile: str | None
 ) -> float:
-    """Run the storm; webhooks/s. `profile`: record the daemon with py-spy (raw stacks)."""
+    """Run the storm; webhooks/s. `profile`: record the daemon with py-spy (raw stacks of
+    the thread holding the GIL: where the Python CPU goes)."""
     files = write_automations(directory, _automations(receivers.url(), automations))
     config = write_config(
         directory,
@@ -309,12 +396,13 @@ async def storm(
             spy = await trio.lowlevel.open_process(
                 [
                     *(str(py_spy), "record", "--pid", str(pid), "--rate", "200"),
-                    *("--format", "raw", "--threads", "--nonblocking", "-o", profile),
+                    *("--format", "raw", "--threads", "--gil", "--nonblocking", "-o", profile),
                 ],
                 stdout=subprocess.DEVNULL,
             )
             await trio.sleep(1.0)
         cpu = _cpu_seconds(pid)
+        threads = _thread_cpu(pid)
         started = time.perf_counter()
         async with connect(daemon.url, subprotocols=["trigd.v1"]) as ws:
             await authenticate(ws, None)
@@ -331,6 +419,7 @@ async def storm(
             committed = time.perf_counter() - started
         delivered = await trio.to_thread.run_sync(receivers.until, base + webhooks, 600) - started
         user, system = (b - a for a, b in zip(cpu, _cpu_seconds(pid), strict=True))
+        spent = {tid: t - threads.get(tid, 0.0) for tid, t in _thread_cpu(pid).items()}
         used = user + system
         if spy is not None:
             spy.send_signal(signal.SIGINT)
@@ -344,6 +433,14 @@ async def storm(
         f"({rate:,.0f} webhooks/s); daemon CPU {used:.1f} s, "
         f"{used / webhooks * 1e6:.0f} µs/webhook ({user / webhooks * 1e6:.0f} user, "
         f"{system / webhooks * 1e6:.0f} system)",
+        flush=True,
+    )
+    main_thread = spent.pop(pid, 0.0)
+    busiest = max(spent.values(), default=0.0)
+    print(
+        f"          by thread: event loop {main_thread / webhooks * 1e6:.0f} µs/webhook, "
+        f"busiest other thread (the store's) {busiest / webhooks * 1e6:.0f}, "
+        f"the {len(spent) - 1} others {(sum(spent.values()) - busiest) / webhooks * 1e6:.0f}",
         flush=True,
     )
     return rate
@@ -377,6 +474,22 @@ def main() -> None:
             f"ceiling:  {requests} POSTs of {size} bytes, bare httpx loop in its own process "
             f"({CEILING_TASKS} tasks, keep-alive): {elapsed:.2f} s ({ceiling:,.0f} requests/s); "
             f"trigd / ceiling {rate / ceiling:.2f}",
+            flush=True,
+        )
+        elapsed = _in_process(_ceiling_transport, receivers.url(), size, requests)
+        sender = requests / elapsed
+        print(
+            f"ceiling:  the same POSTs, bare loop as the sender sends (httpx client builds, "
+            f"its transport sends): {elapsed:.2f} s ({sender:,.0f} requests/s); "
+            f"trigd / ceiling {rate / sender:.2f}",
+            flush=True,
+        )
+        elapsed = _in_process(_ceiling_httpcore, receivers.url(), size, requests)
+        core = requests / elapsed
+        print(
+            f"ceiling:  the same POSTs, bare httpcore loop in its own process "
+            f"({CEILING_TASKS} tasks, keep-alive): {elapsed:.2f} s ({core:,.0f} requests/s); "
+            f"trigd / ceiling {rate / core:.2f}",
             flush=True,
         )
     finally:

@@ -11,6 +11,7 @@ attempts, and moving rows through the state table of `daemon/core/delivery.py`. 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from types import MappingProxyType
 from typing import Any, Final, NamedTuple
 
 import apsw
@@ -317,6 +318,51 @@ def record_attempt(
         (row_id, attempted_us, latency_us, status_code, error),
     )
     conn.execute("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", (row_id,))
+
+
+_FINISH_ASSIGNMENTS: Final[Mapping[Move, str]] = MappingProxyType(
+    {
+        Move.SUCCEED: "finished_us = :at, last_error = NULL",
+        Move.RETRY: "next_attempt_us = :at, last_error = :reason",
+        Move.DIE: "finished_us = :at, last_error = :reason",
+    }
+)
+"""What each way out of `in_flight` writes besides the status (`finish`); `:at` is when
+the row finished, or when it is due again for a retry."""
+
+
+def finish(
+    conn: apsw.Connection,
+    row_id: str,
+    lease_until_us: int | None,
+    move: Move,
+    *,
+    at_us: int,
+    reason: str | None,
+    attempted_us: int,
+    latency_us: int | None,
+    status_code: int | None,
+    error: str | None,
+) -> bool:
+    """An attempt's result in one UPDATE of the row (a claim's lease checked, the attempt
+    counted and the row moved: `record_attempt` and a `mark_*` in one) and one INSERT of
+    the attempt: the sender's path, one per delivery, so a storm rewrites each row once.
+    False, writing nothing, when the row no longer holds `lease_until_us` (`holds_lease`)."""
+    target = advance(DeliveryState.IN_FLIGHT, move)
+    conn.execute(
+        f"UPDATE outbox SET status = :to, attempts = attempts + 1, lease_until_us = NULL, "
+        f"{_FINISH_ASSIGNMENTS[move]} "
+        "WHERE id = :id AND status = 'in_flight' AND lease_until_us = :lease",
+        {"to": target.value, "at": at_us, "reason": reason, "id": row_id, "lease": lease_until_us},
+    )
+    if conn.changes() == 0:
+        return False
+    conn.execute(
+        "INSERT INTO delivery_attempts (outbox_id, attempted_us, latency_us, status_code, error) "
+        "VALUES (?, ?, ?, ?, ?)",
+        (row_id, attempted_us, latency_us, status_code, error),
+    )
+    return True
 
 
 def mark_delivered(conn: apsw.Connection, row_id: str, now_us: int) -> None:

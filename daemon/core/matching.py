@@ -12,10 +12,11 @@ with `compiled_matches`, which is `matches` without the per-call pattern lookup.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping
 from fnmatch import fnmatchcase, translate
-from typing import Any, Self
+from typing import Any, Final, Self
 
 from pydantic import ConfigDict, RootModel
 
@@ -34,6 +35,13 @@ def matches(expected: str, value: str | None) -> bool:
     return fnmatchcase(value, expected)
 
 
+COMPILED_PATTERNS: Final = 4096
+"""Patterns whose compiled form is remembered: a trigger is parsed again with every
+outbox row that carries it (the sender reads each row's document), and `translate` costs
+more than the rest of the parse."""
+
+
+@functools.lru_cache(maxsize=COMPILED_PATTERNS)
 def compile_pattern(expected: str) -> CompiledPattern:
     """`expected` as `compiled_matches` takes it; `fnmatchcase` matches with this regex."""
     negated = expected.startswith("!")

@@ -72,6 +72,7 @@ from daemon.core.delivery import (
     Decision,
     Delivered,
     Endpoints,
+    Move,
     Random,
     RetryAt,
     Slots,
@@ -86,6 +87,7 @@ from daemon.core.delivery import (
 from daemon.core.events import ReceivedEvent, uuid7
 from daemon.core.firings import TriggeredAction
 from daemon.core.templates import RenderFailed, webhook_request
+from daemon.core.triggered_documents import read_triggered
 from daemon.engine.acting import action_event, refreshed
 from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.store_trouble import STORE_TROUBLE, Backoff
@@ -215,26 +217,28 @@ def _record(
     """Record the attempt and move the row, inside the caller's transaction. False when
     the row is no longer ours: its lease expired and it was released (and perhaps claimed
     again) meanwhile, which a commit retried through store trouble can find."""
-    if not outbox.holds_lease(conn, row.id, row.lease_until_us):
-        return False
-    outbox.record_attempt(
+    decision = result.decision
+    if isinstance(decision, Delivered):
+        move, at_us, reason = Move.SUCCEED, now_us, None
+    elif isinstance(decision, RetryAt):
+        move, at_us, reason = Move.RETRY, to_us(decision.at), decision.reason
+    else:
+        move, at_us, reason = Move.DIE, now_us, decision.reason
+    ours = outbox.finish(
         conn,
         row.id,
+        row.lease_until_us,
+        move,
+        at_us=at_us,
+        reason=reason,
         attempted_us=to_us(result.attempted),
         latency_us=result.latency_us,
         status_code=result.outcome.status_code,
-        error=None if isinstance(result.decision, Delivered) else _error(result),
+        error=None if isinstance(decision, Delivered) else _error(result),
     )
-    decision = result.decision
-    if isinstance(decision, Delivered):
-        outbox.mark_delivered(conn, row.id, now_us)
-    elif isinstance(decision, RetryAt):
-        outbox.mark_retry(conn, row.id, to_us(decision.at), decision.reason)
-    else:
-        outbox.mark_dead(conn, row.id, now_us, decision.reason)
-    if event is not None:
+    if ours and event is not None:
         push_inbox(conn, [event.model_dump_json()])
-    return True
+    return ours
 
 
 def _commit(
@@ -391,6 +395,7 @@ class Sender:
         gateway: StoreGateway,
         settings: DeliveryConfig,
         client: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         *,
         clock: Callable[[], datetime],
         emit: Callable[[Sequence[ReceivedEvent]], None],
@@ -402,7 +407,8 @@ class Sender:
         self._gateway = gateway
         self._current = current
         self._settings = settings
-        self._client = client
+        self._client = client  # builds requests (its default headers, the timeout)
+        self._transport = transport  # the client's: sends them
         self._clock = clock
         self._emit = emit
         self._random = random
@@ -554,7 +560,7 @@ class Sender:
         """Attempt the row, free its slot (`_free`) as soon as the attempt is over, then
         record the result."""
         try:
-            triggered = TriggeredAction.model_validate_json(row.document)
+            triggered = read_triggered(row.document)
         except ValidationError as exc:
             reason = f"invalid outbox document: {exc.errors()[0]['msg']}"
             outcome = AttemptOutcome(error=reason)
@@ -701,11 +707,14 @@ class Sender:
     async def _request(
         self, action: CallWebhook, headers: httpx.Headers, body: str, http_timeout: float
     ) -> tuple[int, dict[str, str], str, str | None]:
-        """One HTTP exchange; reads at most RESPONSE_READ_BYTES of the answer."""
+        """One HTTP exchange; reads at most RESPONSE_READ_BYTES of the answer. The request
+        is built by the client (its headers: `Accept`, `Accept-Encoding`, `Connection`) and
+        goes straight to its transport: no redirect to follow, no auth, no cookie jar, so
+        the client's `send` would only add work to every delivery."""
         request = self._client.build_request(
             action.method, action.url, content=body.encode(), headers=headers, timeout=http_timeout
         )
-        response = await self._client.send(request, stream=True)
+        response = await self._transport.handle_async_request(request)
         try:
             data = bytearray()
             async for chunk in response.aiter_raw():
@@ -749,13 +758,16 @@ async def run_sender(
         max_connections=settings.concurrency,
         max_keepalive_connections=settings.concurrency,
     )
+    # TLS verified against certifi's CAs, no proxy from the environment: httpx's defaults
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
     async with httpx.AsyncClient(
-        limits=limits, follow_redirects=False, trust_env=False, timeout=None
+        transport=transport, follow_redirects=False, trust_env=False, timeout=None
     ) as client:
         sender = Sender(
             gateway,
             settings,
             client,
+            transport,
             clock=clock,
             emit=emit,
             random=random if random is not None else _StdRandom().random,

@@ -150,6 +150,29 @@ async def test_an_action_header_replaces_trigds_own_whatever_its_case(
     assert request.headers["user-agent"] == "pump-box"
 
 
+async def test_the_client_adds_its_headers_and_keeps_no_cookie_jar(
+    timed_nursery: trio.Nursery, store: Store
+) -> None:
+    """Each request carries the client's own headers (docs/DELIVERY.md#the-request), and
+    a cookie one endpoint's answer sets is never sent back with a later delivery."""
+    cookie = Reply(200, {"Set-Cookie": "session=abc; Path=/"})
+    receiver = await timed_nursery.start(run_receiver, scripted(cookie, Reply(200)))
+    harness = await start(timed_nursery, store)
+    await harness.enqueue(webhook(receiver))
+    first = await receiver.next_request()
+    await harness.next_event()
+    await harness.enqueue(webhook(receiver))
+    second = await receiver.next_request()
+    await harness.next_event()
+    for request in (first, second):
+        assert request.headers["host"] == receiver.url().split("/")[2]
+        assert request.headers["accept"] == "*/*"
+        assert "gzip" in request.headers["accept-encoding"]
+        assert request.headers["connection"] == "keep-alive"
+        assert request.headers["content-length"] == str(len(request.body))
+    assert "cookie" not in second.headers
+
+
 async def test_no_signature_without_secret(timed_nursery: trio.Nursery, store: Store) -> None:
     receiver = await timed_nursery.start(run_receiver, answer(204))
     harness = await start(timed_nursery, store)
@@ -343,6 +366,32 @@ async def test_template_error_is_dead(timed_nursery: trio.Nursery, store: Store)
     assert event.payload["template_source"] == "{{ range(1000) | list }}"
     assert receiver.requests == []
     assert harness.row(triggered).status is DeliveryState.DEAD
+
+
+@pytest.mark.parametrize("document", ["not json", "[]", '{"automation": {"name": 1}}'])
+async def test_a_document_that_does_not_parse_is_dead_and_the_rest_go_on(
+    timed_nursery: trio.Nursery, store: Store, document: str
+) -> None:
+    receiver = await timed_nursery.start(run_receiver, answer(200))
+    harness = await start(timed_nursery, store)
+    good = webhook(receiver)
+    bad = outbox_row(good, created=harness.clock())._replace(id="bad", document=document)
+
+    def write(conn: apsw.Connection) -> None:
+        with conn:
+            outbox.enqueue(conn, [bad])
+
+    await harness.gateway.run(write)
+    await harness.enqueue(good)
+    assert (await harness.next_event()).event == "prefect.automation.action.executed"
+    for _ in range(3):  # every task idle, and the store calls they made returned
+        await trio.testing.wait_all_tasks_blocked()
+        await harness.gateway.run(lambda conn: None)
+    row = await harness.gateway.run(outbox.get, "bad")
+    assert row.status is DeliveryState.DEAD
+    assert row.last_error is not None
+    assert row.last_error.startswith("invalid outbox document: ")
+    assert len(receiver.requests) == 1
 
 
 # --- fairness and crashes -------------------------------------------------------------------

@@ -7,11 +7,12 @@ import argparse
 import io
 from pathlib import Path
 
+import attrs
 import pytest
 
 from daemon.cli.outbox_cli import outbox_command
 from daemon.core.clock import to_us
-from daemon.core.delivery import DeliveryState, IllegalMove, Slots
+from daemon.core.delivery import DeliveryState, IllegalMove, Move, Slots
 from store import outbox
 from store.db import Store
 from tests.support.webhook_receiver import T0
@@ -177,6 +178,77 @@ def test_finishing_moves_follow_the_state_table(store: Store) -> None:
         outbox.revive(store.conn, "r", NOW)
     with pytest.raises(outbox.UnknownDelivery):
         outbox.mark_dead(store.conn, "nope", NOW, "x")
+
+
+FINISHES = [
+    (Move.SUCCEED, None, 200, None),
+    (Move.RETRY, "HTTP 503", 503, "HTTP 503"),
+    (Move.DIE, "HTTP 404: not retried", 404, "HTTP 404: not retried"),
+]
+
+
+@pytest.mark.parametrize(("move", "reason", "status", "error"), FINISHES)
+def test_finish_is_record_attempt_and_the_move_in_one(
+    store: Store, move: Move, reason: str | None, status: int, error: str | None
+) -> None:
+    """The sender's one-statement result leaves the row and its attempts as the two-step
+    path (record_attempt, then mark_*) does."""
+    add(store, "one", "http://a:80")
+    add(store, "two", "http://a:80")
+    rows = {r.id: r for r in claim(store)}
+    at = NOW + 7 * SECOND
+    with store.conn:
+        assert outbox.finish(
+            store.conn,
+            "one",
+            rows["one"].lease_until_us,
+            move,
+            at_us=at,
+            reason=reason,
+            attempted_us=NOW + 1,
+            latency_us=900,
+            status_code=status,
+            error=error,
+        )
+        outbox.record_attempt(
+            store.conn, "two", attempted_us=NOW + 1, latency_us=900, status_code=status, error=error
+        )
+        if move is Move.SUCCEED:
+            outbox.mark_delivered(store.conn, "two", at)
+        elif move is Move.RETRY:
+            outbox.mark_retry(store.conn, "two", at, error or "")
+        else:
+            outbox.mark_dead(store.conn, "two", at, error or "")
+    one, two = outbox.get(store.conn, "one"), outbox.get(store.conn, "two")
+    assert attrs.evolve(one, id="two") == two
+    assert outbox.attempts(store.conn, "one") == outbox.attempts(store.conn, "two")
+
+
+def test_finish_writes_nothing_once_the_lease_is_not_held(store: Store) -> None:
+    """A result that waited past its lease: the row was released, then claimed again."""
+    add(store, "r", "http://a:80")
+    [first] = claim(store)
+    assert first.lease_until_us is not None
+    with store.conn:
+        outbox.release_leases(store.conn, first.lease_until_us)
+    [second] = claim(store, first.lease_until_us)
+    before = outbox.get(store.conn, "r"), outbox.attempts(store.conn, "r")
+    with store.conn:
+        ours = outbox.finish(
+            store.conn,
+            "r",
+            first.lease_until_us,
+            Move.SUCCEED,
+            at_us=NOW,
+            reason=None,
+            attempted_us=NOW,
+            latency_us=1,
+            status_code=200,
+            error=None,
+        )
+    assert not ours
+    assert (outbox.get(store.conn, "r"), outbox.attempts(store.conn, "r")) == before
+    assert outbox.get(store.conn, "r").lease_until_us == second.lease_until_us
 
 
 def test_revive_gives_a_fresh_window(store: Store) -> None:
