@@ -191,15 +191,6 @@ _UNDER_LEASE: Final = "id = ? AND status = 'in_flight' AND lease_until_us = ?"
 """The row is still in flight under the lease its claim gave it (params: id, lease)."""
 
 
-def holds_lease(conn: apsw.Connection, row_id: str, lease_until_us: int | None) -> bool:
-    """Whether the row is still in flight under this lease, the one a claim gave it: not
-    released since, nor claimed again (a new claim gives a later lease)."""
-    found = conn.execute(
-        f"SELECT 1 FROM outbox WHERE {_UNDER_LEASE}", (row_id, lease_until_us)
-    ).fetchone()
-    return found is not None
-
-
 def _due_endpoints(conn: apsw.Connection) -> list[str]:
     """Distinct endpoints of pending rows, one index seek each (there are few endpoints,
     while one dead endpoint may have a long queue)."""
@@ -311,7 +302,7 @@ def record_attempt(
     error: str | None,
 ) -> None:
     """Keep one attempt's facts and count it against the row. The row's `last_error` is
-    the move's to set (the mark_* functions, `release_leases`), so it is written once."""
+    the move's to set (`release_leases`), so it is written once."""
     conn.execute(
         "INSERT INTO delivery_attempts (outbox_id, attempted_us, latency_us, status_code, error) "
         "VALUES (?, ?, ?, ?, ?)",
@@ -345,9 +336,9 @@ def finish(
     error: str | None,
 ) -> bool:
     """An attempt's result in one UPDATE of the row (a claim's lease checked, the attempt
-    counted and the row moved: `record_attempt` and a `mark_*` in one) and one INSERT of
-    the attempt: the sender's path, one per delivery, so a storm rewrites each row once.
-    False, writing nothing, when the row no longer holds `lease_until_us` (`holds_lease`)."""
+    counted and the row moved) and one INSERT of the attempt: one per delivery, so a storm
+    rewrites each row once. False, writing nothing, when the row is no longer in flight
+    under `lease_until_us` (released since, or claimed again: a later lease)."""
     target = advance(DeliveryState.IN_FLIGHT, move)
     conn.execute(
         f"UPDATE outbox SET status = :to, attempts = attempts + 1, lease_until_us = NULL, "
@@ -363,38 +354,6 @@ def finish(
         (row_id, attempted_us, latency_us, status_code, error),
     )
     return True
-
-
-def mark_delivered(conn: apsw.Connection, row_id: str, now_us: int) -> None:
-    _move(
-        conn,
-        row_id,
-        Move.SUCCEED,
-        "lease_until_us = NULL, finished_us = ?, last_error = NULL",
-        now_us,
-    )
-
-
-def mark_retry(conn: apsw.Connection, row_id: str, next_attempt_us: int, error: str) -> None:
-    _move(
-        conn,
-        row_id,
-        Move.RETRY,
-        "lease_until_us = NULL, next_attempt_us = ?, last_error = ?",
-        next_attempt_us,
-        error,
-    )
-
-
-def mark_dead(conn: apsw.Connection, row_id: str, now_us: int, reason: str) -> None:
-    _move(
-        conn,
-        row_id,
-        Move.DIE,
-        "lease_until_us = NULL, finished_us = ?, last_error = ?",
-        now_us,
-        reason,
-    )
 
 
 # --- the operator's side -------------------------------------------------------------------

@@ -421,25 +421,41 @@ class OutboxMachine(RuleBasedStateMachine):
             per[row.endpoint] = per.get(row.endpoint, 0) + 1
         assert all(n <= per_endpoint for n in per.values())
 
+    def _finish(self, row_id: str, move: Move, at_us: int, reason: str | None) -> None:
+        """The sender's result: it moves only a row in flight under its claim's lease, and
+        any other row is left as it was."""
+        expected = TRANSITIONS.get((self.model[row_id], move))
+        before = outbox.get(self.conn, row_id)
+        with self.conn:
+            moved = outbox.finish(
+                self.conn,
+                row_id,
+                before.lease_until_us,
+                move,
+                at_us=at_us,
+                reason=reason,
+                attempted_us=self.now_us,
+                latency_us=1,
+                status_code=None,
+                error=reason,
+            )
+        assert moved == (expected is not None)
+        if expected is None:
+            assert outbox.get(self.conn, row_id) == before
+        else:
+            self.model[row_id] = expected
+
     @rule(row_id=rows)
     def succeed(self, row_id: str) -> None:
-        self._apply(
-            row_id, Move.SUCCEED, lambda: outbox.mark_delivered(self.conn, row_id, self.now_us)
-        )
+        self._finish(row_id, Move.SUCCEED, self.now_us, None)
 
     @rule(row_id=rows, delay=st.integers(0, 10_000_000))
     def retry(self, row_id: str, delay: int) -> None:
-        self._apply(
-            row_id,
-            Move.RETRY,
-            lambda: outbox.mark_retry(self.conn, row_id, self.now_us + delay, "HTTP 500"),
-        )
+        self._finish(row_id, Move.RETRY, self.now_us + delay, "HTTP 500")
 
     @rule(row_id=rows)
     def die(self, row_id: str) -> None:
-        self._apply(
-            row_id, Move.DIE, lambda: outbox.mark_dead(self.conn, row_id, self.now_us, "HTTP 400")
-        )
+        self._finish(row_id, Move.DIE, self.now_us, "HTTP 400")
 
     @rule(row_id=rows)
     def revive(self, row_id: str) -> None:

@@ -19,7 +19,7 @@ from standardwebhooks.webhooks import Webhook
 
 from daemon import __version__
 from daemon.core.clock import from_us, to_us, wall_clock
-from daemon.core.delivery import DeliveryState, action_triggered_event_id
+from daemon.core.delivery import DeliveryState, Move, action_triggered_event_id
 from daemon.core.events import ReceivedEvent
 from daemon.engine.acting import endpoint_of
 from store import outbox
@@ -527,15 +527,18 @@ async def test_an_endpoint_failing_before_a_restart_starts_with_one_slot(
         older = T0 - timedelta(hours=1)
         outbox.enqueue(store.conn, [outbox_row(t, created=older) for t in backlog])
         claimed = outbox.claim(store.conn, to_us(T0), to_us(T0), limit=1, per_endpoint=1)
-        outbox.record_attempt(
+        assert outbox.finish(
             store.conn,
             claimed[0].id,
+            claimed[0].lease_until_us,
+            Move.RETRY,
+            at_us=to_us(T0),
+            reason="timed out",
             attempted_us=to_us(T0),
             latency_us=None,
             status_code=None,
             error="Webhook call failed: timed out after 60s",
         )
-        outbox.mark_retry(store.conn, claimed[0].id, to_us(T0), "timed out")
     harness = await start(
         timed_nursery,
         store,

@@ -7,7 +7,6 @@ import argparse
 import io
 from pathlib import Path
 
-import attrs
 import pytest
 
 from daemon.cli.outbox_cli import outbox_command
@@ -40,6 +39,26 @@ def claim(store: Store, now_us: int = NOW, **kwargs: object) -> list[outbox.Outb
     with store.conn:
         rows = outbox.claim(store.conn, now_us, now_us + 60 * SECOND, **options)  # type: ignore[arg-type]
     return rows
+
+
+def finish(
+    store: Store, row_id: str, move: Move, at_us: int = NOW, reason: str | None = None
+) -> bool:
+    """The sender's way out of `in_flight`, under the lease the row's claim gave it: an
+    attempt answered with `reason` (None: delivered) counted, and the row moved."""
+    lease = outbox.get(store.conn, row_id).lease_until_us
+    return outbox.finish(
+        store.conn,
+        row_id,
+        lease,
+        move,
+        at_us=at_us,
+        reason=reason,
+        attempted_us=NOW,
+        latency_us=1,
+        status_code=None if reason is None else 500,
+        error=reason,
+    )
 
 
 def test_claim_is_oldest_first_and_only_due_rows(store: Store) -> None:
@@ -104,13 +123,9 @@ def test_failing_endpoints_are_those_with_a_failed_row_waiting(store: Store) -> 
     assert lease is not None
     add(store, "fresh", "http://fresh:80")
     with store.conn:
-        for row_id in ("retry", "delivered", "revived"):
-            outbox.record_attempt(
-                store.conn, row_id, attempted_us=NOW, latency_us=1, status_code=503, error="x"
-            )
-        outbox.mark_retry(store.conn, "retry", NOW + 5 * SECOND, "HTTP 503")
-        outbox.mark_delivered(store.conn, "delivered", NOW)
-        outbox.mark_dead(store.conn, "revived", NOW, "HTTP 400: not retried")
+        finish(store, "retry", Move.RETRY, NOW + 5 * SECOND, "HTTP 503")
+        finish(store, "delivered", Move.SUCCEED)
+        finish(store, "revived", Move.DIE, reason="HTTP 400: not retried")
         outbox.revive(store.conn, "revived", NOW)
     with store.conn:
         outbox.release_leases(store.conn, lease)  # "released": its lease ran out
@@ -136,33 +151,15 @@ def test_expired_lease_is_released_and_reclaimed(store: Store) -> None:
     assert attempt.status_code is None
 
 
-def test_a_lease_is_held_until_released_and_not_by_a_later_claim(store: Store) -> None:
-    """What the sender checks before committing a result it had to wait to record."""
+def test_only_a_row_in_flight_under_its_lease_finishes(store: Store) -> None:
+    """A pending row, or one finished already, is left as it is: its result is late."""
     add(store, "r", "http://a:80")
-    [first] = claim(store)
-    assert first.lease_until_us is not None
-    assert outbox.holds_lease(store.conn, "r", first.lease_until_us)
     with store.conn:
-        outbox.release_leases(store.conn, first.lease_until_us)
-    assert not outbox.holds_lease(store.conn, "r", first.lease_until_us)
-    [second] = claim(store, first.lease_until_us)
-    assert outbox.holds_lease(store.conn, "r", second.lease_until_us)
-    assert not outbox.holds_lease(store.conn, "r", first.lease_until_us)
-    with store.conn:
-        outbox.mark_delivered(store.conn, "r", first.lease_until_us)
-    assert not outbox.holds_lease(store.conn, "r", second.lease_until_us)
-
-
-def test_finishing_moves_follow_the_state_table(store: Store) -> None:
-    add(store, "r", "http://a:80")
-    with pytest.raises(IllegalMove, match="cannot succeed a delivery that is pending"):
-        outbox.mark_delivered(store.conn, "r", NOW)
+        assert not finish(store, "r", Move.SUCCEED)
+    assert outbox.get(store.conn, "r").status is DeliveryState.PENDING
     claim(store)
     with store.conn:
-        outbox.record_attempt(
-            store.conn, "r", attempted_us=NOW, latency_us=900, status_code=503, error="HTTP 503"
-        )
-        outbox.mark_retry(store.conn, "r", NOW + 5 * SECOND, "HTTP 503")
+        assert finish(store, "r", Move.RETRY, NOW + 5 * SECOND, "HTTP 503")
     row = outbox.get(store.conn, "r")
     assert (row.status, row.next_attempt_us, row.attempts, row.lease_until_us) == (
         DeliveryState.PENDING,
@@ -173,11 +170,14 @@ def test_finishing_moves_follow_the_state_table(store: Store) -> None:
     assert outbox.next_due_us(store.conn, after_us=NOW) == NOW + 5 * SECOND
     claim(store, NOW + 5 * SECOND)
     with store.conn:
-        outbox.mark_delivered(store.conn, "r", NOW + 6 * SECOND)
+        assert finish(store, "r", Move.SUCCEED, NOW + 6 * SECOND)
+        assert not finish(store, "r", Move.DIE, NOW + 7 * SECOND, "HTTP 410")
+    row = outbox.get(store.conn, "r")
+    assert (row.status, row.attempts, row.last_error) == (DeliveryState.DELIVERED, 2, None)
     with pytest.raises(IllegalMove, match="it is final"):
         outbox.revive(store.conn, "r", NOW)
     with pytest.raises(outbox.UnknownDelivery):
-        outbox.mark_dead(store.conn, "nope", NOW, "x")
+        outbox.revive(store.conn, "nope", NOW)
 
 
 FINISHES = [
@@ -187,21 +187,27 @@ FINISHES = [
 ]
 
 
+EXPECTED = {
+    Move.SUCCEED: (DeliveryState.DELIVERED, None),
+    Move.RETRY: (DeliveryState.PENDING, "HTTP 503"),
+    Move.DIE: (DeliveryState.DEAD, "HTTP 404: not retried"),
+}
+
+
 @pytest.mark.parametrize(("move", "reason", "status", "error"), FINISHES)
-def test_finish_is_record_attempt_and_the_move_in_one(
+def test_finish_counts_the_attempt_keeps_it_and_moves_the_row(
     store: Store, move: Move, reason: str | None, status: int, error: str | None
 ) -> None:
-    """The sender's one-statement result leaves the row and its attempts as the two-step
-    path (record_attempt, then mark_*) does."""
+    """The sender's one-statement result: the lease cleared, the attempt counted and kept,
+    the row moved with its time (finished, or due again) and its last error."""
     add(store, "one", "http://a:80")
-    add(store, "two", "http://a:80")
-    rows = {r.id: r for r in claim(store)}
+    [row] = claim(store)
     at = NOW + 7 * SECOND
     with store.conn:
         assert outbox.finish(
             store.conn,
             "one",
-            rows["one"].lease_until_us,
+            row.lease_until_us,
             move,
             at_us=at,
             reason=reason,
@@ -210,18 +216,20 @@ def test_finish_is_record_attempt_and_the_move_in_one(
             status_code=status,
             error=error,
         )
-        outbox.record_attempt(
-            store.conn, "two", attempted_us=NOW + 1, latency_us=900, status_code=status, error=error
-        )
-        if move is Move.SUCCEED:
-            outbox.mark_delivered(store.conn, "two", at)
-        elif move is Move.RETRY:
-            outbox.mark_retry(store.conn, "two", at, error or "")
-        else:
-            outbox.mark_dead(store.conn, "two", at, error or "")
-    one, two = outbox.get(store.conn, "one"), outbox.get(store.conn, "two")
-    assert attrs.evolve(one, id="two") == two
-    assert outbox.attempts(store.conn, "one") == outbox.attempts(store.conn, "two")
+    one = outbox.get(store.conn, "one")
+    assert (one.status, one.last_error) == EXPECTED[move]
+    assert (one.attempts, one.lease_until_us) == (1, None)
+    if move is Move.RETRY:
+        assert (one.next_attempt_us, one.finished_us) == (at, None)
+    else:
+        assert (one.next_attempt_us, one.finished_us) == (row.next_attempt_us, at)
+    [attempt] = outbox.attempts(store.conn, "one")
+    assert (attempt.attempted_us, attempt.latency_us, attempt.status_code, attempt.error) == (
+        NOW + 1,
+        900,
+        status,
+        error,
+    )
 
 
 def test_finish_writes_nothing_once_the_lease_is_not_held(store: Store) -> None:
@@ -255,10 +263,7 @@ def test_revive_gives_a_fresh_window(store: Store) -> None:
     add(store, "r", "http://a:80")
     claim(store)
     with store.conn:
-        outbox.record_attempt(
-            store.conn, "r", attempted_us=NOW, latency_us=1, status_code=400, error="HTTP 400"
-        )
-        outbox.mark_dead(store.conn, "r", NOW, "HTTP 400: not retried")
+        finish(store, "r", Move.DIE, reason="HTTP 400: not retried")
     later = NOW + 100 * SECOND
     with store.conn:
         outbox.revive(store.conn, "r", later)
@@ -285,12 +290,9 @@ def test_prune_forgets_finished_rows_only(store: Store) -> None:
         add(store, row_id, "http://a:80")
     claim(store)
     with store.conn:
-        outbox.record_attempt(
-            store.conn, "done", attempted_us=NOW, latency_us=1, status_code=200, error=None
-        )
-        outbox.mark_delivered(store.conn, "done", NOW)
-        outbox.mark_dead(store.conn, "dead", NOW, "HTTP 400")
-        outbox.mark_retry(store.conn, "waiting", NOW, "HTTP 500")
+        finish(store, "done", Move.SUCCEED)
+        finish(store, "dead", Move.DIE, reason="HTTP 400")
+        finish(store, "waiting", Move.RETRY, reason="HTTP 500")
         assert outbox.prune_finished(store.conn, NOW + 1) == 2
     assert [r.id for r in outbox.list_rows(store.conn)] == ["waiting"]
     assert outbox.attempts(store.conn, "done") == []
@@ -324,8 +326,8 @@ def test_a_cancelled_row_is_never_claimed_revived_or_hurried(store: Store) -> No
             "waiting",
             "dead",
         }
-        outbox.mark_retry(store.conn, "waiting", NOW + 3600 * SECOND, "HTTP 503")
-        outbox.mark_dead(store.conn, "dead", NOW, "HTTP 410")
+        finish(store, "waiting", Move.RETRY, NOW + 3600 * SECOND, "HTTP 503")
+        finish(store, "dead", Move.DIE, reason="HTTP 410")
         outbox.cancel(store.conn, "waiting", NOW + 1)
         outbox.cancel(store.conn, "dead", NOW + 2)
         for row_id in ("waiting", "dead"):
@@ -347,11 +349,11 @@ def test_send_now_makes_a_pending_row_due_at_once(store: Store) -> None:
     add(store, "later", "http://a:80")
     claim(store)
     with store.conn:
-        outbox.mark_retry(store.conn, "later", NOW + 3600 * SECOND, "HTTP 503")
+        finish(store, "later", Move.RETRY, NOW + 3600 * SECOND, "HTTP 503")
     assert claim(store, NOW + 10 * SECOND) == []
     with store.conn:
         outbox.send_now(store.conn, "later", NOW + 5 * SECOND)
-    assert outbox.get(store.conn, "later").attempts == 0  # the schedule is not reset
+    assert outbox.get(store.conn, "later").attempts == 1  # the schedule is not reset
     assert [r.id for r in claim(store, NOW + 10 * SECOND)] == ["later"]
     with store.conn, pytest.raises(IllegalMove, match="in_flight"):
         outbox.send_now(store.conn, "later", NOW)
@@ -379,9 +381,9 @@ def test_list_and_retry_commands(store: Store, tmp_path: Path) -> None:
     add(store, "broken2", "http://b:80", NOW + 2)
     claim(store, NOW + 5)
     with store.conn:
-        outbox.mark_delivered(store.conn, "ok", NOW)
-        outbox.mark_dead(store.conn, "broken", NOW, "HTTP 410: not retried")
-        outbox.mark_dead(store.conn, "broken2", NOW, "HTTP 404: not retried")
+        finish(store, "ok", Move.SUCCEED)
+        finish(store, "broken", Move.DIE, reason="HTTP 410: not retried")
+        finish(store, "broken2", Move.DIE, reason="HTTP 404: not retried")
 
     code, out, _ = run(db, "list", status="dead")
     assert code == 0
