@@ -468,30 +468,24 @@ def main() -> None:
             )
         requests = args.events * args.automations // GROUPS
         size = receivers.body_size()
-        elapsed = _in_process(_ceiling, receivers.url(), size, requests)
-        ceiling = requests / elapsed
-        print(
-            f"ceiling:  {requests} POSTs of {size} bytes, bare httpx loop in its own process "
-            f"({CEILING_TASKS} tasks, keep-alive): {elapsed:.2f} s ({ceiling:,.0f} requests/s); "
-            f"trigd / ceiling {rate / ceiling:.2f}",
-            flush=True,
-        )
-        elapsed = _in_process(_ceiling_transport, receivers.url(), size, requests)
-        sender = requests / elapsed
-        print(
-            f"ceiling:  the same POSTs, bare loop as the sender sends (httpx client builds, "
-            f"its transport sends): {elapsed:.2f} s ({sender:,.0f} requests/s); "
-            f"trigd / ceiling {rate / sender:.2f}",
-            flush=True,
-        )
-        elapsed = _in_process(_ceiling_httpcore, receivers.url(), size, requests)
-        core = requests / elapsed
-        print(
-            f"ceiling:  the same POSTs, bare httpcore loop in its own process "
-            f"({CEILING_TASKS} tasks, keep-alive): {elapsed:.2f} s ({core:,.0f} requests/s); "
-            f"trigd / ceiling {rate / core:.2f}",
-            flush=True,
-        )
+        for loop, what in (
+            (_ceiling, f"bare httpx loop in its own process ({CEILING_TASKS} tasks, keep-alive)"),
+            (
+                _ceiling_transport,
+                "bare loop as the sender sends (httpx client builds, its transport sends)",
+            ),
+            (
+                _ceiling_httpcore,
+                f"bare httpcore loop in its own process ({CEILING_TASKS} tasks, keep-alive)",
+            ),
+        ):
+            elapsed = _in_process(loop, receivers.url(), size, requests)
+            ceiling = requests / elapsed
+            print(
+                f"ceiling:  {requests} POSTs of {size} bytes, {what}: {elapsed:.2f} s "
+                f"({ceiling:,.0f} requests/s); trigd / ceiling {rate / ceiling:.2f}",
+                flush=True,
+            )
     finally:
         receivers.stop()
 

@@ -10,30 +10,10 @@ from pydantic import ValidationError
 
 from daemon.core.automations import Automation
 from daemon.core.events import ReceivedEvent
-from daemon.core.firings import Firing, TriggeredAction, TriggerState
+from daemon.core.firings import TriggeredAction
 from daemon.core.triggered_documents import read_triggered
 from tests.support.strategies import automations, received_events
-from tests.support.webhook_receiver import T0, make_triggered
-
-
-def triggered_of(automation: Automation, event: ReceivedEvent, index: int) -> TriggeredAction:
-    labels = {"prefect.resource.id": event.resource.id}
-    firing = Firing(
-        trigger=automation.trigger,
-        trigger_states=frozenset({TriggerState.Triggered}),
-        triggered=T0,
-        triggering_labels=labels,
-        triggering_event=event,
-    )
-    return TriggeredAction(
-        automation=automation,
-        firing=firing,
-        triggered=T0,
-        triggering_labels=labels,
-        triggering_event=event,
-        action=automation.actions[index],
-        action_index=index,
-    )
+from tests.support.webhook_receiver import make_triggered, triggered_by
 
 
 @settings(max_examples=60, deadline=None)
@@ -46,7 +26,7 @@ def test_a_document_reads_as_a_whole_parse_does(
     automation: Automation, events: list[ReceivedEvent], redact: bool
 ) -> None:
     for event in events:  # the second and later ones find the automation parsed already
-        triggered = triggered_of(automation, event, len(automation.actions) - 1)
+        triggered = triggered_by(automation, event, len(automation.actions) - 1)
         document = (triggered.redacted() if redact else triggered).model_dump_json()
         assert read_triggered(document) == TriggeredAction.model_validate_json(document)
 

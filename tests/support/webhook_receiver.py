@@ -233,6 +233,18 @@ def make_triggered(
         {"name": "pump pressure burst", "trigger": trigger, "actions": [action]}
     )
     event = event if event is not None else triggering_event()
+    return triggered_by(
+        automation,
+        event,
+        automation_triggered_event_id=UUID("0198cd3a-7b2c-7e41-9f0e-5a6b7c8d9e0f"),
+    )
+
+
+def triggered_by(
+    automation: Automation, event: ReceivedEvent, index: int = 0, **fields: Any
+) -> TriggeredAction:
+    """The outbox document of `automation`'s action `index`, fired at T0 by `event` in the
+    bucket of its resource."""
     labels = {"prefect.resource.id": event.resource.id}
     firing = Firing(
         trigger=automation.trigger,
@@ -247,9 +259,9 @@ def make_triggered(
         triggered=T0,
         triggering_labels=labels,
         triggering_event=event,
-        action=automation.actions[0],
-        action_index=0,
-        automation_triggered_event_id=UUID("0198cd3a-7b2c-7e41-9f0e-5a6b7c8d9e0f"),
+        action=automation.actions[index],
+        action_index=index,
+        **fields,
     )
 
 
