@@ -145,7 +145,9 @@ def replay(
 
     `engine` keeps up to `bucket_cache` buckets and `seen_cache` seen marks in memory
     between batches (`scratch` is written by it alone, and thrown away after), and none
-    once the replay is over."""
+    once the replay is over. The replayed events are not stored in `scratch`: only the
+    firings are read from it (events the replay made; the source's own firings of
+    `automations` are not replayed)."""
     with _held_in_memory(engine, scratch, bucket_cache, seen_cache):
         with scratch:
             engine.load_automations(scratch, automations, since)
@@ -242,8 +244,8 @@ class _Runner:
         if not rows:
             return
         now = from_us(max(row[3] for row in rows))  # the newest `occurred_us`
-        with self.conn:
-            self.engine.replay_batch(self.conn, rows, now)
+        with self.conn:  # the scratch store keeps only what the replay makes (firings)
+            self.engine.replay_batch(self.conn, rows, now, store=False)
         self.replayed += len(rows)
 
     def _sweep_until(self, when: datetime) -> None:

@@ -28,7 +28,8 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   `store.connection.ConnectionState`, never on the engine. The proactive pass reads the
   table page by page and so writes each change at once.
 * `replay_batch` is `process_batch` for rows of another events table (a backtest's
-  replay): they are stored as read and evaluated as `StoredEvent`s, from their columns,
+  replay): they are stored as read (or not at all: `store=False`, the backtest's, whose
+  scratch store nobody reads them back from) and evaluated as `StoredEvent`s, from their columns,
   each parsed into its model only when a trigger needs other labels, or it fires or is
   parked. The per-event code reads events through `EvaluatedEvent` (daemon/core/events.py)
   so that both kinds go the same way.
@@ -424,12 +425,22 @@ class Engine:
         return self._run_batch(conn, events, now, *_event_rows(events))
 
     def replay_batch(
-        self, conn: Connection, rows: Sequence[events_store.EventRow], now: datetime
+        self,
+        conn: Connection,
+        rows: Sequence[events_store.EventRow],
+        now: datetime,
+        *,
+        store: bool = True,
     ) -> BatchOutcome:
         """`process_batch` for rows of another events table (a backtest replays the live
         database's): stored as they are, and evaluated from their columns, each parsed
-        into its model only when a trigger needs more (`StoredEvent`)."""
-        return self._run_batch(conn, [StoredEvent(*row) for row in rows], now, rows, None)
+        into its model only when a trigger needs more (`StoredEvent`).
+
+        `store=False`: the rows are not stored, and none is a duplicate (the rows of one
+        events table, each replayed once, have distinct ids): only for a store from which
+        nothing reads them back, the backtest's (it reads only the events trigd made)."""
+        events = [StoredEvent(*row) for row in rows]
+        return self._run_batch(conn, events, now, rows, None, store=store)
 
     def _run_batch(
         self,
@@ -438,13 +449,15 @@ class Engine:
         now: datetime,
         rows: Sequence[events_store.EventRow],
         refs: Sequence[tuple[EventRef, int]] | None,
+        *,
+        store: bool = True,
     ) -> BatchOutcome:
         self._ensure_clock(conn)
         before = self.clock.copy()
         call = self._call(conn, now)
         try:
             with call.ordering.batch(), self._bucket_unit(conn):
-                outcomes = self._process(call, events, _NO_IDS, rows, refs)
+                outcomes = self._process(call, events, _NO_IDS, rows, refs, store=store)
                 self._drain_inbox(call)
             self._save_clock(conn, before)
         except BaseException:
@@ -461,12 +474,18 @@ class Engine:
         store_only: frozenset[UUID],
         rows: Sequence[events_store.EventRow],
         refs: Sequence[tuple[EventRef, int]] | None,
+        *,
+        store: bool = True,
     ) -> list[Outcome]:
-        """Store `events` as `rows` and evaluate them, with their `EventRef` and
-        `occurred` in µs from `refs` (else from the rows); those in `store_only` (events
-        trigd made nested too deep, from the inbox) are stored but not evaluated."""
+        """Store `events` as `rows` (unless not `store`: `replay_batch`) and evaluate
+        them, with their `EventRef` and `occurred` in µs from `refs` (else from the rows);
+        those in `store_only` (events trigd made nested too deep, from the inbox) are
+        stored but not evaluated."""
         # the duplicate check is the insert: a stored id (or one met earlier) is skipped
-        inserted = events_store.insert_new_events(call.conn, rows)
+        if store:
+            inserted = events_store.insert_new_events(call.conn, rows)
+        else:
+            inserted = {row[0] for row in rows}
         outcomes: list[Outcome] = []
         fresh: list[tuple[int, EvaluatedEvent, EventRef, str, int, list[_Interest]]] = []
         wanted: list[tuple[str, tuple[str, ...]]] = []
