@@ -25,6 +25,7 @@ import apsw
 from daemon.core.automations import Automation, AutomationFileError, load_automation_files
 from daemon.core.clock import wall_clock
 from daemon.core.durations import parse_duration
+from daemon.core.events import UnreadableEvent
 from daemon.core.exit_codes import ExitCode
 from daemon.core.explanation import iso
 from daemon.engine.backtest import Firing, diff, live_firings, loaded_ids, replay
@@ -117,6 +118,9 @@ def backtest_command(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
                     really = live_firings(live.conn, loaded, since, until)
             finally:
                 scratch.close()
+    except UnreadableEvent as exc:  # stored by another trigd: the replay cannot go on
+        print(f"trigd backtest: {exc}", file=err)
+        return ExitCode.FAILURE
     finally:
         live.close()
     document = report(automations, result.firings, really, loaded, since, until)

@@ -24,7 +24,7 @@ from typing import Final, NamedTuple
 import attrs
 
 from daemon.core.automations import EventTrigger
-from daemon.core.events import ReceivedEvent
+from daemon.core.events import EvaluatedEvent, ReceivedEvent
 
 _ZERO: Final = timedelta(0)
 
@@ -112,16 +112,17 @@ def evaluate(
     trigger: EventTrigger,
     bucket: Bucket,
     now: datetime,
-    triggering_event: ReceivedEvent | None,
+    triggering_event: EvaluatedEvent | None,
     triggering_ref: EventRef | None = None,
 ) -> Evaluation:
     """Count `triggering_event` into `bucket` at event time `now` and decide on firing.
 
     `triggering_ref` is the same event as an `EventRef` (to reuse its JSON); it is made
-    from `triggering_event` when not given.
+    from `triggering_event` when not given. The event's model is asked for only when it
+    fires (a stored event is parsed then, `StoredEvent`).
     """
     if triggering_event is not None and triggering_ref is None:
-        triggering_ref = EventRef.of(triggering_event)
+        triggering_ref = EventRef.of(triggering_event.parsed())
     fires: list[Fire] = []
     stored, returned = _evaluate(trigger, bucket, now, triggering_event, triggering_ref, fires)
     return Evaluation(stored, returned, fires)
@@ -131,7 +132,7 @@ def _evaluate(
     trigger: EventTrigger,
     bucket: Bucket,
     now: datetime,
-    event: ReceivedEvent | None,
+    event: EvaluatedEvent | None,
     ref: EventRef | None,
     fires: list[Fire],
 ) -> tuple[Bucket | None, Bucket | None]:
@@ -152,7 +153,9 @@ def _evaluate(
 
     if ready and meets:
         last = bucket.last_event
-        fired_by = event if event is not None else (last.model() if last is not None else None)
+        fired_by = (
+            event.parsed() if event is not None else (last.model() if last is not None else None)
+        )
         fires.append(
             Fire(
                 trigger.triggering_labels(bucket.key),

@@ -11,6 +11,11 @@ Python validators are tiny length checks and the UTC normalisation of datetimes.
 wire model's fields are validated into a plain dict (no `_IncomingEvent` is made), the
 defaults filled in, and the `ReceivedEvent` made around that dict without revalidation.
 
+A stored event can also be evaluated without its model (`StoredEvent`: the events
+table's columns, the JSON parsed on first need): a backtest replays stored rows, and most
+triggers need only their name and resource id. The engine reads events through the
+`EvaluatedEvent` protocol, which a `ReceivedEvent` satisfies as well.
+
 Untrusted input is also held to what the rest of trigd can compute with and read back:
 `occurred` within `OCCURRED_MIN..OCCURRED_MAX` (window arithmetic cannot overflow), and a
 payload without NaN or Infinity (which JSON cannot carry) nested at most `max_depth`
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Annotated, Any, Final, Self, cast
+from typing import Annotated, Any, Final, Protocol, Self, cast
 from uuid import UUID
 
 import uuid6
@@ -38,7 +43,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails, SchemaValidator
 from pydantic_core.core_schema import ModelSchema
 
-from daemon.core.clock import wall_clock
+from daemon.core.clock import from_us, wall_clock
 
 # Limits from Prefect's settings (docs/PROTOCOL.md#bad-input-and-limits). Module attributes, read at
 # validation time, so tests can shrink them with monkeypatch.
@@ -241,6 +246,14 @@ class Event(BaseModel):
         """The first related resource of each role."""
         return {related.role: related for related in reversed(self.related)}
 
+    @property
+    def resource_id(self) -> str:
+        return self.resource.root[RESOURCE_ID]
+
+    def parsed(self) -> Self:
+        """Itself: a model has every field parsed already (`EventColumns`)."""
+        return self
+
     def find_resource_label(self, label: str) -> str | None:
         """`related:<role>:<label>` looks in the first related resource of that role;
         anything else (or an absent role) is a label of the primary resource."""
@@ -277,6 +290,96 @@ class ReceivedEvent(Event):
     """An event after the server got it: `received` is the server's clock."""
 
     received: UTCDateTime = Field(default_factory=wall_clock)
+
+
+class EventColumns(Protocol):
+    """What matching an event to triggers reads first: its name and resource id, which
+    the events table holds as columns; `parsed()` is the whole event, for the rest."""
+
+    @property
+    def event(self) -> str: ...
+    @property
+    def resource_id(self) -> str: ...
+    def parsed(self) -> Event: ...
+
+
+class EvaluatedEvent(EventColumns, Protocol):
+    """What the engine reads of an event it evaluates: the events table's columns, and
+    `parsed()` for anything else (labels, related resources, a firing's triggering
+    event, a parked follower). A `ReceivedEvent` is one; so is a `StoredEvent`."""
+
+    @property
+    def id(self) -> UUID: ...
+    @property
+    def occurred(self) -> datetime: ...
+    @property
+    def received(self) -> datetime: ...
+    @property
+    def follows(self) -> UUID | None: ...
+    def parsed(self) -> ReceivedEvent: ...
+
+
+class UnreadableEvent(Exception):
+    """A stored event whose JSON the model no longer reads (written by another trigd)."""
+
+
+class StoredEvent:
+    """A row of the events table as an `EvaluatedEvent`: the columns as they are, and the
+    `ReceivedEvent` parsed from the row's JSON only when something needs more. A backtest
+    replays stored rows, and parsing each was a third of its cost, while most triggers
+    need only the name and the resource id. The columns are the model's own values
+    (`store.events.EventRow` is made from it), so both give the same answers."""
+
+    __slots__ = (
+        "_data",
+        "_follows",
+        "_id",
+        "_model",
+        "_received_us",
+        "event",
+        "occurred",
+        "resource_id",
+    )
+
+    def __init__(
+        self,
+        event_id: str,
+        event: str,
+        resource_id: str,
+        occurred_us: int,
+        received_us: int,
+        follows: str | None,
+        data: str,
+    ) -> None:
+        self._id = event_id
+        self.event: Final = event
+        self.resource_id: Final = resource_id
+        self.occurred: Final = from_us(occurred_us)
+        self._received_us = received_us
+        self._follows = follows
+        self._data = data
+        self._model: ReceivedEvent | None = None
+
+    @property
+    def id(self) -> UUID:
+        return UUID(self._id)
+
+    @property
+    def received(self) -> datetime:
+        return from_us(self._received_us)
+
+    @property
+    def follows(self) -> UUID | None:
+        return None if self._follows is None else UUID(self._follows)
+
+    def parsed(self) -> ReceivedEvent:
+        """The whole event, parsed once; `UnreadableEvent` if its JSON no longer is one."""
+        if self._model is None:
+            try:
+                self._model = ReceivedEvent.model_validate_json(self._data)
+            except ValidationError as exc:
+                raise UnreadableEvent(f"stored event {self._id} does not parse: {exc}") from None
+        return self._model
 
 
 class _IncomingEvent(BaseModel):

@@ -98,6 +98,15 @@ class ResourceSpecification(RootModel[dict[str, str | list[str]]]):
                 return False
         return True
 
+    def resource_id_patterns(self) -> tuple[tuple[CompiledPattern, ...], ...] | None:
+        """When the specification names no label but the resource id: its patterns, each
+        group to be met by the id (`compiled_matches`); else None. The id alone decides
+        then, and the events table holds it as a column."""
+        compiled: tuple[tuple[str, tuple[CompiledPattern, ...]], ...] = self.__dict__["_compiled"]
+        if any(label != RESOURCE_ID for label, _ in compiled):
+            return None
+        return tuple(candidates for _, candidates in compiled)
+
     def includes(self, candidates: Iterable[Resource]) -> bool:
         """True if the spec is empty, else if any candidate matches it."""
         if not self.__dict__["_compiled"]:

@@ -34,8 +34,13 @@ from pydantic import (
 )
 
 from daemon.core.durations import parse_duration
-from daemon.core.events import Event, split_related_label
-from daemon.core.matching import ResourceSpecification, compile_pattern, compiled_matches
+from daemon.core.events import RESOURCE_ID, Event, EventColumns, split_related_label
+from daemon.core.matching import (
+    CompiledPattern,
+    ResourceSpecification,
+    compile_pattern,
+    compiled_matches,
+)
 
 PROACTIVE_MINIMUM_WITHIN: Final = timedelta(seconds=10)
 _TIMEDELTA: Final = TypeAdapter(timedelta)
@@ -165,11 +170,17 @@ class EventTrigger(BaseTrigger):
         related = self.match_related
         specs = tuple(related) if isinstance(related, list) else (related,)
         derived["_match_related"] = tuple(spec for spec in specs if len(spec))  # {} is a no-op
+        # A match on the resource id alone, nothing related: the id decides (a stored
+        # event is matched from its column, without parsing it).
+        derived["_id_patterns"] = (
+            None if derived["_match_related"] else self.match.resource_id_patterns()
+        )
         for_each = derived["_for_each"]
         # Labels of the primary resource (no `related:` directive) are read directly.
         derived["_plain_for_each"] = (
             None if any(split_related_label(label) is not None for label in for_each) else for_each
         )
+        derived["_key_is_id"] = for_each == (RESOURCE_ID,)
 
     @property
     def immediate(self) -> bool:
@@ -189,12 +200,21 @@ class EventTrigger(BaseTrigger):
             return False
         return self.covers_resources(event)
 
-    def covers_resources(self, event: Event) -> bool:
+    def covers_resources(self, event: EventColumns) -> bool:
         """`covers` without the name check (the index decides that once per name)."""
-        if not self.match.matches(event.resource):
+        id_patterns: tuple[tuple[CompiledPattern, ...], ...] | None = self.__dict__["_id_patterns"]
+        if id_patterns is not None:  # the resource id decides
+            if not id_patterns:
+                return True
+            if len(id_patterns) == 1:  # the common case, without a generator
+                return compiled_matches(id_patterns[0], event.resource_id)
+            resource_id = event.resource_id
+            return all(compiled_matches(patterns, resource_id) for patterns in id_patterns)
+        whole = event.parsed()
+        if not self.match.matches(whole.resource):
             return False
         specs: tuple[ResourceSpecification, ...] = self.__dict__["_match_related"]
-        return not specs or all(spec.includes(event.related) for spec in specs)
+        return not specs or all(spec.includes(whole.related) for spec in specs)
 
     def expects(self, event_name: str) -> bool:
         return not self.expect or compiled_matches(self.__dict__["_expect"], event_name)
@@ -218,14 +238,19 @@ class EventTrigger(BaseTrigger):
         labels: tuple[str, ...] = self.__dict__["_for_each"]
         return labels
 
-    def bucketing_key(self, event: Event) -> tuple[str, ...]:
+    def bucketing_key(self, event: EventColumns) -> tuple[str, ...]:
+        if self.__dict__["_key_is_id"]:  # the common `for_each`, the id (never empty)
+            return (event.resource_id,)
         plain: tuple[str, ...] | None = self.__dict__["_plain_for_each"]
         if plain is not None:  # what find_resource_label does for these, minus the parsing
-            labels = event.resource.root
-            if len(plain) == 1:  # the common `for_each` of one label, without a loop
+            if not plain:
+                return ()
+            labels = event.parsed().resource.root
+            if len(plain) == 1:  # a `for_each` of one label, without a loop
                 return (labels.get(plain[0]) or "",)
             return tuple([labels.get(label) or "" for label in plain])
-        return tuple(event.find_resource_label(label) or "" for label in self.sorted_for_each)
+        whole = event.parsed()
+        return tuple(whole.find_resource_label(label) or "" for label in self.sorted_for_each)
 
     def triggering_labels(self, bucketing_key: Sequence[str]) -> dict[str, str]:
         return dict(zip(self.sorted_for_each, bucketing_key, strict=False))

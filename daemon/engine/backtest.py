@@ -3,15 +3,17 @@ stored events, and how that differs from what the loaded ones really fired.
 
 Theory of operation. The live database is only read (`store/events.py: rows_in_occurred_order`,
 on the caller's read-only connection). Its events are replayed in `occurred` order
-through a real `Engine` on a scratch store, in batches (one transaction each), with the
-replayed events' time as the wall clock: `now` is the newest `occurred` of the batch, so
-the events clock, causal ordering's seen marks and proactive evaluation all run on the
-replayed events' clock. A proactive pass runs whenever event time reaches the time the
-previous pass asked to run again, and a last pass at `until`. The periodic pass (lost
-followers, the bucket sweep) runs as the daemon's sweeper does, on its own schedule: at
-the ticks `since + k * granularity` of event time, before the first event past each,
-and at `until`. (A bucket of a `within: 0` trigger without `after` is left to the sweep,
-as in Prefect, so when the sweep runs decides whether a later event counts in it.)
+through a real `Engine` on a scratch store (`Engine.replay_batch`: the rows as read,
+each parsed only when a trigger needs more than its columns), in batches (one
+transaction each), with the replayed events' time as the wall clock: `now` is the
+newest `occurred` of the batch, so the events clock, causal ordering's seen marks and
+proactive evaluation all run on the replayed events' clock. A proactive pass runs
+whenever event time reaches the time the previous pass asked to run again, and a last
+pass at `until`. The periodic pass (lost followers, the bucket sweep) runs as the
+daemon's sweeper does, on its own schedule: at the ticks `since + k * granularity` of
+event time, before the first event past each, and at `until`. (A bucket of a
+`within: 0` trigger without `after` is left to the sweep, as in Prefect, so when the
+sweep runs decides whether a later event counts in it.)
 
 What is not replayed: events that no trigger's `expect`/`after` names and that no
 replayed event `follows` (they change nothing a trigger sees), and the events trigd made
@@ -35,7 +37,7 @@ import attrs
 from pydantic import ValidationError
 
 from daemon.core.automations import Automation, Posture
-from daemon.core.clock import to_us
+from daemon.core.clock import from_us, to_us
 from daemon.core.config import InsightConfig
 from daemon.core.events import ReceivedEvent
 from daemon.core.explanation import iso
@@ -143,7 +145,9 @@ def replay(
 
     `engine` keeps up to `bucket_cache` buckets and `seen_cache` seen marks in memory
     between batches (`scratch` is written by it alone, and thrown away after), and none
-    once the replay is over."""
+    once the replay is over. The replayed events are not stored in `scratch`: only the
+    firings are read from it (events the replay made; the source's own firings of
+    `automations` are not replayed)."""
     with _held_in_memory(engine, scratch, bucket_cache, seen_cache):
         with scratch:
             engine.load_automations(scratch, automations, since)
@@ -153,9 +157,9 @@ def replay(
         runner = _Runner(scratch, engine, since, granularity)
         skipped = 0
         for page in events_store.rows_in_occurred_order(source, since_us, until_us, batch):
-            events, rows, passed_over = _replayable(page, engine, own, leaders)
-            skipped += passed_over
-            runner.run(events, rows)
+            rows = _replayable(page, engine, own, leaders)
+            skipped += len(page) - len(rows)
+            runner.run(rows)
         runner.finish(until)
         return Replay(
             read_firings(scratch, [str(a.id) for a in automations]), runner.replayed, skipped
@@ -164,24 +168,14 @@ def replay(
 
 def _replayable(
     page: Sequence[events_store.EventRow], engine: Engine, own: set[str], leaders: set[str]
-) -> tuple[list[ReceivedEvent], list[events_store.EventRow], int]:
-    """The rows of `page` a trigger can see, parsed, and how many were passed over."""
-    events: list[ReceivedEvent] = []
-    rows: list[events_store.EventRow] = []
-    skipped = 0
-    for row in page:
-        event_id, name, resource_id, _, _, _, data = row
-        if resource_id in own or (event_id not in leaders and not engine.index.for_name(name)):
-            skipped += 1
-            continue
-        try:
-            event = ReceivedEvent.model_validate_json(data)
-        except ValidationError:
-            skipped += 1  # stored by an older trigd and no longer read: live skips it too
-            continue
-        events.append(event)
-        rows.append(row)
-    return events, rows, skipped
+) -> list[events_store.EventRow]:
+    """The rows of `page` a trigger can see (not parsed: the engine evaluates rows from
+    their columns, `Engine.replay_batch`)."""
+    return [
+        row
+        for row in page
+        if row[2] not in own and (row[0] in leaders or engine.index.for_name(row[1]))
+    ]
 
 
 @contextlib.contextmanager
@@ -225,20 +219,20 @@ class _Runner:
         """The sweeper's next tick (event time)."""
         self.replayed = 0
 
-    def run(self, events: Sequence[ReceivedEvent], rows: Sequence[events_store.EventRow]) -> None:
-        """Evaluate `events` (stored as `rows`, as read) in batches cut where a
-        proactive pass or the sweeper's tick falls due."""
+    def run(self, rows: Sequence[events_store.EventRow]) -> None:
+        """Evaluate the events stored as `rows` (in `occurred` order) in batches cut
+        where a proactive pass or the sweeper's tick falls due."""
         start = 0
         due_us = self._due_us()
         for i, row in enumerate(rows):
             if row[3] >= due_us:  # the row's `occurred_us` is its event's `occurred`
-                occurred = events[i].occurred
-                self._batch(events[start:i], rows[start:i])
+                occurred = from_us(row[3])
+                self._batch(rows[start:i])
                 start = i
                 self._passes_until(occurred)
                 self._sweep_until(occurred)
                 due_us = self._due_us()
-        self._batch(events[start:], rows[start:])
+        self._batch(rows[start:])
 
     def _due_us(self) -> int:
         """When the next proactive pass or sweeper's tick falls due, in µs (compared with
@@ -246,15 +240,13 @@ class _Runner:
         due = self.next_sweep if self.next_pass is None else min(self.next_pass, self.next_sweep)
         return to_us(due)
 
-    def _batch(
-        self, events: Sequence[ReceivedEvent], rows: Sequence[events_store.EventRow]
-    ) -> None:
-        if not events:
+    def _batch(self, rows: Sequence[events_store.EventRow]) -> None:
+        if not rows:
             return
-        now = max(e.occurred for e in events)
-        with self.conn:
-            self.engine.process_batch(self.conn, events, now, rows)
-        self.replayed += len(events)
+        now = from_us(max(row[3] for row in rows))  # the newest `occurred_us`
+        with self.conn:  # the scratch store keeps only what the replay makes (firings)
+            self.engine.replay_batch(self.conn, rows, now, store=False)
+        self.replayed += len(rows)
 
     def _sweep_until(self, when: datetime) -> None:
         """The sweeper's pass at its last tick up to `when`, if one fell due: the ticks

@@ -27,6 +27,12 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   ordering's marks) is in the connection's
   `store.connection.ConnectionState`, never on the engine. The proactive pass reads the
   table page by page and so writes each change at once.
+* `replay_batch` is `process_batch` for rows of another events table (a backtest's
+  replay): they are stored as read (or not at all: `store=False`, the backtest's, whose
+  scratch store nobody reads them back from) and evaluated as `StoredEvent`s, from their columns,
+  each parsed into its model only when a trigger needs other labels, or it fires or is
+  parked. The per-event code reads events through `EvaluatedEvent` (daemon/core/events.py)
+  so that both kinds go the same way.
 * `proactive` runs docs/TRIGGERS.md#proactive-evaluation for each due Proactive EventTrigger.
   It reads only the buckets a pass can change: those that counted an event (deleted) and
   those whose window is over (evaluated); an open window cannot fire, so the earliest
@@ -75,7 +81,7 @@ from daemon.core.config import (
     SEEN_EXPIRATION,
     Config,
 )
-from daemon.core.events import ReceivedEvent
+from daemon.core.events import EvaluatedEvent, EventColumns, ReceivedEvent, StoredEvent
 from daemon.core.firings import Firing, TriggerState
 from daemon.core.index import Candidate, TriggerIndex
 from daemon.engine import acting
@@ -412,24 +418,46 @@ class Engine:
     # --- reactive --------------------------------------------------------------------
 
     def process_batch(
-        self,
-        conn: Connection,
-        events: Sequence[ReceivedEvent],
-        now: datetime,
-        stored: Sequence[events_store.EventRow] | None = None,
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
     ) -> BatchOutcome:
         """Store and evaluate a batch inside the caller's transaction; one outcome per
-        input event. Then drain (a bounded part of) the inbox.
+        input event. Then drain (a bounded part of) the inbox."""
+        return self._run_batch(conn, events, now, *_event_rows(events))
 
-        `stored`, when given, holds each event as a row of an events table already (a
-        backtest replays the rows it read): the rows are stored as they are, instead of
-        being made again from the events (their JSON, id, times)."""
+    def replay_batch(
+        self,
+        conn: Connection,
+        rows: Sequence[events_store.EventRow],
+        now: datetime,
+        *,
+        store: bool = True,
+    ) -> BatchOutcome:
+        """`process_batch` for rows of another events table (a backtest replays the live
+        database's): stored as they are, and evaluated from their columns, each parsed
+        into its model only when a trigger needs more (`StoredEvent`).
+
+        `store=False`: the rows are not stored, and none is a duplicate (the rows of one
+        events table, each replayed once, have distinct ids): only for a store from which
+        nothing reads them back, the backtest's (it reads only the events trigd made)."""
+        events = [StoredEvent(*row) for row in rows]
+        return self._run_batch(conn, events, now, rows, None, store=store)
+
+    def _run_batch(
+        self,
+        conn: Connection,
+        events: Sequence[EvaluatedEvent],
+        now: datetime,
+        rows: Sequence[events_store.EventRow],
+        refs: Sequence[tuple[EventRef, int]] | None,
+        *,
+        store: bool = True,
+    ) -> BatchOutcome:
         self._ensure_clock(conn)
         before = self.clock.copy()
         call = self._call(conn, now)
         try:
             with call.ordering.batch(), self._bucket_unit(conn):
-                outcomes = self._process(call, events, _NO_IDS, stored)
+                outcomes = self._process(call, events, _NO_IDS, rows, refs, store=store)
                 self._drain_inbox(call)
             self._save_clock(conn, before)
         except BaseException:
@@ -442,25 +470,24 @@ class Engine:
     def _process(
         self,
         call: _Call,
-        events: Sequence[ReceivedEvent],
+        events: Sequence[EvaluatedEvent],
         store_only: frozenset[UUID],
-        stored: Sequence[events_store.EventRow] | None = None,
+        rows: Sequence[events_store.EventRow],
+        refs: Sequence[tuple[EventRef, int]] | None,
+        *,
+        store: bool = True,
     ) -> list[Outcome]:
-        """Store and evaluate `events` (as the rows `stored` when given); those in
-        `store_only` (events trigd made nested too deep, from the inbox) are stored but
-        not evaluated."""
-        refs: list[tuple[EventRef, int]] | None = None
-        rows: Sequence[events_store.EventRow]
-        if stored is None:
-            rows, refs = _event_rows(events)
-        elif len(stored) != len(events):
-            raise ValueError("stored: one row per event")
-        else:
-            rows = stored
+        """Store `events` as `rows` (unless not `store`: `replay_batch`) and evaluate
+        them, with their `EventRef` and `occurred` in µs from `refs` (else from the rows);
+        those in `store_only` (events trigd made nested too deep, from the inbox) are
+        stored but not evaluated."""
         # the duplicate check is the insert: a stored id (or one met earlier) is skipped
-        inserted = events_store.insert_new_events(call.conn, rows)
+        if store:
+            inserted = events_store.insert_new_events(call.conn, rows)
+        else:
+            inserted = {row[0] for row in rows}
         outcomes: list[Outcome] = []
-        fresh: list[tuple[int, ReceivedEvent, EventRef, str, int, list[_Interest]]] = []
+        fresh: list[tuple[int, EvaluatedEvent, EventRef, str, int, list[_Interest]]] = []
         wanted: list[tuple[str, tuple[str, ...]]] = []
         by_position = self._by_position
         for i, (event, row) in enumerate(zip(events, rows, strict=True)):
@@ -488,7 +515,7 @@ class Engine:
                 outcomes[i] = Outcome.parked
         return outcomes
 
-    def _interests(self, event: ReceivedEvent) -> list[_Interest]:
+    def _interests(self, event: EventColumns) -> list[_Interest]:
         """The triggers that cover the event, each with the event's bucketing key: what
         evaluating it will read, known before anything is evaluated (it depends on the
         event and the loaded triggers only), so a batch reads its buckets in one go."""
@@ -521,7 +548,7 @@ class Engine:
             parsed = [p for _, data in queued if (p := _inbox_event(data)) is not None]
             store_only = frozenset(e.id for e, evaluate in parsed if not evaluate)
             drained = [e for e, _ in parsed]
-            outcomes = self._process(call, drained, store_only)
+            outcomes = self._process(call, drained, store_only, *_event_rows(drained))
             call.own_events += [
                 e for e, o in zip(drained, outcomes, strict=True) if o is not Outcome.duplicate
             ]
@@ -542,7 +569,7 @@ class Engine:
     def _reactive(
         self,
         call: _Call,
-        event: ReceivedEvent,
+        event: EvaluatedEvent,
         depth: int,
         ref: EventRef,
         event_id: str,
@@ -564,7 +591,7 @@ class Engine:
         call: _Call,
         candidate: Candidate,
         key: tuple[str, ...],
-        event: ReceivedEvent,
+        event: EvaluatedEvent,
         ref: EventRef,
     ) -> None:
         loaded = self._by_position[candidate.position]

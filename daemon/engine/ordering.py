@@ -32,6 +32,9 @@ rolled-back transaction can only leave it too large, never missing a leader; it 
 reloaded at the start of the next batch after a release or a failure, when the
 transaction has not changed anything yet.
 
+An event it waits for may be a stored row not parsed yet (`EvaluatedEvent`): only its
+id, `follows` and `received` are read, and it is parsed only to be parked.
+
 A backtest's replay goes one step further (`keep_seen`): its seen marks stay in memory
 across batches, up to a bound, and reach the table only past it. A mark is only ever
 read back by an event that follows that one (`_is_seen`), which looks in memory first,
@@ -54,7 +57,7 @@ from daemon.core.config import (
     PRECEDING_EVENT_LOOKBACK,
     SEEN_EXPIRATION,
 )
-from daemon.core.events import Event, ReceivedEvent
+from daemon.core.events import EvaluatedEvent, Event, ReceivedEvent
 from store import ordering as db
 from store.connection import Connection
 
@@ -334,7 +337,7 @@ class CausalOrdering:
         """
         self._wait(event, to_us(now))
 
-    def _wait(self, event: ReceivedEvent, now_us: int) -> None:
+    def _wait(self, event: EvaluatedEvent, now_us: int) -> None:
         leader = event.follows
         if leader is None or leader == event.id:
             return
@@ -347,8 +350,9 @@ class CausalOrdering:
             self._log(event, "arrived while its leader %s is processing", leader)
         else:
             self._log(event, "arrived before the event it follows %s", leader)
-        self.record_follower(event)
-        raise EventArrivedEarly(event)
+        parked = event.parsed()
+        self.record_follower(parked)
+        raise EventArrivedEarly(parked)
 
     def complete_event_and_get_followers(
         self, event: ReceivedEvent, *, now: datetime
@@ -401,7 +405,7 @@ class CausalOrdering:
     def run_confirmed(
         self,
         handler: EventHandler,
-        event: ReceivedEvent,
+        event: EvaluatedEvent,
         depth: int,
         body: Callable[[], object],
         *,
@@ -418,14 +422,14 @@ class CausalOrdering:
             raise
         self._finish(handler, event, depth, now_us, event_id)
 
-    def _start(self, event: ReceivedEvent, depth: int, now_us: int, event_id: str) -> None:
+    def _start(self, event: EvaluatedEvent, depth: int, now_us: int, event_id: str) -> None:
         if depth > self.max_depth:
             self._log(event, "has exceeded the maximum recursion depth %s", self.max_depth)
-            raise MaxDepthExceeded(event)
+            raise MaxDepthExceeded(event.parsed())
         in_flight = self._in_flight
         if event_id in in_flight:
             self._log(event, "is already being processed")
-            raise EventBeingProcessed(event)
+            raise EventBeingProcessed(event.parsed())
         in_flight.add(event_id)
         try:
             self._wait(event, now_us)
@@ -434,7 +438,7 @@ class CausalOrdering:
             raise
 
     def _finish(
-        self, handler: EventHandler, event: ReceivedEvent, depth: int, now_us: int, event_id: str
+        self, handler: EventHandler, event: EvaluatedEvent, depth: int, now_us: int, event_id: str
     ) -> None:
         followers = self._complete(now_us, event_id)
 
@@ -446,21 +450,22 @@ class CausalOrdering:
                 self._log(event, "reached its max depth of %s followers processed.", self.max_depth)
                 break
 
-        if event.follows is not None and event.follows != event.id:
-            self.forget_follower(event)
+        follows = event.follows
+        if follows is not None and follows != event.id:
+            db.unpark(self.conn, self.scope, event_id)  # `forget_follower`
 
-    def _log(self, event: ReceivedEvent, message: str, *args: object) -> None:
+    def _log(self, event: EvaluatedEvent, message: str, *args: object) -> None:
         if not logger.isEnabledFor(logging.INFO):
             return
         logger.info(
             "Event %r (%s) for %r " + message,
             event.event,
             event.id,
-            event.resource.id,
+            event.resource_id,
             *args,
             extra={
                 "event_id": str(event.id),
                 "follows": None if event.follows is None else str(event.follows),
-                "resource_id": event.resource.id,
+                "resource_id": event.resource_id,
             },
         )

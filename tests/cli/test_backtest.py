@@ -8,11 +8,14 @@ import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 
 from daemon.cli.backtest import REPLAY_YOUNG_COLLECTIONS, open_scratch, replay_gc
 from daemon.cli.main import main
+from daemon.core.clock import to_us
+from store.events import insert_new_events
 from tests.support.daemon_process import write_automations
 from tests.support.engine_harness import HarnessMaker, automation, event, trigger
 
@@ -81,6 +84,22 @@ def test_errors_name_what_is_wrong(
     code, _, err = run(capsys, str(file), "--db", str(tmp_path / "missing.db"))
     assert code == 1
     assert "no such database" in err
+
+
+def test_a_stored_event_that_no_longer_parses_stops_the_backtest_naming_it(
+    harness: HarnessMaker, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A row is parsed only when the replay needs the whole event (here: it fires); one
+    that is not an event then stops the backtest with an error naming it."""
+    h = harness([])
+    at = to_us(datetime.now(UTC) - timedelta(hours=1))
+    bad = str(uuid4())
+    with h.conn:
+        insert_new_events(h.conn, [(bad, "pump.high", "pump-1", at, at, None, '{"id": 1}')])
+    file = write_automations(tmp_path, [burst(1)])
+    code, out, err = run(capsys, str(file), "--db", str(h.store.path))
+    assert (code, out) == (1, "")
+    assert f"trigd backtest: stored event {bad} does not parse" in err
 
 
 def test_the_replay_collects_less_often_and_as_before_afterwards() -> None:

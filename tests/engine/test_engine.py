@@ -5,6 +5,7 @@ transactions."""
 from __future__ import annotations
 
 import json
+import tempfile
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -12,20 +13,28 @@ from uuid import uuid4
 
 import apsw
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from daemon.core.automations import Automation
 from daemon.core.clock import to_us
 from daemon.core.events import (
     MAX_JSON_DEPTH_CEILING,
     OCCURRED_MAX,
+    RESOURCE_ID,
     EventRejected,
     ReceivedEvent,
+    RelatedResource,
+    Resource,
+    StoredEvent,
+    UnreadableEvent,
     parse_incoming_event,
 )
 from daemon.core.firings import TriggeredAction
-from daemon.core.trigger_models import MAX_WITHIN
+from daemon.core.trigger_models import MAX_WITHIN, EventTrigger, parse_trigger
 from daemon.engine.engine import MAX_AUTOMATION_CHAIN, Engine, Outcome
 from store.db import Store
+from store.events import rows_in_occurred_order
 from tests.support.engine_harness import (
     ARACHNOPHOBIA,
     CHONK,
@@ -42,6 +51,7 @@ from tests.support.engine_harness import (
     spider_walked,
     trigger,
 )
+from tests.support.strategies import received_events
 
 S = timedelta(seconds=1)
 
@@ -329,12 +339,12 @@ def test_the_latest_occurred_fits_the_longest_within(harness: HarnessMaker, post
     h.PER(OCCURRED_MAX)  # and the sweep of buckets past their window
 
 
-def test_a_batch_given_its_stored_rows_stores_them_as_they_are_and_evaluates_the_events(
+def test_a_replayed_batch_of_stored_rows_stores_them_as_they_are_and_evaluates_them(
     harness: HarnessMaker,
 ) -> None:
-    """A replay hands the engine events with the rows it read them from (JSON written by
-    an older trigd, another receipt time): stored as they are, not made again; the
-    events are evaluated as without them."""
+    """A replay hands the engine the rows it read (JSON written by an older trigd,
+    another receipt time): stored as they are, not made again; the events are evaluated
+    as the models would be."""
     burst = automation("burst", trigger(expect=["pump.high"], threshold=2, within=60))
     h = harness([burst])
     events = [event("pump.high", T + s * S, "pump-1") for s in (1, 2)]
@@ -352,7 +362,7 @@ def test_a_batch_given_its_stored_rows_stores_them_as_they_are_and_evaluates_the
     ]
     assert rows[0][6] != events[0].model_dump_json()  # what the engine would store otherwise
     with h.conn:
-        outcome = h.engine.process_batch(h.conn, events, T + 3 * S, rows)
+        outcome = h.engine.replay_batch(h.conn, rows, T + 3 * S)
     assert outcome.outcomes == [Outcome.processed, Outcome.processed]
     columns = "id, event, resource_id, occurred_us, received_us, follows, data"
     stored = h.conn.execute(
@@ -362,11 +372,95 @@ def test_a_batch_given_its_stored_rows_stores_them_as_they_are_and_evaluates_the
     assert len(fired(h, burst)) == 1
 
 
-def test_a_batch_given_rows_that_are_not_one_per_event_is_refused(
+# --- stored rows evaluated from their columns (a backtest's replay) -----------------------
+
+_ID_SPECS = st.sampled_from(
+    [{}, {"prefect.resource.id": "a*"}, {"prefect.resource.id": ["!a*", "b"]}]
+) | st.dictionaries(st.sampled_from(["prefect.resource.id", "x"]), st.sampled_from(["a*", "*"]))
+_STORED_TRIGGERS = st.builds(
+    lambda **kw: parse_trigger({"type": "event", "posture": "Reactive", **kw}),
+    match=_ID_SPECS,
+    match_related=st.sampled_from([{}, {"prefect.resource.role": "r"}]),
+    for_each=st.sampled_from([[], ["prefect.resource.id"], ["x"], ["related:r:x"]]),
+)
+
+
+@st.composite
+def _storable_events(draw: st.DrawFn) -> list[ReceivedEvent]:
+    found = draw(st.lists(received_events(), min_size=1, max_size=6, unique_by=lambda e: e.id))
+    shaped = []
+    for e in found:
+        labels = {**e.resource.root, RESOURCE_ID: draw(st.sampled_from(["a", "ab", "b", "c.a"]))}
+        if draw(st.booleans()):
+            labels["x"] = draw(st.sampled_from(["a", "b"]))
+        related = list(e.related)
+        if draw(st.booleans()):
+            role = {RESOURCE_ID: "site", "prefect.resource.role": "r", "x": "a"}
+            related.append(RelatedResource(role))
+        shaped.append(e.model_copy(update={"resource": Resource(labels), "related": related}))
+    return shaped
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_storable_events(), st.lists(_STORED_TRIGGERS, max_size=4))
+def test_a_stored_row_reads_as_the_event_it_was_stored_from(
+    events: list[ReceivedEvent], triggers: list[EventTrigger]
+) -> None:
+    """What a replay evaluates without parsing (`StoredEvent`: the columns) is what the
+    model says, through every accessor and every trigger's matching and bucketing (and
+    those are what the trigger's specifications say of the whole event)."""
+    with tempfile.TemporaryDirectory(prefix="stored-row-") as tmp:
+        store = Store.open(Path(tmp) / "trigd.db")
+        try:
+            with store.conn:
+                Engine().process_batch(store.conn, events, T)
+            rows = [
+                row for page in rows_in_occurred_order(store.conn, 0, 2**62, 10) for row in page
+            ]
+        finally:
+            store.close()
+    models = {str(e.id): e for e in events}
+    assert sorted(models) == sorted(row[0] for row in rows)
+    for row in rows:
+        view, model = StoredEvent(*row), models[row[0]]
+        assert (view.id, view.event, view.resource_id, view.follows) == (
+            model.id,
+            model.event,
+            model.resource.id,
+            model.follows,
+        )
+        for mine, theirs in ((view.occurred, model.occurred), (view.received, model.received)):
+            assert (mine, mine.isoformat()) == (theirs, theirs.isoformat())
+        for t in triggers:
+            related = t.match_related if isinstance(t.match_related, list) else [t.match_related]
+            covered = t.match.matches(model.resource) and all(
+                spec.includes(model.related) for spec in related if len(spec)
+            )
+            key = tuple(model.find_resource_label(label) or "" for label in t.sorted_for_each)
+            assert t.covers_resources(view) == t.covers_resources(model) == covered
+            assert t.bucketing_key(view) == t.bucketing_key(model) == key
+        assert view.parsed() == model
+
+
+def test_a_replayed_row_is_parsed_only_when_a_trigger_needs_more_than_its_columns(
     harness: HarnessMaker,
 ) -> None:
-    h = harness([])
-    events = [event("pump.high", T + S, "pump-1")]
-    with pytest.raises(ValueError, match="stored: one row per event"), h.conn:
-        h.engine.process_batch(h.conn, events, T + S, [])
-    assert _count(h, "events") == 0
+    """A row whose JSON is not an event is evaluated from its columns (name, resource id,
+    times) while no trigger needs more; when it fires, the firing needs the event: it
+    fails, naming the row."""
+    burst = automation(
+        "burst",
+        trigger(expect=["pump.high"], for_each=["prefect.resource.id"], threshold=2, within=60),
+    )
+    h = harness([burst])
+    rows = [
+        (str(uuid4()), "pump.high", "pump-1", to_us(T + s * S), to_us(T + s * S), None, "{}")
+        for s in (1, 2)
+    ]
+    with h.conn:
+        outcome = h.engine.replay_batch(h.conn, rows[:1], T + S)
+    assert outcome.outcomes == [Outcome.processed]
+    assert h.buckets(burst.trigger.id)[0][3] == 1
+    unreadable = f"stored event {rows[1][0]} does not parse"
+    with pytest.raises(UnreadableEvent, match=unreadable), h.conn:
+        h.engine.replay_batch(h.conn, rows[1:], T + 2 * S)
