@@ -414,17 +414,21 @@ COUNTER = Automation.model_validate(
 )
 
 
+def tick(resource: str, seconds: int) -> ReceivedEvent:
+    """A `tick` of `resource`, `seconds` after S."""
+    at = S + timedelta(seconds=seconds)
+    return ReceivedEvent(
+        event="tick",
+        resource=Resource({"prefect.resource.id": resource}),
+        occurred=at,
+        received=at,
+        id=uuid4(),
+    )
+
+
 def ticks(n: int, resources: int) -> list[ReceivedEvent]:
-    return [
-        ReceivedEvent(
-            event="tick",
-            resource=Resource({"prefect.resource.id": f"r{i % resources}"}),
-            occurred=S + timedelta(seconds=i),
-            received=S + timedelta(seconds=i),
-            id=uuid4(),
-        )
-        for i in range(n)
-    ]
+    """`n` ticks a second apart, over `resources` resources in turn."""
+    return [tick(f"r{i % resources}", i) for i in range(n)]
 
 
 def table(store: Store) -> list[tuple[Any, ...]]:
@@ -719,16 +723,6 @@ def test_a_kept_bucket_the_sweep_deleted_is_forgotten(store: Store) -> None:
     with conn:
         engine.load_automations(conn, [COUNTER], S)
 
-    def tick(resource: str, seconds: int) -> ReceivedEvent:
-        at = S + timedelta(seconds=seconds)
-        return ReceivedEvent(
-            event="tick",
-            resource=Resource({"prefect.resource.id": resource}),
-            occurred=at,
-            received=at,
-            id=uuid4(),
-        )
-
     process_in_transaction(conn, engine, [tick("r0", 0)], S)  # r0's window [0 s, 60 s)
     later = S + timedelta(seconds=200)
     process_in_transaction(conn, engine, [tick("r1", 200)], later)
@@ -823,16 +817,6 @@ def test_the_sweep_writes_back_the_deferred_buckets_it_judges(store: Store) -> N
     engine.keep_buckets(conn, 100, deferred=True)
     with conn:
         engine.load_automations(conn, [COUNTER], S)
-
-    def tick(resource: str, seconds: int) -> ReceivedEvent:
-        at = S + timedelta(seconds=seconds)
-        return ReceivedEvent(
-            event="tick",
-            resource=Resource({"prefect.resource.id": resource}),
-            occurred=at,
-            received=at,
-            id=uuid4(),
-        )
 
     process_in_transaction(conn, engine, [tick("r0", 0), tick("r1", 0)], S)
     with conn:
