@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -645,6 +646,19 @@ def spread_ticks(n: int, resources: int, step: float) -> list[ReceivedEvent]:
     ]
 
 
+def in_batches(conn: Connection, engine: Engine, events: list[ReceivedEvent]) -> Iterator[int]:
+    """Batches of 20, each followed by a proactive pass and the periodic one (the sweep), as
+    a backtest runs them; what each sweep returned, after it."""
+    for start in range(0, len(events), 20):
+        part = events[start : start + 20]
+        now = part[-1].occurred
+        process_in_transaction(conn, engine, part, now)
+        with conn:
+            engine.proactive(conn, now)
+        with conn:
+            yield engine.periodic(conn, now)
+
+
 def run_kept(path: Path, kept: int, events: list[ReceivedEvent]) -> list[Any]:
     """Batches of 20 with a proactive pass and the periodic one (the sweep) after each,
     as a backtest runs them; the bucket table after each batch, and the firings."""
@@ -655,16 +669,7 @@ def run_kept(path: Path, kept: int, events: list[ReceivedEvent]) -> list[Any]:
         engine.keep_buckets(conn, kept)
         with conn:
             engine.load_automations(conn, [COUNTER, WATCHDOG], S)
-        seen = []
-        for start in range(0, len(events), 20):
-            part = events[start : start + 20]
-            now = part[-1].occurred
-            process_in_transaction(conn, engine, part, now)
-            with conn:
-                engine.proactive(conn, now)
-            with conn:
-                engine.periodic(conn, now)
-            seen.append(table(opened))
+        seen = [table(opened) for _ in in_batches(conn, engine, events)]
         seen.append(conn.execute("SELECT event, count(*) FROM events GROUP BY event").fetchall())
     finally:
         opened.close()
@@ -746,15 +751,7 @@ def run_deferred(path: Path, kept: int, events: list[ReceivedEvent]) -> list[Any
         engine.keep_buckets(conn, kept, deferred=True)
         with conn:
             engine.load_automations(conn, [COUNTER, WATCHDOG], S)
-        swept = []
-        for start in range(0, len(events), 20):
-            part = events[start : start + 20]
-            now = part[-1].occurred
-            process_in_transaction(conn, engine, part, now)
-            with conn:
-                engine.proactive(conn, now)
-            with conn:
-                swept.append(engine.periodic(conn, now))
+        swept = list(in_batches(conn, engine, events))
         with conn:
             engine.keep_buckets(conn, 0)  # writes back what was held
         return [
