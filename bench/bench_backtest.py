@@ -24,6 +24,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -91,12 +92,13 @@ def run_once(
     batch: int,
     bucket_cache: int,
     seen_cache: int,
-) -> tuple[float, int, int]:
+) -> tuple[float, float, int, int]:
+    """CPU seconds and wall seconds of one replay, and its replayed and skipped events."""
     with tempfile.TemporaryDirectory(prefix="bench-backtest-") as tmp:
         scratch = open_scratch(Path(tmp) / "scratch.db")
         live = Store.open_readonly(live_path)
         gc.collect()
-        before = cpu()
+        before, started = cpu(), time.perf_counter()
         try:
             with live.conn, replay_gc():  # as `trigd backtest` runs it
                 result = replay(
@@ -112,10 +114,10 @@ def run_once(
                     seen_cache=seen_cache,
                 )
         finally:
-            spent = cpu() - before
+            spent, wall = cpu() - before, time.perf_counter() - started
             live.close()
             scratch.close()
-    return spent, result.replayed, result.skipped
+    return spent, wall, result.replayed, result.skipped
 
 
 def main() -> None:
@@ -146,7 +148,7 @@ def main() -> None:
         since, until = first, last + timedelta(microseconds=1)
         rates = []
         for run in range(args.repeat):
-            spent, replayed, skipped = run_once(
+            spent, wall, replayed, skipped = run_once(
                 live_path, loaded, since, until, args.batch, args.bucket_cache, args.seen_cache
             )
             total = replayed + skipped
@@ -161,6 +163,7 @@ def main() -> None:
                         "cpu_s": round(spent, 3),
                         "cpu_us_per_event": round(spent / total * 1e6, 2),
                         "events_per_cpu_s": round(total / spent),
+                        "events_per_s": round(total / wall),
                     }
                 )
             )
