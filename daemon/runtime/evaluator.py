@@ -6,8 +6,10 @@ to ``batch_max`` (group commit: a flood is committed a few hundred at a time, an
 cost is shared), and lingers a few milliseconds for more when the batch is small
 (``daemon.core.commit_linger``), so that events arriving one at a time share it too.
 The engine runs over the batch in the store thread inside one ``BEGIN IMMEDIATE``
-transaction; only after ``COMMIT`` returns is each submission resolved, so an ack (or a
-pong) always means "on disk". Then, only while events out has subscribers, what the batch
+transaction, as an urgent call (``StoreGateway.run_urgent``: ahead of the background store
+work waiting, the sender's and the inbox pump's, since clients wait on these acks); only
+after ``COMMIT`` returns is each submission resolved, so an ack (or a pong) always means
+"on disk". Then, only while events out has subscribers, what the batch
 committed (its new events and trigd's own events it drained from the inbox) goes to the
 hub (``daemon.runtime.events_hub``).
 
@@ -175,13 +177,13 @@ class _Evaluator:
                 with trio.CancelScope(shield=True):
                     pacing = self.pacing
                     if pacing is None:
-                        done = await self.gateway.run(
+                        done = await self.gateway.run_urgent(
                             process_in_transaction, self.engine, events, now
                         )
                     else:
                         pacing.open()
                         try:
-                            done = await self.gateway.run(
+                            done = await self.gateway.run_urgent(
                                 process_in_transaction, self.engine, events, now
                             )
                         finally:
