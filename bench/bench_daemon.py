@@ -273,8 +273,23 @@ class Phase:
         return self.events / self.seconds
 
     def percentile(self, p: float) -> float:
-        ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
+        return _percentile(self.latencies_ms, p)
+
+    def without_slowest_second(self) -> tuple[int, float, float]:
+        """The second of the phase (from its first send) holding the slowest ack, that
+        second's p99, and the p99 of the other acks: when paced, the slowest second is the
+        one in which resources 0-99 fire, and the rest is the trickle's own latency."""
+        start = self.sent_at[0]
+        seconds = [int(at - start) for at in self.sent_at]
+        slowest = seconds[max(range(len(seconds)), key=self.latencies_ms.__getitem__)]
+        inside = [ms for s, ms in zip(seconds, self.latencies_ms, strict=True) if s == slowest]
+        rest = [ms for s, ms in zip(seconds, self.latencies_ms, strict=True) if s != slowest]
+        return slowest, _percentile(inside, 99), _percentile(rest or inside, 99)
+
+
+def _percentile(values: Sequence[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))]
 
 
 class Client:
@@ -433,6 +448,12 @@ def describe(label: str, phase: Phase, peer_name: str) -> Iterator[str]:
         f"ack latency p50 {phase.percentile(50):.1f} ms, p99 {phase.percentile(99):.1f} ms, "
         f"max {max(phase.latencies_ms):.1f} ms; nacks {phase.nacks}"
     )
+    if phase.seconds >= 2:
+        second, inside, rest = phase.without_slowest_second()
+        yield (
+            f"  slowest second ({second} s in, the firings' when paced): p99 {inside:.1f} ms; "
+            f"p99 of the other seconds {rest:.1f} ms"
+        )
     yield (
         f"  CPU: client {phase.client_cpu:.2f} s ({phase.client_cpu * per_event:.0f} µs/event), "
         f"{peer_name} {phase.peer_cpu:.2f} s ({phase.peer_cpu * per_event:.0f} µs/event)"

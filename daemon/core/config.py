@@ -276,9 +276,20 @@ class ServerConfig(Section):
 COMMIT_LINGER: Final = timedelta(milliseconds=5)
 COMMIT_LINGER_EVENTS: Final = 64
 MAX_COMMIT_LINGER: Final = timedelta(seconds=1)
+INBOX_PUMP_DELAY: Final = timedelta(milliseconds=20)
+MAX_INBOX_PUMP_DELAY: Final = timedelta(seconds=1)
 PAGE_CACHE_MIB: Final = 2
 WAL_CHECKPOINT_PAGES: Final = 4_000  # about 16 MiB of WAL with 4 KiB pages
 WAL_MAX_PAGES: Final = 16_000
+
+
+def _short_pump_delay(value: timedelta) -> timedelta:
+    if value > MAX_INBOX_PUMP_DELAY:
+        raise ValueError(
+            f"must be at most {format_duration(MAX_INBOX_PUMP_DELAY)} (with no client "
+            f"events, trigd's own events wait this long), got {format_duration(value)}"
+        )
+    return value
 
 
 def _short_linger(value: timedelta) -> timedelta:
@@ -299,6 +310,9 @@ class StoreConfig(Section):
     # event, wait up to this long for more; "0s" = off
     commit_linger: Annotated[Duration, AfterValidator(_short_linger)] = COMMIT_LINGER
     commit_linger_events: Count = COMMIT_LINGER_EVENTS  # a batch this large stops lingering
+    # trigd's own events (firings, webhook results) wait this long for an evaluator batch
+    # to drain them before the inbox pump commits them itself; "0s" = at once
+    inbox_pump_delay: Annotated[Duration, AfterValidator(_short_pump_delay)] = INBOX_PUMP_DELAY
     page_cache_mib: Count = PAGE_CACHE_MIB  # SQLite's page cache of the writer connection
     # WAL checkpoints beside the writer (docs/OPERATIONS.md#the-database-file): past this
     # many WAL frames, a background checkpoint; past the bound, the writer's COMMIT does it

@@ -6,8 +6,10 @@ to ``batch_max`` (group commit: a flood is committed a few hundred at a time, an
 cost is shared), and lingers a few milliseconds for more when the batch is small
 (``daemon.core.commit_linger``), so that events arriving one at a time share it too.
 The engine runs over the batch in the store thread inside one ``BEGIN IMMEDIATE``
-transaction; only after ``COMMIT`` returns is each submission resolved, so an ack (or a
-pong) always means "on disk". Then, only while events out has subscribers, what the batch
+transaction, as an urgent call (``StoreGateway.run_urgent``: ahead of the background store
+work waiting, the sender's and the inbox pump's, since clients wait on these acks); only
+after ``COMMIT`` returns is each submission resolved, so an ack (or a pong) always means
+"on disk". Then, only while events out has subscribers, what the batch
 committed (its new events and trigd's own events it drained from the inbox) goes to the
 hub (``daemon.runtime.events_hub``).
 
@@ -132,6 +134,33 @@ class EvaluatorStats:
     firings: dict[str, int] = attrs.Factory(dict)  # by automation name, as committed
 
 
+@attrs.define(eq=False)
+class BatchProgress:
+    """Numbers the evaluator's transactions as they go to the store thread and tells who
+    waits when one of them commits. Every batch also drains the inbox (a bounded part of
+    it, waking the pump for the rest), so the inbox pump waits for a batch begun after
+    its wake-up instead of committing a transaction (and an fsync) of its own between
+    the batches that clients wait on."""
+
+    begun: int = 0  # transactions handed to the store thread so far
+    committed: int = 0  # the number of the last one that committed
+    _changed: trio.Event = attrs.Factory(trio.Event)
+
+    def begin(self) -> int:
+        self.begun += 1
+        return self.begun
+
+    def commit(self, number: int) -> None:
+        self.committed = max(self.committed, number)
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_committed_after(self, mark: int) -> None:
+        """Return once a transaction begun after ``begun`` was ``mark`` has committed."""
+        while self.committed <= mark:
+            await self._changed.wait()
+
+
 class _Full(enum.Enum):
     """The store refused a batch of more than one event as full: split it."""
 
@@ -156,6 +185,7 @@ class _Evaluator:
     on_batch: Callable[[Sequence[Submission], float], None] | None  # committed, in seconds
     hub: EventsHub | None = None  # events out: committed events go to its subscribers
     pacing: ReadPacing | None = None  # readers hold off while a batch is committed
+    progress: BatchProgress | None = None  # the inbox pump waits on it
     linger: CommitLinger | None = None  # whether the next batch lingers (pacing's close)
     # one episode of store trouble per batch: logged when it starts, and as over once
     # every event of the batch is committed
@@ -173,15 +203,16 @@ class _Evaluator:
             now = self.clock()
             try:
                 with trio.CancelScope(shield=True):
+                    number = self.progress.begin() if self.progress is not None else 0
                     pacing = self.pacing
                     if pacing is None:
-                        done = await self.gateway.run(
+                        done = await self.gateway.run_urgent(
                             process_in_transaction, self.engine, events, now
                         )
                     else:
                         pacing.open()
                         try:
-                            done = await self.gateway.run(
+                            done = await self.gateway.run_urgent(
                                 process_in_transaction, self.engine, events, now
                             )
                         finally:
@@ -199,6 +230,8 @@ class _Evaluator:
                 continue
             except Exception as exc:
                 return exc
+            if self.progress is not None:
+                self.progress.commit(number)
             # Waking the sender and the inbox pump costs each a trip to the store thread:
             # only when the batch left them work.
             if done.handed_off:
@@ -281,6 +314,7 @@ async def run_evaluator(
     linger: timedelta = timedelta(0),
     linger_events: int = COMMIT_LINGER_EVENTS,
     pacing: ReadPacing | None = None,
+    progress: BatchProgress | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Commit submissions in batches until every sender has closed the channel;
@@ -289,7 +323,7 @@ async def run_evaluator(
     are awaited as ``daemon.core.commit_linger`` says (``linger`` at most, until
     ``linger_events``), with ``pacing`` telling connection readers while it lingers;
     ``on_batch`` gets each batch once it is settled, with the seconds that took
-    (``/metrics``)."""
+    (``/metrics``); ``progress`` counts the transactions begun and committed."""
     if batch_max < 1:
         raise ValueError(f"batch_max must be at least 1, got {batch_max}")
     evaluator = _Evaluator(
@@ -302,6 +336,7 @@ async def run_evaluator(
         on_batch,
         hub,
         pacing,
+        progress,
     )
     policy = CommitLinger(linger.total_seconds(), linger_events, batch_max)
     evaluator.linger = policy

@@ -29,7 +29,7 @@ import signal
 import ssl
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from functools import partial
 from pathlib import Path
 from typing import Final
@@ -49,7 +49,13 @@ from daemon.core.lints import lint_automation
 from daemon.core.upstream import UpstreamStats
 from daemon.engine.engine import Engine
 from daemon.runtime.checkpointer import Checkpointer
-from daemon.runtime.evaluator import EvaluatorStats, process_in_transaction, run_evaluator
+from daemon.runtime.evaluator import (
+    BatchEngine,
+    BatchProgress,
+    EvaluatorStats,
+    process_in_transaction,
+    run_evaluator,
+)
 from daemon.runtime.events_hub import EventsHub
 from daemon.runtime.events_out import events_out_service
 from daemon.runtime.gateway import StoreGateway
@@ -84,16 +90,28 @@ def loaded_automation(engine: Engine, automation_id: str) -> Automation | None:
 class InboxPump:
     """Evaluates events trigd made itself (action results, state changes) when no client
     event arrives to carry them: each wake-up drains the inbox in bounded transactions.
-    Store trouble is waited out with backoff; a bug is logged and retried a second later."""
+    Store trouble is waited out with backoff; a bug is logged and retried a second later.
+
+    Every evaluator batch drains the inbox too. So while clients send events, a wake-up
+    first waits up to ``delay`` for an evaluator batch begun after it (``progress``) to
+    commit, and drains by itself only if none does: the pump's own transactions, each a
+    COMMIT and an fsync in the store thread, would otherwise sit between the batches whose
+    acks clients wait on (a second in which many automations fire and their webhooks
+    answer makes dozens)."""
 
     def __init__(
         self,
         gateway: StoreGateway,
-        engine: Engine,
+        engine: BatchEngine,
         clock: Callable[[], datetime],
         hub: EventsHub | None = None,
         firings: dict[str, int] | None = None,
+        *,
+        progress: BatchProgress | None = None,
+        delay: timedelta = timedelta(0),
     ) -> None:
+        self._progress = progress
+        self._delay = delay.total_seconds()
         self._gateway = gateway
         self._engine = engine
         self._clock = clock
@@ -116,11 +134,25 @@ class InboxPump:
         count_firings(self._firings, committed)
         return left
 
+    async def _evaluator_drained(self) -> bool:
+        """Whether an evaluator batch begun after now committed within the delay (it drained
+        the inbox, or woke the pump again for what it left)."""
+        progress = self._progress
+        if progress is None or self._delay <= 0:
+            return False
+        mark = progress.begun
+        with trio.move_on_after(self._delay):
+            await progress.wait_committed_after(mark)
+            return True
+        return False
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         while True:
             await self._wake.wait()
             self._wake = trio.Event()
+            if await self._evaluator_drained():
+                continue
             try:
                 while await self._drain_once() > 0:
                     await trio.lowlevel.checkpoint()
@@ -303,7 +335,16 @@ async def _run(
                 inline_at=config.store.wal_max_pages,
             )
             await nursery.start(checkpointer.run)
-            pump = InboxPump(gateway, engine, clock, events_out.hub, evaluator_stats.firings)
+            progress = BatchProgress()  # the pump leaves the inbox to the evaluator's batches
+            pump = InboxPump(
+                gateway,
+                engine,
+                clock,
+                events_out.hub,
+                evaluator_stats.firings,
+                progress=progress,
+                delay=config.store.inbox_pump_delay,
+            )
             sender: Sender = await nursery.start(
                 lambda *, task_status: run_sender(
                     gateway,
@@ -374,6 +415,7 @@ async def _run(
                         ),
                         hub=events_out.hub,
                         pacing=pacing,
+                        progress=progress,
                         task_status=task_status,
                     )
                 finally:

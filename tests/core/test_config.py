@@ -135,6 +135,7 @@ def test_defaults_are_spec_section_3(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert config.store.event_retention == timedelta(days=7)
     assert config.store.commit_linger == timedelta(milliseconds=5)
     assert config.store.commit_linger_events == 64
+    assert config.store.inbox_pump_delay == timedelta(milliseconds=20)
     assert config.store.page_cache_mib == 2
     assert config.store.wal_checkpoint_pages == 4_000
     assert config.store.wal_max_pages == 16_000
@@ -288,6 +289,13 @@ def test_client_and_foreign_variables_are_ignored(tmp_path: Path) -> None:
         ('[store]\ncommit_linger = "-1ms"', "[store] commit_linger: a duration cannot be"),
         ('[store]\ncommit_linger = "0s"', None),
         ("[store]\ncommit_linger_events = 0", "[store] commit_linger_events: must be at least 1"),
+        (
+            '[store]\ninbox_pump_delay = "2s"',
+            "[store] inbox_pump_delay: must be at most 1s (with no client events, trigd's own "
+            "events wait this long), got 2s",
+        ),
+        ('[store]\ninbox_pump_delay = "-1ms"', "[store] inbox_pump_delay: a duration cannot be"),
+        ('[store]\ninbox_pump_delay = "0s"', None),
         ("[store]\npage_cache_mib = 0", "[store] page_cache_mib: must be at least 1"),
         (
             "[store]\nwal_max_pages = 4000",

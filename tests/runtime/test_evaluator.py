@@ -8,8 +8,10 @@ provoke (a gate that holds the store thread, a failure for one event id, a full 
 from __future__ import annotations
 
 import re
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
+from functools import partial
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -634,3 +636,40 @@ async def test_readers_woken_after_a_commit_are_waited_for_only_when_no_window_f
             await trio.testing.wait_all_tasks_blocked()
             await send.aclose()
     assert found == [found_resolved]
+
+
+async def test_a_batch_queued_behind_background_store_work_commits_before_it(
+    gateway: StoreGateway, db_path: Path
+) -> None:
+    """The store thread is busy and background calls (the sender's, the pump's...) wait:
+    the evaluator's batch, queued after them, runs first, so its acks do not wait on them."""
+    sink = Recorder()
+    events = [make_event() for _ in range(3)]
+    send, receive = trio.open_memory_channel[Submission](10)
+    gate, entered = threading.Event(), threading.Event()
+    seen: list[object] = []  # events stored when each background call ran
+
+    def busy(conn: Connection) -> None:
+        entered.set()
+        gate.wait()
+
+    def background(conn: Connection) -> None:
+        seen.append(conn.execute("SELECT count(*) FROM events").fetchall()[0][0])
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gateway.run, busy)
+            await trio.to_thread.run_sync(entered.wait)  # the store thread is busy
+            for _ in range(5):
+                nursery.start_soon(gateway.run, background)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(
+                partial(run_evaluator, gateway, Engine(), receive, clock=fixed_clock, batch_max=100)
+            )
+            for event in events:
+                send.send_nowait(Submission(event, sink))
+            await trio.testing.wait_all_tasks_blocked()  # the batch is queued too
+            gate.set()
+            send.close()  # the evaluator returns once its batch is committed
+    assert seen == [3] * 5
+    assert [error for _, error in sink.outcomes] == [None, None, None]

@@ -8,7 +8,9 @@ import time
 import apsw
 import pytest
 import trio
+import trio.testing
 
+from daemon.core import store_queue
 from daemon.runtime import gateway as gateway_module
 from daemon.runtime.gateway import StoreGateway
 from store.db import Store
@@ -93,3 +95,56 @@ async def test_an_idle_worker_ends_and_the_next_call_starts_another(
         assert time.monotonic() < deadline, "the idle worker did not end"
         await trio.sleep(0.01)
     assert (await gateway.run(whoami, 1))[1] == 1
+
+
+def record(conn: apsw.Connection, order: list[str], tag: str) -> None:
+    order.append(tag)
+
+
+async def test_an_urgent_call_goes_before_the_background_calls_waiting(store: Store) -> None:
+    gateway = StoreGateway(store)
+    gate, entered = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def busy(conn: apsw.Connection) -> None:
+        entered.set()
+        gate.wait()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gateway.run, busy)
+            await trio.to_thread.run_sync(entered.wait)  # the store thread is busy
+            for n in range(3):
+                nursery.start_soon(gateway.run, record, order, f"background {n}")
+                await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(gateway.run_urgent, record, order, "urgent")
+            await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    assert order == ["urgent", "background 0", "background 1", "background 2"]
+
+
+async def test_a_flood_of_urgent_calls_lets_background_calls_through(store: Store) -> None:
+    """After URGENT_IN_A_ROW urgent calls in a row while background work waits, one
+    background call runs."""
+    gateway = StoreGateway(store)
+    gate, entered = threading.Event(), threading.Event()
+    order: list[str] = []
+    limit = store_queue.URGENT_IN_A_ROW
+
+    def busy(conn: apsw.Connection) -> None:
+        entered.set()
+        gate.wait()
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(gateway.run, busy)
+            await trio.to_thread.run_sync(entered.wait)  # the store thread is busy
+            for n in range(2):
+                nursery.start_soon(gateway.run, record, order, f"b{n}")
+                await trio.testing.wait_all_tasks_blocked()
+            for n in range(2 * limit + 1):
+                nursery.start_soon(gateway.run_urgent, record, order, f"u{n}")
+                await trio.testing.wait_all_tasks_blocked()
+            gate.set()
+    urgent = [f"u{n}" for n in range(2 * limit + 1)]
+    assert order == [*urgent[:limit], "b0", *urgent[limit : 2 * limit], "b1", urgent[-1]]
