@@ -84,11 +84,8 @@ class StoreGateway:
         task = trio.lowlevel.current_task()
         context = contextvars.copy_context()
 
-        def call() -> T:
-            return fn(conn)
-
         def job() -> None:
-            result = outcome.capture(context.run, call)
+            result = outcome.capture(context.run, fn, conn)
             token.run_sync_soon(trio.lowlevel.reschedule, task, result)
 
         self._submit(job, job_class)
