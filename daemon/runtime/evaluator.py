@@ -326,6 +326,7 @@ async def run_evaluator(
     (``/metrics``); ``progress`` counts the transactions begun and committed."""
     if batch_max < 1:
         raise ValueError(f"batch_max must be at least 1, got {batch_max}")
+    policy = CommitLinger(linger.total_seconds(), linger_events, batch_max)
     evaluator = _Evaluator(
         gateway,
         engine,
@@ -337,9 +338,8 @@ async def run_evaluator(
         hub,
         pacing,
         progress,
+        policy,
     )
-    policy = CommitLinger(linger.total_seconds(), linger_events, batch_max)
-    evaluator.linger = policy
     last_batch = 0
     async with receive:
         task_status.started()
