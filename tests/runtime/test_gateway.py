@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import AsyncIterator
 
 import apsw
 import pytest
@@ -101,10 +103,11 @@ def record(conn: apsw.Connection, order: list[str], tag: str) -> None:
     order.append(tag)
 
 
-async def test_an_urgent_call_goes_before_the_background_calls_waiting(store: Store) -> None:
-    gateway = StoreGateway(store)
+@contextlib.asynccontextmanager
+async def store_thread_busy(gateway: StoreGateway) -> AsyncIterator[trio.Nursery]:
+    """A nursery whose calls queue behind one that holds the store thread until the block
+    ends; the block's calls then run."""
     gate, entered = threading.Event(), threading.Event()
-    order: list[str] = []
 
     def busy(conn: apsw.Connection) -> None:
         entered.set()
@@ -113,13 +116,22 @@ async def test_an_urgent_call_goes_before_the_background_calls_waiting(store: St
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(gateway.run, busy)
-            await trio.to_thread.run_sync(entered.wait)  # the store thread is busy
-            for n in range(3):
-                nursery.start_soon(gateway.run, record, order, f"background {n}")
-                await trio.testing.wait_all_tasks_blocked()
-            nursery.start_soon(gateway.run_urgent, record, order, "urgent")
+            try:
+                await trio.to_thread.run_sync(entered.wait)  # the store thread is busy
+                yield nursery
+            finally:
+                gate.set()
+
+
+async def test_an_urgent_call_goes_before_the_background_calls_waiting(store: Store) -> None:
+    gateway = StoreGateway(store)
+    order: list[str] = []
+    async with store_thread_busy(gateway) as nursery:
+        for n in range(3):
+            nursery.start_soon(gateway.run, record, order, f"background {n}")
             await trio.testing.wait_all_tasks_blocked()
-            gate.set()
+        nursery.start_soon(gateway.run_urgent, record, order, "urgent")
+        await trio.testing.wait_all_tasks_blocked()
     assert order == ["urgent", "background 0", "background 1", "background 2"]
 
 
@@ -127,24 +139,14 @@ async def test_a_flood_of_urgent_calls_lets_background_calls_through(store: Stor
     """After URGENT_IN_A_ROW urgent calls in a row while background work waits, one
     background call runs."""
     gateway = StoreGateway(store)
-    gate, entered = threading.Event(), threading.Event()
     order: list[str] = []
     limit = store_queue.URGENT_IN_A_ROW
-
-    def busy(conn: apsw.Connection) -> None:
-        entered.set()
-        gate.wait()
-
-    with trio.fail_after(10):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(gateway.run, busy)
-            await trio.to_thread.run_sync(entered.wait)  # the store thread is busy
-            for n in range(2):
-                nursery.start_soon(gateway.run, record, order, f"b{n}")
-                await trio.testing.wait_all_tasks_blocked()
-            for n in range(2 * limit + 1):
-                nursery.start_soon(gateway.run_urgent, record, order, f"u{n}")
-                await trio.testing.wait_all_tasks_blocked()
-            gate.set()
+    async with store_thread_busy(gateway) as nursery:
+        for n in range(2):
+            nursery.start_soon(gateway.run, record, order, f"b{n}")
+            await trio.testing.wait_all_tasks_blocked()
+        for n in range(2 * limit + 1):
+            nursery.start_soon(gateway.run_urgent, record, order, f"u{n}")
+            await trio.testing.wait_all_tasks_blocked()
     urgent = [f"u{n}" for n in range(2 * limit + 1)]
     assert order == [*urgent[:limit], "b0", *urgent[limit : 2 * limit], "b1", urgent[-1]]
