@@ -4,7 +4,8 @@ Theory of operation. Some facts are cached beside the database rather than in it
 they are only true of one connection: causal ordering's in-flight marks (a mark exists
 only inside the transaction that sets it), how many times `store.events.push_inbox` ran
 on it (so a batch can skip an inbox known to be empty), the events clock read from its
-`meta` and whether a committed batch found the inbox empty. They live in one
+`meta`, whether a committed batch found the inbox empty, and the models of the events it
+queued in the inbox (so the batch that drains them need not parse them). They live in one
 `ConnectionState`, created with the connection (`Connection`, an `apsw.Connection` that
 carries its `state`) and owned by whoever owns the connection (`store.db.Store`, used by
 the daemon through its store gateway). Functions that need the state take a `Connection`
@@ -22,6 +23,7 @@ from typing import Any
 import apsw
 
 from daemon.core.clock import EventsClock
+from daemon.core.events import ReceivedEvent
 
 
 class OrderingMarks:
@@ -55,7 +57,7 @@ class OrderingMarks:
 class ConnectionState:
     """Everything kept in memory about one connection (see the module docstring)."""
 
-    __slots__ = ("events_clock", "inbox_empty_at", "inbox_pushes", "ordering")
+    __slots__ = ("events_clock", "inbox_empty_at", "inbox_made", "inbox_pushes", "ordering")
 
     def __init__(self) -> None:
         self.ordering: dict[str, OrderingMarks] = {}
@@ -67,6 +69,12 @@ class ConnectionState:
         (and that batch committed) nothing can be in it. None: look."""
         self.events_clock: EventsClock | None = None
         """The events clock as read from `meta` and updated since; None: read it."""
+        self.inbox_made: dict[str, ReceivedEvent] = {}
+        """Events queued in the inbox on this connection, by their JSON, as the models
+        they were made from: a batch that drains its own firings' events (the common
+        case) takes them from here instead of parsing what it just wrote. Keyed by
+        content, so an entry whose transaction rolled back is still right; a cache,
+        bounded by `INBOX_MADE_LIMIT` (a miss parses)."""
 
     def marks(self, scope: str) -> OrderingMarks:
         marks = self.ordering.get(scope)

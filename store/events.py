@@ -73,11 +73,30 @@ def rows_in_occurred_order(
         yield rows
 
 
-def push_inbox(conn: Connection, event_json: Iterable[str]) -> None:
+INBOX_MADE_LIMIT: Final = 1_024
+"""Models of queued events kept beside their JSON at most (`ConnectionState.inbox_made`)."""
+
+
+def push_inbox(conn: Connection, events: Iterable[ReceivedEvent]) -> None:
     """Queue events trigd produced, to be evaluated by a later batch (counted in
-    `conn.state.inbox_pushes`)."""
-    conn.state.inbox_pushes += 1
-    conn.executemany("INSERT INTO inbox (event) VALUES (?)", ((e,) for e in event_json))
+    `conn.state.inbox_pushes`); each model is kept by its JSON for the batch that drains
+    it (`take_made`)."""
+    state = conn.state
+    state.inbox_pushes += 1
+    made = state.inbox_made
+    if len(made) > INBOX_MADE_LIMIT:
+        made.clear()  # not drained here (rolled back, or left to the pump): parse those
+    rows = []
+    for event in events:
+        data = event.model_dump_json()
+        made[data] = event
+        rows.append((data,))
+    conn.executemany("INSERT INTO inbox (event) VALUES (?)", rows)
+
+
+def take_made(conn: Connection, data: str) -> ReceivedEvent | None:
+    """The model that `push_inbox` made ``data`` from on this connection, if kept."""
+    return conn.state.inbox_made.pop(data, None)
 
 
 def peek_inbox(conn: apsw.Connection, limit: int) -> list[tuple[int, str]]:

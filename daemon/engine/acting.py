@@ -213,7 +213,7 @@ def act(conn: Connection, automation: Automation, firing: Firing, now: datetime)
             for a in actions
         ],
     )
-    push_inbox(conn, [e.model_dump_json() for e in (*events.values(), *action_events)])
+    push_inbox(conn, [*events.values(), *action_events])
     _log_firing(automation, firing, len(actions))
 
 

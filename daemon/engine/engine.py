@@ -117,8 +117,10 @@ _UNBOUNDED: Final = 2**62
 """The step of a pass run whole (`proactive`, `proactive_evaluation`): no limit."""
 
 
-def _inbox_event(data: str) -> tuple[ReceivedEvent, bool] | None:
-    """An event trigd made and whether to evaluate it; None if it cannot be an event.
+def _inbox_event(data: str, made: ReceivedEvent | None) -> tuple[ReceivedEvent, bool] | None:
+    """An event trigd made (``made``: its model, when this connection queued it and kept
+    it; else parsed from ``data``) and whether to evaluate it; None if it cannot be an
+    event.
 
     An automation that reacts to automation events nests each state-change event in the
     next one; past `MAX_AUTOMATION_CHAIN` levels the event is stored but not evaluated,
@@ -127,11 +129,14 @@ def _inbox_event(data: str) -> tuple[ReceivedEvent, bool] | None:
     if len(data) > MAXIMUM_EVENT_BYTES:
         logger.error("Dropping an event trigd made: %d bytes is over the limit", len(data))
         return None
-    try:
-        event = ReceivedEvent.model_validate_json(data)
-    except ValidationError as exc:
-        logger.error("Dropping an event trigd made that does not parse: %s", exc)
-        return None
+    if made is not None:
+        event = made
+    else:
+        try:
+            event = ReceivedEvent.model_validate_json(data)
+        except ValidationError as exc:
+            logger.error("Dropping an event trigd made that does not parse: %s", exc)
+            return None
     chain = data.count(_NESTED_EVENT)
     if chain > MAX_AUTOMATION_CHAIN:
         logger.warning(
@@ -145,16 +150,17 @@ def _inbox_event(data: str) -> tuple[ReceivedEvent, bool] | None:
 
 
 def _event_rows(
-    events: Sequence[ReceivedEvent],
+    events: Sequence[ReceivedEvent], jsons: Sequence[str] | None = None
 ) -> tuple[list[events_store.EventRow], list[tuple[EventRef, int]]]:
     """The events as rows of the events table, and each with its `EventRef` and
-    `occurred` in µs (what evaluating it needs again)."""
+    `occurred` in µs (what evaluating it needs again); ``jsons``: their JSON, when known
+    already (events trigd made, as queued in the inbox)."""
     rows: list[events_store.EventRow] = []
     refs: list[tuple[EventRef, int]] = []
     received: datetime | None = None
     received_us = 0
-    for event in events:
-        ref = EventRef.of(event)
+    for i, event in enumerate(events):
+        ref = EventRef.of(event, None if jsons is None else jsons[i])
         occurred_us = to_us(event.occurred)
         if event.received is not received:  # a batch often shares one stamp
             received = event.received
@@ -545,10 +551,15 @@ class Engine:
                 return
             budget -= len(queued)
             events_store.drop_inbox(conn, queued[-1][0])
-            parsed = [p for _, data in queued if (p := _inbox_event(data)) is not None]
-            store_only = frozenset(e.id for e, evaluate in parsed if not evaluate)
-            drained = [e for e, _ in parsed]
-            outcomes = self._process(call, drained, store_only, *_event_rows(drained))
+            parsed = [
+                (p, data)
+                for _, data in queued
+                if (p := _inbox_event(data, events_store.take_made(conn, data))) is not None
+            ]
+            store_only = frozenset(e.id for (e, evaluate), _ in parsed if not evaluate)
+            drained = [e for (e, _), _ in parsed]
+            rows, refs = _event_rows(drained, [data for _, data in parsed])
+            outcomes = self._process(call, drained, store_only, rows, refs)
             call.own_events += [
                 e for e, o in zip(drained, outcomes, strict=True) if o is not Outcome.duplicate
             ]

@@ -237,7 +237,7 @@ def _record(
         error=None if isinstance(decision, Delivered) else _error(result),
     )
     if ours and event is not None:
-        push_inbox(conn, [event.model_dump_json()])
+        push_inbox(conn, [event])
     return ours
 
 

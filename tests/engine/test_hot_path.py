@@ -7,7 +7,9 @@
 * `BatchOutcome.handed_off` and the evaluator waking the sender and the inbox pump only then;
 * `store.buckets.save_bucket`, the count-only write of an unchanged window;
 * `store.buckets.PendingBuckets`, the engine's bucket write-back within one unit of work:
-  dropped with a failed batch, and leaving the table as writing at once would.
+  dropped with a failed batch, and leaving the table as writing at once would;
+* the models of the events trigd queues in its inbox, kept by their JSON so that the
+  batch draining them (most often the one whose firings made them) does not parse them.
 
 Real SQLite files, fixed clocks.
 """
@@ -601,7 +603,7 @@ def test_an_inbox_found_empty_is_not_read_again_until_something_is_queued(store:
     assert inbox_statements(conn, engine, [event("b", 2)]) == 0  # found empty, nothing queued
     made = wire_event("made.by.the.sender")
     with conn:  # as the sender queues an action event, in its own transaction
-        events_store.push_inbox(conn, [made.model_dump_json()])
+        events_store.push_inbox(conn, [made])
     assert inbox_statements(conn, engine, []) > 0
     assert inbox_rows(conn) == 0
     assert conn.execute("SELECT count(*) FROM events WHERE id = ?", (str(made.id),)).fetchone() == (
@@ -615,7 +617,7 @@ def test_an_inbox_drained_by_a_rolled_back_batch_is_drained_again(store: Store) 
     engine = Engine()
     made = wire_event("made.by.the.sender")
     with conn:
-        events_store.push_inbox(conn, [made.model_dump_json()])
+        events_store.push_inbox(conn, [made])
     conn.execute(
         "CREATE TABLE parent (id TEXT PRIMARY KEY);"
         "CREATE TABLE child (parent_id TEXT REFERENCES parent (id) DEFERRABLE INITIALLY DEFERRED);"
@@ -627,6 +629,75 @@ def test_an_inbox_drained_by_a_rolled_back_batch_is_drained_again(store: Store) 
     conn.execute("DROP TRIGGER dangle")
     assert inbox_rows(conn) == 1
     assert inbox_statements(conn, engine, []) > 0
+    assert inbox_rows(conn) == 0
+
+
+def stored_data(conn: apsw.Connection, event_id: UUID) -> str:
+    row = conn.execute("SELECT data FROM events WHERE id = ?", (str(event_id),)).fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_a_batch_drains_its_own_firings_events_without_parsing_them(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conn = store.conn
+    engine = Engine()
+    engine.load_automations(conn, [counting("one", 1)], NOW)
+    parsed: list[str] = []
+    real = ReceivedEvent.model_validate_json
+
+    def counting_parse(data: str | bytes, **kwargs: Any) -> ReceivedEvent:
+        parsed.append(str(data))
+        return real(data, **kwargs)
+
+    monkeypatch.setattr(ReceivedEvent, "model_validate_json", counting_parse)
+    with conn:
+        done = engine.process_batch(conn, [wire_event("one")], NOW)
+    made = list(done.own_events)
+    assert [e.event for e in made] == [
+        "prefect.automation.triggered",
+        "prefect.automation.action.triggered",
+    ]
+    assert parsed == []  # taken as the firing made them, not read back from the inbox
+    assert inbox_rows(conn) == 0
+    for e in made:  # stored as parsing and writing them again would have stored them
+        data = stored_data(conn, e.id)
+        assert data == e.model_dump_json() == real(data).model_dump_json()
+    assert conn.state.inbox_made == {}
+
+
+def test_an_event_queued_in_a_rolled_back_transaction_is_never_taken_for_another(
+    store: Store,
+) -> None:
+    conn = store.conn
+    engine = Engine()
+    undone, queued = wire_event("undone"), wire_event("queued")
+    conn.execute("BEGIN")
+    events_store.push_inbox(conn, [undone])
+    conn.execute("ROLLBACK")  # its row is gone, and its seq is taken again below
+    with conn:
+        events_store.push_inbox(conn, [queued])
+    with conn:
+        done = engine.process_batch(conn, [], NOW)
+    assert [e.id for e in done.own_events] == [queued.id]
+
+
+def test_events_queued_and_never_drained_here_are_forgotten_past_the_bound(
+    store: Store,
+) -> None:
+    conn = store.conn
+    with conn:
+        events_store.push_inbox(
+            conn, [wire_event(f"e{i}") for i in range(events_store.INBOX_MADE_LIMIT + 1)]
+        )
+        events_store.push_inbox(conn, [last := wire_event("last")])
+    assert list(conn.state.inbox_made.values()) == [last]
+    with conn:  # the pump drains them all the same, parsing those it no longer keeps
+        done = Engine(inbox_drain_limit=2 * events_store.INBOX_MADE_LIMIT).process_batch(
+            conn, [], NOW
+        )
+    assert len(done.own_events) == events_store.INBOX_MADE_LIMIT + 2
     assert inbox_rows(conn) == 0
 
 

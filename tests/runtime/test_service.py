@@ -76,7 +76,7 @@ def own_event() -> ReceivedEvent:
 
 def push_own_event(conn: Connection) -> None:
     with conn:
-        push_inbox(conn, [own_event().model_dump_json()])
+        push_inbox(conn, [own_event()])
 
 
 def queued(conn: Connection) -> int:

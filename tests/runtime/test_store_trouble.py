@@ -367,7 +367,7 @@ async def test_inbox_pump_waits_out_a_locked_store(
 
     def push(conn: Connection) -> None:
         with conn:
-            push_inbox(conn, [own_event.model_dump_json()])
+            push_inbox(conn, [own_event])
 
     await gateway.run(push)
     pump = InboxPump(gateway, engine, lambda: T0)

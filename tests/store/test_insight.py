@@ -32,7 +32,7 @@ def test_firing_events_of_one_automation_from_the_inbox_and_the_store(conn: Conn
     stored = event(insight.TRIGGERED_EVENT, T - timedelta(seconds=1), resource)
     occurred = to_us(stored.occurred)
     with conn:
-        push_inbox(conn, [mine.model_dump_json(), theirs.model_dump_json()])
+        push_inbox(conn, [mine, theirs])
         insert_new_events(
             conn,
             [
