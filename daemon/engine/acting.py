@@ -13,18 +13,26 @@ docs/OPERATIONS.md#durability):
 
 The events go to the inbox, so the next batch evaluates them like any received event and
 automations can react to automations without recursing inside this transaction.
+
+The firing's INFO line (docs/OPERATIONS.md#logs) is not written here: `act` returns a
+`FiringLine`, the engine hands it out with the call's outcome, and the caller writes it
+with `log_firings` once its COMMIT has returned, outside the store thread. So a firing
+whose transaction rolls back is never logged, one retried is logged once, and the store
+thread does not format log lines while clients wait on the batch's acks.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from types import MappingProxyType
 from typing import Any, Final
 from urllib.parse import urlsplit
 from uuid import UUID
+
+import attrs
 
 from daemon.core.automations import ActionTypes, Automation, CallWebhook, EventTrigger
 from daemon.core.clock import to_us
@@ -164,9 +172,10 @@ def endpoint_of(action: ActionTypes) -> str | None:
     return f"{scheme}://{host}:{port}"
 
 
-def act(conn: Connection, automation: Automation, firing: Firing, now: datetime) -> None:
+def act(conn: Connection, automation: Automation, firing: Firing, now: datetime) -> FiringLine:
     """Record a firing of the automation's top trigger: events to the inbox, actions to
-    the outbox, all in the caller's transaction."""
+    the outbox, all in the caller's transaction. Returns its log line, for the caller to
+    write once that transaction has committed (`log_firings`)."""
     events = {
         state: state_change_event(automation, firing, state, now)
         for state in ordered_states(firing.trigger_states)
@@ -214,34 +223,74 @@ def act(conn: Connection, automation: Automation, firing: Firing, now: datetime)
         ],
     )
     push_inbox(conn, [*events.values(), *action_events])
-    _log_firing(automation, firing, len(actions))
+    return FiringLine.of(automation, firing, len(actions))
 
 
-def _log_firing(automation: Automation, firing: Firing, actions: int) -> None:
+@attrs.frozen(slots=True)
+class FiringLine:
+    """What a firing's INFO line says, taken when it is recorded and written after its
+    transaction commits: ids kept as they are (made text only if the line is written),
+    nothing of the automation or the firing kept alive."""
+
+    automation: str
+    """The automation's name."""
+    automation_id: UUID
+    trigger_id: UUID
+    trigger_type: str
+    bucket: Mapping[str, str]
+    """The firing's `for_each` label values (its `triggering_labels`)."""
+    states: frozenset[TriggerState]
+    triggering_event: UUID | None
+    firing: UUID
+    actions: int
+    """Outbox rows queued."""
+
+    @classmethod
+    def of(cls, automation: Automation, firing: Firing, actions: int) -> FiringLine:
+        trigger = firing.trigger
+        event = firing.triggering_event
+        return cls(
+            automation.name,
+            automation.id,
+            trigger.id,
+            trigger.type,
+            firing.triggering_labels,
+            firing.trigger_states,
+            None if event is None else event.id,
+            firing.id,
+            actions,
+        )
+
+
+def log_firings(lines: Iterable[FiringLine]) -> None:
     """One INFO line per firing of an automation (docs/OPERATIONS.md#logs): its name, the
-    trigger, the bucket key (the firing's `for_each` label values), the actions queued."""
-    trigger = firing.trigger
-    bucket = firing.triggering_labels
-    event = firing.triggering_event
-    log.info(
-        "automation %r fired: %s trigger %s, bucket %s, %d actions queued",
-        automation.name,
-        trigger.type,
-        trigger.id,
-        json.dumps(bucket, sort_keys=True) if bucket else "(all)",
-        actions,
-        extra={
-            "automation": automation.name,
-            "automation_id": str(automation.id),
-            "trigger": str(trigger.id),
-            "trigger_type": trigger.type,
-            "bucket": bucket,
-            "states": sorted(state.value for state in firing.trigger_states),
-            "triggering_event": None if event is None else str(event.id),
-            "firing": str(firing.id),
-            "actions": actions,
-        },
-    )
+    trigger, the bucket key (the firing's `for_each` label values), the actions queued.
+    Call it after the transaction that recorded the firings committed, never inside it."""
+    if not log.isEnabledFor(logging.INFO):
+        return
+    for line in lines:
+        bucket = line.bucket
+        log.info(
+            "automation %r fired: %s trigger %s, bucket %s, %d actions queued",
+            line.automation,
+            line.trigger_type,
+            line.trigger_id,
+            json.dumps(bucket, sort_keys=True) if bucket else "(all)",
+            line.actions,
+            extra={
+                "automation": line.automation,
+                "automation_id": str(line.automation_id),
+                "trigger": str(line.trigger_id),
+                "trigger_type": line.trigger_type,
+                "bucket": bucket,
+                "states": sorted(state.value for state in line.states),
+                "triggering_event": None
+                if line.triggering_event is None
+                else str(line.triggering_event),
+                "firing": str(line.firing),
+                "actions": line.actions,
+            },
+        )
 
 
 # --- a revived delivery, made again from the automation loaded now -------------------------

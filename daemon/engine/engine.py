@@ -44,7 +44,11 @@ transaction, with the wall clock as an argument (the engine never reads a clock)
   vanished, or whose automation is disabled lose their buckets and child firings.
 
 Firings of a top trigger go to `acting.act`; firings of a composite's child go to
-`composite.evaluate_composite_trigger` with their event time, recursively.
+`composite.evaluate_composite_trigger` with their event time, recursively. The engine
+logs no firing: each entry point hands out the `acting.FiringLine`s of what it recorded
+(`BatchOutcome.firings`, `ProactivePass.firings`, `PeriodicOutcome.firings`), for the
+caller to log once its transaction has committed; a firing rolled back with a
+proactive trigger's savepoint is dropped from them.
 """
 
 from __future__ import annotations
@@ -85,6 +89,7 @@ from daemon.core.events import EvaluatedEvent, EventColumns, ReceivedEvent, Stor
 from daemon.core.firings import Firing, TriggerState
 from daemon.core.index import Candidate, TriggerIndex
 from daemon.engine import acting
+from daemon.engine.acting import FiringLine
 from daemon.engine.composite import evaluate_composite_trigger, forget_trigger_state
 from daemon.engine.ordering import (
     CausalOrdering,
@@ -210,7 +215,16 @@ class _Call:
     in µs), the ordering and the handler that re-enters the engine for followers; and
     what the call found out for its caller (`handed_off`)."""
 
-    __slots__ = ("conn", "handed_off", "handler", "now", "now_us", "ordering", "own_events")
+    __slots__ = (
+        "conn",
+        "firings",
+        "handed_off",
+        "handler",
+        "now",
+        "now_us",
+        "ordering",
+        "own_events",
+    )
 
     def __init__(
         self, conn: Connection, now: datetime, now_us: int, ordering: CausalOrdering
@@ -224,6 +238,8 @@ class _Call:
         """Whether the call left work for the sender or the inbox pump."""
         self.own_events: list[ReceivedEvent] = []
         """Events trigd made itself that the call stored (drained from the inbox)."""
+        self.firings: list[FiringLine] = []
+        """The log lines of the firings the call recorded, in order."""
 
 
 def _no_handler(event: ReceivedEvent, depth: int, /) -> None:
@@ -242,6 +258,19 @@ class BatchOutcome:
     own_events: Sequence[ReceivedEvent] = ()
     """Events trigd made itself that the batch stored, from the inbox, in order: with
     the input events not `duplicate`, what the batch committed (for events out)."""
+    firings: Sequence[FiringLine] = ()
+    """The log lines of the firings the batch recorded, in order: the caller writes them
+    (`acting.log_firings`) once the batch's transaction has committed."""
+
+
+@attrs.frozen
+class PeriodicOutcome:
+    """What `periodic` did."""
+
+    swept: int
+    """Buckets swept."""
+    firings: Sequence[FiringLine] = ()
+    """The log lines of the firings of lost followers, as `BatchOutcome.firings`."""
 
 
 _NO_IDS: Final[frozenset[UUID]] = frozenset()
@@ -277,6 +306,9 @@ class ProactivePass:
     todo: list[_Loaded]
     cursor: _TriggerCursor | None = None
     next_run: datetime | None = None
+    firings: list[FiringLine] = attrs.Factory(list)
+    """The log lines of the firings the last `proactive_step` recorded (those of a trigger
+    whose part was rolled back dropped): the caller writes them once it commits."""
 
     @property
     def done(self) -> bool:
@@ -471,7 +503,7 @@ class Engine:
             self._restore_clock(conn, before)
             conn.state.inbox_empty_at = None
             raise
-        return BatchOutcome(outcomes, call.handed_off, call.own_events)
+        return BatchOutcome(outcomes, call.handed_off, call.own_events, call.firings)
 
     def _process(
         self,
@@ -566,11 +598,13 @@ class Engine:
 
     def reactive_evaluation(
         self, conn: Connection, event: ReceivedEvent, depth: int, now: datetime
-    ) -> None:
+    ) -> Sequence[FiringLine]:
         """docs/TRIGGERS.md#reactive-evaluation for one (already stored) event; raises
-        EventArrivedEarly when the event is parked."""
+        EventArrivedEarly when the event is parked. Returns the firings' log lines."""
+        call = self._call(conn, now)
         with self._bucket_unit(conn):
-            self._react(self._call(conn, now), event, depth)
+            self._react(call, event, depth)
+        return call.firings
 
     def _react(self, call: _Call, event: ReceivedEvent, depth: int) -> None:
         """`_reactive` for an event that comes without its precomputed forms."""
@@ -628,8 +662,10 @@ class Engine:
         result = evaluate(trigger, bucket, occurred, event, ref)
         self._pending_write(loaded, key, existing, result.stored)
         for fire in result.fires:
-            if self._fire(call.conn, loaded, fire, call.now):
+            line = self._fire(call.conn, loaded, fire, call.now)
+            if line is not None:
                 call.handed_off = True
+                call.firings.append(line)
 
     def _pending_write(
         self, loaded: _Loaded, key: tuple[str, ...], existing: Bucket | None, stored: Bucket | None
@@ -673,8 +709,10 @@ class Engine:
 
     # --- firing ----------------------------------------------------------------------
 
-    def _fire(self, conn: Connection, loaded: _Loaded, fire: Fire, now: datetime) -> bool:
-        """Dispatch a firing; whether it acted (wrote outbox rows and events)."""
+    def _fire(
+        self, conn: Connection, loaded: _Loaded, fire: Fire, now: datetime
+    ) -> FiringLine | None:
+        """Dispatch a firing; its log line if it acted (wrote outbox rows and events)."""
         firing = Firing(
             trigger=loaded.trigger,
             trigger_states=_TRIGGERED,
@@ -691,26 +729,28 @@ class Engine:
         firing: Firing,
         event_time: datetime,
         now: datetime,
-    ) -> bool:
+    ) -> FiringLine | None:
         """docs/TRIGGERS.md#firings: act for a top trigger, else let the composite parent
-        decide. Returns whether it acted (queued outbox rows and events)."""
+        decide. Returns the firing's log line if it acted (queued outbox rows and events),
+        for the caller to write once the transaction commits."""
         parent = automation.parent_of(firing.trigger.id)
         if isinstance(parent, Automation):
-            acting.act(conn, automation, firing, now)
-            return True
+            return acting.act(conn, automation, firing, now)
         assert isinstance(parent, CompoundTrigger | SequenceTrigger)
         parent_firing = evaluate_composite_trigger(
             conn, firing, parent, automation, event_time, now
         )
         if parent_firing is not None:
             return self.dispatch(conn, automation, parent_firing, event_time, now)
-        return False
+        return None
 
     # --- proactive and periodic ------------------------------------------------------
 
     def proactive(self, conn: Connection, now: datetime) -> datetime:
         """Evaluate every due Proactive EventTrigger; return when to run again (wall
-        clock as Prefect compares it: the earliest `next_proactive_runs` entry)."""
+        clock as Prefect compares it: the earliest `next_proactive_runs` entry). The
+        firings' log lines are dropped (a backtest's replay logs none): the daemon runs
+        its passes with `proactive_step`."""
         pass_ = self.begin_proactive(now)
         self.proactive_step(conn, pass_, _UNBOUNDED)
         assert pass_.next_run is not None
@@ -728,10 +768,12 @@ class Engine:
         """Go on with `pass_` in the caller's transaction, reading or deleting about
         `limit` buckets at most (each trigger counts at least one); True when the pass is
         over (`pass_.next_run` set). A trigger that raises is logged and skipped (its
-        part of this step rolled back); one that was reloaded since the pass began is
-        skipped (a reload makes every trigger due again)."""
+        part of this step rolled back, its firings' lines dropped); one that was reloaded
+        since the pass began is skipped (a reload makes every trigger due again). The
+        step's firings' log lines are `pass_.firings` afterwards."""
         if limit < 1:
             raise ValueError("limit: must be at least 1")
+        pass_.firings = []
         self._ensure_clock(conn)
         before = self.clock.copy()
         budget = limit
@@ -742,9 +784,10 @@ class Engine:
             if self._loaded.get(cursor.loaded.trigger.id) is not cursor.loaded:
                 pass_.cursor = None  # reloaded since the pass began
                 continue
+            lines: list[FiringLine] = []
             try:
                 with conn:
-                    used, finished = self._advance(conn, cursor, pass_.now, budget)
+                    used, finished = self._advance(conn, cursor, pass_.now, budget, lines)
             except Exception:
                 logger.exception(
                     "Error evaluating automation %s trigger %s proactively",
@@ -754,6 +797,7 @@ class Engine:
                 pass_.cursor = None
                 budget -= 1
                 continue
+            pass_.firings += lines
             budget -= max(1, used)
             if finished:
                 self.next_proactive_runs[cursor.loaded.trigger.id] = cursor.run_again_at
@@ -772,9 +816,10 @@ class Engine:
 
     def proactive_evaluation(self, conn: Connection, trigger_id: UUID, now: datetime) -> datetime:
         """docs/TRIGGERS.md#proactive-evaluation for one loaded trigger at wall time `now` (the
-        `P(t)` of the scenarios); returns `run_again_at`, in event time."""
+        `P(t)` of the scenarios); returns `run_again_at`, in event time (the firings' log
+        lines are dropped)."""
         cursor = self._cursor(self._loaded[trigger_id], now)
-        while not self._advance(conn, cursor, now, _UNBOUNDED)[1]:
+        while not self._advance(conn, cursor, now, _UNBOUNDED, [])[1]:
             pass
         return cursor.run_again_at
 
@@ -783,10 +828,16 @@ class Engine:
         return _TriggerCursor(loaded, as_of, as_of + loaded.trigger.within)
 
     def _advance(
-        self, conn: Connection, cursor: _TriggerCursor, now: datetime, budget: int
+        self,
+        conn: Connection,
+        cursor: _TriggerCursor,
+        now: datetime,
+        budget: int,
+        firings: list[FiringLine],
     ) -> tuple[int, bool]:
         """docs/TRIGGERS.md#proactive-evaluation steps 2-4 for one trigger, from where
-        `cursor` stands, over at most about `budget` buckets: (buckets used, finished).
+        `cursor` stands, over at most about `budget` buckets: (buckets used, finished);
+        the firings' log lines go to `firings`.
 
         Only due buckets (window ended at `as_of`) are evaluated, in start order: a
         bucket whose window is still open (or not begun) is left as it is by the
@@ -843,7 +894,9 @@ class Engine:
                 result = evaluate(trigger, bucket, as_of, None)
                 self._persist(conn, loaded, bucket, result.stored)
                 for fire in result.fires:
-                    self._fire(conn, loaded, fire, now)
+                    line = self._fire(conn, loaded, fire, now)
+                    if line is not None:
+                        firings.append(line)
                 following = result.returned
                 if following is not None and as_of < following.end < cursor.run_again_at:
                     cursor.run_again_at = following.end
@@ -857,10 +910,10 @@ class Engine:
                 return used, True
         return used, False
 
-    def periodic(self, conn: Connection, now: datetime) -> int:
+    def periodic(self, conn: Connection, now: datetime) -> PeriodicOutcome:
         """periodic_evaluation (docs/TRIGGERS.md#scheduling-and-the-sweeper): re-evaluate lost
         followers (depth 0), then sweep buckets closed before `as_of - expired_bucket_buffer`.
-        Returns how many buckets were swept."""
+        Returns how many buckets were swept, and the log lines of the firings."""
         self._ensure_clock(conn)
         before = self.clock.copy()
         try:
@@ -876,7 +929,7 @@ class Engine:
         except BaseException:
             self._restore_clock(conn, before)
             raise
-        return swept
+        return PeriodicOutcome(swept, call.firings)
 
     # --- plumbing --------------------------------------------------------------------
 

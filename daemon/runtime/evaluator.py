@@ -11,7 +11,10 @@ work waiting, the sender's and the inbox pump's, since clients wait on these ack
 after ``COMMIT`` returns is each submission resolved, so an ack (or a pong) always means
 "on disk". Then, only while events out has subscribers, what the batch
 committed (its new events and trigd's own events it drained from the inbox) goes to the
-hub (``daemon.runtime.events_hub``).
+hub (``daemon.runtime.events_hub``), and, once its submissions are resolved, the INFO line
+of each firing the batch committed is written (``daemon.engine.acting.log_firings``), here
+on the trio thread rather than in the store thread inside the transaction: the acks do not
+wait on the formatting, and a firing whose transaction rolled back is never logged.
 
 Failures:
 
@@ -59,6 +62,7 @@ from daemon.core.config import COMMIT_LINGER_EVENTS
 from daemon.core.events import ReceivedEvent
 from daemon.core.firings import count_firings
 from daemon.core.log_throttle import DEFAULT_LIMITS, LogLimits, LogThrottle
+from daemon.engine.acting import log_firings
 from daemon.engine.engine import BatchOutcome, Outcome
 from daemon.runtime.events_hub import EventsHub
 from daemon.runtime.gateway import StoreGateway
@@ -196,9 +200,10 @@ class _Evaluator:
     def _log(self, what: str, level: int, msg: str, *args: object, exc_info: object = None) -> None:
         self.throttles[what].log(trio.current_time(), level, msg, *args, exc_info=exc_info)
 
-    async def _attempt(self, events: Sequence[ReceivedEvent]) -> Exception | _Full | None:
+    async def _attempt(self, events: Sequence[ReceivedEvent]) -> BatchOutcome | Exception | _Full:
         """Commit ``events`` in one transaction, waiting out store trouble, except a full
-        disk refusing more than one event (``_Full.TOO_BIG``); otherwise the bug if any."""
+        disk refusing more than one event (``_Full.TOO_BIG``); what the batch did if it
+        committed, else the bug."""
         while True:
             now = self.clock()
             try:
@@ -245,7 +250,7 @@ class _Evaluator:
                     self.stats.duplicates += 1
                 elif outcome is Outcome.parked:
                     self.stats.parked += 1
-            return None
+            return done
 
     async def settle(self, batch: Sequence[Submission]) -> None:
         started = trio.current_time()
@@ -259,12 +264,13 @@ class _Evaluator:
 
     async def _commit(self, batch: Sequence[Submission]) -> None:
         """Commit and resolve `batch`, in halves while the disk is too full for it."""
-        failure = await self._attempt([submission.event for submission in batch])
-        if failure is None:
+        result = await self._attempt([submission.event for submission in batch])
+        if isinstance(result, BatchOutcome):
             for submission in batch:
                 submission.sink.resolved(submission, None)
+            log_firings(result.firings)  # committed, and the acks are out
             return
-        if failure is _Full.TOO_BIG:
+        if result is _Full.TOO_BIG:
             self._log(
                 "split batches",
                 logging.WARNING,
@@ -280,23 +286,24 @@ class _Evaluator:
             logging.WARNING,
             "a batch of %d events failed (%r); retrying them one by one",
             len(batch),
-            failure,
+            result,
         )
         for submission in batch:
-            error = await self._attempt([submission.event])
-            assert error is not _Full.TOO_BIG  # a single event waits for space instead
-            if error is not None:
+            alone = await self._attempt([submission.event])
+            assert alone is not _Full.TOO_BIG  # a single event waits for space instead
+            if isinstance(alone, BatchOutcome):
+                submission.sink.resolved(submission, None)
+                log_firings(alone.firings)
+            else:
                 self.stats.internal_errors += 1
                 self._log(
                     "events refused as internal errors",
                     logging.ERROR,
                     "event %s could not be processed and is refused",
                     submission.event.id,
-                    exc_info=error,
+                    exc_info=alone,
                 )
-                submission.sink.resolved(submission, f"internal error: {error!r}")
-            else:
-                submission.sink.resolved(submission, None)
+                submission.sink.resolved(submission, f"internal error: {alone!r}")
 
 
 async def run_evaluator(

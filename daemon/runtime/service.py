@@ -42,12 +42,12 @@ from daemon.core.automations import Automation, AutomationFileError, load_automa
 from daemon.core.clock import wall_clock
 from daemon.core.config import Config, ConfigError, StoreConfig, UnusableSetting, load_config
 from daemon.core.counters import CounterSource
-from daemon.core.events import ReceivedEvent
 from daemon.core.exit_codes import ExitCode
 from daemon.core.firings import count_firings
 from daemon.core.lints import lint_automation
 from daemon.core.upstream import UpstreamStats
-from daemon.engine.engine import Engine
+from daemon.engine.acting import log_firings
+from daemon.engine.engine import BatchOutcome, Engine
 from daemon.runtime.checkpointer import Checkpointer
 from daemon.runtime.evaluator import (
     BatchEngine,
@@ -123,15 +123,17 @@ class InboxPump:
     def wake(self) -> None:
         self._wake.set()
 
-    def _drain(self, conn: Connection) -> tuple[int, Sequence[ReceivedEvent]]:
+    def _drain(self, conn: Connection) -> tuple[int, BatchOutcome]:
         done = process_in_transaction(conn, self._engine, [], self._clock())
-        return inbox_size(conn), done.own_events
+        return inbox_size(conn), done
 
     async def _drain_once(self) -> int:
-        left, committed = await self._backoff.call(lambda: self._gateway.run(self._drain))
+        left, done = await self._backoff.call(lambda: self._gateway.run(self._drain))
+        committed = done.own_events
         if self._hub:
             self._hub.publish(committed)
         count_firings(self._firings, committed)
+        log_firings(done.firings)  # committed: the store thread is done with them
         return left
 
     async def _evaluator_drained(self) -> bool:

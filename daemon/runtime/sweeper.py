@@ -7,7 +7,9 @@ has not forwarded yet, up to its `backlog`) and outbox retention. The
 proactive pass runs in steps of at most ``proactive_chunk`` buckets, one gateway call and
 one transaction each, so that acks interleave with a pass over many due buckets instead of
 waiting for all of it; the step that ends the pass also runs the periodic pass. Firings are
-atomic with their bucket changes. The housekeeping deletes run in a last transaction,
+atomic with their bucket changes; their INFO lines are written once the step's transaction
+has committed, outside the store thread (a step that rolls back logs none). The
+housekeeping deletes run in a last transaction,
 bounded per pass so that a huge backlog of expired rows never holds the writer for long.
 
 A failing pass is logged and the loop goes on (scenario 89): a bug in one trigger must not
@@ -17,7 +19,7 @@ stop every other automation's proactive evaluation.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 
 import attrs
@@ -29,6 +31,7 @@ from daemon.core.counters import META_KEY as COUNTERS_KEY
 from daemon.core.counters import CounterSource
 from daemon.core.durations import format_duration
 from daemon.core.upstream import UpstreamStats
+from daemon.engine.acting import FiringLine, log_firings
 from daemon.engine.engine import Engine, ProactivePass
 from daemon.runtime.evaluator import engine_transaction
 from daemon.runtime.gateway import StoreGateway
@@ -63,19 +66,27 @@ class SweepReport:
     dropped_unforwarded: int = 0  # past the forward backlog bound, never forwarded
 
 
-def proactive_step(
-    conn: Connection, engine: Engine, pass_: ProactivePass, limit: int
-) -> int | None:
+@attrs.frozen
+class StepDone:
+    """What one committed step of a pass did."""
+
+    swept: int | None
+    """Buckets the periodic pass swept when the step ended the pass, else None."""
+    firings: Sequence[FiringLine]
+    """The log lines of the step's firings, to write now that it has committed."""
+
+
+def proactive_step(conn: Connection, engine: Engine, pass_: ProactivePass, limit: int) -> StepDone:
     """One transaction of a pass: up to `limit` buckets of proactive evaluation and, if
-    that ends the pass, the periodic pass too. Returns how many buckets the periodic pass
-    swept when the pass is over, else None."""
+    that ends the pass, the periodic pass too."""
     # if the firings of this step roll back, so must the schedule that counted on them
     # (engine_transaction), or an alarm would wait a whole `within` more (an early
     # proactive run is harmless)
     with engine_transaction(conn, engine):
         if not engine.proactive_step(conn, pass_, limit):
-            return None
-        return engine.periodic(conn, pass_.now)
+            return StepDone(None, pass_.firings)
+        periodic = engine.periodic(conn, pass_.now)
+        return StepDone(periodic.swept, [*pass_.firings, *periodic.firings])
 
 
 def housekeeping(
@@ -106,12 +117,15 @@ def sweep(
     now: datetime,
     counters: str | None = None,
 ) -> SweepReport:
-    """One whole pass, step after step, then housekeeping; `now` is the wall clock;
-    `counters` is a snapshot of the daemon's counters to store (``daemon.core.counters``)."""
+    """One whole pass, step after step (each step's firings logged once it commits),
+    then housekeeping; `now` is the wall clock; `counters` is a snapshot of the daemon's
+    counters to store (``daemon.core.counters``)."""
     pass_ = engine.begin_proactive(now)
     swept = None
     while swept is None:
-        swept = proactive_step(conn, engine, pass_, settings.proactive_chunk)
+        step = proactive_step(conn, engine, pass_, settings.proactive_chunk)
+        log_firings(step.firings)
+        swept = step.swept
     assert pass_.next_run is not None
     report = SweepReport(pass_.next_run, swept_buckets=swept)
     housekeeping(conn, engine, report, settings, now, counters)
@@ -125,11 +139,14 @@ async def _sweep_in_steps(
     now: datetime,
     counters: str | None,
 ) -> SweepReport:
-    """`sweep` as one gateway call per step, so other store work runs in between."""
+    """`sweep` as one gateway call per step, so other store work runs in between; each
+    step's firings are logged here, on the trio thread, once the step has committed."""
     pass_ = engine.begin_proactive(now)
     swept = None
     while swept is None:
-        swept = await gateway.run(proactive_step, engine, pass_, settings.proactive_chunk)
+        step = await gateway.run(proactive_step, engine, pass_, settings.proactive_chunk)
+        log_firings(step.firings)
+        swept = step.swept
     assert pass_.next_run is not None
     report = SweepReport(pass_.next_run, swept_buckets=swept)
     await gateway.run(housekeeping, engine, report, settings, now, counters)

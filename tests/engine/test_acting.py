@@ -14,7 +14,7 @@ import pytest
 from daemon.core.automations import Automation, CallWebhook, DoNothing
 from daemon.core.delivery import action_triggered_event_id
 from daemon.core.firings import Firing, TriggeredAction, TriggerState
-from daemon.engine.acting import act, action_place, endpoint_of, refreshed
+from daemon.engine.acting import act, action_place, endpoint_of, log_firings, refreshed
 from store.db import Store
 from tests.support.engine_harness import ARACHNOPHOBIA, CHONK_SADNESS, T, spider_walked
 
@@ -203,7 +203,14 @@ def test_a_firing_is_logged_at_info_with_automation_trigger_and_bucket(
     caplog.set_level(logging.INFO, logger="daemon.engine.acting")
     walked = spider_walked()
     firing = _firing(ARACHNOPHOBIA, walked)
-    _act(tmp_path, ARACHNOPHOBIA, firing)
+    store = Store.open(tmp_path / "trigd.db")
+    try:
+        with store.conn:
+            line = act(store.conn, ARACHNOPHOBIA, firing, T)
+            assert not caplog.records  # the caller logs it once the transaction commits
+        log_firings([line])
+    finally:
+        store.close()
     [record] = [r for r in caplog.records if r.name == "daemon.engine.acting"]
     trigger = ARACHNOPHOBIA.trigger
     assert record.levelno == logging.INFO
@@ -211,14 +218,56 @@ def test_a_firing_is_logged_at_info_with_automation_trigger_and_bucket(
         f"automation {ARACHNOPHOBIA.name!r} fired: event trigger {trigger.id}, "
         'bucket {"hello": "world"}, 1 actions queued'
     )
-    fields = {k: getattr(record, k) for k in ("automation", "trigger", "bucket", "actions")}
+    fields = {
+        k: getattr(record, k)
+        for k in (
+            "automation",
+            "automation_id",
+            "trigger",
+            "trigger_type",
+            "bucket",
+            "states",
+            "triggering_event",
+            "firing",
+            "actions",
+        )
+    }
     assert fields == {
         "automation": ARACHNOPHOBIA.name,
+        "automation_id": str(ARACHNOPHOBIA.id),
         "trigger": str(trigger.id),
+        "trigger_type": "event",
         "bucket": {"hello": "world"},
+        "states": ["Triggered"],
+        "triggering_event": str(walked.id),
+        "firing": str(firing.id),
         "actions": 1,
     }
-    assert (record.firing, record.triggering_event) == (str(firing.id), str(walked.id))  # type: ignore[attr-defined]
+
+
+def test_a_firing_without_labels_or_triggering_event_logs_all_and_null(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="daemon.engine.acting")
+    firing = Firing(
+        trigger=ARACHNOPHOBIA.trigger,
+        trigger_states=frozenset({TriggerState.Triggered, TriggerState.Resolved}),
+        triggered=T,
+    )
+    store = Store.open(tmp_path / "trigd.db")
+    try:
+        with store.conn:
+            line = act(store.conn, ARACHNOPHOBIA, firing, T)
+        log_firings([line])
+    finally:
+        store.close()
+    [record] = caplog.records
+    assert record.getMessage().endswith(", bucket (all), 1 actions queued")
+    assert (record.bucket, record.triggering_event, record.states) == (  # type: ignore[attr-defined]
+        {},
+        None,
+        ["Resolved", "Triggered"],
+    )
 
 
 def test_a_revived_delivery_is_refreshed_from_the_same_place_of_the_automation_now(

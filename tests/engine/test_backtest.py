@@ -5,6 +5,7 @@ automation shows its difference."""
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 from uuid import uuid4
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -182,6 +184,25 @@ def test_proactive_triggers_run_on_the_replayed_events_clock(tmp_path: Path) -> 
     # the next, silent until 90: it fires; [90,120) hears 2, the next opens at 150, fires at 180
     assert [f.fired - T for f in result.firings] == [timedelta(seconds=s) for s in (90, 180)]
     assert result.replayed == len(beats)
+
+
+def test_a_backtest_logs_none_of_its_firings(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The replay's firings, reactive and proactive, are reported by the backtest, never
+    logged as if the daemon had fired them."""
+    caplog.set_level(logging.INFO, logger="daemon.engine.acting")
+    chosen = burst(threshold=1, within=0)
+    silence = automation(
+        "silence",
+        trigger(expect=["pump.heartbeat"], posture="Proactive", threshold=1, within=30),
+    )
+    h = Harness(tmp_path / "live.db", [])
+    h.batch([event("pump.high", T + timedelta(seconds=s), "pump-1") for s in (1, 2)])
+    h.close()
+    result = backtest(tmp_path / "live.db", [chosen, silence], tmp_path, T + timedelta(seconds=90))
+    assert {f.automation_id for f in result.firings} == {str(chosen.id), str(silence.id)}
+    assert [r for r in caplog.records if r.name == "daemon.engine.acting"] == []
 
 
 def test_events_no_trigger_sees_are_skipped_but_leaders_are_not(tmp_path: Path) -> None:

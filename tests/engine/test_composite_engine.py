@@ -14,6 +14,7 @@ from daemon.core.automations import (
 )
 from daemon.core.events import ReceivedEvent
 from daemon.core.firings import TriggeredAction, TriggerState
+from daemon.engine.acting import FiringLine
 from daemon.engine.engine import Engine
 from store.connection import Connection
 from tests.support.composite_scenarios import (
@@ -50,6 +51,8 @@ class EngineHarness:
         self.engine = Engine()
         self.engine.load_automations(conn, [auto], S)
         self.seen: set[str] = set()
+        self.lines: list[FiringLine] = []
+        """The log lines the batches handed out (`BatchOutcome.firings`)."""
 
     def send(
         self, events: Sequence[ReceivedEvent], now: datetime | None = None, *, batch: bool = False
@@ -59,7 +62,7 @@ class EngineHarness:
         for group in groups:
             wall = now if now is not None else group[-1].occurred + timedelta(milliseconds=5)
             with self.conn:
-                self.engine.process_batch(self.conn, group, wall)
+                self.lines += self.engine.process_batch(self.conn, group, wall).firings
         return self.new_actions()
 
     def proactive(self, now: datetime) -> list[TriggeredAction]:
@@ -229,8 +232,13 @@ def test_engine_scenarios(
 ) -> None:
     auto = automation(trigger())
     events: list[ReceivedEvent] = make_events()
-    actions = EngineHarness(conn, auto).send(events)
+    harness = EngineHarness(conn, auto)
+    actions = harness.send(events)
     assert len(actions) == expected, f"scenario {number}"
+    # each composite firing comes out with its log line, for the caller to write
+    assert [(str(line.firing), line.trigger_type) for line in harness.lines] == [
+        (str(action.firing and action.firing.id), auto.trigger.type) for action in actions
+    ]
     for action in actions:
         assert action.firing is not None
         assert action.firing.trigger.id == auto.trigger.id

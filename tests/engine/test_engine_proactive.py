@@ -508,9 +508,9 @@ def test_proactive_returns_next_run_and_skips_until_due(harness: HarnessMaker) -
 # --- a pass reads what is due, and runs the same in steps ---------------------------------
 
 
-def watchdog(*, after: bool, threshold: int = 1) -> Automation:
+def watchdog(*, after: bool, threshold: int = 1, name: str = "watchdog") -> Automation:
     return automation(
-        "watchdog",
+        name,
         trigger(
             posture="Proactive",
             after=["device.heartbeat"] if after else [],
@@ -632,3 +632,30 @@ def test_a_reload_between_steps_skips_the_rest_of_the_trigger(harness: HarnessMa
     with h.conn:
         h.engine.proactive(h.conn, T)  # due again after the reload: the rest fire now
     assert len(fired(h)) == 2
+
+
+def test_a_steps_firings_are_its_lines_without_those_of_a_trigger_rolled_back(
+    harness: HarnessMaker,
+) -> None:
+    """The engine logs no firing: a step's are `pass_.firings`, for the caller to log
+    after its commit. A trigger that fails half-way rolls back to its savepoint, and the
+    line of the firing it had made goes with it; the other trigger's lines stay."""
+    failing, working = watchdog(after=True), watchdog(after=True, name="kennel")
+    h = harness([failing, working])
+    for a in (failing, working):
+        put_buckets(h, a, [(-5, 0, 60)] * 2)
+    h.conn.execute(
+        "CREATE TEMP TRIGGER refuse BEFORE INSERT ON main.outbox"
+        f" WHEN NEW.automation_id = '{failing.id}' AND"
+        " (SELECT count(*) FROM main.outbox WHERE automation_id = NEW.automation_id) >= 1"
+        " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    pass_ = h.engine.begin_proactive(T)
+    with h.conn:
+        assert h.engine.proactive_step(h.conn, pass_, 100)
+    made = fired(h)
+    assert {x.automation.id for x in made} == {working.id}
+    assert sorted(str(line.firing) for line in pass_.firings) == sorted(
+        str(x.firing.id) for x in made if x.firing is not None
+    )
+    assert [(line.automation, line.actions) for line in pass_.firings] == [("kennel", 1)] * 2

@@ -727,7 +727,7 @@ def in_batches(conn: Connection, engine: Engine, events: list[ReceivedEvent]) ->
         with conn:
             engine.proactive(conn, now)
         with conn:
-            yield engine.periodic(conn, now)
+            yield engine.periodic(conn, now).swept
 
 
 def run_kept(path: Path, kept: int, events: list[ReceivedEvent]) -> list[Any]:
@@ -803,7 +803,7 @@ def test_a_kept_bucket_the_sweep_deleted_is_forgotten(store: Store) -> None:
     later = S + timedelta(seconds=200)
     process_in_transaction(conn, engine, [tick("r1", 200)], later)
     with conn:
-        assert engine.periodic(conn, later) == 1  # r0's window closed 140 s ago: swept
+        assert engine.periodic(conn, later).swept == 1  # r0's window closed 140 s ago: swept
     process_in_transaction(conn, engine, [tick("r0", 30)], later)  # late, for r0
     assert outbox_rows(store) == 0
     assert [(row[1], row[5]) for row in table(store)] == [('["r0"]', 1), ('["r1"]', 1)]
@@ -892,7 +892,7 @@ def test_the_sweep_writes_back_the_deferred_buckets_it_judges(store: Store) -> N
     later = S + timedelta(seconds=300)
     process_in_transaction(conn, engine, [tick("r1", 300), tick("r2", 300)], later)
     with conn:
-        assert engine.periodic(conn, later) == 1  # r0 only: r1's row now ends at 360 s
+        assert engine.periodic(conn, later).swept == 1  # r0 only: r1's row now ends at 360 s
     assert [row[1] for row in table(store)] == ['["r1"]']
     process_in_transaction(conn, engine, [tick("r0", 310)], later)  # a new window for r0
     with conn:

@@ -21,6 +21,7 @@ import pytest
 import trio
 import trio.testing
 
+from daemon.core.automations import Automation
 from daemon.core.events import ReceivedEvent, parse_incoming_event
 from daemon.core.log_throttle import LogLimits
 from daemon.engine.engine import BatchOutcome, Engine
@@ -37,6 +38,7 @@ from tests.support.evaluator_doubles import (
     fixed_clock,
     stored_ids,
 )
+from tests.support.firing_lines import FiringLines, watching
 
 
 def make_event(event_id: UUID | None = None, name: str = "pump.pressure.high") -> ReceivedEvent:
@@ -673,3 +675,112 @@ async def test_a_batch_queued_behind_background_store_work_commits_before_it(
             send.close()  # the evaluator returns once its batch is committed
     assert seen == [3] * 5
     assert [error for _, error in sink.outcomes] == [None, None, None]
+
+
+# --- a firing's INFO line: written once its transaction has committed ----------------------
+
+PRESSURE_ALARM = Automation.model_validate(
+    {
+        "name": "pressure alarm",
+        "trigger": {
+            "type": "event",
+            "posture": "Reactive",
+            "expect": ["pump.pressure.high"],
+            "threshold": 1,
+            "within": 0,
+        },
+        "actions": [{"type": "do-nothing"}],
+    }
+)
+
+
+def alarmed_engine(store: Store) -> Engine:
+    engine = Engine()
+    engine.load_automations(store.conn, [PRESSURE_ALARM], NOW)
+    return engine
+
+
+async def test_a_batch_logs_its_firings_after_its_commit_and_its_acks(
+    store: Store, gateway: StoreGateway, db_path: Path
+) -> None:
+    sink = Recorder()
+    events = [make_event(), make_event()]
+    witness = FiringLines(db_path, store.conn, note=lambda: tuple(str(i) for i, _ in sink.outcomes))
+    send, receive = trio.open_memory_channel[Submission](10)
+    for event in events:
+        send.send_nowait(Submission(event, sink))
+    send.close()
+    with watching(witness), trio.fail_after(10):
+        await run_evaluator(
+            gateway, alarmed_engine(store), receive, clock=fixed_clock, batch_max=100
+        )
+    assert len(witness.lines) == 2
+    for line in witness.lines:
+        assert (line.main_thread, line.in_transaction, line.committed_rows) == (True, False, 1)
+        assert line.noted == tuple(str(e.id) for e in events)
+
+
+async def test_a_firing_rolled_back_with_its_batch_is_logged_once_after_its_own_commit(
+    store: Store, gateway: StoreGateway, db_path: Path
+) -> None:
+    """The batch fires, then fails on its second event: rolled back, then retried one
+    event per transaction. The firing that committed is logged once, after its commit
+    and its ack, on the trio thread; the one rolled back never."""
+    sink = Recorder()
+    fired, poison = make_event(), make_event(name="pump.pressure.low")
+    witness = FiringLines(db_path, store.conn, note=lambda: tuple(str(i) for i, _ in sink.outcomes))
+    send, receive = trio.open_memory_channel[Submission](10)
+    for event in (fired, poison):
+        send.send_nowait(Submission(event, sink))
+    send.close()
+    with watching(witness), trio.fail_after(10):
+        await run_evaluator(
+            gateway,
+            PoisonEngine(alarmed_engine(store), poison.id),
+            receive,
+            clock=fixed_clock,
+            batch_max=100,
+        )
+    assert dict(sink.outcomes) == {
+        fired.id: None,
+        poison.id: "internal error: RuntimeError('boom')",
+    }
+    [line] = witness.lines
+    assert line.message.startswith("automation 'pressure alarm' fired: event trigger ")
+    assert (line.main_thread, line.in_transaction, line.committed_rows) == (True, False, 1)
+    assert line.noted == (str(fired.id),)  # acknowledged first
+
+
+async def test_a_firing_whose_commit_fails_is_never_logged(
+    store: Store, gateway: StoreGateway, db_path: Path
+) -> None:
+    """A deferred foreign key makes every COMMIT that wrote an outbox row fail: the
+    firing's event is refused (after the batch's retry one by one), and nothing says it
+    fired; the other event commits."""
+    conn = store.conn
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("CREATE TEMP TABLE parent (id INTEGER PRIMARY KEY)")
+    conn.execute(
+        "CREATE TEMP TABLE child (parent INTEGER REFERENCES parent (id)"
+        " DEFERRABLE INITIALLY DEFERRED)"
+    )
+    conn.execute(
+        "CREATE TEMP TRIGGER orphan AFTER INSERT ON main.outbox"
+        " BEGIN INSERT INTO child VALUES (1); END"
+    )
+    sink = Recorder()
+    fired, calm = make_event(), make_event(name="pump.pressure.low")
+    witness = FiringLines(db_path, conn)
+    send, receive = trio.open_memory_channel[Submission](10)
+    for event in (fired, calm):
+        send.send_nowait(Submission(event, sink))
+    send.close()
+    with watching(witness), trio.fail_after(10):
+        await run_evaluator(
+            gateway, alarmed_engine(store), receive, clock=fixed_clock, batch_max=100
+        )
+    errors = dict(sink.outcomes)
+    assert errors[calm.id] is None
+    assert "FOREIGN KEY constraint failed" in str(errors[fired.id])
+    assert witness.lines == []
+    assert stored_ids(db_path) == {str(calm.id)}

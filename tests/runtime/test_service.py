@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 
+from daemon.core.automations import Automation
 from daemon.core.config import StoreConfig
 from daemon.core.events import ReceivedEvent, parse_incoming_event
 from daemon.engine.engine import BatchOutcome, Engine
@@ -25,6 +26,7 @@ from store.connection import Connection
 from store.db import WRITER_CACHE_KIB, Store
 from store.events import inbox_size, push_inbox
 from tests.support.evaluator_doubles import NOW, fixed_clock
+from tests.support.firing_lines import FiringLines, watching
 
 
 @pytest.mark.parametrize(("mib", "kib"), [(None, WRITER_CACHE_KIB), (3, 3 * 1024)])
@@ -151,3 +153,39 @@ async def test_with_no_client_events_the_pump_drains_after_its_delay(
                 await gateway.run(queued)
             assert await gateway.run(queued) == 0
             nursery.cancel_scope.cancel()
+
+
+async def test_a_firing_the_pump_commits_is_logged_after_its_commit(
+    store: Store, db_path: Path, mock_clock: trio.testing.MockClock
+) -> None:
+    """An automation reacting to trigd's own events fires in the pump's transaction: its
+    line is written on the trio thread once that transaction has committed."""
+    reacting = Automation.model_validate(
+        {
+            "name": "action watcher",
+            "trigger": {
+                "type": "event",
+                "posture": "Reactive",
+                "expect": ["prefect.automation.action.executed"],
+                "threshold": 1,
+                "within": 0,
+            },
+            "actions": [{"type": "do-nothing"}],
+        }
+    )
+    engine = Engine()
+    engine.load_automations(store.conn, [reacting], NOW)
+    gateway = StoreGateway(store)
+    pump = InboxPump(gateway, engine, fixed_clock)
+    with watching(FiringLines(db_path, store.conn)) as witness, trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump.run)
+            await gateway.run(push_own_event)
+            pump.wake()
+            while not witness.lines:
+                await trio.testing.wait_all_tasks_blocked()
+                await gateway.run(queued)
+            nursery.cancel_scope.cancel()
+    [line] = witness.lines
+    assert line.message.startswith("automation 'action watcher' fired: event trigger ")
+    assert (line.main_thread, line.in_transaction, line.committed_rows) == (True, False, 1)

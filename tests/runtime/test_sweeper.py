@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from uuid import uuid4
 
 import apsw
@@ -24,6 +25,7 @@ from daemon.runtime.gateway import StoreGateway
 from daemon.runtime.sweeper import SweepSettings, run_sweeper, sweep
 from store import upstream as upstream_store
 from store.db import Store
+from tests.support.firing_lines import FiringLines, watching
 
 NOW = datetime(2026, 11, 23, 12, 0, tzinfo=UTC)
 SETTINGS = SweepSettings(
@@ -168,7 +170,9 @@ def test_housekeeping_prunes_by_retention(store: Store) -> None:
     assert sorted(r[0] for r in conn.execute("SELECT id FROM outbox")) == ["done-new", "waiting"]
 
 
-def test_a_rolled_back_pass_does_not_postpone_proactive_alarms(store: Store) -> None:
+def test_a_rolled_back_pass_does_not_postpone_proactive_alarms(store: Store, db_path: Path) -> None:
+    """Nor does it log the firing it rolled back; the next pass logs its own once, after
+    its commit."""
     conn = store.conn
     lonely = Automation.model_validate(
         {
@@ -203,12 +207,17 @@ def test_a_rolled_back_pass_does_not_postpone_proactive_alarms(store: Store) -> 
         "CREATE TEMP TRIGGER refuse BEFORE DELETE ON ordering_followers "
         "BEGIN SELECT RAISE(ABORT, 'disk on fire'); END"
     )
-    with pytest.raises(apsw.ConstraintError):
-        sweep(conn, engine, SETTINGS, NOW + timedelta(seconds=30))
-    assert outbox_rows(conn) == 0  # the firing rolled back with the pass
-    conn.execute("DROP TRIGGER refuse")
-    sweep(conn, engine, SETTINGS, NOW + timedelta(seconds=31))
+    with watching(FiringLines(db_path, conn)) as witness:
+        with pytest.raises(apsw.ConstraintError):
+            sweep(conn, engine, SETTINGS, NOW + timedelta(seconds=30))
+        assert outbox_rows(conn) == 0  # the firing rolled back with the pass
+        assert witness.lines == []  # and nothing says it fired
+        conn.execute("DROP TRIGGER refuse")
+        sweep(conn, engine, SETTINGS, NOW + timedelta(seconds=31))
     assert outbox_rows(conn) == 1  # fired at the next pass, not a whole window later
+    [line] = witness.lines
+    assert line.message.startswith("automation 'no walks' fired: event trigger ")
+    assert (line.in_transaction, line.committed_rows) == (False, 1)
 
 
 def outbox_rows(conn: apsw.Connection) -> int:
@@ -357,6 +366,32 @@ async def test_a_pass_over_many_due_buckets_commits_in_steps(store: Store) -> No
     conn.set_update_hook(None)
     assert_steps(committed, 35, 10)
     assert outbox_rows(conn) == 35
+
+
+async def test_proactive_firings_are_logged_after_their_step_commits(
+    store: Store, db_path: Path
+) -> None:
+    """Each step's firings are logged on the trio thread once that step has committed,
+    not in the store thread inside its transaction."""
+    conn = store.conn
+    engine = Engine()
+    engine.load_automations(conn, [WATCHDOG], NOW)
+    dead_devices(conn, 25)
+    settings = attrs.evolve(SETTINGS, proactive_chunk=10)
+    passed = trio.Event()
+    with watching(FiringLines(db_path, conn)) as witness, trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                lambda: run_sweeper(
+                    StoreGateway(store), engine, settings, clock=lambda: NOW, on_commit=passed.set
+                )
+            )
+            await passed.wait()
+            nursery.cancel_scope.cancel()
+    assert len({line.firing for line in witness.lines}) == len(witness.lines) == 25
+    assert {
+        (line.main_thread, line.in_transaction, line.committed_rows) for line in witness.lines
+    } == {(True, False, 1)}
 
 
 def test_a_whole_sweep_also_commits_in_steps(store: Store) -> None:

@@ -214,7 +214,7 @@ class Harness:
 
     def PER(self, at: datetime) -> int:
         with self.conn:
-            swept = self.engine.periodic(self.conn, at)
+            swept = self.engine.periodic(self.conn, at).swept
         return swept
 
     def actions(self) -> list[TriggeredAction]:
