@@ -48,6 +48,11 @@ down to `per_endpoint_concurrency`, at most once per `fast_answer` (the attempts
 when an endpoint slows down all end alike: one halving, not one per attempt). So a fast
 local endpoint soon has many requests in flight on kept-alive connections, and one that
 slows down or fails gives its slots back at once.
+
+Giving way to acks (`GiveWay`, pure, with `now`): while clients send events, a claim works
+from a lower total, `concurrency_while_ingesting`, instead of `concurrency`
+(`Endpoints.slots(cap)`); everything else about sharing the slots stays as it is, so a
+failing endpoint's probe and every endpoint's turn come round under the cap too.
 """
 
 from __future__ import annotations
@@ -426,16 +431,21 @@ class Endpoints:
         trusted = self.trusted()
         return sum(n for endpoint, n in self._busy.items() if endpoint not in trusted)
 
-    def slots(self) -> Slots:
+    def slots(self, cap: int | None = None) -> Slots:
+        """What a claim may hand out now; `cap`: at most that many in flight in all
+        (`GiveWay.cap`), which only lowers `concurrency`: turns, windows and probes stay
+        as they are, and the endpoints not trusted still leave a slot to the others
+        when the cap has more than one."""
+        total = self.concurrency if cap is None else max(1, min(cap, self.concurrency))
         return Slots(
-            free=self.concurrency - self.in_flight,
+            free=max(0, total - self.in_flight),
             per_endpoint=self.per_endpoint,
             probes_free=self.probes - self.probes_in_flight(),
             busy=dict(self._busy),
             failing=frozenset(self._failing),
             turns=dict(self._turns),
             trusted=self.trusted(),
-            untrusted_free=max(1, self.concurrency - 1) - self.untrusted_in_flight(),
+            untrusted_free=max(1, total - 1) - self.untrusted_in_flight(),
             windows={endpoint: w.size for endpoint, w in self._windows.items()},
         )
 
@@ -485,6 +495,34 @@ class Endpoints:
         else:
             self._failing.add(endpoint)
         return True
+
+
+@attrs.frozen
+class GiveWay:
+    """Deliveries give way to acks: while clients send events (an evaluator batch began
+    less than `quiet_after` seconds ago), at most `while_ingesting` attempts in flight in
+    all. Each attempt in flight costs the event loop steps that every ack waits behind;
+    attempts already in flight go on, and once no batch has begun for `quiet_after` the
+    slots are the full `concurrency` again. Times are seconds of the event loop's clock."""
+
+    while_ingesting: int
+    quiet_after: float
+
+    def quiet_at(self, batch_begun: float | None) -> float | None:
+        """When ingest counts as quiet, given when the last batch began (None: never)."""
+        return None if batch_begun is None else batch_begun + self.quiet_after
+
+    def cap(self, batch_begun: float | None, now: float) -> int | None:
+        """The most attempts in flight in all now; None: no cap but `concurrency`."""
+        quiet = self.quiet_at(batch_begun)
+        return self.while_ingesting if quiet is not None and now < quiet else None
+
+    def holds_back(self, cap: int | None, concurrency: int, free: int, claimed: int) -> bool:
+        """Whether a claim made under `cap` (`free` slots, `claimed` rows taken) may have
+        left due rows that `concurrency` would have taken: then the sender looks again
+        when ingest goes quiet, without waiting for another wake-up. A claim that took
+        fewer rows than it had slots found no more rows due."""
+        return cap is not None and cap < concurrency and claimed >= free
 
 
 READS_FILES: Final = ("file:", "credential:")
