@@ -53,6 +53,10 @@ Giving way to acks (`GiveWay`, pure, with `now`): while clients send events, a c
 from a lower total, `concurrency_while_ingesting`, instead of `concurrency`
 (`Endpoints.slots(cap)`); everything else about sharing the slots stays as it is, so a
 failing endpoint's probe and every endpoint's turn come round under the cap too.
+Attempts to endpoints not trusted (new, failing) count against the cap for at most
+`cap - 1` of it: those hanging for their timeout (a dead endpoint's) cost the event loop
+nothing meanwhile, and must not keep the others from their turns while clients send
+events.
 """
 
 from __future__ import annotations
@@ -432,20 +436,27 @@ class Endpoints:
         return sum(n for endpoint, n in self._busy.items() if endpoint not in trusted)
 
     def slots(self, cap: int | None = None) -> Slots:
-        """What a claim may hand out now; `cap`: at most that many in flight in all
-        (`GiveWay.cap`), which only lowers `concurrency`: turns, windows and probes stay
-        as they are, and the endpoints not trusted still leave a slot to the others
-        when the cap has more than one."""
-        total = self.concurrency if cap is None else max(1, min(cap, self.concurrency))
+        """What a claim may hand out now; `cap` (`GiveWay.cap`) lowers `concurrency` for
+        the attempts to trusted endpoints, and counts those to the others (new or
+        failing: probes, and a hanging endpoint's attempts waiting out their timeout at
+        no cost to the event loop) for at most `cap - 1` (1 of a cap of 1): so a cap
+        above 1 always has a slot that goes round by turns, and the endpoints not trusted
+        keep their own limits (probes, `concurrency - 1` in all) as without a cap."""
+        untrusted = self.untrusted_in_flight()
+        if cap is None:
+            total, counted = self.concurrency, self.in_flight
+        else:
+            total = max(1, min(cap, self.concurrency))
+            counted = self.in_flight - untrusted + min(untrusted, max(1, total - 1))
         return Slots(
-            free=max(0, total - self.in_flight),
+            free=max(0, total - counted),
             per_endpoint=self.per_endpoint,
             probes_free=self.probes - self.probes_in_flight(),
             busy=dict(self._busy),
             failing=frozenset(self._failing),
             turns=dict(self._turns),
             trusted=self.trusted(),
-            untrusted_free=max(1, total - 1) - self.untrusted_in_flight(),
+            untrusted_free=max(1, self.concurrency - 1) - untrusted,
             windows={endpoint: w.size for endpoint, w in self._windows.items()},
         )
 

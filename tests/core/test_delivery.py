@@ -398,11 +398,34 @@ def test_a_capped_claim_takes_no_more_than_the_cap_and_keeps_the_turns() -> None
 
 def test_the_cap_leaves_in_flight_attempts_alone() -> None:
     book = Endpoints(concurrency=8, per_endpoint=8, probes=2)
+    book.started(["http://a:80"])
+    book.finished("http://a:80", True)  # it answers
     book.started(["http://a:80"] * 6)  # claimed while ingest was quiet
     assert book.slots(cap=2).free == 0  # none taken back, none added
     for _ in range(5):
         book.finished("http://a:80", True)
     assert book.slots(cap=2).free == 1
+
+
+def test_hanging_attempts_claimed_before_the_cap_leave_the_others_their_turns() -> None:
+    """Five new endpoints that hang, claimed while ingest was quiet, hold five slots for
+    their timeout: under a cap of 2 they count for one, so the other slot goes round by
+    turns, to another new endpoint (never served: first), then to the one that answers."""
+    book = Endpoints(concurrency=8, per_endpoint=2, probes=2)
+    book.started(["http://ok:80"])
+    book.finished("http://ok:80", True)
+    hanging = [f"http://hang{i}:80" for i in range(5)]
+    book.started(hanging)
+    due: dict[Endpoint, list[str]] = {"http://new:80": ["new#0"], "http://ok:80": ["ok#0", "ok#1"]}
+    slots = book.slots(cap=2)
+    assert slots.free == 1
+    assert share_slots(due, slots) == ["new#0"]
+    book.started(["http://new:80"])
+    assert share_slots(due, book.slots(cap=2)) == ["ok#0"]  # the new one counts no more
+    book.started(["http://ok:80"])
+    assert share_slots(due, book.slots(cap=2)) == []  # the cap is full
+    one = book.slots(cap=1)  # a cap of one has no slot to spare: theirs is the one
+    assert (one.free, share_slots(due, one)) == (0, [])
 
 
 def test_a_failing_endpoints_probe_takes_its_turn_under_a_cap_of_one() -> None:
@@ -425,11 +448,11 @@ def test_while_busy_never_more_than_the_cap_and_every_endpoint_gets_its_turn(
     concurrency: int, data: st.DataObject
 ) -> None:
     """Claims under a cap (ingest busy) or not (quiet), attempts ending at random: a capped
-    claim never brings the total above the cap, and never takes a slot when the total is
-    already there. And when every attempt ends before the next claim, each capped claim
-    serves the endpoint served longest ago (a failing one's probe, one not yet trusted)
-    so every endpoint with due rows is served within as many claims as there are
-    endpoints."""
+    claim never brings the attempts that count above the cap (those to trusted endpoints,
+    and the others' up to cap - 1), and takes no slot when they are already there. And
+    when every attempt ends before the next claim, each capped claim serves the endpoint
+    served longest ago (a failing one's probe, one not yet trusted), so every endpoint
+    with due rows is served within as many claims as there are endpoints."""
     cap = data.draw(st.integers(1, concurrency), label="cap")
     count = data.draw(st.integers(1, 6), label="endpoints")
     names: list[Endpoint] = [None, *(f"http://e{i}:80" for i in range(count))]
@@ -446,16 +469,23 @@ def test_while_busy_never_more_than_the_cap_and_every_endpoint_gets_its_turn(
         book.finished(endpoint, True)
     due = {e: [(e, n) for n in range(concurrency)] for e in names}
     in_flight: list[Endpoint] = []
+    untrusted_share = max(1, cap - 1)
+
+    def counted() -> int:
+        untrusted = book.untrusted_in_flight()
+        return book.in_flight - untrusted + min(untrusted, untrusted_share)
+
     for _ in range(data.draw(st.integers(1, 30), label="claims")):
         busy = data.draw(st.booleans(), label="busy")
-        before = book.in_flight
+        before = counted()
         picked = [e for e, _ in share_slots(due, book.slots(cap if busy else None))]
         book.started(picked)
         in_flight += picked
         assert book.in_flight <= concurrency
         if busy:
-            assert book.in_flight <= max(cap, before)
-            assert not picked or book.in_flight <= cap
+            assert counted() <= max(cap, before)
+            assert not picked or counted() <= cap
+        assert book.untrusted_in_flight() <= max(1, concurrency - 1)
         ending = data.draw(st.integers(0, len(in_flight)), label="ending")
         for endpoint in in_flight[:ending]:
             book.finished(endpoint, None)  # never reached: failing and trust stay as they are
