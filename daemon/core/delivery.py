@@ -449,7 +449,7 @@ class Endpoints:
             total = max(1, min(cap, self.concurrency))
             counted = self.in_flight - untrusted + min(untrusted, max(1, total - 1))
         return Slots(
-            free=max(0, total - counted),
+            free=max(0, min(total - counted, self.concurrency - self.in_flight)),
             per_endpoint=self.per_endpoint,
             probes_free=self.probes - self.probes_in_flight(),
             busy=dict(self._busy),

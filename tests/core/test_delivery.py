@@ -428,6 +428,19 @@ def test_hanging_attempts_claimed_before_the_cap_leave_the_others_their_turns() 
     assert (one.free, share_slots(due, one)) == (0, [])
 
 
+def test_the_cap_never_lets_more_than_concurrency_in_flight() -> None:
+    """All of `concurrency` in flight to an endpoint marked failing meanwhile: under the
+    cap those attempts count for cap - 1, but no slot is free beyond `concurrency`."""
+    book = Endpoints(concurrency=4, per_endpoint=4, probes=2)
+    book.started(["http://a:80"])
+    book.finished("http://a:80", True)
+    book.started(["http://a:80"] * 4)
+    book.mark_failing("http://a:80")  # its four in flight are no longer trusted
+    due: dict[Endpoint, list[str]] = {"http://b:80": ["b#0"]}
+    assert book.slots(cap=2).free == 0
+    assert share_slots(due, book.slots(cap=2)) == []
+
+
 def test_a_failing_endpoints_probe_takes_its_turn_under_a_cap_of_one() -> None:
     book = Endpoints(concurrency=8, per_endpoint=2, probes=2, failing=["http://dead:80"])
     book.started(["http://ok:80"])
@@ -487,8 +500,8 @@ def test_while_busy_never_more_than_the_cap_and_every_endpoint_gets_its_turn(
             assert not picked or counted() <= cap
         assert book.untrusted_in_flight() <= max(1, concurrency - 1)
         ending = data.draw(st.integers(0, len(in_flight)), label="ending")
-        for endpoint in in_flight[:ending]:
-            book.finished(endpoint, None)  # never reached: failing and trust stay as they are
+        for endpoint in in_flight[:ending]:  # answered, failed, or never reached
+            book.finished(endpoint, data.draw(st.sampled_from([None, True, False])))
         del in_flight[:ending]
     for endpoint in in_flight:
         book.finished(endpoint, None)
