@@ -16,7 +16,9 @@ EVENTS events over the ten pumps and waits for their acks: EVENTS x AUTOMATIONS 
 webhooks to deliver (20,000 by default). Printed:
 
 * commit: from the first event sent to the last ack;
-* delivered: from the first event sent to the last webhook received, and webhooks/s;
+* delivered: from the first event sent to the last webhook received, and webhooks/s; how
+  many were delivered by the last ack, and the rate of the rest after it (while clients
+  send events the sender gives way to their acks: docs/DELIVERY.md#giving-way-to-acks);
 * the daemon's CPU time (/proc) per webhook over the whole run;
 * ceiling: the same receiver, in the same run, taking the same number of POSTs of a body of
   the same size from a bare httpx loop in a process of its own (one AsyncClient, 8 trio
@@ -417,6 +419,7 @@ async def storm(
             for _ in range(events):
                 await ws.get_message()
             committed = time.perf_counter() - started
+        by_last_ack = receivers.count() - base
         delivered = await trio.to_thread.run_sync(receivers.until, base + webhooks, 600) - started
         user, system = (b - a for a, b in zip(cpu, _cpu_seconds(pid), strict=True))
         spent = {tid: t - threads.get(tid, 0.0) for tid, t in _thread_cpu(pid).items()}
@@ -433,6 +436,12 @@ async def storm(
         f"({rate:,.0f} webhooks/s); daemon CPU {used:.1f} s, "
         f"{used / webhooks * 1e6:.0f} µs/webhook ({user / webhooks * 1e6:.0f} user, "
         f"{system / webhooks * 1e6:.0f} system)",
+        flush=True,
+    )
+    after = (webhooks - by_last_ack) / max(delivered - committed, 1e-9)
+    print(
+        f"          by the last ack {by_last_ack} delivered; the other {webhooks - by_last_ack} "
+        f"after it at {after:,.0f} webhooks/s",
         flush=True,
     )
     main_thread = spent.pop(pid, 0.0)

@@ -371,6 +371,12 @@ def derived_max_per_endpoint(concurrency: int, per_endpoint: int) -> int:
     return max(per_endpoint, min(MAX_PER_ENDPOINT, concurrency - 1))
 
 
+CONCURRENCY_WHILE_INGESTING: Final = 2
+"""Default `[delivery] concurrency_while_ingesting`: each delivery in flight costs the event
+loop steps that every ack waits behind (docs/PERFORMANCE.md)."""
+INGEST_QUIET_AFTER: Final = timedelta(milliseconds=100)
+
+
 def derived_lease(timeout: timedelta) -> timedelta:
     """The lease when none is set: the attempt (`timeout`) plus time to commit its outcome,
     and never under a minute, so that every valid timeout works on its own."""
@@ -397,6 +403,19 @@ class DeliveryConfig(Section):
     # unset: min(32, concurrency - 1), at least per_endpoint_concurrency
     max_per_endpoint: Count = Field(None, validate_default=True)
     fast_answer: PositiveDuration = FAST_ANSWER  # quicker answers widen the window
+    # in flight in all while clients send events (docs/DELIVERY.md#giving-way-to-acks);
+    # unset: min(2, concurrency)
+    concurrency_while_ingesting: Count = Field(None, validate_default=True)
+    # clients send events until no evaluator batch has begun for this long
+    ingest_quiet_after: PositiveDuration = INGEST_QUIET_AFTER
+
+    @field_validator("concurrency_while_ingesting", mode="before")
+    @classmethod
+    def _while_ingesting_default(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is not None:
+            return value
+        # concurrency absent from info.data: it is invalid, and that is reported
+        return min(CONCURRENCY_WHILE_INGESTING, info.data.get("concurrency", 1))
 
     @field_validator("max_per_endpoint", mode="before")
     @classmethod
@@ -451,6 +470,12 @@ class DeliveryConfig(Section):
                 "max_per_endpoint",
                 f"must be from per_endpoint_concurrency ({self.per_endpoint_concurrency}) "
                 f"to concurrency ({self.concurrency}), got {self.max_per_endpoint}",
+            )
+        if self.concurrency_while_ingesting > self.concurrency:
+            raise _field_problem(
+                "concurrency_while_ingesting",
+                f"must not exceed concurrency ({self.concurrency}), "
+                f"got {self.concurrency_while_ingesting}",
             )
         if self.probe_concurrency > max(1, self.concurrency - 1):
             bound = (

@@ -144,14 +144,18 @@ class BatchProgress:
     waits when one of them commits. Every batch also drains the inbox (a bounded part of
     it, waking the pump for the rest), so the inbox pump waits for a batch begun after
     its wake-up instead of committing a transaction (and an fsync) of its own between
-    the batches that clients wait on."""
+    the batches that clients wait on. When the last one began tells the sender whether
+    clients are sending events (it gives way to their acks meanwhile)."""
 
     begun: int = 0  # transactions handed to the store thread so far
     committed: int = 0  # the number of the last one that committed
     _changed: trio.Event = attrs.Factory(trio.Event)
+    # trio time the last one began: the sender gives way to ingest after it (IngestActivity)
+    last_begun_at: float | None = None
 
     def begin(self) -> int:
         self.begun += 1
+        self.last_begun_at = trio.current_time()
         return self.begun
 
     def commit(self, number: int) -> None:

@@ -15,6 +15,14 @@ deliveries to the others, however many fail (`daemon/core/delivery.py: Endpoints
 loop sleeps until the next row is due, a slot frees up, or `notify()` says the evaluator
 committed new rows.
 
+Deliveries give way to acks (docs/DELIVERY.md#giving-way-to-acks): every attempt in
+flight costs the event loop a dozen steps of httpx's, and every step of the ack path
+(reader, evaluator, store hand-off, ack writer) waits behind them. So while clients send
+events (`IngestActivity`: the evaluator began a batch less than `ingest_quiet_after`
+ago), claims work from `concurrency_while_ingesting` slots in all
+(`daemon/core/delivery.py: GiveWay`). Attempts in flight go on; a loop that held rows
+back also wakes when ingest goes quiet, and claims up to `concurrency` again.
+
 Each attempt ends in one transaction: the attempt row, the move in the state table
 (`daemon/core/delivery.py`), and — when the delivery is finished — its
 `prefect.automation.action.executed` or `.failed` event pushed to the inbox, so the event
@@ -72,6 +80,7 @@ from daemon.core.delivery import (
     Decision,
     Delivered,
     Endpoints,
+    GiveWay,
     Move,
     Random,
     RetryAt,
@@ -143,6 +152,14 @@ class SleepingClock(Protocol):
     def __call__(self) -> datetime: ...
 
     async def sleep_until(self, when: datetime) -> None: ...
+
+
+class IngestActivity(Protocol):
+    """When the evaluator last began a batch, in trio time (None: not yet): clients are
+    sending events while that is recent (`daemon.runtime.evaluator.BatchProgress`)."""
+
+    @property
+    def last_begun_at(self) -> float | None: ...
 
 
 def _no_automation(automation_id: str) -> None:
@@ -402,8 +419,13 @@ class Sender:
         random: Random,
         current: Callable[[str], Automation | None] = _no_automation,
         on_attempt: Callable[[Decision, int | None], None] = _no_attempt,
+        ingest: IngestActivity | None = None,
     ) -> None:
         self._on_attempt = on_attempt  # each recorded attempt: its decision, its latency
+        self._ingest = ingest  # None: never give way
+        self._give_way = GiveWay(
+            settings.concurrency_while_ingesting, settings.ingest_quiet_after.total_seconds()
+        )
         self._gateway = gateway
         self._current = current
         self._settings = settings
@@ -447,27 +469,45 @@ class Sender:
             delay = (when - self._clock()).total_seconds()
             await trio.sleep(min(max(0.0, delay), MAX_IDLE.total_seconds()))
 
-    async def _wait(self, until: datetime | None) -> None:
-        """Until the next row is due, a slot frees up, or notify(), whichever is first.
-        With nothing scheduled, still look again after MAX_IDLE (of trio's clock). The
-        loop waits once per attempt in a storm: with the wall clock, a deadline rather
-        than a sleeper task to spawn and cancel each time."""
+    def _cap(self) -> int | None:
+        """Attempts in flight in all that a claim may bring now; None: `concurrency`."""
+        if self._ingest is None:
+            return None
+        return self._give_way.cap(self._ingest.last_begun_at, trio.current_time())
+
+    def _quiet_at(self, cap: int | None, free: int, claimed: int) -> float | None:
+        """When to look again because ingest goes quiet (trio time), if the claim just
+        made under `cap` held rows back; else None."""
+        if self._ingest is None or not self._give_way.holds_back(
+            cap, self._endpoints.concurrency, free, claimed
+        ):
+            return None
+        return self._give_way.quiet_at(self._ingest.last_begun_at)
+
+    async def _wait(self, until: datetime | None, quiet_at: float | None = None) -> None:
+        """Until the next row is due, a slot frees up, notify(), or (`quiet_at`, trio
+        time) ingest goes quiet, whichever is first. With nothing scheduled, still look
+        again after MAX_IDLE (of trio's clock). The loop waits once per attempt in a
+        storm: with the wall clock, a deadline rather than a sleeper task to spawn and
+        cancel each time."""
+        quiet = math.inf if quiet_at is None else quiet_at
         if until is None or not isinstance(self._clock, SleepingClock):
             delay = MAX_IDLE.total_seconds()
             if until is not None:
                 delay = min(max(0.0, (until - self._clock()).total_seconds()), delay)
-            with trio.move_on_after(delay):
+            with trio.move_on_at(min(trio.current_time() + delay, quiet)):
                 await self._wake.wait()
             return
-        async with trio.open_nursery() as nursery:
+        with trio.move_on_at(quiet):
+            async with trio.open_nursery() as nursery:
 
-            async def sleeper() -> None:
-                await self._sleep_until(until)
+                async def sleeper() -> None:
+                    await self._sleep_until(until)
+                    nursery.cancel_scope.cancel()
+
+                nursery.start_soon(sleeper)
+                await self._wake.wait()
                 nursery.cancel_scope.cancel()
-
-            nursery.start_soon(sleeper)
-            await self._wake.wait()
-            nursery.cancel_scope.cancel()
 
     async def run(self, *, task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED) -> None:
         """Started at once (a store in trouble must not hold up the daemon's start); the
@@ -494,11 +534,14 @@ class Sender:
             while True:
                 self._wake = trio.Event()
                 next_due_us: int | None = None
+                quiet_at: float | None = None
                 # results waiting for their commit: it claims for the slots they freed
                 if not self._recorder.busy:
                     async with self._claiming:
                         now = self._clock()
-                        slots = self._endpoints.slots()
+                        cap = self._cap()
+                        slots = self._endpoints.slots(cap)
+                        rows: list[outbox.OutboxRow] = []
                         if slots.free > 0:
                             try:
                                 rows, next_due_us = await self._gateway.run(
@@ -509,7 +552,8 @@ class Sender:
                                 continue
                             claiming.cleared()
                             self._start(rows)
-                await self._wait(None if next_due_us is None else from_us(next_due_us))
+                        quiet_at = self._quiet_at(cap, slots.free, len(rows))
+                await self._wait(None if next_due_us is None else from_us(next_due_us), quiet_at)
 
     def _start(self, rows: Sequence[outbox.OutboxRow]) -> None:
         assert self._nursery is not None
@@ -526,7 +570,7 @@ class Sender:
                 batch,
                 to_us(now),
                 to_us(now + self._settings.lease),
-                self._endpoints.slots(),
+                self._endpoints.slots(self._cap()),
             )
             self._start(rows)
         self._wake.set()  # rows not due yet, or new ones: the loop looks again
@@ -745,6 +789,7 @@ async def run_sender(
     random: Random | None = None,
     current: Callable[[str], Automation | None] = _no_automation,
     on_attempt: Callable[[Decision, int | None], None] = _no_attempt,
+    ingest: IngestActivity | None = None,
     task_status: trio.TaskStatus[Sender] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Deliver outbox rows until cancelled. `nursery.start` returns the `Sender`, whose
@@ -753,7 +798,8 @@ async def run_sender(
     `current` gives an automation as loaded now, by id (a revived row is sent as it would
     make it: `acting.refreshed`). `clock` is the wall clock; one that is a `SleepingClock`
     also decides how to wait. `on_attempt` hears of each attempt once it is recorded
-    (``/metrics``)."""
+    (``/metrics``). `ingest` says when clients last sent events: while they do, the
+    sender gives way to their acks (None: never)."""
     limits = httpx.Limits(
         max_connections=settings.concurrency,
         max_keepalive_connections=settings.concurrency,
@@ -773,5 +819,6 @@ async def run_sender(
             random=random if random is not None else _StdRandom().random,
             current=current,
             on_attempt=on_attempt,
+            ingest=ingest,
         )
         await sender.run(task_status=task_status)

@@ -355,6 +355,7 @@ async def _run(
                     emit=lambda events: pump.wake(),
                     current=partial(loaded_automation, engine),
                     on_attempt=metrics.observe_attempt,
+                    ingest=progress,  # deliveries give way while clients send events
                     task_status=task_status,
                 )
             )

@@ -166,6 +166,7 @@ def test_example_file_lists_every_key_with_its_default(
         "max_per_endpoint",
         "probe_concurrency",
         "lease",
+        "concurrency_while_ingesting",
     ]
     uncommented = write(tmp_path, re.sub(r"^# ([a-z_]+ = )", r"\1", text, flags=re.MULTILINE))
     with uncommented.open("rb") as handle:
@@ -596,3 +597,55 @@ def test_max_per_endpoint_follows_concurrency_unless_set(tmp_path: Path) -> None
     for bad in ("max_per_endpoint = 1", "max_per_endpoint = 9"):
         with pytest.raises(ConfigError, match=r"\[delivery\] max_per_endpoint: must be from"):
             load_config(write(tmp_path, f"[delivery]\n{bad}\n"), {}, {})
+
+
+def test_deliveries_give_way_to_ingest_by_default(tmp_path: Path) -> None:
+    """While clients send events, 2 deliveries in flight (fewer when concurrency is lower,
+    so concurrency alone never fails), until 100 ms without an evaluator batch."""
+    assert Config().delivery.concurrency_while_ingesting == 2
+    assert Config().delivery.ingest_quiet_after == timedelta(milliseconds=100)
+    one = load_config(write(tmp_path, "[delivery]\nconcurrency = 1\n"), {}, {})
+    assert one.delivery.concurrency_while_ingesting == 1
+    from_env = load_config(None, {"TRIGD_DELIVERY_CONCURRENCY": "1"}, {})
+    assert from_env.delivery.concurrency_while_ingesting == 1
+    set_both = load_config(
+        write(
+            tmp_path,
+            "[delivery]\nconcurrency = 4\nconcurrency_while_ingesting = 4\n"
+            'ingest_quiet_after = "250ms"\n',
+        ),
+        {},
+        {},
+    )
+    assert set_both.delivery.concurrency_while_ingesting == 4
+    assert set_both.delivery.ingest_quiet_after == timedelta(milliseconds=250)
+    env = {"TRIGD_DELIVERY_CONCURRENCY_WHILE_INGESTING": "3"}
+    assert load_config(None, env, {}).delivery.concurrency_while_ingesting == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "concurrency_while_ingesting = 9",
+            "[delivery] concurrency_while_ingesting: must not exceed concurrency (8), got 9",
+        ),
+        (
+            "concurrency = 2\nconcurrency_while_ingesting = 3",
+            "[delivery] concurrency_while_ingesting: must not exceed concurrency (2), got 3",
+        ),
+        (
+            "concurrency_while_ingesting = 0",
+            "[delivery] concurrency_while_ingesting: must be at least 1, got 0",
+        ),
+        (
+            'ingest_quiet_after = "0s"',
+            "[delivery] ingest_quiet_after: must be longer than 0s, got 0s",
+        ),
+        ('ingest_quiet_after = "soon"', "[delivery] ingest_quiet_after: expected a duration"),
+    ],
+)
+def test_giving_way_settings_are_checked(tmp_path: Path, text: str, problem: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, f"[delivery]\n{text}\n"), {}, {})
+    assert problem in str(caught.value)

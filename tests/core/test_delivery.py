@@ -25,6 +25,7 @@ from daemon.core.delivery import (
     DeliveryState,
     Endpoint,
     Endpoints,
+    GiveWay,
     IllegalMove,
     Move,
     RetryAt,
@@ -355,6 +356,166 @@ def test_a_working_endpoint_gets_a_slot_every_round_however_many_endpoints_fail(
         for probed in hanging[:ending]:
             book.finished(probed, False)
         del hanging[:ending]
+
+
+# --- giving way to acks while clients send events ----------------------------------------
+
+
+def test_the_cap_holds_while_an_evaluator_batch_began_within_quiet_after() -> None:
+    give_way = GiveWay(while_ingesting=2, quiet_after=0.1)
+    assert give_way.cap(None, now=50.0) is None  # no batch yet
+    assert give_way.cap(10.0, now=10.0) == 2
+    assert give_way.cap(10.0, now=10.099) == 2
+    assert give_way.quiet_at(10.0) == pytest.approx(10.1)
+    assert give_way.cap(10.0, now=10.1) is None  # quiet: the full concurrency again
+    assert give_way.quiet_at(None) is None
+
+
+def test_holding_back_only_when_the_cap_kept_rows_due() -> None:
+    give_way = GiveWay(while_ingesting=2, quiet_after=0.1)
+    assert give_way.holds_back(2, 8, free=2, claimed=2)  # filled the cap: maybe more due
+    assert give_way.holds_back(2, 8, free=0, claimed=0)  # no room: not even looked
+    assert not give_way.holds_back(2, 8, free=2, claimed=1)  # nothing more was due
+    assert not give_way.holds_back(None, 8, free=8, claimed=8)  # quiet: no cap
+    assert not give_way.holds_back(8, 8, free=8, claimed=8)  # a cap of all: no giving way
+
+
+def test_a_capped_claim_takes_no_more_than_the_cap_and_keeps_the_turns() -> None:
+    """Eight slots, a cap of two: two rows claimed, for the two endpoints served longest
+    ago; with those in flight, nothing more until one ends or the cap lifts."""
+    book = Endpoints(concurrency=8, per_endpoint=4, probes=2)
+    due = {e: [(e, n) for n in range(4)] for e in ("http://a:80", "http://b:80", None)}
+    book.started([None, "http://b:80", "http://a:80"])  # a was served last
+    for endpoint in (None, "http://b:80", "http://a:80"):
+        book.finished(endpoint, True)
+    chosen = share_slots(due, book.slots(cap=2))
+    assert chosen == [(None, 0), ("http://b:80", 0)]
+    book.started(endpoint for endpoint, _ in chosen)
+    assert book.slots(cap=2).free == 0
+    assert share_slots(due, book.slots(cap=2)) == []
+    assert book.slots().free == 6  # the cap lifted: the rest of concurrency
+
+
+def test_the_cap_leaves_in_flight_attempts_alone() -> None:
+    book = Endpoints(concurrency=8, per_endpoint=8, probes=2)
+    book.started(["http://a:80"])
+    book.finished("http://a:80", True)  # it answers
+    book.started(["http://a:80"] * 6)  # claimed while ingest was quiet
+    assert book.slots(cap=2).free == 0  # none taken back, none added
+    for _ in range(5):
+        book.finished("http://a:80", True)
+    assert book.slots(cap=2).free == 1
+
+
+def test_hanging_attempts_claimed_before_the_cap_leave_the_others_their_turns() -> None:
+    """Five new endpoints that hang, claimed while ingest was quiet, hold five slots for
+    their timeout: under a cap of 2 they count for one, so the other slot goes round by
+    turns, to another new endpoint (never served: first), then to the one that answers."""
+    book = Endpoints(concurrency=8, per_endpoint=2, probes=2)
+    book.started(["http://ok:80"])
+    book.finished("http://ok:80", True)
+    hanging = [f"http://hang{i}:80" for i in range(5)]
+    book.started(hanging)
+    due: dict[Endpoint, list[str]] = {"http://new:80": ["new#0"], "http://ok:80": ["ok#0", "ok#1"]}
+    slots = book.slots(cap=2)
+    assert slots.free == 1
+    assert share_slots(due, slots) == ["new#0"]
+    book.started(["http://new:80"])
+    assert share_slots(due, book.slots(cap=2)) == ["ok#0"]  # the new one counts no more
+    book.started(["http://ok:80"])
+    assert share_slots(due, book.slots(cap=2)) == []  # the cap is full
+    one = book.slots(cap=1)  # a cap of one has no slot to spare: theirs is the one
+    assert (one.free, share_slots(due, one)) == (0, [])
+
+
+def test_the_cap_never_lets_more_than_concurrency_in_flight() -> None:
+    """All of `concurrency` in flight to an endpoint marked failing meanwhile: under the
+    cap those attempts count for cap - 1, but no slot is free beyond `concurrency`."""
+    book = Endpoints(concurrency=4, per_endpoint=4, probes=2)
+    book.started(["http://a:80"])
+    book.finished("http://a:80", True)
+    book.started(["http://a:80"] * 4)
+    book.mark_failing("http://a:80")  # its four in flight are no longer trusted
+    due: dict[Endpoint, list[str]] = {"http://b:80": ["b#0"]}
+    assert book.slots(cap=2).free == 0
+    assert share_slots(due, book.slots(cap=2)) == []
+
+
+def test_a_failing_endpoints_probe_takes_its_turn_under_a_cap_of_one() -> None:
+    book = Endpoints(concurrency=8, per_endpoint=2, probes=2, failing=["http://dead:80"])
+    book.started(["http://ok:80"])
+    book.finished("http://ok:80", True)
+    due: dict[Endpoint, list[str]] = {
+        "http://ok:80": ["ok#0", "ok#1"],
+        "http://dead:80": ["dead#0"],
+    }
+    assert share_slots(due, book.slots(cap=1)) == ["dead#0"]  # never served: first
+
+
+@given(
+    concurrency=st.integers(1, 12),
+    data=st.data(),
+)
+@settings(max_examples=200, deadline=None)
+def test_while_busy_never_more_than_the_cap_and_every_endpoint_gets_its_turn(
+    concurrency: int, data: st.DataObject
+) -> None:
+    """Claims under a cap (ingest busy) or not (quiet), attempts ending at random: a capped
+    claim never brings the attempts that count above the cap (those to trusted endpoints,
+    and the others' up to cap - 1), and takes no slot when they are already there. And
+    when every attempt ends before the next claim, each capped claim serves the endpoint
+    served longest ago (a failing one's probe, one not yet trusted), so every endpoint
+    with due rows is served within as many claims as there are endpoints."""
+    cap = data.draw(st.integers(1, concurrency), label="cap")
+    count = data.draw(st.integers(1, 6), label="endpoints")
+    names: list[Endpoint] = [None, *(f"http://e{i}:80" for i in range(count))]
+    failing = data.draw(st.sets(st.sampled_from(names[1:])), label="failing")
+    answered = data.draw(st.sets(st.sampled_from(names[1:])), label="answered")
+    book = Endpoints(
+        concurrency=concurrency,
+        per_endpoint=data.draw(st.integers(1, concurrency), label="per_endpoint"),
+        probes=data.draw(st.integers(1, max(1, concurrency - 1)), label="probes"),
+        failing=failing,
+    )
+    for endpoint in answered - failing:
+        book.started([endpoint])
+        book.finished(endpoint, True)
+    due = {e: [(e, n) for n in range(concurrency)] for e in names}
+    in_flight: list[Endpoint] = []
+    untrusted_share = max(1, cap - 1)
+
+    def counted() -> int:
+        untrusted = book.untrusted_in_flight()
+        return book.in_flight - untrusted + min(untrusted, untrusted_share)
+
+    for _ in range(data.draw(st.integers(1, 30), label="claims")):
+        busy = data.draw(st.booleans(), label="busy")
+        before = counted()
+        picked = [e for e, _ in share_slots(due, book.slots(cap if busy else None))]
+        book.started(picked)
+        in_flight += picked
+        assert book.in_flight <= concurrency
+        if busy:
+            assert counted() <= max(cap, before)
+            assert not picked or counted() <= cap
+        assert book.untrusted_in_flight() <= max(1, concurrency - 1)
+        ending = data.draw(st.integers(0, len(in_flight)), label="ending")
+        for endpoint in in_flight[:ending]:  # answered, failed, or never reached
+            book.finished(endpoint, data.draw(st.sampled_from([None, True, False])))
+        del in_flight[:ending]
+    for endpoint in in_flight:
+        book.finished(endpoint, None)
+    served: list[set[Endpoint]] = []
+    for _ in range(2 * len(names)):
+        picked = [e for e, _ in share_slots(due, book.slots(cap))]
+        assert 1 <= len(picked) <= cap
+        book.started(picked)
+        served.append(set(picked))
+        for endpoint in picked:
+            book.finished(endpoint, None)
+    for start in range(len(served) - len(names) + 1):
+        window = set().union(*served[start : start + len(names)])
+        assert window == set(names)
 
 
 class OutboxMachine(RuleBasedStateMachine):

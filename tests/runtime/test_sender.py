@@ -22,6 +22,7 @@ from daemon.core.clock import from_us, to_us, wall_clock
 from daemon.core.delivery import DeliveryState, Move, action_triggered_event_id
 from daemon.core.events import ReceivedEvent
 from daemon.engine.acting import endpoint_of
+from daemon.runtime.evaluator import BatchProgress
 from store import outbox
 from store.db import Store
 from store.events import peek_inbox
@@ -730,3 +731,91 @@ async def test_results_that_end_together_are_committed_together(
     ]
     assert attempts == len(rows)
     assert max(per_commit) >= 2, per_commit
+
+
+# --- giving way to acks while clients send events ------------------------------------------
+
+
+async def _until_waiting(gate: Gate, count: int) -> None:
+    while gate.waiting < count:
+        await gate.changed.wait()
+
+
+@pytest.mark.timeout(30)
+async def test_deliveries_give_way_while_clients_send_events(
+    timed_nursery: trio.Nursery, store: Store, mock_clock: trio.testing.MockClock
+) -> None:
+    """An evaluator batch began (the real `BatchProgress` the evaluator counts with): of
+    eight due rows, two go out; once `ingest_quiet_after` passes with no other batch,
+    the sender claims up to its full six at once, without a new wake-up. Virtual time
+    stands still until the test moves it."""
+    gate = Gate(free=1, held=1_000)  # the first answers (the endpoint is trusted), then held
+    receiver = await timed_nursery.start(run_receiver, gate)
+    progress = BatchProgress()
+    harness = await start(
+        timed_nursery,
+        store,
+        ingest=progress,
+        concurrency=6,
+        per_endpoint_concurrency=6,
+        concurrency_while_ingesting=2,
+        ingest_quiet_after=timedelta(milliseconds=100),
+    )
+    await harness.enqueue(webhook(receiver))
+    await harness.next_event()  # answered while ingest was quiet
+
+    progress.begin()  # clients send events from now on
+    rows = [webhook(receiver) for _ in range(8)]
+    await harness.enqueue(*rows)
+    await _until_waiting(gate, 2)
+    assert harness.sender.in_flight == 2
+    mock_clock.jump(0.099)  # still busy: nothing more
+    await trio.testing.wait_all_tasks_blocked()
+    assert (harness.sender.in_flight, gate.waiting) == (2, 2)
+
+    mock_clock.jump(0.001)  # 100 ms without a batch: quiet
+    await _until_waiting(gate, 6)
+    assert harness.sender.in_flight == 6  # its whole concurrency
+
+    gate.open.set()
+    done = {(await harness.next_event()).payload["invocation"] for _ in rows}
+    assert done == {str(t.id) for t in rows}
+
+
+@pytest.mark.timeout(30)
+async def test_a_new_batch_keeps_the_deliveries_giving_way(
+    timed_nursery: trio.Nursery, store: Store, mock_clock: trio.testing.MockClock
+) -> None:
+    """Ingest is quiet only `ingest_quiet_after` after the last batch began: a batch begun
+    meanwhile moves the end of giving way on."""
+    gate = Gate(free=1, held=1_000)
+    receiver = await timed_nursery.start(run_receiver, gate)
+    progress = BatchProgress()
+    harness = await start(
+        timed_nursery,
+        store,
+        ingest=progress,
+        concurrency=4,
+        per_endpoint_concurrency=4,
+        concurrency_while_ingesting=1,
+        ingest_quiet_after=timedelta(milliseconds=100),
+    )
+    await harness.enqueue(webhook(receiver))
+    await harness.next_event()
+
+    progress.begin()
+    rows = [webhook(receiver) for _ in range(6)]
+    await harness.enqueue(*rows)
+    await _until_waiting(gate, 1)
+    mock_clock.jump(0.06)
+    progress.begin()  # another batch: busy until 100 ms from now
+    mock_clock.jump(0.06)  # 120 ms after the first batch, 60 ms after this one
+    await trio.testing.wait_all_tasks_blocked()
+    assert (harness.sender.in_flight, gate.waiting) == (1, 1)
+
+    mock_clock.jump(0.04)
+    await _until_waiting(gate, 4)
+    assert harness.sender.in_flight == 4
+    gate.open.set()
+    done = {(await harness.next_event()).payload["invocation"] for _ in rows}
+    assert done == {str(t.id) for t in rows}

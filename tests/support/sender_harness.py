@@ -14,7 +14,7 @@ from daemon.core.config import DeliveryConfig
 from daemon.core.events import ReceivedEvent
 from daemon.core.firings import TriggeredAction
 from daemon.runtime.gateway import StoreGateway
-from daemon.runtime.sender import Sender, run_sender
+from daemon.runtime.sender import IngestActivity, Sender, run_sender
 from store import outbox
 from store.db import Store
 from tests.support.webhook_receiver import JumpingClock, Receiver, make_triggered, outbox_row
@@ -61,8 +61,13 @@ def settings(**overrides: Any) -> DeliveryConfig:
 
 
 async def start(
-    nursery: trio.Nursery, store: Store, clock: Any = None, **overrides: Any
+    nursery: trio.Nursery,
+    store: Store,
+    clock: Any = None,
+    ingest: IngestActivity | None = None,
+    **overrides: Any,
 ) -> Harness:
+    """`ingest`: when clients last sent events, for the sender to give way (None: never)."""
     clock = clock if clock is not None else JumpingClock()
     send, receive = trio.open_memory_channel[ReceivedEvent](1000)
 
@@ -78,6 +83,7 @@ async def start(
             clock=clock,
             emit=emit,
             random=lambda: 0.5,  # no jitter: waits are exactly the schedule
+            ingest=ingest,
             task_status=task_status,
         )
     )
