@@ -26,10 +26,11 @@ from daemon.runtime.evaluator import BatchProgress
 from store import outbox
 from store.db import Store
 from store.events import peek_inbox
-from tests.support.sender_harness import start, webhook
+from tests.support.sender_harness import Harness, start, webhook
 from tests.support.webhook_receiver import (
     T0,
     JumpingClock,
+    Receiver,
     Reply,
     Request,
     answer,
@@ -741,6 +742,28 @@ async def _until_waiting(gate: Gate, count: int) -> None:
         await gate.changed.wait()
 
 
+async def _giving_way(
+    nursery: trio.Nursery, store: Store, *, concurrency: int, while_ingesting: int
+) -> tuple[Harness, Receiver, Gate, BatchProgress]:
+    """A sender that gives way to a real `BatchProgress` (no batch begun yet), quiet
+    after 100 ms, its endpoint trusted: one delivery answered, the next ones held."""
+    gate = Gate(free=1, held=1_000)
+    receiver = await nursery.start(run_receiver, gate)
+    progress = BatchProgress()
+    harness = await start(
+        nursery,
+        store,
+        ingest=progress,
+        concurrency=concurrency,
+        per_endpoint_concurrency=concurrency,
+        concurrency_while_ingesting=while_ingesting,
+        ingest_quiet_after=timedelta(milliseconds=100),
+    )
+    await harness.enqueue(webhook(receiver))
+    await harness.next_event()  # answered while ingest was quiet
+    return harness, receiver, gate, progress
+
+
 @pytest.mark.timeout(30)
 async def test_deliveries_give_way_while_clients_send_events(
     timed_nursery: trio.Nursery, store: Store, mock_clock: trio.testing.MockClock
@@ -749,20 +772,9 @@ async def test_deliveries_give_way_while_clients_send_events(
     eight due rows, two go out; once `ingest_quiet_after` passes with no other batch,
     the sender claims up to its full six at once, without a new wake-up. Virtual time
     stands still until the test moves it."""
-    gate = Gate(free=1, held=1_000)  # the first answers (the endpoint is trusted), then held
-    receiver = await timed_nursery.start(run_receiver, gate)
-    progress = BatchProgress()
-    harness = await start(
-        timed_nursery,
-        store,
-        ingest=progress,
-        concurrency=6,
-        per_endpoint_concurrency=6,
-        concurrency_while_ingesting=2,
-        ingest_quiet_after=timedelta(milliseconds=100),
+    harness, receiver, gate, progress = await _giving_way(
+        timed_nursery, store, concurrency=6, while_ingesting=2
     )
-    await harness.enqueue(webhook(receiver))
-    await harness.next_event()  # answered while ingest was quiet
 
     progress.begin()  # clients send events from now on
     rows = [webhook(receiver) for _ in range(8)]
@@ -788,20 +800,9 @@ async def test_a_new_batch_keeps_the_deliveries_giving_way(
 ) -> None:
     """Ingest is quiet only `ingest_quiet_after` after the last batch began: a batch begun
     meanwhile moves the end of giving way on."""
-    gate = Gate(free=1, held=1_000)
-    receiver = await timed_nursery.start(run_receiver, gate)
-    progress = BatchProgress()
-    harness = await start(
-        timed_nursery,
-        store,
-        ingest=progress,
-        concurrency=4,
-        per_endpoint_concurrency=4,
-        concurrency_while_ingesting=1,
-        ingest_quiet_after=timedelta(milliseconds=100),
+    harness, receiver, gate, progress = await _giving_way(
+        timed_nursery, store, concurrency=4, while_ingesting=1
     )
-    await harness.enqueue(webhook(receiver))
-    await harness.next_event()
 
     progress.begin()
     rows = [webhook(receiver) for _ in range(6)]
