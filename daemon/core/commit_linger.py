@@ -13,7 +13,10 @@ The wait is bounded and adaptive, so it never costs much latency nor lengthens a
   the fixed cost is already shared, and more waiting only adds latency;
 * under load, shorter: the window shrinks in proportion to the last batch's size, to nothing
   once that batch held ``enough`` events, because then the queue that builds up during each
-  COMMIT already makes the batches.
+  COMMIT already makes the batches;
+* none after a commit that took the whole window or longer (a batch of many firings, say):
+  the events that arrived meanwhile have waited as long as a window would make them, and
+  lingering more would only add to their latency.
 
 Pure: times are plain seconds on whatever clock the caller uses (trio's, in the runtime).
 """
@@ -42,20 +45,32 @@ class CommitLinger:
     enough: int = attrs.field(validator=_at_least_one)
     batch_max: int = attrs.field(validator=_at_least_one)
 
-    def lingers_after(self, last_batch: int) -> bool:
-        """Whether the batch after one of ``last_batch`` events will wait for more (unless
-        it holds enough at once): then whatever arrives as it starts joins it anyway."""
-        return self.window > 0 and last_batch < min(self.enough, self.batch_max)
+    def lingers_after(self, last_batch: int, last_commit: float = 0.0) -> bool:
+        """Whether the batch after one of ``last_batch`` events, whose commit took
+        ``last_commit`` seconds, will wait for more (unless it holds enough at once): then
+        whatever arrives as it starts joins it anyway."""
+        return (
+            self.window > 0
+            and last_batch < min(self.enough, self.batch_max)
+            and last_commit < self.window
+        )
 
     def wait(
-        self, *, batch: int, queued: int, last_batch: int, first_at: float, now: float
+        self,
+        *,
+        batch: int,
+        queued: int,
+        last_batch: int,
+        first_at: float,
+        now: float,
+        last_commit: float = 0.0,
     ) -> float:
         """Seconds still to wait for more events before committing a batch of ``batch``
         events, with ``queued`` more waiting to be taken, whose first event was taken at
-        ``first_at``; ``last_batch`` is the size of the batch committed before it. 0: commit
-        now."""
+        ``first_at``; ``last_batch`` is the size of the batch committed before it, and
+        ``last_commit`` the seconds its commit took. 0: commit now."""
         target = min(self.enough, self.batch_max)
-        if batch + queued >= target:
+        if batch + queued >= target or last_commit >= self.window:
             return 0.0
         window = self.window * (1 - last_batch / target)  # nothing once last_batch >= target
         return max(0.0, first_at + window - now)

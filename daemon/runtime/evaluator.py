@@ -197,6 +197,7 @@ class _Evaluator:
     linger: CommitLinger | None = None  # whether the next batch lingers (pacing's close)
     # one episode of store trouble per batch: logged when it starts, and as over once
     # every event of the batch is committed
+    last_commit: float = 0.0  # seconds the last transaction took in the store thread
     backoff: Backoff = attrs.field(
         factory=lambda: Backoff(log, "committing received events (not acknowledged meanwhile)")
     )
@@ -215,20 +216,24 @@ class _Evaluator:
                     number = self.progress.begin() if self.progress is not None else 0
                     pacing = self.pacing
                     if pacing is None:
+                        started = trio.current_time()
                         done = await self.gateway.run_urgent(
                             process_in_transaction, self.engine, events, now
                         )
+                        self.last_commit = trio.current_time() - started
                     else:
                         pacing.open()
+                        started = trio.current_time()
                         try:
                             done = await self.gateway.run_urgent(
                                 process_in_transaction, self.engine, events, now
                             )
                         finally:
+                            self.last_commit = trio.current_time() - started
                             # a window follows: the woken readers' frames join it,
                             # no need to wait for them here
                             lingers = self.linger is not None and self.linger.lingers_after(
-                                len(events)
+                                len(events), self.last_commit
                             )
                             await pacing.close(0 if lingers else ROUNDS)
             except STORE_TROUBLE as exc:
@@ -355,7 +360,7 @@ async def run_evaluator(
     async with receive:
         task_status.started()
         async for first in receive:
-            batch = await _gather(receive, first, policy, last_batch, pacing)
+            batch = await _gather(receive, first, policy, last_batch, pacing, evaluator.last_commit)
             await evaluator.settle(batch)
             last_batch = len(batch)
 
@@ -376,11 +381,12 @@ async def _gather(
     policy: CommitLinger,
     last_batch: int,
     pacing: ReadPacing | None,
+    last_commit: float = 0.0,
 ) -> list[Submission]:
     """A batch: ``first``, what is queued behind it, and what arrived while ``policy``
-    said to linger (``last_batch``: the size of the batch before), ``pacing`` open the
-    while. The linger is shielded from cancellation, so the events already taken are
-    committed; it is bounded anyway."""
+    said to linger (``last_batch``: the size of the batch before; ``last_commit``: the
+    seconds its commit took), ``pacing`` open the while. The linger is shielded from
+    cancellation, so the events already taken are committed; it is bounded anyway."""
     first_at = trio.current_time()
     batch = [first]
     _take_queued(receive, batch, policy.batch_max)
@@ -391,6 +397,7 @@ async def _gather(
             last_batch=last_batch,
             first_at=first_at,
             now=trio.current_time(),
+            last_commit=last_commit,
         )
         if wait <= 0:
             break

@@ -47,6 +47,21 @@ def test_batch_max_below_enough_is_the_target() -> None:
     assert small.wait(batch=3, queued=0, last_batch=0, first_at=0.0, now=0.0) == 0.005
 
 
+def test_no_wait_after_a_commit_as_long_as_the_window() -> None:
+    """The events queued during a commit of 5 ms or more waited a window's worth already."""
+
+    def wait(last_commit: float) -> float:
+        return LINGER.wait(
+            batch=1, queued=0, last_batch=1, first_at=0.0, now=0.0, last_commit=last_commit
+        )
+
+    assert wait(0.0049) == pytest.approx(0.005 * 63 / 64)
+    assert wait(0.005) == 0
+    assert wait(0.030) == 0
+    assert LINGER.lingers_after(1, 0.0049)
+    assert not LINGER.lingers_after(1, 0.005)
+
+
 def test_a_zero_window_never_waits() -> None:
     off = CommitLinger(window=0.0, enough=64, batch_max=500)
     assert off.wait(batch=1, queued=0, last_batch=0, first_at=0.0, now=0.0) == 0

@@ -545,6 +545,56 @@ async def test_no_linger_once_a_batch_holds_linger_events(
     assert engine.batches == [(3, us(start)), (1, us(start))]
 
 
+@attrs.define
+class SlowFirstBatch(TimedEngine):
+    """`TimedEngine` whose first batch holds the store thread until the test lets it go:
+    a commit that takes as long as the test moves the virtual clock meanwhile (a batch of
+    many firings, in the daemon)."""
+
+    entered: threading.Event = attrs.Factory(threading.Event)
+    release: threading.Event = attrs.Factory(threading.Event)
+
+    def process_batch(
+        self, conn: Connection, events: Sequence[ReceivedEvent], now: datetime
+    ) -> BatchOutcome:
+        if not self.batches:
+            self.entered.set()
+            self.release.wait(10)
+        return super().process_batch(conn, events, now)
+
+
+@pytest.mark.parametrize(("commit", "lingers"), [(0.006, False), (0.004, True)])
+async def test_no_linger_after_a_commit_as_long_as_the_window(
+    gateway: StoreGateway, frozen_clock: trio.testing.MockClock, commit: float, lingers: bool
+) -> None:
+    """The events that arrived during a commit that took the whole window (5 ms) or more
+    have waited as long as a window would make them: the next batch commits at once. After
+    a shorter commit it lingers as before (5 ms * (1 - 1/64))."""
+    sink = Recorder()
+    engine = SlowFirstBatch(Engine())
+    send, receive = trio.open_memory_channel[Submission](10)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(lingering(gateway, engine, receive))
+            send.send_nowait(Submission(make_event(), sink))
+            await trio.testing.wait_all_tasks_blocked()
+            frozen_clock.jump(0.005)  # the first batch's window
+            await trio.to_thread.run_sync(engine.entered.wait, 10)
+            frozen_clock.jump(commit)  # while the store thread holds its transaction
+            engine.release.set()
+            await settle_until(sink, 1)
+            second = trio.current_time()
+            send.send_nowait(Submission(make_event(), sink))
+            await trio.testing.wait_all_tasks_blocked()
+            if lingers:
+                assert len(sink.outcomes) == 1  # waiting for its window to end
+                frozen_clock.jump(0.005)
+            await settle_until(sink, 2)
+            await send.aclose()
+    taken = us(second + 0.005) if lingers else us(second)
+    assert engine.batches[1] == (1, taken)
+
+
 async def test_the_linger_never_makes_a_batch_longer_than_batch_max(
     gateway: StoreGateway, frozen_clock: trio.testing.MockClock
 ) -> None:
