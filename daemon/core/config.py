@@ -403,8 +403,8 @@ class DeliveryConfig(Section):
     # unset: min(32, concurrency - 1), at least per_endpoint_concurrency
     max_per_endpoint: Count = Field(None, validate_default=True)
     fast_answer: PositiveDuration = FAST_ANSWER  # quicker answers widen the window
-    # in flight in all while clients send events (docs/DELIVERY.md#giving-way-to-acks);
-    # unset: min(2, concurrency)
+    # in flight to one endpoint while clients send events, however wide its window
+    # (docs/DELIVERY.md#giving-way-to-acks); unset: min(2, concurrency)
     concurrency_while_ingesting: Count = Field(None, validate_default=True)
     # clients send events until no evaluator batch has begun for this long
     ingest_quiet_after: PositiveDuration = INGEST_QUIET_AFTER

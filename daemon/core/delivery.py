@@ -49,14 +49,12 @@ when an endpoint slows down all end alike: one halving, not one per attempt). So
 local endpoint soon has many requests in flight on kept-alive connections, and one that
 slows down or fails gives its slots back at once.
 
-Giving way to acks (`GiveWay`, pure, with `now`): while clients send events, a claim works
-from a lower total, `concurrency_while_ingesting`, instead of `concurrency`
-(`Endpoints.slots(cap)`); everything else about sharing the slots stays as it is, so a
-failing endpoint's probe and every endpoint's turn come round under the cap too.
-Attempts to endpoints not trusted (new, failing) count against the cap for at most
-`cap - 1` of it: those hanging for their timeout (a dead endpoint's) cost the event loop
-nothing meanwhile, and must not keep the others from their turns while clients send
-events.
+Giving way to acks (`GiveWay`, pure, with `now`): while clients send events, no endpoint's
+window is wider than `concurrency_while_ingesting` (`Endpoints.slots(cap)`): a fast
+endpoint, whose window has grown, keeps at most that many attempts in flight, each of them
+costing the event loop steps that acks wait behind. Nothing else about sharing the slots
+changes: the total stays `concurrency`, so a slow or hanging endpoint's attempts never
+keep another endpoint waiting, and probes and turns come round as they do otherwise.
 """
 
 from __future__ import annotations
@@ -436,28 +434,35 @@ class Endpoints:
         return sum(n for endpoint, n in self._busy.items() if endpoint not in trusted)
 
     def slots(self, cap: int | None = None) -> Slots:
-        """What a claim may hand out now; `cap` (`GiveWay.cap`) lowers `concurrency` for
-        the attempts to trusted endpoints, and counts those to the others (new or
-        failing: probes, and a hanging endpoint's attempts waiting out their timeout at
-        no cost to the event loop) for at most `cap - 1` (1 of a cap of 1): so a cap
-        above 1 always has a slot that goes round by turns, and the endpoints not trusted
-        keep their own limits (probes, `concurrency - 1` in all) as without a cap."""
-        untrusted = self.untrusted_in_flight()
-        if cap is None:
-            total, counted = self.concurrency, self.in_flight
-        else:
-            total = max(1, min(cap, self.concurrency))
-            counted = self.in_flight - untrusted + min(untrusted, max(1, total - 1))
+        """What a claim may hand out now; `cap` (`GiveWay.cap`): no endpoint's window
+        wider than that meanwhile (its widening waits). The total stays `concurrency`:
+        endpoints keep each other's slots only as they do without a cap."""
+        per_endpoint = self.per_endpoint
+        windows = {endpoint: w.size for endpoint, w in self._windows.items()}
+        if cap is not None:
+            per_endpoint = min(per_endpoint, cap)
+            windows = {endpoint: min(size, cap) for endpoint, size in windows.items()}
         return Slots(
-            free=max(0, min(total - counted, self.concurrency - self.in_flight)),
-            per_endpoint=self.per_endpoint,
+            free=self.concurrency - self.in_flight,
+            per_endpoint=per_endpoint,
             probes_free=self.probes - self.probes_in_flight(),
             busy=dict(self._busy),
             failing=frozenset(self._failing),
             turns=dict(self._turns),
             trusted=self.trusted(),
-            untrusted_free=max(1, self.concurrency - 1) - untrusted,
-            windows={endpoint: w.size for endpoint, w in self._windows.items()},
+            untrusted_free=max(1, self.concurrency - 1) - self.untrusted_in_flight(),
+            windows=windows,
+        )
+
+    def held_back(self, cap: int | None) -> bool:
+        """Whether `cap` keeps an endpoint with attempts in flight below its own window:
+        then the sender claims again once ingest goes quiet, without waiting for another
+        wake-up."""
+        if cap is None:
+            return False
+        return any(
+            n >= cap and endpoint not in self._failing and self.window(endpoint) > n
+            for endpoint, n in self._busy.items()
         )
 
     def window(self, endpoint: Endpoint) -> int:
@@ -511,10 +516,11 @@ class Endpoints:
 @attrs.frozen
 class GiveWay:
     """Deliveries give way to acks: while clients send events (an evaluator batch began
-    less than `quiet_after` seconds ago), at most `while_ingesting` attempts in flight in
-    all. Each attempt in flight costs the event loop steps that every ack waits behind;
-    attempts already in flight go on, and once no batch has begun for `quiet_after` the
-    slots are the full `concurrency` again. Times are seconds of the event loop's clock."""
+    less than `quiet_after` seconds ago), at most `while_ingesting` attempts in flight to
+    any one endpoint. Each attempt in flight costs the event loop steps that every ack
+    waits behind; attempts already in flight go on, and once no batch has begun for
+    `quiet_after` the windows are their own again. Times are seconds of the event loop's
+    clock."""
 
     while_ingesting: int
     quiet_after: float
@@ -524,16 +530,9 @@ class GiveWay:
         return None if batch_begun is None else batch_begun + self.quiet_after
 
     def cap(self, batch_begun: float | None, now: float) -> int | None:
-        """The most attempts in flight in all now; None: no cap but `concurrency`."""
+        """The most attempts in flight to one endpoint now; None: its own window."""
         quiet = self.quiet_at(batch_begun)
         return self.while_ingesting if quiet is not None and now < quiet else None
-
-    def holds_back(self, cap: int | None, concurrency: int, free: int, claimed: int) -> bool:
-        """Whether a claim made under `cap` (`free` slots, `claimed` rows taken) may have
-        left due rows that `concurrency` would have taken: then the sender looks again
-        when ingest goes quiet, without waiting for another wake-up. A claim that took
-        fewer rows than it had slots found no more rows due."""
-        return cap is not None and cap < concurrency and claimed >= free
 
 
 READS_FILES: Final = ("file:", "credential:")

@@ -19,9 +19,10 @@ Deliveries give way to acks (docs/DELIVERY.md#giving-way-to-acks): every attempt
 flight costs the event loop a dozen steps of httpx's, and every step of the ack path
 (reader, evaluator, store hand-off, ack writer) waits behind them. So while clients send
 events (`IngestActivity`: the evaluator began a batch less than `ingest_quiet_after`
-ago), claims work from `concurrency_while_ingesting` slots in all
-(`daemon/core/delivery.py: GiveWay`). Attempts in flight go on; a loop that held rows
-back also wakes when ingest goes quiet, and claims up to `concurrency` again.
+ago), no endpoint gets more than `concurrency_while_ingesting` attempts in flight, however
+wide its window has grown (`daemon/core/delivery.py: GiveWay`); the total and the sharing
+between endpoints stay as they are. Attempts in flight go on; a loop that held an
+endpoint back also wakes when ingest goes quiet, and claims up to its window again.
 
 Each attempt ends in one transaction: the attempt row, the move in the state table
 (`daemon/core/delivery.py`), and — when the delivery is finished — its
@@ -470,17 +471,16 @@ class Sender:
             await trio.sleep(min(max(0.0, delay), MAX_IDLE.total_seconds()))
 
     def _cap(self) -> int | None:
-        """Attempts in flight in all that a claim may bring now; None: `concurrency`."""
+        """Attempts in flight to one endpoint that a claim may bring now; None: its
+        window."""
         if self._ingest is None:
             return None
         return self._give_way.cap(self._ingest.last_begun_at, trio.current_time())
 
-    def _quiet_at(self, cap: int | None, free: int, claimed: int) -> float | None:
-        """When to look again because ingest goes quiet (trio time), if the claim just
-        made under `cap` held rows back; else None."""
-        if self._ingest is None or not self._give_way.holds_back(
-            cap, self._endpoints.concurrency, free, claimed
-        ):
+    def _quiet_at(self, cap: int | None) -> float | None:
+        """When to look again because ingest goes quiet (trio time), if `cap` keeps an
+        endpoint below its window now; else None."""
+        if self._ingest is None or not self._endpoints.held_back(cap):
             return None
         return self._give_way.quiet_at(self._ingest.last_begun_at)
 
@@ -541,7 +541,6 @@ class Sender:
                         now = self._clock()
                         cap = self._cap()
                         slots = self._endpoints.slots(cap)
-                        rows: list[outbox.OutboxRow] = []
                         if slots.free > 0:
                             try:
                                 rows, next_due_us = await self._gateway.run(
@@ -552,7 +551,7 @@ class Sender:
                                 continue
                             claiming.cleared()
                             self._start(rows)
-                        quiet_at = self._quiet_at(cap, slots.free, len(rows))
+                        quiet_at = self._quiet_at(cap)
                 await self._wait(None if next_due_us is None else from_us(next_due_us), quiet_at)
 
     def _start(self, rows: Sequence[outbox.OutboxRow]) -> None:
