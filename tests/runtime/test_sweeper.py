@@ -343,6 +343,19 @@ def assert_steps(committed: list[int], total: int, chunk: int) -> None:
     assert sum(1 for n in per_commit if n) >= -(-total // chunk), per_commit
 
 
+async def sweep_once(store: Store, engine: Engine, settings: SweepSettings) -> None:
+    """`run_sweeper` until its first pass has committed (`on_commit`), then stopped."""
+    passed = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: run_sweeper(
+                StoreGateway(store), engine, settings, clock=lambda: NOW, on_commit=passed.set
+            )
+        )
+        await passed.wait()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_pass_over_many_due_buckets_commits_in_steps(store: Store) -> None:
     """35 dead devices, 10 buckets per step: the firings are committed 10 at a time, in
     separate gateway calls (acks wait for one step), and all of them go out."""
@@ -352,16 +365,8 @@ async def test_a_pass_over_many_due_buckets_commits_in_steps(store: Store) -> No
     dead_devices(conn, 35)
     committed = closed_per_commit(conn)
     settings = attrs.evolve(SETTINGS, proactive_chunk=10)
-    passed = trio.Event()
     with trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: run_sweeper(
-                    StoreGateway(store), engine, settings, clock=lambda: NOW, on_commit=passed.set
-                )
-            )
-            await passed.wait()
-            nursery.cancel_scope.cancel()
+        await sweep_once(store, engine, settings)
     conn.set_commit_hook(None)
     conn.set_update_hook(None)
     assert_steps(committed, 35, 10)
@@ -378,16 +383,8 @@ async def test_proactive_firings_are_logged_after_their_step_commits(
     engine.load_automations(conn, [WATCHDOG], NOW)
     dead_devices(conn, 25)
     settings = attrs.evolve(SETTINGS, proactive_chunk=10)
-    passed = trio.Event()
     with watching(FiringLines(db_path, conn)) as witness, trio.fail_after(30):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: run_sweeper(
-                    StoreGateway(store), engine, settings, clock=lambda: NOW, on_commit=passed.set
-                )
-            )
-            await passed.wait()
-            nursery.cancel_scope.cancel()
+        await sweep_once(store, engine, settings)
     assert len({line.firing for line in witness.lines}) == len(witness.lines) == 25
     assert {
         (line.main_thread, line.in_transaction, line.committed_rows) for line in witness.lines
