@@ -14,9 +14,10 @@ The wait is bounded and adaptive, so it never costs much latency nor lengthens a
 * under load, shorter: the window shrinks in proportion to the last batch's size, to nothing
   once that batch held ``enough`` events, because then the queue that builds up during each
   COMMIT already makes the batches;
-* none after a commit that took the whole window or longer (a batch of many firings, say):
-  the events that arrived meanwhile have waited as long as a window would make them, and
-  lingering more would only add to their latency.
+* shorter by the time the last commit took, and none after one that took the whole window
+  or longer (a batch of many firings, say): the events read when it ends may have arrived
+  as it began, so they have waited that long already. The window bounds the wait an event
+  can see, not only the sleep.
 
 Pure: times are plain seconds on whatever clock the caller uses (trio's, in the runtime).
 """
@@ -72,5 +73,6 @@ class CommitLinger:
         target = min(self.enough, self.batch_max)
         if batch + queued >= target or last_commit >= self.window:
             return 0.0
-        window = self.window * (1 - last_batch / target)  # nothing once last_batch >= target
+        # nothing once last_batch >= target; less what the events have waited already
+        window = self.window * (1 - last_batch / target) - last_commit
         return max(0.0, first_at + window - now)

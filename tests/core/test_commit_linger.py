@@ -47,15 +47,18 @@ def test_batch_max_below_enough_is_the_target() -> None:
     assert small.wait(batch=3, queued=0, last_batch=0, first_at=0.0, now=0.0) == 0.005
 
 
-def test_no_wait_after_a_commit_as_long_as_the_window() -> None:
-    """The events queued during a commit of 5 ms or more waited a window's worth already."""
+def test_the_window_is_shorter_by_the_last_commit() -> None:
+    """The events read when a commit ends may have arrived as it began: the window counts
+    what they waited meanwhile, and there is none after a commit of 5 ms or more."""
 
     def wait(last_commit: float) -> float:
         return LINGER.wait(
             batch=1, queued=0, last_batch=1, first_at=0.0, now=0.0, last_commit=last_commit
         )
 
-    assert wait(0.0049) == pytest.approx(0.005 * 63 / 64)
+    assert wait(0.0) == pytest.approx(0.005 * 63 / 64)
+    assert wait(0.001) == pytest.approx(0.005 * 63 / 64 - 0.001)
+    assert wait(0.00495) == 0  # the shrunk window (4.92 ms) is used up
     assert wait(0.005) == 0
     assert wait(0.030) == 0
     assert LINGER.lingers_after(1, 0.0049)
