@@ -18,7 +18,7 @@ import difflib
 import json
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from ipaddress import IPv6Address, ip_address
 from pathlib import Path
@@ -283,22 +283,23 @@ WAL_CHECKPOINT_PAGES: Final = 4_000  # about 16 MiB of WAL with 4 KiB pages
 WAL_MAX_PAGES: Final = 16_000
 
 
-def _short_pump_delay(value: timedelta) -> timedelta:
-    if value > MAX_INBOX_PUMP_DELAY:
-        raise ValueError(
-            f"must be at most {format_duration(MAX_INBOX_PUMP_DELAY)} (with no client "
-            f"events, trigd's own events wait this long), got {format_duration(value)}"
-        )
-    return value
+def _at_most(bound: timedelta, why: str) -> Callable[[timedelta], timedelta]:
+    """A validator refusing a duration over `bound`; `why` says what a longer one costs."""
+
+    def check(value: timedelta) -> timedelta:
+        if value > bound:
+            raise ValueError(
+                f"must be at most {format_duration(bound)} ({why}), got {format_duration(value)}"
+            )
+        return value
+
+    return check
 
 
-def _short_linger(value: timedelta) -> timedelta:
-    if value > MAX_COMMIT_LINGER:
-        raise ValueError(
-            f"must be at most {format_duration(MAX_COMMIT_LINGER)} (every ack waits up to "
-            f"this long), got {format_duration(value)}"
-        )
-    return value
+_short_pump_delay = _at_most(
+    MAX_INBOX_PUMP_DELAY, "with no client events, trigd's own events wait this long"
+)
+_short_linger = _at_most(MAX_COMMIT_LINGER, "every ack waits up to this long")
 
 
 class StoreConfig(Section):
