@@ -215,21 +215,16 @@ class _Evaluator:
                 with trio.CancelScope(shield=True):
                     number = self.progress.begin() if self.progress is not None else 0
                     pacing = self.pacing
-                    if pacing is None:
-                        started = trio.current_time()
+                    if pacing is not None:
+                        pacing.open()
+                    started = trio.current_time()
+                    try:
                         done = await self.gateway.run_urgent(
                             process_in_transaction, self.engine, events, now
                         )
+                    finally:
                         self.last_commit = trio.current_time() - started
-                    else:
-                        pacing.open()
-                        started = trio.current_time()
-                        try:
-                            done = await self.gateway.run_urgent(
-                                process_in_transaction, self.engine, events, now
-                            )
-                        finally:
-                            self.last_commit = trio.current_time() - started
+                        if pacing is not None:
                             # a window follows: the woken readers' frames join it,
                             # no need to wait for them here
                             lingers = self.linger is not None and self.linger.lingers_after(
