@@ -71,8 +71,9 @@ class CommitLinger:
         ``first_at``; ``last_batch`` is the size of the batch committed before it, and
         ``last_commit`` the seconds its commit took. 0: commit now."""
         target = min(self.enough, self.batch_max)
-        if batch + queued >= target or last_commit >= self.window:
+        if batch + queued >= target:
             return 0.0
-        # nothing once last_batch >= target; less what the events have waited already
+        # nothing once last_batch >= target; less what the events have waited already,
+        # so nothing once last_commit >= window
         window = self.window * (1 - last_batch / target) - last_commit
         return max(0.0, first_at + window - now)
