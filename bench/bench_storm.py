@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, Final
 from uuid import uuid4
@@ -229,30 +230,40 @@ def _load(port: int, body_size: int, seconds: float, done: Any) -> None:
     done.put(asyncio.run(run()))
 
 
+async def _in_tasks(requests: int, post: Callable[[], Awaitable[None]]) -> None:
+    """`post` called `requests` times in all by CEILING_TASKS trio tasks, each taking the
+    next request as soon as its last one is answered (what every ceiling loop shares)."""
+    left = requests
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            await post()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(CEILING_TASKS):
+            nursery.start_soon(worker)
+
+
 def _ceiling(url: str, body_size: int, requests: int, done: Any) -> None:
     """The bare httpx loop: one AsyncClient, CEILING_TASKS trio tasks, keep-alive."""
     body = b"x" * body_size
 
     async def run() -> float:
-        left = requests
         limits = httpx.Limits(
             max_connections=CEILING_TASKS, max_keepalive_connections=CEILING_TASKS
         )
         started = time.perf_counter()
         async with httpx.AsyncClient(limits=limits, trust_env=False) as client:
 
-            async def worker() -> None:
-                nonlocal left
-                while left > 0:
-                    left -= 1
-                    response = await client.post(
-                        url, content=body, headers={"Content-Type": "application/json"}
-                    )
-                    await response.aread()
+            async def post() -> None:
+                response = await client.post(
+                    url, content=body, headers={"Content-Type": "application/json"}
+                )
+                await response.aread()
 
-            async with trio.open_nursery() as nursery:
-                for _ in range(CEILING_TASKS):
-                    nursery.start_soon(worker)
+            await _in_tasks(requests, post)
         return time.perf_counter() - started
 
     done.put(trio.run(run))
@@ -264,7 +275,6 @@ def _ceiling_transport(url: str, body_size: int, requests: int, done: Any) -> No
     body = b"x" * body_size
 
     async def run() -> float:
-        left = requests
         limits = httpx.Limits(
             max_connections=CEILING_TASKS, max_keepalive_connections=CEILING_TASKS
         )
@@ -272,25 +282,20 @@ def _ceiling_transport(url: str, body_size: int, requests: int, done: Any) -> No
         started = time.perf_counter()
         async with httpx.AsyncClient(transport=transport, trust_env=False) as client:
 
-            async def worker() -> None:
-                nonlocal left
-                while left > 0:
-                    left -= 1
-                    request = client.build_request(
-                        "POST",
-                        url,
-                        content=body,
-                        headers={"Content-Type": "application/json"},
-                        timeout=15,
-                    )
-                    response = await transport.handle_async_request(request)
-                    async for _ in response.aiter_raw():
-                        pass
-                    await response.aclose()
+            async def post() -> None:
+                request = client.build_request(
+                    "POST",
+                    url,
+                    content=body,
+                    headers={"Content-Type": "application/json"},
+                    timeout=15,
+                )
+                response = await transport.handle_async_request(request)
+                async for _ in response.aiter_raw():
+                    pass
+                await response.aclose()
 
-            async with trio.open_nursery() as nursery:
-                for _ in range(CEILING_TASKS):
-                    nursery.start_soon(worker)
+            await _in_tasks(requests, post)
         return time.perf_counter() - started
 
     done.put(trio.run(run))
@@ -307,21 +312,15 @@ def _ceiling_httpcore(url: str, body_size: int, requests: int, done: Any) -> Non
     ]
 
     async def run() -> float:
-        left = requests
         started = time.perf_counter()
         async with httpcore.AsyncConnectionPool(
             max_connections=CEILING_TASKS, max_keepalive_connections=CEILING_TASKS
         ) as pool:
 
-            async def worker() -> None:
-                nonlocal left
-                while left > 0:
-                    left -= 1
-                    await pool.request("POST", url, headers=headers, content=body)
+            async def post() -> None:
+                await pool.request("POST", url, headers=headers, content=body)
 
-            async with trio.open_nursery() as nursery:
-                for _ in range(CEILING_TASKS):
-                    nursery.start_soon(worker)
+            await _in_tasks(requests, post)
         return time.perf_counter() - started
 
     done.put(trio.run(run))
