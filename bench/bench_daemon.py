@@ -215,10 +215,14 @@ def start_peer(role: str) -> tuple[subprocess.Popen[str], int]:
 
 
 def start_daemon(
-    workdir: Path, receiver_port: int, settings: Sequence[str] = ()
+    workdir: Path,
+    receiver_port: int,
+    settings: Sequence[str] = (),
+    cpus: set[int] | None = None,
 ) -> tuple[subprocess.Popen[bytes], int, Path]:
     """`settings`: more config lines, each ``section.key = value`` (TOML), as ``--set``
-    gives them; a key set here replaces the bench's own."""
+    gives them; a key set here replaces the bench's own. `cpus`: the daemon runs on these
+    CPUs only (``--cpus``)."""
     rules = workdir / "automations.json"
     rules.write_text(json.dumps(automations(f"http://127.0.0.1:{receiver_port}/hook")))
     sections: dict[str, dict[str, str]] = {
@@ -236,12 +240,17 @@ def start_daemon(
             f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
             for section, keys in sections.items()
         ),
+        cpus,
     )
 
 
-def launch(workdir: Path, config_text: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+def launch(
+    workdir: Path, config_text: str, cpus: set[int] | None = None
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     """``trigd serve`` on this config (its listen port must be 0), logging to a file in
-    ``workdir``; returns once it listens: the process, its port and its log's path."""
+    ``workdir``, on `cpus` only if given (as systemd's ``CPUAffinity=`` would: set before
+    its threads start, which inherit it); returns once it listens: the process, its port
+    and its log's path."""
     config = workdir / "trigd.toml"
     config.write_text(config_text)
     log_path = workdir / "trigd.log"
@@ -253,6 +262,8 @@ def launch(workdir: Path, config_text: str) -> tuple[subprocess.Popen[bytes], in
             stderr=log,
             cwd=ROOT,
         )
+    if cpus:
+        os.sched_setaffinity(process.pid, cpus)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         match = LISTENING.search(log_path.read_text(errors="replace"))
@@ -543,6 +554,13 @@ def main() -> int:
         help="after the daemon, the paced phase against peers.py trivial-runs: a server that "
         "reads a trickle in runs and acks, parsing and storing nothing",
     )
+    parser.add_argument(
+        "--cpus",
+        type=lambda text: {int(cpu) for cpu in text.split(",")},
+        metavar="N[,N...]",
+        help="run the daemon on these CPUs only (its threads share their caches), and the "
+        "client on the others",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (db, log)")
     parser.add_argument(
         "--set",
@@ -576,10 +594,12 @@ def main() -> int:
     gc.freeze()  # the client's collector need not walk the pre-built frames again and again
     out = sys.stdout
 
+    if args.cpus and (others := os.sched_getaffinity(0) - args.cpus):
+        os.sched_setaffinity(0, others)  # the client, off the daemon's CPUs
     workdir = Path(tempfile.mkdtemp(prefix="trigd-bench-"))
     receiver, receiver_port = start_peer("receiver")
     try:
-        daemon, port, log_path = start_daemon(workdir, receiver_port, args.set)
+        daemon, port, log_path = start_daemon(workdir, receiver_port, args.set, args.cpus)
         try:
             time.sleep(IDLE_SETTLE)  # the tasks started after the listener, then idle
             idle = _status_mb(daemon.pid, "VmRSS", "RssAnon", "RssFile")
