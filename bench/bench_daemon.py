@@ -22,9 +22,16 @@ Phases on one connection:
    from the first frame sent to the last ack received;
 2. paced: 1,000 events/s for a while, ack latency from send to ack (p50, p99).
 
-Then the daemon's peak RSS (VmHWM), its RSS idle (read one second after it listens, before
-the first event) and its CPU, and the client alone against a trivial server
-(``bench/peers.py trivial``) to show what the client itself costs on this machine.
+For each phase, the batches trigd committed (from its ``/metrics``): how many events each
+held and how much of the daemon's CPU each cost. Then the daemon's peak RSS (VmHWM), its
+RSS idle (read one second after it listens, before the first event) and its CPU, and the
+client alone against a trivial server (``bench/peers.py trivial``) to show what the client
+itself costs on this machine.
+
+``--set section.key=value`` adds a setting to trigd's config (``--set "store.commit_linger
+= '20ms'"``). ``--floor`` then runs the paced phase against ``bench/peers.py trivial-runs``:
+a trio server that reads a trickle in runs, as trigd's readers do, and acks each frame
+without parsing or storing it: what the transport alone costs at that rate.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections import deque
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime, timedelta
@@ -206,20 +214,43 @@ def start_peer(role: str) -> tuple[subprocess.Popen[str], int]:
     return process, int(line.split()[1])
 
 
-def start_daemon(workdir: Path, receiver_port: int) -> tuple[subprocess.Popen[bytes], int, Path]:
+def start_daemon(
+    workdir: Path,
+    receiver_port: int,
+    settings: Sequence[str] = (),
+    cpus: set[int] | None = None,
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`settings`: more config lines, each ``section.key = value`` (TOML), as ``--set``
+    gives them; a key set here replaces the bench's own. `cpus`: the daemon runs on these
+    CPUs only (``--cpus``)."""
     rules = workdir / "automations.json"
     rules.write_text(json.dumps(automations(f"http://127.0.0.1:{receiver_port}/hook")))
+    sections: dict[str, dict[str, str]] = {
+        "server": {"listen": "'127.0.0.1:0'"},
+        "store": {"path": f"'{workdir / 'trigd.db'}'", "synchronous": "'full'"},
+        "triggers": {"automations": f"['{rules}']"},
+    }
+    for line in settings:
+        name, _, value = line.partition("=")
+        section, _, key = name.strip().partition(".")
+        sections.setdefault(section, {})[key] = value.strip()
     return launch(
         workdir,
-        "[server]\nlisten = '127.0.0.1:0'\n"
-        f"[store]\npath = '{workdir / 'trigd.db'}'\nsynchronous = 'full'\n"
-        f"[triggers]\nautomations = ['{rules}']\n",
+        "".join(
+            f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in keys.items())
+            for section, keys in sections.items()
+        ),
+        cpus,
     )
 
 
-def launch(workdir: Path, config_text: str) -> tuple[subprocess.Popen[bytes], int, Path]:
+def launch(
+    workdir: Path, config_text: str, cpus: set[int] | None = None
+) -> tuple[subprocess.Popen[bytes], int, Path]:
     """``trigd serve`` on this config (its listen port must be 0), logging to a file in
-    ``workdir``; returns once it listens: the process, its port and its log's path."""
+    ``workdir``, on `cpus` only if given (as systemd's ``CPUAffinity=`` would: set before
+    its threads start, which inherit it); returns once it listens: the process, its port
+    and its log's path."""
     config = workdir / "trigd.toml"
     config.write_text(config_text)
     log_path = workdir / "trigd.log"
@@ -231,6 +262,8 @@ def launch(workdir: Path, config_text: str) -> tuple[subprocess.Popen[bytes], in
             stderr=log,
             cwd=ROOT,
         )
+    if cpus:
+        os.sched_setaffinity(process.pid, cpus)
     deadline = time.monotonic() + START_TIMEOUT
     while time.monotonic() < deadline:
         match = LISTENING.search(log_path.read_text(errors="replace"))
@@ -267,6 +300,7 @@ class Phase:
     client_cpu: float
     peer_cpu: float
     peer_threads: dict[str, float]
+    batches: int = 0  # trigd's committed batches in the phase (0: not known)
 
     @property
     def rate(self) -> float:
@@ -410,18 +444,49 @@ class Client:
         )
 
 
+BATCHES: Final = re.compile(rb"^trigd_batch_events_count (\S+)$", re.MULTILINE)
+
+
+def _batches(port: int) -> int:
+    """trigd's committed batches so far, from its /metrics (0 from a server without it)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as reply:
+            found = BATCHES.search(reply.read())
+    except OSError:
+        return 0
+    return int(float(found.group(1))) if found else 0
+
+
+async def _measured(
+    client: Client,
+    frames: Sequence[tuple[str, bytes]],
+    rate: float | None,
+    peer: int,
+    metrics: int | None,
+) -> Phase:
+    """`client.run`, with the batches trigd committed meanwhile when `metrics` is its port
+    (None: a peer that is not trigd)."""
+    if metrics is None:
+        return await client.run(frames, rate, peer)
+    before = _batches(metrics)
+    phase = await client.run(frames, rate, peer)
+    return attrs.evolve(phase, batches=_batches(metrics) - before)
+
+
 async def drive(
     port: int,
     peer: int,
     sustained: Sequence[tuple[str, str]],
     paced: Sequence[tuple[str, str]],
     rate: float,
+    trigd: bool = True,
 ) -> tuple[Phase, Phase | None]:
+    metrics = port if trigd else None
     async with trio.open_nursery() as nursery:
         client = await Client.connect(port, nursery)
         flat_frames, paced_frames = client.encode(sustained), client.encode(paced)
-        flat_out = await client.run(flat_frames, None, peer)
-        steady = await client.run(paced_frames, rate, peer) if paced else None
+        flat_out = await _measured(client, flat_frames, None, peer, metrics)
+        steady = await _measured(client, paced_frames, rate, peer, metrics) if paced else None
         nursery.cancel_scope.cancel()
     return flat_out, steady
 
@@ -448,6 +513,11 @@ def describe(label: str, phase: Phase, peer_name: str) -> Iterator[str]:
         f"ack latency p50 {phase.percentile(50):.1f} ms, p99 {phase.percentile(99):.1f} ms, "
         f"max {max(phase.latencies_ms):.1f} ms; nacks {phase.nacks}"
     )
+    if phase.batches:
+        yield (
+            f"  batches: {phase.batches:,} committed, {phase.events / phase.batches:.1f} events "
+            f"and {phase.peer_cpu * 1e6 / phase.batches:,.0f} µs of {peer_name} CPU each"
+        )
     if phase.seconds >= 2:
         second, inside, rest = phase.without_slowest_second()
         yield (
@@ -478,7 +548,28 @@ def main() -> int:
         "--rate", type=float, default=PACED_RATE, help="events/s of the paced phase"
     )
     parser.add_argument("--no-client-baseline", action="store_true")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="after the daemon, the paced phase against peers.py trivial-runs: a server that "
+        "reads a trickle in runs and acks, parsing and storing nothing",
+    )
+    parser.add_argument(
+        "--cpus",
+        type=lambda text: {int(cpu) for cpu in text.split(",")},
+        metavar="N[,N...]",
+        help="run the daemon on these CPUs only (its threads share their caches), and the "
+        "client on the others",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (db, log)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="one more config setting for trigd, in TOML, e.g. \"store.commit_linger = '2ms'\" "
+        "(repeatable)",
+    )
     parser.add_argument(
         "--latencies",
         metavar="OUT",
@@ -503,10 +594,12 @@ def main() -> int:
     gc.freeze()  # the client's collector need not walk the pre-built frames again and again
     out = sys.stdout
 
+    if args.cpus and (others := os.sched_getaffinity(0) - args.cpus):
+        os.sched_setaffinity(0, others)  # the client, off the daemon's CPUs
     workdir = Path(tempfile.mkdtemp(prefix="trigd-bench-"))
     receiver, receiver_port = start_peer("receiver")
     try:
-        daemon, port, log_path = start_daemon(workdir, receiver_port)
+        daemon, port, log_path = start_daemon(workdir, receiver_port, args.set, args.cpus)
         try:
             time.sleep(IDLE_SETTLE)  # the tasks started after the listener, then idle
             idle = _status_mb(daemon.pid, "VmRSS", "RssAnon", "RssFile")
@@ -568,11 +661,27 @@ def main() -> int:
         trivial, trivial_port = start_peer("trivial")
         try:
             alone, _ = trio.run(
-                drive, trivial_port, trivial.pid, frames(0, count, TARGET_EVENTS_PER_S), [], 0.0
+                drive,
+                trivial_port,
+                trivial.pid,
+                frames(0, count, TARGET_EVENTS_PER_S),
+                [],
+                0.0,
+                False,
             )
         finally:
             stop(trivial)
         report(out, describe("client alone vs trivial server", alone, "server"))
+
+    if args.floor and paced:
+        runs, runs_port = start_peer("trivial-runs")
+        try:
+            warm_up = frames(0, 200, TARGET_EVENTS_PER_S)
+            _, floor = trio.run(drive, runs_port, runs.pid, warm_up, paced, args.rate, False)
+        finally:
+            stop(runs)
+        assert floor is not None
+        report(out, describe("floor: trivial server reading in runs", floor, "server"))
 
     summary = [
         f"target sustained ≥ {TARGET_EVENTS_PER_S:,}/s: {flat_out.rate:,.0f} "

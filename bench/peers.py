@@ -2,15 +2,20 @@
 
     python bench/peers.py receiver   # a webhook receiver: 200 at once, keep-alive
     python bench/peers.py trivial    # a trigd.v1 websocket server that acks each frame at once
+    python bench/peers.py trivial-runs  # the same, reading at most once per RUN_SECONDS
 
 Each prints ``port N`` on stdout once listening on 127.0.0.1 and serves until killed.
 The trivial server exists to measure what the benchmark client costs by itself: after a
 wsproto handshake it decodes frames as trigd does (``daemon.wire.wsframes.FrameSplitter``) and
 does nothing per frame but slice the id out and frame the ack (a run of acks per read).
+``trivial-runs`` pauses RUN_SECONDS (trigd's default ``commit_linger``) after each read that
+found frames, so a trickle is read in runs, as trigd's readers take it: what the transport
+alone costs trigd's trio thread at that rate (``bench_daemon.py --floor``).
 """
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Final, TypeVar
@@ -34,6 +39,7 @@ from daemon.wire.wsframes import FrameSplitter, text_frame
 RECEIVE_BYTES: Final = 65_536  # bytes per socket read
 _ID_AT: Final = len('{"id": "')  # frames from bench_daemon start with the id
 _ACK: Final = b'{"type":"ack","id":"'
+RUN_SECONDS: Final = 0.005
 E = TypeVar("E", bound=Event)
 
 
@@ -79,7 +85,7 @@ async def next_ws_event(stream: trio.SocketStream, ws: WSConnection, kind: type[
         ws.receive_data(data)
 
 
-async def _trivial_client(stream: trio.SocketStream) -> None:
+async def _trivial_client(stream: trio.SocketStream, pause: float = 0.0) -> None:
     ws = WSConnection(ConnectionType.SERVER)
     try:
         await next_ws_event(stream, ws, Request)
@@ -95,14 +101,16 @@ async def _trivial_client(stream: trio.SocketStream) -> None:
             ]
             if acks:
                 await stream.send_all(b"".join(acks))
+                if pause:
+                    await trio.sleep(pause)
     except (EOFError, ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError):
         return
 
 
-async def trivial() -> None:
+async def trivial(pause: float = 0.0) -> None:
     listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
     print(f"port {listeners[0].socket.getsockname()[1]}", flush=True)
-    await trio.serve_listeners(_trivial_client, listeners)
+    await trio.serve_listeners(functools.partial(_trivial_client, pause=pause), listeners)
 
 
 if __name__ == "__main__":
@@ -111,5 +119,7 @@ if __name__ == "__main__":
         trio.run(receiver)
     elif role == "trivial":
         trio.run(trivial)
+    elif role == "trivial-runs":
+        trio.run(trivial, RUN_SECONDS)
     else:
-        sys.exit("usage: peers.py receiver|trivial")
+        sys.exit("usage: peers.py receiver|trivial|trivial-runs")
