@@ -34,12 +34,13 @@ from wsproto.events import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from daemon.core.config import COMMIT_LINGER
 from daemon.wire.wsframes import FrameSplitter, text_frame
 
 RECEIVE_BYTES: Final = 65_536  # bytes per socket read
 _ID_AT: Final = len('{"id": "')  # frames from bench_daemon start with the id
 _ACK: Final = b'{"type":"ack","id":"'
-RUN_SECONDS: Final = 0.005
+RUN_SECONDS: Final = COMMIT_LINGER.total_seconds()  # trigd's default window
 E = TypeVar("E", bound=Event)
 
 
