@@ -76,4 +76,5 @@ class CommitLinger:
         # nothing once last_batch >= target; less what the events have waited already,
         # so nothing once last_commit >= window
         window = self.window * (1 - last_batch / target) - last_commit
-        return max(0.0, first_at + window - now)
+        # what is left of it, never more than the window (the sum may round past it)
+        return max(0.0, min(window, first_at + window - now))

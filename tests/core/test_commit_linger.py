@@ -17,6 +17,13 @@ def test_a_lone_event_after_an_idle_spell_waits_the_whole_window() -> None:
     )
 
 
+def test_the_wait_never_rounds_past_the_window() -> None:
+    """64.0 + 0.001 - 64.0 is 0.0010000000000047748 in floating point (found by the
+    property below): the wait is what is left of the window, never more."""
+    linger = CommitLinger(window=0.001, enough=2, batch_max=2)
+    assert linger.wait(batch=1, queued=0, last_batch=0, first_at=64.0, now=64.0) <= 0.001
+
+
 def test_the_wait_counts_from_the_first_event() -> None:
     wait = LINGER.wait(batch=3, queued=0, last_batch=0, first_at=100.0, now=100.002)
     assert wait == pytest.approx(0.003)
